@@ -1,0 +1,48 @@
+"""Packaging for diffusers-dmdr.
+
+Install torch first, pinned (see README), so that pip never resolves a CUDA build on a CPU machine.
+"""
+
+from setuptools import find_packages, setup
+
+
+INSTALL_REQUIRES = [
+    "torch>=2.4",
+    "diffusers>=0.42.1",
+    "transformers>=5.0",
+    "accelerate>=1.10",
+    "peft>=0.17",
+    "datasets>=4.0",
+    "huggingface_hub>=1.0,<3",
+    "safetensors>=0.4",
+    "pyyaml",
+    "tqdm",
+    "Pillow",
+    "tensorboard",
+]
+
+EXTRAS = {
+    "bnb": ["bitsandbytes>=0.50"],
+    "rewards": ["open_clip_torch>=2.24"],
+    "demo": ["scikit-learn>=1.3", "matplotlib>=3.7", "scipy"],
+    "quality": ["ruff>=0.6"],
+    "test": ["pytest>=8", "pytest-timeout"],
+}
+EXTRAS["dev"] = sorted({req for key in ("bnb", "demo", "quality", "test") for req in EXTRAS[key]})
+
+setup(
+    name="diffusers-dmdr",
+    version="0.1.0.dev0",
+    description="DMDR: distribution matching distillation with reinforcement learning, for diffusers text-to-image models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    package_dir={"": "src", "diffusers_dmdr.pipelines": "pipelines"},
+    packages=find_packages("src") + ["diffusers_dmdr.pipelines"],
+    include_package_data=True,
+    package_data={"diffusers_dmdr": ["recipes/*.yaml"]},
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["dmdr-export=diffusers_dmdr.export:main"]},
+)
