@@ -1,0 +1,43 @@
+# The project's contract: `make demo` runs the main job, `make test` installs and runs the offline test suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-dev
+# torch is pinned and installed first so that pip never resolves a multi-GB CUDA build on a CPU machine.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test test-slow quality style demo reproduce clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): setup.py | $(BIN)/python
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+		$(BIN)/python -m pytest -m "not slow and not gpu" -q tests
+
+test-slow: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+		$(BIN)/python -m pytest -m "slow" -q tests
+
+quality: install
+	$(BIN)/ruff check src pipelines examples tests
+	$(BIN)/ruff format --check src pipelines examples tests
+
+style: install
+	$(BIN)/ruff check --fix src pipelines examples tests
+	$(BIN)/ruff format src pipelines examples tests
+
+demo: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+		$(BIN)/python -m diffusers_dmdr.demo --output_dir outputs/demo
+
+clean:
+	rm -rf outputs build dist src/*.egg-info .pytest_cache
