@@ -1,0 +1,55 @@
+#!/usr/bin/env python
+"""Distil a diffusers text-to-image teacher into a few-step student with DMDR.
+
+    accelerate launch examples/train_dmdr/train.py --config examples/train_dmdr/configs/sdxl_4step.yaml \
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 --train_prompts prompts.txt
+
+Flow: parse -> check inputs (no weights yet) -> load the teacher and rewards -> DMDRTrainer(...).train() -> export.
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+
+from diffusers_dmdr import DMDRConfig
+from diffusers_dmdr.preflight import check_run_inputs
+from diffusers_dmdr.rewards import load_rewards
+from diffusers_dmdr.trainer import DMDRTrainer, create_accelerator
+
+
+logger = get_logger(__name__)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = DMDRConfig.parse_args(argv)
+    plan = check_run_inputs(config)
+
+    accelerator = create_accelerator(config)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if config.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    set_seed(config.seed)
+    if accelerator.is_main_process:
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        config.save_yaml(Path(config.output_dir) / "dmdr_config.yaml")
+    logger.info(f"{plan.family.name} teacher, student timesteps {plan.student_timesteps}, {len(plan.prompts)} prompts")
+
+    teacher = plan.family.load_teacher(config.pretrained_model_name_or_path, config.revision, config.variant)
+    rewards = load_rewards(plan.reward_specs, accelerator.device)
+    eval_rewards = load_rewards(plan.eval_reward_specs, accelerator.device)
+    trainer = DMDRTrainer(config, teacher, plan.prompts, rewards, eval_rewards, accelerator=accelerator)
+    trainer.train()
+
+    if accelerator.is_main_process:
+        from diffusers_dmdr.export import export_from_trainer
+
+        export_dir = export_from_trainer(trainer)
+        logger.info(f"Exported the student pipeline to {export_dir}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,88 @@
+"""Prompt datasets through `datasets`, and a deterministic, resumable prompt sampler."""
+
+from pathlib import Path
+
+import numpy as np
+
+
+LOCAL_FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def load_prompts(
+    source: str,
+    prompt_column: str | None = None,
+    split: str = "train",
+    config_name: str | None = None,
+    max_samples: int | None = None,
+) -> list[str]:
+    """Load prompts from a local .txt (one per line), .json/.jsonl/.csv/.parquet file, or a Hub dataset id.
+
+    Blank prompts are dropped. Raises `FileNotFoundError` / `ValueError` naming the fix for a missing file, an unknown
+    format, a missing column or an empty prompt set.
+    """
+    import datasets
+
+    path = Path(source)
+    looks_local = path.suffix.lower() in LOCAL_FORMATS or path.exists() or source.startswith((".", "/"))
+    if looks_local:
+        if not path.is_file():
+            raise FileNotFoundError(f"--train_prompts {source} does not exist; give a prompt file or a Hub dataset id.")
+        builder = LOCAL_FORMATS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(
+                f"--train_prompts {source}: unsupported file type {path.suffix!r}; use one of {sorted(LOCAL_FORMATS)}."
+            )
+        column = prompt_column or ("text" if builder == "text" else "prompt")
+        try:
+            dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as error:  # datasets raises many types for unreadable files
+            raise ValueError(f"--train_prompts {source} could not be read as {builder}: {error}") from error
+    else:
+        column = prompt_column or "prompt"
+        try:
+            dataset = datasets.load_dataset(source, config_name, split=split)
+        except Exception as error:
+            raise ValueError(
+                f"--train_prompts {source} is neither a local file nor a loadable Hub dataset ({error}). "
+                "Check the id, your network/HF_HUB_OFFLINE setting, or pass a local prompt file."
+            ) from error
+    if column not in dataset.column_names:
+        raise ValueError(
+            f"--train_prompts {source} has no column {column!r}; its columns are {dataset.column_names}. "
+            "Pass --prompt_column."
+        )
+    prompts = [str(p).strip() for p in dataset[column] if p is not None and str(p).strip()]
+    if max_samples is not None:
+        prompts = prompts[:max_samples]
+    if not prompts:
+        raise ValueError(f"--train_prompts {source} contains no non-empty prompts in column {column!r}.")
+    return prompts
+
+
+class PromptSampler:
+    """Batches of prompts as a pure function of the iteration counter.
+
+    Each epoch is a seeded permutation of the prompts; process `p` of `P` takes its own slice of every global batch,
+    so data parallel processes see disjoint prompts and a resumed run continues with exactly the prompts it would have
+    seen.
+    """
+
+    def __init__(self, prompts: list[str], batch_size: int, seed: int, process_index: int = 0, num_processes: int = 1):
+        self.prompts = list(prompts)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.process_index = process_index
+        self.num_processes = num_processes
+        self._permutation_cache: tuple[int, np.ndarray] | None = None
+
+    def batch(self, iteration: int) -> list[str]:
+        global_batch = self.batch_size * self.num_processes
+        start = iteration * global_batch + self.process_index * self.batch_size
+        return [self._prompt_at(position) for position in range(start, start + self.batch_size)]
+
+    def _prompt_at(self, position: int) -> str:
+        epoch, offset = divmod(position, len(self.prompts))
+        if self._permutation_cache is None or self._permutation_cache[0] != epoch:
+            permutation = np.random.default_rng([self.seed, epoch]).permutation(len(self.prompts))
+            self._permutation_cache = (epoch, permutation)
+        return self.prompts[self._permutation_cache[1][offset]]

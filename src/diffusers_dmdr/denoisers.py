@@ -1,0 +1,57 @@
+"""Backbone + noise parameterisation -> clean prediction `x0`, and classifier-free guidance.
+
+One time convention everywhere in the trainer: a noise level `t` in `[0, 1]` with `t = 1` pure noise. The
+conversions to the backbone's own timestep and prediction type (epsilon, v, flow velocity) live in the
+[`DMDRScheduler`], the same object that samples at inference.
+"""
+
+import torch
+
+from .families import ModelFamily
+from .pipelines.scheduling_dmdr import DMDRScheduler
+
+
+class Denoiser:
+    """A backbone seen through the scheduler: `denoiser(x_t, t, condition) -> x0`.
+
+    Holds the (accelerator-prepared) backbone by composition, so data-parallel gradient hooks still run through its
+    `forward`.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, family: ModelFamily, scheduler: DMDRScheduler):
+        self.backbone = backbone
+        self.family = family
+        self.scheduler = scheduler
+
+    def predict(self, sample: torch.Tensor, noise_level: torch.Tensor, condition: dict) -> torch.Tensor:
+        """The backbone's raw output (its training target space) at noise levels `noise_level` of shape `(B,)`."""
+        timestep = self.scheduler.model_timestep(noise_level.to(sample.device))
+        return self.family.call_backbone(self.backbone, sample, timestep, condition)
+
+    def __call__(self, sample: torch.Tensor, noise_level: torch.Tensor, condition: dict) -> torch.Tensor:
+        model_output = self.predict(sample, noise_level, condition)
+        return self.scheduler.predict_x0(model_output, sample, noise_level.to(sample.device))
+
+
+def apply_guidance(x0_cond: torch.Tensor, x0_uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance `x0_uncond + w (x0_cond - x0_uncond)`; equal to guidance on eps or v, because x0 is
+    affine in the model output at a fixed `(x_t, t)`."""
+    return x0_uncond + guidance_scale * (x0_cond - x0_uncond)
+
+
+def guided_x0(
+    denoiser: Denoiser,
+    sample: torch.Tensor,
+    noise_level: torch.Tensor,
+    condition: dict,
+    uncondition: dict,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """`x0` with classifier-free guidance, conditional and unconditional branches in one batched call."""
+    from .families.base import concat_conditions
+
+    if guidance_scale == 1.0:
+        return denoiser(sample, noise_level, condition)
+    both = denoiser(torch.cat([sample, sample]), torch.cat([noise_level, noise_level]), concat_conditions(condition, uncondition))
+    x0_cond, x0_uncond = both.chunk(2)
+    return apply_guidance(x0_cond, x0_uncond, guidance_scale)

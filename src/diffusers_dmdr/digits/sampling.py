@@ -1,0 +1,125 @@
+"""Sample digits from any diffusers text-to-image pipeline with fixed per-sample seeds, and time it.
+
+Sample `i` always starts from the noise of `torch.Generator().manual_seed(seed + i)` (diffusers draws each sample
+of a batch from its own generator when given a list), so the teacher and a student of the same latent shape start
+from the same noise, whatever the batch size: that is what the same-noise grid shows.
+"""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import DIGITS_RESOLUTION, NUM_DIGITS, PROMPT_TEMPLATES, digit_prompt
+
+
+@dataclass
+class DigitSamples:
+    """Generated digits and their cost.
+
+    Args:
+        images (`torch.Tensor`): shape `(N, 3, H, W)`, float32 in [0, 1], digit-major (all samples of digit 0 first).
+        prompts (`list[str]`): the `N` prompts.
+        digits (`torch.Tensor`): the `N` prompted digits (int64).
+        seconds (`float`): wall-clock time of the pipeline calls (loading excluded).
+        nfe_per_sample (`int`): network evaluations per sample; a classifier-free-guided step counts 2.
+    """
+
+    images: torch.Tensor
+    prompts: list[str]
+    digits: torch.Tensor
+    seconds: float
+    nfe_per_sample: int
+
+    @property
+    def samples_per_second(self) -> float:
+        return len(self.images) / self.seconds
+
+
+def load_pipeline(pipeline_or_path, trust_remote_code: bool = False):
+    """A pipeline object as is, or `DiffusionPipeline.from_pretrained(path)` (fp32, CPU) for a folder or Hub id.
+
+    `trust_remote_code=True` is needed for exported students whose `model_index.json` names the project's own
+    pipeline file.
+    """
+    if not isinstance(pipeline_or_path, str | Path):
+        return pipeline_or_path
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(str(pipeline_or_path), trust_remote_code=trust_remote_code)
+
+
+def sample_prompts(num_per_digit: int, template_index: int | None = None) -> tuple[list[str], torch.Tensor]:
+    """Digit-major prompts: `num_per_digit` per digit, cycling through the phrasings unless `template_index` is set."""
+    prompts, digits = [], []
+    for digit in range(NUM_DIGITS):
+        for index in range(num_per_digit):
+            prompts.append(digit_prompt(digit, index % len(PROMPT_TEMPLATES) if template_index is None else template_index))
+            digits.append(digit)
+    return prompts, torch.tensor(digits)
+
+
+def sample_digits(
+    pipeline,
+    num_per_digit: int = 10,
+    num_inference_steps: int = 25,
+    guidance_scale: float | None = 5.0,
+    resolution: int = DIGITS_RESOLUTION,
+    seed: int = 0,
+    batch_size: int = 100,
+    template_index: int | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    **pipeline_kwargs,
+) -> DigitSamples:
+    """Generate `num_per_digit` images of every digit with `pipeline` and fixed per-sample seeds.
+
+    Args:
+        pipeline (`DiffusionPipeline`, `str` or `Path`): a pipeline, or a folder / Hub id to load it from.
+        num_per_digit (`int`, *optional*, defaults to 10): samples per digit (`N = 10 * num_per_digit`).
+        num_inference_steps (`int`, *optional*, defaults to 25): sampler steps.
+        guidance_scale (`float`, *optional*, defaults to 5.0): classifier-free guidance scale; `None` passes none
+            to the pipeline (for pipelines without the argument). A scale above 1 counts 2 NFE per step.
+        resolution (`int`, *optional*, defaults to 32): image height and width.
+        seed (`int`, *optional*, defaults to 0): sample `i` uses `torch.Generator().manual_seed(seed + i)`.
+        batch_size (`int`, *optional*, defaults to 100): samples per pipeline call.
+        template_index (`int`, *optional*): use only this phrasing; by default cycle through all of them.
+        trust_remote_code (`bool`, *optional*, defaults to `False`): passed to `from_pretrained` for a path.
+        progress (`bool`, *optional*, defaults to `True`): show a tqdm bar over batches (the pipeline's own bar is
+            switched off).
+        pipeline_kwargs: more arguments for the pipeline call.
+
+    Returns:
+        [`DigitSamples`]: images in [0, 1], prompts, digits, wall-clock seconds and NFE per sample.
+    """
+    pipeline = load_pipeline(pipeline, trust_remote_code=trust_remote_code)
+    pipeline.set_progress_bar_config(disable=True)
+    prompts, digits = sample_prompts(num_per_digit, template_index)
+    if guidance_scale is not None:
+        pipeline_kwargs["guidance_scale"] = guidance_scale
+    images, seconds = [], 0.0
+    for start in tqdm(range(0, len(prompts), batch_size), desc="sample digits", disable=not progress, leave=False):
+        batch_prompts = prompts[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch_prompts))]
+        begin = time.perf_counter()
+        output = pipeline(
+            prompt=batch_prompts,
+            num_inference_steps=num_inference_steps,
+            height=resolution,
+            width=resolution,
+            generator=generators,
+            output_type="pt",
+            **pipeline_kwargs,
+        )
+        seconds += time.perf_counter() - begin
+        images.append(output.images.float().cpu().clamp(0.0, 1.0))
+    uses_cfg = guidance_scale is not None and guidance_scale > 1.0
+    return DigitSamples(
+        images=torch.cat(images),
+        prompts=prompts,
+        digits=digits,
+        seconds=seconds,
+        nfe_per_sample=num_inference_steps * (2 if uses_cfg else 1),
+    )

@@ -1,0 +1,375 @@
+"""The digits teacher: a genuine `StableDiffusionXLPipeline`, tiny, trained here on the scikit-learn digits.
+
+Every component is the stock diffusers / transformers class that a real SDXL checkpoint uses, at toy size:
+
+- `AutoencoderKL` with three blocks (spatial factor 4): a 32x32 RGB digit becomes a 4x8x8 latent. It is trained on
+  the `teacher` split (L2 reconstruction + a small KL term) and its `scaling_factor` set to one over the latents'
+  standard deviation, as for SD's autoencoders;
+- `UNet2DConditionModel` with `addition_embed_type="text_time"` (SDXL's pooled-text + size conditioning), trained
+  with the epsilon objective on the standard SDXL `scaled_linear` betas, with prompt dropout so that classifier-free
+  guidance works;
+- two CLIP text encoders (`CLIPTextModel` and `CLIPTextModelWithProjection`), randomly initialised and frozen, with
+  word-level `CLIPTokenizer`s built from an in-memory vocabulary (no files);
+- `EulerDiscreteScheduler` with SDXL's configuration.
+
+The folder written by `save_teacher` loads with `DiffusionPipeline.from_pretrained(folder)` and generates with
+`pipe(prompt, num_inference_steps=25, guidance_scale=..., height=32, width=32)` like any SDXL checkpoint.
+
+Prompt dropout replaces the prompt by the empty prompt for a fraction of the training samples; half of those use the
+*encoded* empty prompt and half all-zero embeddings, so that the teacher's unconditional branch is right both for the
+stock pipeline (`force_zeros_for_empty_prompt=True` zeroes the negative embeddings) and for code that encodes `""`.
+"""
+
+import copy
+import string
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import DIGIT_WORDS, DIGITS_RESOLUTION, PROMPT_TEMPLATES, all_prompts
+
+
+# Token length of the digits tokenizers: the longest prompt is 7 words + BOS/EOS.
+DIGITS_MAX_LENGTH = 16
+# SDXL's noise schedule (the `scaled_linear` betas of every SDXL checkpoint).
+SDXL_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+# Text encoders: width of the hidden states (both encoders) and of the pooled projection (second encoder).
+TEXT_HIDDEN_SIZE = 32
+TEXT_PROJECTION_DIM = 32
+# SDXL's micro-conditioning: 6 time ids (original size, crop top-left, target size), each embedded in 8 dims.
+ADDITION_TIME_EMBED_DIM = 8
+
+
+def _vocabulary_words() -> list[str]:
+    words = set(DIGIT_WORDS) | set(string.digits)
+    for template in PROMPT_TEMPLATES:
+        words |= {word for word in template.split() if not word.startswith("{")}
+    # A few more everyday words, so that hand-written prompts still tokenize into whole words.
+    words |= {"an", "image", "of", "written", "picture", "photo", "digits", "figure"}
+    return sorted(words)
+
+
+def digits_tokenizer(model_max_length: int = DIGITS_MAX_LENGTH):
+    """A word-level `CLIPTokenizer` for the digit prompts, built from an in-memory BPE vocabulary (no files).
+
+    Every word of the prompts is one token (its BPE merges are spelled out letter by letter); any other word falls
+    back to characters.
+    """
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in string.ascii_lowercase + string.digits + ".,!?'-":
+        vocab.setdefault(char, len(vocab))
+        vocab.setdefault(char + "</w>", len(vocab))
+    merges = []
+    for word in _vocabulary_words():
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            if (merged, piece) not in merges:
+                merges.append((merged, piece))
+            merged += piece
+            vocab.setdefault(merged, len(vocab))
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,
+        model_max_length=model_max_length,
+        unk_token="<|endoftext|>",
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+
+
+def digits_text_encoder(with_projection: bool, vocab_size: int, seed: int = 0):
+    """A frozen, randomly initialised 2-layer CLIP text encoder; `with_projection` gives SDXL's second encoder.
+
+    The token embeddings are re-drawn with unit variance (CLIP's default is 0.02) so that the penultimate hidden
+    states that SDXL feeds to cross-attention are of order one without any training.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        hidden_size=TEXT_HIDDEN_SIZE,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=vocab_size,
+        projection_dim=TEXT_PROJECTION_DIM,
+        max_position_embeddings=DIGITS_MAX_LENGTH,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    torch.manual_seed(seed)
+    model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+    torch.nn.init.normal_(model.get_input_embeddings().weight, std=1.0)
+    return model.eval().requires_grad_(False)
+
+
+def digits_vae(seed: int = 0):
+    """`AutoencoderKL` with blocks of (16, 32, 32) channels: spatial factor 4, 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=DIGITS_RESOLUTION,
+        force_upcast=False,
+    )
+
+
+def digits_unet(seed: int = 0, block_out_channels: tuple[int, int] = (32, 64)):
+    """The SDXL-architecture U-Net of the teacher: `text_time` conditioning, cross-attention on both encoders."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=DIGITS_RESOLUTION // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=block_out_channels,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=2 * TEXT_HIDDEN_SIZE,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * ADDITION_TIME_EMBED_DIM + TEXT_PROJECTION_DIM,
+        norm_num_groups=8,
+    )
+
+
+def digits_scheduler():
+    """`EulerDiscreteScheduler` with SDXL's configuration (epsilon prediction, `scaled_linear` betas)."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG)
+
+
+def train_vae(
+    vae,
+    images: torch.Tensor,
+    num_steps: int = 300,
+    batch_size: int = 32,
+    learning_rate: float = 2e-3,
+    kl_weight: float = 1e-6,
+    seed: int = 0,
+    progress: bool = True,
+):
+    """Train `vae` to reconstruct `images` and set its `scaling_factor` to one over the latents' std.
+
+    Args:
+        vae (`AutoencoderKL`): the autoencoder to train in place.
+        images (`torch.Tensor`): training images of shape `(N, 3, H, W)` in [0, 1].
+        num_steps (`int`, *optional*, defaults to 300): AdamW steps.
+        batch_size (`int`, *optional*, defaults to 32): images per step.
+        learning_rate (`float`, *optional*, defaults to 2e-3): peak learning rate (one-cycle schedule).
+        kl_weight (`float`, *optional*, defaults to 1e-6): weight of the posterior's KL to N(0, I), SD's value.
+        seed (`int`, *optional*, defaults to 0): seeds batches and posterior samples.
+        progress (`bool`, *optional*, defaults to `True`): show a tqdm bar.
+
+    Returns:
+        `AutoencoderKL`: the trained autoencoder, frozen, in eval mode.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=num_steps)
+    pixels = images * 2.0 - 1.0
+    vae.train()
+    bar = tqdm(range(num_steps), desc="train teacher VAE", disable=not progress, leave=False)
+    for _ in bar:
+        batch = pixels[torch.randint(0, len(pixels), (batch_size,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        reconstruction = vae.decode(latents).sample
+        loss = F.mse_loss(reconstruction, batch) + kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(mse=f"{loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+    latents = encode_latents(vae, images, scaling_factor=1.0, generator=generator)
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return vae
+
+
+@torch.no_grad()
+def encode_latents(
+    vae, images: torch.Tensor, scaling_factor: float | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Scaled latent samples of shape `(N, 4, H/4, W/4)` for `images` of shape `(N, 3, H, W)` in [0, 1]."""
+    scaling_factor = vae.config.scaling_factor if scaling_factor is None else scaling_factor
+    latents = []
+    for chunk in images.split(256):
+        posterior = vae.encode(chunk * 2.0 - 1.0).latent_dist
+        latents.append(posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator))
+    return torch.cat(latents) * scaling_factor
+
+
+@torch.no_grad()
+def encode_prompts(text_encoder, text_encoder_2, tokenizer, tokenizer_2, prompts: list[str]):
+    """SDXL prompt embeddings, computed as `StableDiffusionXLPipeline.encode_prompt` does.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: `prompt_embeds` of shape `(B, L, 64)` (penultimate hidden states of both
+        encoders, concatenated) and `pooled_prompt_embeds` of shape `(B, 32)` (the second encoder's projection).
+    """
+    hidden_states = []
+    for tokenizer_i, encoder_i in ((tokenizer, text_encoder), (tokenizer_2, text_encoder_2)):
+        input_ids = tokenizer_i(
+            prompts, padding="max_length", max_length=tokenizer_i.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        output = encoder_i(input_ids, output_hidden_states=True)
+        hidden_states.append(output.hidden_states[-2])
+    return torch.cat(hidden_states, dim=-1), output[0]
+
+
+def train_unet(
+    unet,
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    text_components: dict,
+    num_steps: int = 1500,
+    batch_size: int = 64,
+    learning_rate: float = 1e-3,
+    prompt_dropout: float = 0.1,
+    ema_decay: float = 0.995,
+    snr_gamma: float | None = 5.0,
+    resolution: int = DIGITS_RESOLUTION,
+    seed: int = 0,
+    progress: bool = True,
+):
+    """Train the SDXL U-Net with the epsilon objective on the digits' latents, with prompt dropout; return its EMA.
+
+    Each sample's prompt is one of the phrasings of its digit, drawn at random; with probability `prompt_dropout`
+    it is replaced by the unconditional input (the encoded empty prompt or zeros, half each; see the module
+    docstring). Timesteps are uniform on SDXL's 1000 training steps.
+
+    Args:
+        unet (`UNet2DConditionModel`): the U-Net to train (a copy is returned as the EMA).
+        latents (`torch.Tensor`): scaled latents of shape `(N, 4, h, w)`.
+        labels (`torch.Tensor`): int64 digits of shape `(N,)`.
+        text_components (`dict`): `text_encoder`, `text_encoder_2`, `tokenizer`, `tokenizer_2`.
+        num_steps (`int`, *optional*, defaults to 1500): AdamW steps.
+        batch_size (`int`, *optional*, defaults to 64): samples per step.
+        learning_rate (`float`, *optional*, defaults to 1e-3): peak learning rate (one-cycle schedule).
+        prompt_dropout (`float`, *optional*, defaults to 0.1): probability of the unconditional input.
+        ema_decay (`float`, *optional*, defaults to 0.995): decay of the weight EMA that is returned (with the
+            usual `(1 + k) / (10 + k)` warm-up).
+        snr_gamma (`float`, *optional*, defaults to 5.0): Min-SNR-gamma loss weighting
+            (https://huggingface.co/papers/2303.09556); `None` for the plain mean squared error.
+        resolution (`int`, *optional*, defaults to 32): image side, for SDXL's size time ids.
+        seed (`int`, *optional*, defaults to 0): seeds batches, prompts, noise and timesteps.
+        progress (`bool`, *optional*, defaults to `True`): show a tqdm bar.
+
+    Returns:
+        `UNet2DConditionModel`: the EMA U-Net, frozen, in eval mode.
+    """
+    from diffusers import DDPMScheduler
+
+    generator = torch.Generator().manual_seed(seed)
+    noise_scheduler = DDPMScheduler(**{k: v for k, v in SDXL_SCHEDULER_CONFIG.items() if k != "timestep_spacing"})
+    alphas_cumprod = noise_scheduler.alphas_cumprod.float()
+    snr = alphas_cumprod / (1.0 - alphas_cumprod)
+
+    # 1. Every prompt of every digit, encoded once, plus the two unconditional inputs at the end.
+    prompts = all_prompts() + [""]
+    prompt_embeds, pooled_prompt_embeds = encode_prompts(**text_components, prompts=prompts)
+    prompt_embeds = torch.cat([prompt_embeds, torch.zeros_like(prompt_embeds[:1])])
+    pooled_prompt_embeds = torch.cat([pooled_prompt_embeds, torch.zeros_like(pooled_prompt_embeds[:1])])
+    num_templates = len(PROMPT_TEMPLATES)
+    empty_index = len(prompts) - 1
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32)
+
+    ema_unet = copy.deepcopy(unet).requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=num_steps)
+    unet.train()
+    bar = tqdm(range(num_steps), desc="train teacher U-Net", disable=not progress, leave=False)
+    for step in bar:
+        # 2. A batch: latents, a phrasing of each digit (or the unconditional input), noise and timesteps.
+        batch_index = torch.randint(0, len(latents), (batch_size,), generator=generator)
+        latents_0 = latents[batch_index]
+        prompt_index = labels[batch_index] * num_templates + torch.randint(
+            0, num_templates, (batch_size,), generator=generator
+        )
+        dropped = torch.rand(batch_size, generator=generator) < prompt_dropout
+        unconditional_index = empty_index + torch.randint(0, 2, (batch_size,), generator=generator)
+        prompt_index = torch.where(dropped, unconditional_index, prompt_index)
+        noise = torch.randn(latents_0.shape, generator=generator)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+        noisy_latents = noise_scheduler.add_noise(latents_0, noise, timesteps)
+
+        # 3. Predict the noise and step.
+        noise_pred = unet(
+            noisy_latents,
+            timesteps,
+            encoder_hidden_states=prompt_embeds[prompt_index],
+            added_cond_kwargs={
+                "text_embeds": pooled_prompt_embeds[prompt_index],
+                "time_ids": time_ids.expand(batch_size, -1),
+            },
+        ).sample
+        per_sample_loss = (noise_pred - noise).pow(2).mean(dim=(1, 2, 3))
+        if snr_gamma is not None:
+            per_sample_loss = per_sample_loss * snr[timesteps].clamp(max=snr_gamma) / snr[timesteps]
+        loss = per_sample_loss.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+
+        # 4. EMA of the weights, with warm-up.
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema_param, param in zip(ema_unet.parameters(), unet.parameters(), strict=True):
+                ema_param.lerp_(param, 1.0 - decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return ema_unet.eval()
+
+
+def digits_text_components(seed: int = 0) -> dict:
+    """The two tokenizers and frozen text encoders of the teacher."""
+    tokenizer = digits_tokenizer()
+    return {
+        "tokenizer": tokenizer,
+        "tokenizer_2": digits_tokenizer(),
+        "text_encoder": digits_text_encoder(with_projection=False, vocab_size=len(tokenizer), seed=seed),
+        "text_encoder_2": digits_text_encoder(with_projection=True, vocab_size=len(tokenizer), seed=seed + 1),
+    }
+
+
+def assemble_teacher(vae, unet, text_components: dict):
+    """The `StableDiffusionXLPipeline` of trained components (fp32, CPU)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        unet=unet,
+        scheduler=digits_scheduler(),
+        image_encoder=None,
+        feature_extractor=None,
+        **text_components,
+    )

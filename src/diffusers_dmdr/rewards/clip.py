@@ -1,0 +1,302 @@
+"""Text-image similarity rewards on CLIP-style dual encoders: CLIP score (transformers or open_clip), PickScore
+and HPSv2/v2.1.
+
+All three score `scale * <normalised image embedding, normalised text embedding>`; they differ in the checkpoint,
+the library that holds the architecture and the scale. The image path runs on tensors (`ImagePreprocessing`), so
+gradients reach the generator; the text path has no gradient to carry.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .preprocessing import ImagePreprocessing
+from .weights import (
+    RewardLoadError,
+    from_pretrained_or_raise,
+    import_open_clip,
+    load_state_dict_file,
+    resolve_weight_file,
+)
+
+
+# The paper's CLIP reward (DMDR §4.1): Apple's DFN5B-trained ViT-H-14, an open_clip checkpoint.
+DEFAULT_CLIP_MODEL = "hf-hub:apple/DFN5B-CLIP-ViT-H-14"
+
+
+class TransformersCLIPTowers(nn.Module):
+    r"""Image and text towers of a `transformers.CLIPModel`, returning L2-normalised float32 embeddings.
+
+    Args:
+        model (`transformers.CLIPModel`): the dual encoder; its `logit_scale` is kept for PickScore.
+        tokenizer: a CLIP tokenizer (`CLIPTokenizer` or `CLIPTokenizerFast`).
+        preprocessing (`ImagePreprocessing`): the model's image processor as tensor ops.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, preprocessing: ImagePreprocessing):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.preprocessing = preprocessing
+        # Truncate prompts to what the position embeddings cover, whatever the tokenizer's own limit says.
+        self.max_text_length = min(tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
+
+    @classmethod
+    def from_pretrained(cls, model_name_or_path: str, processor_name_or_path: str | None = None):
+        """Load a `CLIPModel` (safetensors preferred, `.bin` read with `weights_only`) and the tokenizer and image
+        processor config from `processor_name_or_path` (defaults to the model's own folder or repository)."""
+        from transformers import AutoTokenizer, CLIPModel
+        from transformers.image_processing_base import ImageProcessingMixin
+
+        processor_name_or_path = processor_name_or_path or model_name_or_path
+        model = from_pretrained_or_raise(CLIPModel.from_pretrained, model_name_or_path, "CLIP reward model")
+        tokenizer = from_pretrained_or_raise(AutoTokenizer.from_pretrained, processor_name_or_path, "CLIP tokenizer")
+        try:
+            processor_dict, _ = ImageProcessingMixin.get_image_processor_dict(processor_name_or_path)
+        except OSError:
+            # No preprocessor_config.json: CLIP's defaults at the model's own resolution, as CLIPProcessor uses.
+            processor_dict = {}
+        preprocessing = ImagePreprocessing.from_image_processor_dict(
+            processor_dict, default_size=model.config.vision_config.image_size
+        )
+        return cls(model, tokenizer, preprocessing)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp().float()
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        model_dtype = self.model.visual_projection.weight.dtype
+        pixel_values = self.preprocessing(images).to(model_dtype)
+        image_embeds = self.model.get_image_features(pixel_values=pixel_values).pooler_output
+        return F.normalize(image_embeds.float(), dim=-1)
+
+    def embed_prompts(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        text_inputs = self.tokenizer(
+            prompts, padding=True, truncation=True, max_length=self.max_text_length, return_tensors="pt"
+        ).to(device)
+        text_embeds = self.model.get_text_features(
+            input_ids=text_inputs.input_ids, attention_mask=text_inputs.attention_mask
+        ).pooler_output
+        return F.normalize(text_embeds.float(), dim=-1)
+
+
+class OpenCLIPTowers(nn.Module):
+    r"""Image and text towers of an open_clip model (`open_clip.CLIP` or `CustomTextCLIP`).
+
+    Args:
+        model: the open_clip model; `model.visual.preprocess_cfg` gives the preprocessing unless passed.
+        tokenizer: the open_clip tokenizer matching the model (`open_clip.get_tokenizer(name)`).
+        preprocessing (`ImagePreprocessing`, *optional*): overrides the model's own `preprocess_cfg`.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, preprocessing: ImagePreprocessing | None = None):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        if preprocessing is None:
+            preprocessing = ImagePreprocessing.from_open_clip_config(getattr(model.visual, "preprocess_cfg", {}))
+        self.preprocessing = preprocessing
+
+    @classmethod
+    def from_pretrained(cls, model_name: str, checkpoint: str | os.PathLike | None = None):
+        r"""Build an open_clip model.
+
+        Args:
+            model_name (`str`):
+                `"hf-hub:org/repo"` or `"local-dir:/folder"` (config and weights from there, read by open_clip with
+                safetensors or `weights_only`), a folder holding `open_clip_config.json`, or a built-in
+                architecture name such as `"ViT-H-14"` (random weights unless `checkpoint` is given).
+            checkpoint (`str` or `os.PathLike`, *optional*):
+                A full state dict to load on top (HPS checkpoints are complete ViT-H-14 CLIP weights).
+        """
+        open_clip = import_open_clip("An open_clip reward model")
+        if Path(str(model_name)).is_dir():
+            model_name = f"local-dir:{model_name}"
+        try:
+            model = open_clip.create_model(model_name, load_weights=checkpoint is None, require_pretrained=False)
+            tokenizer = open_clip.get_tokenizer(model_name)
+        except Exception as error:
+            raise RewardLoadError(
+                f"Could not build the open_clip model {model_name!r} ({type(error).__name__}: {error})."
+            ) from error
+        if checkpoint is not None:
+            state_dict = load_state_dict_file(checkpoint)
+            try:
+                model.load_state_dict(state_dict, strict=True)
+            except RuntimeError as error:
+                raise RewardLoadError(
+                    f"The checkpoint {checkpoint} does not fit the open_clip architecture {model_name!r}: {error}"
+                ) from error
+        return cls(model, tokenizer)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp().float()
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        model_dtype = next(self.model.visual.parameters()).dtype
+        pixel_values = self.preprocessing(images).to(model_dtype)
+        return F.normalize(self.model.encode_image(pixel_values).float(), dim=-1)
+
+    def embed_prompts(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        tokens = self.tokenizer(prompts).to(device)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+
+def _is_open_clip_reference(model: str) -> bool:
+    model = str(model)
+    return model.startswith(("hf-hub:", "local-dir:")) or (Path(model) / "open_clip_config.json").is_file()
+
+
+class TextImageReward(nn.Module):
+    r"""Base of the embedding-similarity rewards: `score = scale * cos(image embedding, prompt embedding)`.
+
+    Subclasses set `self.towers` (`TransformersCLIPTowers` or `OpenCLIPTowers`) and `use_logit_scale`.
+    `RelativeReward` reuses `embed_images`, `embed_prompts` and `score_from_embeddings`.
+    """
+
+    use_logit_scale: bool = False
+    # Hinge used when a reward spec does not give one; cosine scores sit near 0.3, under the paper's 0.7.
+    default_hinge: float | None = 0.7
+    # Constructor options that name a model file, folder or Hub id: checked to exist before loading.
+    path_options: tuple[str, ...] = ("model", "processor")
+    towers: nn.Module
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised float32 image embeddings `(B, D)` of images in [0, 1], with the graph."""
+        return self.towers.embed_images(images)
+
+    def embed_prompts(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        """L2-normalised float32 prompt embeddings `(B, D)` on `device`."""
+        return self.towers.embed_prompts(list(prompts), device)
+
+    def score_from_embeddings(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Row-wise similarity `(B,)` of matching image and text embeddings, times the logit scale if used."""
+        scores = (image_embeds * text_embeds).sum(dim=-1)
+        return scores * self.towers.logit_scale if self.use_logit_scale else scores
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        r"""Score each image against its prompt.
+
+        Args:
+            images (`torch.Tensor` of shape `(B, 3, H, W)`): decoded images in [0, 1], keeping the graph.
+            prompts (`list[str]` of length `B`): the prompt of each image.
+
+        Returns:
+            `torch.Tensor` of shape `(B,)` in float32.
+        """
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"Got {images.shape[0]} images but {len(prompts)} prompts.")
+        image_embeds = self.embed_images(images)
+        return self.score_from_embeddings(image_embeds, self.embed_prompts(prompts, images.device))
+
+
+class CLIPReward(TextImageReward):
+    r"""CLIP score for training: cosine similarity of the image and prompt embeddings (DMDR's default reward
+    with `DFN5B-CLIP-ViT-H-14`).
+
+    Unlike torchmetrics' `CLIPScore` (an evaluation metric: processor path, `max(100 cos, 0)`), this keeps the
+    graph and returns the raw cosine, which sits around 0.2-0.35 for matching pairs.
+
+    Args:
+        model (`str`, defaults to `"hf-hub:apple/DFN5B-CLIP-ViT-H-14"`):
+            A transformers `CLIPModel` folder or Hub id (e.g. `"openai/clip-vit-large-patch14"`), or an open_clip
+            model: `"hf-hub:org/repo"`, `"local-dir:/folder"` or a folder with `open_clip_config.json`
+            (open_clip comes with `pip install 'diffusers-dmdr[rewards]'`).
+        processor (`str`, *optional*):
+            transformers only: where the tokenizer and `preprocessor_config.json` live, when not next to the model.
+        backend (`str`, defaults to `"auto"`):
+            `"transformers"`, `"open_clip"` or `"auto"` (open_clip for `hf-hub:`/`local-dir:` names and folders
+            with `open_clip_config.json`, else transformers).
+    """
+
+    def __init__(self, model: str = DEFAULT_CLIP_MODEL, processor: str | None = None, backend: str = "auto"):
+        super().__init__()
+        if backend not in ("auto", "transformers", "open_clip"):
+            raise ValueError(f"backend must be 'auto', 'transformers' or 'open_clip', got {backend!r}.")
+        if backend == "open_clip" or (backend == "auto" and _is_open_clip_reference(model)):
+            self.towers = OpenCLIPTowers.from_pretrained(model)
+        else:
+            self.towers = TransformersCLIPTowers.from_pretrained(model, processor)
+
+    @classmethod
+    def check_requirements(cls, options: dict) -> None:
+        """Raise `ImportError` before any weights load when the chosen model needs open_clip and it is missing."""
+        model, backend = options.get("model", DEFAULT_CLIP_MODEL), options.get("backend", "auto")
+        if backend == "open_clip" or (backend == "auto" and _is_open_clip_reference(model)):
+            import_open_clip(f"The CLIP reward model {model!r}")
+
+    @classmethod
+    def from_model(cls, towers: nn.Module) -> "CLIPReward":
+        """Wrap towers built in memory (`TransformersCLIPTowers(model, tokenizer, preprocessing)` or
+        `OpenCLIPTowers(model, tokenizer)`), e.g. tiny models in tests."""
+        reward = cls.__new__(cls)
+        nn.Module.__init__(reward)
+        reward.towers = towers
+        return reward
+
+
+class PickScoreReward(CLIPReward):
+    r"""PickScore (Kirstain et al., https://huggingface.co/papers/2305.01569): `logit_scale.exp() * cos`, about
+    18-23 for typical images; a CLIP-H `CLIPModel` fine-tuned on Pick-a-Pic preferences.
+
+    Args:
+        model (`str`, defaults to `"yuvalkirstain/PickScore_v1"`): the PickScore `CLIPModel` folder or Hub id.
+        processor (`str`, defaults to `"laion/CLIP-ViT-H-14-laion2B-s32B-b79K"`):
+            The tokenizer and image processor, which PickScore takes from the CLIP-H model it was fine-tuned from;
+            `None` uses the model's own folder.
+    """
+
+    use_logit_scale = True
+    # Scores live around 20, so a 0.7 hinge would never be active: the registry defaults PickScore to linear.
+    default_hinge = None
+
+    def __init__(
+        self,
+        model: str = "yuvalkirstain/PickScore_v1",
+        processor: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    ):
+        super().__init__(model=model, processor=processor, backend="transformers")
+
+    @classmethod
+    def check_requirements(cls, options: dict) -> None:
+        """transformers only: nothing to check beyond the paths."""
+
+
+class HPSReward(TextImageReward):
+    r"""Human Preference Score v2.1 (Wu et al., https://huggingface.co/papers/2306.09341): an open_clip ViT-H-14
+    fine-tuned on human preferences; score = cosine of the normalised embeddings (about 0.25-0.35), as
+    `hpsv2.score` computes it, without the `hpsv2` package and its pinned dependencies.
+
+    The paper prefixes HPS prompts with `"Realistic photo "` (set `prompt_prefix` in the reward spec).
+
+    Args:
+        model (`str`, defaults to `"xswu/HPSv2"`): a checkpoint file, a folder holding `filename`, or a Hub id.
+        filename (`str`, defaults to `"HPS_v2.1_compressed.pt"`): the checkpoint inside the folder or repository.
+        architecture (`str`, defaults to `"ViT-H-14"`):
+            The open_clip architecture the checkpoint fits: a built-in name, or `local-dir:` / a folder with an
+            `open_clip_config.json` (tests use a tiny one).
+    """
+
+    default_filename = "HPS_v2.1_compressed.pt"
+    path_options = ("model", "architecture")
+
+    def __init__(self, model: str = "xswu/HPSv2", filename: str | None = None, architecture: str = "ViT-H-14"):
+        super().__init__()
+        checkpoint = resolve_weight_file(model, filename or self.default_filename)
+        self.towers = OpenCLIPTowers.from_pretrained(architecture, checkpoint=checkpoint)
+
+    @classmethod
+    def check_requirements(cls, options: dict) -> None:
+        """Raise `ImportError` before any weights load when open_clip is missing."""
+        import_open_clip("The HPS reward")
+
+
+class HPSv2Reward(HPSReward):
+    """HPS v2 (the first release, `HPS_v2_compressed.pt`); same architecture and score as `HPSReward` (v2.1)."""
+
+    default_filename = "HPS_v2_compressed.pt"

@@ -1,0 +1,492 @@
+"""Reward specs, the registry, validation, loading and the weighted reward loss.
+
+A reward is any callable `(images, prompts) -> scores`: `images` a `(B, 3, H, W)` tensor in [0, 1] that carries the
+generator's graph, `prompts` a list of `B` strings, `scores` a `(B,)` tensor that keeps the graph. The trainer
+never sees a model class: it gets `LoadedReward`s from `load_rewards` and one loss from `compute_reward_loss`.
+"""
+
+import importlib
+import inspect
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..losses import reward_loss
+from .aesthetic import AestheticReward
+from .classifier import ClassifierReward
+from .clip import CLIPReward, HPSReward, HPSv2Reward, PickScoreReward
+from .relative import RelativeReward
+from .weights import check_model_reference
+
+
+logger = logging.getLogger(__name__)
+
+REWARD_REGISTRY: dict[str, Callable[..., Callable]] = {
+    "clip": CLIPReward,
+    "hpsv2.1": HPSReward,
+    "hpsv2": HPSv2Reward,
+    "pickscore": PickScoreReward,
+    "aesthetic": AestheticReward,
+    "classifier": ClassifierReward,
+    "relative": RelativeReward,
+}
+# The paper's hinge threshold (DMDR §4.1); rewards may declare their own `default_hinge`.
+DEFAULT_HINGE = 0.7
+SPEC_SYNTAX = (
+    "name[:weight][:key=value]..., e.g. 'clip:0.3', 'hpsv2.1:0.3:prompt_prefix=Realistic photo ', "
+    "'clip:0.3:hinge=none:model=/path/to/clip' or 'my_pkg.rewards.MyReward:1.0'"
+)
+# Options that `load_rewards` applies around any reward instead of passing them to its constructor.
+PRECISIONS = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+RUNTIME_OPTIONS = ("precision", "offload", "prompt_prefix")
+# A random probe batch checks at load time that a training reward returns `(B,)` scores with a gradient.
+PROBE_IMAGE_SIZE = 64
+PROBE_PROMPTS = ("a photo of a cat", "an oil painting of a lighthouse")
+_SPEC_FIELDS = ("name", "weight", "hinge")
+
+
+@dataclass
+class RewardSpec:
+    r"""One reward of the training objective: `weight * reward_loss(reward(images, prompts), hinge)`.
+
+    Args:
+        name (`str`):
+            A `REWARD_REGISTRY` name (`"clip"`, `"hpsv2.1"`, `"hpsv2"`, `"pickscore"`, `"aesthetic"`,
+            `"classifier"`, `"relative"`) or a dotted import path `"pkg.module.Attr"` to a reward class, a factory
+            returning a reward, or a reward function `(images, prompts) -> scores`.
+        weight (`float`, defaults to 1.0): non-negative weight; 0 logs the reward without training on it.
+        hinge (`float`, *optional*, defaults to 0.7):
+            Threshold of `relu(hinge - score)`; `None` is the linear loss `-score`. `parse_reward_spec` uses the
+            reward's own `default_hinge` when none is given (linear for PickScore, aesthetic and classifier).
+        options (`dict`, defaults to `{}`):
+            Constructor keyword arguments (e.g. `model`, a local path or Hub id), plus options applied by
+            `load_rewards` to any reward: `precision` (`"fp32"`, `"fp16"`, `"bf16"`; overrides the training
+            dtype), `offload` (`bool`: keep the weights on the CPU and stream them to the images' device per call)
+            and `prompt_prefix` (`str` prepended to every prompt, e.g. `"Realistic photo "` for HPS).
+    """
+
+    name: str
+    weight: float = 1.0
+    hinge: float | None = DEFAULT_HINGE
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"A reward name must be a non-empty string, got {self.name!r}.")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, int | float) or not math.isfinite(self.weight):
+            raise ValueError(f"Reward {self.name!r}: weight must be a finite number, got {self.weight!r}.")
+        if self.weight < 0:
+            raise ValueError(f"Reward {self.name!r}: weight must be >= 0, got {self.weight}.")
+        if self.hinge is not None and (
+            isinstance(self.hinge, bool) or not isinstance(self.hinge, int | float) or not math.isfinite(self.hinge)
+        ):
+            raise ValueError(f"Reward {self.name!r}: hinge must be a finite number or None, got {self.hinge!r}.")
+        reserved = set(self.options) & set(_SPEC_FIELDS)
+        if reserved:
+            raise ValueError(f"Reward {self.name!r}: {sorted(reserved)} are spec fields, not options.")
+        self.weight = float(self.weight)
+        self.hinge = None if self.hinge is None else float(self.hinge)
+
+    def to_text(self) -> str:
+        """The CLI form, which `parse_reward_spec` reads back to an equal spec."""
+        parts = [self.name, repr(self.weight), f"hinge={'none' if self.hinge is None else repr(self.hinge)}"]
+        parts += [f"{key}={_format_option_value(value)}" for key, value in self.options.items()]
+        return ":".join(parts)
+
+    def to_dict(self) -> dict:
+        """The YAML form, which `parse_reward_spec` reads back to an equal spec."""
+        return {"name": self.name, "weight": self.weight, "hinge": self.hinge, **self.options}
+
+
+@dataclass
+class LoadedReward:
+    r"""A reward ready for the training loop.
+
+    Args:
+        name (`str`): unique display name for logs and the progress bar (`"clip"`, or `"clip_2"` for a second one).
+        fn (`FrozenReward`): the frozen reward module, called as `fn(images, prompts) -> (B,)` float32 scores.
+        weight (`float`): weight of its loss.
+        hinge (`float`, *optional*): hinge threshold, `None` for the linear loss.
+        spec (`RewardSpec`, *optional*): the spec it was loaded from.
+    """
+
+    name: str
+    fn: nn.Module
+    weight: float
+    hinge: float | None
+    spec: RewardSpec | None = None
+
+
+class FrozenReward(nn.Module):
+    r"""Wraps any reward callable: frozen and always in eval mode, prompt prefix, precision and CPU offload.
+
+    With `offload=True` the weights stay on the CPU and each call runs on a copy streamed to the images' device
+    (`torch.func.functional_call`); the copy is freed once the backward pass has used it. Moving the module back
+    and forth instead would break the graph, which holds references to the parameters it was called with.
+
+    Args:
+        reward (`Callable`): the reward; an `nn.Module` is frozen (`requires_grad_(False)`, `eval()`).
+        name (`str`): display name, used in error messages.
+        prompt_prefix (`str`, defaults to `""`): prepended to every prompt.
+        offload (`bool`, defaults to `False`): keep the weights on the CPU between calls.
+    """
+
+    def __init__(self, reward: Callable, name: str, prompt_prefix: str = "", offload: bool = False):
+        super().__init__()
+        if isinstance(reward, nn.Module):
+            reward.requires_grad_(False).eval()
+        self.reward = reward
+        self.name = name
+        self.prompt_prefix = prompt_prefix
+        self.offload = offload and isinstance(reward, nn.Module)
+        self.differentiable = getattr(reward, "differentiable", True)
+
+    def train(self, mode: bool = True) -> "FrozenReward":
+        # A frozen reward never leaves eval mode (dropout or batch-norm updates would change its scores).
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        r"""Score images against prompts.
+
+        Args:
+            images (`torch.Tensor` of shape `(B, 3, H, W)`): images in [0, 1], carrying the generator's graph.
+            prompts (`list[str]` of length `B`): one prompt per image.
+
+        Returns:
+            `torch.Tensor` of shape `(B,)` in float32, with the graph back to `images`.
+        """
+        prompts = [self.prompt_prefix + prompt for prompt in prompts]
+        if self.offload:
+            streamed_state = {
+                key: tensor.to(images.device, non_blocking=True)
+                for key, tensor in [*self.reward.named_parameters(), *self.reward.named_buffers()]
+            }
+            scores = torch.func.functional_call(self.reward, streamed_state, (images, prompts))
+        else:
+            scores = self.reward(images, prompts)
+        if not isinstance(scores, torch.Tensor) or scores.shape != (images.shape[0],):
+            shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+            raise ValueError(f"Reward {self.name!r} must return scores of shape ({images.shape[0]},); got {shape}.")
+        return scores.float()
+
+
+def _parse_option_value(text: str):
+    lowered = text.strip().lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _format_option_value(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "|".join(str(item) for item in value)
+    return str(value)
+
+
+def _default_hinge(name: str) -> float | None:
+    return getattr(REWARD_REGISTRY.get(name), "default_hinge", DEFAULT_HINGE)
+
+
+def parse_reward_spec(spec: "str | dict | RewardSpec") -> RewardSpec:
+    r"""Read one reward from the CLI or YAML.
+
+    Args:
+        spec (`str`, `dict` or `RewardSpec`):
+            CLI text `"name[:weight][:key=value]..."`: `"clip:0.3"`, `"clip:0.3:hinge=none:model=/tmp/clip"`,
+            `"my_pkg.rewards.MyReward:1.0"`. Values `none`/`true`/`false` and numbers are converted; a value may
+            contain `:` (`model=hf-hub:apple/DFN5B-CLIP-ViT-H-14`) as long as no later piece contains `=`.
+            YAML dict `{"name": ..., "weight": ..., "hinge": ..., other keys -> options}`.
+
+    Returns:
+        `RewardSpec`; without an explicit hinge, the registered reward's `default_hinge` (else 0.7).
+
+    Raises:
+        `ValueError`: the text or dict does not follow the syntax; the message shows it.
+    """
+    if isinstance(spec, RewardSpec):
+        return RewardSpec(spec.name, spec.weight, spec.hinge, dict(spec.options))
+    if isinstance(spec, dict):
+        options = dict(spec)
+        name = options.pop("name", None)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"A reward given as a mapping needs a 'name' key; got {spec!r}.")
+        weight = options.pop("weight", 1.0)
+        hinge = options.pop("hinge", _default_hinge(name))
+        if isinstance(hinge, str):
+            hinge = _parse_option_value(hinge)
+        return RewardSpec(name, weight, hinge, options)
+    if not isinstance(spec, str):
+        raise ValueError(f"A reward spec is a string or a mapping, got {type(spec).__name__}: expected {SPEC_SYNTAX}.")
+
+    name, *pieces = spec.split(":")
+    if not name.strip() or "=" in name:
+        raise ValueError(f"Invalid reward spec {spec!r}: it must start with a reward name; expected {SPEC_SYNTAX}.")
+    fields: dict = {"name": name.strip()}
+    options: dict = {}
+    last_key = None
+    for index, piece in enumerate(pieces):
+        if "=" in piece:
+            key, value = piece.split("=", 1)
+            key = key.strip()
+            if not key or key in options or key in fields:
+                raise ValueError(f"Invalid reward spec {spec!r}: empty or repeated key {key!r}; expected {SPEC_SYNTAX}.")
+            options[key] = value
+            last_key = key
+        elif index == 0:
+            try:
+                fields["weight"] = float(piece)
+            except ValueError:
+                raise ValueError(
+                    f"Invalid reward spec {spec!r}: {piece!r} is not a weight; expected {SPEC_SYNTAX}."
+                ) from None
+        elif last_key is not None:
+            # A value with colons, such as an open_clip `hf-hub:` id or a Windows path.
+            options[last_key] += ":" + piece
+        else:
+            raise ValueError(f"Invalid reward spec {spec!r}: unexpected {piece!r}; expected {SPEC_SYNTAX}.")
+    for key in ("weight", "hinge"):
+        if key in options:
+            fields[key] = _parse_option_value(options.pop(key))
+    if isinstance(fields.get("weight"), str):
+        raise ValueError(f"Invalid reward spec {spec!r}: weight must be a number; expected {SPEC_SYNTAX}.")
+    if isinstance(fields.get("hinge"), str):
+        raise ValueError(f"Invalid reward spec {spec!r}: hinge must be a number or 'none'; expected {SPEC_SYNTAX}.")
+    fields.setdefault("hinge", _default_hinge(fields["name"]))
+    # The prompt prefix is text: keep it verbatim (a trailing space matters, "1girl" is not a number).
+    return RewardSpec(
+        **fields,
+        options={
+            key: value if key == "prompt_prefix" else _parse_option_value(value) for key, value in options.items()
+        },
+    )
+
+
+def resolve_reward_factory(name: str) -> Callable:
+    """The registered class for `name`, or the attribute that the dotted import path `name` points to.
+
+    Raises:
+        `ValueError`: unknown name (the message lists the registry) or a dotted path that does not import.
+    """
+    if name in REWARD_REGISTRY:
+        return REWARD_REGISTRY[name]
+    if "." not in name or name.startswith(".") or name.endswith("."):
+        raise ValueError(
+            f"Unknown reward {name!r}. Use one of {sorted(REWARD_REGISTRY)} or a dotted import path "
+            "'pkg.module.Attr' to your own reward."
+        )
+    module_name, attribute = name.rsplit(".", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(
+            f"Reward {name!r} is not in the registry {sorted(REWARD_REGISTRY)} and its module {module_name!r} does "
+            f"not import ({type(error).__name__}: {error})."
+        ) from error
+    if not hasattr(module, attribute):
+        raise ValueError(f"Reward {name!r}: module {module_name!r} has no attribute {attribute!r}.")
+    factory = getattr(module, attribute)
+    if not callable(factory):
+        raise ValueError(f"Reward {name!r} is not callable.")
+    return factory
+
+
+def _is_reward_function(factory: Callable) -> bool:
+    """A non-class callable with two required positional parameters is a reward itself, not a factory."""
+    if inspect.isclass(factory):
+        return False
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in positional and p.default is inspect.Parameter.empty for p in parameters) >= 2
+
+
+def _check_runtime_options(spec: RewardSpec) -> None:
+    precision = spec.options.get("precision")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"Reward {spec.name!r}: precision must be one of {sorted(PRECISIONS)}, got {precision!r}.")
+    if not isinstance(spec.options.get("offload", False), bool):
+        raise ValueError(f"Reward {spec.name!r}: offload must be true or false, got {spec.options['offload']!r}.")
+    if not isinstance(spec.options.get("prompt_prefix", ""), str):
+        raise ValueError(f"Reward {spec.name!r}: prompt_prefix must be a string.")
+
+
+def check_reward_options(name: str, factory: Callable, options: dict) -> None:
+    """Check constructor options without loading weights: accepted names, existing local paths and installed
+    packages (a reward's `check_requirements(options)`). Raises `ValueError` naming the fix."""
+    if _is_reward_function(factory):
+        if options:
+            raise ValueError(f"Reward {name!r} is a reward function and takes no options; got {sorted(options)}.")
+        return
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        parameters = None
+    if parameters is not None and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        unknown = sorted(set(options) - set(parameters))
+        if unknown:
+            raise ValueError(
+                f"Unknown option(s) {unknown} for reward {name!r}; it accepts {sorted(parameters)} plus "
+                f"{list(RUNTIME_OPTIONS)}."
+            )
+    for key in getattr(factory, "path_options", ("model",)):
+        if isinstance(options.get(key), str):
+            check_model_reference(options[key], key)
+    check_requirements = getattr(factory, "check_requirements", None)
+    if check_requirements is not None:
+        try:
+            check_requirements(options)
+        except ImportError as error:
+            raise ValueError(f"Reward {name!r}: {error}") from error
+
+
+def validate_reward_specs(specs: Iterable["RewardSpec | str | dict"]) -> None:
+    r"""Fail fast, before any weights load, on reward specs that cannot work.
+
+    Checks each spec's name (registry or importable dotted path), its option names against the reward's
+    constructor, that local model paths exist, that optional packages (open_clip) are installed, and the generic
+    options (`precision`, `offload`, `prompt_prefix`).
+
+    Raises:
+        `ValueError`: the first problem found, with the fix.
+    """
+    for spec in specs:
+        spec = parse_reward_spec(spec)
+        _check_runtime_options(spec)
+        factory = resolve_reward_factory(spec.name)
+        options = {key: value for key, value in spec.options.items() if key not in RUNTIME_OPTIONS}
+        check_reward_options(spec.name, factory, options)
+        default_hinge = getattr(factory, "default_hinge", DEFAULT_HINGE)
+        if default_hinge is None and spec.hinge is not None:
+            logger.warning(
+                "Reward %r scores are not cosine similarities; hinge=%s may keep its loss at zero. Use hinge=none "
+                "for the linear loss.",
+                spec.name,
+                spec.hinge,
+            )
+
+
+def _display_names(specs: list[RewardSpec]) -> list[str]:
+    names, counts = [], {}
+    for spec in specs:
+        base = spec.name if spec.name in REWARD_REGISTRY else spec.name.rsplit(".", 1)[-1]
+        counts[base] = counts.get(base, 0) + 1
+        names.append(base if counts[base] == 1 else f"{base}_{counts[base]}")
+    return names
+
+
+def _check_passes_gradients(reward: FrozenReward, device: torch.device) -> None:
+    if reward.differentiable is False:
+        raise ValueError(
+            f"Reward {reward.name!r} declares differentiable = False, so it cannot pass gradients to the generator "
+            "and cannot be trained on; use it for evaluation or give it weight 0 as a monitor."
+        )
+    # A private generator: the probe must not shift the training RNG stream (exact resume depends on it).
+    generator = torch.Generator().manual_seed(0)
+    prompts = list(getattr(reward.reward, "example_prompts", PROBE_PROMPTS))[:2]
+    probe = torch.rand(len(prompts), 3, PROBE_IMAGE_SIZE, PROBE_IMAGE_SIZE, generator=generator)
+    probe = probe.to(device).requires_grad_(True)
+    with torch.enable_grad():
+        scores = reward(probe, prompts)
+        if not scores.requires_grad:
+            raise ValueError(
+                f"Reward {reward.name!r} returned scores without a graph back to the images (a no_grad block, a "
+                "numpy/PIL round trip or an argmax), so it cannot pass gradients for training."
+            )
+        (image_grad,) = torch.autograd.grad(scores.sum(), probe)
+    if not torch.isfinite(image_grad).all() or not image_grad.abs().sum() > 0:
+        raise ValueError(
+            f"Reward {reward.name!r} gives a zero or non-finite gradient on a random probe image, so it cannot "
+            "train the generator."
+        )
+
+
+def load_rewards(
+    specs: Iterable["RewardSpec | str | dict"],
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    for_training: bool = True,
+) -> list[LoadedReward]:
+    r"""Build, freeze and place the rewards of a run.
+
+    Args:
+        specs (iterable of `RewardSpec`, `str` or `dict`): the rewards, in CLI or YAML form or already parsed.
+        device (`torch.device` or `str`): where the rewards run (weights stay on the CPU with `offload=true`).
+        dtype (`torch.dtype`, defaults to `torch.float32`): weight dtype, unless a spec sets `precision`.
+        for_training (`bool`, defaults to `True`):
+            Refuse rewards that cannot pass gradients: `differentiable = False`, or a random probe batch whose
+            scores have no graph or a zero gradient. `False` (evaluation) skips the check.
+
+    Returns:
+        `list[LoadedReward]` in the order of `specs`, with unique display names.
+    """
+    specs = [parse_reward_spec(spec) for spec in specs]
+    validate_reward_specs(specs)
+    device = torch.device(device)
+    loaded = []
+    for spec, name in zip(specs, _display_names(specs)):
+        factory = resolve_reward_factory(spec.name)
+        options = {key: value for key, value in spec.options.items() if key not in RUNTIME_OPTIONS}
+        reward = factory if _is_reward_function(factory) else factory(**options)
+        if not callable(reward):
+            raise ValueError(f"Reward {spec.name!r} built a {type(reward).__name__}, which is not callable.")
+        offload = spec.options.get("offload", False)
+        if isinstance(reward, nn.Module):
+            reward_dtype = PRECISIONS[spec.options["precision"]] if "precision" in spec.options else dtype
+            reward.to(device=torch.device("cpu") if offload else device, dtype=reward_dtype)
+        frozen_reward = FrozenReward(reward, name, spec.options.get("prompt_prefix", ""), offload)
+        if for_training:
+            _check_passes_gradients(frozen_reward, device)
+        loaded.append(LoadedReward(name, frozen_reward, spec.weight, spec.hinge, spec))
+        logger.info("Loaded reward %s (weight %s, hinge %s).", name, spec.weight, spec.hinge)
+    return loaded
+
+
+def compute_reward_loss(
+    rewards: list[LoadedReward], images: torch.Tensor, prompts: list[str]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""Weighted reward loss of a batch: `sum_j weight_j * reward_loss(scores_j, hinge_j)` (DMDR Eq. 3's `L_rl`).
+
+    Args:
+        rewards (`list[LoadedReward]`): from `load_rewards`.
+        images (`torch.Tensor` of shape `(B, 3, H, W)`): decoded student images in [0, 1], with the graph.
+        prompts (`list[str]` of length `B`): their prompts.
+
+    Returns:
+        `(total_loss, mean_scores)`: the scalar float32 loss with the graph, and each reward's detached batch-mean
+        score by display name. Rewards of weight 0 are scored without a graph, for monitoring only.
+    """
+    total_loss = torch.zeros((), device=images.device, dtype=torch.float32)
+    mean_scores = {}
+    for reward in rewards:
+        if reward.weight == 0:
+            with torch.no_grad():
+                scores = reward.fn(images, prompts)
+        else:
+            scores = reward.fn(images, prompts)
+            total_loss = total_loss + reward.weight * reward_loss(scores, reward.hinge)
+        mean_scores[reward.name] = scores.detach().mean()
+    return total_loss, mean_scores

@@ -1,0 +1,66 @@
+"""Progress-dependent schedules and samplers of DMDR: student grids, DynaRS, DynaDG, CFG jitter.
+
+Pure functions. Random draws take an explicit `numpy.random.Generator` so that a run is a function of its seed and
+step counter (exact resume needs no RNG state in the checkpoint).
+"""
+
+import math
+
+import numpy as np
+import torch
+
+
+# DDPM timesteps live in [0, 999]; flow noise levels are kept away from 0 where x0 = x_t - t v degenerates to x_t.
+MIN_NOISE_LEVEL = 1e-3
+
+
+def cosine_progress(step: int, total_steps: int) -> float:
+    r"""`c_k = 0.5 (1 + cos(pi min(k / K, 1)))`: 1 at step 0, 0.5 at `K / 2`, 0 from `K` on (always 0 when `K = 0`)."""
+    if total_steps <= 0:
+        return 0.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(step / total_steps, 1.0)))
+
+
+def renoise_beta_params(step: int, total_steps: int, alpha0: float = 4.0, beta0: float = 1.5) -> tuple[float, float]:
+    r"""DynaRS: the Beta parameters `(a_k, b_k)` of the re-noising level at generator step `k`.
+
+    `a_k = 1 + (a_0 - 1) c_k`, `b_k = 1 + (b_0 - 1) c_k` with the cosine progress `c_k`; the defaults `(4, 1.5)` bias
+    noise levels towards pure noise (mean 0.727) and reach the uniform `Beta(1, 1)` at `K = total_steps`.
+    """
+    progress = cosine_progress(step, total_steps)
+    return 1.0 + (alpha0 - 1.0) * progress, 1.0 + (beta0 - 1.0) * progress
+
+
+def real_score_lora_scale(step: int, total_steps: int, scale0: float = 0.5) -> float:
+    r"""DynaDG: multiplier of the fake-score LoRA inside the real score, `lambda_0 c_k`, exactly 0 from `K` on."""
+    if step >= total_steps:
+        return 0.0
+    return scale0 * cosine_progress(step, total_steps)
+
+
+def sample_renoise_levels(batch_size: int, alpha: float, beta: float, rng: np.random.Generator) -> torch.Tensor:
+    """Noise levels `t ~ Beta(alpha, beta)` in `[MIN_NOISE_LEVEL, 1]`, shape `(batch_size,)`, float32 on the CPU."""
+    levels = rng.beta(alpha, beta, size=batch_size)
+    return torch.from_numpy(np.clip(levels, MIN_NOISE_LEVEL, 1.0)).float()
+
+
+def sample_guidance_scale(scale: float, jitter: float, rng: np.random.Generator) -> float:
+    """The real-score CFG scale of one generator update, uniform in `[scale - jitter, scale + jitter]`."""
+    return float(scale + rng.uniform(-jitter, jitter)) if jitter > 0 else float(scale)
+
+
+def ddpm_student_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[float]:
+    """Evenly spaced trailing grid ending at the last training timestep: 4 steps give `[999, 749, 499, 249]`."""
+    spacing = num_train_timesteps // num_steps
+    return [float(num_train_timesteps - 1 - i * spacing) for i in range(num_steps)]
+
+
+def flow_student_timesteps(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> list[float]:
+    r"""Shift-warped flow grid of the released SD3 scripts, in model units.
+
+    `s = linspace(1, 0.001, N + 1)[:N]` warped as `shift s / (1 + (shift - 1) s)`: SD3-Medium (shift 3) 4 steps give
+    noise levels `[1.0, 0.9001, 0.7504, 0.5010]`, SD3.5-Large (shift 5) `[1.0, 0.9376, 0.8336, 0.6259]`.
+    """
+    unshifted = np.linspace(1.0, 0.001, num_steps + 1)[:num_steps]
+    warped = shift * unshifted / (1.0 + (shift - 1.0) * unshifted)
+    return [float(level * num_train_timesteps) for level in warped]
