@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
 
     teacher = plan.family.load_teacher(config.pretrained_model_name_or_path, config.revision, config.variant)
     rewards = load_rewards(plan.reward_specs, accelerator.device)
-    eval_rewards = load_rewards(plan.eval_reward_specs, accelerator.device)
+    eval_rewards = load_rewards(plan.eval_reward_specs, accelerator.device, for_training=False)
     trainer = DMDRTrainer(config, teacher, plan.prompts, rewards, eval_rewards, accelerator=accelerator)
     trainer.train()
 

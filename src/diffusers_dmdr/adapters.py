@@ -106,6 +106,7 @@ def build_student_and_guidance(
     weight_dtype: torch.dtype,
     student_lora: dict,
     fake_lora: dict,
+    seed: int = 0,
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Build the student and the guidance network (fake + real score) around one frozen base.
 
@@ -114,6 +115,7 @@ def build_student_and_guidance(
         training_mode: `lora` (student adapter on the shared base) or `full` (a trainable float32 copy).
         weight_dtype: dtype of every frozen tensor.
         student_lora, fake_lora: `add_lora_adapter` keyword arguments (`rank`, `alpha`, `target_modules`).
+        seed: seeds the LoRA A initialisation, so that a run is a function of its seed alone.
 
     Returns:
         `(student, guidance)`: trainable parameters in float32, frozen ones in `weight_dtype`.
@@ -129,8 +131,11 @@ def build_student_and_guidance(
         _cast_frozen(base, weight_dtype)
         student = base
         guidance = copy_sharing_frozen_tensors(base)
-        add_lora_adapter(student, STUDENT_ADAPTER, **student_lora)
-    add_lora_adapter(guidance, FAKE_ADAPTER, **fake_lora)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if training_mode != "full":
+            add_lora_adapter(student, STUDENT_ADAPTER, **student_lora)
+        add_lora_adapter(guidance, FAKE_ADAPTER, **fake_lora)
     # LoRA weights train in float32 whatever the frozen dtype (diffusers' `cast_training_params`).
     for model in (student, guidance):
         for parameter in trainable_parameters(model):

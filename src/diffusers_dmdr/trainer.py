@@ -4,6 +4,7 @@ The trainer holds no formula: noise math lives in the scheduler, losses in `loss
 `schedules.py`, the sampler in `simulation.py`.
 """
 
+import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,7 +59,8 @@ class TrainingState:
     iteration: int = 0
     global_step: int = 0
     nonfinite_total: int = 0
-    nonfinite_in_a_row: int = 0
+    generator_nonfinite_in_a_row: int = 0
+    fake_nonfinite_in_a_row: int = 0
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -139,7 +141,10 @@ class DMDRTrainer:
             encoder.requires_grad_(False).eval().to(device, self.weight_dtype)
         self.vae = teacher.vae.requires_grad_(False).eval()
         vae_upcast = self.weight_dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
-        self.vae.to(device, torch.float32 if vae_upcast else self.weight_dtype)
+        vae_dtype = torch.float32 if vae_upcast else self.weight_dtype
+        self.vae.to(device)
+        if self.vae.dtype != vae_dtype:
+            self.vae.to(vae_dtype)
         for reward in self.rewards + self.eval_rewards:
             if isinstance(reward.fn, torch.nn.Module):
                 reward.fn.to(device)
@@ -164,6 +169,7 @@ class DMDRTrainer:
             self.weight_dtype,
             student_lora={"rank": config.lora_rank, "alpha": config.lora_alpha, "target_modules": student_targets},
             fake_lora={"rank": config.fake_lora_rank, "alpha": config.fake_lora_alpha, "target_modules": fake_targets},
+            seed=config.seed,
         )
         student.to(device)
         guidance.to(device)
@@ -333,9 +339,35 @@ class DMDRTrainer:
         self.save_checkpoint()
         if config.validation_prompts and config.max_train_steps % max(config.validation_steps, 1):
             self.log_validation()
+        self._write_summary()
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         return self.history
+
+    def _replica_checksums(self) -> list[float]:
+        """Sum of every trainable weight on each process: data parallel replicas must agree exactly."""
+        local = torch.stack(
+            [torch.stack([p.detach().double().sum() for p in trainable_parameters(m)]).sum() for m in (self.student_model, self.guidance_model)]
+        ).to(self.accelerator.device)
+        return self.accelerator.gather(local[None]).cpu().tolist()
+
+    def _write_summary(self) -> None:
+        """`output_dir/train_summary.json`: what ran (processes, steps, skipped steps, replica agreement, last logs)."""
+        checksums = self._replica_checksums()
+        if not self.accelerator.is_main_process:
+            return
+        summary = {
+            "num_processes": self.accelerator.num_processes,
+            "global_step": self.state.global_step,
+            "iterations": self.state.iteration,
+            "nonfinite_steps": self.state.nonfinite_total,
+            "replica_checksums": checksums,
+            "replicas_identical": all(row == checksums[0] for row in checksums),
+            "student_timesteps": list(self.scheduler.config.training_timesteps),
+            "history": self.history,
+        }
+        path = Path(self.config.output_dir) / "train_summary.json"
+        path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
 
     def _simulate(self, condition: dict, rng: np.random.Generator, generator: torch.Generator):
         batch_size = condition["encoder_hidden_states"].shape[0]
@@ -366,7 +398,7 @@ class DMDRTrainer:
         with self.accelerator.autocast(), lora_scale(self.guidance_model, FAKE_ADAPTER, self.config.fake_score_lora_scale):
             prediction = self.guidance_denoiser.predict(noisy_sample, noise_level, condition)
         loss = fake_score_loss(prediction, target)
-        stepped = self._apply_update(loss, self.guidance, self.fake_optimizer, self.fake_lr, "fake score")
+        stepped = self._apply_update(loss, self.guidance, self.fake_optimizer, self.fake_lr, "fake")
         return loss.item() if stepped else None
 
     def _generator_step(self, prompts, simulation, condition, rng, generator) -> dict:
@@ -395,8 +427,9 @@ class DMDRTrainer:
         sample_weights = None
         if config.reward_tilt and not in_stage_two:
             with torch.no_grad(), self.accelerator.autocast():
-                _, tilt_scores = compute_reward_loss(self.rewards, self.decode(simulation.final_sample), prompts)
-            sample_weights = reward_tilt_weights(sum(s for s in tilt_scores.values()), config.reward_tilt_temperature)
+                images = self.decode(simulation.final_sample)
+                weighted_scores = sum(reward.weight * reward.fn(images, prompts).float() for reward in self.rewards)
+            sample_weights = reward_tilt_weights(weighted_scores, config.reward_tilt_temperature)
         loss_dmd = dmd_loss(x0_student, x0_real, x0_fake, sample_weights=sample_weights)
         loss = loss_dmd
         if in_stage_two and self.rewards:
@@ -461,22 +494,23 @@ class DMDRTrainer:
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        self.state.nonfinite_in_a_row = 0
+        setattr(self.state, f"{role}_nonfinite_in_a_row", 0)
         return True
 
     def _record_nonfinite(self, role: str, what: str) -> None:
+        """Count a skipped `role` update (`generator` or `fake`); abort after too many of that role in a row."""
+        in_a_row = getattr(self.state, f"{role}_nonfinite_in_a_row") + 1
+        setattr(self.state, f"{role}_nonfinite_in_a_row", in_a_row)
         self.state.nonfinite_total += 1
-        self.state.nonfinite_in_a_row += 1
         logger.warning(
             f"Non-finite {role} {what} at generator step {self.state.global_step} (iteration {self.state.iteration}): "
-            f"step skipped ({self.state.nonfinite_in_a_row} in a row, {self.state.nonfinite_total} in total)."
+            f"update skipped ({in_a_row} in a row, {self.state.nonfinite_total} in total)."
         )
-        if self.state.nonfinite_in_a_row >= self.config.max_consecutive_nonfinite_steps:
+        if in_a_row >= self.config.max_consecutive_nonfinite_steps:
             raise NonFiniteLossError(
-                f"{self.state.nonfinite_in_a_row} non-finite losses in a row (last: {role} {what}); training stopped "
-                "with the weights unchanged since the last finite step. Lower --learning_rate / "
-                "--learning_rate_fake, use --mixed_precision bf16 instead of fp16, check the rewards for NaN, then "
-                "resume from the last checkpoint with --resume_from_checkpoint latest."
+                f"{in_a_row} non-finite {role} losses in a row ({what}); training stopped with the weights unchanged "
+                "since the last finite step. Lower --learning_rate / --learning_rate_fake, use --mixed_precision bf16 "
+                "instead of fp16, check the rewards for NaN, then resume with --resume_from_checkpoint latest."
             )
 
     # ------------------------------------------------------------------------------------------------------------

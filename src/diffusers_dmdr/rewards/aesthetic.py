@@ -8,7 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .preprocessing import ImagePreprocessing
-from .weights import RewardLoadError, from_pretrained_or_raise, load_state_dict_file, resolve_weight_file
+from .weights import (
+    RewardLoadError,
+    from_pretrained_or_raise,
+    load_pretrained_model,
+    load_state_dict_file,
+    resolve_weight_file,
+)
 
 
 _HEAD_KEY = re.compile(r"^layers\.(\d+)\.(weight|bias)$")
@@ -57,12 +63,17 @@ class AestheticReward(nn.Module):
         clip_model: str = "openai/clip-vit-large-patch14",
     ):
         super().__init__()
-        from transformers import CLIPVisionModelWithProjection
+        from transformers import AutoConfig, CLIPVisionModelWithProjection
         from transformers.image_processing_base import ImageProcessingMixin
 
         self.head = aesthetic_head_from_state_dict(load_state_dict_file(resolve_weight_file(model, filename)))
-        self.vision_model = from_pretrained_or_raise(
-            CLIPVisionModelWithProjection.from_pretrained, clip_model, "aesthetic predictor's CLIP vision tower"
+        # Only the vision tower and its projection load (the text tower is a third of CLIP-L's weights); the
+        # projection width lives in the full CLIPConfig, not in its vision part.
+        config = from_pretrained_or_raise(AutoConfig.from_pretrained, clip_model, "aesthetic predictor's CLIP config")
+        vision_config = getattr(config, "vision_config", config)
+        vision_config.projection_dim = config.projection_dim
+        self.vision_model = load_pretrained_model(
+            CLIPVisionModelWithProjection, clip_model, "aesthetic predictor's CLIP vision tower", config=vision_config
         )
         if self.vision_model.config.projection_dim != self.head[0].in_features:
             raise RewardLoadError(

@@ -18,6 +18,7 @@ from .weights import (
     RewardLoadError,
     from_pretrained_or_raise,
     import_open_clip,
+    load_pretrained_model,
     load_state_dict_file,
     resolve_weight_file,
 )
@@ -52,7 +53,7 @@ class TransformersCLIPTowers(nn.Module):
         from transformers.image_processing_base import ImageProcessingMixin
 
         processor_name_or_path = processor_name_or_path or model_name_or_path
-        model = from_pretrained_or_raise(CLIPModel.from_pretrained, model_name_or_path, "CLIP reward model")
+        model = load_pretrained_model(CLIPModel, model_name_or_path, "CLIP reward model")
         tokenizer = from_pretrained_or_raise(AutoTokenizer.from_pretrained, processor_name_or_path, "CLIP tokenizer")
         try:
             processor_dict, _ = ImageProcessingMixin.get_image_processor_dict(processor_name_or_path)

@@ -251,7 +251,9 @@ def parse_reward_spec(spec: "str | dict | RewardSpec") -> RewardSpec:
             key, value = piece.split("=", 1)
             key = key.strip()
             if not key or key in options or key in fields:
-                raise ValueError(f"Invalid reward spec {spec!r}: empty or repeated key {key!r}; expected {SPEC_SYNTAX}.")
+                raise ValueError(
+                    f"Invalid reward spec {spec!r}: empty or repeated key {key!r}; expected {SPEC_SYNTAX}."
+                )
             options[key] = value
             last_key = key
         elif index == 0:
@@ -447,7 +449,7 @@ def load_rewards(
     validate_reward_specs(specs)
     device = torch.device(device)
     loaded = []
-    for spec, name in zip(specs, _display_names(specs)):
+    for spec, name in zip(specs, _display_names(specs), strict=True):
         factory = resolve_reward_factory(spec.name)
         options = {key: value for key, value in spec.options.items() if key not in RUNTIME_OPTIONS}
         reward = factory if _is_reward_function(factory) else factory(**options)

@@ -92,6 +92,8 @@ class ImagePreprocessing:
             pixel_values = F.interpolate(
                 pixel_values, size=target_shape, mode=self.interpolation, align_corners=False, antialias=True
             )
+            # PIL clamps the bicubic overshoot at edges to the valid range; so do we (no gradient there only).
+            pixel_values = pixel_values.clamp(0.0, 1.0)
         if self.crop_size is not None:
             pixel_values = self._center_crop(pixel_values)
         mean = pixel_values.new_tensor(self.mean).view(1, 3, 1, 1)
@@ -128,7 +130,7 @@ class ImagePreprocessing:
                 `image_size` is the right value for CLIP models).
             default_mean, default_std (`tuple[float, float, float]`): statistics when the dict has none.
         """
-        size = processor_dict.get("size", default_size)
+        size = processor_dict.get("size") or default_size
         if isinstance(size, int):
             size = {"shortest_edge": size}
         if "shortest_edge" in size:
@@ -141,14 +143,22 @@ class ImagePreprocessing:
             raise ValueError("The image processor does not resize; a reward needs a fixed input size.")
 
         crop_size = None
-        if processor_dict.get("do_center_crop", isinstance(resize_size, int)):
-            crop = processor_dict.get("crop_size", resize_size if isinstance(resize_size, int) else max(resize_size))
+        crop_pct = processor_dict.get("crop_pct")
+        if crop_pct is not None and isinstance(resize_size, int):
+            # ConvNext-style: below 384 px, resize to size / crop_pct and crop `size`; above, warp to a square.
+            if resize_size >= 384:
+                resize_size = (resize_size, resize_size)
+            else:
+                resize_size, crop_size = int(resize_size / crop_pct), (resize_size, resize_size)
+        elif processor_dict.get("do_center_crop", isinstance(resize_size, int)):
+            crop = processor_dict.get("crop_size") or (
+                resize_size if isinstance(resize_size, int) else max(resize_size)
+            )
             crop_size = (crop, crop) if isinstance(crop, int) else (crop["height"], crop["width"])
 
-        resample = processor_dict.get("resample", 3)
+        resample = processor_dict.get("resample") or 3
         if resample not in _PIL_RESAMPLE_TO_MODE:
             logger.warning("Resampling filter %s has no antialiased tensor equivalent; using bicubic.", resample)
-        mean, std = default_mean, default_std
         if processor_dict.get("do_normalize", True):
             mean = tuple(processor_dict.get("image_mean") or default_mean)
             std = tuple(processor_dict.get("image_std") or default_std)

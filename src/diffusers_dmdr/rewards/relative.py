@@ -90,7 +90,7 @@ class RelativeReward(nn.Module):
     def controlled_prompts(self, prompts: list[str], controls: tuple[str, ...]) -> list[str]:
         """Prefix each prompt with a control word drawn uniformly from `controls`."""
         picks = torch.randint(len(controls), (len(prompts),)).tolist() if len(controls) > 1 else [0] * len(prompts)
-        return [controls[pick] + self.separator + prompt for pick, prompt in zip(picks, prompts)]
+        return [controls[pick] + self.separator + prompt for pick, prompt in zip(picks, prompts, strict=True)]
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         r"""Relative score of each image.

@@ -124,6 +124,24 @@ def from_pretrained_or_raise(load: Callable, name_or_path: str, what: str, **kwa
         ) from error
 
 
+def load_pretrained_model(model_class, name_or_path: str, what: str, **kwargs):
+    """`model_class.from_pretrained(name_or_path)` that refuses a partial checkpoint.
+
+    transformers fills weights missing from a checkpoint with random values and only logs it; a reward built
+    that way would silently score noise, so missing keys raise a `RewardLoadError` here.
+    """
+    model, loading_info = from_pretrained_or_raise(
+        model_class.from_pretrained, name_or_path, what, output_loading_info=True, **kwargs
+    )
+    if loading_info["missing_keys"]:
+        missing = sorted(loading_info["missing_keys"])
+        raise RewardLoadError(
+            f"The {what} at {name_or_path!r} lacks {len(missing)} weight(s) (e.g. {missing[:3]}): the checkpoint is "
+            "incomplete or of another architecture."
+        )
+    return model.eval()
+
+
 def import_open_clip(what: str):
     """Import open_clip, or raise an `ImportError` that says which extra installs it."""
     try:

@@ -1,0 +1,82 @@
+"""The digits reward: log-probability of the prompted digit under a frozen, differentiable CNN classifier.
+
+The analogue, on the digits testbed, of the released ImageNet recipe's classifier reward. It follows the project's
+reward protocol, `(images: Tensor[B, 3, H, W] in [0, 1], prompts: list[str]) -> Tensor[B]`, and keeps the autograd
+graph so that the reward's gradient flows through the decoder into the student. The trainer builds it from its
+dotted path with keyword options:
+
+```
+--reward diffusers_dmdr.digits.reward.DigitClassifierReward:1.0:model=/path/to/reward_classifier.safetensors
+```
+"""
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .classifiers import RewardDigitNet
+from .data import DIGITS_RESOLUTION, parse_digit
+
+
+class DigitClassifierReward(nn.Module):
+    """Reward = `log p(prompted digit | image)` under a frozen [`RewardDigitNet`], in nats (at most 0).
+
+    Args:
+        model (`str` or `Path`, *optional*): a `.safetensors` file of `RewardDigitNet` weights, as written by the
+            testbed build (`reward_classifier.safetensors`).
+        classifier (`nn.Module`, *optional*): an already built classifier mapping `(B, 3, H, W)` images in [0, 1]
+            to 10 logits, instead of `model`.
+        resolution (`int`, *optional*, defaults to 32): images of another size are resized (bilinear, antialiased)
+            to this side before scoring.
+
+    The classifier is frozen (`requires_grad=False`) and in eval mode; gradients still flow to the input images.
+    The digit is parsed from each prompt, as a word (`"seven"`) or a numeral (`"7"`).
+    """
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        classifier: nn.Module | None = None,
+        resolution: int = DIGITS_RESOLUTION,
+    ):
+        super().__init__()
+        if (model is None) == (classifier is None):
+            raise ValueError("Pass exactly one of `model` (a .safetensors weights file) or `classifier` (a module).")
+        if classifier is None:
+            classifier = load_reward_classifier(model)
+        self.classifier = classifier.eval().requires_grad_(False)
+        self.resolution = resolution
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Rewards of shape `(B,)` for `images` of shape `(B, 3, H, W)` in [0, 1] and their `B` prompts."""
+        if len(prompts) != len(images):
+            raise ValueError(f"Got {len(images)} images but {len(prompts)} prompts.")
+        if images.shape[-2:] != (self.resolution, self.resolution):
+            images = F.interpolate(
+                images, size=(self.resolution, self.resolution), mode="bilinear", antialias=True, align_corners=False
+            )
+        parameter = next(self.classifier.parameters())
+        log_probs = self.classifier(images.to(parameter.dtype)).float().log_softmax(dim=-1)
+        digits = torch.tensor([parse_digit(prompt) for prompt in prompts], device=log_probs.device)
+        return log_probs.gather(1, digits[:, None]).squeeze(1)
+
+    def train(self, mode: bool = True) -> "DigitClassifierReward":
+        # A frozen reward stays in eval mode even when a trainer calls `.train()` on everything it holds.
+        return super().train(False)
+
+
+def load_reward_classifier(path: str | Path) -> RewardDigitNet:
+    """A [`RewardDigitNet`] with weights from a `.safetensors` file, in eval mode."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No reward classifier weights at {path}: build them with `python -m diffusers_dmdr.digits.build` "
+            "(it prints the path of `reward_classifier.safetensors`)."
+        )
+    classifier = RewardDigitNet()
+    classifier.load_state_dict(load_file(path))
+    return classifier.eval()

@@ -1,0 +1,179 @@
+"""DMDRTrainer in-process on tiny teachers: shared base, adapters, stages, exact resume, non-finite guards."""
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from diffusers_dmdr.adapters import FAKE_ADAPTER, STUDENT_ADAPTER, lora_scale
+from diffusers_dmdr.families import get_family
+from diffusers_dmdr.rewards import LoadedReward
+from diffusers_dmdr.trainer import DMDRTrainer, NonFiniteLossError
+
+
+PROMPTS = ["a red cat", "a blue dog", "the number seven"]
+
+
+def make_trainer(teacher_dir, prompt_file, output_dir, family="sdxl", rewards=None, **overrides):
+    config = tiny_config(teacher_dir, prompt_file, output_dir, **overrides)
+    teacher = get_family(family).load_teacher(config.pretrained_model_name_or_path)
+    return DMDRTrainer(config, teacher, PROMPTS, rewards=rewards)
+
+
+def randomise_lora_b(model, adapter_name):
+    """LoRA B starts at zero: randomise it so that "the adapter changes the output" cannot pass trivially."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name and f".{adapter_name}." in name:
+                parameter.normal_(std=0.5)
+
+
+def lora_weights(model, adapter_name):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if f".{adapter_name}." in n}
+
+
+def base_weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+
+
+class TwoLevelReward(torch.nn.Module):
+    """Mean brightness: differentiable, no weights to load."""
+
+    def forward(self, images, prompts):
+        return images.mean(dim=(1, 2, 3))
+
+
+def reward(fn, name="brightness", weight=1.0):
+    return LoadedReward(name=name, fn=fn, weight=weight, hinge=None)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_real_score_at_scale_zero_is_the_teacher_bit_for_bit(family, tiny_teacher_dirs, prompt_file, tmp_path):
+    trainer = make_trainer(tiny_teacher_dirs[family], prompt_file, tmp_path, family=family)
+    randomise_lora_b(trainer.guidance_model, FAKE_ADAPTER)
+    randomise_lora_b(trainer.student_model, STUDENT_ADAPTER)
+    teacher = get_family(family).load_teacher(tiny_teacher_dirs[family]).backbone.eval()
+    condition = trainer.encode(PROMPTS[:2])
+    sample, level = torch.randn(2, *trainer.latent_shape), torch.tensor([0.9, 0.3])
+    timestep = trainer.scheduler.model_timestep(level)
+    with torch.no_grad():
+        teacher_output = trainer.family.call_backbone(teacher, sample, timestep, condition)
+        with lora_scale(trainer.guidance_model, FAKE_ADAPTER, 0.0):
+            real_output = trainer.guidance_denoiser.predict(sample, level, condition)
+        with lora_scale(trainer.guidance_model, FAKE_ADAPTER, 0.3):
+            scaled_output = trainer.guidance_denoiser.predict(sample, level, condition)
+        with lora_scale(trainer.guidance_model, FAKE_ADAPTER, 2.0):
+            fake_output = trainer.guidance_denoiser.predict(sample, level, condition)
+        student_output = trainer.student_denoiser.predict(sample, level, condition)
+        again_real = trainer.guidance_denoiser.predict(sample, level, condition)
+    assert torch.equal(real_output, teacher_output)
+    assert not torch.allclose(fake_output, teacher_output, atol=1e-4)
+    assert not torch.allclose(scaled_output, fake_output, atol=1e-4)
+    assert not torch.allclose(student_output, teacher_output, atol=1e-4)
+    # The context manager restores the adapter's own scale.
+    with torch.no_grad(), lora_scale(trainer.guidance_model, FAKE_ADAPTER, 1.0):
+        unit_output = trainer.guidance_denoiser.predict(sample, level, condition)
+    torch.testing.assert_close(again_real, unit_output)
+
+
+def test_one_frozen_base_is_shared_and_never_trained(tiny_teacher_dirs, prompt_file, tmp_path):
+    trainer = make_trainer(
+        tiny_teacher_dirs["sdxl"], prompt_file, tmp_path, rewards=[reward(TwoLevelReward())], max_train_steps=2
+    )
+    student_params = dict(trainer.student_model.named_parameters())
+    for name, parameter in trainer.guidance_model.named_parameters():
+        if "lora_" not in name:
+            assert parameter.data_ptr() == student_params[name].data_ptr(), name
+            assert not parameter.requires_grad
+    assert all(p.dtype == torch.float32 for p in trainer.student_model.parameters() if p.requires_grad)
+    base_before = base_weights(trainer.guidance_model)
+    student_before = lora_weights(trainer.student_model, STUDENT_ADAPTER)
+    fake_before = lora_weights(trainer.guidance_model, FAKE_ADAPTER)
+    history = trainer.train()
+
+    assert [row["step"] for row in history] == [1, 2]
+    for name, value in base_weights(trainer.guidance_model).items():
+        assert torch.equal(value, base_before[name]), f"frozen base weight {name} changed"
+    student_after = lora_weights(trainer.student_model, STUDENT_ADAPTER)
+    fake_after = lora_weights(trainer.guidance_model, FAKE_ADAPTER)
+    assert any(not torch.equal(student_after[n], student_before[n]) for n in student_before)
+    assert any(not torch.equal(fake_after[n], fake_before[n]) for n in fake_before)
+    # Stage 1 is DMD only; the reward joins at the cold-start step.
+    assert "loss_rl" not in history[0] and history[0]["stage"] == 1.0
+    assert "loss_rl" in history[1] and "reward/brightness" in history[1] and history[1]["stage"] == 2.0
+    assert (tmp_path / "checkpoint-2" / "student_lora.safetensors").is_file()
+    assert (tmp_path / "train_summary.json").is_file()
+
+
+def test_full_mode_trains_its_own_copy(tiny_teacher_dirs, prompt_file, tmp_path):
+    trainer = make_trainer(
+        tiny_teacher_dirs["sd3"],
+        prompt_file,
+        tmp_path,
+        family="sd3",
+        training_mode="full",
+        max_train_steps=1,
+        cold_start_steps=1,
+    )
+    assert trainer.student_model is not trainer.guidance_model
+    teacher_before = base_weights(trainer.guidance_model)
+    student_before = {n: p.detach().clone() for n, p in trainer.student_model.named_parameters()}
+    trainer.train()
+    assert any(not torch.equal(p, student_before[n]) for n, p in trainer.student_model.named_parameters())
+    for name, value in base_weights(trainer.guidance_model).items():
+        assert torch.equal(value, teacher_before[name])
+    assert (tmp_path / "checkpoint-1" / "student.safetensors").is_file()
+
+
+def test_resume_continues_exactly(tiny_teacher_dirs, prompt_file, tmp_path):
+    common = dict(dynamic_steps=4, cold_start_steps=4, max_train_steps=4, checkpointing_steps=2)
+    uninterrupted = make_trainer(tiny_teacher_dirs["sdxl"], prompt_file, tmp_path / "a", **common)
+    history_a = uninterrupted.train()
+
+    first_half = make_trainer(
+        tiny_teacher_dirs["sdxl"],
+        prompt_file,
+        tmp_path / "b",
+        **{**common, "max_train_steps": 2, "cold_start_steps": 2},
+    )
+    first_half.train()
+    second_half = make_trainer(
+        tiny_teacher_dirs["sdxl"], prompt_file, tmp_path / "b", **common, resume_from_checkpoint="latest"
+    )
+    assert second_half.state.global_step == 0
+    history_b = second_half.train()
+    assert second_half.state.global_step == 4 and [row["step"] for row in history_b] == [3, 4]
+
+    for row_a, row_b in zip(history_a[2:], history_b):
+        assert row_a["loss_dmd"] == row_b["loss_dmd"]
+        assert row_a["loss_fake"] == row_b["loss_fake"]
+    for adapter, model_a, model_b in (
+        (STUDENT_ADAPTER, uninterrupted.student_model, second_half.student_model),
+        (FAKE_ADAPTER, uninterrupted.guidance_model, second_half.guidance_model),
+    ):
+        weights_a, weights_b = lora_weights(model_a, adapter), lora_weights(model_b, adapter)
+        for name in weights_a:
+            assert torch.equal(weights_a[name], weights_b[name]), name
+
+
+def test_nonfinite_losses_skip_steps_then_abort_without_checkpoint(tiny_teacher_dirs, prompt_file, tmp_path):
+    def nan_reward(images, prompts):
+        return images.mean(dim=(1, 2, 3)) * float("nan")
+
+    trainer = make_trainer(
+        tiny_teacher_dirs["sdxl"],
+        prompt_file,
+        tmp_path,
+        rewards=[reward(nan_reward, name="nan")],
+        cold_start_steps=0,
+        max_train_steps=5,
+        checkpointing_steps=1,
+        max_consecutive_nonfinite_steps=2,
+    )
+    student_before = lora_weights(trainer.student_model, STUDENT_ADAPTER)
+    with pytest.raises(NonFiniteLossError, match="non-finite generator losses in a row"):
+        trainer.train()
+    assert trainer.state.nonfinite_total == 2
+    # The first skipped step was still counted as a generator step and checkpointed with finite, unchanged weights.
+    for name, value in lora_weights(trainer.student_model, STUDENT_ADAPTER).items():
+        assert torch.equal(value, student_before[name])
+        assert torch.isfinite(value).all()
