@@ -39,8 +39,6 @@ setup(
     license="Apache-2.0",
     package_dir={"": "src", "diffusers_dmdr.pipelines": "pipelines"},
     packages=find_packages("src") + ["diffusers_dmdr.pipelines"],
-    include_package_data=True,
-    package_data={"diffusers_dmdr": ["recipes/*.yaml"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

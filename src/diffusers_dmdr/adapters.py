@@ -22,6 +22,12 @@ def copy_sharing_frozen_tensors(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module, memo)
 
 
+def parse_target_modules(text: str | None, default: tuple[str, ...]) -> list[str]:
+    """Comma-separated module names (`"to_q,to_k"`) as a list; `None` or blank gives the family's `default`."""
+    modules = [name.strip() for name in (text or "").split(",") if name.strip()]
+    return modules or list(default)
+
+
 def add_lora_adapter(
     model: torch.nn.Module, adapter_name: str, rank: int, alpha: float | None, target_modules: list[str]
 ) -> None:

@@ -105,6 +105,7 @@ class DMDRConfig:
     cold_start_steps: int = field(
         default=1500, metadata={"help": "Stage 1 length in generator updates; rewards join after it."}
     )
+    # Strings from the CLI, or mappings (`{name: clip, weight: 0.3, model: ...}`) from a YAML recipe.
     reward: list[str] = field(
         default_factory=list,
         metadata={"help": "Reward `name[:weight][:key=value...]`, e.g. `clip:0.3:model=/path`; repeatable."},
@@ -234,14 +235,6 @@ class DMDRConfig:
             )
 
     # ------------------------------------------------------------------------------------------------------------
-    @property
-    def lora_target_module_list(self) -> list[str] | None:
-        return _split_modules(self.lora_target_modules)
-
-    @property
-    def fake_lora_target_module_list(self) -> list[str] | None:
-        return _split_modules(self.fake_lora_target_modules)
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -258,13 +251,6 @@ class DMDRConfig:
         return cls(**vars(build_argument_parser().parse_args(argv)))
 
 
-def _split_modules(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    modules = [name.strip() for name in text.split(",") if name.strip()]
-    return modules or None
-
-
 def load_yaml_config(path: str | Path) -> dict:
     """Read a YAML recipe and check its keys against the config fields (a typo must not be silently ignored)."""
     path = Path(path)
@@ -277,22 +263,11 @@ def load_yaml_config(path: str | Path) -> dict:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"Unknown option(s) {unknown} in {path}; see `train.py --help` for the option names.")
-    if isinstance(values.get("reward"), list):
-        values["reward"] = [_reward_to_text(spec) for spec in values["reward"]]
-    if isinstance(values.get("eval_reward"), list):
-        values["eval_reward"] = [_reward_to_text(spec) for spec in values["eval_reward"]]
+    for key in ("reward", "eval_reward"):
+        specs = values.get(key) or []
+        if not isinstance(specs, list) or not all(isinstance(spec, str | dict) for spec in specs):
+            raise ValueError(f"`{key}` in {path} must be a list of `name:weight` strings or mappings with a `name`.")
     return values
-
-
-def _reward_to_text(spec) -> str:
-    """YAML may give a reward as a mapping; the config stores the CLI form so both routes meet in one parser."""
-    if isinstance(spec, str):
-        return spec
-    if not isinstance(spec, dict) or "name" not in spec:
-        raise ValueError(f"A reward in YAML is a string or a mapping with a `name`, got {spec!r}.")
-    parts = [str(spec["name"]), str(spec.get("weight", 1.0))]
-    parts += [f"{key}={'none' if value is None else value}" for key, value in spec.items() if key not in ("name", "weight")]
-    return ":".join(parts)
 
 
 def _parse_bool(text: str) -> bool:

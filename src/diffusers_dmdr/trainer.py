@@ -26,6 +26,7 @@ from .adapters import (
     build_student_and_guidance,
     load_adapter_state_dict,
     lora_scale,
+    parse_target_modules,
     trainable_parameters,
 )
 from .config import DMDRConfig
@@ -161,8 +162,8 @@ class DMDRTrainer:
         )
 
         # 3. Networks on one frozen base: student (LoRA or full copy) and guidance (fake LoRA; real = scaled fake).
-        student_targets = config.lora_target_module_list or list(self.family.student_lora_targets)
-        fake_targets = config.fake_lora_target_module_list or list(self.family.fake_lora_targets)
+        student_targets = parse_target_modules(config.lora_target_modules, self.family.student_lora_targets)
+        fake_targets = parse_target_modules(config.fake_lora_target_modules, self.family.fake_lora_targets)
         student, guidance = build_student_and_guidance(
             teacher.backbone,
             config.training_mode,
