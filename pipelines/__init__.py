@@ -4,7 +4,8 @@ The files in this folder import only torch, numpy, diffusers and transformers: t
 `diffusers_dmdr.pipelines` and copied verbatim into every exported Hub folder.
 """
 
+from .pipeline_dmdr import FewStepDMDRPipeline, FewStepDMDRPipelineOutput
 from .scheduling_dmdr import DMDRScheduler, DMDRSchedulerOutput
 
 
-__all__ = ["DMDRScheduler", "DMDRSchedulerOutput"]
+__all__ = ["DMDRScheduler", "DMDRSchedulerOutput", "FewStepDMDRPipeline", "FewStepDMDRPipelineOutput"]

@@ -110,7 +110,7 @@ class DMDRScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(
                 f"training_timesteps must be a non-empty list in (0, {num_train_timesteps}], got {training_timesteps}."
             )
-        if any(a <= b for a, b in zip(training_timesteps, training_timesteps[1:])):
+        if any(a <= b for a, b in zip(training_timesteps[:-1], training_timesteps[1:], strict=True)):
             raise ValueError(f"training_timesteps must be strictly decreasing, got {training_timesteps}.")
         # Store the resolved grid, not the `None` default, so that a saved config always holds the exact timesteps.
         self.register_to_config(training_timesteps=training_timesteps)

@@ -19,7 +19,17 @@ REQUIRED = ["--pretrained_model_name_or_path", "teacher", "--train_prompts", "pr
 def test_cli_parsing_types_and_repeated_rewards():
     config = DMDRConfig.parse_args(
         REQUIRED
-        + ["--reward", "clip:0.3", "--reward", "hpsv2.1:0.3", "--num_student_steps", "2", "--student_timesteps", "999", "499"]
+        + [
+            "--reward",
+            "clip:0.3",
+            "--reward",
+            "hpsv2.1:0.3",
+            "--num_student_steps",
+            "2",
+            "--student_timesteps",
+            "999",
+            "499",
+        ]
         + ["--use_8bit_adam", "--gradient_checkpointing", "false", "--checkpoints_total_limit", "none"]
     )
     assert config.reward == ["clip:0.3", "hpsv2.1:0.3"]
@@ -31,7 +41,9 @@ def test_cli_parsing_types_and_repeated_rewards():
 def test_yaml_values_are_defaults_that_the_cli_overrides(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("learning_rate: 3.0e-4\nmax_train_steps: 7\nreward:\n  - {name: clip, weight: 0.2}\n")
-    config = DMDRConfig.parse_args(REQUIRED + ["--config", str(recipe), "--max_train_steps", "9", "--cold_start_steps", "3"])
+    config = DMDRConfig.parse_args(
+        REQUIRED + ["--config", str(recipe), "--max_train_steps", "9", "--cold_start_steps", "3"]
+    )
     assert config.learning_rate == 3e-4 and config.max_train_steps == 9
     assert parse_reward_spec(config.reward[0]).weight == 0.2
 
@@ -61,7 +73,12 @@ def test_bad_choices_fail_in_argparse():
     ],
 )
 def test_validation_messages_name_the_fix(overrides, message):
-    values = {"pretrained_model_name_or_path": "teacher", "train_prompts": "p.txt", "max_train_steps": 5, "cold_start_steps": 5}
+    values = {
+        "pretrained_model_name_or_path": "teacher",
+        "train_prompts": "p.txt",
+        "max_train_steps": 5,
+        "cold_start_steps": 5,
+    }
     with pytest.raises(ValueError, match=message):
         DMDRConfig(**{**values, **overrides})
 
@@ -89,8 +106,6 @@ def test_every_config_field_is_read_by_the_code():
         if path.name != "config.py"
     )
     unread = [
-        f.name
-        for f in dataclasses.fields(DMDRConfig)
-        if not re.search(rf"(config|cfg|self)\.{f.name}\b", sources)
+        f.name for f in dataclasses.fields(DMDRConfig) if not re.search(rf"(config|cfg|self)\.{f.name}\b", sources)
     ]
     assert unread == [], f"config fields nobody reads: {unread}"

@@ -143,7 +143,7 @@ def test_resume_continues_exactly(tiny_teacher_dirs, prompt_file, tmp_path):
     history_b = second_half.train()
     assert second_half.state.global_step == 4 and [row["step"] for row in history_b] == [3, 4]
 
-    for row_a, row_b in zip(history_a[2:], history_b):
+    for row_a, row_b in zip(history_a[2:], history_b, strict=True):
         assert row_a["loss_dmd"] == row_b["loss_dmd"]
         assert row_a["loss_fake"] == row_b["loss_fake"]
     for adapter, model_a, model_b in (

@@ -66,12 +66,12 @@ def lora_scale(model: torch.nn.Module, adapter_name: str, scale: float) -> Itera
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRA adapter named {adapter_name!r}.")
     original = [layer.scaling[adapter_name] for layer in layers]
-    for layer, value in zip(layers, original):
+    for layer, value in zip(layers, original, strict=True):
         layer.scaling[adapter_name] = value * scale
     try:
         yield
     finally:
-        for layer, value in zip(layers, original):
+        for layer, value in zip(layers, original, strict=True):
             layer.scaling[adapter_name] = value
 
 
@@ -94,7 +94,9 @@ def load_adapter_state_dict(model: torch.nn.Module, adapter_name: str, state_dic
     expected = set(adapter_state_dict(model, adapter_name))
     missing = expected - set(state_dict)
     if missing:
-        raise ValueError(f"Adapter {adapter_name!r}: the checkpoint lacks {len(missing)} keys, e.g. {sorted(missing)[:3]}.")
+        raise ValueError(
+            f"Adapter {adapter_name!r}: the checkpoint lacks {len(missing)} keys, e.g. {sorted(missing)[:3]}."
+        )
 
 
 def _cast_frozen(module: torch.nn.Module, dtype: torch.dtype) -> None:

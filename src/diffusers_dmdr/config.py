@@ -122,7 +122,10 @@ class DMDRConfig:
     # > Data
     train_prompts: str = field(
         default=None,
-        metadata={"help": "Prompts: a .txt (one per line), .json/.jsonl/.csv/.parquet, or a Hub dataset id.", "required": True},
+        metadata={
+            "help": "Prompts: a .txt (one per line), .json/.jsonl/.csv/.parquet, or a Hub dataset id.",
+            "required": True,
+        },
     )
     prompt_column: str | None = field(
         default=None, metadata={"help": "Column holding the prompts (default: `text` for .txt, else `prompt`)."}
@@ -227,11 +230,14 @@ class DMDRConfig:
         if problems:
             raise ValueError("Invalid DMDR configuration:\n- " + "\n- ".join(problems))
         if self.reward and self.cold_start_steps == self.max_train_steps:
-            warnings.warn("Rewards are set but --cold_start_steps equals --max_train_steps: they will not be used.")
+            warnings.warn(
+                "Rewards are set but --cold_start_steps equals --max_train_steps: they will not be used.", stacklevel=2
+            )
         if 0 < self.cold_start_steps < self.dynamic_steps and self.reward:
             warnings.warn(
                 f"DynaDG/DynaRS anneal over {self.dynamic_steps} steps but stage 2 starts at {self.cold_start_steps}: "
-                "the paper finishes the annealing within the cold start (set --dynamic_steps <= --cold_start_steps)."
+                "the paper finishes the annealing within the cold start (set --dynamic_steps <= --cold_start_steps).",
+                stacklevel=2,
             )
 
     # ------------------------------------------------------------------------------------------------------------
@@ -338,4 +344,3 @@ def build_argument_parser() -> argparse.ArgumentParser:
 
     parser.parse_args = parse_args
     return parser
-

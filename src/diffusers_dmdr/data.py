@@ -26,7 +26,9 @@ def load_prompts(
     looks_local = path.suffix.lower() in LOCAL_FORMATS or path.exists() or source.startswith((".", "/"))
     if looks_local:
         if not path.is_file():
-            raise FileNotFoundError(f"--train_prompts {source} does not exist; give a prompt file or a Hub dataset id.")
+            raise FileNotFoundError(
+                f"--train_prompts {source} does not exist; give a prompt file or a Hub dataset id."
+            )
         builder = LOCAL_FORMATS.get(path.suffix.lower())
         if builder is None:
             raise ValueError(

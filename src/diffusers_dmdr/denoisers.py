@@ -52,6 +52,8 @@ def guided_x0(
 
     if guidance_scale == 1.0:
         return denoiser(sample, noise_level, condition)
-    both = denoiser(torch.cat([sample, sample]), torch.cat([noise_level, noise_level]), concat_conditions(condition, uncondition))
+    both = denoiser(
+        torch.cat([sample, sample]), torch.cat([noise_level, noise_level]), concat_conditions(condition, uncondition)
+    )
     x0_cond, x0_uncond = both.chunk(2)
     return apply_guidance(x0_cond, x0_uncond, guidance_scale)

@@ -86,7 +86,9 @@ def backward_simulation(
         stacked = torch.stack(predictions)  # (N, B, C, H, W)
         clean_sample = stacked[step_index.to(stacked.device), torch.arange(stacked.shape[1], device=stacked.device)]
     noise_levels = scheduler.noise_levels.to(initial_noise.device)[step_index.to(initial_noise.device)]
-    fresh_noise = randn_tensor(clean_sample.shape, generator=generator, device=clean_sample.device, dtype=clean_sample.dtype)
+    fresh_noise = randn_tensor(
+        clean_sample.shape, generator=generator, device=clean_sample.device, dtype=clean_sample.dtype
+    )
     renoised = scheduler.add_noise_at(clean_sample, fresh_noise, noise_levels)
     # The first student step always sees pure noise (t = 1 for flow; DMD2's convention at 999 or 399 for DDPM).
     first_step = (step_index.to(initial_noise.device) == 0).view(-1, *([1] * (initial_noise.ndim - 1)))

@@ -299,7 +299,9 @@ class DMDRTrainer:
         if config.resume_from_checkpoint:
             self.load_checkpoint(config.resume_from_checkpoint)
         if self.accelerator.is_main_process and self.accelerator.log_with:
-            tracker_config = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in asdict(config).items()}
+            tracker_config = {
+                k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in asdict(config).items()
+            }
             self.accelerator.init_trackers(config.tracker_project_name, config=tracker_config)
         progress = tqdm(
             total=config.max_train_steps,
@@ -330,7 +332,9 @@ class DMDRTrainer:
             self.history.append({"step": self.state.global_step, **logs})
             self.accelerator.log(logs, step=self.state.global_step)
             progress.update(1)
-            progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith(("loss", "reward", "dg", "rs"))})
+            progress.set_postfix(
+                {k: f"{v:.4g}" for k, v in logs.items() if k.startswith(("loss", "reward", "dg", "rs"))}
+            )
             step = self.state.global_step
             if config.checkpointing_steps and step % config.checkpointing_steps == 0 and step < config.max_train_steps:
                 self.save_checkpoint()
@@ -348,7 +352,10 @@ class DMDRTrainer:
     def _replica_checksums(self) -> list[float]:
         """Sum of every trainable weight on each process: data parallel replicas must agree exactly."""
         local = torch.stack(
-            [torch.stack([p.detach().double().sum() for p in trainable_parameters(m)]).sum() for m in (self.student_model, self.guidance_model)]
+            [
+                torch.stack([p.detach().double().sum() for p in trainable_parameters(m)]).sum()
+                for m in (self.student_model, self.guidance_model)
+            ]
         ).to(self.accelerator.device)
         return self.accelerator.gather(local[None]).cpu().tolist()
 
@@ -385,18 +392,26 @@ class DMDRTrainer:
 
     def _renoise_levels(self, batch_size: int, rng: np.random.Generator) -> torch.Tensor:
         alpha, beta = schedules.renoise_beta_params(
-            self.state.global_step, self.config.dynamic_steps, self.config.renoise_beta_alpha, self.config.renoise_beta_beta
+            self.state.global_step,
+            self.config.dynamic_steps,
+            self.config.renoise_beta_alpha,
+            self.config.renoise_beta_beta,
         )
         return schedules.sample_renoise_levels(batch_size, alpha, beta, rng).to(self.accelerator.device)
 
     def _fake_score_step(self, clean_sample, condition, rng, generator) -> float | None:
         """Denoising loss of the fake score on the detached student sample at a DynaRS noise level."""
         noise_level = self._renoise_levels(clean_sample.shape[0], rng)
-        noise = randn_tensor(clean_sample.shape, generator=generator, device=clean_sample.device, dtype=clean_sample.dtype)
+        noise = randn_tensor(
+            clean_sample.shape, generator=generator, device=clean_sample.device, dtype=clean_sample.dtype
+        )
         noisy_sample = self.scheduler.add_noise_at(clean_sample, noise, noise_level)
         target = self.scheduler.training_target(clean_sample, noise, noise_level)
         self.guidance.train()
-        with self.accelerator.autocast(), lora_scale(self.guidance_model, FAKE_ADAPTER, self.config.fake_score_lora_scale):
+        with (
+            self.accelerator.autocast(),
+            lora_scale(self.guidance_model, FAKE_ADAPTER, self.config.fake_score_lora_scale),
+        ):
             prediction = self.guidance_denoiser.predict(noisy_sample, noise_level, condition)
         loss = fake_score_loss(prediction, target)
         stepped = self._apply_update(loss, self.guidance, self.fake_optimizer, self.fake_lr, "fake")
@@ -444,9 +459,16 @@ class DMDRTrainer:
                 with torch.no_grad(), self.accelerator.autocast():
                     _, held_out = compute_reward_loss(self.eval_rewards, images.detach(), prompts)
                 logs.update({f"heldout_reward/{name}": score.item() for name, score in held_out.items()})
-                logs["monitor/teacher_denoising_loss"] = self._teacher_denoising_loss(x0_student.detach(), condition, rng, generator)
+                logs["monitor/teacher_denoising_loss"] = self._teacher_denoising_loss(
+                    x0_student.detach(), condition, rng, generator
+                )
         stepped = self._apply_update(loss, self.student, self.student_optimizer, self.student_lr, "generator")
-        logs.update(loss_dmd=loss_dmd.item(), loss=loss.item(), real_guidance_scale=guidance_scale, step_skipped=float(not stepped))
+        logs.update(
+            loss_dmd=loss_dmd.item(),
+            loss=loss.item(),
+            real_guidance_scale=guidance_scale,
+            step_skipped=float(not stepped),
+        )
         return logs
 
     @torch.no_grad()
@@ -462,9 +484,13 @@ class DMDRTrainer:
 
     def _schedule_logs(self) -> dict:
         step, config = self.state.global_step, self.config
-        alpha, beta = schedules.renoise_beta_params(step, config.dynamic_steps, config.renoise_beta_alpha, config.renoise_beta_beta)
+        alpha, beta = schedules.renoise_beta_params(
+            step, config.dynamic_steps, config.renoise_beta_alpha, config.renoise_beta_beta
+        )
         return {
-            "dg_real_lora_scale": schedules.real_score_lora_scale(step, config.dynamic_steps, config.real_score_lora_scale),
+            "dg_real_lora_scale": schedules.real_score_lora_scale(
+                step, config.dynamic_steps, config.real_score_lora_scale
+            ),
             "rs_beta_a": alpha,
             "rs_beta_b": beta,
             "lr": self.student_lr.get_last_lr()[0],
@@ -606,7 +632,9 @@ class DMDRTrainer:
             elif tracker.name == "wandb":
                 import wandb
 
-                tracker.log({"validation": [wandb.Image(img, caption=p) for img, p in zip(images, prompts)]})
+                tracker.log(
+                    {"validation": [wandb.Image(img, caption=p) for img, p in zip(images, prompts, strict=True)]}
+                )
         return path
 
 

@@ -113,9 +113,7 @@ class ModelFamily(ABC):
 
         return getattr(diffusers, self.pipeline_class_name)
 
-    def load_teacher(
-        self, source: str, revision: str | None = None, variant: str | None = None
-    ) -> TeacherComponents:
+    def load_teacher(self, source: str, revision: str | None = None, variant: str | None = None) -> TeacherComponents:
         """Load the teacher pipeline in float32 on the CPU; the trainer casts and places it."""
         pipeline = self.pipeline_class().from_pretrained(
             source, revision=revision, variant=variant, dtype=torch.float32

@@ -1,0 +1,119 @@
+"""`accelerate launch examples/train_dmdr/train.py` end to end on tiny teachers (subprocesses, CPU).
+
+Each launch costs ~15 s of imports and start-up, so the runs are few and each checks several things.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "train_dmdr" / "train.py"
+ACCELERATE = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
+
+
+def run_training(args: list[str], processes: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launcher = ACCELERATE + ["--num_processes", str(processes)]
+    if processes > 1:
+        # On a CPU machine `--multi_gpu` plus ACCELERATE_USE_CPU gives a real 2-process gloo group (PLATFORM.md).
+        env["ACCELERATE_USE_CPU"] = "true"
+        launcher.append("--multi_gpu")
+    else:
+        launcher.append("--cpu")
+    result = subprocess.run(launcher + [str(SCRIPT)] + args, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(
+            f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
+def tiny_args(teacher: str, prompts: str, output_dir: Path, steps: int = 3, cold_start: int = 1) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", teacher,
+        "--train_prompts", prompts,
+        "--output_dir", str(output_dir),
+        "--resolution", "64",
+        "--max_train_steps", str(steps),
+        "--cold_start_steps", str(cold_start),
+        "--dynamic_steps", "1",
+        "--update_ratio", "2",
+        "--train_batch_size", "2",
+        "--lora_rank", "4", "--lora_alpha", "4", "--fake_lora_rank", "4", "--fake_lora_alpha", "4",
+        "--learning_rate", "1e-3", "--learning_rate_fake", "1e-3",
+        "--report_to", "none",
+    ]  # fmt: skip
+
+
+def lora_b_norm(path: Path) -> float:
+    return sum(value.abs().sum().item() for key, value in load_file(path).items() if "lora_B" in key)
+
+
+@pytest.fixture(scope="module")
+def clip_reward_dir(tmp_path_factory) -> str:
+    from reward_fixtures import save_tiny_clip
+
+    return str(save_tiny_clip(tmp_path_factory.mktemp("clip")))
+
+
+def test_sdxl_lora_with_8bit_adam_rewards_and_validation(tiny_teacher_dirs, prompt_file, clip_reward_dir, tmp_path):
+    output_dir = tmp_path / "run"
+    run_training(
+        tiny_args(tiny_teacher_dirs["sdxl"], prompt_file, output_dir)
+        + ["--use_8bit_adam", "--reward", f"clip:0.5:model={clip_reward_dir}"]
+        + ["--eval_reward", "reward_fixtures.sum_of_pixels_reward:0.0", "--checkpointing_steps", "2"]
+        + ["--validation_prompts", "a red cat", "a blue dog", "--validation_steps", "2", "--report_to", "tensorboard"]
+    )
+    summary = json.loads((output_dir / "train_summary.json").read_text())
+    assert summary["num_processes"] == 1 and summary["global_step"] == 3 and summary["nonfinite_steps"] == 0
+    history = summary["history"]
+    assert "loss_rl" not in history[0] and "reward/clip" in history[1] and "reward/clip" in history[2]
+    assert "heldout_reward/sum_of_pixels_reward" in history[2] and "monitor/teacher_denoising_loss" in history[2]
+    final = output_dir / "checkpoint-3"
+    # Both adapters moved away from their zero-initialised B matrices; the teacher on disk is untouched by design.
+    assert lora_b_norm(final / "student_lora.safetensors") > 0
+    assert lora_b_norm(final / "fake_lora.safetensors") > 0
+    assert (output_dir / "checkpoint-2").is_dir()
+    assert sorted(p.name for p in (output_dir / "validation").iterdir()) == ["step-000002.png", "step-000003.png"]
+    assert list((output_dir / "logs").rglob("events.out.tfevents*")), "tensorboard logs missing"
+
+
+def test_sd3_full_fine_tuning(tiny_teacher_dirs, prompt_file, tmp_path):
+    output_dir = tmp_path / "run"
+    run_training(
+        tiny_args(tiny_teacher_dirs["sd3"], prompt_file, output_dir, steps=2, cold_start=2)
+        + ["--training_mode", "full"]
+    )
+    summary = json.loads((output_dir / "train_summary.json").read_text())
+    assert summary["global_step"] == 2
+    noise_levels = [t / 1000 for t in summary["student_timesteps"]]
+    assert noise_levels == pytest.approx([1.0, 0.9001, 0.7504, 0.5010], abs=1e-4)
+    student = load_file(output_dir / "checkpoint-2" / "student.safetensors")
+    assert not any("lora" in key for key in student)
+    assert lora_b_norm(output_dir / "checkpoint-2" / "fake_lora.safetensors") > 0
+
+
+def test_two_processes_keep_identical_replicas(tiny_teacher_dirs, prompt_file, tmp_path):
+    output_dir = tmp_path / "run"
+    run_training(tiny_args(tiny_teacher_dirs["sdxl"], prompt_file, output_dir, steps=2, cold_start=2), processes=2)
+    summary = json.loads((output_dir / "train_summary.json").read_text())
+    assert summary["num_processes"] == 2, "the launch fell back to a single process"
+    assert len(summary["replica_checksums"]) == 2
+    assert summary["replicas_identical"], summary["replica_checksums"]
