@@ -23,7 +23,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "bnb": ["bitsandbytes>=0.50"],
-    "rewards": ["open_clip_torch>=2.24"],
+    # open_clip needs torchvision: install the torchvision build that matches your torch (README, "Rewards").
+    "rewards": ["open_clip_torch>=3.0"],
     "demo": ["scikit-learn>=1.3", "matplotlib>=3.7", "scipy"],
     "quality": ["ruff>=0.6"],
     "test": ["pytest>=8", "pytest-timeout"],

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffusers_dmdr.testing import tiny_clip_model, tiny_clip_tokenizer
+from diffusers_dmdr.testing import tiny_clip_model
 
 
 # The tiny CLIP's vision tower takes 32 px; resizing the shortest edge to 36 then cropping 32 exercises both steps.
@@ -145,7 +145,3 @@ def save_tiny_open_clip(folder: str | Path, seed: int = 0, preprocess_cfg: dict 
         {key: value.contiguous() for key, value in model.state_dict().items()}, folder / "open_clip_model.safetensors"
     )
     return folder
-
-
-def tiny_clip_tokenizer_for_tests():
-    return tiny_clip_tokenizer()

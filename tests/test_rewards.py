@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 from reward_fixtures import TINY_CLIP_CROP, image_to_tensor, reference_image, save_tiny_clip
+from safetensors.torch import load_file, save_file
 
 from diffusers_dmdr.losses import reward_loss
 from diffusers_dmdr.rewards import (
@@ -217,6 +218,7 @@ def test_offload_and_precision_options(tiny_clip_dir):
     (plain_grad,) = torch.autograd.grad(plain_scores.sum(), images)
     torch.testing.assert_close(offloaded_scores, plain_scores)
     torch.testing.assert_close(offloaded_grad, plain_grad)
+    offloaded.fn.to("meta")  # a trainer's `.to(device)` must not move offloaded weights
     assert all(param.device.type == "cpu" for param in offloaded.fn.parameters())
     assert {param.dtype for param in half.fn.parameters()} == {torch.bfloat16}
     half_scores = half.fn(images, ["a cat", "a dog"])
@@ -234,6 +236,13 @@ def test_missing_and_corrupt_weights_fail_clearly(tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(RewardLoadError, match="weight files are complete"):
         load_rewards([f"clip:model={truncated_dir}"], "cpu")
+    # transformers would fill a missing tensor with random values and only log it; a reward refuses.
+    partial_dir = save_tiny_clip(tmp_path / "partial")
+    state_dict = load_file(partial_dir / "model.safetensors")
+    del state_dict["visual_projection.weight"]
+    save_file(state_dict, partial_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(RewardLoadError, match=r"lacks 1 weight\(s\) \(e.g. \['visual_projection.weight'\]\)"):
+        CLIPReward(model=str(partial_dir))
 
 
 # --- refusing rewards that cannot train ---------------------------------------------------------------------------

@@ -191,7 +191,10 @@ def test_relative_reward_equals_its_formula(tiny_clip_dir):
 
 def test_relative_reward_spec_and_control_words(tiny_clip_dir):
     spec = parse_reward_spec(f"relative:5:reward=clip:model={tiny_clip_dir}:k=0.2:positive=Detailed|Realistic")
+    rng_state = torch.get_rng_state()
     (reward,) = load_rewards([spec], "cpu")
+    # The load-time gradient probe draws control words, but must leave the training RNG stream untouched.
+    assert torch.equal(torch.get_rng_state(), rng_state)
     relative = reward.fn.reward
     assert isinstance(relative.reward, CLIPReward) and relative.k == 0.2
     assert relative.positive == ("Detailed", "Realistic")

@@ -47,9 +47,11 @@ def test_evaluate_pipeline_scores_every_prompt_reproducibly(tiny_clip_dir, tmp_p
 
     summary = result.summary()
     brightness = torch.tensor(result.scores["sum_of_pixels_reward"], dtype=torch.float64)
-    assert summary["sum_of_pixels_reward"] == pytest.approx({"mean": brightness.mean(), "std": brightness.std()})
+    assert summary["sum_of_pixels_reward"] == pytest.approx(
+        {"mean": brightness.mean().item(), "std": brightness.std().item()}
+    )
     paths = write_report(result, grid, tmp_path)
-    assert json.loads(paths["json"].read_text())["summary"] == pytest.approx(summary)
+    assert json.loads(paths["json"].read_text())["summary"] == summary  # JSON floats round-trip exactly
     assert f"| clip | {summary['clip']['mean']:.4f} | {summary['clip']['std']:.4f} |" in paths["markdown"].read_text()
     # Five 64 px samples tile 2 rows x 3 columns.
     assert Image.open(paths["grid"]).size == (3 * 64, 2 * 64)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 
@@ -30,6 +31,8 @@ ACCELERATE = [
 
 def run_training(args: list[str], processes: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # Rewards given by import path (`reward_fixtures.sum_of_pixels_reward`) live in tests/.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), env.get("PYTHONPATH")]))
     launcher = ACCELERATE + ["--num_processes", str(processes)]
     if processes > 1:
         # On a CPU machine `--multi_gpu` plus ACCELERATE_USE_CPU gives a real 2-process gloo group (PLATFORM.md).
@@ -107,6 +110,8 @@ def test_sd3_full_fine_tuning(tiny_teacher_dirs, prompt_file, tmp_path):
     assert noise_levels == pytest.approx([1.0, 0.9001, 0.7504, 0.5010], abs=1e-4)
     student = load_file(output_dir / "checkpoint-2" / "student.safetensors")
     assert not any("lora" in key for key in student)
+    # Trainable weights stay float32 under bf16 mixed precision.
+    assert {value.dtype for value in student.values()} == {torch.float32}
     assert lora_b_norm(output_dir / "checkpoint-2" / "fake_lora.safetensors") > 0
 
 

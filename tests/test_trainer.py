@@ -104,6 +104,19 @@ def test_one_frozen_base_is_shared_and_never_trained(tiny_teacher_dirs, prompt_f
     assert (tmp_path / "train_summary.json").is_file()
 
 
+def test_frozen_base_in_weight_dtype_and_adapters_in_float32():
+    from diffusers_dmdr.adapters import build_student_and_guidance
+    from diffusers_dmdr.testing import tiny_sdxl_unet
+
+    lora = {"rank": 4, "alpha": 4, "target_modules": ["to_q", "to_v"]}
+    student, guidance = build_student_and_guidance(tiny_sdxl_unet(), "lora", torch.bfloat16, lora, lora)
+    for model in (student, guidance):
+        dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
+        assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
+    guidance_tensors = {p.data_ptr() for n, p in guidance.named_parameters() if "lora_" not in n}
+    assert guidance_tensors == {p.data_ptr() for n, p in student.named_parameters() if "lora_" not in n}
+
+
 def test_full_mode_trains_its_own_copy(tiny_teacher_dirs, prompt_file, tmp_path):
     trainer = make_trainer(
         tiny_teacher_dirs["sd3"],

@@ -146,9 +146,6 @@ class DMDRTrainer:
         self.vae.to(device)
         if self.vae.dtype != vae_dtype:
             self.vae.to(vae_dtype)
-        for reward in self.rewards + self.eval_rewards:
-            if isinstance(reward.fn, torch.nn.Module):
-                reward.fn.to(device)
 
         # 2. Student grid and sampler.
         timesteps = config.student_timesteps or self.family.default_student_timesteps(
@@ -447,7 +444,7 @@ class DMDRTrainer:
                 weighted_scores = sum(reward.weight * reward.fn(images, prompts).float() for reward in self.rewards)
             sample_weights = reward_tilt_weights(weighted_scores, config.reward_tilt_temperature)
         loss_dmd = dmd_loss(x0_student, x0_real, x0_fake, sample_weights=sample_weights)
-        loss = loss_dmd
+        loss, images = loss_dmd, None
         if in_stage_two and self.rewards:
             with self.accelerator.autocast():
                 images = self.decode(x0_student)
@@ -455,13 +452,8 @@ class DMDRTrainer:
             loss = loss + loss_rl
             logs["loss_rl"] = loss_rl.item()
             logs.update({f"reward/{name}": score.item() for name, score in scores.items()})
-            if self.eval_rewards:
-                with torch.no_grad(), self.accelerator.autocast():
-                    _, held_out = compute_reward_loss(self.eval_rewards, images.detach(), prompts)
-                logs.update({f"heldout_reward/{name}": score.item() for name, score in held_out.items()})
-                logs["monitor/teacher_denoising_loss"] = self._teacher_denoising_loss(
-                    x0_student.detach(), condition, rng, generator
-                )
+        if self.eval_rewards:
+            logs.update(self._monitor(x0_student.detach(), images, prompts, condition, rng, generator))
         stepped = self._apply_update(loss, self.student, self.student_optimizer, self.student_lr, "generator")
         logs.update(
             loss_dmd=loss_dmd.item(),
@@ -472,9 +464,19 @@ class DMDRTrainer:
         return logs
 
     @torch.no_grad()
+    def _monitor(self, x0_student, images, prompts, condition, rng, generator) -> dict:
+        """Reward-hacking monitor: held-out rewards (never trained on) and the frozen teacher's denoising loss on the
+        student's samples, which rises when rewards pull samples off the teacher's manifold."""
+        with self.accelerator.autocast():
+            images = self.decode(x0_student) if images is None else images.detach()
+            _, held_out = compute_reward_loss(self.eval_rewards, images, prompts)
+        logs = {f"heldout_reward/{name}": score.item() for name, score in held_out.items()}
+        logs["monitor/teacher_denoising_loss"] = self._teacher_denoising_loss(x0_student, condition, rng, generator)
+        return logs
+
+    @torch.no_grad()
     def _teacher_denoising_loss(self, x0_student, condition, rng, generator) -> float:
-        """How well the frozen teacher denoises student samples: rises when rewards pull samples off the teacher's
-        manifold (a reward-hacking signal)."""
+        """Denoising loss of the frozen teacher on student samples, at uniform noise levels in [0.02, 0.98]."""
         noise_level = torch.from_numpy(rng.uniform(0.02, 0.98, size=x0_student.shape[0])).float().to(x0_student.device)
         noise = randn_tensor(x0_student.shape, generator=generator, device=x0_student.device, dtype=x0_student.dtype)
         noisy = self.scheduler.add_noise_at(x0_student, noise, noise_level)

@@ -122,15 +122,16 @@ def evaluate_digits(
 
     Returns:
         `dict[str, float]`: `accuracy` (fraction classified as the prompted digit), `fd`, `precision`, `recall` and
-        `diversity` (per-prompt mean pairwise feature distance).
+        `diversity` (per-prompt mean pairwise feature distance; NaN when no prompt has two samples).
     """
     fake_features = extract_features(eval_classifier, images)
     real_features = extract_features(eval_classifier, real_images)
     precision, recall = knn_precision_recall(real_features, fake_features, k=k)
+    has_repeated_prompt = len(set(prompts)) < len(prompts)
     return {
         "accuracy": float((predict_digits(eval_classifier, images) == digits).double().mean()),
         "fd": frechet_distance(real_features, fake_features),
         "precision": precision,
         "recall": recall,
-        "diversity": per_prompt_diversity(fake_features, prompts),
+        "diversity": per_prompt_diversity(fake_features, prompts) if has_repeated_prompt else float("nan"),
     }

@@ -57,8 +57,9 @@ class DigitClassifierReward(nn.Module):
             images = F.interpolate(
                 images, size=(self.resolution, self.resolution), mode="bilinear", antialias=True, align_corners=False
             )
-        parameter = next(self.classifier.parameters())
-        log_probs = self.classifier(images.to(parameter.dtype)).float().log_softmax(dim=-1)
+        # Run the classifier in its own dtype (a trainer may hold frozen towers in half precision).
+        dtype = next(self.classifier.parameters(), images).dtype
+        log_probs = self.classifier(images.to(dtype)).float().log_softmax(dim=-1)
         digits = torch.tensor([parse_digit(prompt) for prompt in prompts], device=log_probs.device)
         return log_probs.gather(1, digits[:, None]).squeeze(1)
 

@@ -56,7 +56,9 @@ def sample_prompts(num_per_digit: int, template_index: int | None = None) -> tup
     prompts, digits = [], []
     for digit in range(NUM_DIGITS):
         for index in range(num_per_digit):
-            prompts.append(digit_prompt(digit, index % len(PROMPT_TEMPLATES) if template_index is None else template_index))
+            prompts.append(
+                digit_prompt(digit, index % len(PROMPT_TEMPLATES) if template_index is None else template_index)
+            )
             digits.append(digit)
     return prompts, torch.tensor(digits)
 

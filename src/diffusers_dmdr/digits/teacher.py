@@ -238,7 +238,11 @@ def encode_prompts(text_encoder, text_encoder_2, tokenizer, tokenizer_2, prompts
     hidden_states = []
     for tokenizer_i, encoder_i in ((tokenizer, text_encoder), (tokenizer_2, text_encoder_2)):
         input_ids = tokenizer_i(
-            prompts, padding="max_length", max_length=tokenizer_i.model_max_length, truncation=True, return_tensors="pt"
+            prompts,
+            padding="max_length",
+            max_length=tokenizer_i.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids
         output = encoder_i(input_ids, output_hidden_states=True)
         hidden_states.append(output.hidden_states[-2])

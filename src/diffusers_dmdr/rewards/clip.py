@@ -231,15 +231,6 @@ class CLIPReward(TextImageReward):
         if backend == "open_clip" or (backend == "auto" and _is_open_clip_reference(model)):
             import_open_clip(f"The CLIP reward model {model!r}")
 
-    @classmethod
-    def from_model(cls, towers: nn.Module) -> "CLIPReward":
-        """Wrap towers built in memory (`TransformersCLIPTowers(model, tokenizer, preprocessing)` or
-        `OpenCLIPTowers(model, tokenizer)`), e.g. tiny models in tests."""
-        reward = cls.__new__(cls)
-        nn.Module.__init__(reward)
-        reward.towers = towers
-        return reward
-
 
 class PickScoreReward(CLIPReward):
     r"""PickScore (Kirstain et al., https://huggingface.co/papers/2305.01569): `logit_scale.exp() * cos`, about

@@ -152,6 +152,13 @@ class FrozenReward(nn.Module):
         self.offload = offload and isinstance(reward, nn.Module)
         self.differentiable = getattr(reward, "differentiable", True)
 
+    def to(self, *args, **kwargs) -> "FrozenReward":
+        """Like `nn.Module.to`, except that an offloaded reward keeps its weights on the CPU (dtype casts apply)."""
+        if not self.offload:
+            return super().to(*args, **kwargs)
+        _, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        return super().to(dtype=dtype, non_blocking=non_blocking) if dtype is not None else self
+
     def train(self, mode: bool = True) -> "FrozenReward":
         # A frozen reward never leaves eval mode (dropout or batch-norm updates would change its scores).
         return super().train(False)
@@ -406,12 +413,13 @@ def _check_passes_gradients(reward: FrozenReward, device: torch.device) -> None:
             f"Reward {reward.name!r} declares differentiable = False, so it cannot pass gradients to the generator "
             "and cannot be trained on; use it for evaluation or give it weight 0 as a monitor."
         )
-    # A private generator: the probe must not shift the training RNG stream (exact resume depends on it).
-    generator = torch.Generator().manual_seed(0)
     prompts = list(getattr(reward.reward, "example_prompts", PROBE_PROMPTS))[:2]
-    probe = torch.rand(len(prompts), 3, PROBE_IMAGE_SIZE, PROBE_IMAGE_SIZE, generator=generator)
+    probe = torch.rand(len(prompts), 3, PROBE_IMAGE_SIZE, PROBE_IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
     probe = probe.to(device).requires_grad_(True)
-    with torch.enable_grad():
+    # The probe must not shift the global RNG streams (a reward may draw from them, as the relative one does):
+    # exact resume and seeded runs depend on them.
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), torch.enable_grad():
         scores = reward(probe, prompts)
         if not scores.requires_grad:
             raise ValueError(

@@ -1,0 +1,835 @@
+"""Export a trained DMDR student as a Hub-ready folder, and push it.
+
+The export folder (the run's `output_dir` at the end of training; any folder from the `export` entry point) holds:
+
+```
+README.md                          model card: metadata, samples, loading snippets, sampler, recipe
+samples.png                        the validation prompts sampled by the student (when there are any)
+pytorch_lora_weights.safetensors   the student LoRA in diffusers format (LoRA mode)
+pipeline_dmdr.py                   FewStepDMDRPipeline, copied verbatim from the package
+scheduler/                         DMDRScheduler config (the trained timesteps) + scheduling_dmdr.py
+model_index.json, unet/ or transformer/, vae/, text_encoder*/, tokenizer*/
+                                   the full student pipeline (full mode, or LoRA mode with export_full_pipeline)
+```
+
+Checkpoints and logs may sit in the same folder; they are never uploaded.
+
+Command line (also installed as `dmdr-export`):
+
+```
+python -m diffusers_dmdr.export --checkpoint output_dir/checkpoint-3000 --output_dir export \
+    [--push_to_hub --hub_model_id org/name]
+```
+"""
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .adapters import (
+    STUDENT_ADAPTER,
+    adapter_state_dict,
+    add_lora_adapter,
+    load_adapter_state_dict,
+    parse_target_modules,
+)
+from .config import DMDRConfig
+from .families import ModelFamily, detect_family, get_family, read_teacher_config
+from .pipelines import pipeline_dmdr, scheduling_dmdr
+from .pipelines.pipeline_dmdr import SCHEDULER_CLASS, SCHEDULER_MODULE, FewStepDMDRPipeline
+from .pipelines.scheduling_dmdr import DMDRScheduler
+from .trainer import (
+    CONFIG_FILE,
+    STUDENT_FULL_FILE,
+    STUDENT_LORA_FILE,
+    list_checkpoints,
+    resolve_checkpoint,
+    student_scheduler_for,
+)
+from .utils import save_image_grid
+
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_MODULE, PIPELINE_CLASS = "pipeline_dmdr", "FewStepDMDRPipeline"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+SAMPLES_FILE = "samples.png"
+SUMMARY_FILE = "train_summary.json"
+PAPER_URL = "https://huggingface.co/papers/2511.13649"
+# Files of a training run that share the export folder but are not part of the model repo.
+UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "logs/*", "validation/*", "*.lock", "wandb/*"]
+# Tags every export carries, besides the family's and `lora` in LoRA mode.
+BASE_TAGS = ["text-to-image", "diffusers", "diffusers-training", "dmdr", "distillation", "few-step"]
+FAMILY_TAGS = {
+    "sdxl": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"],
+    "sd15": ["stable-diffusion", "stable-diffusion-diffusers"],
+    "sd3": ["sd3", "sd3-diffusers"],
+}
+EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_SNIPPET_PROMPT = "a photo of a red fox in the snow"
+
+
+class HubUploadError(RuntimeError):
+    """Raised when creating the Hub repo or uploading the export fails; the local folder is left as it was."""
+
+
+@dataclass
+class StudentWeights:
+    """The trained student: a PEFT-format LoRA state dict and its `LoraConfig` (LoRA mode), or a full state dict."""
+
+    lora_state_dict: dict[str, torch.Tensor] | None = None
+    lora_config: dict | None = None
+    full_state_dict: dict[str, torch.Tensor] | None = None
+
+    @property
+    def is_lora(self) -> bool:
+        return self.lora_state_dict is not None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------------------------
+def export_from_trainer(trainer) -> Path:
+    """Export the trainer's student into `trainer.config.output_dir` and push it when `config.push_to_hub`.
+
+    The sample grid comes from the trainer's own sampler ([`DMDRTrainer.sample_latents`]) with the validation
+    prompts and seed. Call it on the main process only.
+
+    Args:
+        trainer ([`DMDRTrainer`]): a trained (or partly trained) trainer.
+
+    Returns:
+        `Path`: the export folder.
+    """
+    config, student = trainer.config, trainer.student_model
+    if config.training_mode == "lora":
+        weights = StudentWeights(
+            lora_state_dict=adapter_state_dict(student, STUDENT_ADAPTER),
+            lora_config=student.peft_config[STUDENT_ADAPTER].to_dict(),
+        )
+    else:
+        weights = StudentWeights(full_state_dict={k: v.detach() for k, v in student.state_dict().items()})
+    sample_images = None
+    prompts = _sample_prompts(config)
+    if prompts:
+        generator = torch.Generator("cpu").manual_seed(config.seed)
+        sample_images = trainer.decode(trainer.sample_latents(prompts, generator=generator)).float().cpu()
+    full_pipeline = None
+    if config.training_mode == "full" or config.export_full_pipeline:
+        full_pipeline = build_student_pipeline(config, trainer.family, trainer.scheduler, weights)
+    metrics = {key: value for key, value in (trainer.history[-1] if trainer.history else {}).items() if key != "step"}
+    output_dir = write_export(
+        config.output_dir,
+        config,
+        trainer.family,
+        trainer.scheduler,
+        weights,
+        full_pipeline=full_pipeline,
+        sample_images=sample_images,
+        metrics=metrics,
+        hub_model_id=config.hub_model_id,
+    )
+    if config.push_to_hub:
+        push_to_hub(output_dir, config.hub_model_id, private=config.hub_private)
+    return output_dir
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    output_dir: str | Path,
+    push: bool = False,
+    hub_model_id: str | None = None,
+    hub_private: bool | None = None,
+    export_full_pipeline: bool | None = None,
+    base_model: str | None = None,
+    device: str | torch.device | None = None,
+) -> Path:
+    """Rebuild the export of a saved checkpoint: reload the teacher, apply the student weights, write the folder.
+
+    Args:
+        checkpoint (`str` or `Path`):
+            A `checkpoint-N` folder, or a run's `output_dir` (its latest checkpoint is used).
+        output_dir (`str` or `Path`):
+            The export folder (may be the run's `output_dir` itself).
+        push (`bool`, defaults to `False`):
+            Upload the folder to the Hub afterwards.
+        hub_model_id (`str`, *optional*):
+            The repo id; defaults to the run's `hub_model_id`.
+        hub_private (`bool`, *optional*):
+            Create the repo as private; defaults to the run's `hub_private`.
+        export_full_pipeline (`bool`, *optional*):
+            Also save the fused full pipeline in LoRA mode; defaults to the run's setting.
+        base_model (`str`, *optional*):
+            The teacher's Hub id for the card, when the run loaded it from a local folder.
+        device (`str` or `torch.device`, *optional*):
+            Where to sample the grid; defaults to CUDA when available.
+
+    Returns:
+        `Path`: the export folder.
+    """
+    checkpoint_dir = _resolve_checkpoint_dir(Path(checkpoint))
+    config = DMDRConfig.from_yaml(checkpoint_dir / CONFIG_FILE)
+    if export_full_pipeline is not None:
+        config.export_full_pipeline = export_full_pipeline
+    hub_model_id = hub_model_id or config.hub_model_id
+    if push and not hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id org/name (the run's config has none).")
+    family = _family_of(config)
+    if config.training_mode == "lora":
+        lora_state_dict = load_file(checkpoint_dir / STUDENT_LORA_FILE)
+        weights = StudentWeights(lora_state_dict=lora_state_dict)
+    else:
+        weights = StudentWeights(full_state_dict=load_file(checkpoint_dir / STUDENT_FULL_FILE))
+    teacher = family.load_teacher(config.pretrained_model_name_or_path, config.revision, config.variant)
+    scheduler = _student_scheduler(config, teacher)
+    pipeline = _assemble_pipeline(teacher.pipeline, family, scheduler, _student_backbone(teacher, config, weights))
+    if weights.is_lora:
+        weights.lora_config = pipeline.backbone.peft_config[STUDENT_ADAPTER].to_dict()
+
+    sample_images = None
+    prompts = _sample_prompts(config)
+    if prompts:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pipeline.set_progress_bar_config(disable=True)
+        pipeline.to(device)
+        sample_images = pipeline(
+            prompts,
+            height=config.resolution,
+            width=config.resolution,
+            generator=torch.Generator("cpu").manual_seed(config.seed),
+            output_type="pt",
+        ).images.cpu()
+        pipeline.to("cpu")
+    full_pipeline = None
+    if config.training_mode == "full" or config.export_full_pipeline:
+        full_pipeline = _finalise_full_pipeline(pipeline, config, weights)
+    summary_file = checkpoint_dir.parent / SUMMARY_FILE
+    metrics = {}
+    if summary_file.is_file():
+        history = json.loads(summary_file.read_text(encoding="utf-8")).get("history") or [{}]
+        metrics = {key: value for key, value in history[-1].items() if key != "step"}
+    output_dir = write_export(
+        output_dir,
+        config,
+        family,
+        scheduler,
+        weights,
+        full_pipeline=full_pipeline,
+        sample_images=sample_images,
+        metrics=metrics,
+        hub_model_id=hub_model_id,
+        base_model=base_model,
+        checkpoint_name=checkpoint_dir.name,
+    )
+    if push:
+        push_to_hub(output_dir, hub_model_id, private=config.hub_private if hub_private is None else hub_private)
+    return output_dir
+
+
+def export_pipeline(pipeline: FewStepDMDRPipeline, output_dir: str | Path) -> Path:
+    """Save a (possibly reloaded) [`FewStepDMDRPipeline`] so that all three loading routes work on the folder.
+
+    `save_pretrained` writes `_class_name` as a plain string and names the scheduler by its Python module; this
+    rewrites `model_index.json` to the repository-code form and copies `pipeline_dmdr.py` and
+    `scheduler/scheduling_dmdr.py` from the package.
+    """
+    if type(pipeline.scheduler).__name__ != SCHEDULER_CLASS:
+        raise ValueError(f"export_pipeline needs a {SCHEDULER_CLASS}, got {type(pipeline.scheduler).__name__}.")
+    output_dir = Path(output_dir)
+    pipeline.save_pretrained(output_dir, safe_serialization=True)
+    add_pipeline_code(output_dir)
+    return output_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building the student pipeline
+# ----------------------------------------------------------------------------------------------------------------
+def build_student_pipeline(
+    config: DMDRConfig, family: ModelFamily, scheduler: DMDRScheduler, weights: StudentWeights
+) -> FewStepDMDRPipeline:
+    """The full student pipeline to save: the teacher reloaded from `config`, with the student LoRA fused into its
+    backbone (LoRA mode) or the full student weights, in the export dtype."""
+    teacher = family.load_teacher(config.pretrained_model_name_or_path, config.revision, config.variant)
+    pipeline = _assemble_pipeline(teacher.pipeline, family, scheduler, _student_backbone(teacher, config, weights))
+    return _finalise_full_pipeline(pipeline, config, weights)
+
+
+def _student_backbone(teacher, config: DMDRConfig, weights: StudentWeights) -> torch.nn.Module:
+    """The teacher's backbone carrying the student: the `student` adapter (LoRA mode) or the full weights."""
+    backbone = teacher.backbone
+    if weights.is_lora:
+        targets = parse_target_modules(config.lora_target_modules, teacher.family.student_lora_targets)
+        add_lora_adapter(backbone, STUDENT_ADAPTER, config.lora_rank, config.lora_alpha, targets)
+        load_adapter_state_dict(backbone, STUDENT_ADAPTER, weights.lora_state_dict)
+    else:
+        backbone.load_state_dict(weights.full_state_dict, strict=True)
+    return backbone.eval()
+
+
+def _assemble_pipeline(stock_pipeline, family: ModelFamily, scheduler, backbone) -> FewStepDMDRPipeline:
+    expected_components, _ = FewStepDMDRPipeline._get_signature_keys(FewStepDMDRPipeline)
+    components = {name: module for name, module in stock_pipeline.components.items() if name in expected_components}
+    components.update({"scheduler": scheduler, family.backbone_name: backbone})
+    return FewStepDMDRPipeline(**components)
+
+
+def _finalise_full_pipeline(
+    pipeline: FewStepDMDRPipeline, config: DMDRConfig, weights: StudentWeights
+) -> FewStepDMDRPipeline:
+    if weights.is_lora:
+        # Fused in float32 before any cast, so the saved weights lose nothing to the adapter arithmetic.
+        pipeline.backbone.fuse_lora(adapter_names=[STUDENT_ADAPTER])
+        pipeline.backbone.unload_lora()
+    dtype = EXPORT_DTYPES.get(config.mixed_precision, torch.float32)
+    # The teacher is loaded in float32: cast only when the run used another precision.
+    return pipeline if dtype == torch.float32 else pipeline.to(dtype=dtype)
+
+
+def _student_scheduler(config: DMDRConfig, teacher) -> DMDRScheduler:
+    timesteps = config.student_timesteps or teacher.family.default_student_timesteps(
+        config.num_student_steps, config.shift
+    )
+    return student_scheduler_for(config, teacher, timesteps)
+
+
+def _family_of(config: DMDRConfig) -> ModelFamily:
+    if config.family != "auto":
+        return get_family(config.family)
+    model_index = read_teacher_config(config.pretrained_model_name_or_path, config.revision)
+    return get_family(detect_family(model_index, config.pretrained_model_name_or_path))
+
+
+def _resolve_checkpoint_dir(path: Path) -> Path:
+    if (path / CONFIG_FILE).is_file() and path.name.startswith("checkpoint-"):
+        return path
+    if list_checkpoints(path):
+        return resolve_checkpoint(path, "latest")
+    raise FileNotFoundError(
+        f"--checkpoint {path} is neither a checkpoint folder (checkpoint-N with {CONFIG_FILE}) nor a run's "
+        "output_dir holding checkpoint-N folders."
+    )
+
+
+def _sample_prompts(config: DMDRConfig) -> list[str]:
+    return [prompt for prompt in config.validation_prompts or [] for _ in range(config.num_validation_images)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing the folder
+# ----------------------------------------------------------------------------------------------------------------
+def write_export(
+    output_dir: str | Path,
+    config: DMDRConfig,
+    family: ModelFamily,
+    scheduler: DMDRScheduler,
+    weights: StudentWeights,
+    full_pipeline: FewStepDMDRPipeline | None = None,
+    sample_images: torch.Tensor | None = None,
+    metrics: dict | None = None,
+    hub_model_id: str | None = None,
+    base_model: str | None = None,
+    checkpoint_name: str | None = None,
+) -> Path:
+    """Write the export folder (see the module docstring) and return it.
+
+    Args:
+        output_dir: the folder; files of a previous export are overwritten, other files are left alone.
+        config: the run's configuration (the recipe in the card).
+        family: the model family.
+        scheduler: the student's [`DMDRScheduler`].
+        weights: the student weights; in LoRA mode `lora_config` must be set.
+        full_pipeline: the fused full pipeline to save, if any.
+        sample_images: `(B, 3, H, W)` samples in `[0, 1]` of the validation prompts, in prompt order.
+        metrics: the last training logs (rewards, losses) for the card.
+        hub_model_id: the Hub repo id used in the card's snippets.
+        base_model: the teacher's Hub id, when the run loaded it from a local folder.
+        checkpoint_name: the checkpoint exported, for the card.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if weights.is_lora:
+        save_student_lora(output_dir, family, weights)
+    if full_pipeline is not None:
+        export_pipeline(full_pipeline, output_dir)
+    else:
+        scheduler.save_pretrained(output_dir / "scheduler")
+        _copy_code(output_dir)
+    if sample_images is not None:
+        save_image_grid(sample_images, output_dir / SAMPLES_FILE, rows=len(config.validation_prompts))
+    card = make_model_card(
+        config,
+        family,
+        scheduler,
+        repo_id=hub_model_id or output_dir.name,
+        base_model=base_model,
+        has_lora=weights.is_lora,
+        has_full_pipeline=full_pipeline is not None,
+        has_samples=sample_images is not None,
+        metrics=metrics,
+        checkpoint_name=checkpoint_name,
+    )
+    card.save(output_dir / "README.md")
+    logger.info(f"Exported the DMDR student to {output_dir}")
+    return output_dir
+
+
+def save_student_lora(output_dir: Path, family: ModelFamily, weights: StudentWeights) -> Path:
+    """`pytorch_lora_weights.safetensors` in diffusers format, with the LoRA config in its metadata so that
+    `load_lora_weights` rebuilds the same rank and alpha.
+
+    The keys stay in PEFT form (`lora_A`/`lora_B`, prefixed by the backbone's name), which `load_lora_weights` reads
+    as is. `convert_state_dict_to_diffusers` is not used: it renames only the attention projections, and the mixed
+    file it makes from the student's wider targets (resnet convs, feed-forward, SD3's `add_*_proj`) loses those keys
+    on loading.
+    """
+    save_kwargs = family.lora_save_kwargs(weights.lora_state_dict)
+    save_kwargs[f"{family.backbone_name}_lora_adapter_metadata"] = weights.lora_config
+    family.pipeline_class().save_lora_weights(output_dir, safe_serialization=True, **save_kwargs)
+    return output_dir / LORA_WEIGHT_NAME
+
+
+def add_pipeline_code(folder: str | Path) -> None:
+    """Point `model_index.json` at the repository's own code and copy that code in (after `save_pretrained`)."""
+    folder = Path(folder)
+    index_file = folder / "model_index.json"
+    model_index = json.loads(index_file.read_text(encoding="utf-8"))
+    model_index["_class_name"] = [PIPELINE_MODULE, PIPELINE_CLASS]
+    model_index["scheduler"] = [SCHEDULER_MODULE, SCHEDULER_CLASS]
+    index_file.write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    _copy_code(folder)
+
+
+def _copy_code(folder: Path) -> None:
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(pipeline_dmdr.__file__, folder / f"{PIPELINE_MODULE}.py")
+    shutil.copyfile(scheduling_dmdr.__file__, folder / "scheduler" / f"{SCHEDULER_MODULE}.py")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model card
+# ----------------------------------------------------------------------------------------------------------------
+def teacher_license(source: str, revision: str | None = None) -> dict[str, str]:
+    """`license` (and `license_name`/`license_link` for custom licenses) from the teacher's model card, if found."""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.errors import HfHubHTTPError
+
+    local_card = Path(source).expanduser() / "README.md"
+    is_local = Path(source).expanduser().is_dir()
+    if is_local and not local_card.is_file():
+        return {}
+    try:
+        card = ModelCard.load(local_card if is_local else source)
+    except (OSError, ValueError, HfHubHTTPError) as error:
+        logger.warning(f"Could not read the teacher's model card ({type(error).__name__}); the card has no license.")
+        return {}
+    data = card.data.to_dict()
+    found = {key: data[key] for key in ("license", "license_name", "license_link") if data.get(key)}
+    link = found.get("license_link")
+    if link and not link.startswith(("http://", "https://")) and not is_local:
+        # A relative link points into the teacher's repo, not into the export.
+        found["license_link"] = f"https://huggingface.co/{source}/blob/{revision or 'main'}/{link}"
+    return found
+
+
+def make_model_card(
+    config: DMDRConfig,
+    family: ModelFamily,
+    scheduler: DMDRScheduler,
+    repo_id: str,
+    base_model: str | None = None,
+    has_lora: bool = True,
+    has_full_pipeline: bool = False,
+    has_samples: bool = False,
+    metrics: dict | None = None,
+    checkpoint_name: str | None = None,
+):
+    """The export's `ModelCard`: YAML metadata, samples, loading snippets, sampler, recipe and limitations."""
+    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+
+    source = config.pretrained_model_name_or_path
+    is_local_teacher = Path(source).expanduser().is_dir()
+    base_model = base_model or (None if is_local_teacher else source)
+    license_data = teacher_license(source, config.revision)
+    prompts = config.validation_prompts or []
+    widget = [{"text": prompts[0], "output": {"url": SAMPLES_FILE}}] if has_samples and prompts else None
+    body = _card_body(
+        config,
+        family,
+        scheduler,
+        repo_id=repo_id,
+        base_model=base_model or source,
+        has_lora=has_lora,
+        has_full_pipeline=has_full_pipeline,
+        has_samples=has_samples,
+        metrics=metrics or {},
+        checkpoint_name=checkpoint_name,
+    )
+    card = load_or_create_model_card(
+        repo_id_or_path=repo_id,
+        from_training=True,
+        license=license_data.get("license"),
+        base_model=base_model,
+        model_description=body,
+        inference=True,
+        widget=widget,
+    )
+    tags = BASE_TAGS + FAMILY_TAGS[family.name] + (["lora"] if has_lora else [])
+    populate_model_card(card, tags=[tag for tag in tags if tag not in (card.data.tags or [])])
+    card.data.pipeline_tag = "text-to-image"
+    for key in ("license_name", "license_link"):
+        if key in license_data:
+            setattr(card.data, key, license_data[key])
+    # The template's TODO sections would follow ours; the export knows every section, so the body replaces them.
+    card.text = body
+    return card
+
+
+def _card_body(
+    config: DMDRConfig,
+    family: ModelFamily,
+    scheduler: DMDRScheduler,
+    repo_id: str,
+    base_model: str,
+    has_lora: bool,
+    has_full_pipeline: bool,
+    has_samples: bool,
+    metrics: dict,
+    checkpoint_name: str | None,
+) -> str:
+    timesteps = list(scheduler.config.training_timesteps)
+    num_steps = len(timesteps)
+    sampler = "deterministic (ODE: Euler for flow models, DDIM for DDPM models)"
+    if not scheduler.config.deterministic:
+        sampler = "stochastic: each clean prediction is re-noised with fresh Gaussian noise (the DMD sampler)"
+    is_hub_id = "/" in base_model and not Path(base_model).expanduser().exists()
+    base_link = f"[`{base_model}`](https://huggingface.co/{base_model})" if is_hub_id else f"`{base_model}`"
+    sections = [
+        f"# {repo_id.split('/')[-1]}\n",
+        f"A **{num_steps}-step** text-to-image student distilled from {base_link} with "
+        f"[DMDR]({PAPER_URL}) (distribution matching distillation jointly with reinforcement learning from "
+        "differentiable rewards), trained with "
+        "[diffusers-dmdr](https://pypi.org/project/diffusers-dmdr/). It samples in "
+        f"{num_steps} step{'s' if num_steps > 1 else ''} without classifier-free guidance.\n",
+    ]
+    if has_samples:
+        prompt_list = "\n".join(f"- {prompt}" for prompt in config.validation_prompts)
+        sections.append(
+            f"## Samples\n\n![samples]({SAMPLES_FILE})\n\nOne row per prompt, {config.num_validation_images} "
+            f"images each, {num_steps} step{'s' if num_steps > 1 else ''}, seed {config.seed}, "
+            f"{config.resolution}x{config.resolution}:\n\n{prompt_list}\n"
+        )
+    sections.append(_usage_section(config, family, scheduler, repo_id, base_model, has_lora, has_full_pipeline))
+    schedule_rows = "\n".join(
+        f"| {index} | {timestep:g} | {timestep / scheduler.config.num_train_timesteps:.4f} |"
+        for index, timestep in enumerate(timesteps)
+    )
+    sections.append(
+        "## Sampler\n\n"
+        f"The student was trained with, and samples with, this {num_steps}-step grid "
+        f"(`prediction_type={scheduler.config.prediction_type}`, {scheduler.config.num_train_timesteps} teacher "
+        "timesteps). The first step always starts from pure noise.\n\n"
+        "| step | timestep (model units) | noise level |\n|---|---|---|\n"
+        f"{schedule_rows}\n\n"
+        f"Re-noising between steps is {sampler}; the last step returns the clean prediction. `DMDRScheduler` "
+        "(in `scheduler/`) stores this grid in its config. Another `num_inference_steps` works with a warning: "
+        "the grid is then interpolated linearly between the trained first and last timesteps, which the student "
+        "was not trained for.\n"
+    )
+    sections.append(_recipe_section(config, family, has_lora, checkpoint_name))
+    if metrics:
+        rows = "\n".join(
+            f"| `{name}` | {value:.4g} |"
+            for name, value in sorted(metrics.items())
+            if isinstance(value, int | float) and name.startswith(("reward/", "heldout_reward/", "loss", "monitor/"))
+        )
+        if rows:
+            sections.append(
+                "## Training metrics\n\nLogged at the last generator step (training prompts, not a benchmark):\n\n"
+                f"| metric | value |\n|---|---|\n{rows}\n"
+            )
+    files = [
+        f"- `{LORA_WEIGHT_NAME}`: the student LoRA in diffusers format (`load_lora_weights`)." if has_lora else "",
+        "- `model_index.json` and the component folders: the full student pipeline (safetensors)."
+        if has_full_pipeline
+        else "",
+        f"- `{PIPELINE_MODULE}.py`, `scheduler/{SCHEDULER_MODULE}.py`: the sampler code, loaded with "
+        "`trust_remote_code=True` or from the `diffusers-dmdr` package.",
+        f"- `{SAMPLES_FILE}`: the sample grid above." if has_samples else "",
+    ]
+    sections.append("## Files\n\n" + "\n".join(line for line in files if line) + "\n")
+    sections.append(
+        "## Limitations\n\n"
+        f"- This is a derivative of {base_link}: its license and use restrictions apply, and it inherits the "
+        "teacher's biases.\n"
+        "- Few-step students trade some sample diversity for speed; rewards can be over-optimised (reward "
+        "hacking), so check samples beyond the training prompts.\n"
+        "- Classifier-free guidance, negative prompts and step counts other than the trained one are outside "
+        "what was trained.\n"
+    )
+    return "\n".join(sections)
+
+
+SNIPPET_DEVICE_LINE = (
+    'device, dtype = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)\n'
+)
+
+
+def _snippet(imports: list[str], body: str) -> str:
+    """A runnable snippet: `torch` and `imports`, the device choice, then `body` (which defines `image`)."""
+    return "import torch\n" + "".join(line + "\n" for line in imports) + "\n" + SNIPPET_DEVICE_LINE + body
+
+
+def _usage_section(
+    config: DMDRConfig,
+    family: ModelFamily,
+    scheduler: DMDRScheduler,
+    repo_id: str,
+    base_model: str,
+    has_lora: bool,
+    has_full_pipeline: bool,
+) -> str:
+    prompt = (config.validation_prompts or [DEFAULT_SNIPPET_PROMPT])[0]
+    size = ""
+    if config.resolution != family.default_resolution:
+        size = f", height={config.resolution}, width={config.resolution}"
+    stock_class = family.pipeline_class_name
+    call = f'image = pipe("{prompt}"{size}).images[0]\n'
+    if has_full_pipeline:
+        route_package = _snippet(
+            ["from diffusers_dmdr.pipelines import FewStepDMDRPipeline"],
+            f'pipe = FewStepDMDRPipeline.from_pretrained("{repo_id}", torch_dtype=dtype).to(device)\n' + call,
+        )
+        route_remote = _snippet(
+            ["from diffusers import DiffusionPipeline"],
+            f'pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True, torch_dtype=dtype)\n'
+            "pipe = pipe.to(device)\n" + call,
+        )
+    else:
+        # No full pipeline in the repo: the student is the base model plus the LoRA, sampled by FewStepDMDRPipeline.
+        student = (
+            f'base = {stock_class}.from_pretrained("{base_model}", torch_dtype=dtype)\n'
+            f'base.load_lora_weights("{repo_id}")\n'
+            "base.fuse_lora()\n"
+            f'scheduler = DMDRScheduler.from_pretrained("{repo_id}", subfolder="scheduler")\n'
+            "pipe = FewStepDMDRPipeline.from_pipe(base, scheduler=scheduler).to(device)\n"
+        )
+        route_package = _snippet(
+            [
+                f"from diffusers import {stock_class}",
+                "from diffusers_dmdr.pipelines import DMDRScheduler, FewStepDMDRPipeline",
+            ],
+            student + call,
+        )
+        route_remote = _snippet(
+            [f"from diffusers import {stock_class}", "from diffusers.utils import get_class_from_dynamic_module"],
+            "FewStepDMDRPipeline = get_class_from_dynamic_module(\n"
+            f'    "{repo_id}", "{PIPELINE_MODULE}.py", class_name="{PIPELINE_CLASS}", trust_remote_code=True\n'
+            ")\n"
+            "DMDRScheduler = get_class_from_dynamic_module(\n"
+            f'    "{repo_id}", "{SCHEDULER_MODULE}.py", subfolder="scheduler", class_name="{SCHEDULER_CLASS}",\n'
+            "    trust_remote_code=True,\n"
+            ")\n" + student + call,
+        )
+    route_plain = _plain_route(family, scheduler, repo_id, base_model, has_lora, prompt, size)
+    lines = [
+        "## How to use\n",
+        "The trained sampler is `FewStepDMDRPipeline` with `DMDRScheduler`: same timesteps, same re-noising rule, no "
+        "guidance (the defaults), so a seed gives the images the training produced. Three ways to load it:\n",
+        "### 1. With the `diffusers-dmdr` package (`pip install diffusers-dmdr`), no remote code\n",
+        f"```python\n{route_package}```\n",
+        "### 2. With diffusers only, running this repository's code\n",
+        f"`{PIPELINE_MODULE}.py` and `scheduler/{SCHEDULER_MODULE}.py` are plain diffusers code; read them first, "
+        "and pin `revision=` to a commit you checked.\n",
+        f"```python\n{route_remote}```\n",
+        "### 3. A stock diffusers pipeline and scheduler\n",
+        "No custom code: the stock scheduler below follows the same timesteps with its own update rule, which matches "
+        "the trained sampler closely but not bit for bit.\n",
+        f"```python\n{route_plain}```\n",
+    ]
+    return "\n".join(lines)
+
+
+def _plain_route(
+    family: ModelFamily,
+    scheduler: DMDRScheduler,
+    repo_id: str,
+    base_model: str,
+    has_lora: bool,
+    prompt: str,
+    size: str,
+) -> str:
+    stock_class = family.pipeline_class_name
+    timesteps = list(scheduler.config.training_timesteps)
+    deterministic = scheduler.config.deterministic
+    if family.is_flow:
+        scheduler_class = "FlowMatchEulerDiscreteScheduler"
+        noise_levels = [round(t / scheduler.config.num_train_timesteps, 6) for t in timesteps]
+        # shift=1: the sigmas passed in the call are the trained grid, already shifted.
+        set_scheduler = (
+            f"pipe.scheduler = {scheduler_class}.from_config(\n"
+            f"    pipe.scheduler.config, shift=1.0, stochastic_sampling={not deterministic}\n)\n"
+        )
+        call = f'image = pipe("{prompt}", sigmas={noise_levels}, guidance_scale=0.0, max_sequence_length=128{size})'
+    else:
+        # LCM re-noises with fresh noise (the DMD sampler); a one-step student has nothing to re-noise.
+        stochastic = not deterministic or len(timesteps) == 1
+        scheduler_class = "LCMScheduler" if stochastic else "EulerDiscreteScheduler"
+        set_scheduler = f"pipe.scheduler = {scheduler_class}.from_config(pipe.scheduler.config)\n"
+        call = f'image = pipe("{prompt}", timesteps={[int(t) for t in timesteps]}, guidance_scale=0.0{size})'
+    if has_lora:
+        imports = [f"from diffusers import {scheduler_class}, {stock_class}"]
+        load = (
+            f'pipe = {stock_class}.from_pretrained("{base_model}", torch_dtype=dtype)\n'
+            f'pipe.load_lora_weights("{repo_id}")\n'
+            "pipe.fuse_lora()\n"
+        )
+    else:
+        name = family.backbone_name
+        backbone_class = "SD3Transformer2DModel" if family.is_flow else "UNet2DConditionModel"
+        imports = [f"from diffusers import {backbone_class}, {scheduler_class}, {stock_class}"]
+        load = (
+            f'{name} = {backbone_class}.from_pretrained("{repo_id}", subfolder="{name}", torch_dtype=dtype)\n'
+            f'pipe = {stock_class}.from_pretrained("{base_model}", {name}={name}, torch_dtype=dtype)\n'
+        )
+    return _snippet(imports, load + set_scheduler + "pipe = pipe.to(device)\n" + call + ".images[0]\n")
+
+
+def _recipe_section(config: DMDRConfig, family: ModelFamily, has_lora: bool, checkpoint_name: str | None) -> str:
+    rewards = ", ".join(f"`{spec}`" for spec in config.reward) or "none (DMD only)"
+    eval_rewards = ", ".join(f"`{spec}`" for spec in config.eval_reward) or "none"
+    adapter = (
+        f"LoRA rank {config.lora_rank}, alpha {config.lora_alpha}" if has_lora else "full fine-tuning of the backbone"
+    )
+    rows = [
+        ("teacher", f"`{config.pretrained_model_name_or_path}` ({family.name})"),
+        ("student", adapter),
+        ("student steps", str(config.num_student_steps)),
+        ("resolution", f"{config.resolution}x{config.resolution}"),
+        ("generator updates", f"{config.max_train_steps} (stage 1, DMD only: {config.cold_start_steps})"),
+        ("rewards (stage 2, `name:weight`)", rewards),
+        ("held-out rewards (logged only)", eval_rewards),
+        ("reward-tilted DMD in stage 1", str(config.reward_tilt)),
+        (
+            "DynaDG / DynaRS",
+            f"real-score LoRA scale {config.real_score_lora_scale} -> 0, re-noising Beta({config.renoise_beta_alpha}, "
+            f"{config.renoise_beta_beta}) -> Beta(1, 1), over {config.dynamic_steps} steps",
+        ),
+        ("fake score", f"LoRA rank {config.fake_lora_rank}, scale {config.fake_score_lora_scale}"),
+        ("fake-score updates per generator update", str(config.update_ratio)),
+        ("real-score CFG", f"{config.real_guidance_scale} +- {config.guidance_scale_jitter}"),
+        ("learning rates (student / fake)", f"{config.learning_rate:g} / {config.learning_rate_fake:g}"),
+        ("batch size per process", str(config.train_batch_size)),
+        ("mixed precision", str(config.mixed_precision or "no")),
+        ("seed", str(config.seed)),
+    ]
+    if checkpoint_name:
+        rows.append(("exported checkpoint", checkpoint_name))
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    return (
+        "## Training recipe\n\n"
+        "Stage 1 distils the teacher with DMD (with the DynaDG and DynaRS cold-start schedules); stage 2 adds the "
+        "reward losses to DMD, which keeps regularising the student towards the teacher's distribution.\n\n"
+        f"| setting | value |\n|---|---|\n{table}\n"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hub
+# ----------------------------------------------------------------------------------------------------------------
+def push_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload DMDR few-step student",
+) -> str:
+    """Create `repo_id` (if needed) and upload `folder`, leaving checkpoints and logs out.
+
+    The token is the one given or the logged-in one; it is never logged nor written anywhere.
+
+    Raises:
+        [`HubUploadError`]: on any failure, with the command that retries; the local folder is left untouched.
+
+    Returns:
+        `str`: the URL of the commit.
+    """
+    from huggingface_hub import create_repo, get_token, upload_folder
+
+    folder = Path(folder)
+    try:
+        repo_id = create_repo(repo_id, private=private, exist_ok=True, token=token).repo_id
+        commit = upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message,
+            ignore_patterns=list(UPLOAD_IGNORE_PATTERNS),
+            token=token,
+        )
+    except Exception as error:
+        # Any failure (network, auth, server) ends here: the export on disk is complete, only the upload is retried.
+        secret = token or get_token()
+        reason = f"{type(error).__name__}: {error}"
+        if secret:
+            reason = reason.replace(secret, "***")
+        raise HubUploadError(
+            f"Uploading {folder} to the Hub repo {repo_id} failed ({reason}). The export folder is intact. Retry "
+            f"with:\n  python -m diffusers_dmdr.export --checkpoint {folder} --output_dir {folder} --push_to_hub "
+            f"--hub_model_id {repo_id}\n(log in first with `hf auth login` if the token was refused)."
+        ) from None
+    logger.info(f"Pushed {folder} to {commit.commit_url}")
+    return commit.commit_url
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+def build_argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m diffusers_dmdr.export",
+        description="Export a DMDR checkpoint as a Hub-ready folder (and optionally push it).",
+    )
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint-N folder, or a run's output_dir (latest)")
+    parser.add_argument("--output_dir", required=True, help="the export folder (may be the run's output_dir)")
+    parser.add_argument("--push_to_hub", action="store_true", help="upload the folder to the Hub")
+    parser.add_argument("--hub_model_id", default=None, help="repo id org/name (default: the run's hub_model_id)")
+    parser.add_argument("--hub_private", action="store_true", default=None, help="create the repo as private")
+    parser.add_argument(
+        "--export_full_pipeline",
+        action="store_true",
+        default=None,
+        help="also save the fused full pipeline in LoRA mode (default: the run's setting)",
+    )
+    parser.add_argument("--base_model", default=None, help="the teacher's Hub id, if the run used a local copy")
+    parser.add_argument("--device", default=None, help="device that samples the grid (default: cuda if available)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_argument_parser().parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        output_dir = export_checkpoint(
+            args.checkpoint,
+            args.output_dir,
+            push=args.push_to_hub,
+            hub_model_id=args.hub_model_id,
+            hub_private=args.hub_private,
+            export_full_pipeline=args.export_full_pipeline,
+            base_model=args.base_model,
+            device=args.device,
+        )
+    except HubUploadError as error:
+        print(error, file=sys.stderr)  # noqa: T201
+        sys.exit(1)
+    print(f"exported to {output_dir}")  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()
