@@ -4,8 +4,17 @@ The files in this folder import only torch, numpy, diffusers and transformers: t
 `diffusers_dmdr.pipelines` and copied verbatim into every exported Hub folder.
 """
 
-from .pipeline_dmdr import FewStepDMDRPipeline, FewStepDMDRPipelineOutput
 from .scheduling_dmdr import DMDRScheduler, DMDRSchedulerOutput
 
 
 __all__ = ["DMDRScheduler", "DMDRSchedulerOutput", "FewStepDMDRPipeline", "FewStepDMDRPipelineOutput"]
+
+
+def __getattr__(name: str):
+    # The pipeline imports diffusers' stock pipelines and transformers' text encoders (seconds): only when asked for,
+    # so that the trainer and the preflight checks, which need the scheduler alone, stay quick to import.
+    if name in ("FewStepDMDRPipeline", "FewStepDMDRPipelineOutput"):
+        from . import pipeline_dmdr
+
+        return getattr(pipeline_dmdr, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

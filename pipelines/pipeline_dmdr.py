@@ -158,8 +158,10 @@ class FewStepDMDRPipeline(DiffusionPipeline):
         outputs = super().load_config(*args, **kwargs)
         config = outputs[0] if isinstance(outputs, tuple) else outputs
         # Likewise the scheduler: an export names `scheduler/scheduling_dmdr.py`; when this file is installed as part
-        # of a package, the same scheduler sits next to it and is used instead of the repository's copy.
-        if list(config.get("scheduler") or []) == [SCHEDULER_MODULE, SCHEDULER_CLASS] and __package__:
+        # of a package, the same scheduler sits next to it and is used instead of the repository's copy. (Loaded as
+        # repository code itself, this file leaves the entry alone: diffusers then asks for `trust_remote_code`.)
+        installed = bool(__package__) and not __package__.startswith("diffusers_modules")
+        if list(config.get("scheduler") or []) == [SCHEDULER_MODULE, SCHEDULER_CLASS] and installed:
             try:
                 scheduler_module = importlib.import_module(f".{SCHEDULER_MODULE}", __package__)
             except ImportError:

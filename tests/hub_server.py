@@ -1,13 +1,19 @@
-"""A stdlib HTTP server answering the Hub endpoints that `create_repo`, `upload_folder` and `ModelCard.load` call.
+"""A stdlib HTTP server answering the Hub endpoints of `create_repo`, `upload_folder` and downloads.
 
 Tests point `HF_ENDPOINT` at it (in a subprocess, since huggingface_hub reads the variable at import) and then read
-what was created and uploaded. Repos whose name contains `fail` refuse every commit with HTTP 500.
+what was created and uploaded. Repos whose name contains `fail` refuse every commit with HTTP 403, as for a token
+without write access (a 5xx would make the client retry with back-off for ~20 s).
 """
 
 import base64
+import hashlib
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+# The single commit every repo is at.
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 class FakeHub:
@@ -40,8 +46,8 @@ class FakeHub:
             def log_message(self, *args):  # keep pytest output clean
                 pass
 
-            def _reply(self, status: int, body: dict | None = None, headers: dict | None = None) -> None:
-                payload = json.dumps(body or {}).encode()
+            def _reply(self, status: int, body: dict | list | None = None, headers: dict | None = None) -> None:
+                payload = json.dumps({} if body is None else body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
@@ -58,8 +64,43 @@ class FakeHub:
                 hub.requests.append(f"{self.command} {self.path}")
                 hub.authorizations.append(self.headers.get("Authorization") or "")
 
-            def do_HEAD(self):  # file downloads (`ModelCard.load`): nothing is ever there
+            def do_HEAD(self):
+                """Model info and file downloads of what was uploaded (`from_pretrained`, `ModelCard.load`)."""
                 self._record()
+                parts = self.path.split("?")[0].split("/")
+                # /api/models/{org}/{name}[/revision/{revision}]
+                if parts[1:3] == ["api", "models"] and (len(parts) == 5 or parts[5:6] == ["revision"]):
+                    repo = hub.repos.get(f"{parts[3]}/{parts[4]}")
+                    if repo is None:
+                        return self._reply(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+                    siblings = [{"rfilename": path} for path in sorted(repo["files"])]
+                    info = {
+                        "id": f"{parts[3]}/{parts[4]}",
+                        "sha": COMMIT,
+                        "siblings": siblings,
+                        "private": repo["private"],
+                    }
+                    return self._reply(200, info)
+                # /api/models/{org}/{name}/tree/{revision}: the file listing of `snapshot_download`
+                if parts[1:3] == ["api", "models"] and parts[5:6] == ["tree"]:
+                    files = hub.repos.get(f"{parts[3]}/{parts[4]}", {"files": {}})["files"]
+                    listing = [
+                        {"type": "file", "path": path, "size": len(content), "oid": hashlib.sha1(content).hexdigest()}
+                        for path, content in sorted(files.items())
+                    ]
+                    return self._reply(200, listing)
+                # /{org}/{name}/resolve/{revision}/{path...}
+                if len(parts) >= 6 and parts[3] == "resolve":
+                    content = hub.repos.get(f"{parts[1]}/{parts[2]}", {"files": {}})["files"].get("/".join(parts[5:]))
+                    if content is not None:
+                        self.send_response(200)
+                        self.send_header("Content-Length", str(len(content)))
+                        self.send_header("ETag", f'"{hashlib.sha256(content).hexdigest()}"')
+                        self.send_header("X-Repo-Commit", COMMIT)
+                        self.end_headers()
+                        if self.command == "GET":
+                            self.wfile.write(content)
+                        return None
                 self._reply(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
 
             do_GET = do_HEAD
@@ -70,7 +111,11 @@ class FakeHub:
                 path = self.path.split("?")[0]
                 if path == "/api/repos/create":
                     request = json.loads(body)
-                    repo_id = f"{request['organization']}/{request['name']}" if request.get("organization") else request["name"]
+                    repo_id = (
+                        f"{request['organization']}/{request['name']}"
+                        if request.get("organization")
+                        else request["name"]
+                    )
                     private = bool(request.get("private")) or request.get("visibility") == "private"
                     hub.repos.setdefault(repo_id, {"private": private, "files": {}})
                     return self._reply(200, {"url": f"{hub.endpoint}/{repo_id}", "name": repo_id})
@@ -87,14 +132,17 @@ class FakeHub:
                         return self._reply(200, {"files": modes})
                     if action == "commit":
                         if "fail" in repo_id:
-                            return self._reply(500, {"error": "Internal Error - We're working hard to fix this."})
+                            return self._reply(
+                                403, {"error": "You don't have the rights to create a commit in this repo."}
+                            )
                         for line in body.decode().splitlines():
                             entry = json.loads(line)
                             if entry["key"] == "file":
                                 value = entry["value"]
                                 hub.repos[repo_id]["files"][value["path"]] = base64.b64decode(value["content"])
-                        commit = "0" * 40
-                        return self._reply(200, {"commitUrl": f"{hub.endpoint}/{repo_id}/commit/{commit}", "commitOid": commit})
+                        return self._reply(
+                            200, {"commitUrl": f"{hub.endpoint}/{repo_id}/commit/{COMMIT}", "commitOid": COMMIT}
+                        )
                 self._reply(404, {"error": f"Unknown endpoint {path}"})
 
         return Handler

@@ -25,6 +25,7 @@ python -m diffusers_dmdr.export --checkpoint output_dir/checkpoint-3000 --output
 import argparse
 import json
 import logging
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -137,7 +138,7 @@ def export_from_trainer(trainer) -> Path:
         hub_model_id=config.hub_model_id,
     )
     if config.push_to_hub:
-        push_to_hub(output_dir, config.hub_model_id, private=config.hub_private)
+        push_to_hub(output_dir, config.hub_model_id, private=config.hub_private, checkpoint=config.output_dir)
     return output_dir
 
 
@@ -210,11 +211,13 @@ def export_checkpoint(
     full_pipeline = None
     if config.training_mode == "full" or config.export_full_pipeline:
         full_pipeline = _finalise_full_pipeline(pipeline, config, weights)
+    # The run's summary holds the last logs; they describe this checkpoint only if it is the final one.
     summary_file = checkpoint_dir.parent / SUMMARY_FILE
     metrics = {}
     if summary_file.is_file():
-        history = json.loads(summary_file.read_text(encoding="utf-8")).get("history") or [{}]
-        metrics = {key: value for key, value in history[-1].items() if key != "step"}
+        summary = json.loads(summary_file.read_text(encoding="utf-8"))
+        if summary.get("global_step") == int(checkpoint_dir.name.split("-")[1]) and summary.get("history"):
+            metrics = {key: value for key, value in summary["history"][-1].items() if key != "step"}
     output_dir = write_export(
         output_dir,
         config,
@@ -229,7 +232,8 @@ def export_checkpoint(
         checkpoint_name=checkpoint_dir.name,
     )
     if push:
-        push_to_hub(output_dir, hub_model_id, private=config.hub_private if hub_private is None else hub_private)
+        private = config.hub_private if hub_private is None else hub_private
+        push_to_hub(output_dir, hub_model_id, private=private, checkpoint=checkpoint_dir)
     return output_dir
 
 
@@ -415,26 +419,35 @@ def _copy_code(folder: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Model card
 # ----------------------------------------------------------------------------------------------------------------
-def teacher_license(source: str, revision: str | None = None) -> dict[str, str]:
-    """`license` (and `license_name`/`license_link` for custom licenses) from the teacher's model card, if found."""
+def hub_id_of(source: str) -> str | None:
+    """The Hub id of a teacher given as a Hub id or as a Hub cache snapshot folder; `None` for other folders."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        return source
+    match = re.search(r"models--([^/]+)--([^/]+)/snapshots/", path.resolve().as_posix())
+    return f"{match[1]}/{match[2]}" if match else None
+
+
+def teacher_license(source: str, hub_id: str | None = None, revision: str | None = None) -> dict[str, str]:
+    """`license` (with `license_name`/`license_link` for custom licenses) from the teacher's model card: the
+    `README.md` of a local teacher folder, else the card of `hub_id`. Empty when there is none."""
     from huggingface_hub import ModelCard
     from huggingface_hub.errors import HfHubHTTPError
 
     local_card = Path(source).expanduser() / "README.md"
-    is_local = Path(source).expanduser().is_dir()
-    if is_local and not local_card.is_file():
+    if not local_card.is_file() and hub_id is None:
         return {}
     try:
-        card = ModelCard.load(local_card if is_local else source)
+        card = ModelCard.load(local_card if local_card.is_file() else hub_id)
     except (OSError, ValueError, HfHubHTTPError) as error:
         logger.warning(f"Could not read the teacher's model card ({type(error).__name__}); the card has no license.")
         return {}
     data = card.data.to_dict()
     found = {key: data[key] for key in ("license", "license_name", "license_link") if data.get(key)}
     link = found.get("license_link")
-    if link and not link.startswith(("http://", "https://")) and not is_local:
+    if link and hub_id and not link.startswith(("http://", "https://")):
         # A relative link points into the teacher's repo, not into the export.
-        found["license_link"] = f"https://huggingface.co/{source}/blob/{revision or 'main'}/{link}"
+        found["license_link"] = f"https://huggingface.co/{hub_id}/blob/{revision or 'main'}/{link}"
     return found
 
 
@@ -454,9 +467,8 @@ def make_model_card(
     from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 
     source = config.pretrained_model_name_or_path
-    is_local_teacher = Path(source).expanduser().is_dir()
-    base_model = base_model or (None if is_local_teacher else source)
-    license_data = teacher_license(source, config.revision)
+    base_model = base_model or hub_id_of(source)
+    license_data = teacher_license(source, base_model, config.revision)
     prompts = config.validation_prompts or []
     widget = [{"text": prompts[0], "output": {"url": SAMPLES_FILE}}] if has_samples and prompts else None
     body = _card_body(
@@ -471,6 +483,8 @@ def make_model_card(
         metrics=metrics or {},
         checkpoint_name=checkpoint_name,
     )
+    # A new repo gets diffusers' training card; an existing card (re-export to a pushed repo) keeps the metadata
+    # this export does not own, while everything below is set afresh.
     card = load_or_create_model_card(
         repo_id_or_path=repo_id,
         from_training=True,
@@ -482,11 +496,11 @@ def make_model_card(
     )
     tags = BASE_TAGS + FAMILY_TAGS[family.name] + (["lora"] if has_lora else [])
     populate_model_card(card, tags=[tag for tag in tags if tag not in (card.data.tags or [])])
-    card.data.pipeline_tag = "text-to-image"
-    for key in ("license_name", "license_link"):
-        if key in license_data:
-            setattr(card.data, key, license_data[key])
-    # The template's TODO sections would follow ours; the export knows every section, so the body replaces them.
+    owned = {"base_model": base_model, "widget": widget, "inference": True, "pipeline_tag": "text-to-image"}
+    for key, value in {**owned, **license_data}.items():
+        if value is not None:
+            setattr(card.data, key, value)
+    # The template's TODO sections would follow ours; the export writes every section, so the body replaces them.
     card.text = body
     return card
 
@@ -505,9 +519,18 @@ def _card_body(
 ) -> str:
     timesteps = list(scheduler.config.training_timesteps)
     num_steps = len(timesteps)
-    sampler = "deterministic (ODE: Euler for flow models, DDIM for DDPM models)"
-    if not scheduler.config.deterministic:
-        sampler = "stochastic: each clean prediction is re-noised with fresh Gaussian noise (the DMD sampler)"
+    if num_steps == 1:
+        sampler_rule = "The single step maps pure noise to the clean prediction."
+    elif scheduler.config.deterministic:
+        sampler_rule = (
+            "Between steps the clean prediction is re-noised deterministically (the ODE sampler: Euler for flow "
+            "models, DDIM for DDPM models); the last step returns the clean prediction."
+        )
+    else:
+        sampler_rule = (
+            "Between steps the clean prediction is re-noised with fresh Gaussian noise (the DMD sampler); the last "
+            "step returns the clean prediction."
+        )
     is_hub_id = "/" in base_model and not Path(base_model).expanduser().exists()
     base_link = f"[`{base_model}`](https://huggingface.co/{base_model})" if is_hub_id else f"`{base_model}`"
     sections = [
@@ -537,10 +560,9 @@ def _card_body(
         "timesteps). The first step always starts from pure noise.\n\n"
         "| step | timestep (model units) | noise level |\n|---|---|---|\n"
         f"{schedule_rows}\n\n"
-        f"Re-noising between steps is {sampler}; the last step returns the clean prediction. `DMDRScheduler` "
-        "(in `scheduler/`) stores this grid in its config. Another `num_inference_steps` works with a warning: "
-        "the grid is then interpolated linearly between the trained first and last timesteps, which the student "
-        "was not trained for.\n"
+        f"{sampler_rule} `DMDRScheduler` (in `scheduler/`) stores this grid in its config. Another "
+        "`num_inference_steps` works with a warning: the grid is then interpolated linearly between the trained "
+        "first and last timesteps, which the student was not trained for.\n"
     )
     sections.append(_recipe_section(config, family, has_lora, checkpoint_name))
     if metrics:
@@ -749,10 +771,20 @@ def push_to_hub(
     private: bool = False,
     token: str | None = None,
     commit_message: str = "Upload DMDR few-step student",
+    checkpoint: str | Path | None = None,
 ) -> str:
     """Create `repo_id` (if needed) and upload `folder`, leaving checkpoints and logs out.
 
     The token is the one given or the logged-in one; it is never logged nor written anywhere.
+
+    Args:
+        folder (`str` or `Path`): the export folder.
+        repo_id (`str`): the Hub repo, `org/name`.
+        private (`bool`, defaults to `False`): create the repo as private.
+        token (`str`, *optional*): a Hub token; defaults to the logged-in one.
+        commit_message (`str`): the commit message.
+        checkpoint (`str` or `Path`, *optional*): the checkpoint the folder was exported from, for the retry
+            command of the error message; defaults to `folder` (a run's output_dir holding its checkpoints).
 
     Raises:
         [`HubUploadError`]: on any failure, with the command that retries; the local folder is left untouched.
@@ -778,10 +810,13 @@ def push_to_hub(
         reason = f"{type(error).__name__}: {error}"
         if secret:
             reason = reason.replace(secret, "***")
+        retry = (
+            f"python -m diffusers_dmdr.export --checkpoint {checkpoint or folder} --output_dir {folder} "
+            f"--push_to_hub --hub_model_id {repo_id}"
+        )
         raise HubUploadError(
             f"Uploading {folder} to the Hub repo {repo_id} failed ({reason}). The export folder is intact. Retry "
-            f"with:\n  python -m diffusers_dmdr.export --checkpoint {folder} --output_dir {folder} --push_to_hub "
-            f"--hub_model_id {repo_id}\n(log in first with `hf auth login` if the token was refused)."
+            f"with:\n  {retry}\n(log in first with `hf auth login` if the token was refused)."
         ) from None
     logger.info(f"Pushed {folder} to {commit.commit_url}")
     return commit.commit_url

@@ -35,6 +35,11 @@ class DigitClassifierReward(nn.Module):
     The digit is parsed from each prompt, as a word (`"seven"`) or a numeral (`"7"`).
     """
 
+    # A log-probability is at most 0, so the project's 0.7 hinge would never switch off: train on it linearly.
+    default_hinge = None
+    # Prompts for the trainer's load-time gradient probe (its generic probe prompts name no digit).
+    example_prompts = ("a handwritten digit seven", "the number 3")
+
     def __init__(
         self,
         model: str | Path | None = None,

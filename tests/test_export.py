@@ -1,0 +1,446 @@
+"""Export of trained students: parity with the trainer's sampler, the three loading routes, the model card, the
+standalone entry point and the Hub push (against a local HTTP server)."""
+
+import filecmp
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from huggingface_hub import ModelCard
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from diffusers_dmdr.adapters import STUDENT_ADAPTER
+from diffusers_dmdr.export import LORA_WEIGHT_NAME, export_checkpoint, export_from_trainer, export_pipeline
+from diffusers_dmdr.families import get_family
+from diffusers_dmdr.pipelines import DMDRScheduler, FewStepDMDRPipeline, pipeline_dmdr, scheduling_dmdr
+from diffusers_dmdr.trainer import DMDRTrainer
+
+
+TESTS_DIR = Path(__file__).parent
+PROMPTS = ["a red cat", "a blue dog"]
+# One run per case the export must handle: LoRA with and without the full pipeline, full fine-tuning, 1 and 4 steps.
+RUNS = {
+    "sdxl-4step": {"family": "sdxl", "training_mode": "lora", "num_student_steps": 4, "export_full_pipeline": True},
+    "sdxl-1step": {"family": "sdxl", "training_mode": "lora", "num_student_steps": 1},
+    "sd3-4step-full": {"family": "sd3", "training_mode": "full", "num_student_steps": 4},
+    "sd3-1step": {"family": "sd3", "training_mode": "lora", "num_student_steps": 1},
+}
+TEACHER_CARDS = {
+    "sdxl": "---\nlicense: openrail++\n---\n# A tiny SDXL teacher\n",
+    "sd3": "---\nlicense: other\nlicense_name: tiny-community-license\nlicense_link: LICENSE.md\n---\n# A tiny SD3\n",
+}
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A clean environment for a fresh Python: its own HF cache (remote-code modules land there), offline."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), env.get("PYTHONPATH", "")])
+    return env
+
+
+def run_python(code: str, args: list[str], env: dict[str, str], timeout: int = 240) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-6000:]}"
+    return result
+
+
+def perturb_student(trainer: DMDRTrainer) -> None:
+    """Make the student differ from the teacher: LoRA B starts at zero, and a full student starts as a copy."""
+    with torch.no_grad():
+        for name, parameter in trainer.student_model.named_parameters():
+            if trainer.config.training_mode == "full":
+                parameter.add_(0.05 * torch.randn_like(parameter))
+            elif "lora_B" in name and f".{STUDENT_ADAPTER}." in name:
+                parameter.normal_(std=0.5)
+
+
+@pytest.fixture(scope="module")
+def teacher_dirs(tiny_teacher_dirs, tmp_path_factory) -> dict[str, Path]:
+    """Copies of the tiny teachers with a model card, so that the export can inherit its license."""
+    root = tmp_path_factory.mktemp("export-teachers")
+    copies = {}
+    for family, source in tiny_teacher_dirs.items():
+        copies[family] = Path(shutil.copytree(source, root / family))
+        (copies[family] / "README.md").write_text(TEACHER_CARDS[family], encoding="utf-8")
+    return copies
+
+
+@pytest.fixture(scope="module")
+def exported(teacher_dirs, prompt_file, tmp_path_factory):
+    """`exported(name)`: a tiny trainer of `RUNS[name]` with a perturbed student, checkpointed then exported by
+    `export_from_trainer` into its own output_dir (built on first use, once per module)."""
+    runs = {}
+
+    def build(name: str) -> SimpleNamespace:
+        if name not in runs:
+            options = dict(RUNS[name])
+            family = options.pop("family")
+            output_dir = tmp_path_factory.mktemp(name)
+            config = tiny_config(
+                str(teacher_dirs[family]),
+                prompt_file,
+                output_dir,
+                validation_prompts=PROMPTS,
+                num_validation_images=1,
+                hub_model_id=f"dmdr-tests/{name}",
+                **options,
+            )
+            trainer = DMDRTrainer(config, get_family(family).load_teacher(str(teacher_dirs[family])), PROMPTS)
+            perturb_student(trainer)
+            trainer.history = [{"step": 2, "loss_dmd": 0.25, "reward/clip": 0.31, "heldout_reward/pickscore": 0.2}]
+            checkpoint = trainer.save_checkpoint()
+            export_dir = export_from_trainer(trainer)
+            runs[name] = SimpleNamespace(
+                name=name,
+                family=family,
+                trainer=trainer,
+                export_dir=export_dir,
+                checkpoint=checkpoint,
+                teacher_dir=teacher_dirs[family],
+                hub_id=config.hub_model_id,
+                full_pipeline=config.training_mode == "full" or config.export_full_pipeline,
+            )
+        return runs[name]
+
+    return build
+
+
+def load_student(run) -> FewStepDMDRPipeline:
+    """The exported student through route 1 of its card: the saved pipeline, or the teacher + LoRA."""
+    if run.full_pipeline:
+        pipeline = FewStepDMDRPipeline.from_pretrained(str(run.export_dir))
+    else:
+        stock = get_family(run.family).pipeline_class().from_pretrained(str(run.teacher_dir))
+        stock.load_lora_weights(str(run.export_dir))
+        scheduler = DMDRScheduler.from_pretrained(str(run.export_dir), subfolder="scheduler")
+        pipeline = FewStepDMDRPipeline.from_pipe(stock, scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def student_latents(pipeline, seed: int = 7) -> torch.Tensor:
+    return pipeline(PROMPTS, height=64, width=64, generator=seeded(seed), output_type="latent").images
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Parity with the trainer's sampler
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(RUNS))
+def test_exported_student_reproduces_the_trainer_sampler(name, exported):
+    run = exported(name)
+    trainer_latents = run.trainer.sample_latents(PROMPTS, generator=seeded(7))
+    pipeline = load_student(run)
+    # The exact trained grid, prediction type and re-noising rule travel in the scheduler config.
+    assert torch.equal(pipeline.scheduler.timesteps, run.trainer.scheduler.timesteps)
+    for key in ("training_timesteps", "prediction_type", "deterministic", "num_train_timesteps"):
+        assert pipeline.scheduler.config[key] == run.trainer.scheduler.config[key]
+    # Same generator, same initial and per-step noise: the same samples (fused LoRA weights differ by rounding).
+    torch.testing.assert_close(student_latents(pipeline), trainer_latents, rtol=1e-4, atol=1e-4)
+    # ... and not trivially: the teacher under the same sampler gives other samples.
+    teacher = get_family(run.family).pipeline_class().from_pretrained(str(run.teacher_dir))
+    teacher_pipeline = FewStepDMDRPipeline.from_pipe(teacher, scheduler=pipeline.scheduler)
+    teacher_pipeline.set_progress_bar_config(disable=True)
+    assert not torch.allclose(student_latents(teacher_pipeline), trainer_latents, atol=1e-2)
+
+
+@pytest.mark.parametrize("name", ["sdxl-4step", "sd3-4step-full"])
+def test_plain_route_with_a_stock_scheduler_follows_the_trained_sampler(name, exported):
+    """Route 3 of the card (stock pipeline and scheduler, no custom code) on the same noise."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler, SD3Transformer2DModel
+
+    run = exported(name)
+    family = get_family(run.family)
+    timesteps = run.trainer.scheduler.config.training_timesteps
+    if run.family == "sdxl":
+        stock = family.pipeline_class().from_pretrained(str(run.teacher_dir))
+        stock.load_lora_weights(str(run.export_dir))
+        stock.scheduler = LCMScheduler.from_config(stock.scheduler.config)
+        schedule = {"timesteps": [int(t) for t in timesteps]}
+    else:
+        transformer = SD3Transformer2DModel.from_pretrained(str(run.export_dir), subfolder="transformer")
+        stock = family.pipeline_class().from_pretrained(str(run.teacher_dir), transformer=transformer)
+        stock.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+            stock.scheduler.config, shift=1.0, stochastic_sampling=not run.trainer.scheduler.config.deterministic
+        )
+        schedule = {"sigmas": [t / 1000 for t in timesteps], "max_sequence_length": 128}
+    stock.set_progress_bar_config(disable=True)
+    latents = stock(
+        PROMPTS, guidance_scale=0.0, height=64, width=64, generator=seeded(7), output_type="latent", **schedule
+    ).images
+    trainer_latents = run.trainer.sample_latents(PROMPTS, generator=seeded(7))
+    torch.testing.assert_close(latents, trainer_latents, rtol=1e-3, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The folder
+# ------------------------------------------------------------------------------------------------------------------
+def test_full_pipeline_folder_layout_and_code(exported):
+    run = exported("sdxl-4step")
+    folder = run.export_dir
+    model_index = json.loads((folder / "model_index.json").read_text())
+    assert model_index["_class_name"] == ["pipeline_dmdr", "FewStepDMDRPipeline"]
+    assert model_index["scheduler"] == ["scheduling_dmdr", "DMDRScheduler"]
+    assert model_index["unet"] == ["diffusers", "UNet2DConditionModel"] and model_index["transformer"] == [None, None]
+    # The code files are the package's own, byte for byte.
+    assert filecmp.cmp(folder / "pipeline_dmdr.py", pipeline_dmdr.__file__, shallow=False)
+    assert filecmp.cmp(folder / "scheduler" / "scheduling_dmdr.py", scheduling_dmdr.__file__, shallow=False)
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert next((folder / component).glob("*.safetensors"), None) is not None
+    assert not list(folder.rglob("*.bin")) or all("checkpoint-" in str(path) for path in folder.rglob("*.bin"))
+    # The checkpoints next to the export are left alone.
+    assert (run.checkpoint / "student_lora.safetensors").is_file()
+    # The LoRA file is in diffusers format and carries its config, so loading rebuilds the same rank and alpha.
+    with safe_open(folder / LORA_WEIGHT_NAME, "pt") as lora_file:
+        keys = list(lora_file.keys())
+        metadata = json.loads(lora_file.metadata()["lora_adapter_metadata"])
+    assert keys and all(key.startswith("unet.") and ".lora_" in key for key in keys)
+    assert metadata["unet.r"] == run.trainer.config.lora_rank
+    assert metadata["unet.lora_alpha"] == run.trainer.config.lora_alpha
+    image = Image.open(folder / "samples.png")
+    assert image.size == (64, 64 * len(PROMPTS))
+
+
+def test_lora_only_export_has_code_and_scheduler_but_no_pipeline(exported):
+    folder = exported("sd3-1step").export_dir
+    assert not (folder / "model_index.json").exists() and not (folder / "transformer").exists()
+    assert (folder / LORA_WEIGHT_NAME).is_file() and (folder / "pipeline_dmdr.py").is_file()
+    scheduler = DMDRScheduler.from_pretrained(str(folder), subfolder="scheduler")
+    assert scheduler.config.training_timesteps == [1000.0] and scheduler.config.prediction_type == "flow"
+    assert (folder / "scheduler" / "scheduling_dmdr.py").is_file()
+
+
+def test_loaded_pipeline_saved_and_re_exported_round_trips(exported, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    run = exported("sdxl-4step")
+    original = FewStepDMDRPipeline.from_pretrained(str(run.export_dir))
+    original.set_progress_bar_config(disable=True)
+    expected = student_latents(original)
+    original_index = json.loads((run.export_dir / "model_index.json").read_text())
+
+    export_pipeline(original, tmp_path / "again")
+    # A pipeline loaded as remote code (class from the folder's own file) re-exports the same way.
+    remote = DiffusionPipeline.from_pretrained(str(tmp_path / "again"), trust_remote_code=True)
+    assert type(remote).__name__ == "FewStepDMDRPipeline" and type(remote.scheduler).__name__ == "DMDRScheduler"
+    export_pipeline(remote, tmp_path / "twice")
+    for folder in (tmp_path / "again", tmp_path / "twice"):
+        index = json.loads((folder / "model_index.json").read_text())
+        assert {k: v for k, v in index.items() if k != "_name_or_path"} == {
+            k: v for k, v in original_index.items() if k != "_name_or_path"
+        }
+        assert filecmp.cmp(folder / "pipeline_dmdr.py", pipeline_dmdr.__file__, shallow=False)
+    reloaded = FewStepDMDRPipeline.from_pretrained(str(tmp_path / "twice"))
+    reloaded.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(student_latents(reloaded), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="DMDRScheduler"):
+        export_pipeline(get_family("sdxl").pipeline_class().from_pretrained(str(run.teacher_dir)), tmp_path / "no")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Model card
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["sdxl-4step", "sd3-1step"])
+def test_model_card_metadata_and_content(name, exported):
+    run = exported(name)
+    card = ModelCard.load(run.export_dir / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "diffusers" and data["pipeline_tag"] == "text-to-image"
+    assert {"dmdr", "distillation", "few-step", "lora", "text-to-image"} <= set(data["tags"])
+    if run.family == "sdxl":
+        assert data["license"] == "openrail++" and "stable-diffusion-xl" in data["tags"]
+    else:
+        assert (data["license"], data["license_name"]) == ("other", "tiny-community-license")
+        assert data["license_link"] == "LICENSE.md"
+    assert data["widget"][0]["output"]["url"] == "samples.png"
+    # A local teacher folder is not a Hub id: no base_model rather than a wrong one (the entry point's
+    # --base_model sets it, see the standalone test).
+    assert "base_model" not in data
+    text = card.text
+    assert "TODO" not in text and "hf_" not in text
+    for timestep in run.trainer.scheduler.config.training_timesteps:
+        assert f"| {timestep:g} |" in text
+    assert "![samples](samples.png)" in text and "a blue dog" in text
+    assert "`reward/clip` | 0.31" in text and "`heldout_reward/pickscore` | 0.2" in text
+    assert len(re.findall(r"```python\n", text)) == 3
+    assert text.count("### ") == 3 and "trust_remote_code=True" in text and "load_lora_weights" in text
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Standalone entry point
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["sdxl-4step", "sd3-4step-full"])
+def test_export_entry_point_rebuilds_the_trainer_export(name, exported, tmp_path):
+    run = exported(name)
+    folder = export_checkpoint(run.checkpoint, tmp_path / "standalone", base_model=f"dmdr-tests/{run.family}-teacher")
+    produced = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+    reference = {str(p.relative_to(run.export_dir)) for p in run.export_dir.rglob("*") if p.is_file()}
+    assert produced == {p for p in reference if not p.startswith("checkpoint-")}
+    for path in produced:
+        if path.endswith(".safetensors"):
+            expected, actual = load_file(run.export_dir / path), load_file(folder / path)
+            assert expected.keys() == actual.keys()
+            for key in expected:
+                torch.testing.assert_close(actual[key], expected[key], rtol=1e-6, atol=1e-6)
+        elif path.endswith((".py", "config.json")) and "tokenizer" not in path:
+            # Tokenizer files are left out: a fast tokenizer that has encoded once saves its truncation state.
+            assert (folder / path).read_bytes() == (run.export_dir / path).read_bytes(), path
+    # The grid is sampled by the exported pipeline here and by the trainer there: equal up to 8-bit rounding.
+    grid = np.asarray(Image.open(folder / "samples.png"), dtype=np.int16)
+    assert np.abs(grid - np.asarray(Image.open(run.export_dir / "samples.png"), dtype=np.int16)).max() <= 1
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.base_model == f"dmdr-tests/{run.family}-teacher"
+    assert f"https://huggingface.co/dmdr-tests/{run.family}-teacher" in card.text
+    assert "exported checkpoint | checkpoint-0" in card.text
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        export_checkpoint(tmp_path / "nowhere", tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A fresh process: the card's snippets, all three routes
+# ------------------------------------------------------------------------------------------------------------------
+SNIPPET_RUNNER = textwrap.dedent(
+    """
+    import json, re, sys
+    from pathlib import Path
+
+    results = []
+    for readme, repo_id, folder in json.loads(sys.argv[1]):
+        blocks = re.findall(r"```python\\n(.*?)```", Path(readme).read_text(), flags=re.S)
+        for route, code in enumerate(blocks, start=1):
+            namespace = {}
+            exec(code.replace(f'"{repo_id}"', repr(folder)), namespace)
+            pipe = namespace["pipe"]
+            scheduler = pipe.scheduler
+            results.append({
+                "readme": readme,
+                "route": route,
+                "pipeline": type(pipe).__name__,
+                "scheduler": type(scheduler).__name__,
+                "module": type(pipe).__module__,
+                "image_size": list(namespace["image"].size),
+                "timesteps": [float(t) for t in scheduler.timesteps],
+            })
+    print("RESULTS" + json.dumps(results))
+    """
+)
+
+
+def test_card_snippets_load_the_export_three_ways_in_a_fresh_process(exported, tmp_path):
+    runs = [exported(name) for name in ("sdxl-4step", "sd3-4step-full", "sd3-1step")]
+    jobs = [(str(run.export_dir / "README.md"), run.hub_id, str(run.export_dir)) for run in runs]
+    result = run_python(SNIPPET_RUNNER, [json.dumps(jobs)], subprocess_env(tmp_path))
+    results = json.loads(result.stdout.split("RESULTS", 1)[1])
+    assert len(results) == 3 * len(runs)
+    for run in runs:
+        routes = {entry["route"]: entry for entry in results if entry["readme"].startswith(str(run.export_dir))}
+        assert set(routes) == {1, 2, 3}
+        for entry in routes.values():
+            assert entry["image_size"] == [64, 64]
+        trained = [float(t) for t in run.trainer.scheduler.timesteps]
+        # Routes 1 and 2 sample with the trained scheduler; route 1 without remote code, route 2 with the repo's.
+        for route in (1, 2):
+            assert routes[route]["pipeline"] == "FewStepDMDRPipeline" and routes[route]["scheduler"] == "DMDRScheduler"
+            assert routes[route]["timesteps"] == trained
+        assert routes[1]["module"] == "diffusers_dmdr.pipelines.pipeline_dmdr"
+        assert routes[2]["module"].startswith("diffusers_modules")
+        assert routes[3]["pipeline"] == get_family(run.family).pipeline_class_name
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Push to the Hub, against a local server
+# ------------------------------------------------------------------------------------------------------------------
+PUSH_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from diffusers import DiffusionPipeline
+    from diffusers_dmdr.export import HubUploadError, main, push_to_hub
+    from diffusers_dmdr.pipelines import FewStepDMDRPipeline
+
+    folder, repo_id = sys.argv[1], sys.argv[2]
+    # The retry command of a failed upload: re-export the run's latest checkpoint in place, then push.
+    main(["--checkpoint", folder, "--output_dir", folder, "--push_to_hub", "--hub_model_id", repo_id, "--hub_private"])
+    # Download what was pushed, through routes 1 and 2, and sample.
+    latents = {}
+    for route, pipe in (
+        ("package", FewStepDMDRPipeline.from_pretrained(repo_id)),
+        ("remote_code", DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)),
+        ("local", FewStepDMDRPipeline.from_pretrained(folder)),
+    ):
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator().manual_seed(3)
+        latents[route] = pipe(["a red cat"], generator=generator, output_type="latent").images
+    print("DOWNLOAD-DIFF" + json.dumps({r: (l - latents["local"]).abs().max().item() for r, l in latents.items()}))
+    try:
+        push_to_hub(folder, "dmdr-tests/fail-upload")
+    except HubUploadError as error:
+        print("UPLOAD-ERROR" + json.dumps(str(error)))
+    """
+)
+TOKEN = "hf_dmdrTestToken0123456789"
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+
+
+def test_push_uploads_the_export_loads_from_the_hub_and_a_failed_upload_says_how_to_retry(exported, tmp_path):
+    from hub_server import FakeHub
+
+    run = exported("sdxl-4step")
+    folder = Path(shutil.copytree(run.export_dir, tmp_path / "run"))
+    (folder / "logs").mkdir()
+    (folder / "logs" / "events.out").write_text("tracker data")
+    with FakeHub() as hub:
+        env = subprocess_env(tmp_path, HF_ENDPOINT=hub.endpoint, HF_TOKEN=TOKEN)
+        del env["HF_HUB_OFFLINE"]
+        result = run_python(PUSH_SCRIPT, [str(folder), run.hub_id], env)
+    local_files = folder_digest(folder)
+    uploaded = hub.repos[run.hub_id]
+    assert uploaded["private"] is True
+    # Everything of the export, nothing of the run: no checkpoints, no logs.
+    expected = {path for path in local_files if not path.startswith(("checkpoint-", "logs/"))}
+    assert set(uploaded["files"]) == expected
+    assert {"README.md", LORA_WEIGHT_NAME, "samples.png", "model_index.json", "unet/config.json"} <= expected
+    for path in expected:
+        assert hashlib.sha256(uploaded["files"][path]).hexdigest() == local_files[path]
+    # The token authenticated the requests, and went nowhere else.
+    assert f"Bearer {TOKEN}" in hub.authorizations
+    assert TOKEN not in result.stdout + result.stderr
+    assert not any(TOKEN.encode() in content for content in uploaded["files"].values())
+    assert not any(TOKEN.encode() in path.read_bytes() for path in folder.rglob("*") if path.is_file())
+    # The pushed repo loads from the Hub without and with remote code, and samples as the local folder does.
+    download_diff = json.loads(result.stdout.split("DOWNLOAD-DIFF", 1)[1].splitlines()[0])
+    assert download_diff == {"package": 0.0, "remote_code": 0.0, "local": 0.0}
+    # The refused upload: a clear error naming the retry command; the folder is exactly as it was.
+    message = json.loads(result.stdout.split("UPLOAD-ERROR", 1)[1].strip())
+    assert "dmdr-tests/fail-upload" in message and "403" in message and "intact" in message
+    assert (
+        f"--checkpoint {folder} --output_dir {folder} --push_to_hub --hub_model_id dmdr-tests/fail-upload" in message
+    )
+    assert folder_digest(folder) == local_files
+    assert hub.repos["dmdr-tests/fail-upload"]["files"] == {}
