@@ -170,7 +170,7 @@ def test_reward_gradient_reaches_the_image(tiny_testbed):
 
 
 def test_reward_missing_weights_fail_clearly(tmp_path):
-    with pytest.raises(FileNotFoundError, match="diffusers_dmdr.digits.build"):
+    with pytest.raises(FileNotFoundError, match="python -m diffusers_dmdr.digits"):
         DigitClassifierReward(model=tmp_path / "missing.safetensors")
 
 
@@ -240,3 +240,13 @@ def test_evaluate_digits_and_eval_classifier_round_trip(tiny_testbed):
     assert metrics["fd"] == pytest.approx(0.0, abs=1e-6)
     assert metrics["precision"] == metrics["recall"] == 1.0
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["diversity"] > 0
+
+
+def test_reward_loads_through_the_trainers_reward_spec(tiny_testbed):
+    from diffusers_dmdr.rewards import load_rewards
+
+    (loaded,) = load_rewards([tiny_testbed.reward_spec(weight=0.5)], "cpu")
+    assert loaded.weight == 0.5 and loaded.hinge is None
+    images = torch.rand(2, 3, 32, 32, requires_grad=True)
+    loaded.fn(images, ["the number 2", "handwritten six"]).sum().backward()
+    assert images.grad.abs().sum() > 0

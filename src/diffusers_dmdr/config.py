@@ -176,7 +176,11 @@ class DMDRConfig:
     hub_model_id: str | None = field(default=None, metadata={"help": "Repo id for --push_to_hub (org/name)."})
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
     export_full_pipeline: bool = field(
-        default=False, metadata={"help": "Also export the fused full pipeline in LoRA mode."}
+        default=True,
+        metadata={
+            "help": "In LoRA mode, also export the fused full pipeline, so that `DiffusionPipeline.from_pretrained("
+            "repo, trust_remote_code=True)` works; `false` exports the LoRA alone (smaller, loads onto the teacher)."
+        },
     )
 
     def __post_init__(self):

@@ -139,7 +139,7 @@ def save_comparison_grid(rows: dict[str, DigitSamples], path: Path, num_per_digi
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(len(rows), 1, figsize=(12, 1.6 * len(rows) * columns_per_digit / 3 + 0.6 * len(rows)))
+    figure, axes = plt.subplots(len(rows), 1, figsize=(7, (0.7 * columns_per_digit + 0.5) * len(rows)))
     axes = [axes] if len(rows) == 1 else list(axes)
     for axis, (name, samples) in zip(axes, rows.items(), strict=True):
         blocks = []
@@ -155,20 +155,33 @@ def save_comparison_grid(rows: dict[str, DigitSamples], path: Path, num_per_digi
     plt.close(figure)
 
 
-def read_scalar_logs(log_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
-    """Every scalar in the TensorBoard event files under `log_dir`, as `{tag: (steps, values)}`."""
+def read_training_curves(student_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """The per-step logs of a training run as `{name: (steps, values)}`.
+
+    Read from the `history` of the export's `train_summary.json`, or else from the TensorBoard event files under
+    `student_dir`.
+    """
+    summary = student_dir / "train_summary.json"
+    curves: dict[str, tuple[list[int], list[float]]] = {}
+    if summary.is_file():
+        for entry in json.loads(summary.read_text()).get("history", []):
+            for name, value in entry.items():
+                if name != "step" and isinstance(value, int | float):
+                    steps, values = curves.setdefault(name, ([], []))
+                    steps.append(entry["step"])
+                    values.append(value)
+        return curves
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    scalars = {}
-    for event_file in sorted(log_dir.rglob("events.out.tfevents.*")):
+    for event_file in sorted(student_dir.rglob("events.out.tfevents.*")):
         accumulator = EventAccumulator(str(event_file))
         accumulator.Reload()
         for tag in accumulator.Tags()["scalars"]:
-            events = accumulator.Scalars(tag)
-            steps, values = scalars.setdefault(tag, ([], []))
-            steps += [event.step for event in events]
-            values += [event.value for event in events]
-    return scalars
+            steps, values = curves.setdefault(tag, ([], []))
+            for event in accumulator.Scalars(tag):
+                steps.append(event.step)
+                values.append(event.value)
+    return curves
 
 
 def plot_training_curves(scalars: dict[str, tuple[list[int], list[float]]], path: Path, prefix: str) -> Path | None:
@@ -259,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         output_dir / "samples_teacher_vs_student.png",
         args.num_per_digit,
     )
-    scalars = read_scalar_logs(student_dir)
+    scalars = read_training_curves(student_dir)
     plot_training_curves(scalars, output_dir / "training_losses.png", "loss")
     plot_training_curves(scalars, output_dir / "training_rewards.png", "reward")
     print(format_table(rows))  # noqa: T201

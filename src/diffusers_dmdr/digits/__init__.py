@@ -1,7 +1,7 @@
 """The built-in digits testbed: a tiny SDXL teacher, a reward and an evaluator, trained here on scikit-learn's digits.
 
 It is the data behind `make demo` and `make reproduce`; see `docs/digits.md`. Build (or reuse from the cache) with
-`build_testbed()` or `python -m diffusers_dmdr.digits.build`.
+`build_testbed()` or `python -m diffusers_dmdr.digits`.
 """
 
 from .build import (

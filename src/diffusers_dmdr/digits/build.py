@@ -3,7 +3,7 @@
 Command line (prints the paths, the timings and the teacher's quality gate):
 
 ```
-python -m diffusers_dmdr.digits.build [--cache_dir DIR] [--force] [--num_threads 2]
+python -m diffusers_dmdr.digits [--cache_dir DIR] [--force] [--num_threads 2]
 ```
 
 The artefacts go to `<cache_dir>/<DIGITS_TESTBED_VERSION>-<hash of the build settings>/`:
@@ -126,8 +126,8 @@ class DigitsTestbed:
         return self.report["teacher_gate"]["accuracy"] >= TEACHER_GATE_ACCURACY
 
     def reward_spec(self, weight: float = 1.0) -> str:
-        """The trainer's `--reward` value for the digits reward: `<import path>:<weight>:model=<weights>`."""
-        return f"diffusers_dmdr.digits.reward.DigitClassifierReward:{weight}:model={self.reward_weights}"
+        """The trainer's `--reward` value for the digits reward, linear (a log-probability never reaches a hinge)."""
+        return f"diffusers_dmdr.digits.reward.DigitClassifierReward:{weight}:hinge=none:model={self.reward_weights}"
 
 
 def default_cache_dir() -> Path:
@@ -283,7 +283,7 @@ def build_testbed(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m diffusers_dmdr.digits.build", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m diffusers_dmdr.digits", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--cache_dir", default=None, help=f"parent folder of the builds (default: {default_cache_dir()})"
     )

@@ -80,7 +80,7 @@ def load_reward_classifier(path: str | Path) -> RewardDigitNet:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"No reward classifier weights at {path}: build them with `python -m diffusers_dmdr.digits.build` "
+            f"No reward classifier weights at {path}: build them with `python -m diffusers_dmdr.digits` "
             "(it prints the path of `reward_classifier.safetensors`)."
         )
     classifier = RewardDigitNet()
