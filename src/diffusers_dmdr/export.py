@@ -41,19 +41,13 @@ from .adapters import (
     load_adapter_state_dict,
     parse_target_modules,
 )
+from .checkpointing import CONFIG_FILE, STUDENT_FULL_FILE, STUDENT_LORA_FILE, list_checkpoints, resolve_checkpoint
 from .config import DMDRConfig
 from .families import ModelFamily, detect_family, get_family, read_teacher_config
+from .families.base import student_scheduler_for
 from .pipelines import pipeline_dmdr, scheduling_dmdr
 from .pipelines.pipeline_dmdr import SCHEDULER_CLASS, SCHEDULER_MODULE, FewStepDMDRPipeline
 from .pipelines.scheduling_dmdr import DMDRScheduler
-from .trainer import (
-    CONFIG_FILE,
-    STUDENT_FULL_FILE,
-    STUDENT_LORA_FILE,
-    list_checkpoints,
-    resolve_checkpoint,
-    student_scheduler_for,
-)
 from .utils import save_image_grid
 
 
@@ -300,7 +294,7 @@ def _student_scheduler(config: DMDRConfig, teacher) -> DMDRScheduler:
     timesteps = config.student_timesteps or teacher.family.default_student_timesteps(
         config.num_student_steps, config.shift
     )
-    return student_scheduler_for(config, teacher, timesteps)
+    return student_scheduler_for(teacher, timesteps, config.backward_simulation, config.shift)
 
 
 def _family_of(config: DMDRConfig) -> ModelFamily:

@@ -5,7 +5,6 @@ The trainer holds no formula: noise math lives in the scheduler, losses in `loss
 """
 
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,23 +28,25 @@ from .adapters import (
     parse_target_modules,
     trainable_parameters,
 )
+from .checkpointing import (
+    CONFIG_FILE,
+    FAKE_LORA_FILE,
+    STUDENT_FULL_FILE,
+    STUDENT_LORA_FILE,
+    prune_checkpoints,
+    resolve_checkpoint,
+)
 from .config import DMDRConfig
 from .data import PromptSampler
 from .denoisers import Denoiser, guided_x0
 from .families import TeacherComponents
-from .families.base import repeat_condition
+from .families.base import repeat_condition, student_scheduler_for
 from .losses import dmd_loss, fake_score_loss, reward_tilt_weights
-from .pipelines.scheduling_dmdr import DMDRScheduler
 from .rewards import compute_reward_loss
 from .simulation import backward_simulation, sample_student
 
 
 logger = get_logger(__name__)
-
-STUDENT_LORA_FILE = "student_lora.safetensors"
-STUDENT_FULL_FILE = "student.safetensors"
-FAKE_LORA_FILE = "fake_lora.safetensors"
-CONFIG_FILE = "dmdr_config.yaml"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -79,26 +80,6 @@ def create_accelerator(config: DMDRConfig) -> Accelerator:
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=project,
-    )
-
-
-def student_scheduler_for(config: DMDRConfig, teacher: TeacherComponents, timesteps: list[float]) -> DMDRScheduler:
-    """The student's sampler: the teacher's noise schedule, the student grid, the trained re-noising rule."""
-    teacher_config = teacher.pipeline.scheduler.config
-    mode = config.backward_simulation or teacher.family.default_backward_simulation
-    common = {
-        "num_train_timesteps": teacher_config.get("num_train_timesteps", 1000),
-        "training_timesteps": timesteps,
-        "deterministic": mode == "ode",
-    }
-    if teacher.family.is_flow:
-        return DMDRScheduler(prediction_type="flow", shift=config.shift, **common)
-    return DMDRScheduler(
-        prediction_type=teacher_config.get("prediction_type", "epsilon"),
-        beta_start=teacher_config.get("beta_start", 0.00085),
-        beta_end=teacher_config.get("beta_end", 0.012),
-        beta_schedule=teacher_config.get("beta_schedule", "scaled_linear"),
-        **common,
     )
 
 
@@ -151,7 +132,7 @@ class DMDRTrainer:
         timesteps = config.student_timesteps or self.family.default_student_timesteps(
             config.num_student_steps, config.shift
         )
-        self.scheduler = student_scheduler_for(config, teacher, timesteps)
+        self.scheduler = student_scheduler_for(teacher, timesteps, config.backward_simulation, config.shift)
         self.latent_shape = (
             self.family.latent_channels(teacher.backbone),
             config.resolution // self.pipeline.vae_scale_factor,
@@ -557,7 +538,7 @@ class DMDRTrainer:
         output_dir = Path(self.config.output_dir)
         path = output_dir / f"checkpoint-{self.state.global_step}"
         if self.accelerator.is_main_process:
-            self._prune_checkpoints(output_dir)
+            prune_checkpoints(output_dir, self.config.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(path))
         if self.accelerator.is_main_process:
@@ -565,15 +546,6 @@ class DMDRTrainer:
             logger.info(f"Saved checkpoint {path}")
         self.accelerator.wait_for_everyone()
         return path
-
-    def _prune_checkpoints(self, output_dir: Path) -> None:
-        limit = self.config.checkpoints_total_limit
-        if not limit:
-            return
-        checkpoints = sorted(list_checkpoints(output_dir), key=_checkpoint_step)
-        for stale in checkpoints[: max(len(checkpoints) - limit + 1, 0)]:
-            logger.info(f"Removing old checkpoint {stale}")
-            shutil.rmtree(stale)
 
     def load_checkpoint(self, checkpoint: str) -> None:
         path = resolve_checkpoint(self.config.output_dir, checkpoint)
@@ -638,27 +610,3 @@ class DMDRTrainer:
                     {"validation": [wandb.Image(img, caption=p) for img, p in zip(images, prompts, strict=True)]}
                 )
         return path
-
-
-def _checkpoint_step(path: Path) -> int:
-    return int(path.name.split("-")[1])
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    return [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
-
-
-def resolve_checkpoint(output_dir: str | Path, checkpoint: str) -> Path | None:
-    """`latest` -> the highest `checkpoint-N` in `output_dir` (or None); otherwise the given folder, which must exist."""
-    if checkpoint == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return max(checkpoints, key=_checkpoint_step) if checkpoints else None
-    path = Path(checkpoint)
-    if not path.is_dir():
-        path = Path(output_dir) / checkpoint
-    if not path.is_dir():
-        raise FileNotFoundError(f"--resume_from_checkpoint {checkpoint}: no such checkpoint folder.")
-    return path

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from ..pipelines.scheduling_dmdr import DMDRScheduler
+
 
 @dataclass
 class TeacherComponents:
@@ -20,6 +22,29 @@ class TeacherComponents:
     backbone: torch.nn.Module
     vae: torch.nn.Module
     source: str
+
+
+def student_scheduler_for(
+    teacher: TeacherComponents, timesteps: list[float], backward_simulation: str | None, shift: float | None
+) -> DMDRScheduler:
+    """The student's sampler: the teacher's noise schedule, the student grid, and the re-noising rule of the backward
+    simulation (`ode` -> deterministic; `None` -> the family's default)."""
+    teacher_config = teacher.pipeline.scheduler.config
+    mode = backward_simulation or teacher.family.default_backward_simulation
+    common = {
+        "num_train_timesteps": teacher_config.get("num_train_timesteps", 1000),
+        "training_timesteps": timesteps,
+        "deterministic": mode == "ode",
+    }
+    if teacher.family.is_flow:
+        return DMDRScheduler(prediction_type="flow", shift=shift, **common)
+    return DMDRScheduler(
+        prediction_type=teacher_config.get("prediction_type", "epsilon"),
+        beta_start=teacher_config.get("beta_start", 0.00085),
+        beta_end=teacher_config.get("beta_end", 0.012),
+        beta_schedule=teacher_config.get("beta_schedule", "scaled_linear"),
+        **common,
+    )
 
 
 def read_teacher_config(pretrained_model_name_or_path: str, revision: str | None = None) -> dict:
