@@ -250,3 +250,12 @@ def test_reward_loads_through_the_trainers_reward_spec(tiny_testbed):
     images = torch.rand(2, 3, 32, 32, requires_grad=True)
     loaded.fn(images, ["the number 2", "handwritten six"]).sum().backward()
     assert images.grad.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_full_build_passes_the_teacher_gate(tmp_path):
+    # The real build (about 5 minutes on one CPU thread): the teacher must be a trustworthy yardstick.
+    testbed = build_testbed(tmp_path, progress=False)
+    assert testbed.gate_passed, testbed.report["teacher_gate"]
+    assert testbed.report["eval_classifier_real_accuracy"] >= 0.95
+    assert testbed.report["reward_classifier_real_accuracy"] >= 0.9

@@ -494,7 +494,7 @@ def make_model_card(
     for key, value in {**owned, **license_data}.items():
         if value is not None:
             setattr(card.data, key, value)
-    # The template's TODO sections would follow ours; the export writes every section, so the body replaces them.
+    # The template's placeholder sections would follow ours; the export writes every section, so the body replaces them.
     card.text = body
     return card
 
