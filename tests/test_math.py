@@ -8,7 +8,7 @@ import torch
 
 from diffusers_dmdr import schedules
 from diffusers_dmdr.denoisers import apply_guidance
-from diffusers_dmdr.losses import dmd_loss, fake_score_loss, reward_loss, reward_tilt_weights
+from diffusers_dmdr.losses import anchor_loss, dmd_loss, fake_score_loss, reward_loss, reward_tilt_weights
 from diffusers_dmdr.pipelines.scheduling_dmdr import DMDRScheduler
 
 
@@ -44,6 +44,9 @@ def test_dmd_loss_zeroes_nan_directions():
 
 def test_fake_and_reward_losses():
     assert fake_score_loss(torch.ones(2, 3), torch.zeros(2, 3)).item() == 1.0
+    student = torch.zeros(2, 3, requires_grad=True)
+    (grad,) = torch.autograd.grad(anchor_loss(student, torch.ones(2, 3)), student)
+    torch.testing.assert_close(grad, torch.full((2, 3), -2.0 / 6))
     scores = torch.tensor([0.2, 0.9, 0.5])
     assert reward_loss(scores, hinge=0.7).item() == pytest.approx((0.5 + 0.0 + 0.2) / 3)
     assert reward_loss(scores, hinge=None).item() == pytest.approx(-scores.mean().item())

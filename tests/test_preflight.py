@@ -142,6 +142,11 @@ def test_unknown_reward_name(weightless_teacher, prompts):
         check_run_inputs(config_for(weightless_teacher, prompts, reward=["no_such_reward:0.3"]))
 
 
+def test_reward_only_training_needs_a_reward(weightless_teacher, prompts):
+    with pytest.raises(ValueError, match="nothing to train the student on"):
+        check_run_inputs(config_for(weightless_teacher, prompts, dmd_loss_weight=0.0))
+
+
 def test_cold_start_longer_than_training_fails_in_the_script(weightless_teacher, prompts):
     train = load_train_script()
     argv = ["--pretrained_model_name_or_path", str(weightless_teacher), "--train_prompts", str(prompts)]

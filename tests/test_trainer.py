@@ -190,3 +190,23 @@ def test_nonfinite_losses_skip_steps_then_abort_without_checkpoint(tiny_teacher_
     for name, value in lora_weights(trainer.student_model, STUDENT_ADAPTER).items():
         assert torch.equal(value, student_before[name])
         assert torch.isfinite(value).all()
+
+
+def test_reward_only_with_anchor_skips_dmd_and_the_fake_score(tiny_teacher_dirs, prompt_file, tmp_path):
+    trainer = make_trainer(
+        tiny_teacher_dirs["sdxl"],
+        prompt_file,
+        tmp_path,
+        rewards=[reward(TwoLevelReward())],
+        cold_start_steps=0,
+        dmd_loss_weight=0.0,
+        anchor_loss_weight=1.0,
+    )
+    randomise_lora_b(trainer.student_model, STUDENT_ADAPTER)
+    fake_before = lora_weights(trainer.guidance_model, FAKE_ADAPTER)
+    history = trainer.train()
+    assert all("loss_dmd" not in row and "loss_rl" in row for row in history)
+    # The anchor is the student as the run started: zero at the first step, positive once the student moved.
+    assert history[0]["loss_anchor"] == 0.0 and history[1]["loss_anchor"] > 0.0
+    for name, value in lora_weights(trainer.guidance_model, FAKE_ADAPTER).items():
+        assert torch.equal(value, fake_before[name])

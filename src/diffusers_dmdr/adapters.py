@@ -75,6 +75,22 @@ def lora_scale(model: torch.nn.Module, adapter_name: str, scale: float) -> Itera
             layer.scaling[adapter_name] = value
 
 
+@contextmanager
+def swapped_weights(parameters: list[torch.nn.Parameter], replacement: list[torch.Tensor]) -> Iterator[None]:
+    """Temporarily copy `replacement` into `parameters` (no grad), restoring the originals afterwards: runs a frozen
+    reference version of a network (the anchor) without a second copy of its frozen base."""
+    with torch.no_grad():
+        originals = [parameter.detach().clone() for parameter in parameters]
+        for parameter, value in zip(parameters, replacement, strict=True):
+            parameter.copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for parameter, value in zip(parameters, originals, strict=True):
+                parameter.copy_(value)
+
+
 def adapter_state_dict(model: torch.nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """The adapter's weights in PEFT format (keys without the adapter name), detached and contiguous."""
     from peft.utils import get_peft_model_state_dict

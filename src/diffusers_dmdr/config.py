@@ -118,6 +118,19 @@ class DMDRConfig:
         default=False, metadata={"help": "Stage 1: weight DMD per sample by the normalised reward (RT-DM)."}
     )
     reward_tilt_temperature: float = field(default=1.0, metadata={"help": "Temperature of the RT-DM softmax."})
+    dmd_loss_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight of the DMD loss; 0 gives reward-only training (ablation; the fake score then idles)."
+        },
+    )
+    anchor_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of an L2 anchor between the student's x0 and that of the student as it was when this run "
+            "started (e.g. resumed from the stage-1 checkpoint): the KL-style regulariser DMDR compares DMD against."
+        },
+    )
 
     # > Data
     train_prompts: str = field(
@@ -229,6 +242,8 @@ class DMDRConfig:
             problems.append("--push_to_hub needs --hub_model_id org/name.")
         if self.reward_tilt and not self.reward:
             problems.append("--reward_tilt weights DMD by a reward: give at least one --reward.")
+        if self.dmd_loss_weight < 0 or self.anchor_loss_weight < 0:
+            problems.append("--dmd_loss_weight and --anchor_loss_weight must be non-negative.")
         if self.reward_tilt_temperature <= 0:
             problems.append("--reward_tilt_temperature must be positive.")
         if problems:

@@ -57,6 +57,13 @@ def fake_score_loss(model_output: torch.Tensor, target: torch.Tensor) -> torch.T
     return F.mse_loss(model_output.float(), target.float(), reduction="mean")
 
 
+def anchor_loss(x0_student: torch.Tensor, x0_reference: torch.Tensor) -> torch.Tensor:
+    """L2 anchor `mse(x0_student, x0_reference)` to a frozen reference student on the same input: the usual
+    KL-style regulariser of reward fine-tuning (for Gaussian policies with equal variance the KL is this MSE up to a
+    scale), used as the baseline DMDR's DMD regulariser is compared against."""
+    return F.mse_loss(x0_student.float(), x0_reference.float().detach(), reduction="mean")
+
+
 def reward_loss(scores: torch.Tensor, hinge: float | None = 0.7) -> torch.Tensor:
     r"""Loss of one reward on a batch: `mean(relu(hinge - scores))`, or `-mean(scores)` when `hinge` is `None`.
 

@@ -57,6 +57,8 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
     reward_specs = [parse_reward_spec(text) for text in config.reward]
     eval_specs = [parse_reward_spec(text) for text in config.eval_reward]
     validate_reward_specs(reward_specs + eval_specs)
+    if config.dmd_loss_weight == 0 and not reward_specs:
+        raise ValueError("--dmd_loss_weight 0 with no --reward leaves nothing to train the student on.")
 
     # 5. Optional dependencies asked for.
     if config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:

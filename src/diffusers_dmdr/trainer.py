@@ -26,6 +26,7 @@ from .adapters import (
     load_adapter_state_dict,
     lora_scale,
     parse_target_modules,
+    swapped_weights,
     trainable_parameters,
 )
 from .checkpointing import (
@@ -41,7 +42,7 @@ from .data import PromptSampler
 from .denoisers import Denoiser, guided_x0
 from .families import TeacherComponents
 from .families.base import repeat_condition, student_scheduler_for
-from .losses import dmd_loss, fake_score_loss, reward_tilt_weights
+from .losses import anchor_loss, dmd_loss, fake_score_loss, reward_tilt_weights
 from .rewards import compute_reward_loss
 from .simulation import backward_simulation, sample_student
 
@@ -276,6 +277,10 @@ class DMDRTrainer:
         config = self.config
         if config.resume_from_checkpoint:
             self.load_checkpoint(config.resume_from_checkpoint)
+        # The anchor is the student as this run starts (after any resume), frozen.
+        self.anchor_weights = None
+        if config.anchor_loss_weight > 0:
+            self.anchor_weights = [p.detach().clone() for p in trainable_parameters(self.student_model)]
         if self.accelerator.is_main_process and self.accelerator.log_with:
             tracker_config = {
                 k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in asdict(config).items()
@@ -295,7 +300,9 @@ class DMDRTrainer:
             generator = torch.Generator("cpu").manual_seed(int(rng.integers(2**62)))
             condition = self.encode(prompts)
             simulation = self._simulate(condition, rng, generator)
-            fake_loss = self._fake_score_step(simulation.clean_sample, condition, rng, generator)
+            fake_loss = None
+            if config.dmd_loss_weight > 0:
+                fake_loss = self._fake_score_step(simulation.clean_sample, condition, rng, generator)
             if fake_loss is not None:
                 fake_losses.append(fake_loss)
             self.state.iteration += 1
@@ -398,11 +405,44 @@ class DMDRTrainer:
     def _generator_step(self, prompts, simulation, condition, rng, generator) -> dict:
         """DMD (plus rewards in stage 2) on the student's one-step prediction from its simulated input."""
         config, logs = self.config, {}
-        batch_size = simulation.student_input.shape[0]
         in_stage_two = self.state.global_step >= config.cold_start_steps
+        # The anchor swaps weights in place, so it must run before the student's graph is built.
+        x0_anchor = None if self.anchor_weights is None else self._anchor_x0(simulation, condition)
         self.student.train()
         with self.accelerator.autocast():
             x0_student = self.student_denoiser(simulation.student_input, simulation.noise_level, condition)
+        loss = torch.zeros((), device=x0_student.device)
+        if config.dmd_loss_weight > 0:
+            sample_weights = None
+            if config.reward_tilt and not in_stage_two:
+                sample_weights = self._reward_tilt(simulation.final_sample, prompts)
+            loss_dmd, logs["real_guidance_scale"] = self._dmd_loss(
+                x0_student, condition, sample_weights, rng, generator
+            )
+            loss = loss + config.dmd_loss_weight * loss_dmd
+            logs["loss_dmd"] = loss_dmd.item()
+        if x0_anchor is not None:
+            loss_anchor = anchor_loss(x0_student, x0_anchor)
+            loss = loss + config.anchor_loss_weight * loss_anchor
+            logs["loss_anchor"] = loss_anchor.item()
+        images = None
+        if in_stage_two and self.rewards:
+            with self.accelerator.autocast():
+                images = self.decode(x0_student)
+                loss_rl, scores = compute_reward_loss(self.rewards, images, prompts)
+            loss = loss + loss_rl
+            logs["loss_rl"] = loss_rl.item()
+            logs.update({f"reward/{name}": score.item() for name, score in scores.items()})
+        if self.eval_rewards:
+            logs.update(self._monitor(x0_student.detach(), images, prompts, condition, rng, generator))
+        stepped = self._apply_update(loss, self.student, self.student_optimizer, self.student_lr, "generator")
+        logs.update(loss=loss.item(), step_skipped=float(not stepped))
+        return logs
+
+    def _dmd_loss(self, x0_student, condition, sample_weights, rng, generator) -> tuple[torch.Tensor, float]:
+        """Re-noise the student's x0 at a DynaRS level, query the real score (DynaDG scale, jittered CFG) and the fake
+        score without gradient, and form the normalised DMD surrogate."""
+        config, batch_size = self.config, x0_student.shape[0]
         noise_level = self._renoise_levels(batch_size, rng)
         noise = randn_tensor(x0_student.shape, generator=generator, device=x0_student.device, dtype=x0_student.dtype)
         noisy_student = self.scheduler.add_noise_at(x0_student.detach(), noise, noise_level)
@@ -418,31 +458,26 @@ class DMDRTrainer:
                 )
             with lora_scale(self.guidance_model, FAKE_ADAPTER, config.fake_score_lora_scale):
                 x0_fake = self.guidance_denoiser(noisy_student, noise_level, condition)
-        sample_weights = None
-        if config.reward_tilt and not in_stage_two:
-            with torch.no_grad(), self.accelerator.autocast():
-                images = self.decode(simulation.final_sample)
-                weighted_scores = sum(reward.weight * reward.fn(images, prompts).float() for reward in self.rewards)
-            sample_weights = reward_tilt_weights(weighted_scores, config.reward_tilt_temperature)
-        loss_dmd = dmd_loss(x0_student, x0_real, x0_fake, sample_weights=sample_weights)
-        loss, images = loss_dmd, None
-        if in_stage_two and self.rewards:
-            with self.accelerator.autocast():
-                images = self.decode(x0_student)
-                loss_rl, scores = compute_reward_loss(self.rewards, images, prompts)
-            loss = loss + loss_rl
-            logs["loss_rl"] = loss_rl.item()
-            logs.update({f"reward/{name}": score.item() for name, score in scores.items()})
-        if self.eval_rewards:
-            logs.update(self._monitor(x0_student.detach(), images, prompts, condition, rng, generator))
-        stepped = self._apply_update(loss, self.student, self.student_optimizer, self.student_lr, "generator")
-        logs.update(
-            loss_dmd=loss_dmd.item(),
-            loss=loss.item(),
-            real_guidance_scale=guidance_scale,
-            step_skipped=float(not stepped),
-        )
-        return logs
+        return dmd_loss(x0_student, x0_real, x0_fake, sample_weights=sample_weights), guidance_scale
+
+    @torch.no_grad()
+    def _reward_tilt(self, final_sample: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """RT-DM weights from the rewards of the full few-step samples (no reward gradient)."""
+        with self.accelerator.autocast():
+            images = self.decode(final_sample)
+            weighted_scores = sum(reward.weight * reward.fn(images, prompts).float() for reward in self.rewards)
+        return reward_tilt_weights(weighted_scores, self.config.reward_tilt_temperature)
+
+    @torch.no_grad()
+    def _anchor_x0(self, simulation, condition) -> torch.Tensor:
+        """The reference student's x0 on the generator's input: the student with its start-of-run weights."""
+        with (
+            swapped_weights(trainable_parameters(self.student_model), self.anchor_weights),
+            self.accelerator.autocast(),
+        ):
+            return Denoiser(self.student_model, self.family, self.scheduler)(
+                simulation.student_input, simulation.noise_level, condition
+            )
 
     @torch.no_grad()
     def _monitor(self, x0_student, images, prompts, condition, rng, generator) -> dict:
