@@ -115,7 +115,8 @@ def load_adapter_state_dict(model: torch.nn.Module, adapter_name: str, state_dic
         )
 
 
-def _cast_frozen(module: torch.nn.Module, dtype: torch.dtype) -> None:
+def _cast_if_needed(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    # Casting only when needed keeps diffusers from warning about a no-op `.to(dtype)`.
     if next(module.parameters()).dtype != dtype:
         module.to(dtype)
 
@@ -147,12 +148,13 @@ def build_student_and_guidance(
     base.requires_grad_(False)
     if training_mode == "full":
         # The full student starts as an exact float32 copy of the teacher and owns its weights.
-        student = copy.deepcopy(base).to(torch.float32)
+        student = copy.deepcopy(base)
+        _cast_if_needed(student, torch.float32)
         student.requires_grad_(True)
-        _cast_frozen(base, weight_dtype)
+        _cast_if_needed(base, weight_dtype)
         guidance = base
     else:
-        _cast_frozen(base, weight_dtype)
+        _cast_if_needed(base, weight_dtype)
         student = base
         guidance = copy_sharing_frozen_tensors(base)
     with torch.random.fork_rng(devices=[]):
