@@ -77,6 +77,9 @@ def test_evaluate_cli_end_to_end(tiny_clip_dir, tmp_path):
     command = [sys.executable, "-m", "diffusers_dmdr.evaluate", "--pipeline", str(pipeline_dir)]
     command += ["--prompts", str(prompts), "--output_dir", str(output_dir), "--num_inference_steps", "2"]
     command += ["--reward", f"clip:model={tiny_clip_dir}", "--reward", "reward_fixtures.sum_of_pixels_reward"]
+    card = pipeline_dir / "README.md"
+    card.write_text("---\nlicense: mit\n---\n# A student\n\n## Evaluation\n\nstale\n\n## How to use\n\nsnippet\n")
+    command += ["--update_model_card"]
     completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads((output_dir / "results.json").read_text())
@@ -86,3 +89,7 @@ def test_evaluate_cli_end_to_end(tiny_clip_dir, tmp_path):
     assert "| sum_of_pixels_reward |" in completed.stdout
     assert (output_dir / "results.md").read_text().startswith("| reward | mean | std |")
     assert Image.open(output_dir / "samples.png").size == (3 * 64, 64)
+    # The card's evaluation section is replaced in place; the rest of the card is untouched.
+    card_text = card.read_text()
+    assert "stale" not in card_text and card_text.count("## Evaluation") == 1
+    assert "| sum_of_pixels_reward |" in card_text and "## How to use\n\nsnippet" in card_text

@@ -76,18 +76,20 @@ def clip_reward_dir(tmp_path_factory) -> str:
     return str(save_tiny_clip(tmp_path_factory.mktemp("clip")))
 
 
-def test_sdxl_lora_with_8bit_adam_rewards_and_validation(tiny_teacher_dirs, prompt_file, clip_reward_dir, tmp_path):
+def test_sdxl_lora_with_8bit_adam_two_rewards_and_validation(tiny_teacher_dirs, prompt_file, clip_reward_dir, tmp_path):
     output_dir = tmp_path / "run"
     run_training(
         tiny_args(tiny_teacher_dirs["sdxl"], prompt_file, output_dir)
         + ["--use_8bit_adam", "--reward", f"clip:0.5:model={clip_reward_dir}"]
+        + ["--reward", "reward_fixtures.sum_of_pixels_reward:0.1:hinge=none"]
         + ["--eval_reward", "reward_fixtures.sum_of_pixels_reward:0.0", "--checkpointing_steps", "2"]
         + ["--validation_prompts", "a red cat", "a blue dog", "--validation_steps", "2", "--report_to", "tensorboard"]
     )
     summary = json.loads((output_dir / "train_summary.json").read_text())
     assert summary["num_processes"] == 1 and summary["global_step"] == 3 and summary["nonfinite_steps"] == 0
     history = summary["history"]
-    assert "loss_rl" not in history[0] and "reward/clip" in history[1] and "reward/clip" in history[2]
+    assert "loss_rl" not in history[0]
+    assert all("reward/clip" in row and "reward/sum_of_pixels_reward" in row for row in history[1:])
     assert "heldout_reward/sum_of_pixels_reward" in history[2] and "monitor/teacher_denoising_loss" in history[2]
     final = output_dir / "checkpoint-3"
     # Both adapters moved away from their zero-initialised B matrices; the teacher on disk is untouched by design.

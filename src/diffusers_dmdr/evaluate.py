@@ -139,6 +139,26 @@ def write_report(result: EvaluationResult, grid_images: torch.Tensor, output_dir
     return paths
 
 
+EVALUATION_HEADING = "## Evaluation"
+
+
+def update_model_card(card_path: str | Path, result: "EvaluationResult") -> Path:
+    """Put `result`'s table in the card's `## Evaluation` section, replacing an earlier one (re-runs stay clean)."""
+    card_path = Path(card_path)
+    text = card_path.read_text(encoding="utf-8")
+    section = (
+        f"{EVALUATION_HEADING}\n\nScored with `python -m diffusers_dmdr.evaluate`:\n\n{result.to_markdown().strip()}\n"
+    )
+    start = text.find(f"\n{EVALUATION_HEADING}\n")
+    if start == -1:
+        text = text.rstrip() + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(EVALUATION_HEADING) + 2)
+        text = text[: start + 1] + section + (text[end:] if end != -1 else "")
+    card_path.write_text(text, encoding="utf-8")
+    return card_path
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m diffusers_dmdr.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--pipeline", required=True, help="pipeline folder or Hub id (DiffusionPipeline)")
@@ -165,7 +185,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dtype", choices=sorted(DTYPES), default=None, help="pipeline dtype; default bf16 on GPU, fp32 on CPU"
     )
     parser.add_argument("--trust_remote_code", action="store_true", help="needed for exported DMDR student folders")
+    parser.add_argument(
+        "--update_model_card",
+        action="store_true",
+        help="write the table into the `## Evaluation` section of the local pipeline folder's README.md",
+    )
     args = parser.parse_args(argv)
+    if args.update_model_card and not (Path(args.pipeline) / "README.md").is_file():
+        parser.error(f"--update_model_card needs a local pipeline folder with a README.md; {args.pipeline} has none.")
     if args.batch_size < 1 or args.num_grid_images < 0:
         parser.error("--batch_size must be >= 1 and --num_grid_images >= 0.")
     try:
@@ -214,6 +241,8 @@ def main(argv: list[str] | None = None) -> EvaluationResult:
     result.pipeline = args.pipeline
     result.settings.update(dtype=str(dtype).removeprefix("torch."), device=str(device))
     paths = write_report(result, grid_images, args.output_dir)
+    if args.update_model_card:
+        paths["model_card"] = update_model_card(Path(args.pipeline) / "README.md", result)
     print(result.to_markdown())  # noqa: T201
     print(f"wrote {', '.join(str(path) for path in paths.values())}")  # noqa: T201
     return result
