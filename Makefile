@@ -20,7 +20,7 @@ $(STAMP): setup.py | $(BIN)/python
 install: $(STAMP)
 
 test: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1 \
 		$(BIN)/python -m pytest -m "not slow and not gpu" -q tests
 
 test-slow: install
@@ -38,6 +38,11 @@ style: install
 demo: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
 		$(BIN)/python -m diffusers_dmdr.demo --output_dir outputs/demo
+
+# One torch thread: on the shared 2-core machine two threads ran 20x slower (docs/reproduction.md).
+reproduce: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1 \
+		$(BIN)/python -m diffusers_dmdr.digits.reproduce --output_dir outputs/reproduce --docs docs/reproduction.md
 
 clean:
 	rm -rf outputs build dist src/*.egg-info .pytest_cache

@@ -11,6 +11,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+# The test models are tiny: a second thread buys nothing and, on a busy 2-core machine, oversubscription made runs
+# several times slower.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)

@@ -82,7 +82,7 @@ def test_sdxl_lora_with_8bit_adam_two_rewards_and_validation(tiny_teacher_dirs, 
         tiny_args(tiny_teacher_dirs["sdxl"], prompt_file, output_dir)
         + ["--use_8bit_adam", "--reward", f"clip:0.5:model={clip_reward_dir}"]
         + ["--reward", "reward_fixtures.sum_of_pixels_reward:0.1:hinge=none"]
-        + ["--eval_reward", "reward_fixtures.sum_of_pixels_reward:0.0", "--checkpointing_steps", "2"]
+        + ["--eval_reward", "reward_fixtures.detached_reward:0.0", "--checkpointing_steps", "2"]
         + ["--validation_prompts", "a red cat", "a blue dog", "--validation_steps", "2", "--report_to", "tensorboard"]
     )
     summary = json.loads((output_dir / "train_summary.json").read_text())
@@ -90,7 +90,7 @@ def test_sdxl_lora_with_8bit_adam_two_rewards_and_validation(tiny_teacher_dirs, 
     history = summary["history"]
     assert "loss_rl" not in history[0]
     assert all("reward/clip" in row and "reward/sum_of_pixels_reward" in row for row in history[1:])
-    assert "heldout_reward/sum_of_pixels_reward" in history[2] and "monitor/teacher_denoising_loss" in history[2]
+    assert "heldout_reward/detached_reward" in history[2] and "monitor/teacher_denoising_loss" in history[2]
     final = output_dir / "checkpoint-3"
     # Both adapters moved away from their zero-initialised B matrices; the teacher on disk is untouched by design.
     assert lora_b_norm(final / "student_lora.safetensors") > 0
