@@ -113,7 +113,7 @@ def tiny_vae(latent_channels: int = 4, seed: int = 0, **config_overrides):
     ).eval()
 
 
-def tiny_sdxl_unet(seed: int = 0):
+def _tiny_unet(seed: int, **config):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -126,6 +126,15 @@ def tiny_sdxl_unet(seed: int = 0):
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
+        norm_num_groups=8,
+        **config,
+    )
+
+
+def tiny_sdxl_unet(seed: int = 0):
+    """SDXL's UNet at toy size: text_time micro-conditioning, two-encoder cross attention (1.36 M parameters)."""
+    return _tiny_unet(
+        seed,
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
@@ -133,26 +142,12 @@ def tiny_sdxl_unet(seed: int = 0):
         # 6 time ids x 8 + the 32-dim pooled embedding of the second text encoder.
         projection_class_embeddings_input_dim=80,
         cross_attention_dim=64,
-        norm_num_groups=8,
     )
 
 
 def tiny_sd15_unet(seed: int = 0):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        cross_attention_dim=32,
-        norm_num_groups=8,
-    )
+    """SD1.x's UNet at toy size: one CLIP encoder, no micro-conditioning."""
+    return _tiny_unet(seed, cross_attention_dim=32)
 
 
 def tiny_sd3_transformer(seed: int = 0):
