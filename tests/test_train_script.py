@@ -76,7 +76,9 @@ def clip_reward_dir(tmp_path_factory) -> str:
     return str(save_tiny_clip(tmp_path_factory.mktemp("clip")))
 
 
-def test_sdxl_lora_with_8bit_adam_two_rewards_and_validation(tiny_teacher_dirs, prompt_file, clip_reward_dir, tmp_path):
+def test_sdxl_lora_with_8bit_adam_two_rewards_and_validation(
+    tiny_teacher_dirs, prompt_file, clip_reward_dir, tmp_path
+):
     output_dir = tmp_path / "run"
     run_training(
         tiny_args(tiny_teacher_dirs["sdxl"], prompt_file, output_dir)
