@@ -70,7 +70,6 @@ def test_bad_choices_fail_in_argparse():
         ({"cold_start_steps": 10, "max_train_steps": 5}, "longer than --max_train_steps"),
         ({"update_ratio": 0}, "update_ratio must be at least 1"),
         ({"push_to_hub": True}, "--hub_model_id"),
-        ({"reward_tilt": True}, "at least one --reward"),
         ({"pretrained_model_name_or_path": None}, "--pretrained_model_name_or_path is required"),
     ],
 )

@@ -145,6 +145,8 @@ def test_unknown_reward_name(weightless_teacher, prompts):
 def test_reward_only_training_needs_a_reward(weightless_teacher, prompts):
     with pytest.raises(ValueError, match="nothing to train the student on"):
         check_run_inputs(config_for(weightless_teacher, prompts, dmd_loss_weight=0.0))
+    with pytest.raises(ValueError, match="give at least one --reward"):
+        check_run_inputs(config_for(weightless_teacher, prompts, reward_tilt=True))
 
 
 def test_cold_start_longer_than_training_fails_in_the_script(weightless_teacher, prompts):

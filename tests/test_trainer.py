@@ -210,3 +210,31 @@ def test_reward_only_with_anchor_skips_dmd_and_the_fake_score(tiny_teacher_dirs,
     assert history[0]["loss_anchor"] == 0.0 and history[1]["loss_anchor"] > 0.0
     for name, value in lora_weights(trainer.guidance_model, FAKE_ADAPTER).items():
         assert torch.equal(value, fake_before[name])
+
+
+def test_reward_tilt_weights_stage_one_dmd_per_sample(tiny_teacher_dirs, prompt_file, tmp_path, monkeypatch):
+    import diffusers_dmdr.trainer as trainer_module
+
+    seen, original = [], trainer_module.reward_tilt_weights
+
+    def recording_weights(rewards, temperature):
+        seen.append((rewards.clone(), temperature))
+        return original(rewards, temperature)
+
+    monkeypatch.setattr(trainer_module, "reward_tilt_weights", recording_weights)
+    trainer = make_trainer(
+        tiny_teacher_dirs["sdxl"],
+        prompt_file,
+        tmp_path,
+        rewards=[reward(TwoLevelReward())],
+        reward_tilt=True,
+        reward_tilt_temperature=0.5,
+        max_train_steps=2,
+        cold_start_steps=1,
+    )
+    trainer.train()
+    # Only the stage-1 step is tilted, with one brightness score per sample of the batch.
+    assert len(seen) == 1
+    scores, temperature = seen[0]
+    assert scores.shape == (2,) and temperature == 0.5
+    assert ((scores >= 0) & (scores <= 1)).all()

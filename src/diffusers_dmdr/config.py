@@ -240,8 +240,6 @@ class DMDRConfig:
             problems.append("--max_consecutive_nonfinite_steps must be at least 1.")
         if self.push_to_hub and not self.hub_model_id:
             problems.append("--push_to_hub needs --hub_model_id org/name.")
-        if self.reward_tilt and not self.reward:
-            problems.append("--reward_tilt weights DMD by a reward: give at least one --reward.")
         if self.dmd_loss_weight < 0 or self.anchor_loss_weight < 0:
             problems.append("--dmd_loss_weight and --anchor_loss_weight must be non-negative.")
         if self.reward_tilt_temperature <= 0:

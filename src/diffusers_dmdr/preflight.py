@@ -57,6 +57,8 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
     reward_specs = [parse_reward_spec(text) for text in config.reward]
     eval_specs = [parse_reward_spec(text) for text in config.eval_reward]
     validate_reward_specs(reward_specs + eval_specs)
+    if config.reward_tilt and not reward_specs:
+        raise ValueError("--reward_tilt weights DMD by a reward: give at least one --reward.")
     if config.dmd_loss_weight == 0 and not reward_specs:
         raise ValueError("--dmd_loss_weight 0 with no --reward leaves nothing to train the student on.")
 
