@@ -46,7 +46,7 @@ def reward(fn, name="brightness", weight=1.0):
     return LoadedReward(name=name, fn=fn, weight=weight, hinge=None)
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sdxl", "sd15", "sd3"])
 def test_real_score_at_scale_zero_is_the_teacher_bit_for_bit(family, tiny_teacher_dirs, prompt_file, tmp_path):
     trainer = make_trainer(tiny_teacher_dirs[family], prompt_file, tmp_path, family=family)
     randomise_lora_b(trainer.guidance_model, FAKE_ADAPTER)
@@ -115,6 +115,21 @@ def test_frozen_base_in_weight_dtype_and_adapters_in_float32():
         assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
     guidance_tensors = {p.data_ptr() for n, p in guidance.named_parameters() if "lora_" not in n}
     assert guidance_tensors == {p.data_ptr() for n, p in student.named_parameters() if "lora_" not in n}
+
+
+def test_sd15_v_prediction_teacher_trains(tmp_path, prompt_file):
+    from diffusers_dmdr.testing import build_tiny_pipeline
+
+    teacher_dir = build_tiny_pipeline("sd15", tmp_path / "sd15-v", prediction_type="v_prediction")
+    trainer = make_trainer(str(teacher_dir), prompt_file, tmp_path / "run", family="sd15", max_train_steps=1)
+    assert trainer.scheduler.config.prediction_type == "v_prediction"
+    assert trainer.scheduler.config.training_timesteps == [999.0, 749.0, 499.0, 249.0]
+    student_before = lora_weights(trainer.student_model, STUDENT_ADAPTER)
+    history = trainer.train()
+    assert history[0]["step_skipped"] == 0.0
+    assert any(
+        not torch.equal(v, student_before[n]) for n, v in lora_weights(trainer.student_model, STUDENT_ADAPTER).items()
+    )
 
 
 def test_full_mode_trains_its_own_copy(tiny_teacher_dirs, prompt_file, tmp_path):
