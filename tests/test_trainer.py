@@ -13,10 +13,10 @@ from diffusers_dmdr.trainer import DMDRTrainer, NonFiniteLossError
 PROMPTS = ["a red cat", "a blue dog", "the number seven"]
 
 
-def make_trainer(teacher_dir, prompt_file, output_dir, family="sdxl", rewards=None, **overrides):
+def make_trainer(teacher_dir, prompt_file, output_dir, family="sdxl", rewards=None, reward_vae=None, **overrides):
     config = tiny_config(teacher_dir, prompt_file, output_dir, **overrides)
     teacher = get_family(family).load_teacher(config.pretrained_model_name_or_path)
-    return DMDRTrainer(config, teacher, PROMPTS, rewards=rewards)
+    return DMDRTrainer(config, teacher, PROMPTS, rewards=rewards, reward_vae=reward_vae)
 
 
 def randomise_lora_b(model, adapter_name):
@@ -127,6 +127,35 @@ def test_sd15_v_prediction_teacher_trains(tmp_path, prompt_file):
     student_before = lora_weights(trainer.student_model, STUDENT_ADAPTER)
     history = trainer.train()
     assert history[0]["step_skipped"] == 0.0
+    assert any(
+        not torch.equal(v, student_before[n]) for n, v in lora_weights(trainer.student_model, STUDENT_ADAPTER).items()
+    )
+
+
+def test_tiny_autoencoder_decodes_for_the_rewards(tiny_teacher_dirs, prompt_file, tmp_path):
+    from diffusers_dmdr.testing import tiny_autoencoder_tiny
+
+    seen_sizes = []
+
+    class SizeRecordingReward(TwoLevelReward):
+        def forward(self, images, prompts):
+            seen_sizes.append(tuple(images.shape[-2:]))
+            return super().forward(images, prompts)
+
+    reward_vae = tiny_autoencoder_tiny()
+    trainer = make_trainer(
+        tiny_teacher_dirs["sdxl"],
+        prompt_file,
+        tmp_path,
+        rewards=[reward(SizeRecordingReward())],
+        reward_vae=reward_vae,
+        cold_start_steps=0,
+    )
+    calls = []
+    reward_vae.decoder.register_forward_hook(lambda module, args, output: calls.append(output.shape))
+    student_before = lora_weights(trainer.student_model, STUDENT_ADAPTER)
+    trainer.train()
+    assert len(calls) == 2 and seen_sizes == [(64, 64), (64, 64)]
     assert any(
         not torch.equal(v, student_before[n]) for n, v in lora_weights(trainer.student_model, STUDENT_ADAPTER).items()
     )

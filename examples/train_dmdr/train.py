@@ -41,7 +41,14 @@ def main(argv: list[str] | None = None) -> None:
     teacher = plan.family.load_teacher(config.pretrained_model_name_or_path, config.revision, config.variant)
     rewards = load_rewards(plan.reward_specs, accelerator.device)
     eval_rewards = load_rewards(plan.eval_reward_specs, accelerator.device, for_training=False)
-    trainer = DMDRTrainer(config, teacher, plan.prompts, rewards, eval_rewards, accelerator=accelerator)
+    reward_vae = None
+    if config.reward_vae_model_name_or_path:
+        from diffusers import AutoencoderTiny
+
+        reward_vae = AutoencoderTiny.from_pretrained(config.reward_vae_model_name_or_path, revision=config.revision)
+    trainer = DMDRTrainer(
+        config, teacher, plan.prompts, rewards, eval_rewards, accelerator=accelerator, reward_vae=reward_vae
+    )
     trainer.train()
 
     if accelerator.is_main_process:

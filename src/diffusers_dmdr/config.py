@@ -114,6 +114,13 @@ class DMDRConfig:
         default_factory=list,
         metadata={"help": "Held-out rewards logged (never trained on) to watch for reward hacking; same syntax."},
     )
+    reward_vae_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A diffusers `AutoencoderTiny` (e.g. madebyollin/taesdxl) that decodes x0 for the rewards: the "
+            "released SDXL recipe's memory saver (full SDXL VAE decode with grad: +11.6 GiB; tiny: +1.5 GiB)."
+        },
+    )
     reward_tilt: bool = field(
         default=False, metadata={"help": "Stage 1: weight DMD per sample by the normalised reward (RT-DM)."}
     )

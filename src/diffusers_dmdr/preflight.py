@@ -62,6 +62,13 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
     if config.dmd_loss_weight == 0 and not reward_specs:
         raise ValueError("--dmd_loss_weight 0 with no --reward leaves nothing to train the student on.")
 
+    reward_vae = config.reward_vae_model_name_or_path
+    if reward_vae and (Path(reward_vae).exists() or reward_vae.startswith((".", "/", "~"))):
+        if not (Path(reward_vae).expanduser() / "config.json").is_file():
+            raise FileNotFoundError(
+                f"--reward_vae_model_name_or_path {reward_vae} is not an AutoencoderTiny folder (no config.json)."
+            )
+
     # 5. Optional dependencies asked for.
     if config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise ImportError(

@@ -131,6 +131,19 @@ def _tiny_unet(seed: int, **config):
     )
 
 
+def tiny_autoencoder_tiny(seed: int = 0):
+    """A TAESD-shaped `AutoencoderTiny` at toy width (spatial factor 8), for the reward-decode path."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    return AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+    ).eval()
+
+
 def tiny_sdxl_unet(seed: int = 0):
     """SDXL's UNet at toy size: text_time micro-conditioning, two-encoder cross attention (1.36 M parameters)."""
     return _tiny_unet(

@@ -93,6 +93,8 @@ class DMDRTrainer:
         prompts (`list[str]`): the training prompts.
         rewards (`list[LoadedReward]`): rewards of stage 2 (and of RT-DM weighting in stage 1).
         eval_rewards (`list[LoadedReward]`): held-out rewards, logged only (reward-hacking monitor).
+        reward_vae (`torch.nn.Module`, *optional*): a tiny autoencoder that decodes x0 for the rewards instead of the
+            teacher's VAE (validation grids and the export always use the teacher's VAE).
         accelerator (`Accelerator`, *optional*): created from `config` when not given.
     """
 
@@ -104,6 +106,7 @@ class DMDRTrainer:
         rewards: list | None = None,
         eval_rewards: list | None = None,
         accelerator: Accelerator | None = None,
+        reward_vae: torch.nn.Module | None = None,
     ):
         self.config = config
         self.accelerator = accelerator or create_accelerator(config)
@@ -128,6 +131,9 @@ class DMDRTrainer:
         self.vae.to(device)
         if self.vae.dtype != vae_dtype:
             self.vae.to(vae_dtype)
+        self.reward_vae = self.vae
+        if reward_vae is not None:
+            self.reward_vae = reward_vae.requires_grad_(False).eval().to(device, self.weight_dtype)
 
         # 2. Student grid and sampler.
         timesteps = config.student_timesteps or self.family.default_student_timesteps(
@@ -268,6 +274,10 @@ class DMDRTrainer:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.family.decode(self.vae, latents)
+
+    def decode_for_rewards(self, latents: torch.Tensor) -> torch.Tensor:
+        """Differentiable decode on the reward path (the tiny autoencoder when one is given)."""
+        return self.family.decode(self.reward_vae, latents)
 
     # ------------------------------------------------------------------------------------------------------------
     # The loop
@@ -428,7 +438,7 @@ class DMDRTrainer:
         images = None
         if in_stage_two and self.rewards:
             with self.accelerator.autocast():
-                images = self.decode(x0_student)
+                images = self.decode_for_rewards(x0_student)
                 loss_rl, scores = compute_reward_loss(self.rewards, images, prompts)
             loss = loss + loss_rl
             logs["loss_rl"] = loss_rl.item()
@@ -464,7 +474,7 @@ class DMDRTrainer:
     def _reward_tilt(self, final_sample: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """RT-DM weights from the rewards of the full few-step samples (no reward gradient)."""
         with self.accelerator.autocast():
-            images = self.decode(final_sample)
+            images = self.decode_for_rewards(final_sample)
             weighted_scores = sum(reward.weight * reward.fn(images, prompts).float() for reward in self.rewards)
         return reward_tilt_weights(weighted_scores, self.config.reward_tilt_temperature)
 
@@ -484,7 +494,7 @@ class DMDRTrainer:
         """Reward-hacking monitor: held-out rewards (never trained on) and the frozen teacher's denoising loss on the
         student's samples, which rises when rewards pull samples off the teacher's manifold."""
         with self.accelerator.autocast():
-            images = self.decode(x0_student) if images is None else images.detach()
+            images = self.decode_for_rewards(x0_student) if images is None else images.detach()
             _, held_out = compute_reward_loss(self.eval_rewards, images, prompts)
         logs = {f"heldout_reward/{name}": score.item() for name, score in held_out.items()}
         logs["monitor/teacher_denoising_loss"] = self._teacher_denoising_loss(x0_student, condition, rng, generator)
