@@ -191,6 +191,8 @@ class DMDRTrainer:
         )
         self.empty_condition = self.family.encode_prompts(self.pipeline, [""], config.resolution, device)
         self.history: list[dict] = []
+        # Set by `train()` when --anchor_loss_weight > 0: the student's weights as the run starts.
+        self.anchor_weights: list[torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------------------------------------------
     # Setup helpers
@@ -288,7 +290,6 @@ class DMDRTrainer:
         if config.resume_from_checkpoint:
             self.load_checkpoint(config.resume_from_checkpoint)
         # The anchor is the student as this run starts (after any resume), frozen.
-        self.anchor_weights = None
         if config.anchor_loss_weight > 0:
             self.anchor_weights = [p.detach().clone() for p in trainable_parameters(self.student_model)]
         if self.accelerator.is_main_process and self.accelerator.log_with:
@@ -310,11 +311,11 @@ class DMDRTrainer:
             generator = torch.Generator("cpu").manual_seed(int(rng.integers(2**62)))
             condition = self.encode(prompts)
             simulation = self._simulate(condition, rng, generator)
-            fake_loss = None
+            # With DMD switched off (reward-only ablations) the fake score has no reader: skip its update.
             if config.dmd_loss_weight > 0:
                 fake_loss = self._fake_score_step(simulation.clean_sample, condition, rng, generator)
-            if fake_loss is not None:
-                fake_losses.append(fake_loss)
+                if fake_loss is not None:
+                    fake_losses.append(fake_loss)
             self.state.iteration += 1
             if self.state.iteration % config.update_ratio:
                 continue
