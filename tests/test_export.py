@@ -37,9 +37,11 @@ RUNS = {
     "sdxl-1step": {"family": "sdxl", "training_mode": "lora", "num_student_steps": 1, "export_full_pipeline": False},
     "sd3-4step-full": {"family": "sd3", "training_mode": "full", "num_student_steps": 4},
     "sd3-1step": {"family": "sd3", "training_mode": "lora", "num_student_steps": 1, "export_full_pipeline": False},
+    "sd15-2step": {"family": "sd15", "training_mode": "lora", "num_student_steps": 2},
 }
 TEACHER_CARDS = {
     "sdxl": "---\nlicense: openrail++\n---\n# A tiny SDXL teacher\n",
+    "sd15": "---\nlicense: creativeml-openrail-m\n---\n# A tiny SD1.5 teacher\n",
     "sd3": "---\nlicense: other\nlicense_name: tiny-community-license\nlicense_link: LICENSE.md\n---\n# A tiny SD3\n",
 }
 
