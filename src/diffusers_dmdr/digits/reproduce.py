@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import DMDRConfig
-from ..demo import DIGITS_RECIPE, REWARD_CLASS, evaluate_row, write_recipe
+from ..demo import DIGITS_RECIPE, REWARD_CLASS, TABLE_COLUMNS, evaluate_row, write_recipe
 from .build import DigitsTestbed, build_testbed, evaluate_real_reference, load_eval_classifier
 from .classifiers import extract_features
 from .data import load_digit_splits
@@ -44,17 +44,11 @@ from .sampling import DigitSamples, sample_digits, sample_prompts
 
 logger = logging.getLogger(__name__)
 
-# Metrics reported per arm, with their table headers.
+# Metrics reported per arm, with their table headers: the demo's columns, NFE last (it is per arm, not per run).
 METRIC_COLUMNS = {
-    "accuracy": "accuracy",
-    "reward": "reward (log p)",
-    "fd": "FD",
-    "precision": "precision",
-    "recall": "recall",
-    "diversity": "diversity",
-    "samples_per_second": "samples/s",
-    "nfe_per_sample": "NFE",
+    key: header for key, header in TABLE_COLUMNS.items() if key not in ("num_inference_steps", "nfe_per_sample")
 }
+METRIC_COLUMNS["nfe_per_sample"] = TABLE_COLUMNS["nfe_per_sample"]
 # Arms in table order, with what each is.
 ARM_DESCRIPTIONS = {
     "teacher": "teacher, 50 Euler steps, CFG 3 (the testbed's setting)",
