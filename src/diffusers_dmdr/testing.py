@@ -53,11 +53,11 @@ def tiny_t5_tokenizer(model_max_length: int = TINY_MAX_LENGTH):
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
 
 
-def tiny_clip_text_encoder(with_projection: bool, seed: int = 0, hidden_size: int = 32, projection_dim: int = 32):
-    """A 2-layer CLIP text encoder; `with_projection` gives `CLIPTextModelWithProjection` (SDXL's second encoder)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def tiny_clip_text_config(hidden_size: int = 32, projection_dim: int = 32):
+    """The 2-layer `CLIPTextConfig` of every tiny text tower (teachers' encoders and the tiny CLIP reward)."""
+    from transformers import CLIPTextConfig
 
-    config = CLIPTextConfig(
+    return CLIPTextConfig(
         hidden_size=hidden_size,
         intermediate_size=37,
         num_attention_heads=4,
@@ -69,6 +69,13 @@ def tiny_clip_text_encoder(with_projection: bool, seed: int = 0, hidden_size: in
         eos_token_id=1,
         pad_token_id=1,
     )
+
+
+def tiny_clip_text_encoder(with_projection: bool, seed: int = 0, hidden_size: int = 32, projection_dim: int = 32):
+    """A 2-layer CLIP text encoder; `with_projection` gives `CLIPTextModelWithProjection` (SDXL's second encoder)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    config = tiny_clip_text_config(hidden_size, projection_dim)
     torch.manual_seed(seed)
     model_cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     return model_cls(config).eval()
@@ -276,19 +283,10 @@ def build_tiny_pipeline(family: str, output_dir: str | Path, seed: int = 0, **kw
 
 def tiny_clip_model(seed: int = 0):
     """A tiny `transformers.CLIPModel` and its `CLIPProcessor`-compatible tokenizer, for reward tests."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
 
-    text_config = CLIPTextConfig(
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=128,
-        max_position_embeddings=TINY_MAX_LENGTH,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
+    # The text tower's own projection size is unused by CLIPModel, which projects both towers to `projection_dim`.
+    text_config = tiny_clip_text_config()
     vision_config = CLIPVisionConfig(
         hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32, patch_size=8
     )

@@ -443,6 +443,18 @@ def metrics_table(summary: dict, arms: list[str], real_reference: dict | None = 
     return "\n".join(lines) + "\n"
 
 
+def _finish_plot(figure, axis, path: Path) -> Path:
+    """Grid, legend, layout, save and close: the common end of every reproduction plot."""
+    import matplotlib.pyplot as plt
+
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
 def plot_reward_curves(curves: dict[str, dict], path: Path) -> Path | None:
     """Training reward (batch mean log p, mean ± std over seeds) against the generator step."""
     import matplotlib
@@ -459,12 +471,7 @@ def plot_reward_curves(curves: dict[str, dict], path: Path) -> Path | None:
         axis.fill_between(steps, mean - std, mean + std, alpha=0.15)
     axis.set_xlabel("generator step (stage 2 starts after the cold start)")
     axis.set_ylabel("training reward: log p(prompted digit)")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return _finish_plot(figure, axis, path)
 
 
 def plot_early_fd(curves: dict[str, dict[int, tuple[float, float]]], path: Path, dynamic_steps: int) -> Path:
@@ -484,12 +491,7 @@ def plot_early_fd(curves: dict[str, dict[int, tuple[float, float]]], path: Path,
     axis.set_xlabel("stage-1 generator step")
     axis.set_ylabel("FD (eval-classifier features)")
     axis.set_yscale("log")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return _finish_plot(figure, axis, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
