@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     export_dir = export_from_trainer(trainer)
     if export_dir is not None:
         logger.info(f"Exported the student pipeline to {export_dir}")
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from .losses import anchor_loss, dmd_loss, fake_score_loss, reward_tilt_weights
 from .optimization import RoleSchedule, lr_multiplier, make_optimizer, set_learning_rates, step_role
 from .prompt_cache import PromptEncoder
 from .rewards import compute_reward_loss
+from .sharding import gather_full_state_dict, is_fsdp2, local_shard
 from .simulation import SimulationOutput, backward_simulation, sample_student
 from .training_module import GUIDANCE_ROLE, STUDENT_ROLE, DMDRTrainingModule
 
@@ -222,7 +223,7 @@ class DMDRTrainer:
             use_8bit_adam=config.use_8bit_adam,
         )
         self.model, self.optimizer = self.accelerator.prepare(module, optimizer)
-        self.sharded = self.accelerator.distributed_type in SHARDED_ENGINES
+        self.sharded = self.accelerator.distributed_type in SHARDED_ENGINES or is_fsdp2(self.model)
         self.accelerator.register_save_state_pre_hook(self._save_model_hook)
         self.accelerator.register_load_state_pre_hook(self._load_model_hook)
         self.accelerator.register_for_checkpointing(self.state)
@@ -375,7 +376,10 @@ class DMDRTrainer:
             self.log_validation()
         self._write_summary()
         self.accelerator.wait_for_everyone()
-        self.accelerator.end_training()
+        # Not `accelerator.end_training()`: it destroys the process group, which the export still needs (sharded
+        # engines gather the weights collectively). The script ends the run after exporting.
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
         return self.history
 
     def _draws(self, iteration: int) -> IterationDraws:
@@ -600,6 +604,7 @@ class DMDRTrainer:
             "history": self.history,
         }
         path = Path(self.config.output_dir) / "train_summary.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
 
     # ------------------------------------------------------------------------------------------------------------
@@ -636,6 +641,8 @@ class DMDRTrainer:
     def _step(self, role: str) -> bool:
         """Clip `role`'s gradients and step its parameter group; False (update skipped) on non-finite gradients."""
         grad_norm = self.accelerator.clip_grad_norm_(self.unwrapped.parameters_of(role), self.config.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm of sharded gradients is a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
         if grad_norm is not None and not self._all_finite(torch.as_tensor(grad_norm)):
             self._record_nonfinite(STUDENT_ROLE_NAMES[role], "gradient")
             self.optimizer.zero_grad(set_to_none=True)
@@ -665,11 +672,12 @@ class DMDRTrainer:
     # Checkpoints and the weights the export needs
     # ------------------------------------------------------------------------------------------------------------
     def _assert_finite_weights(self) -> None:
-        for role in (STUDENT_ROLE, GUIDANCE_ROLE):
-            for parameter in self.unwrapped.parameters_of(role):
-                if not torch.isfinite(parameter).all():
-                    name = "student" if role == STUDENT_ROLE else "fake score"
-                    raise NonFiniteLossError(f"The {name} weights hold NaN/inf: refusing to write a checkpoint.")
+        """Refuse to checkpoint NaN/inf weights; sharded engines check each shard and agree across processes."""
+        for role, name in ((STUDENT_ROLE, "student"), (GUIDANCE_ROLE, "fake score")):
+            local = [local_shard(p) for p in self.unwrapped.parameters_of(role)]
+            finite = all(bool(torch.isfinite(tensor).all()) for tensor in local)
+            if not self._all_finite(torch.tensor(0.0 if finite else float("nan"))):
+                raise NonFiniteLossError(f"The {name} weights hold NaN/inf: refusing to write a checkpoint.")
 
     def save_checkpoint(self) -> Path:
         """Write `output_dir/checkpoint-{step}` through `accelerator.save_state` (all processes must call it)."""
@@ -733,7 +741,7 @@ class DMDRTrainer:
         """
         if self.sharded:
             return student_weights_from_module_state(
-                self.accelerator.get_state_dict(self.model), full=self.training_module.is_full
+                gather_full_state_dict(self.accelerator, self.model), full=self.training_module.is_full
             )
         module = self.training_module
         if module.is_full:
