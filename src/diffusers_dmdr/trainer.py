@@ -45,6 +45,7 @@ from .families.base import repeat_condition, student_scheduler_for
 from .losses import anchor_loss, dmd_loss, fake_score_loss, reward_tilt_weights
 from .rewards import compute_reward_loss
 from .simulation import backward_simulation, sample_student
+from .stages import set_base_learning_rates, stage_two_start_iteration, stage_values
 
 
 logger = get_logger(__name__)
@@ -139,7 +140,9 @@ class DMDRTrainer:
         timesteps = config.student_timesteps or self.family.default_student_timesteps(
             config.num_student_steps, config.shift
         )
-        self.scheduler = student_scheduler_for(teacher, timesteps, config.backward_simulation, config.shift)
+        self.scheduler = student_scheduler_for(
+            teacher, timesteps, config.backward_simulation, config.shift, config.flow_x0_noise_level
+        )
         self.latent_shape = (
             self.family.latent_channels(teacher.backbone),
             config.resolution // self.pipeline.vae_scale_factor,
@@ -156,6 +159,8 @@ class DMDRTrainer:
             student_lora={"rank": config.lora_rank, "alpha": config.lora_alpha, "target_modules": student_targets},
             fake_lora={"rank": config.fake_lora_rank, "alpha": config.fake_lora_alpha, "target_modules": fake_targets},
             seed=config.seed,
+            init=config.init_lora_weights,
+            student_init_path=config.student_init_path,
         )
         student.to(device)
         guidance.to(device)
@@ -188,7 +193,10 @@ class DMDRTrainer:
             config.seed,
             self.accelerator.process_index,
             self.accelerator.num_processes,
+            stage2_batch_size=config.stage2_train_batch_size,
+            stage2_start_iteration=stage_two_start_iteration(config.cold_start_steps, config.update_ratio),
         )
+        self._applied_stage: int | None = None  # which stage's learning rates the optimizers hold
         self.empty_condition = self.family.encode_prompts(self.pipeline, [""], config.resolution, device)
         self.history: list[dict] = []
         # Set by `train()` when --anchor_loss_weight > 0: the student's weights as the run starts.
@@ -305,6 +313,7 @@ class DMDRTrainer:
         )
         fake_losses: list[float] = []
         while self.state.global_step < config.max_train_steps:
+            self._apply_stage_values()
             iteration = self.state.iteration
             prompts = self.prompt_sampler.batch(iteration)
             rng = np.random.default_rng([config.seed, iteration, self.accelerator.process_index])
@@ -344,6 +353,14 @@ class DMDRTrainer:
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         return self.history
+
+    def _apply_stage_values(self) -> None:
+        """Switch the learning rates to those of the current stage (at the cold start, and after a resume)."""
+        values = stage_values(self.config, self.state.global_step)
+        if values.stage != self._applied_stage:
+            set_base_learning_rates(self.student_lr, {0: values.learning_rate})
+            set_base_learning_rates(self.fake_lr, {0: values.learning_rate_fake})
+            self._applied_stage = values.stage
 
     def _replica_checksums(self) -> list[float]:
         """Sum of every trainable weight on each process: data parallel replicas must agree exactly."""
