@@ -320,3 +320,60 @@ class _AdapterHost(torch.nn.Module):
         from peft import inject_adapter_in_model
 
         inject_adapter_in_model(config, self, adapter_name=adapter_name)
+
+
+def test_student_init_path_initialises_only_the_student(tiny_teacher_dirs, prompt_file, tmp_path):
+    """SDXL 1-step recipe: the student starts from other weights (DMD2's ODE UNet), the teacher stays the teacher."""
+    from safetensors.torch import save_file
+
+    teacher_unet = get_family("sdxl").load_teacher(tiny_teacher_dirs["sdxl"]).backbone
+    init_state = {name: value + 0.05 * torch.randn_like(value) for name, value in teacher_unet.state_dict().items()}
+    init_file = tmp_path / "ode_unet.safetensors"
+    save_file({name: value.contiguous() for name, value in init_state.items()}, init_file)
+
+    trainer = make_trainer(
+        tiny_teacher_dirs["sdxl"], prompt_file, tmp_path, training_mode="full", student_init_path=str(init_file)
+    )
+    student_state = trainer.student_model.state_dict()
+    assert all(torch.equal(student_state[name], init_state[name]) for name in init_state)
+    teacher = get_family("sdxl").load_teacher(tiny_teacher_dirs["sdxl"]).backbone.eval()
+    randomise_lora_b(trainer.guidance_model, FAKE_ADAPTER)
+    condition = trainer.encode(PROMPTS[:2])
+    sample, level = torch.randn(2, *trainer.latent_shape), torch.tensor([0.9, 0.3])
+    with torch.no_grad():
+        teacher_output = trainer.family.call_backbone(
+            teacher, sample, trainer.scheduler.model_timestep(level), condition
+        )
+        with lora_scale(trainer.guidance_model, FAKE_ADAPTER, 0.0):
+            real_output = trainer.guidance_denoiser.predict(sample, level, condition)
+        student_output = trainer.student_denoiser.predict(sample, level, condition)
+    assert torch.equal(real_output, teacher_output)
+    assert not torch.allclose(student_output, teacher_output, atol=1e-3)
+
+
+def test_student_init_path_loads_a_lora_into_the_student_adapter(tiny_teacher_dirs, prompt_file, tmp_path):
+    from safetensors.torch import save_file
+
+    from diffusers_dmdr.adapters import adapter_state_dict
+
+    source = make_trainer(tiny_teacher_dirs["sd3"], prompt_file, tmp_path / "a", family="sd3")
+    randomise_lora_b(source.student_model, STUDENT_ADAPTER)
+    # Diffusers-style keys (`transformer.` prefix), as `save_lora_weights` writes them.
+    lora = {f"transformer.{k}": v for k, v in adapter_state_dict(source.student_model, STUDENT_ADAPTER).items()}
+    save_file(lora, tmp_path / "student_lora.safetensors")
+    trainer = make_trainer(
+        tiny_teacher_dirs["sd3"],
+        prompt_file,
+        tmp_path / "b",
+        family="sd3",
+        student_init_path=str(tmp_path / "student_lora.safetensors"),
+    )
+    loaded = adapter_state_dict(trainer.student_model, STUDENT_ADAPTER)
+    expected = adapter_state_dict(source.student_model, STUDENT_ADAPTER)
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+    # The fake adapter and the shared base are untouched (its B is still zero).
+    assert all(
+        torch.count_nonzero(v) == 0
+        for k, v in adapter_state_dict(trainer.guidance_model, FAKE_ADAPTER).items()
+        if "lora_B" in k
+    )
