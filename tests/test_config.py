@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from diffusers_dmdr import DMDRConfig
 from diffusers_dmdr.config import build_argument_parser
@@ -13,7 +14,14 @@ from diffusers_dmdr.rewards import parse_reward_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 # The paper's recipes; `digits.yaml` (the built-in demo) is checked by the digits tests.
-PAPER_RECIPE_NAMES = ("sdxl_1step", "sdxl_4step", "sd3_medium_4step", "sd35_large_4step")
+PAPER_RECIPE_NAMES = (
+    "sdxl_1step",
+    "sdxl_4step",
+    "sd3_medium_4step",
+    "sd35_large_4step",
+    "sd3_medium_4step_srpo",
+    "sd35_large_4step_srpo",
+)
 RECIPES = [ROOT / "examples" / "train_dmdr" / "configs" / f"{name}.yaml" for name in PAPER_RECIPE_NAMES]
 REQUIRED = ["--pretrained_model_name_or_path", "teacher", "--train_prompts", "prompts.txt"]
 
@@ -90,9 +98,8 @@ def test_shipped_recipes_load_and_validate(recipe):
     assert config.cold_start_steps < config.max_train_steps
     assert config.dynamic_steps <= config.cold_start_steps
     specs = [parse_reward_spec(spec) for spec in config.reward]
-    assert {spec.name for spec in specs} == {"clip", "hpsv2.1"}
-    hps = next(spec for spec in specs if spec.name == "hpsv2.1")
-    assert hps.options["prompt_prefix"] == "Realistic photo "
+    assert {spec.name for spec in specs} in ({"clip", "hpsv2.1"}, {"clip", "relative"})
+    assert config.stage2_train_batch_size is not None and config.allow_tf32
 
 
 def test_every_config_field_is_read_by_the_code():
@@ -106,3 +113,50 @@ def test_every_config_field_is_read_by_the_code():
         f.name for f in dataclasses.fields(DMDRConfig) if not re.search(rf"(config|cfg|self)\.{f.name}\b", sources)
     ]
     assert unread == [], f"config fields nobody reads: {unread}"
+
+
+RELEASED = yaml.safe_load((ROOT / "tests" / "data" / "released_recipes.yaml").read_text(encoding="utf-8"))
+
+
+def test_every_released_script_has_a_recipe():
+    assert set(RELEASED) <= set(PAPER_RECIPE_NAMES)
+    # The one recipe without a released script is the paper's SDXL 4-step row.
+    assert set(PAPER_RECIPE_NAMES) - set(RELEASED) == {"sdxl_4step"}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_recipe_matches_the_released_script(name):
+    """Every value of the released script, stage 2 included, and the global batch the recipe states."""
+    released = dict(RELEASED[name])
+    recipe = ROOT / "examples" / "train_dmdr" / "configs" / f"{name}.yaml"
+    config = DMDRConfig.parse_args(["--config", str(recipe), "--train_prompts", "prompts.txt"])
+    gpus, stage2, rewards = released.pop("gpus"), released.pop("stage2"), released.pop("rewards")
+    mismatches = {
+        key: (getattr(config, key), value) for key, value in released.items() if getattr(config, key) != value
+    }
+    for key, value in stage2.items():
+        if getattr(config, f"stage2_{key}") != value:
+            mismatches[f"stage2.{key}"] = (getattr(config, f"stage2_{key}"), value)
+    assert mismatches == {}, f"recipe value != released value: {mismatches}"
+    # Stage 2 as the released runs: at the cold start the overrides take over.
+    from diffusers_dmdr.stages import stage_values
+
+    late = stage_values(config, config.cold_start_steps)
+    assert (late.learning_rate, late.learning_rate_fake, late.train_batch_size) == (
+        stage2["learning_rate"],
+        stage2["learning_rate_fake"],
+        stage2["train_batch_size"],
+    )
+    specs = {spec.name: spec for spec in map(parse_reward_spec, config.reward)}
+    assert set(specs) == set(rewards)
+    for reward_name, expected in rewards.items():
+        expected = dict(expected)
+        assert specs[reward_name].weight == expected.pop("weight") and specs[reward_name].hinge == expected.pop(
+            "hinge"
+        )
+        assert {key: specs[reward_name].options.get(key) for key in expected} == expected
+    # The header states the released global batch of both stages (per-GPU batch x GPUs).
+    header = recipe.read_text(encoding="utf-8")
+    stage1_batch, stage2_batch = config.train_batch_size, stage2["train_batch_size"]
+    assert f"{stage1_batch} x {gpus} = {stage1_batch * gpus} in stage 1" in header
+    assert f"{stage2_batch} x {gpus} = {stage2_batch * gpus} in stage 2" in header

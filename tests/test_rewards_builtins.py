@@ -198,10 +198,38 @@ def test_relative_reward_spec_and_control_words(tiny_clip_dir):
     relative = reward.fn.reward
     assert isinstance(relative.reward, CLIPReward) and relative.k == 0.2
     assert relative.positive == ("Detailed", "Realistic")
+    # Released behaviour: one control word per batch; per sample stays an option.
+    assert relative.control_sampling == "batch"
+    per_call = [
+        {p.split(". ")[0] for p in relative.controlled_prompts(["a cat"] * 8, relative.positive)} for _ in "x" * 32
+    ]
+    assert all(len(words) == 1 for words in per_call) and set().union(*per_call) == {"Detailed", "Realistic"}
+    relative.control_sampling = "sample"
     drawn = {prompt.split(". ")[0] for prompt in relative.controlled_prompts(["a cat"] * 64, relative.positive)}
     assert drawn == {"Detailed", "Realistic"}
     with pytest.raises(ValueError, match="text-image reward"):
         RelativeReward(reward=TinyConvClassifier())
+
+
+def test_relative_reward_draws_resume_exactly(tiny_clip_dir):
+    """The words are a function of (seed, step, call in the step): a resumed run (a fresh reward told the step)
+    draws what the uninterrupted one drew, and the global RNG is not used."""
+    words = ("A", "B", "C", "D", "E", "F")
+
+    def draws(reward, steps):
+        out = []
+        for step in steps:
+            reward.set_step(step)
+            out.append([reward.controlled_prompts(["p"], reward.positive)[0] for _ in range(2)])
+        return out
+
+    clip = CLIPReward(model=str(tiny_clip_dir))
+    uninterrupted = draws(RelativeReward(clip, positive=list(words), seed=3), range(6))
+    rng_state = torch.get_rng_state()
+    resumed = draws(RelativeReward(clip, positive=list(words), seed=3), range(3, 6))
+    assert resumed == uninterrupted[3:] and torch.equal(torch.get_rng_state(), rng_state)
+    assert len({tuple(row) for row in uninterrupted}) > 1  # the steps draw different words
+    assert draws(RelativeReward(clip, positive=list(words), seed=4), range(6)) != uninterrupted
 
 
 # --- open_clip: CLIP (DFN5B-style) and HPS v2.1 -----------------------------------------------------------------

@@ -43,7 +43,7 @@ from .denoisers import Denoiser, guided_x0
 from .families import TeacherComponents
 from .families.base import repeat_condition, student_scheduler_for
 from .losses import anchor_loss, dmd_loss, fake_score_loss, reward_tilt_weights
-from .rewards import compute_reward_loss
+from .rewards import compute_reward_loss, set_reward_step
 from .simulation import backward_simulation, sample_student
 from .stages import set_base_learning_rates, stage_two_start_iteration, stage_values
 
@@ -434,6 +434,7 @@ class DMDRTrainer:
         """DMD (plus rewards in stage 2) on the student's one-step prediction from its simulated input."""
         config, logs = self.config, {}
         in_stage_two = self.state.global_step >= config.cold_start_steps
+        set_reward_step(self.rewards + self.eval_rewards, self.state.global_step)
         # The anchor swaps weights in place, so it must run before the student's graph is built.
         x0_anchor = None if self.anchor_weights is None else self._anchor_x0(simulation, condition)
         self.student.train()
