@@ -290,3 +290,37 @@ def test_hps_reward_loads_a_full_checkpoint(open_clip, tmp_path):
         HPSReward(model=str(tmp_path), architecture=f"local-dir:{architecture}")
     with pytest.raises(RewardLoadError, match="not found in the folder"):
         HPSReward(model=str(tmp_path), filename="HPS_v2_compressed.pt", architecture=f"local-dir:{architecture}")
+
+
+def test_dfn5b_clip_builds_the_released_gelu_towers_by_default(monkeypatch):
+    """open_clip is not installed here: a stand-in module records how the towers are built. The released code builds
+    `ViT-H-14` (GELU) for DFN5B, open_clip's DFN5B config says QuickGELU; both are offered, GELU is the default. The
+    keyword semantics (`quick_gelu` overriding the config, `force_quick_gelu`) are open_clip's `create_model`'s."""
+    import sys
+    import types
+
+    calls = []
+
+    def create_model(name, **kwargs):
+        calls.append((name, kwargs))
+        model = torch.nn.Module()
+        model.visual = torch.nn.Module()
+        model.visual.preprocess_cfg = {"size": 224}
+        return model
+
+    fake = types.ModuleType("open_clip")
+    fake.create_model = create_model
+    fake.get_tokenizer = lambda name: lambda prompts: torch.zeros(len(prompts), 77, dtype=torch.long)
+    monkeypatch.setitem(sys.modules, "open_clip", fake)
+
+    CLIPReward()
+    CLIPReward(activation="quickgelu")
+    CLIPReward(model="hf-hub:other/clip")
+    CLIPReward(model="hf-hub:other/clip", activation="gelu")
+    activation_kwargs = [{k: v for k, v in kwargs.items() if "gelu" in k} for _, kwargs in calls]
+    assert [name for name, _ in calls] == ["hf-hub:apple/DFN5B-CLIP-ViT-H-14"] * 2 + ["hf-hub:other/clip"] * 2
+    assert activation_kwargs == [{"quick_gelu": False}, {"force_quick_gelu": True}, {}, {"quick_gelu": False}]
+    with pytest.raises(ValueError, match="activation must be one of"):
+        CLIPReward(activation="relu")
+    with pytest.raises(ValueError, match="applies to open_clip models"):
+        CLIPReward(model="openai/clip-vit-base-patch32", activation="gelu")
