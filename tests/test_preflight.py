@@ -233,3 +233,27 @@ def test_student_init_path_kind_must_fit_the_training_mode(weightless_teacher, p
             check_run_inputs(config_for(weightless_teacher, prompts, **overrides))
     check_run_inputs(config_for(weightless_teacher, prompts, student_init_path=str(lora), lora_rank=8))
     check_run_inputs(config_for(weightless_teacher, prompts, student_init_path=str(backbone), training_mode="full"))
+
+
+def test_reward_models_load_in_the_weight_dtype(weightless_teacher, prompts, tmp_path, monkeypatch):
+    """`--mixed_precision bf16`: the frozen reward models are built in bf16 unless a spec sets `precision=`."""
+    import torch
+
+    train = load_train_script()
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def load_rewards(specs, device, dtype=torch.float32, for_training=True):
+        seen["dtype"] = dtype
+        raise Loaded
+
+    plan = check_run_inputs(config_for(weightless_teacher, prompts))
+    monkeypatch.setattr(plan.family, "load_teacher", lambda *args: None)
+    monkeypatch.setattr(train, "check_run_inputs", lambda config: plan)
+    monkeypatch.setattr(train, "load_rewards", load_rewards)
+    argv = ["--pretrained_model_name_or_path", str(weightless_teacher), "--train_prompts", str(prompts)]
+    with pytest.raises(Loaded):
+        train.main(argv + ["--mixed_precision", "bf16", "--report_to", "none", "--output_dir", str(tmp_path / "o")])
+    assert seen["dtype"] == torch.bfloat16
