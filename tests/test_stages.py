@@ -2,12 +2,10 @@
 scheduler, and the prompt stream across a batch-size change."""
 
 import pytest
-import torch
-from diffusers.optimization import get_scheduler
 
 from diffusers_dmdr import DMDRConfig
 from diffusers_dmdr.data import PromptSampler
-from diffusers_dmdr.stages import set_base_learning_rates, stage_two_start_iteration, stage_values
+from diffusers_dmdr.stages import stage_two_start_iteration, stage_values
 
 
 def config(**overrides):
@@ -37,29 +35,6 @@ def test_stage_values_switch_at_the_cold_start():
 def test_stage_two_starts_at_ratio_times_cold_start():
     # Iterations 0..4 belong to generator step 0 (ratio 5), so step 2 starts at iteration 10.
     assert stage_two_start_iteration(2, 5) == 10
-
-
-@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
-def test_set_base_learning_rates_keeps_the_schedule_factor(schedule):
-    parameters = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
-    optimizer = torch.optim.AdamW([{"params": [parameters[0]], "lr": 1e-3}, {"params": [parameters[1]], "lr": 4e-3}])
-    reference_optimizer = torch.optim.AdamW(
-        [
-            {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-4},
-            {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 4e-3},
-        ]
-    )
-    scheduler = get_scheduler(schedule, optimizer=optimizer, num_warmup_steps=2, num_training_steps=10)
-    reference = get_scheduler(schedule, optimizer=reference_optimizer, num_warmup_steps=2, num_training_steps=10)
-    for _ in range(3):
-        optimizer.step(), scheduler.step(), reference_optimizer.step(), reference.step()
-    # Group 0 switches from base 1e-3 to 1e-4 mid-run; it then follows the schedule a 1e-4 run would have.
-    set_base_learning_rates(scheduler, {0: 1e-4})
-    for _ in range(4):
-        assert optimizer.param_groups[0]["lr"] == pytest.approx(reference_optimizer.param_groups[0]["lr"], rel=1e-9)
-        assert optimizer.param_groups[1]["lr"] == pytest.approx(reference_optimizer.param_groups[1]["lr"], rel=1e-9)
-        optimizer.step(), scheduler.step(), reference_optimizer.step(), reference.step()
-    assert scheduler.state_dict()["base_lrs"] == [1e-4, 4e-3]
 
 
 def test_prompt_stream_continues_across_a_batch_change():

@@ -19,7 +19,7 @@ from diffusers_dmdr import DMDRConfig
 from diffusers_dmdr.config import USER_INPUT_ERRORS
 from diffusers_dmdr.preflight import check_run_inputs
 from diffusers_dmdr.rewards import load_rewards
-from diffusers_dmdr.trainer import DMDRTrainer, create_accelerator
+from diffusers_dmdr.trainer import DMDRTrainer, create_accelerator, weight_dtype_of
 
 
 logger = get_logger(__name__)
@@ -51,9 +51,12 @@ def main(argv: list[str] | None = None) -> None:
         config.save_yaml(Path(config.output_dir) / "dmdr_config.yaml")
     logger.info(f"{plan.family.name} teacher, student timesteps {plan.student_timesteps}, {len(plan.prompts)} prompts")
 
-    teacher = plan.family.load_teacher(config.pretrained_model_name_or_path, config.revision, config.variant)
+    # Loaded once, directly in the training dtype; the export reuses these components.
+    weight_dtype = weight_dtype_of(accelerator.mixed_precision)
+    teacher = plan.family.load_teacher(
+        config.pretrained_model_name_or_path, config.revision, config.variant, weight_dtype
+    )
     # Frozen reward models run in the frozen weights' dtype (a spec's `precision=` overrides it).
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     rewards = load_rewards(plan.reward_specs, accelerator.device, dtype=weight_dtype)
     eval_rewards = load_rewards(plan.eval_reward_specs, accelerator.device, dtype=weight_dtype, for_training=False)
     reward_vae = None
@@ -68,10 +71,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     trainer.train()
 
-    if accelerator.is_main_process:
-        from diffusers_dmdr.export import export_from_trainer
+    from diffusers_dmdr.export import export_from_trainer
 
-        export_dir = export_from_trainer(trainer)
+    # Every process takes part: sharded engines gather the student's weights collectively.
+    export_dir = export_from_trainer(trainer)
+    if export_dir is not None:
         logger.info(f"Exported the student pipeline to {export_dir}")
 
 

@@ -47,33 +47,3 @@ def stage_two_start_iteration(cold_start_steps: int, update_ratio: int) -> int:
     (the generator updates after iterations `r - 1, 2r - 1, ...`), so stage 2 starts at `i = r * cold_start_steps`.
     """
     return cold_start_steps * update_ratio
-
-
-def set_base_learning_rates(lr_scheduler, learning_rates: dict[int, float]) -> None:
-    r"""Set the base learning rate of parameter groups of the optimizer that `lr_scheduler` drives.
-
-    `learning_rates` maps a parameter-group index to its new base rate `\eta'`. The schedule's current factor is kept:
-    a group at `\eta_t = \eta f(t)` moves to `\eta' f(t)`, and every later step of the scheduler follows `\eta'`. This
-    works for one optimizer per role (index 0 of each) and for one optimizer with a parameter group per role (pass the
-    indices of that optimizer's groups).
-
-    Args:
-        lr_scheduler: a `torch.optim.lr_scheduler.LRScheduler` (as made by `diffusers.optimization.get_scheduler`), or
-            an accelerate `AcceleratedScheduler` wrapping one.
-        learning_rates: `{param_group_index: base_learning_rate}`.
-    """
-    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
-    groups = scheduler.optimizer.param_groups
-    for index, new_base in learning_rates.items():
-        old_base = scheduler.base_lrs[index]
-        if old_base == new_base:
-            continue
-        group = groups[index]
-        if old_base > 0:
-            group["lr"] = group["lr"] * new_base / old_base
-        elif hasattr(scheduler, "lr_lambdas"):
-            group["lr"] = new_base * scheduler.lr_lambdas[index](scheduler.last_epoch)
-        else:
-            group["lr"] = new_base
-        scheduler.base_lrs[index] = new_base
-        group["initial_lr"] = new_base
