@@ -237,6 +237,9 @@ def test_student_init_path_kind_must_fit_the_training_mode(weightless_teacher, p
 
 def test_reward_models_load_in_the_weight_dtype(weightless_teacher, prompts, tmp_path, monkeypatch):
     """`--mixed_precision bf16`: the frozen reward models are built in bf16 unless a spec sets `precision=`."""
+    import logging
+    import types
+
     import torch
 
     train = load_train_script()
@@ -253,6 +256,10 @@ def test_reward_models_load_in_the_weight_dtype(weightless_teacher, prompts, tmp
     monkeypatch.setattr(plan.family, "load_teacher", lambda *args: None)
     monkeypatch.setattr(train, "check_run_inputs", lambda config: plan)
     monkeypatch.setattr(train, "load_rewards", load_rewards)
+    # accelerate's state is a process-wide singleton: a stand-in accelerator keeps other tests' precision intact.
+    accelerator = types.SimpleNamespace(mixed_precision="bf16", device=torch.device("cpu"), is_main_process=True)
+    monkeypatch.setattr(train, "create_accelerator", lambda config: accelerator)
+    monkeypatch.setattr(train, "logger", logging.getLogger("train_dmdr"))
     argv = ["--pretrained_model_name_or_path", str(weightless_teacher), "--train_prompts", str(prompts)]
     with pytest.raises(Loaded):
         train.main(argv + ["--mixed_precision", "bf16", "--report_to", "none", "--output_dir", str(tmp_path / "o")])
