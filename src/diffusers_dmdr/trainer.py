@@ -474,7 +474,6 @@ class DMDRTrainer:
     def _generator_loss(self, batch: MicroBatch, draws: IterationDraws) -> tuple[torch.Tensor, dict]:
         config, logs, simulation = self.config, {}, batch.simulation
         in_stage_two = self.state.global_step >= config.cold_start_steps
-        set_reward_step(self.rewards + self.eval_rewards, self.state.global_step)
         # The anchor swaps weights in place, so it must run before the student's graph is built.
         x0_anchor = None if self.anchor_weights is None else self._anchor_x0(simulation, batch.condition)
         self.model.train()
