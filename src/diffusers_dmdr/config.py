@@ -2,6 +2,8 @@
 
 import argparse
 import dataclasses
+import re
+import sys
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -19,11 +21,14 @@ class DMDRConfig:
     r"""
     Configuration of a DMDR run (https://huggingface.co/papers/2511.13649). Every step count counts **generator
     updates**; the fake score is updated `update_ratio` times per generator update. Defaults are the released SD3-M /
-    SDXL recipes; `examples/train_dmdr/configs/*.yaml` hold the per-model recipes.
+    SDXL recipes; `examples/train_dmdr/configs/*.yaml` hold the per-model recipes (their values are checked against
+    the released scripts in `tests/data/released_recipes.yaml`).
 
     > Parameters that control the teacher and the student
 
     pretrained_model_name_or_path (`str`): the teacher, a diffusers pipeline folder or Hub id.
+    revision (`str`, *optional*): Hub revision (branch, tag or commit) of the teacher.
+    variant (`str`, *optional*): weight variant of the teacher's files, e.g. `fp16`.
     family (`str`, defaults to `"auto"`): `sdxl`, `sd15`, `sd3`, or `auto` (read from `model_index.json`).
     num_student_steps (`int`, defaults to 4): sampling steps of the student, 1-8.
     student_timesteps (`list[float]`, *optional*): the student's timesteps in model units (SDXL 4-step
@@ -31,24 +36,101 @@ class DMDRConfig:
     shift (`float`, *optional*): shift of the flow-model grid (SD3-Medium 3, SD3.5-Large 5).
     training_mode (`str`, defaults to `"lora"`): `lora` trains a student adapter on the shared frozen base; `full`
         trains a full copy of the backbone.
+    student_init_path (`str`, *optional*): initialise the student only (teacher, real score and fake-score base stay
+        the teacher): a backbone folder (`config.json` + safetensors, or a pipeline folder with `unet/` or
+        `transformer/`) or a single backbone `.safetensors` file (both need `training_mode="full"`), or a PEFT LoRA
+        `.safetensors` file loaded into the student adapter (`training_mode="lora"`). The released SDXL 1-step run
+        starts from DMD2's ODE-regression UNet this way.
+    lora_rank, lora_alpha (`int`, `float`; default 64 and 128): rank and alpha of the student LoRA.
+    lora_target_modules (`str`, *optional*): comma-separated module names of the student LoRA; default per family.
+    fake_lora_rank, fake_lora_alpha (`int`, `float`; default 32 and 32): rank and alpha of the fake-score LoRA.
+    fake_lora_target_modules (`str`, *optional*): module names of the fake-score LoRA; default per family.
+    init_lora_weights (`str`, defaults to `"gaussian"`): initialisation of both LoRAs' A matrices: `gaussian`
+        (normal with std `1 / rank`, the released code's PEFT option) or `kaiming` (PEFT's default Kaiming-uniform,
+        2-6x smaller entries at the released ranks). B starts at zero either way.
 
     > Parameters of DMD, DynaDG, DynaRS and TTUR
 
     fake_score_lora_scale (`float`, defaults to 2.0): LoRA multiplier of the fake score.
     real_score_lora_scale (`float`, defaults to 0.5): DynaDG's initial multiplier of the fake LoRA in the real score.
-    dynamic_steps (`int`, defaults to 2000): K, the generator updates over which DynaDG and DynaRS anneal; 0 disables.
+    dynamic_steps (`int`, *optional*): K, the generator updates over which DynaDG and DynaRS anneal; 0 disables.
+        Unset, it equals `cold_start_steps` (the annealing ends with stage 1, as in the released recipes).
     renoise_beta_alpha, renoise_beta_beta (`float`, defaults to 4.0 and 1.5): DynaRS Beta parameters at step 0.
     update_ratio (`int`, defaults to 5): fake-score updates per generator update.
-    real_guidance_scale (`float`, defaults to 7.0): CFG scale of the real score; `guidance_scale_jitter` (0.5) draws
-        it uniformly in `[scale - jitter, scale + jitter]` per generator update.
+    real_guidance_scale (`float`, defaults to 7.0): CFG scale of the real score; at a scale <= 1 there is no CFG and
+        no jitter.
+    guidance_scale_jitter (`float`, defaults to 0.5): the scale is drawn uniformly in `[scale - jitter, scale +
+        jitter]` per generator update.
     backward_simulation (`str`, *optional*): `sde` (re-noise with fresh noise; SDXL default) or `ode` (deterministic;
         flow default). It also fixes whether the exported scheduler is deterministic.
+    flow_x0_noise_level (`float`, defaults to 0.0): flow models only: the clean estimate stops at this noise level,
+        `x0 = x_t + (level - t) v`; the released T2I code uses 0.001. Kept in the exported scheduler.
 
     > Parameters of the two stages and the rewards
 
-    cold_start_steps (`int`, defaults to 1500): stage 1 length (DMD only); rewards join from this generator step.
-    reward (`list[str]`): rewards as `name[:weight][:key=value...]`, repeatable (`--reward clip:0.3`).
+    cold_start_steps (`int`, *optional*): stage 1 length (DMD only); rewards join from this generator step. Unset,
+        it is half of `max_train_steps`.
+    stage2_learning_rate, stage2_learning_rate_fake (`float`, *optional*): student and fake-score learning rates
+        from `cold_start_steps` on (within one run, and on a resume past it); unset keeps the stage-1 rates. In YAML
+        also as a `stage2:` mapping (`stage2: {learning_rate: 5.0e-7, learning_rate_fake: 2.0e-7}`).
+    stage2_train_batch_size (`int`, *optional*): prompts per process per iteration in stage 2 (the released scripts
+        halve it); unset keeps `train_batch_size`.
+    reward (`list[str]`): rewards as `name[:weight][:key=value...]`, repeatable (`--reward clip:0.3`). On the command
+        line the flags replace a recipe's list; `--reward none` clears it.
+    eval_reward (`list[str]`): held-out rewards, logged and never trained on (reward-hacking monitor); same syntax.
+    reward_vae_model_name_or_path (`str`, *optional*): a diffusers `AutoencoderTiny` that decodes x0 for the rewards.
+    reward_vae_revision (`str`, *optional*): Hub revision of that autoencoder (the teacher's `revision` is not used).
     reward_tilt (`bool`): in stage 1, weight each sample's DMD direction by its normalised reward (RT-DM).
+    reward_tilt_temperature (`float`, defaults to 1.0): temperature of the RT-DM softmax.
+    dmd_loss_weight (`float`, defaults to 1.0): weight of the DMD loss; 0 gives reward-only training (ablation).
+    anchor_loss_weight (`float`, defaults to 0.0): weight of an L2 anchor to the student as this run started.
+
+    > Parameters of the prompt data
+
+    train_prompts (`str`): a .txt (one prompt per line), .json/.jsonl/.csv/.parquet file, or a Hub dataset id.
+    prompt_column (`str`, *optional*): the column holding the prompts (`text` for .txt, else `prompt`).
+    dataset_config_name (`str`, *optional*): config of a Hub dataset.
+    dataset_split (`str`, defaults to `"train"`): split of the prompt dataset.
+    max_train_samples (`int`, *optional*): keep only the first N prompts.
+    resolution (`int`, defaults to 1024): square training resolution in pixels.
+
+    > Parameters of the optimisation
+
+    max_train_steps (`int`, defaults to 3000): generator updates to train for (both stages).
+    train_batch_size (`int`, defaults to 1): prompts per process per iteration in stage 1. The global batch is
+        `train_batch_size x processes`.
+    learning_rate, learning_rate_fake (`float`, defaults to 1e-6 and 5e-7): stage-1 learning rates of the student
+        and the fake score.
+    lr_scheduler (`str`, defaults to `"constant"`): a diffusers LR schedule name (both networks).
+    lr_warmup_steps (`int`, defaults to 0): warmup of both schedules, in generator updates.
+    adam_beta1, adam_beta2, adam_epsilon (`float`, defaults to 0.9, 0.999, 1e-8): AdamW constants.
+    adam_weight_decay, adam_weight_decay_fake (`float`, defaults to 0.01 and 0): weight decay of the student and of
+        the fake score.
+    max_grad_norm (`float`, defaults to 1.0): gradient-norm clip of both networks.
+    use_8bit_adam (`bool`): bitsandbytes AdamW8bit for both networks (the released T2I scripts).
+    gradient_checkpointing (`bool`): trade compute for activation memory.
+    mixed_precision (`str`, *optional*): `no`, `fp16` or `bf16`: dtype of the frozen weights (teacher, encoders,
+        rewards) and of autocast; default: accelerate's config.
+    allow_tf32 (`bool`): allow TF32 matmuls and convolutions on Ampere+ GPUs (the GPU recipes turn it on).
+    max_consecutive_nonfinite_steps (`int`, defaults to 5): abort after this many NaN/inf losses in a row.
+    seed (`int`, defaults to 0): seed of every random draw (noise, timesteps, prompts, CFG, control words).
+
+    > Parameters of logging, validation, checkpoints and export
+
+    output_dir (`str`, defaults to `"dmdr-model"`): checkpoints, logs and the export go here.
+    logging_dir (`str`, defaults to `"logs"`): tracker folder, relative to `output_dir`.
+    report_to (`str`, defaults to `"tensorboard"`): `tensorboard`, `wandb`, `all` or `none`.
+    tracker_project_name (`str`, defaults to `"dmdr"`): tracker project name.
+    validation_prompts (`list[str]`, *optional*): prompts of the validation grids.
+    validation_steps (`int`, defaults to 500): log a validation grid every N generator steps.
+    num_validation_images (`int`, defaults to 2): images per validation prompt.
+    checkpointing_steps (`int`, defaults to 500): save a resumable state every N generator steps.
+    checkpoints_total_limit (`int`, *optional*): keep at most N checkpoints.
+    resume_from_checkpoint (`str`, *optional*): a checkpoint folder, or `latest` in `output_dir`.
+    push_to_hub (`bool`): upload the export to the Hub (token from `huggingface-cli login`).
+    hub_model_id (`str`, *optional*): repo id of the upload (`org/name`).
+    hub_private (`bool`): create the Hub repo as private.
+    export_full_pipeline (`bool`, defaults to `True`): in LoRA mode, also export the fused full pipeline.
 
     > Parameters of scale and memory
 
@@ -57,6 +139,7 @@ class DMDRConfig:
     cache_prompt_embeds (`bool`): encode the prompt set once, cache the embeddings on the host and on disk
         (`prompt_embeds_cache_dir`, keyed by the teacher, the resolution and the prompts), keep text encoders off the GPU.
     offload_text_encoders (`bool`): keep the text encoders on the CPU between encodes (prompt sets too big to cache).
+    prompt_embeds_cache_dir (`str`, *optional*): where `cache_prompt_embeds` keeps its on-disk cache.
     """
 
     # > Teacher and student
@@ -89,14 +172,26 @@ class DMDRConfig:
     fake_lora_target_modules: str | None = field(
         default=None, metadata={"help": "Comma-separated module names for the fake-score LoRA; default per family."}
     )
+    init_lora_weights: Literal["gaussian", "kaiming"] = field(
+        default="gaussian",
+        metadata={"help": "LoRA A init: `gaussian` (std 1/rank, the released code) or `kaiming` (PEFT's default)."},
+    )
+    student_init_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Initialise only the student: a backbone folder or .safetensors file (--training_mode full) or "
+            "a PEFT LoRA .safetensors (--training_mode lora). The teacher and both scores stay the teacher."
+        },
+    )
 
     # > DMD, DynaDG, DynaRS, TTUR
     fake_score_lora_scale: float = field(default=2.0, metadata={"help": "LoRA multiplier of the fake score."})
     real_score_lora_scale: float = field(
         default=0.5, metadata={"help": "DynaDG: initial multiplier of the fake LoRA inside the real score."}
     )
-    dynamic_steps: int = field(
-        default=2000, metadata={"help": "K: generator updates over which DynaDG and DynaRS anneal (0 = off)."}
+    dynamic_steps: int | None = field(
+        default=None,
+        metadata={"help": "K: generator updates over which DynaDG and DynaRS anneal (0 = off); default: stage 1."},
     )
     renoise_beta_alpha: float = field(default=4.0, metadata={"help": "DynaRS: Beta `a` at step 0."})
     renoise_beta_beta: float = field(default=1.5, metadata={"help": "DynaRS: Beta `b` at step 0."})
@@ -108,10 +203,26 @@ class DMDRConfig:
     backward_simulation: Literal["sde", "ode"] | None = field(
         default=None, metadata={"help": "`sde` (fresh noise) or `ode` (deterministic); default per family."}
     )
+    flow_x0_noise_level: float = field(
+        default=0.0,
+        metadata={
+            "help": "Flow models: x0 = x_t + (level - t) v stops at this noise level (released T2I code: 0.001)."
+        },
+    )
 
     # > Stages and rewards
-    cold_start_steps: int = field(
-        default=1500, metadata={"help": "Stage 1 length in generator updates; rewards join after it."}
+    cold_start_steps: int | None = field(
+        default=None,
+        metadata={"help": "Stage 1 length in generator updates; rewards join after it. Default: half the run."},
+    )
+    stage2_learning_rate: float | None = field(
+        default=None, metadata={"help": "Student learning rate from --cold_start_steps on; default: stage 1's."}
+    )
+    stage2_learning_rate_fake: float | None = field(
+        default=None, metadata={"help": "Fake-score learning rate from --cold_start_steps on; default: stage 1's."}
+    )
+    stage2_train_batch_size: int | None = field(
+        default=None, metadata={"help": "Prompts per process per iteration in stage 2; default: stage 1's."}
     )
     # Strings from the CLI, or mappings (`{name: clip, weight: 0.3, model: ...}`) from a YAML recipe.
     reward: list[str] = field(
@@ -128,6 +239,9 @@ class DMDRConfig:
             "help": "A diffusers `AutoencoderTiny` (e.g. madebyollin/taesdxl) that decodes x0 for the rewards: the "
             "released SDXL recipe's memory saver (full SDXL VAE decode with grad: +11.6 GiB; tiny: +1.5 GiB)."
         },
+    )
+    reward_vae_revision: str | None = field(
+        default=None, metadata={"help": "Hub revision of --reward_vae_model_name_or_path."}
     )
     reward_tilt: bool = field(
         default=False, metadata={"help": "Stage 1: weight DMD per sample by the normalised reward (RT-DM)."}
@@ -180,7 +294,7 @@ class DMDRConfig:
 
     # > Optimisation
     max_train_steps: int = field(default=3000, metadata={"help": "Generator updates to train for."})
-    train_batch_size: int = field(default=1, metadata={"help": "Prompts per process per micro-batch."})
+    train_batch_size: int = field(default=1, metadata={"help": "Prompts per process per micro-batch (stage 1)."})
     gradient_accumulation_steps: int = field(
         default=1,
         metadata={
@@ -188,8 +302,8 @@ class DMDRConfig:
             "train_batch_size x this; the TTUR ratio still counts updates)."
         },
     )
-    learning_rate: float = field(default=1e-6, metadata={"help": "Learning rate of the student."})
-    learning_rate_fake: float = field(default=5e-7, metadata={"help": "Learning rate of the fake score."})
+    learning_rate: float = field(default=1e-6, metadata={"help": "Learning rate of the student (stage 1)."})
+    learning_rate_fake: float = field(default=5e-7, metadata={"help": "Learning rate of the fake score (stage 1)."})
     lr_scheduler: str = field(default="constant", metadata={"help": "diffusers LR schedule name."})
     lr_warmup_steps: int = field(default=0, metadata={"help": "Warmup steps of both LR schedules."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
@@ -203,7 +317,7 @@ class DMDRConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
         default=None, metadata={"help": "Precision of frozen weights and autocast; default: accelerate's config."}
     )
-    allow_tf32: bool = field(default=False, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs."})
+    allow_tf32: bool = field(default=False, metadata={"help": "Allow TF32 matmuls and convolutions on Ampere+ GPUs."})
     max_consecutive_nonfinite_steps: int = field(
         default=5, metadata={"help": "Abort after this many NaN/inf losses in a row (each one skips its step)."}
     )
@@ -241,6 +355,11 @@ class DMDRConfig:
             self.eval_reward = [self.eval_reward]
         if isinstance(self.validation_prompts, str):
             self.validation_prompts = [self.validation_prompts]
+        # Unset stage lengths follow the run's length: half the run in stage 1, annealing within stage 1.
+        if self.cold_start_steps is None:
+            self.cold_start_steps = self.max_train_steps // 2
+        if self.dynamic_steps is None:
+            self.dynamic_steps = self.cold_start_steps
         problems = []
         if not self.pretrained_model_name_or_path:
             problems.append("--pretrained_model_name_or_path is required (a teacher pipeline folder or Hub id).")
@@ -274,6 +393,14 @@ class DMDRConfig:
                 f"({self.max_train_steps}): stage 2 (DMD + rewards) would never run. Lower --cold_start_steps, or "
                 "set it equal to --max_train_steps for a DMD-only run."
             )
+        for name in ("stage2_learning_rate", "stage2_learning_rate_fake", "stage2_train_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                problems.append(f"--{name} must be positive, got {value}; leave it unset to keep the stage-1 value.")
+        if self.flow_x0_noise_level < 0 or self.flow_x0_noise_level >= 0.1:
+            problems.append(f"--flow_x0_noise_level must be in [0, 0.1), got {self.flow_x0_noise_level}.")
+        if self.init_lora_weights not in ("gaussian", "kaiming"):
+            problems.append(f"--init_lora_weights must be `gaussian` or `kaiming`, got {self.init_lora_weights!r}.")
         if self.renoise_beta_alpha <= 0 or self.renoise_beta_beta <= 0:
             problems.append("--renoise_beta_alpha and --renoise_beta_beta must be positive.")
         if self.guidance_scale_jitter < 0:
@@ -292,6 +419,8 @@ class DMDRConfig:
             problems.append(
                 "--cache_prompt_embeds already keeps the text encoders off the GPU; drop --offload_text_encoders."
             )
+        if len(problems) == 1:
+            raise ValueError(f"Invalid DMDR configuration: {problems[0]}")
         if problems:
             raise ValueError("Invalid DMDR configuration:\n- " + "\n- ".join(problems))
         if self.reward and self.cold_start_steps == self.max_train_steps:
@@ -322,14 +451,46 @@ class DMDRConfig:
         return cls(**vars(build_argument_parser().parse_args(argv)))
 
 
+# Keys of a recipe's `stage2:` mapping and the config fields they set.
+STAGE2_KEYS = {
+    "learning_rate": "stage2_learning_rate",
+    "learning_rate_fake": "stage2_learning_rate_fake",
+    "train_batch_size": "stage2_train_batch_size",
+}
+# `--help` groups: the first field of each group, in the dataclass's field order.
+OPTION_GROUPS = {
+    "pretrained_model_name_or_path": "Teacher and student",
+    "fake_score_lora_scale": "Method (DMD, DynaDG, DynaRS, TTUR)",
+    "cold_start_steps": "Stages and rewards",
+    "train_prompts": "Prompt data",
+    "max_train_steps": "Optimisation",
+    "output_dir": "Logging, validation, checkpoints and export",
+}
+# The errors that config validation and the preflight checks raise for a bad input: `train.py` prints them as one
+# message and exits with status 2.
+USER_INPUT_ERRORS = (ValueError, FileNotFoundError, ImportError)
+
+
 def load_yaml_config(path: str | Path) -> dict:
-    """Read a YAML recipe and check its keys against the config fields (a typo must not be silently ignored)."""
+    """Read a YAML recipe and check its keys against the config fields (a typo must not be silently ignored).
+
+    A `stage2:` mapping (`learning_rate`, `learning_rate_fake`, `train_batch_size`) sets the `stage2_*` fields.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config {path} does not exist.")
     values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(values, dict):
         raise ValueError(f"--config {path} must hold a mapping of option names to values.")
+    stage2 = values.pop("stage2", None) or {}
+    if not isinstance(stage2, dict) or set(stage2) - set(STAGE2_KEYS):
+        raise ValueError(
+            f"`stage2` in {path} must be a mapping with keys among {sorted(STAGE2_KEYS)}, got {stage2!r}."
+        )
+    for key, value in stage2.items():
+        if STAGE2_KEYS[key] in values:
+            raise ValueError(f"{path} sets both `stage2.{key}` and `{STAGE2_KEYS[key]}`: keep one.")
+        values[STAGE2_KEYS[key]] = value
     known = {f.name for f in dataclasses.fields(DMDRConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -358,15 +519,71 @@ def _optional(kind):
     return convert
 
 
+class _CommandLineList(list):
+    """A list built from command-line flags (as opposed to the recipe's default list)."""
+
+
+class _ReplacingAppend(argparse.Action):
+    """`--reward a --reward b`: the flags given on the command line *replace* the recipe's list; `none` clears it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        if not isinstance(current, _CommandLineList):
+            current = _CommandLineList()
+        if str(values).strip().lower() == "none":
+            current.clear()
+        else:
+            current.append(values)
+        setattr(namespace, self.dest, current)
+
+
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.IGNORECASE)
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """`--learning_rate -1e-4` -> `--learning_rate=-1e-4`: argparse takes `-1e-4` for an option (it only recognises
+    `-1` and `-1.5` as numbers), so a negative number after a `--flag` is attached to it."""
+    joined: list[str] = []
+    for token in argv:
+        previous = joined[-1] if joined else ""
+        if _NEGATIVE_NUMBER.match(token) and previous.startswith("--") and "=" not in previous:
+            joined[-1] = f"{previous}={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
+def reward_names_epilog() -> str:
+    """The built-in reward names with one line each, from the registry (what `--reward` accepts besides a dotted
+    import path)."""
+    from .rewards import REWARD_REGISTRY
+
+    lines = ["built-in rewards (--reward NAME[:WEIGHT][:key=value...], or a dotted import path):"]
+    for name, factory in sorted(REWARD_REGISTRY.items()):
+        paragraph = " ".join(line.strip() for line in (factory.__doc__ or "").strip().split("\n\n")[0].splitlines())
+        summary = re.split(r"(?<=\.)\s", paragraph, maxsplit=1)[0]
+        lines.append(f"  {name:<12} {summary}")
+    return "\n".join(lines)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, and the epilog (the reward list) kept line by line."""
+
+
 def build_argument_parser() -> argparse.ArgumentParser:
-    """An argparse parser generated from the dataclass fields: help from metadata, choices from `Literal`."""
+    """An argparse parser generated from the dataclass fields: help from metadata, choices from `Literal`, options
+    grouped as in the class docstring, the built-in reward names in the epilog."""
     parser = argparse.ArgumentParser(
         description="Distil a diffusers text-to-image teacher into a few-step student with DMDR.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
+        epilog=reward_names_epilog(),
     )
     parser.add_argument("--config", default=None, help="YAML recipe whose values become defaults.")
     hints = typing.get_type_hints(DMDRConfig)
+    group = parser
     for spec in dataclasses.fields(DMDRConfig):
+        if spec.name in OPTION_GROUPS:
+            group = parser.add_argument_group(OPTION_GROUPS[spec.name])
         kind = hints[spec.name]
         args = typing.get_args(kind)
         optional = type(None) in args
@@ -384,16 +601,18 @@ def build_argument_parser() -> argparse.ArgumentParser:
         elif typing.get_origin(inner) is list:
             item_type = typing.get_args(inner)[0]
             if spec.name in ("reward", "eval_reward"):
-                kwargs.update(action="append", type=str, default=None)
+                kwargs.update(action=_ReplacingAppend, type=str, default=None)
+                kwargs["help"] += " Given here, it replaces the recipe's list; `none` clears it."
             else:
                 kwargs.update(nargs="+", type=item_type)
         elif inner in (int, float, str):
             kwargs["type"] = _optional(inner) if optional else inner
-        parser.add_argument(f"--{spec.name}", **kwargs)
+        group.add_argument(f"--{spec.name}", **kwargs)
 
     original_parse = parser.parse_args
 
     def parse_args(argv=None, namespace=None):
+        argv = join_negative_values(list(sys.argv[1:] if argv is None else argv))
         # Two passes: read `--config` first so its values become defaults that explicit flags override.
         known_config = argparse.ArgumentParser(add_help=False)
         known_config.add_argument("--config", default=None)
@@ -402,8 +621,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
             parser.set_defaults(**load_yaml_config(config_args.config))
         namespace = original_parse(argv, namespace)
         for name in ("reward", "eval_reward"):
-            if getattr(namespace, name) is None:
-                setattr(namespace, name, parser.get_default(name) or [])
+            value = getattr(namespace, name)
+            setattr(namespace, name, list(value) if value is not None else list(parser.get_default(name) or []))
         del namespace.config
         return namespace
 

@@ -317,7 +317,9 @@ def _student_scheduler(config: DMDRConfig, teacher) -> DMDRScheduler:
     timesteps = config.student_timesteps or teacher.family.default_student_timesteps(
         config.num_student_steps, config.shift
     )
-    return student_scheduler_for(teacher, timesteps, config.backward_simulation, config.shift)
+    return student_scheduler_for(
+        teacher, timesteps, config.backward_simulation, config.shift, config.flow_x0_noise_level
+    )
 
 
 def _family_of(config: DMDRConfig) -> ModelFamily:
@@ -689,7 +691,9 @@ def _usage_section(
         f"```python\n{route_remote}```\n",
         "### 3. A stock diffusers pipeline and scheduler\n",
         "No custom code: the stock scheduler below follows the same timesteps with its own update rule, which matches "
-        "the trained sampler closely but not bit for bit.\n",
+        "the trained sampler closely but not bit for bit"
+        + (" (it feeds the model `1000 t` where training fed `round(1000 t)`)" if family.is_flow else "")
+        + ".\n",
         f"```python\n{route_plain}```\n",
     ]
     return "\n".join(lines)

@@ -62,14 +62,20 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
     if config.dmd_loss_weight == 0 and not reward_specs:
         raise ValueError("--dmd_loss_weight 0 with no --reward leaves nothing to train the student on.")
 
-    reward_vae = config.reward_vae_model_name_or_path
-    if reward_vae and (Path(reward_vae).exists() or reward_vae.startswith((".", "/", "~"))):
-        if not (Path(reward_vae).expanduser() / "config.json").is_file():
-            raise FileNotFoundError(
-                f"--reward_vae_model_name_or_path {reward_vae} is not an AutoencoderTiny folder (no config.json)."
-            )
+    if config.reward_vae_model_name_or_path:
+        check_reward_vae(config.reward_vae_model_name_or_path, config.reward_vae_revision)
+
+    # 4b. Student initialisation: the file kind fits the training mode, a LoRA fits the configured rank.
+    if config.student_init_path:
+        check_student_init(config)
 
     # 5. Optional dependencies asked for.
+    # (`all` means "every installed tracker" to accelerate, so it needs none in particular.)
+    for tracker in ("wandb", "tensorboard"):
+        if config.report_to == tracker and not _tracker_installed(tracker):
+            raise ImportError(
+                f"--report_to {config.report_to} needs {tracker}: `pip install {tracker}`, or pass --report_to none."
+            )
     if config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise ImportError(
             "--use_8bit_adam needs bitsandbytes: `pip install diffusers-dmdr[bnb]`, or drop --use_8bit_adam."
@@ -90,3 +96,54 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
         max_samples=config.max_train_samples,
     )
     return RunPlan(family, list(timesteps), prompts, reward_specs, eval_specs)
+
+
+def _tracker_installed(name: str) -> bool:
+    if name == "tensorboard":
+        # accelerate's tensorboard tracker runs on either package.
+        return any(importlib.util.find_spec(module) is not None for module in ("tensorboard", "tensorboardX"))
+    return importlib.util.find_spec(name) is not None
+
+
+def check_reward_vae(name_or_path: str, revision: str | None) -> None:
+    """The reward autoencoder is an `AutoencoderTiny` folder or Hub repo (its config is read, no weights)."""
+    path = Path(name_or_path).expanduser()
+    if path.exists() or name_or_path.startswith((".", "/", "~")):
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(
+                f"--reward_vae_model_name_or_path {name_or_path} is not an AutoencoderTiny folder (no config.json)."
+            )
+        return
+    from diffusers import AutoencoderTiny
+
+    try:
+        AutoencoderTiny.load_config(name_or_path, revision=revision)
+    except Exception as error:
+        raise FileNotFoundError(
+            f"Could not read config.json of --reward_vae_model_name_or_path {name_or_path!r} (revision "
+            f"{revision or 'main'}; {type(error).__name__}: {error}). Check the id, --reward_vae_revision and your "
+            "network (HF_HUB_OFFLINE), or give a local AutoencoderTiny folder."
+        ) from error
+
+
+def check_student_init(config: DMDRConfig) -> None:
+    """`--student_init_path` exists, holds safetensors, and fits `--training_mode` (and the LoRA rank)."""
+    from .adapters import lora_rank_of_file, student_init_files
+
+    kind, files = student_init_files(config.student_init_path)
+    if kind == "lora" and config.training_mode != "lora":
+        raise ValueError(
+            f"--student_init_path {config.student_init_path} is a LoRA: it initialises a --training_mode lora "
+            "student (or fuse it into a backbone first)."
+        )
+    if kind == "backbone" and config.training_mode != "full":
+        raise ValueError(
+            f"--student_init_path {config.student_init_path} is a full backbone: use --training_mode full (a LoRA "
+            "student shares the teacher's weights, so it cannot start from other ones)."
+        )
+    if kind == "lora" and lora_rank_of_file(files[0]) != config.lora_rank:
+        raise ValueError(
+            f"--student_init_path {config.student_init_path} has LoRA rank {lora_rank_of_file(files[0])} but "
+            f"--lora_rank is {config.lora_rank}: set --lora_rank {lora_rank_of_file(files[0])}."
+        )

@@ -46,9 +46,10 @@ from .families.base import repeat_condition, student_scheduler_for
 from .losses import anchor_loss, dmd_loss, fake_score_loss, reward_tilt_weights
 from .optimization import RoleSchedule, lr_multiplier, make_optimizer, set_learning_rates, step_role
 from .prompt_cache import PromptEncoder
-from .rewards import compute_reward_loss
+from .rewards import compute_reward_loss, set_reward_step
 from .sharding import gather_full_state_dict, is_fsdp2, local_shard
 from .simulation import SimulationOutput, backward_simulation, sample_student
+from .stages import stage_two_start_iteration, stage_values
 from .training_module import GUIDANCE_ROLE, STUDENT_ROLE, DMDRTrainingModule
 
 
@@ -182,7 +183,9 @@ class DMDRTrainer:
         timesteps = config.student_timesteps or self.family.default_student_timesteps(
             config.num_student_steps, config.shift
         )
-        self.scheduler = student_scheduler_for(teacher, timesteps, config.backward_simulation, config.shift)
+        self.scheduler = student_scheduler_for(
+            teacher, timesteps, config.backward_simulation, config.shift, config.flow_x0_noise_level
+        )
         self.latent_shape = (
             self.family.latent_channels(teacher.backbone),
             config.resolution // self.pipeline.vae_scale_factor,
@@ -206,6 +209,8 @@ class DMDRTrainer:
             fake_lora={"rank": config.fake_lora_rank, "alpha": config.fake_lora_alpha, "target_modules": fake_targets},
             seed=config.seed,
             student_backbone=student_backbone,
+            init=config.init_lora_weights,
+            student_init_path=config.student_init_path,
         )
         module = DMDRTrainingModule(backbone, self.family.call_backbone, student_backbone).to(device)
         if config.gradient_checkpointing:
@@ -236,6 +241,8 @@ class DMDRTrainer:
             config.seed,
             self.accelerator.process_index,
             self.accelerator.num_processes,
+            stage2_batch_size=stage_values(config, config.cold_start_steps).train_batch_size * self.micro_batches,
+            stage2_start_iteration=stage_two_start_iteration(config.cold_start_steps, config.update_ratio),
         )
         self.prompt_encoder = PromptEncoder.from_config(config, teacher, self.accelerator, prompts)
         self.empty_condition = self.encode([""])
@@ -261,9 +268,12 @@ class DMDRTrainer:
         }
 
     def _learning_rates(self) -> dict[str, float]:
+        # The base rates are those of the current stage (`--stage2_*` from the cold start on), times the schedule.
+        stage = stage_values(self.config, self.state.global_step)
         return {
-            STUDENT_ROLE: self.role_schedules[STUDENT_ROLE].learning_rate_at(self.state.global_step),
-            GUIDANCE_ROLE: self.role_schedules[GUIDANCE_ROLE].learning_rate_at(self.state.iteration),
+            STUDENT_ROLE: stage.learning_rate * self.role_schedules[STUDENT_ROLE].multiplier(self.state.global_step),
+            GUIDANCE_ROLE: stage.learning_rate_fake
+            * self.role_schedules[GUIDANCE_ROLE].multiplier(self.state.iteration),
         }
 
     @property
@@ -385,7 +395,7 @@ class DMDRTrainer:
     def _draws(self, iteration: int) -> IterationDraws:
         """Every random number of `iteration` on this process, from a generator seeded with (seed, iteration, rank)."""
         config = self.config
-        rows = config.train_batch_size * self.micro_batches
+        rows = self.prompt_sampler.batch_size_at(iteration)  # the stage's batch x micro-batches
         rng = np.random.default_rng([config.seed, iteration, self.accelerator.process_index])
         seeds = rng.integers(2**62, size=rows)
         step_index = rng.integers(0, len(self.scheduler.noise_levels), size=rows)
@@ -406,7 +416,8 @@ class DMDRTrainer:
         )
 
     def _micro_batches(self, iteration: int, draws: IterationDraws) -> list[MicroBatch]:
-        prompts, size = self.prompt_sampler.batch(iteration), self.config.train_batch_size
+        prompts = self.prompt_sampler.batch(iteration)
+        size = len(prompts) // self.micro_batches
         batches = []
         for index in range(self.micro_batches):
             rows = slice(index * size, (index + 1) * size)
@@ -451,6 +462,7 @@ class DMDRTrainer:
     def _generator_update(self, micro_batches: list[MicroBatch], draws: IterationDraws) -> dict:
         """DMD (plus rewards in stage 2) on the student's one-step predictions, accumulated over the micro-batches;
         one update of the student group."""
+        set_reward_step(self.rewards + self.eval_rewards, self.state.global_step)
         logs_per_batch = []
         for index, batch in enumerate(micro_batches):
             loss, logs = self._generator_loss(batch, draws)

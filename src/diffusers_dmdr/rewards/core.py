@@ -475,6 +475,15 @@ def load_rewards(
     return loaded
 
 
+def set_reward_step(rewards: Iterable[LoadedReward], step: int) -> None:
+    """Tell the rewards that draw random choices (the relative reward's control words) which generator step comes
+    next, so that their draws are a function of `(seed, step)` and a resumed run repeats them."""
+    for loaded in rewards:
+        reward = getattr(loaded.fn, "reward", loaded.fn)
+        if hasattr(reward, "set_step"):
+            reward.set_step(step)
+
+
 def compute_reward_loss(
     rewards: list[LoadedReward], images: torch.Tensor, prompts: list[str]
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
