@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration
 from diffusers.utils.torch_utils import randn_tensor
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import schedules
@@ -34,8 +34,12 @@ from .checkpointing import (
     FAKE_LORA_FILE,
     STUDENT_FULL_FILE,
     STUDENT_LORA_FILE,
-    prune_checkpoints,
+    atomic_checkpoint_save,
+    load_accelerator_state_safely,
+    load_trainer_state,
+    load_weights_file,
     resolve_checkpoint,
+    save_trainer_state,
 )
 from .config import DMDRConfig
 from .data import PromptSampler
@@ -180,7 +184,7 @@ class DMDRTrainer:
         self.guidance_denoiser = Denoiser(self.guidance, self.family, self.scheduler)
         self.accelerator.register_save_state_pre_hook(self._save_model_hook)
         self.accelerator.register_load_state_pre_hook(self._load_model_hook)
-        self.accelerator.register_for_checkpointing(self.state)
+        # `self.state` is saved as JSON by `save_checkpoint`, never registered with accelerate (which pickles it).
 
         self.prompt_sampler = PromptSampler(
             prompts,
@@ -191,6 +195,9 @@ class DMDRTrainer:
         )
         self.empty_condition = self.family.encode_prompts(self.pipeline, [""], config.resolution, device)
         self.history: list[dict] = []
+        # Logs of the steps before a resume (from the checkpoint), so that train_summary.json covers the whole run.
+        self.resumed_history: list[dict] = []
+        self.last_checkpoint: Path | None = None
         # Set by `train()` when --anchor_loss_weight > 0: the student's weights as the run starts.
         self.anchor_weights: list[torch.Tensor] | None = None
 
@@ -368,7 +375,7 @@ class DMDRTrainer:
             "replica_checksums": checksums,
             "replicas_identical": all(row == checksums[0] for row in checksums),
             "student_timesteps": list(self.scheduler.config.training_timesteps),
-            "history": self.history,
+            "history": self.resumed_history + self.history,
         }
         path = Path(self.config.output_dir) / "train_summary.json"
         path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
@@ -579,26 +586,37 @@ class DMDRTrainer:
                     raise NonFiniteLossError(f"The {name} weights hold NaN/inf: refusing to write a checkpoint.")
 
     def save_checkpoint(self) -> Path:
-        """Write `output_dir/checkpoint-{step}` through `accelerator.save_state` (all processes must call it)."""
+        """Write `output_dir/checkpoint-{step}` atomically (see `checkpointing.atomic_checkpoint_save`); all processes
+        must call it. The trainer's counters and history go in as JSON."""
         self._assert_finite_weights()
-        output_dir = Path(self.config.output_dir)
-        path = output_dir / f"checkpoint-{self.state.global_step}"
-        if self.accelerator.is_main_process:
-            prune_checkpoints(output_dir, self.config.checkpoints_total_limit)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(path))
-        if self.accelerator.is_main_process:
-            self.config.save_yaml(path / CONFIG_FILE)
-            logger.info(f"Saved checkpoint {path}")
-        self.accelerator.wait_for_everyone()
+
+        def finalize(folder: Path) -> None:
+            self.config.save_yaml(folder / CONFIG_FILE)
+            save_trainer_state(folder, self.state.state_dict(), self.resumed_history + self.history)
+
+        path = atomic_checkpoint_save(
+            self.config.output_dir,
+            self.state.global_step,
+            lambda folder: self.accelerator.save_state(str(folder)),
+            finalize,
+            limit=self.config.checkpoints_total_limit,
+            is_main_process=self.accelerator.is_main_process,
+            wait_for_everyone=self.accelerator.wait_for_everyone,
+        )
+        self.last_checkpoint = path
+        logger.info(f"Saved checkpoint {path}")
         return path
 
     def load_checkpoint(self, checkpoint: str) -> None:
         path = resolve_checkpoint(self.config.output_dir, checkpoint)
         if path is None:
-            logger.warning(f"No checkpoint found in {self.config.output_dir}; starting a new run.")
+            logger.warning(f"No complete checkpoint found in {self.config.output_dir}; starting a new run.")
             return
-        self.accelerator.load_state(str(path))
+        counters, history = load_trainer_state(path)
+        load_accelerator_state_safely(self.accelerator, path)
+        self.state.load_state_dict(counters)
+        self.resumed_history = history
+        self.last_checkpoint = path
         logger.info(f"Resumed from {path} at generator step {self.state.global_step}")
 
     def _save_model_hook(self, models, weights, output_dir) -> None:
@@ -624,11 +642,13 @@ class DMDRTrainer:
             unwrapped = self.accelerator.unwrap_model(models.pop())
             if unwrapped is self._student_module:
                 if self.config.training_mode == "lora":
-                    load_adapter_state_dict(unwrapped, STUDENT_ADAPTER, load_file(Path(input_dir) / STUDENT_LORA_FILE))
+                    load_adapter_state_dict(
+                        unwrapped, STUDENT_ADAPTER, load_weights_file(Path(input_dir) / STUDENT_LORA_FILE)
+                    )
                 else:
-                    unwrapped.load_state_dict(load_file(Path(input_dir) / STUDENT_FULL_FILE), strict=True)
+                    unwrapped.load_state_dict(load_weights_file(Path(input_dir) / STUDENT_FULL_FILE), strict=True)
             elif unwrapped is self._guidance_module:
-                load_adapter_state_dict(unwrapped, FAKE_ADAPTER, load_file(Path(input_dir) / FAKE_LORA_FILE))
+                load_adapter_state_dict(unwrapped, FAKE_ADAPTER, load_weights_file(Path(input_dir) / FAKE_LORA_FILE))
             else:
                 raise ValueError(f"Unexpected model {type(unwrapped).__name__} in the checkpoint.")
 
