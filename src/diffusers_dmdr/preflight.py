@@ -1,6 +1,7 @@
 """Checks of a run's inputs that need no weights: they fail in seconds, with a message naming the fix."""
 
 import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -8,6 +9,9 @@ from .config import DMDRConfig
 from .data import load_prompts
 from .families import ModelFamily, detect_family, get_family, read_teacher_config
 from .pipelines.scheduling_dmdr import DMDRScheduler
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -24,6 +28,7 @@ class RunPlan:
 def check_run_inputs(config: DMDRConfig) -> RunPlan:
     """Validate everything about `config` that can be checked before any weight is loaded."""
     from .rewards import parse_reward_spec, validate_reward_specs
+    from .rewards.core import reward_import_paths
 
     # 1. Teacher: the folder or Hub id exists and is a supported family.
     model_index = read_teacher_config(config.pretrained_model_name_or_path, config.revision)
@@ -56,6 +61,10 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
     # 4. Rewards: names or import paths resolve, local model files exist.
     reward_specs = [parse_reward_spec(text) for text in config.reward]
     eval_specs = [parse_reward_spec(text) for text in config.eval_reward]
+    if config.allow_reward_import_paths:
+        imported = [path for spec in reward_specs + eval_specs for path in reward_import_paths(spec)]
+        if imported:
+            logger.warning(f"--allow_reward_import_paths: importing user code {imported} for the rewards.")
     validate_reward_specs(reward_specs + eval_specs)
     if config.reward_tilt and not reward_specs:
         raise ValueError("--reward_tilt weights DMD by a reward: give at least one --reward.")
