@@ -46,6 +46,7 @@ from .data import PromptSampler
 from .denoisers import Denoiser, guided_x0
 from .families import TeacherComponents
 from .families.base import repeat_condition, student_scheduler_for
+from .guards import DivergenceError, DivergenceGuard, resume_advice, trainable_weight_norm
 from .losses import anchor_loss, dmd_loss, fake_score_loss, reward_tilt_weights
 from .rewards import compute_reward_loss
 from .simulation import backward_simulation, sample_student
@@ -311,6 +312,9 @@ class DMDRTrainer:
             disable=not self.accelerator.is_local_main_process,
         )
         fake_losses: list[float] = []
+        # Checkpoints are written only after a healthy step: one due during skipped steps waits for the next.
+        guard, checkpoint_pending = DivergenceGuard.from_config(config), False
+        guard.start(self._weight_norms())
         while self.state.global_step < config.max_train_steps:
             iteration = self.state.iteration
             prompts = self.prompt_sampler.batch(iteration)
@@ -338,19 +342,48 @@ class DMDRTrainer:
             progress.set_postfix(
                 {k: f"{v:.4g}" for k, v in logs.items() if k.startswith(("loss", "reward", "dg", "rs"))}
             )
+            self._check_divergence(guard, logs)
             step = self.state.global_step
-            if config.checkpointing_steps and step % config.checkpointing_steps == 0 and step < config.max_train_steps:
-                self.save_checkpoint()
+            due = config.checkpointing_steps and step % config.checkpointing_steps == 0
+            if (due or checkpoint_pending) and step < config.max_train_steps:
+                checkpoint_pending = not self._step_was_healthy(logs)
+                if not checkpoint_pending:
+                    self.save_checkpoint()
             if config.validation_prompts and config.validation_steps and step % config.validation_steps == 0:
                 self.log_validation()
         progress.close()
-        self.save_checkpoint()
+        if self._step_was_healthy(self.history[-1] if self.history else {}):
+            self.save_checkpoint()
+        else:
+            logger.warning(f"The last step was skipped: no final checkpoint. {resume_advice(self.last_checkpoint)}")
         if config.validation_prompts and config.max_train_steps % max(config.validation_steps, 1):
             self.log_validation()
         self._write_summary()
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         return self.history
+
+    def _weight_norms(self) -> dict[str, float]:
+        return {
+            "student": trainable_weight_norm(trainable_parameters(self.student_model)),
+            "fake score": trainable_weight_norm(trainable_parameters(self.guidance_model)),
+        }
+
+    def _step_was_healthy(self, logs: dict) -> bool:
+        """The generator update of `logs` was applied and no update of either network is being skipped."""
+        state = self.state
+        return (
+            not logs.get("step_skipped") and state.generator_nonfinite_in_a_row == state.fake_nonfinite_in_a_row == 0
+        )
+
+    def _check_divergence(self, guard: DivergenceGuard, logs: dict) -> None:
+        losses = {"generator loss": logs.get("loss"), "fake-score loss": logs.get("loss_fake")}
+        reason = guard.check(losses, self._weight_norms())
+        if reason is not None:
+            raise DivergenceError(
+                f"Training diverged at generator step {self.state.global_step}: {reason}; stopped without writing "
+                f"a checkpoint of these weights. {resume_advice(self.last_checkpoint)}"
+            )
 
     def _replica_checksums(self) -> list[float]:
         """Sum of every trainable weight on each process: data parallel replicas must agree exactly."""
@@ -573,7 +606,7 @@ class DMDRTrainer:
             raise NonFiniteLossError(
                 f"{in_a_row} non-finite {role} losses in a row ({what}); training stopped with the weights unchanged "
                 "since the last finite step. Lower --learning_rate / --learning_rate_fake, use --mixed_precision bf16 "
-                "instead of fp16, check the rewards for NaN, then resume with --resume_from_checkpoint latest."
+                f"instead of fp16, check the rewards for NaN. {resume_advice(self.last_checkpoint)}"
             )
 
     # ------------------------------------------------------------------------------------------------------------
