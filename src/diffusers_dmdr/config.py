@@ -332,7 +332,10 @@ class DMDRConfig:
         return dataclasses.asdict(self)
 
     def save_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+        """Write the config as a recipe; the import-path opt-in is a permission of one command line, not a value a
+        recipe may carry (`load_yaml_config` refuses it), so it is left out."""
+        values = {k: v for k, v in self.to_dict().items() if k not in _COMMAND_LINE_ONLY}
+        Path(path).write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "DMDRConfig":
@@ -351,6 +354,10 @@ class DMDRConfig:
             # `allow_reward_import_paths` cannot come from the recipe (load_yaml_config refuses it there).
             check_recipe_import_paths(load_yaml_config(recipe), recipe, config.allow_reward_import_paths)
         return config
+
+
+# Fields only the command line may set (never saved into, nor read from, a recipe).
+_COMMAND_LINE_ONLY = ("allow_reward_import_paths",)
 
 
 def _recipe_path(argv: list[str] | None) -> str | None:
