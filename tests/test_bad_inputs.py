@@ -118,3 +118,34 @@ def test_recipe_cannot_carry_the_opt_in_and_saved_configs_reload(tmp_path):
     config.save_yaml(tmp_path / "saved.yaml")
     assert "allow_reward_import_paths" not in yaml.safe_load((tmp_path / "saved.yaml").read_text())
     assert DMDRConfig.from_yaml(tmp_path / "saved.yaml").allow_reward_import_paths is False
+
+
+def test_published_files_redact_local_paths():
+    from diffusers_dmdr.utils import redact_local_paths, redact_local_paths_in
+
+    text = "teacher `/home/me/models/sdxl` (sdxl), reward clip:0.3:model=/data/clip-vit, base stabilityai/sdxl"
+    assert redact_local_paths(text) == (
+        "teacher `<local>/sdxl` (sdxl), reward clip:0.3:model=<local>/clip-vit, base stabilityai/sdxl"
+    )
+    assert redact_local_paths("see https://huggingface.co/papers/2511.13649 and ~/runs/a/") == (
+        "see https://huggingface.co/papers/2511.13649 and <local>/a"
+    )
+    assert redact_local_paths_in({"a": ["/x/y.txt", 3], "b": None}) == {"a": ["<local>/y.txt", 3], "b": None}
+
+
+def test_long_prompt_truncation_is_logged_once(caplog):
+    import logging
+
+    from diffusers_dmdr.utils import TRUNCATION_WARNING, log_prompt_truncation_once
+
+    log_prompt_truncation_once("tests.fake_pipeline_module")
+    log_prompt_truncation_once("tests.fake_pipeline_module")  # idempotent
+    logger = logging.getLogger("tests.fake_pipeline_module")
+    with caplog.at_level(logging.WARNING, logger="tests.fake_pipeline_module"):
+        for _ in range(4):
+            logger.warning(
+                f"{TRUNCATION_WARNING} because CLIP can only handle sequences up to 77 tokens: {'x' * 100000}"
+            )
+        logger.warning("another warning")
+    assert len(caplog.records) == 2
+    assert len(caplog.records[0].getMessage()) < 400 and "shown once" in caplog.records[0].getMessage()

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from .adapters import (
@@ -55,7 +56,7 @@ from .hub import (  # noqa: F401  (HubUploadError, UPLOAD_IGNORE_PATTERNS and hu
 from .pipelines import pipeline_dmdr, scheduling_dmdr
 from .pipelines.pipeline_dmdr import SCHEDULER_CLASS, SCHEDULER_MODULE, FewStepDMDRPipeline
 from .pipelines.scheduling_dmdr import DMDRScheduler
-from .utils import save_image_grid
+from .utils import redact_local_paths, redact_local_paths_in, save_image_grid
 
 
 logger = logging.getLogger(__name__)
@@ -392,7 +393,13 @@ def write_export(
         existing_card=output_dir / "README.md",
         hub_timeout=hub_timeout,
     )
-    card.save(output_dir / "README.md")
+    # What is published names no local folder: absolute paths become `<local>/<name>` in the card and the recipe
+    # (the run's checkpoints keep their own, unredacted dmdr_config.yaml).
+    (output_dir / "README.md").write_text(redact_local_paths(str(card)), encoding="utf-8")
+    public_config = redact_local_paths_in(
+        {k: v for k, v in config.to_dict().items() if k != "allow_reward_import_paths"}
+    )
+    (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(public_config, sort_keys=False), encoding="utf-8")
     logger.info(f"Exported the DMDR student to {output_dir}")
     return output_dir
 

@@ -50,6 +50,7 @@ from .guards import DivergenceError, DivergenceGuard, resume_advice, trainable_w
 from .losses import anchor_loss, dmd_loss, fake_score_loss, reward_tilt_weights
 from .rewards import compute_reward_loss
 from .simulation import backward_simulation, sample_student
+from .utils import log_prompt_truncation_once
 
 
 logger = get_logger(__name__)
@@ -117,6 +118,8 @@ class DMDRTrainer:
         self.accelerator = accelerator or create_accelerator(config)
         self.family = teacher.family
         self.pipeline = teacher.pipeline
+        # A prompt longer than the tokenizer's limit is reported once, not echoed at every step.
+        log_prompt_truncation_once(type(self.pipeline).__module__)
         self.rewards = list(rewards or [])
         self.eval_rewards = list(eval_rewards or [])
         self.state = TrainingState()
