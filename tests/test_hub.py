@@ -84,10 +84,11 @@ def test_export_survives_a_broken_hub_and_a_local_export_sends_nothing(tiny_teac
     # A local export (a local teacher, no --push_to_hub) asks the Hub nothing, not even for its folder's name.
     assert results["local_requests"] == []
     local = tmp_path / "exports" / "local"
-    # What would be published names no local folder (the teacher, prompts and run live under tmp_path).
-    for name in ("README.md", "dmdr_config.yaml"):
-        assert str(tmp_path) not in (local / name).read_text(encoding="utf-8"), name
+    # What is published names no local folder (the teacher, prompts and run live under tmp_path): the exported
+    # recipe never does, the card does not once the export is pushed (a local card's snippets keep working here).
     assert "<local>/" in (local / "dmdr_config.yaml").read_text(encoding="utf-8")
+    assert str(tmp_path) not in (local / "dmdr_config.yaml").read_text(encoding="utf-8")
+    assert str(tmp_path) not in (tmp_path / "exports" / "hang" / "README.md").read_text(encoding="utf-8")
     for mode in ("hang", "error500", "close"):
         outcome = results[mode]
         assert outcome["exit"] == 1 and outcome["readme"], (mode, outcome)

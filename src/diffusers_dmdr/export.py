@@ -393,9 +393,11 @@ def write_export(
         existing_card=output_dir / "README.md",
         hub_timeout=hub_timeout,
     )
-    # What is published names no local folder: absolute paths become `<local>/<name>` in the card and the recipe
-    # (the run's checkpoints keep their own, unredacted dmdr_config.yaml).
-    (output_dir / "README.md").write_text(redact_local_paths(str(card)), encoding="utf-8")
+    # What is published names no local folder: absolute paths become `<local>/<name>` in the recipe, and in the card
+    # of an export about to be pushed (a local card keeps them so that its snippets run here; the run's checkpoints
+    # keep their own, unredacted dmdr_config.yaml).
+    card_text = str(card) if hub_timeout is None else redact_local_paths(str(card))
+    (output_dir / "README.md").write_text(card_text, encoding="utf-8")
     public_config = redact_local_paths_in(
         {k: v for k, v in config.to_dict().items() if k != "allow_reward_import_paths"}
     )
