@@ -58,6 +58,7 @@ def test_trusted_import_paths_still_work(tmp_path):
     )
     assert config.reward == ["clip:0.3", "reward_fixtures.sum_of_pixels_reward"]
     assert reward_import_paths("clip:0.3") == []
+    assert reward_import_paths("diffusers_dmdr.digits.reward.DigitClassifierReward") == []  # the package's own
     assert reward_import_paths("classifier:module=pkg.Net:labels=a") == ["pkg.Net"]
 
 

@@ -321,7 +321,9 @@ def resolve_reward_factory(name: str) -> Callable:
 
 def reward_import_paths(spec: "str | dict | RewardSpec") -> list[str]:
     """The import paths to user code a reward spec names: its name when it is not a registered reward, and any
-    option a reward declares in `import_path_options` (the classifier's `module`). Nothing is imported."""
+    option a reward declares in `import_path_options` (the classifier's `module`). Paths into this package itself
+    (`diffusers_dmdr.digits.reward.DigitClassifierReward`) run no foreign code and are not listed. Nothing is
+    imported."""
     spec = parse_reward_spec(spec)
     paths = []
     factory = REWARD_REGISTRY.get(spec.name)
@@ -333,7 +335,7 @@ def reward_import_paths(spec: "str | dict | RewardSpec") -> list[str]:
     for key in getattr(factory, "import_path_options", ()):
         if isinstance(spec.options.get(key), str):
             paths.append(spec.options[key])
-    return paths
+    return [path for path in paths if path.split(".", 1)[0] != __name__.split(".", 1)[0]]
 
 
 def _is_reward_function(factory: Callable) -> bool:
