@@ -56,6 +56,8 @@ EXPORT_SCRIPT = textwrap.dedent(
 
 
 def test_export_survives_a_broken_hub_and_a_local_export_sends_nothing(tiny_teacher_dirs, prompt_file, tmp_path):
+    """One fresh Python (~30 s on a busy 2-core machine: imports, two exports, three 2 s deadlines) for all four
+    scenarios, since huggingface_hub reads HF_ENDPOINT at import."""
     from diffusers_dmdr.families import get_family
     from diffusers_dmdr.trainer import DMDRTrainer
 
