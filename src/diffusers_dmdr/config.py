@@ -67,6 +67,14 @@ class DMDRConfig:
     checkpoints_total_limit (`int`, *optional*): keep the newest N >= 1 complete checkpoints; unset keeps all.
     hub_timeout (`float`, defaults to 90.0): seconds a Hub request of the export may take (each call, its retries
         included); a dead or hanging Hub then fails with the command that retries the upload.
+
+    > Parameters of scale and memory
+
+    gradient_accumulation_steps (`int`, defaults to 1): micro-batches of `train_batch_size` accumulated into each
+        update of either network; a generator update and a fake-score update are each this many micro-batches.
+    cache_prompt_embeds (`bool`): encode the prompt set once, cache the embeddings on the host and on disk
+        (`prompt_embeds_cache_dir`, keyed by the teacher, the resolution and the prompts), keep text encoders off the GPU.
+    offload_text_encoders (`bool`): keep the text encoders on the CPU between encodes (prompt sets too big to cache).
     """
 
     # > Teacher and student
@@ -178,11 +186,33 @@ class DMDRConfig:
     dataset_config_name: str | None = field(default=None, metadata={"help": "Config of a Hub dataset."})
     dataset_split: str = field(default="train", metadata={"help": "Split of the prompt dataset."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N prompts."})
+    cache_prompt_embeds: bool = field(
+        default=False,
+        metadata={
+            "help": "Encode every prompt (and the empty and validation prompts) once before training, keep the "
+            "embeddings on the host and on disk for the next run, and keep the text encoders off the GPU."
+        },
+    )
+    prompt_embeds_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder of the prompt-embedding cache (default: ~/.cache/diffusers_dmdr/prompt_embeds)."},
+    )
+    offload_text_encoders: bool = field(
+        default=False,
+        metadata={"help": "Keep the text encoders on the CPU and move them to the GPU only to encode a batch."},
+    )
     resolution: int = field(default=1024, metadata={"help": "Square training resolution in pixels."})
 
     # > Optimisation
     max_train_steps: int = field(default=3000, metadata={"help": "Generator updates to train for."})
-    train_batch_size: int = field(default=1, metadata={"help": "Prompts per process per iteration."})
+    train_batch_size: int = field(default=1, metadata={"help": "Prompts per process per micro-batch."})
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Micro-batches accumulated into every update of both networks (effective batch per process = "
+            "train_batch_size x this; the TTUR ratio still counts updates)."
+        },
+    )
     learning_rate: float = field(default=1e-6, metadata={"help": "Learning rate of the student."})
     learning_rate_fake: float = field(default=5e-7, metadata={"help": "Learning rate of the fake score."})
     lr_scheduler: str = field(default="constant", metadata={"help": "diffusers LR schedule name."})
@@ -266,7 +296,14 @@ class DMDRConfig:
                 f"--student_timesteps has {len(self.student_timesteps)} values but --num_student_steps is "
                 f"{self.num_student_steps}: give one timestep per student step, or drop --student_timesteps."
             )
-        for name in ("max_train_steps", "train_batch_size", "update_ratio", "lora_rank", "fake_lora_rank"):
+        for name in (
+            "max_train_steps",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "update_ratio",
+            "lora_rank",
+            "fake_lora_rank",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"--{name} must be at least 1, got {getattr(self, name)}.")
         for name in ("cold_start_steps", "dynamic_steps", "lr_warmup_steps"):
@@ -314,6 +351,10 @@ class DMDRConfig:
             problems.append("--divergence_warmup_steps must be at least 1.")
         if not math.isfinite(self.hub_timeout) or self.hub_timeout <= 0:
             problems.append(f"--hub_timeout must be a positive number of seconds, got {self.hub_timeout}.")
+        if self.cache_prompt_embeds and self.offload_text_encoders:
+            problems.append(
+                "--cache_prompt_embeds already keeps the text encoders off the GPU; drop --offload_text_encoders."
+            )
         if problems:
             raise ValueError("Invalid DMDR configuration:\n- " + "\n- ".join(problems))
         if self.reward and self.cold_start_steps == self.max_train_steps:
