@@ -30,6 +30,8 @@ def weightless_teacher(tmp_path):
     (folder / "vae").mkdir(parents=True)
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     (folder / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [8, 8, 8, 8]}))
+    (folder / "unet").mkdir()
+    (folder / "unet" / "config.json").write_text(json.dumps({"in_channels": 4}))
     return folder
 
 

@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import math
 import re
 import sys
 import typing
@@ -112,7 +113,6 @@ class DMDRConfig:
     mixed_precision (`str`, *optional*): `no`, `fp16` or `bf16`: dtype of the frozen weights (teacher, encoders,
         rewards) and of autocast; default: accelerate's config.
     allow_tf32 (`bool`): allow TF32 matmuls and convolutions on Ampere+ GPUs (the GPU recipes turn it on).
-    max_consecutive_nonfinite_steps (`int`, defaults to 5): abort after this many NaN/inf losses in a row.
     seed (`int`, defaults to 0): seed of every random draw (noise, timesteps, prompts, CFG, control words).
 
     > Parameters of logging, validation, checkpoints and export
@@ -125,12 +125,28 @@ class DMDRConfig:
     validation_steps (`int`, defaults to 500): log a validation grid every N generator steps.
     num_validation_images (`int`, defaults to 2): images per validation prompt.
     checkpointing_steps (`int`, defaults to 500): save a resumable state every N generator steps.
-    checkpoints_total_limit (`int`, *optional*): keep at most N checkpoints.
     resume_from_checkpoint (`str`, *optional*): a checkpoint folder, or `latest` in `output_dir`.
     push_to_hub (`bool`): upload the export to the Hub (token from `huggingface-cli login`).
     hub_model_id (`str`, *optional*): repo id of the upload (`org/name`).
     hub_private (`bool`): create the Hub repo as private.
     export_full_pipeline (`bool`, defaults to `True`): in LoRA mode, also export the fused full pipeline.
+    allow_reward_import_paths (`bool`, defaults to `False`): let a YAML recipe name rewards (or a classifier's
+        `module`) by import path `pkg.module.Attr`. Importing runs the module's code, so a recipe file (which may be
+        downloaded) cannot opt in itself: pass `--allow_reward_import_paths` on the command line. Import paths typed
+        on the command line need no opt-in. Either way the path must resolve to a reward class or function.
+
+    > Parameters of the reliability guards
+
+    max_consecutive_nonfinite_steps (`int`, defaults to 5): abort after this many NaN/inf updates in a row.
+    divergence_loss_factor (`float`, defaults to 100.0): the run stops when a generator or fake-score loss exceeds
+        this many times its running reference (`guards.DivergenceGuard`); 0 disables the loss rule.
+    divergence_weight_norm_factor (`float`, defaults to 10.0): the run stops when the norm of the trainable weights
+        exceeds this many times its value at the start of the run; 0 disables the weight rule.
+    divergence_warmup_steps (`int`, defaults to 5): healthy generator steps that build the loss reference before the
+        loss rule applies.
+    checkpoints_total_limit (`int`, *optional*): keep the newest N >= 1 complete checkpoints; unset keeps all.
+    hub_timeout (`float`, defaults to 90.0): seconds a Hub request of the export may take (each call, its retries
+        included); a dead or hanging Hub then fails with the command that retries the upload.
 
     > Parameters of scale and memory
 
@@ -247,6 +263,13 @@ class DMDRConfig:
         default=False, metadata={"help": "Stage 1: weight DMD per sample by the normalised reward (RT-DM)."}
     )
     reward_tilt_temperature: float = field(default=1.0, metadata={"help": "Temperature of the RT-DM softmax."})
+    allow_reward_import_paths: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow rewards named by import path (pkg.module.Attr) in a YAML recipe; only valid on the "
+            "command line, since importing a module runs its code."
+        },
+    )
     dmd_loss_weight: float = field(
         default=1.0,
         metadata={
@@ -321,6 +344,16 @@ class DMDRConfig:
     max_consecutive_nonfinite_steps: int = field(
         default=5, metadata={"help": "Abort after this many NaN/inf losses in a row (each one skips its step)."}
     )
+    divergence_loss_factor: float = field(
+        default=100.0, metadata={"help": "Stop when a loss exceeds this many times its running reference (0 = off)."}
+    )
+    divergence_weight_norm_factor: float = field(
+        default=10.0,
+        metadata={"help": "Stop when the trainable-weight norm exceeds this many times its start value (0 = off)."},
+    )
+    divergence_warmup_steps: int = field(
+        default=5, metadata={"help": "Healthy generator steps that build the loss reference of the divergence guard."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of every random draw (noise, timesteps, prompts, CFG)."})
 
     # > Logging, validation, checkpoints, export
@@ -332,13 +365,18 @@ class DMDRConfig:
     validation_steps: int = field(default=500, metadata={"help": "Log a validation grid every N generator steps."})
     num_validation_images: int = field(default=2, metadata={"help": "Images per validation prompt."})
     checkpointing_steps: int = field(default=500, metadata={"help": "Save a resumable state every N steps."})
-    checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep at most N checkpoints."})
+    checkpoints_total_limit: int | None = field(
+        default=None, metadata={"help": "Keep the newest N >= 1 complete checkpoints (default: all)."}
+    )
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "A checkpoint folder, or `latest` in output_dir."}
     )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the export to the Hub (token from login)."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Repo id for --push_to_hub (org/name)."})
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    hub_timeout: float = field(
+        default=90.0, metadata={"help": "Seconds each Hub request of the export may take, retries included."}
+    )
     export_full_pipeline: bool = field(
         default=True,
         metadata={
@@ -348,13 +386,15 @@ class DMDRConfig:
     )
 
     def __post_init__(self):
-        self.student_timesteps = None if self.student_timesteps is None else [float(t) for t in self.student_timesteps]
         if isinstance(self.reward, str):
             self.reward = [self.reward]
         if isinstance(self.eval_reward, str):
             self.eval_reward = [self.eval_reward]
         if isinstance(self.validation_prompts, str):
             self.validation_prompts = [self.validation_prompts]
+        problems = coerce_field_types(self)
+        if problems:
+            raise ValueError("Invalid DMDR configuration:\n- " + "\n- ".join(problems))
         # Unset stage lengths follow the run's length: half the run in stage 1, annealing within stage 1.
         if self.cold_start_steps is None:
             self.cold_start_steps = self.max_train_steps // 2
@@ -415,6 +455,28 @@ class DMDRConfig:
             problems.append("--dmd_loss_weight and --anchor_loss_weight must be non-negative.")
         if self.reward_tilt_temperature <= 0:
             problems.append("--reward_tilt_temperature must be positive.")
+        for name in ("learning_rate", "learning_rate_fake"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                problems.append(f"--{name} must be a positive finite number (e.g. 1e-6), got {value}.")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            problems.append(
+                f"--checkpoints_total_limit must be at least 1 (the newest N complete checkpoints are kept), got "
+                f"{self.checkpoints_total_limit}; drop the flag to keep every checkpoint."
+            )
+        if self.guidance_scale_jitter > self.real_guidance_scale:
+            problems.append(
+                f"--guidance_scale_jitter {self.guidance_scale_jitter} is larger than --real_guidance_scale "
+                f"{self.real_guidance_scale}: the drawn CFG scale could be negative. Use a jitter <= the scale."
+            )
+        for name in ("divergence_loss_factor", "divergence_weight_norm_factor"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or (value != 0 and value <= 1):
+                problems.append(f"--{name} must be 0 (off) or a finite factor above 1, got {value}.")
+        if self.divergence_warmup_steps < 1:
+            problems.append("--divergence_warmup_steps must be at least 1.")
+        if not math.isfinite(self.hub_timeout) or self.hub_timeout <= 0:
+            problems.append(f"--hub_timeout must be a positive number of seconds, got {self.hub_timeout}.")
         if self.cache_prompt_embeds and self.offload_text_encoders:
             problems.append(
                 "--cache_prompt_embeds already keeps the text encoders off the GPU; drop --offload_text_encoders."
@@ -439,16 +501,139 @@ class DMDRConfig:
         return dataclasses.asdict(self)
 
     def save_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+        """Write the config as a recipe; the import-path opt-in is a permission of one command line, not a value a
+        recipe may carry (`load_yaml_config` refuses it), so it is left out."""
+        values = {k: v for k, v in self.to_dict().items() if k not in _COMMAND_LINE_ONLY}
+        Path(path).write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "DMDRConfig":
-        return cls(**{**load_yaml_config(path), **overrides})
+        """The recipe at `path` with `overrides` on top; import-path rewards of the recipe need
+        `allow_reward_import_paths=True` among the overrides."""
+        values = load_yaml_config(path)
+        check_recipe_import_paths(values, path, bool(overrides.get("allow_reward_import_paths")))
+        return cls(**{**values, **overrides})
 
     @classmethod
     def parse_args(cls, argv: list[str] | None = None) -> "DMDRConfig":
         """Parse `argv` (default: `sys.argv`), with `--config recipe.yaml` supplying defaults the CLI overrides."""
-        return cls(**vars(build_argument_parser().parse_args(argv)))
+        config = cls(**vars(build_argument_parser().parse_args(argv)))
+        recipe = _recipe_path(argv)
+        if recipe is not None:
+            # `allow_reward_import_paths` cannot come from the recipe (load_yaml_config refuses it there).
+            check_recipe_import_paths(load_yaml_config(recipe), recipe, config.allow_reward_import_paths)
+        return config
+
+
+# Fields only the command line may set (never saved into, nor read from, a recipe).
+_COMMAND_LINE_ONLY = ("allow_reward_import_paths",)
+
+
+def _recipe_path(argv: list[str] | None) -> str | None:
+    known_config = argparse.ArgumentParser(add_help=False)
+    known_config.add_argument("--config", default=None)
+    return known_config.parse_known_args(argv)[0].config
+
+
+def check_recipe_import_paths(values: dict, path: str | Path, allowed: bool) -> None:
+    """Refuse the import paths to user code that the rewards of a recipe name, unless the command line opted in."""
+    from .rewards.core import reward_import_paths
+
+    if allowed:
+        return
+    for key in ("reward", "eval_reward"):
+        for spec in values.get(key) or []:
+            paths = reward_import_paths(spec)
+            if paths:
+                raise ValueError(
+                    f"{path}: `{key}` names the import path {paths[0]!r}; importing it would run code from a recipe "
+                    "file. If you trust this recipe, pass --allow_reward_import_paths on the command line; otherwise "
+                    f"use a registered reward {_registered_rewards()}."
+                )
+
+
+def _registered_rewards() -> list[str]:
+    from .rewards.core import REWARD_REGISTRY
+
+    return sorted(REWARD_REGISTRY)
+
+
+def _describe_type(kind) -> str:
+    return getattr(kind, "__name__", str(kind))
+
+
+def _coerce(value, kind):
+    """`value` as `kind` (a type hint of a DMDRConfig field), or raise `TypeError` with what was expected."""
+    args = typing.get_args(kind)
+    if type(None) in args:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        kind = inner[0] if len(inner) == 1 else typing.Union[tuple(inner)]  # noqa: UP007
+        args = typing.get_args(kind)
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        if value not in args:
+            raise TypeError(f"one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise TypeError(f"a list of {_describe_type(args[0])}")
+        return [_coerce(item, args[0]) for item in value]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise TypeError("true or false")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise TypeError("an integer")
+    if kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # PyYAML reads `1e-4` (no dot) as a string.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise TypeError("a number")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError("a string")
+    return value
+
+
+# Fields whose items `rewards.parse_reward_spec` validates (strings or mappings).
+_SPEC_LIST_FIELDS = ("reward", "eval_reward")
+
+
+def coerce_field_types(config: "DMDRConfig") -> list[str]:
+    """Coerce every field of `config` to its type hint in place (`"1e-4"` -> `1e-4`, `"true"` -> `True`); return one
+    problem per field that cannot be, naming the flag and the expected type."""
+    problems = []
+    hints = typing.get_type_hints(type(config))
+    for spec in dataclasses.fields(config):
+        if spec.name in _SPEC_LIST_FIELDS:
+            continue
+        value = getattr(config, spec.name)
+        if value is None and spec.metadata.get("required"):
+            continue  # reported as missing by __post_init__
+        try:
+            setattr(config, spec.name, _coerce(value, hints[spec.name]))
+        except TypeError as error:
+            problems.append(f"--{spec.name} must be {error}, got {value!r} ({type(value).__name__}).")
+    return problems
 
 
 # Keys of a recipe's `stage2:` mapping and the config fields they set.
@@ -479,9 +664,24 @@ def load_yaml_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config {path} does not exist.")
-    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path} is not a file.")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--config {path} is not UTF-8 text ({error.reason} at byte {error.start}).") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ValueError(f"--config {path} is not valid YAML{where}: {problem}. Fix that line.") from None
     if not isinstance(values, dict):
         raise ValueError(f"--config {path} must hold a mapping of option names to values.")
+    if "allow_reward_import_paths" in values:
+        raise ValueError(
+            f"{path} sets allow_reward_import_paths: a recipe cannot allow itself to import code. Remove the key and "
+            "pass --allow_reward_import_paths on the command line if you trust the recipe."
+        )
     stage2 = values.pop("stage2", None) or {}
     if not isinstance(stage2, dict) or set(stage2) - set(STAGE2_KEYS):
         raise ValueError(

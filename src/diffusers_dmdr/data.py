@@ -25,10 +25,15 @@ def load_prompts(
     path = Path(source)
     looks_local = path.suffix.lower() in LOCAL_FORMATS or path.exists() or source.startswith((".", "/"))
     if looks_local:
+        if path.is_dir():
+            raise ValueError(
+                f"--train_prompts {source} is a folder; give a prompt file inside it (one of {sorted(LOCAL_FORMATS)})."
+            )
         if not path.is_file():
             raise FileNotFoundError(
                 f"--train_prompts {source} does not exist; give a prompt file or a Hub dataset id."
             )
+        check_text_file(path)
         builder = LOCAL_FORMATS.get(path.suffix.lower())
         if builder is None:
             raise ValueError(
@@ -59,6 +64,28 @@ def load_prompts(
     if not prompts:
         raise ValueError(f"--train_prompts {source} contains no non-empty prompts in column {column!r}.")
     return prompts
+
+
+def check_text_file(path: Path) -> None:
+    """Refuse an empty, binary or non-UTF-8 text prompt file (`.txt`/`.json`/`.jsonl`/`.csv`) with the fix, before
+    `datasets` turns it into a vague "error while generating the dataset"."""
+    if path.suffix.lower() == ".parquet":
+        return
+    data = path.read_bytes()
+    if not data.strip():
+        raise ValueError(
+            f"--train_prompts {path} contains no non-empty prompts (the file is empty); write one per line."
+        )
+    if b"\x00" in data:
+        raise ValueError(f"--train_prompts {path} is a binary file, not text; give a UTF-8 text prompt file.")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(
+            f"--train_prompts {path} is not UTF-8 text (byte 0x{data[error.start]:02x} on line {line}); re-save it as "
+            "UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+        ) from None
 
 
 class PromptSampler:

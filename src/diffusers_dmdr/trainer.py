@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
 from diffusers.utils.torch_utils import randn_tensor
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import schedules
@@ -35,14 +35,19 @@ from .checkpointing import (
     FAKE_LORA_FILE,
     STUDENT_FULL_FILE,
     STUDENT_LORA_FILE,
-    prune_checkpoints,
+    atomic_checkpoint_save,
+    load_accelerator_state_safely,
+    load_trainer_state,
+    load_weights_file,
     resolve_checkpoint,
+    save_trainer_state,
 )
 from .config import DMDRConfig
 from .data import PromptSampler
 from .denoisers import Denoiser, guided_x0
 from .families import TeacherComponents
 from .families.base import repeat_condition, student_scheduler_for
+from .guards import DivergenceError, DivergenceGuard, resume_advice, trainable_weight_norm
 from .losses import anchor_loss, dmd_loss, fake_score_loss, reward_tilt_weights
 from .optimization import RoleSchedule, lr_multiplier, make_optimizer, set_learning_rates, step_role
 from .prompt_cache import PromptEncoder
@@ -51,6 +56,7 @@ from .sharding import gather_full_state_dict, is_fsdp2, local_shard
 from .simulation import SimulationOutput, backward_simulation, sample_student
 from .stages import stage_two_start_iteration, stage_values
 from .training_module import GUIDANCE_ROLE, STUDENT_ROLE, DMDRTrainingModule
+from .utils import log_prompt_truncation_once
 
 
 logger = get_logger(__name__)
@@ -159,6 +165,8 @@ class DMDRTrainer:
         self.teacher = teacher
         self.family = teacher.family
         self.pipeline = teacher.pipeline
+        # A prompt longer than the tokenizer's limit is reported once, not echoed at every step.
+        log_prompt_truncation_once(type(self.pipeline).__module__)
         self.rewards = list(rewards or [])
         self.eval_rewards = list(eval_rewards or [])
         self.state = TrainingState()
@@ -231,7 +239,7 @@ class DMDRTrainer:
         self.sharded = self.accelerator.distributed_type in SHARDED_ENGINES or is_fsdp2(self.model)
         self.accelerator.register_save_state_pre_hook(self._save_model_hook)
         self.accelerator.register_load_state_pre_hook(self._load_model_hook)
-        self.accelerator.register_for_checkpointing(self.state)
+        # `self.state` is saved as JSON by `save_checkpoint`, never registered with accelerate (which pickles it).
         self.student_denoiser = Denoiser(partial(self.model, STUDENT_ROLE), self.scheduler)
 
         # 5. Prompts: a resumable sampler over the effective batch, and the encoder (cached or live).
@@ -247,6 +255,9 @@ class DMDRTrainer:
         self.prompt_encoder = PromptEncoder.from_config(config, teacher, self.accelerator, prompts)
         self.empty_condition = self.encode([""])
         self.history: list[dict] = []
+        # Logs of the steps before a resume (from the checkpoint), so that train_summary.json covers the whole run.
+        self.resumed_history: list[dict] = []
+        self.last_checkpoint: Path | None = None
         # Set by `train()` when --anchor_loss_weight > 0: the student's weights as the run starts.
         self.anchor_weights: list[torch.Tensor] | None = None
 
@@ -352,6 +363,9 @@ class DMDRTrainer:
             disable=not self.accelerator.is_local_main_process,
         )
         fake_losses: list[float] = []
+        # Checkpoints are written only after a healthy step: one due during skipped steps waits for the next.
+        guard, checkpoint_pending = DivergenceGuard.from_config(config), False
+        guard.start(self._weight_norms())
         while self.state.global_step < config.max_train_steps:
             draws = self._draws(self.state.iteration)
             micro_batches = self._simulate(self._micro_batches(self.state.iteration, draws), draws)
@@ -375,13 +389,20 @@ class DMDRTrainer:
             progress.set_postfix(
                 {k: f"{v:.4g}" for k, v in logs.items() if k.startswith(("loss", "reward", "dg", "rs"))}
             )
+            self._check_divergence(guard, logs)
             step = self.state.global_step
-            if config.checkpointing_steps and step % config.checkpointing_steps == 0 and step < config.max_train_steps:
-                self.save_checkpoint()
+            due = config.checkpointing_steps and step % config.checkpointing_steps == 0
+            if (due or checkpoint_pending) and step < config.max_train_steps:
+                checkpoint_pending = not self._step_was_healthy(logs)
+                if not checkpoint_pending:
+                    self.save_checkpoint()
             if config.validation_prompts and config.validation_steps and step % config.validation_steps == 0:
                 self.log_validation()
         progress.close()
-        self.save_checkpoint()
+        if self._step_was_healthy(self.history[-1] if self.history else {}):
+            self.save_checkpoint()
+        else:
+            logger.warning(f"The last step was skipped: no final checkpoint. {resume_advice(self.last_checkpoint)}")
         if config.validation_prompts and config.max_train_steps % max(config.validation_steps, 1):
             self.log_validation()
         self._write_summary()
@@ -586,6 +607,28 @@ class DMDRTrainer:
             "stage": 2.0 if step >= config.cold_start_steps else 1.0,
         }
 
+    def _weight_norms(self) -> dict[str, float]:
+        return {
+            name: trainable_weight_norm(self.unwrapped.parameters_of(role))
+            for name, role in (("student", STUDENT_ROLE), ("fake score", GUIDANCE_ROLE))
+        }
+
+    def _step_was_healthy(self, logs: dict) -> bool:
+        """The generator update of `logs` was applied and no update of either network is being skipped."""
+        state = self.state
+        return (
+            not logs.get("step_skipped") and state.generator_nonfinite_in_a_row == state.fake_nonfinite_in_a_row == 0
+        )
+
+    def _check_divergence(self, guard: DivergenceGuard, logs: dict) -> None:
+        losses = {"generator loss": logs.get("loss"), "fake-score loss": logs.get("loss_fake")}
+        reason = guard.check(losses, self._weight_norms())
+        if reason is not None:
+            raise DivergenceError(
+                f"Training diverged at generator step {self.state.global_step}: {reason}; stopped without writing "
+                f"a checkpoint of these weights. {resume_advice(self.last_checkpoint)}"
+            )
+
     def _replica_checksums(self) -> list[float]:
         """Sum of every trainable weight on each process: data parallel replicas must agree exactly."""
         local = torch.stack(
@@ -613,7 +656,7 @@ class DMDRTrainer:
             "replica_checksums": checksums,
             "replicas_identical": None if checksums is None else all(row == checksums[0] for row in checksums),
             "student_timesteps": list(self.scheduler.config.training_timesteps),
-            "history": self.history,
+            "history": self.resumed_history + self.history,
         }
         path = Path(self.config.output_dir) / "train_summary.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -677,7 +720,7 @@ class DMDRTrainer:
             raise NonFiniteLossError(
                 f"{in_a_row} non-finite {role} losses in a row ({what}); training stopped with the weights unchanged "
                 "since the last finite step. Lower --learning_rate / --learning_rate_fake, use --mixed_precision bf16 "
-                "instead of fp16, check the rewards for NaN, then resume with --resume_from_checkpoint latest."
+                f"instead of fp16, check the rewards for NaN. {resume_advice(self.last_checkpoint)}"
             )
 
     # ------------------------------------------------------------------------------------------------------------
@@ -692,26 +735,38 @@ class DMDRTrainer:
                 raise NonFiniteLossError(f"The {name} weights hold NaN/inf: refusing to write a checkpoint.")
 
     def save_checkpoint(self) -> Path:
-        """Write `output_dir/checkpoint-{step}` through `accelerator.save_state` (all processes must call it)."""
+        """Write `output_dir/checkpoint-{step}` atomically (see `checkpointing.atomic_checkpoint_save`); all processes
+        must call it (under FSDP/DeepSpeed each writes its shard into the same temporary folder). The trainer's
+        counters and history go in as JSON."""
         self._assert_finite_weights()
-        output_dir = Path(self.config.output_dir)
-        path = output_dir / f"checkpoint-{self.state.global_step}"
-        if self.accelerator.is_main_process:
-            prune_checkpoints(output_dir, self.config.checkpoints_total_limit)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(path))
-        if self.accelerator.is_main_process:
-            self.config.save_yaml(path / CONFIG_FILE)
-            logger.info(f"Saved checkpoint {path}")
-        self.accelerator.wait_for_everyone()
+
+        def finalize(folder: Path) -> None:
+            self.config.save_yaml(folder / CONFIG_FILE)
+            save_trainer_state(folder, self.state.state_dict(), self.resumed_history + self.history)
+
+        path = atomic_checkpoint_save(
+            self.config.output_dir,
+            self.state.global_step,
+            lambda folder: self.accelerator.save_state(str(folder)),
+            finalize,
+            limit=self.config.checkpoints_total_limit,
+            is_main_process=self.accelerator.is_main_process,
+            wait_for_everyone=self.accelerator.wait_for_everyone,
+        )
+        self.last_checkpoint = path
+        logger.info(f"Saved checkpoint {path}")
         return path
 
     def load_checkpoint(self, checkpoint: str) -> None:
         path = resolve_checkpoint(self.config.output_dir, checkpoint)
         if path is None:
-            logger.warning(f"No checkpoint found in {self.config.output_dir}; starting a new run.")
+            logger.warning(f"No complete checkpoint found in {self.config.output_dir}; starting a new run.")
             return
-        self.accelerator.load_state(str(path))
+        counters, history = load_trainer_state(path)
+        load_accelerator_state_safely(self.accelerator, path)
+        self.state.load_state_dict(counters)
+        self.resumed_history = history
+        self.last_checkpoint = path
         logger.info(f"Resumed from {path} at generator step {self.state.global_step}")
 
     def _save_model_hook(self, models, weights, output_dir) -> None:
@@ -739,12 +794,14 @@ class DMDRTrainer:
                 raise ValueError("Unexpected model in the checkpoint.")
             module = self.training_module
             if module.is_full:
-                module.student_backbone.load_state_dict(load_file(Path(input_dir) / STUDENT_FULL_FILE), strict=True)
+                module.student_backbone.load_state_dict(
+                    load_weights_file(Path(input_dir) / STUDENT_FULL_FILE), strict=True
+                )
             else:
                 load_adapter_state_dict(
-                    module.backbone, STUDENT_ADAPTER, load_file(Path(input_dir) / STUDENT_LORA_FILE)
+                    module.backbone, STUDENT_ADAPTER, load_weights_file(Path(input_dir) / STUDENT_LORA_FILE)
                 )
-            load_adapter_state_dict(module.backbone, FAKE_ADAPTER, load_file(Path(input_dir) / FAKE_LORA_FILE))
+            load_adapter_state_dict(module.backbone, FAKE_ADAPTER, load_weights_file(Path(input_dir) / FAKE_LORA_FILE))
 
     def student_state_dict(self) -> dict[str, torch.Tensor]:
         """The student's weights: PEFT-format LoRA (LoRA mode) or the full backbone state dict, whatever the engine.
