@@ -184,3 +184,15 @@ def test_gradient_checkpointing_keeps_the_gradients_of_each_role(role, tiny_teac
     assert any(g.abs().max() > 0 for g in plain.values())
     for index, gradient in plain.items():
         torch.testing.assert_close(checkpointed[index], gradient, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "recipe", ["sd3_medium_4step", "sd35_large_4step", "sd3_medium_4step_srpo", "sd35_large_4step_srpo"]
+)
+def test_sd3_recipes_cache_prompts_and_offload_the_encoders(recipe):
+    from pathlib import Path
+
+    from diffusers_dmdr.config import load_yaml_config
+
+    values = load_yaml_config(Path(__file__).parents[1] / "examples" / "train_dmdr" / "configs" / f"{recipe}.yaml")
+    assert values["cache_prompt_embeds"] is True and values["offload_text_encoders"] is True

@@ -57,3 +57,35 @@ def test_routing_matches_peft_public_api_and_keeps_requires_grad():
     assert not torch.allclose(outputs[STUDENT_ADAPTER, 1.0], base) and not torch.allclose(
         outputs[FAKE_ADAPTER, 2.0], base
     )
+
+
+def test_shipped_accelerate_configs_load_and_fsdp2_wraps_the_units_shard_training_module_wraps(monkeypatch):
+    """The CPU FSDP2 test shards with `shard_training_module`; accelerate, given the shipped fsdp2.yaml, must pick the
+    very same units, or the CPU test would check another layout than the GPU runs use."""
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from accelerate.utils.other import get_module_children_bottom_up
+
+    from diffusers_dmdr.sharding import sharding_units
+    from diffusers_dmdr.training_module import DMDRTrainingModule
+
+    folder = Path(__file__).parents[1] / "examples" / "train_dmdr" / "accelerate_configs"
+    types = {path.stem: str(load_config_from_file(str(path)).distributed_type) for path in folder.glob("*.yaml")}
+    assert types == {
+        "single_gpu": "DistributedType.NO",
+        "multi_gpu_ddp": "DistributedType.MULTI_GPU",
+        "fsdp2": "DistributedType.FSDP",
+        "deepspeed_zero2": "DistributedType.DEEPSPEED",
+    }
+    fsdp_config = load_config_from_file(str(folder / "fsdp2.yaml")).fsdp_config
+    assert fsdp_config["fsdp_version"] == 2 and "fsdp_transformer_layer_cls_to_wrap" not in fsdp_config
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy=fsdp_config["fsdp_auto_wrap_policy"])
+    module = DMDRTrainingModule(tiny_backbone(), call_backbone=None)
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, module)
+    accelerate_units = {id(m) for m in get_module_children_bottom_up(module)[:-1] if policy(m)}
+    assert accelerate_units and accelerate_units == {id(m) for m in sharding_units(module)}

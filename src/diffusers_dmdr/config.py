@@ -477,10 +477,6 @@ class DMDRConfig:
             problems.append("--divergence_warmup_steps must be at least 1.")
         if not math.isfinite(self.hub_timeout) or self.hub_timeout <= 0:
             problems.append(f"--hub_timeout must be a positive number of seconds, got {self.hub_timeout}.")
-        if self.cache_prompt_embeds and self.offload_text_encoders:
-            problems.append(
-                "--cache_prompt_embeds already keeps the text encoders off the GPU; drop --offload_text_encoders."
-            )
         if len(problems) == 1:
             raise ValueError(f"Invalid DMDR configuration: {problems[0]}")
         if problems:
