@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> None:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         config.save_yaml(Path(config.output_dir) / "dmdr_config.yaml")
     logger.info(f"{plan.family.name} teacher, student timesteps {plan.student_timesteps}, {len(plan.prompts)} prompts")
+    if plan.memory_plan is not None:
+        logger.info("\n" + plan.memory_plan.format_table())
 
     teacher = plan.family.load_teacher(config.pretrained_model_name_or_path, config.revision, config.variant)
     rewards = load_rewards(plan.reward_specs, accelerator.device)

@@ -49,6 +49,16 @@ class DMDRConfig:
     cold_start_steps (`int`, defaults to 1500): stage 1 length (DMD only); rewards join from this generator step.
     reward (`list[str]`): rewards as `name[:weight][:key=value...]`, repeatable (`--reward clip:0.3`).
     reward_tilt (`bool`): in stage 1, weight each sample's DMD direction by its normalised reward (RT-DM).
+
+    > Parameters of memory
+
+    cache_prompt_embeds (`bool`, defaults to `False`): encode the prompt set once before training and keep the text
+        encoders off the device for the rest of the run.
+    offload_text_encoders (`bool`, defaults to `False`): keep the text encoders on the host and move them to the
+        device only to encode (for prompt sets too big to cache).
+    memory_plan_num_processes (`int`, *optional*): the process count for which preflight's memory plan reports the
+        per-process bytes under FSDP2 sharding (default: the launch's `WORLD_SIZE`, 1 without a launcher). The plan
+        counts weights, gradients and optimizer states exactly from the component configs; activations are not in it.
     """
 
     # > Teacher and student
@@ -170,6 +180,20 @@ class DMDRConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clip of both networks."})
     use_8bit_adam: bool = field(default=False, metadata={"help": "bitsandbytes AdamW8bit for both optimizers."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
+    cache_prompt_embeds: bool = field(
+        default=False,
+        metadata={"help": "Encode every prompt once before training and move the text encoders off the device."},
+    )
+    offload_text_encoders: bool = field(
+        default=False, metadata={"help": "Keep the text encoders on the host, moving them in only to encode."}
+    )
+    memory_plan_num_processes: int | None = field(
+        default=None,
+        metadata={
+            "help": "Process count of the memory plan's FSDP2 column (per-process sharded bytes); default: this "
+            "launch's WORLD_SIZE."
+        },
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
         default=None, metadata={"help": "Precision of frozen weights and autocast; default: accelerate's config."}
     )
@@ -243,6 +267,8 @@ class DMDRConfig:
             problems.append("--guidance_scale_jitter must be non-negative.")
         if self.resolution < 8:
             problems.append(f"--resolution must be a positive multiple of the VAE factor, got {self.resolution}.")
+        if self.memory_plan_num_processes is not None and self.memory_plan_num_processes < 1:
+            problems.append(f"--memory_plan_num_processes must be at least 1, got {self.memory_plan_num_processes}.")
         if self.max_consecutive_nonfinite_steps < 1:
             problems.append("--max_consecutive_nonfinite_steps must be at least 1.")
         if self.push_to_hub and not self.hub_model_id:
