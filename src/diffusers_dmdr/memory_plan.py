@@ -329,8 +329,9 @@ def plan_from_components(
     base_buffer_bytes = sum(
         b.numel() * (4 if b.dtype.is_floating_point else b.dtype.itemsize) for b in backbone.buffers()
     )
+    base_role = "frozen base of teacher + fake score" if training_mode == "full" else "shared base"
     frozen.append(
-        _frozen_component(f"{family.backbone_name} (shared base)", backbone, training_dtype, num_processes, True)
+        _frozen_component(f"{family.backbone_name} ({base_role})", backbone, training_dtype, num_processes, True)
     )
     with torch.device("meta"):
         if training_mode != "full":
