@@ -194,3 +194,40 @@ def test_training_dtype_follows_accelerate_rules():
     assert training_dtype_for(None, {}) == torch.float32
     with pytest.raises(ValueError, match="--mixed_precision"):
         training_dtype_for("fp8", {})
+
+
+def test_train_script_prints_the_plan_before_loading_weights(
+    tiny_teacher_dirs, prompt_file, tmp_path, monkeypatch, caplog
+):
+    """train.py logs the plan table, then loads the teacher (stopped here at the first weight load)."""
+    import logging
+
+    from diffusers_dmdr.families import SDXLFamily
+
+    script = Path(__file__).parents[1] / "examples" / "train_dmdr" / "train.py"
+    spec = importlib.util.spec_from_file_location("train_dmdr", script)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    messages_before_load = []
+
+    def first_weight_load(*args, **kwargs):
+        messages_before_load.extend(caplog.messages)
+        raise RuntimeError("stop before any weight loads")
+
+    monkeypatch.setattr(SDXLFamily, "load_teacher", first_weight_load)
+    caplog.set_level(logging.INFO)
+    argv = [
+        f"--pretrained_model_name_or_path={tiny_teacher_dirs['sdxl']}",
+        f"--train_prompts={prompt_file}",
+        f"--output_dir={tmp_path}",
+        "--resolution=64",
+        "--max_train_steps=2",
+        "--cold_start_steps=1",
+        "--dynamic_steps=1",
+        "--report_to=none",
+    ]
+    with pytest.raises(RuntimeError, match="stop before"):
+        train.main(argv)
+    plans = [message for message in messages_before_load if "Memory plan: sdxl, lora mode" in message]
+    assert len(plans) == 1
+    assert "activations" in plans[0] and "unet (shared base)" in plans[0]
