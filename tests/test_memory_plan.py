@@ -81,7 +81,11 @@ def _backward(family, network, pipeline, condition):
 def test_plan_bytes_equal_the_real_modules(
     family_name, training_mode, use_8bit_adam, tiny_teacher_dirs, loaded_teachers, prompt_file, tmp_path
 ):
+    from diffusers_dmdr.testing import tiny_autoencoder_tiny
+
     teacher_dir = tiny_teacher_dirs[family_name]
+    reward_vae = tiny_autoencoder_tiny()
+    reward_vae.save_pretrained(tmp_path / "taesd")
     config = tiny_config(
         teacher_dir,
         prompt_file,
@@ -93,6 +97,7 @@ def test_plan_bytes_equal_the_real_modules(
         lora_alpha=8,
         fake_lora_rank=4,
         fake_lora_alpha=4,
+        reward_vae_model_name_or_path=str(tmp_path / "taesd"),
     )
     family = get_family(family_name)
     model_index = json.loads((Path(teacher_dir) / "model_index.json").read_text())
@@ -101,7 +106,7 @@ def test_plan_bytes_equal_the_real_modules(
     # The real run: frozen parts cast as the trainer casts them, the networks built by the project's own builder.
     pipeline = copy.deepcopy(loaded_teachers[family_name])
     encoders = family.text_encoders(pipeline)
-    for module in [*encoders, pipeline.vae]:
+    for module in [*encoders, pipeline.vae, reward_vae]:
         module.requires_grad_(False).to(TRAINING_DTYPE)
     student, guidance = build_student_and_guidance(
         getattr(pipeline, family.backbone_name),
@@ -114,11 +119,13 @@ def test_plan_bytes_equal_the_real_modules(
         },
         fake_lora={"rank": 4, "alpha": 4, "target_modules": parse_target_modules(None, family.fake_lora_targets)},
     )
-    every_tensor = [t for m in [*encoders, pipeline.vae, student, guidance] for t in [*m.parameters(), *m.buffers()]]
+    modules = [*encoders, pipeline.vae, reward_vae, student, guidance]
+    every_tensor = [t for m in modules for t in [*m.parameters(), *m.buffers()]]
     frozen_real = _nbytes(t for t in every_tensor if not t.requires_grad)
     frozen_planned = sum(c.bytes for c in plan.frozen) + sum(n.buffer_bytes for n in plan.networks)
     assert frozen_real == frozen_planned
     assert {c.dtype for c in plan.frozen} == {"bfloat16"}
+    assert "reward_vae" in {c.name for c in plan.frozen}
 
     planned = {network.name: network for network in plan.networks}
     condition = family.encode_prompts(pipeline, ["a red cat"], 64, torch.device("cpu"))
@@ -185,6 +192,9 @@ def test_plan_modes_in_preflight(tiny_teacher_dirs, loaded_teachers, prompt_file
     for row in ["text_encoder_3", "vae", "transformer (shared base)", "student: trainable", "fake score: AdamW"]:
         assert row in table
     assert "activations" in table and "N=4" in table
+    as_dict = json.loads(json.dumps(sharded.to_dict()))
+    assert as_dict["totals"]["total_bytes_per_process_fsdp"] == sharded.total_bytes(fsdp=True)
+    assert [network["name"] for network in as_dict["networks"]] == ["student", "fake score"]
     assert f"{sharded.total_bytes() / GIB:.3f}" in table
 
 
