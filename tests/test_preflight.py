@@ -144,7 +144,9 @@ def test_unknown_reward_name(weightless_teacher, prompts):
 
 def test_missing_reward_autoencoder(weightless_teacher, prompts, tmp_path):
     with pytest.raises(FileNotFoundError, match="not an AutoencoderTiny folder"):
-        check_run_inputs(config_for(weightless_teacher, prompts, reward_vae_model_name_or_path=str(tmp_path / "taesd")))
+        check_run_inputs(
+            config_for(weightless_teacher, prompts, reward_vae_model_name_or_path=str(tmp_path / "taesd"))
+        )
 
 
 def test_reward_only_training_needs_a_reward(weightless_teacher, prompts):
