@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from diffusers_dmdr.adapters import FAKE_ADAPTER, STUDENT_ADAPTER, lora_scale
+from diffusers_dmdr.adapters import FAKE_ADAPTER, STUDENT_ADAPTER
 from diffusers_dmdr.families import get_family
 from diffusers_dmdr.rewards import LoadedReward
 from diffusers_dmdr.trainer import DMDRTrainer, NonFiniteLossError
@@ -57,33 +57,31 @@ def test_real_score_at_scale_zero_is_the_teacher_bit_for_bit(family, tiny_teache
     timestep = trainer.scheduler.model_timestep(level)
     with torch.no_grad():
         teacher_output = trainer.family.call_backbone(teacher, sample, timestep, condition)
-        with lora_scale(trainer.guidance_model, FAKE_ADAPTER, 0.0):
-            real_output = trainer.guidance_denoiser.predict(sample, level, condition)
-        with lora_scale(trainer.guidance_model, FAKE_ADAPTER, 0.3):
-            scaled_output = trainer.guidance_denoiser.predict(sample, level, condition)
-        with lora_scale(trainer.guidance_model, FAKE_ADAPTER, 2.0):
-            fake_output = trainer.guidance_denoiser.predict(sample, level, condition)
+        fake_output = trainer.guidance_denoiser(2.0).predict(sample, level, condition)
+        real_output = trainer.guidance_denoiser(0.0).predict(sample, level, condition)
+        scaled_output = trainer.guidance_denoiser(0.3).predict(sample, level, condition)
         student_output = trainer.student_denoiser.predict(sample, level, condition)
-        again_real = trainer.guidance_denoiser.predict(sample, level, condition)
-    assert torch.equal(real_output, teacher_output)
+        unit_output = trainer.guidance_denoiser(1.0).predict(sample, level, condition)
+        fake_again = trainer.guidance_denoiser(2.0).predict(sample, level, condition)
+        real_again = trainer.guidance_denoiser(0.0).predict(sample, level, condition)
+    # Bit for bit the teacher, also after the adapters were routed to the fake score and the student in between.
+    assert torch.equal(real_output, teacher_output) and torch.equal(real_again, teacher_output)
     assert not torch.allclose(fake_output, teacher_output, atol=1e-4)
     assert not torch.allclose(scaled_output, fake_output, atol=1e-4)
+    assert not torch.allclose(unit_output, scaled_output, atol=1e-4)
     assert not torch.allclose(student_output, teacher_output, atol=1e-4)
-    # The context manager restores the adapter's own scale.
-    with torch.no_grad(), lora_scale(trainer.guidance_model, FAKE_ADAPTER, 1.0):
-        unit_output = trainer.guidance_denoiser.predict(sample, level, condition)
-    torch.testing.assert_close(again_real, unit_output)
+    # Routing scales each adapter from its own alpha / r, never from the previous multiplier.
+    torch.testing.assert_close(fake_again, fake_output, rtol=0, atol=0)
 
 
 def test_one_frozen_base_is_shared_and_never_trained(tiny_teacher_dirs, prompt_file, tmp_path):
     trainer = make_trainer(
         tiny_teacher_dirs["sdxl"], prompt_file, tmp_path, rewards=[reward(TwoLevelReward())], max_train_steps=2
     )
-    student_params = dict(trainer.student_model.named_parameters())
+    # LoRA mode: one backbone object is the student, the fake score and the teacher; its base is frozen.
+    assert trainer.student_model is trainer.guidance_model
     for name, parameter in trainer.guidance_model.named_parameters():
-        if "lora_" not in name:
-            assert parameter.data_ptr() == student_params[name].data_ptr(), name
-            assert not parameter.requires_grad
+        assert parameter.requires_grad == ("lora_" in name), name
     assert all(p.dtype == torch.float32 for p in trainer.student_model.parameters() if p.requires_grad)
     base_before = base_weights(trainer.guidance_model)
     student_before = lora_weights(trainer.student_model, STUDENT_ADAPTER)
@@ -105,16 +103,16 @@ def test_one_frozen_base_is_shared_and_never_trained(tiny_teacher_dirs, prompt_f
 
 
 def test_frozen_base_in_weight_dtype_and_adapters_in_float32():
-    from diffusers_dmdr.adapters import build_student_and_guidance
+    from diffusers_dmdr.adapters import build_training_backbones
     from diffusers_dmdr.testing import tiny_sdxl_unet
 
     lora = {"rank": 4, "alpha": 4, "target_modules": ["to_q", "to_v"]}
-    student, guidance = build_student_and_guidance(tiny_sdxl_unet(), "lora", torch.bfloat16, lora, lora)
-    for model in (student, guidance):
-        dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
-        assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
-    guidance_tensors = {p.data_ptr() for n, p in guidance.named_parameters() if "lora_" not in n}
-    assert guidance_tensors == {p.data_ptr() for n, p in student.named_parameters() if "lora_" not in n}
+    backbone, student_backbone = build_training_backbones(tiny_sdxl_unet(), "lora", torch.bfloat16, lora, lora)
+    assert student_backbone is None
+    dtypes = {(p.requires_grad, p.dtype) for p in backbone.parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
+    adapters = {name.split(".lora_")[1].split(".")[1] for name, _ in backbone.named_parameters() if "lora_" in name}
+    assert adapters == {STUDENT_ADAPTER, FAKE_ADAPTER}
 
 
 def test_sd15_v_prediction_teacher_trains(tmp_path, prompt_file):

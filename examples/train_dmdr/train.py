@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 from diffusers_dmdr import DMDRConfig
 from diffusers_dmdr.preflight import check_run_inputs
 from diffusers_dmdr.rewards import load_rewards
-from diffusers_dmdr.trainer import DMDRTrainer, create_accelerator
+from diffusers_dmdr.trainer import DMDRTrainer, create_accelerator, weight_dtype_of
 
 
 logger = get_logger(__name__)
@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> None:
     if plan.memory_plan is not None:
         logger.info("\n" + plan.memory_plan.format_table())
 
-    teacher = plan.family.load_teacher(config.pretrained_model_name_or_path, config.revision, config.variant)
+    # Loaded once, directly in the training dtype; the export reuses these components.
+    weight_dtype = weight_dtype_of(accelerator.mixed_precision)
+    teacher = plan.family.load_teacher(
+        config.pretrained_model_name_or_path, config.revision, config.variant, weight_dtype
+    )
     rewards = load_rewards(plan.reward_specs, accelerator.device)
     eval_rewards = load_rewards(plan.eval_reward_specs, accelerator.device, for_training=False)
     reward_vae = None
@@ -53,10 +57,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     trainer.train()
 
-    if accelerator.is_main_process:
-        from diffusers_dmdr.export import export_from_trainer
+    from diffusers_dmdr.export import export_from_trainer
 
-        export_dir = export_from_trainer(trainer)
+    # Every process takes part: sharded engines gather the student's weights collectively.
+    export_dir = export_from_trainer(trainer)
+    if export_dir is not None:
         logger.info(f"Exported the student pipeline to {export_dir}")
 
 

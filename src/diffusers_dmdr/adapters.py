@@ -1,11 +1,13 @@
 """Shared-base LoRA through PEFT: one frozen copy of the teacher serves teacher, fake score and (LoRA mode) student.
 
-The student and the guidance network are two module objects whose frozen base tensors are the *same* tensors; each
-carries one named adapter (`student`, `fake`). The real score is the guidance network with the fake adapter at a
-DynaDG multiplier, and at multiplier 0 it is the teacher exactly (adapters disabled).
+One backbone carries two named adapters, `student` and `fake` (full mode: `fake` only, beside a trainable student
+copy). An [`AdapterRouter`] activates one adapter at a multiplier per forward pass: the student is the `student`
+adapter at 1, the fake score the `fake` adapter at `lambda_f`, the real score the `fake` adapter at the DynaDG
+multiplier, and at multiplier 0 every adapter is off, which is the teacher exactly.
 """
 
 import copy
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -14,12 +16,6 @@ import torch
 
 STUDENT_ADAPTER = "student"
 FAKE_ADAPTER = "fake"
-
-
-def copy_sharing_frozen_tensors(module: torch.nn.Module) -> torch.nn.Module:
-    """A structural copy of `module` whose parameters and buffers are the original tensors (no extra memory)."""
-    memo = {id(tensor): tensor for tensor in list(module.parameters()) + list(module.buffers())}
-    return copy.deepcopy(module, memo)
 
 
 def parse_target_modules(text: str | None, default: tuple[str, ...]) -> list[str]:
@@ -41,38 +37,52 @@ def add_lora_adapter(
         init_lora_weights=True,
         lora_dropout=0.0,
     )
-    model.add_adapter(config, adapter_name=adapter_name)
+    with warnings.catch_warnings():
+        # The shared base carries two adapters on purpose (student and fake score).
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+        model.add_adapter(config, adapter_name=adapter_name)
 
 
-def _lora_layers(model: torch.nn.Module, adapter_name: str):
+def lora_layers(model: torch.nn.Module) -> list:
+    """Every PEFT tuner layer of `model` (each wraps one frozen base layer and holds its adapters)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer) and adapter_name in getattr(module, "scaling", {}):
-            yield module
+    return [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
 
 
-@contextmanager
-def lora_scale(model: torch.nn.Module, adapter_name: str, scale: float) -> Iterator[None]:
-    """Run `model` with adapter `adapter_name` multiplied by `scale`; `scale == 0` disables adapters (exact base)."""
-    if scale == 0:
-        model.disable_adapters()
-        try:
-            yield
-        finally:
-            model.enable_adapters()
-        return
-    layers = list(_lora_layers(model, adapter_name))
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no LoRA adapter named {adapter_name!r}.")
-    original = [layer.scaling[adapter_name] for layer in layers]
-    for layer, value in zip(layers, original, strict=True):
-        layer.scaling[adapter_name] = value * scale
-    try:
-        yield
-    finally:
-        for layer, value in zip(layers, original, strict=True):
-            layer.scaling[adapter_name] = value
+def _set_active_adapter(layer, adapter_name: str | None) -> None:
+    """Make `adapter_name` the only active adapter of one PEFT layer, or disable its adapters (`None`).
+
+    PEFT's public `set_adapter` / `enable_adapters` also flip `requires_grad` of every adapter weight. The training
+    module switches adapters several times per step; flipping `requires_grad` would break DDP's reducer and FSDP2's
+    cached mixed-precision dtypes, so this sets the two attributes those methods set and nothing else.
+    `tests/test_training_module.py` checks them against PEFT's public properties.
+    """
+    if adapter_name is not None:
+        layer._active_adapter = [adapter_name]
+    layer._disable_adapters = adapter_name is None
+
+
+class AdapterRouter:
+    """Routes a backbone carrying several named LoRA adapters: one adapter active at a multiplier, or none.
+
+    The multiplier scales each layer's own `alpha / r`, recorded when the router is built; multiplier 0 disables every
+    adapter, which makes the backbone the frozen base exactly (the teacher).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.layers = lora_layers(model)
+        self.unit_scaling = [dict(layer.scaling) for layer in self.layers]
+
+    def route(self, adapter_name: str | None, scale: float = 1.0) -> None:
+        """Activate only `adapter_name` at `scale`; `None` or `scale == 0` disables adapters."""
+        if adapter_name is not None and scale != 0 and not any(adapter_name in s for s in self.unit_scaling):
+            raise ValueError(f"The backbone has no LoRA adapter named {adapter_name!r}.")
+        active = None if scale == 0 else adapter_name
+        for layer, unit in zip(self.layers, self.unit_scaling, strict=True):
+            _set_active_adapter(layer, active)
+            if active in unit:
+                layer.scaling[active] = unit[active] * scale
 
 
 @contextmanager
@@ -125,45 +135,48 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [parameter for parameter in model.parameters() if parameter.requires_grad]
 
 
-def build_student_and_guidance(
+def build_training_backbones(
     base: torch.nn.Module,
     training_mode: str,
     weight_dtype: torch.dtype,
     student_lora: dict,
     fake_lora: dict,
     seed: int = 0,
-) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """Build the student and the guidance network (fake + real score) around one frozen base.
+    student_backbone: torch.nn.Module | None = None,
+) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """Put the adapters on the one frozen base: returns `(backbone, student_backbone)`.
+
+    LoRA mode: `backbone` carries both adapters, `student` and `fake`, and `student_backbone` is `None`. Full mode:
+    `backbone` carries the `fake` adapter and `student_backbone` is the trainable float32 student.
 
     Args:
-        base: the teacher's backbone in float32 (it becomes the frozen base, cast to `weight_dtype`).
-        training_mode: `lora` (student adapter on the shared base) or `full` (a trainable float32 copy).
+        base: the teacher's backbone, loaded in `weight_dtype` (cast here only if it is not).
+        training_mode: `lora` or `full`.
         weight_dtype: dtype of every frozen tensor.
         student_lora, fake_lora: `add_lora_adapter` keyword arguments (`rank`, `alpha`, `target_modules`).
         seed: seeds the LoRA A initialisation, so that a run is a function of its seed alone.
+        student_backbone: full mode only: the student's own copy of the backbone, ideally loaded in float32 from the
+            checkpoint (a copy of `base` is made when it is not given).
 
     Returns:
-        `(student, guidance)`: trainable parameters in float32, frozen ones in `weight_dtype`.
+        `(backbone, student_backbone)`: trainable parameters in float32, frozen ones in `weight_dtype`.
     """
     base.requires_grad_(False)
     if training_mode == "full":
-        # The full student starts as an exact float32 copy of the teacher and owns its weights.
-        student = copy.deepcopy(base)
-        _cast_if_needed(student, torch.float32)
-        student.requires_grad_(True)
-        _cast_if_needed(base, weight_dtype)
-        guidance = base
-    else:
-        _cast_if_needed(base, weight_dtype)
-        student = base
-        guidance = copy_sharing_frozen_tensors(base)
+        if student_backbone is None:
+            student_backbone = copy.deepcopy(base)
+        _cast_if_needed(student_backbone, torch.float32)
+        student_backbone.requires_grad_(True)
+    _cast_if_needed(base, weight_dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if training_mode != "full":
-            add_lora_adapter(student, STUDENT_ADAPTER, **student_lora)
-        add_lora_adapter(guidance, FAKE_ADAPTER, **fake_lora)
-    # LoRA weights train in float32 whatever the frozen dtype (diffusers' `cast_training_params`).
-    for model in (student, guidance):
-        for parameter in trainable_parameters(model):
+            add_lora_adapter(base, STUDENT_ADAPTER, **student_lora)
+        add_lora_adapter(base, FAKE_ADAPTER, **fake_lora)
+    # `add_adapter` activates only the newest adapter and freezes the others: both must train.
+    for name, parameter in base.named_parameters():
+        if "lora_" in name:
+            parameter.requires_grad_(True)
+            # LoRA weights train in float32 whatever the frozen dtype (diffusers' `cast_training_params`).
             parameter.data = parameter.data.to(torch.float32)
-    return student, guidance
+    return base, student_backbone

@@ -50,12 +50,13 @@ class DMDRConfig:
     reward (`list[str]`): rewards as `name[:weight][:key=value...]`, repeatable (`--reward clip:0.3`).
     reward_tilt (`bool`): in stage 1, weight each sample's DMD direction by its normalised reward (RT-DM).
 
-    > Parameters of memory
+    > Parameters of scale and memory
 
-    cache_prompt_embeds (`bool`, defaults to `False`): encode the prompt set once before training and keep the text
-        encoders off the device for the rest of the run.
-    offload_text_encoders (`bool`, defaults to `False`): keep the text encoders on the host and move them to the
-        device only to encode (for prompt sets too big to cache).
+    gradient_accumulation_steps (`int`, defaults to 1): micro-batches of `train_batch_size` accumulated into each
+        update of either network; a generator update and a fake-score update are each this many micro-batches.
+    cache_prompt_embeds (`bool`): encode the prompt set once, cache the embeddings on the host and on disk
+        (`prompt_embeds_cache_dir`, keyed by the teacher, the resolution and the prompts), keep text encoders off the GPU.
+    offload_text_encoders (`bool`): keep the text encoders on the CPU between encodes (prompt sets too big to cache).
     memory_plan_num_processes (`int`, *optional*): the process count for which preflight's memory plan reports the
         per-process bytes under FSDP2 sharding (default: the launch's `WORLD_SIZE`, 1 without a launcher). The plan
         counts weights, gradients and optimizer states exactly from the component configs; activations are not in it.
@@ -163,11 +164,33 @@ class DMDRConfig:
     dataset_config_name: str | None = field(default=None, metadata={"help": "Config of a Hub dataset."})
     dataset_split: str = field(default="train", metadata={"help": "Split of the prompt dataset."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N prompts."})
+    cache_prompt_embeds: bool = field(
+        default=False,
+        metadata={
+            "help": "Encode every prompt (and the empty and validation prompts) once before training, keep the "
+            "embeddings on the host and on disk for the next run, and keep the text encoders off the GPU."
+        },
+    )
+    prompt_embeds_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder of the prompt-embedding cache (default: ~/.cache/diffusers_dmdr/prompt_embeds)."},
+    )
+    offload_text_encoders: bool = field(
+        default=False,
+        metadata={"help": "Keep the text encoders on the CPU and move them to the GPU only to encode a batch."},
+    )
     resolution: int = field(default=1024, metadata={"help": "Square training resolution in pixels."})
 
     # > Optimisation
     max_train_steps: int = field(default=3000, metadata={"help": "Generator updates to train for."})
-    train_batch_size: int = field(default=1, metadata={"help": "Prompts per process per iteration."})
+    train_batch_size: int = field(default=1, metadata={"help": "Prompts per process per micro-batch."})
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Micro-batches accumulated into every update of both networks (effective batch per process = "
+            "train_batch_size x this; the TTUR ratio still counts updates)."
+        },
+    )
     learning_rate: float = field(default=1e-6, metadata={"help": "Learning rate of the student."})
     learning_rate_fake: float = field(default=5e-7, metadata={"help": "Learning rate of the fake score."})
     lr_scheduler: str = field(default="constant", metadata={"help": "diffusers LR schedule name."})
@@ -180,13 +203,6 @@ class DMDRConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clip of both networks."})
     use_8bit_adam: bool = field(default=False, metadata={"help": "bitsandbytes AdamW8bit for both optimizers."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
-    cache_prompt_embeds: bool = field(
-        default=False,
-        metadata={"help": "Encode every prompt once before training and move the text encoders off the device."},
-    )
-    offload_text_encoders: bool = field(
-        default=False, metadata={"help": "Keep the text encoders on the host, moving them in only to encode."}
-    )
     memory_plan_num_processes: int | None = field(
         default=None,
         metadata={
@@ -249,7 +265,14 @@ class DMDRConfig:
                 f"--student_timesteps has {len(self.student_timesteps)} values but --num_student_steps is "
                 f"{self.num_student_steps}: give one timestep per student step, or drop --student_timesteps."
             )
-        for name in ("max_train_steps", "train_batch_size", "update_ratio", "lora_rank", "fake_lora_rank"):
+        for name in (
+            "max_train_steps",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "update_ratio",
+            "lora_rank",
+            "fake_lora_rank",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"--{name} must be at least 1, got {getattr(self, name)}.")
         for name in ("cold_start_steps", "dynamic_steps", "lr_warmup_steps"):
@@ -277,6 +300,10 @@ class DMDRConfig:
             problems.append("--dmd_loss_weight and --anchor_loss_weight must be non-negative.")
         if self.reward_tilt_temperature <= 0:
             problems.append("--reward_tilt_temperature must be positive.")
+        if self.cache_prompt_embeds and self.offload_text_encoders:
+            problems.append(
+                "--cache_prompt_embeds already keeps the text encoders off the GPU; drop --offload_text_encoders."
+            )
         if problems:
             raise ValueError("Invalid DMDR configuration:\n- " + "\n- ".join(problems))
         if self.reward and self.cold_start_steps == self.max_train_steps:

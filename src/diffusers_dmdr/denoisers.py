@@ -5,28 +5,29 @@ conversions to the backbone's own timestep and prediction type (epsilon, v, flow
 [`DMDRScheduler`], the same object that samples at inference.
 """
 
+from collections.abc import Callable
+
 import torch
 
-from .families import ModelFamily
 from .pipelines.scheduling_dmdr import DMDRScheduler
 
 
 class Denoiser:
     """A backbone seen through the scheduler: `denoiser(x_t, t, condition) -> x0`.
 
-    Holds the (accelerator-prepared) backbone by composition, so data-parallel gradient hooks still run through its
-    `forward`.
+    Holds the model by composition: `model(sample, timestep, condition)` returns the backbone's raw output at model
+    timesteps (in the trainer, one role of the accelerator-prepared training module, so the engine's hooks run through
+    its `forward`).
     """
 
-    def __init__(self, backbone: torch.nn.Module, family: ModelFamily, scheduler: DMDRScheduler):
-        self.backbone = backbone
-        self.family = family
+    def __init__(self, model: Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor], scheduler: DMDRScheduler):
+        self.model = model
         self.scheduler = scheduler
 
     def predict(self, sample: torch.Tensor, noise_level: torch.Tensor, condition: dict) -> torch.Tensor:
         """The backbone's raw output (its training target space) at noise levels `noise_level` of shape `(B,)`."""
         timestep = self.scheduler.model_timestep(noise_level.to(sample.device))
-        return self.family.call_backbone(self.backbone, sample, timestep, condition)
+        return self.model(sample, timestep, condition)
 
     def __call__(self, sample: torch.Tensor, noise_level: torch.Tensor, condition: dict) -> torch.Tensor:
         model_output = self.predict(sample, noise_level, condition)

@@ -23,6 +23,7 @@ python -m diffusers_dmdr.export --checkpoint output_dir/checkpoint-3000 --output
 """
 
 import argparse
+import copy
 import json
 import logging
 import re
@@ -35,8 +36,8 @@ import torch
 from safetensors.torch import load_file
 
 from .adapters import (
+    FAKE_ADAPTER,
     STUDENT_ADAPTER,
-    adapter_state_dict,
     add_lora_adapter,
     load_adapter_state_dict,
     parse_target_modules,
@@ -91,34 +92,39 @@ class StudentWeights:
 # ----------------------------------------------------------------------------------------------------------------
 # Entry points
 # ----------------------------------------------------------------------------------------------------------------
-def export_from_trainer(trainer) -> Path:
+def export_from_trainer(trainer) -> Path | None:
     """Export the trainer's student into `trainer.config.output_dir` and push it when `config.push_to_hub`.
 
-    The sample grid comes from the trainer's own sampler ([`DMDRTrainer.sample_latents`]) with the validation
-    prompts and seed. Call it on the main process only.
+    Reuses the trainer's components (text encoders, tokenizers, VAE, the frozen base): the teacher is not loaded a
+    second time. The sample grid comes from the trainer's own sampler ([`DMDRTrainer.sample_latents`]) with the
+    validation prompts and seed. Call it on every process: under FSDP and DeepSpeed the student's weights are gathered
+    collectively and every process takes part in sampling; the main process writes the folder.
 
     Args:
         trainer ([`DMDRTrainer`]): a trained (or partly trained) trainer.
 
     Returns:
-        `Path`: the export folder.
+        `Path`: the export folder (`None` on the other processes).
     """
-    config, student = trainer.config, trainer.student_model
-    if config.training_mode == "lora":
-        weights = StudentWeights(
-            lora_state_dict=adapter_state_dict(student, STUDENT_ADAPTER),
-            lora_config=student.peft_config[STUDENT_ADAPTER].to_dict(),
-        )
-    else:
-        weights = StudentWeights(full_state_dict={k: v.detach() for k, v in student.state_dict().items()})
+    config, is_main = trainer.config, trainer.accelerator.is_main_process
+    student_state = trainer.student_state_dict()
     sample_images = None
     prompts = _sample_prompts(config)
-    if prompts:
+    if prompts and (is_main or trainer.sharded):
         generator = torch.Generator("cpu").manual_seed(config.seed)
         sample_images = trainer.decode(trainer.sample_latents(prompts, generator=generator)).float().cpu()
+    if not is_main:
+        return None
+    if config.training_mode == "lora":
+        lora_config = trainer.guidance_model.peft_config[STUDENT_ADAPTER].to_dict()
+        weights = StudentWeights(lora_state_dict=student_state, lora_config=lora_config)
+    else:
+        weights = StudentWeights(full_state_dict=student_state)
     full_pipeline = None
     if config.training_mode == "full" or config.export_full_pipeline:
-        full_pipeline = build_student_pipeline(config, trainer.family, trainer.scheduler, weights)
+        backbone = _student_backbone_from_trainer(trainer, weights)
+        pipeline = _assemble_pipeline(trainer.pipeline, trainer.family, trainer.scheduler, backbone)
+        full_pipeline = _finalise_full_pipeline(pipeline, config, weights)
     metrics = {key: value for key, value in (trainer.history[-1] if trainer.history else {}).items() if key != "step"}
     output_dir = write_export(
         config.output_dir,
@@ -134,6 +140,33 @@ def export_from_trainer(trainer) -> Path:
     if config.push_to_hub:
         push_to_hub(output_dir, config.hub_model_id, private=config.hub_private, checkpoint=config.output_dir)
     return output_dir
+
+
+def _student_backbone_from_trainer(trainer, weights: StudentWeights) -> torch.nn.Module:
+    """A standalone float32 student backbone on the CPU, built from what the trainer holds.
+
+    Unsharded runs copy the trainer's own modules (the base, or the full student) and drop the fake adapter. Sharded
+    runs hold only shards of the base, so its backbone alone is read again (never the whole teacher pipeline) and
+    the gathered student weights are applied to it.
+    """
+    module = trainer.training_module
+    if trainer.sharded:
+        config = trainer.config
+        backbone = trainer.family.load_backbone(config.pretrained_model_name_or_path, config.revision, config.variant)
+        if weights.is_lora:
+            targets = parse_target_modules(config.lora_target_modules, trainer.family.student_lora_targets)
+            add_lora_adapter(backbone, STUDENT_ADAPTER, config.lora_rank, config.lora_alpha, targets)
+            load_adapter_state_dict(backbone, STUDENT_ADAPTER, weights.lora_state_dict)
+        else:
+            backbone.load_state_dict(weights.full_state_dict, strict=True)
+        return backbone.eval()
+    if module.is_full:
+        return copy.deepcopy(module.student_backbone).to("cpu", torch.float32).eval()
+    # Fused in float32 so that the saved weights lose nothing to the adapter arithmetic.
+    backbone = copy.deepcopy(module.backbone).to("cpu", torch.float32)
+    backbone.delete_adapters(FAKE_ADAPTER)
+    backbone.set_adapter(STUDENT_ADAPTER)
+    return backbone.eval()
 
 
 def export_checkpoint(
@@ -249,16 +282,6 @@ def export_pipeline(pipeline: FewStepDMDRPipeline, output_dir: str | Path) -> Pa
 # ----------------------------------------------------------------------------------------------------------------
 # Building the student pipeline
 # ----------------------------------------------------------------------------------------------------------------
-def build_student_pipeline(
-    config: DMDRConfig, family: ModelFamily, scheduler: DMDRScheduler, weights: StudentWeights
-) -> FewStepDMDRPipeline:
-    """The full student pipeline to save: the teacher reloaded from `config`, with the student LoRA fused into its
-    backbone (LoRA mode) or the full student weights, in the export dtype."""
-    teacher = family.load_teacher(config.pretrained_model_name_or_path, config.revision, config.variant)
-    pipeline = _assemble_pipeline(teacher.pipeline, family, scheduler, _student_backbone(teacher, config, weights))
-    return _finalise_full_pipeline(pipeline, config, weights)
-
-
 def _student_backbone(teacher, config: DMDRConfig, weights: StudentWeights) -> torch.nn.Module:
     """The teacher's backbone carrying the student: the `student` adapter (LoRA mode) or the full weights."""
     backbone = teacher.backbone

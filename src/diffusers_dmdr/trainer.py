@@ -1,18 +1,21 @@
-"""DMDRTrainer: orchestration of a DMDR run (accelerate, optimizers, loop, TTUR, logging, checkpoints).
+"""DMDRTrainer: orchestration of a DMDR run (accelerate, the optimizer, the loop, TTUR, logging, checkpoints).
 
 The trainer holds no formula: noise math lives in the scheduler, losses in `losses.py`, schedules in
-`schedules.py`, the sampler in `simulation.py`.
+`schedules.py`, the sampler in `simulation.py`. What trains is one [`DMDRTrainingModule`] with one optimizer (a
+parameter group per role), prepared by one `accelerator.prepare` call, so DDP, FSDP2 and DeepSpeed all see one model.
 """
 
 import json
-from dataclasses import asdict, dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -22,12 +25,10 @@ from .adapters import (
     FAKE_ADAPTER,
     STUDENT_ADAPTER,
     adapter_state_dict,
-    build_student_and_guidance,
+    build_training_backbones,
     load_adapter_state_dict,
-    lora_scale,
     parse_target_modules,
     swapped_weights,
-    trainable_parameters,
 )
 from .checkpointing import (
     CONFIG_FILE,
@@ -43,21 +44,33 @@ from .denoisers import Denoiser, guided_x0
 from .families import TeacherComponents
 from .families.base import repeat_condition, student_scheduler_for
 from .losses import anchor_loss, dmd_loss, fake_score_loss, reward_tilt_weights
+from .optimization import RoleSchedule, lr_multiplier, make_optimizer, set_learning_rates, step_role
+from .prompt_cache import PromptEncoder
 from .rewards import compute_reward_loss
-from .simulation import backward_simulation, sample_student
+from .simulation import SimulationOutput, backward_simulation, sample_student
+from .training_module import GUIDANCE_ROLE, STUDENT_ROLE, DMDRTrainingModule
 
 
 logger = get_logger(__name__)
+
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# Engines that keep their own (sharded) checkpoint format and gather weights collectively.
+SHARDED_ENGINES = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised after `max_consecutive_nonfinite_steps` NaN/inf losses in a row."""
 
 
+def weight_dtype_of(mixed_precision: str | None) -> torch.dtype:
+    """The dtype of every frozen tensor for a mixed-precision mode (`fp16`, `bf16`; anything else: float32)."""
+    return WEIGHT_DTYPES.get(mixed_precision or "no", torch.float32)
+
+
 @dataclass
 class TrainingState:
-    """Counters saved with every checkpoint. Random draws are a function of `(seed, iteration, rank)`, so these
-    counters are all an exact resume needs beyond the weights and optimizer states."""
+    """Counters saved with every checkpoint. Random draws and learning rates are functions of `(seed, iteration,
+    rank)` and of these counters, so they are all an exact resume needs beyond the weights and optimizer state."""
 
     iteration: int = 0
     global_step: int = 0
@@ -73,6 +86,33 @@ class TrainingState:
             setattr(self, key, int(value))
 
 
+@dataclass
+class IterationDraws:
+    """Every random draw of one iteration on one process, for its whole effective batch (micro-batches x batch).
+
+    Drawn per sample (numpy vectors and one torch generator per sample), so that a micro-batch sees exactly the
+    numbers its samples would see in one large batch: gradient accumulation over N micro-batches of B equals one
+    batch of N * B.
+    """
+
+    generators: list[torch.Generator]
+    step_index: np.ndarray
+    fake_noise_levels: torch.Tensor
+    dmd_noise_levels: torch.Tensor
+    monitor_noise_levels: torch.Tensor
+    guidance_scale: float
+
+
+@dataclass
+class MicroBatch:
+    prompts: list[str]
+    condition: dict
+    generators: list[torch.Generator]
+    rows: slice
+    simulation: SimulationOutput | None = None
+    extras: dict = field(default_factory=dict)
+
+
 def create_accelerator(config: DMDRConfig) -> Accelerator:
     project = ProjectConfiguration(
         project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / config.logging_dir)
@@ -81,6 +121,9 @@ def create_accelerator(config: DMDRConfig) -> Accelerator:
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=project,
+        # One module, two roles: a fake-score backward leaves the student's parameters without gradients and vice
+        # versa, which DDP must be told about.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
 
 
@@ -89,13 +132,14 @@ class DMDRTrainer:
 
     Args:
         config ([`DMDRConfig`]): the run's configuration (validated).
-        teacher ([`TeacherComponents`]): the loaded teacher pipeline in float32; its backbone becomes the frozen base.
+        teacher ([`TeacherComponents`]): the loaded teacher pipeline, ideally already in the training dtype
+            (`load_teacher(..., dtype=weight_dtype_of(mixed_precision))`); its backbone becomes the frozen base.
         prompts (`list[str]`): the training prompts.
         rewards (`list[LoadedReward]`): rewards of stage 2 (and of RT-DM weighting in stage 1).
         eval_rewards (`list[LoadedReward]`): held-out rewards, logged only (reward-hacking monitor).
+        accelerator (`Accelerator`, *optional*): created from `config` when not given.
         reward_vae (`torch.nn.Module`, *optional*): a tiny autoencoder that decodes x0 for the rewards instead of the
             teacher's VAE (validation grids and the export always use the teacher's VAE).
-        accelerator (`Accelerator`, *optional*): created from `config` when not given.
     """
 
     def __init__(
@@ -110,6 +154,7 @@ class DMDRTrainer:
     ):
         self.config = config
         self.accelerator = accelerator or create_accelerator(config)
+        self.teacher = teacher
         self.family = teacher.family
         self.pipeline = teacher.pipeline
         self.rewards = list(rewards or [])
@@ -117,14 +162,11 @@ class DMDRTrainer:
         self.state = TrainingState()
         self.mode = config.backward_simulation or self.family.default_backward_simulation
         device = self.accelerator.device
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            self.accelerator.mixed_precision, torch.float32
-        )
+        self.weight_dtype = weight_dtype_of(self.accelerator.mixed_precision)
+        self.micro_batches = config.gradient_accumulation_steps
 
-        # 1. Frozen parts: text encoders and VAE in the mixed-precision dtype (an fp16 VAE that asks for an upcast
-        #    stays in float32, as diffusers' SDXL scripts do to avoid NaN decodes).
-        for encoder in self.family.text_encoders(self.pipeline):
-            encoder.requires_grad_(False).eval().to(device, self.weight_dtype)
+        # 1. Frozen parts: the VAE in the mixed-precision dtype (an fp16 VAE that asks for an upcast stays in float32,
+        #    as diffusers' SDXL scripts do to avoid NaN decodes); the text encoders go where the prompt encoder says.
         self.vae = teacher.vae.requires_grad_(False).eval()
         vae_upcast = self.weight_dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
         vae_dtype = torch.float32 if vae_upcast else self.weight_dtype
@@ -146,50 +188,56 @@ class DMDRTrainer:
             config.resolution // self.pipeline.vae_scale_factor,
         )
 
-        # 3. Networks on one frozen base: student (LoRA or full copy) and guidance (fake LoRA; real = scaled fake).
+        # 3. What trains: one module over one frozen base (student adapter or full copy; fake adapter).
         student_targets = parse_target_modules(config.lora_target_modules, self.family.student_lora_targets)
         fake_targets = parse_target_modules(config.fake_lora_target_modules, self.family.fake_lora_targets)
-        student, guidance = build_student_and_guidance(
+        student_backbone = None
+        if config.training_mode == "full" and teacher.backbone.dtype != torch.float32:
+            # The trainable copy is read in float32 from the checkpoint, not upcast from the low-precision base.
+            student_backbone = self.family.load_backbone(
+                teacher.source, config.revision, config.variant, torch.float32
+            )
+        backbone, student_backbone = build_training_backbones(
             teacher.backbone,
             config.training_mode,
             self.weight_dtype,
             student_lora={"rank": config.lora_rank, "alpha": config.lora_alpha, "target_modules": student_targets},
             fake_lora={"rank": config.fake_lora_rank, "alpha": config.fake_lora_alpha, "target_modules": fake_targets},
             seed=config.seed,
+            student_backbone=student_backbone,
         )
-        student.to(device)
-        guidance.to(device)
+        module = DMDRTrainingModule(backbone, self.family.call_backbone, student_backbone).to(device)
         if config.gradient_checkpointing:
-            student.enable_gradient_checkpointing()
-            guidance.enable_gradient_checkpointing()
-        self._student_module, self._guidance_module = student, guidance
+            module.enable_gradient_checkpointing()
+        self.training_module = module
 
-        # 4. Optimizers and LR schedules; one Accelerator prepares both networks and both optimizers.
-        student_optimizer = self._make_optimizer(student, config.learning_rate, config.adam_weight_decay)
-        fake_optimizer = self._make_optimizer(guidance, config.learning_rate_fake, config.adam_weight_decay_fake)
-        student_lr, fake_lr = self._make_lr_schedulers(student_optimizer, fake_optimizer)
-        (
-            self.student,
-            self.guidance,
-            self.student_optimizer,
-            self.fake_optimizer,
-            self.student_lr,
-            self.fake_lr,
-        ) = self.accelerator.prepare(student, guidance, student_optimizer, fake_optimizer, student_lr, fake_lr)
-        self.student_denoiser = Denoiser(self.student, self.family, self.scheduler)
-        self.guidance_denoiser = Denoiser(self.guidance, self.family, self.scheduler)
+        # 4. One optimizer (a parameter group per role) and one prepare call.
+        self.role_schedules = self._role_schedules()
+        optimizer = make_optimizer(
+            {role: module.parameters_of(role) for role in (STUDENT_ROLE, GUIDANCE_ROLE)},
+            self._learning_rates(),
+            {STUDENT_ROLE: config.adam_weight_decay, GUIDANCE_ROLE: config.adam_weight_decay_fake},
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_epsilon,
+            use_8bit_adam=config.use_8bit_adam,
+        )
+        self.model, self.optimizer = self.accelerator.prepare(module, optimizer)
+        self.sharded = self.accelerator.distributed_type in SHARDED_ENGINES
         self.accelerator.register_save_state_pre_hook(self._save_model_hook)
         self.accelerator.register_load_state_pre_hook(self._load_model_hook)
         self.accelerator.register_for_checkpointing(self.state)
+        self.student_denoiser = Denoiser(partial(self.model, STUDENT_ROLE), self.scheduler)
 
+        # 5. Prompts: a resumable sampler over the effective batch, and the encoder (cached or live).
         self.prompt_sampler = PromptSampler(
             prompts,
-            config.train_batch_size,
+            config.train_batch_size * self.micro_batches,
             config.seed,
             self.accelerator.process_index,
             self.accelerator.num_processes,
         )
-        self.empty_condition = self.family.encode_prompts(self.pipeline, [""], config.resolution, device)
+        self.prompt_encoder = PromptEncoder.from_config(config, teacher, self.accelerator, prompts)
+        self.empty_condition = self.encode([""])
         self.history: list[dict] = []
         # Set by `train()` when --anchor_loss_weight > 0: the student's weights as the run starts.
         self.anchor_weights: list[torch.Tensor] | None = None
@@ -197,62 +245,52 @@ class DMDRTrainer:
     # ------------------------------------------------------------------------------------------------------------
     # Setup helpers
     # ------------------------------------------------------------------------------------------------------------
-    def _make_optimizer(self, model: torch.nn.Module, learning_rate: float, weight_decay: float):
-        if self.config.use_8bit_adam:
-            try:
-                import bitsandbytes as bnb
-            except ImportError as error:
-                raise ImportError(
-                    "--use_8bit_adam needs bitsandbytes: `pip install diffusers-dmdr[bnb]` (or `pip install "
-                    "bitsandbytes`), or drop --use_8bit_adam."
-                ) from error
-            optimizer_class = bnb.optim.AdamW8bit
-        else:
-            optimizer_class = torch.optim.AdamW
-        return optimizer_class(
-            trainable_parameters(model),
-            lr=learning_rate,
-            betas=(self.config.adam_beta1, self.config.adam_beta2),
-            weight_decay=weight_decay,
-            eps=self.config.adam_epsilon,
-        )
+    def _role_schedules(self) -> dict[str, RoleSchedule]:
+        """The student's schedule runs over generator steps, the fake score's over iterations (fake updates)."""
+        config, ratio = self.config, self.config.update_ratio
+        return {
+            STUDENT_ROLE: RoleSchedule(
+                config.learning_rate,
+                lr_multiplier(config.lr_scheduler, config.lr_warmup_steps, config.max_train_steps),
+            ),
+            GUIDANCE_ROLE: RoleSchedule(
+                config.learning_rate_fake,
+                lr_multiplier(config.lr_scheduler, config.lr_warmup_steps * ratio, config.max_train_steps * ratio),
+            ),
+        }
 
-    def _make_lr_schedulers(self, student_optimizer, fake_optimizer):
-        from diffusers.optimization import get_scheduler
+    def _learning_rates(self) -> dict[str, float]:
+        return {
+            STUDENT_ROLE: self.role_schedules[STUDENT_ROLE].learning_rate_at(self.state.global_step),
+            GUIDANCE_ROLE: self.role_schedules[GUIDANCE_ROLE].learning_rate_at(self.state.iteration),
+        }
 
-        # Prepared schedulers step once per process per call (diffusers PR #8312), hence the scaling.
-        processes, ratio = self.accelerator.num_processes, self.config.update_ratio
-        student_lr = get_scheduler(
-            self.config.lr_scheduler,
-            optimizer=student_optimizer,
-            num_warmup_steps=self.config.lr_warmup_steps * processes,
-            num_training_steps=self.config.max_train_steps * processes,
-        )
-        fake_lr = get_scheduler(
-            self.config.lr_scheduler,
-            optimizer=fake_optimizer,
-            num_warmup_steps=self.config.lr_warmup_steps * ratio * processes,
-            num_training_steps=self.config.max_train_steps * ratio * processes,
-        )
-        return student_lr, fake_lr
+    @property
+    def unwrapped(self) -> DMDRTrainingModule:
+        return self.training_module
 
     @property
     def student_model(self) -> torch.nn.Module:
-        """The unwrapped student backbone (LoRA mode: the shared base with the `student` adapter)."""
-        return self._student_module
+        """The student backbone (LoRA mode: the shared base, which also carries the `fake` adapter)."""
+        module = self.training_module
+        return module.student_backbone if module.is_full else module.backbone
 
     @property
     def guidance_model(self) -> torch.nn.Module:
-        """The unwrapped guidance backbone (the shared base with the `fake` adapter)."""
-        return self._guidance_module
+        """The shared base with the `fake` adapter (the real score at multiplier 0 is the teacher)."""
+        return self.training_module.backbone
+
+    def guidance_denoiser(self, lora_scale: float) -> Denoiser:
+        """The guidance network at fake-adapter multiplier `lora_scale` (0: the teacher) as an x0 denoiser."""
+        return Denoiser(partial(self.model, GUIDANCE_ROLE, lora_scale=lora_scale), self.scheduler)
 
     # ------------------------------------------------------------------------------------------------------------
     # Sampling
     # ------------------------------------------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> dict:
-        return self.family.encode_prompts(self.pipeline, prompts, self.config.resolution, self.accelerator.device)
+        return self.prompt_encoder.encode(prompts)
 
-    def initial_noise(self, batch_size: int, generator: torch.Generator | None) -> torch.Tensor:
+    def initial_noise(self, batch_size: int, generator) -> torch.Tensor:
         shape = (batch_size, *self.latent_shape)
         return randn_tensor(shape, generator=generator, device=self.accelerator.device, dtype=torch.float32)
 
@@ -263,10 +301,9 @@ class DMDRTrainer:
         """The student's N-step sampler (the exported pipeline reproduces it for the same generator)."""
         condition = self.encode(prompts)
         noise = self.initial_noise(len(prompts), generator) if initial_noise is None else initial_noise
-        denoiser = Denoiser(self.student_model, self.family, self.scheduler)
         with self.accelerator.autocast():
             predictions = sample_student(
-                lambda sample, level: denoiser(sample, level, condition),
+                lambda sample, level: self.student_denoiser(sample, level, condition),
                 noise,
                 self.scheduler,
                 deterministic=self.scheduler.config.deterministic,
@@ -291,7 +328,7 @@ class DMDRTrainer:
             self.load_checkpoint(config.resume_from_checkpoint)
         # The anchor is the student as this run starts (after any resume), frozen.
         if config.anchor_loss_weight > 0:
-            self.anchor_weights = [p.detach().clone() for p in trainable_parameters(self.student_model)]
+            self.anchor_weights = [p.detach().clone() for p in self.unwrapped.parameters_of(STUDENT_ROLE)]
         if self.accelerator.is_main_process and self.accelerator.log_with:
             tracker_config = {
                 k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in asdict(config).items()
@@ -305,21 +342,17 @@ class DMDRTrainer:
         )
         fake_losses: list[float] = []
         while self.state.global_step < config.max_train_steps:
-            iteration = self.state.iteration
-            prompts = self.prompt_sampler.batch(iteration)
-            rng = np.random.default_rng([config.seed, iteration, self.accelerator.process_index])
-            generator = torch.Generator("cpu").manual_seed(int(rng.integers(2**62)))
-            condition = self.encode(prompts)
-            simulation = self._simulate(condition, rng, generator)
+            draws = self._draws(self.state.iteration)
+            micro_batches = self._simulate(self._micro_batches(self.state.iteration, draws), draws)
             # With DMD switched off (reward-only ablations) the fake score has no reader: skip its update.
             if config.dmd_loss_weight > 0:
-                fake_loss = self._fake_score_step(simulation.clean_sample, condition, rng, generator)
+                fake_loss = self._fake_score_update(micro_batches, draws)
                 if fake_loss is not None:
                     fake_losses.append(fake_loss)
             self.state.iteration += 1
             if self.state.iteration % config.update_ratio:
                 continue
-            logs = self._generator_step(prompts, simulation, condition, rng, generator)
+            logs = self._generator_update(micro_batches, draws)
             logs["loss_fake"] = float(np.mean(fake_losses)) if fake_losses else float("nan")
             fake_losses = []
             logs.update(self._schedule_logs())
@@ -345,93 +378,103 @@ class DMDRTrainer:
         self.accelerator.end_training()
         return self.history
 
-    def _replica_checksums(self) -> list[float]:
-        """Sum of every trainable weight on each process: data parallel replicas must agree exactly."""
-        local = torch.stack(
-            [
-                torch.stack([p.detach().double().sum() for p in trainable_parameters(m)]).sum()
-                for m in (self.student_model, self.guidance_model)
-            ]
-        ).to(self.accelerator.device)
-        return self.accelerator.gather(local[None]).cpu().tolist()
-
-    def _write_summary(self) -> None:
-        """`output_dir/train_summary.json`: what ran (processes, steps, skipped steps, replica agreement, last logs)."""
-        checksums = self._replica_checksums()
-        if not self.accelerator.is_main_process:
-            return
-        summary = {
-            "num_processes": self.accelerator.num_processes,
-            "global_step": self.state.global_step,
-            "iterations": self.state.iteration,
-            "nonfinite_steps": self.state.nonfinite_total,
-            "replica_checksums": checksums,
-            "replicas_identical": all(row == checksums[0] for row in checksums),
-            "student_timesteps": list(self.scheduler.config.training_timesteps),
-            "history": self.history,
-        }
-        path = Path(self.config.output_dir) / "train_summary.json"
-        path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
-
-    def _simulate(self, condition: dict, rng: np.random.Generator, generator: torch.Generator):
-        batch_size = condition["encoder_hidden_states"].shape[0]
-        step_index = torch.from_numpy(rng.integers(0, len(self.scheduler.noise_levels), size=batch_size))
-        with self.accelerator.autocast():
-            return backward_simulation(
-                lambda sample, level: self.student_denoiser(sample, level, condition),
-                self.initial_noise(batch_size, generator),
-                self.scheduler,
-                self.mode,
-                generator,
-                step_index,
-            )
-
-    def _renoise_levels(self, batch_size: int, rng: np.random.Generator) -> torch.Tensor:
+    def _draws(self, iteration: int) -> IterationDraws:
+        """Every random number of `iteration` on this process, from a generator seeded with (seed, iteration, rank)."""
+        config = self.config
+        rows = config.train_batch_size * self.micro_batches
+        rng = np.random.default_rng([config.seed, iteration, self.accelerator.process_index])
+        seeds = rng.integers(2**62, size=rows)
+        step_index = rng.integers(0, len(self.scheduler.noise_levels), size=rows)
         alpha, beta = schedules.renoise_beta_params(
-            self.state.global_step,
-            self.config.dynamic_steps,
-            self.config.renoise_beta_alpha,
-            self.config.renoise_beta_beta,
+            self.state.global_step, config.dynamic_steps, config.renoise_beta_alpha, config.renoise_beta_beta
         )
-        return schedules.sample_renoise_levels(batch_size, alpha, beta, rng).to(self.accelerator.device)
-
-    def _fake_score_step(self, clean_sample, condition, rng, generator) -> float | None:
-        """Denoising loss of the fake score on the detached student sample at a DynaRS noise level."""
-        noise_level = self._renoise_levels(clean_sample.shape[0], rng)
-        noise = randn_tensor(
-            clean_sample.shape, generator=generator, device=clean_sample.device, dtype=clean_sample.dtype
+        fake_levels = schedules.sample_renoise_levels(rows, alpha, beta, rng)
+        dmd_levels = schedules.sample_renoise_levels(rows, alpha, beta, rng)
+        monitor_levels = torch.from_numpy(rng.uniform(0.02, 0.98, size=rows)).float()
+        guidance_scale = schedules.sample_guidance_scale(config.real_guidance_scale, config.guidance_scale_jitter, rng)
+        return IterationDraws(
+            generators=[torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds],
+            step_index=step_index,
+            fake_noise_levels=fake_levels,
+            dmd_noise_levels=dmd_levels,
+            monitor_noise_levels=monitor_levels,
+            guidance_scale=guidance_scale,
         )
-        noisy_sample = self.scheduler.add_noise_at(clean_sample, noise, noise_level)
-        target = self.scheduler.training_target(clean_sample, noise, noise_level)
-        self.guidance.train()
-        with (
-            self.accelerator.autocast(),
-            lora_scale(self.guidance_model, FAKE_ADAPTER, self.config.fake_score_lora_scale),
-        ):
-            prediction = self.guidance_denoiser.predict(noisy_sample, noise_level, condition)
-        loss = fake_score_loss(prediction, target)
-        stepped = self._apply_update(loss, self.guidance, self.fake_optimizer, self.fake_lr, "fake")
-        return loss.item() if stepped else None
 
-    def _generator_step(self, prompts, simulation, condition, rng, generator) -> dict:
-        """DMD (plus rewards in stage 2) on the student's one-step prediction from its simulated input."""
-        config, logs = self.config, {}
+    def _micro_batches(self, iteration: int, draws: IterationDraws) -> list[MicroBatch]:
+        prompts, size = self.prompt_sampler.batch(iteration), self.config.train_batch_size
+        batches = []
+        for index in range(self.micro_batches):
+            rows = slice(index * size, (index + 1) * size)
+            batches.append(MicroBatch(prompts[rows], self.encode(prompts[rows]), draws.generators[rows], rows))
+        return batches
+
+    def _simulate(self, micro_batches: list[MicroBatch], draws: IterationDraws) -> list[MicroBatch]:
+        for batch in micro_batches:
+            with self.accelerator.autocast():
+                batch.simulation = backward_simulation(
+                    lambda sample, level, condition=batch.condition: self.student_denoiser(sample, level, condition),
+                    self.initial_noise(len(batch.prompts), batch.generators),
+                    self.scheduler,
+                    self.mode,
+                    batch.generators,
+                    torch.from_numpy(draws.step_index[batch.rows]),
+                )
+        return micro_batches
+
+    def _noise_like(self, tensor: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        return randn_tensor(tensor.shape, generator=generators, device=tensor.device, dtype=tensor.dtype)
+
+    def _fake_score_update(self, micro_batches: list[MicroBatch], draws: IterationDraws) -> float | None:
+        """Denoising loss of the fake score on the detached student samples at DynaRS noise levels, accumulated over
+        the micro-batches; one update of the fake-score group."""
+        scale, losses = self.config.fake_score_lora_scale, []
+        for index, batch in enumerate(micro_batches):
+            clean_sample = batch.simulation.clean_sample
+            noise_level = draws.fake_noise_levels[batch.rows].to(clean_sample.device)
+            noise = self._noise_like(clean_sample, batch.generators)
+            noisy_sample = self.scheduler.add_noise_at(clean_sample, noise, noise_level)
+            target = self.scheduler.training_target(clean_sample, noise, noise_level)
+            self.model.train()
+            with self.accelerator.autocast():
+                prediction = self.guidance_denoiser(scale).predict(noisy_sample, noise_level, batch.condition)
+            loss = fake_score_loss(prediction, target)
+            if not self._backward(loss, GUIDANCE_ROLE, scale, last=index + 1 == len(micro_batches)):
+                return None
+            losses.append(loss.item())
+        return float(np.mean(losses)) if self._step(GUIDANCE_ROLE) else None
+
+    def _generator_update(self, micro_batches: list[MicroBatch], draws: IterationDraws) -> dict:
+        """DMD (plus rewards in stage 2) on the student's one-step predictions, accumulated over the micro-batches;
+        one update of the student group."""
+        logs_per_batch = []
+        for index, batch in enumerate(micro_batches):
+            loss, logs = self._generator_loss(batch, draws)
+            logs_per_batch.append(logs)
+            if not self._backward(loss, STUDENT_ROLE, 1.0, last=index + 1 == len(micro_batches)):
+                break
+        else:
+            stepped = self._step(STUDENT_ROLE)
+            logs = {key: float(np.mean([row[key] for row in logs_per_batch])) for key in logs_per_batch[0]}
+            return {**logs, "step_skipped": float(not stepped)}
+        return {**logs_per_batch[-1], "step_skipped": 1.0}
+
+    def _generator_loss(self, batch: MicroBatch, draws: IterationDraws) -> tuple[torch.Tensor, dict]:
+        config, logs, simulation = self.config, {}, batch.simulation
         in_stage_two = self.state.global_step >= config.cold_start_steps
         # The anchor swaps weights in place, so it must run before the student's graph is built.
-        x0_anchor = None if self.anchor_weights is None else self._anchor_x0(simulation, condition)
-        self.student.train()
+        x0_anchor = None if self.anchor_weights is None else self._anchor_x0(simulation, batch.condition)
+        self.model.train()
         with self.accelerator.autocast():
-            x0_student = self.student_denoiser(simulation.student_input, simulation.noise_level, condition)
+            x0_student = self.student_denoiser(simulation.student_input, simulation.noise_level, batch.condition)
         loss = torch.zeros((), device=x0_student.device)
         if config.dmd_loss_weight > 0:
             sample_weights = None
             if config.reward_tilt and not in_stage_two:
-                sample_weights = self._reward_tilt(simulation.final_sample, prompts)
-            loss_dmd, logs["real_guidance_scale"] = self._dmd_loss(
-                x0_student, condition, sample_weights, rng, generator
-            )
+                sample_weights = self._reward_tilt(simulation.final_sample, batch.prompts)
+            loss_dmd = self._dmd_loss(x0_student, batch, draws, sample_weights)
             loss = loss + config.dmd_loss_weight * loss_dmd
-            logs["loss_dmd"] = loss_dmd.item()
+            logs.update(loss_dmd=loss_dmd.item(), real_guidance_scale=draws.guidance_scale)
         if x0_anchor is not None:
             loss_anchor = anchor_loss(x0_student, x0_anchor)
             loss = loss + config.anchor_loss_weight * loss_anchor
@@ -440,40 +483,42 @@ class DMDRTrainer:
         if in_stage_two and self.rewards:
             with self.accelerator.autocast():
                 images = self.decode_for_rewards(x0_student)
-                loss_rl, scores = compute_reward_loss(self.rewards, images, prompts)
+                loss_rl, scores = compute_reward_loss(self.rewards, images, batch.prompts)
             loss = loss + loss_rl
             logs["loss_rl"] = loss_rl.item()
             logs.update({f"reward/{name}": score.item() for name, score in scores.items()})
         if self.eval_rewards:
-            logs.update(self._monitor(x0_student.detach(), images, prompts, condition, rng, generator))
-        stepped = self._apply_update(loss, self.student, self.student_optimizer, self.student_lr, "generator")
-        logs.update(loss=loss.item(), step_skipped=float(not stepped))
-        return logs
+            logs.update(self._monitor(x0_student.detach(), images, batch, draws))
+        logs["loss"] = loss.item()
+        return loss, logs
 
-    def _dmd_loss(self, x0_student, condition, sample_weights, rng, generator) -> tuple[torch.Tensor, float]:
+    def _dmd_loss(self, x0_student, batch: MicroBatch, draws: IterationDraws, sample_weights) -> torch.Tensor:
         """Re-noise the student's x0 at a DynaRS level, query the real score (DynaDG scale, jittered CFG) and the fake
         score without gradient, and form the normalised DMD surrogate."""
         config, batch_size = self.config, x0_student.shape[0]
-        noise_level = self._renoise_levels(batch_size, rng)
-        noise = randn_tensor(x0_student.shape, generator=generator, device=x0_student.device, dtype=x0_student.dtype)
+        noise_level = draws.dmd_noise_levels[batch.rows].to(x0_student.device)
+        noise = self._noise_like(x0_student, batch.generators)
         noisy_student = self.scheduler.add_noise_at(x0_student.detach(), noise, noise_level)
-        guidance_scale = schedules.sample_guidance_scale(config.real_guidance_scale, config.guidance_scale_jitter, rng)
         real_scale = schedules.real_score_lora_scale(
             self.state.global_step, config.dynamic_steps, config.real_score_lora_scale
         )
         uncondition = repeat_condition(self.empty_condition, batch_size)
         with torch.no_grad(), self.accelerator.autocast():
-            with lora_scale(self.guidance_model, FAKE_ADAPTER, real_scale):
-                x0_real = guided_x0(
-                    self.guidance_denoiser, noisy_student, noise_level, condition, uncondition, guidance_scale
-                )
-            with lora_scale(self.guidance_model, FAKE_ADAPTER, config.fake_score_lora_scale):
-                x0_fake = self.guidance_denoiser(noisy_student, noise_level, condition)
-        return dmd_loss(x0_student, x0_real, x0_fake, sample_weights=sample_weights), guidance_scale
+            x0_real = guided_x0(
+                self.guidance_denoiser(real_scale),
+                noisy_student,
+                noise_level,
+                batch.condition,
+                uncondition,
+                draws.guidance_scale,
+            )
+            x0_fake = self.guidance_denoiser(config.fake_score_lora_scale)(noisy_student, noise_level, batch.condition)
+        return dmd_loss(x0_student, x0_real, x0_fake, sample_weights=sample_weights)
 
     @torch.no_grad()
     def _reward_tilt(self, final_sample: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """RT-DM weights from the rewards of the full few-step samples (no reward gradient)."""
+        """RT-DM weights from the rewards of the full few-step samples (no reward gradient); normalised over the
+        micro-batch."""
         with self.accelerator.autocast():
             images = self.decode_for_rewards(final_sample)
             weighted_scores = sum(reward.weight * reward.fn(images, prompts).float() for reward in self.rewards)
@@ -483,32 +528,30 @@ class DMDRTrainer:
     def _anchor_x0(self, simulation, condition) -> torch.Tensor:
         """The reference student's x0 on the generator's input: the student with its start-of-run weights."""
         with (
-            swapped_weights(trainable_parameters(self.student_model), self.anchor_weights),
+            swapped_weights(self.unwrapped.parameters_of(STUDENT_ROLE), self.anchor_weights),
             self.accelerator.autocast(),
         ):
-            return Denoiser(self.student_model, self.family, self.scheduler)(
-                simulation.student_input, simulation.noise_level, condition
-            )
+            return self.student_denoiser(simulation.student_input, simulation.noise_level, condition)
 
     @torch.no_grad()
-    def _monitor(self, x0_student, images, prompts, condition, rng, generator) -> dict:
+    def _monitor(self, x0_student, images, batch: MicroBatch, draws: IterationDraws) -> dict:
         """Reward-hacking monitor: held-out rewards (never trained on) and the frozen teacher's denoising loss on the
         student's samples, which rises when rewards pull samples off the teacher's manifold."""
         with self.accelerator.autocast():
             images = self.decode_for_rewards(x0_student) if images is None else images.detach()
-            _, held_out = compute_reward_loss(self.eval_rewards, images, prompts)
+            _, held_out = compute_reward_loss(self.eval_rewards, images, batch.prompts)
         logs = {f"heldout_reward/{name}": score.item() for name, score in held_out.items()}
-        logs["monitor/teacher_denoising_loss"] = self._teacher_denoising_loss(x0_student, condition, rng, generator)
+        logs["monitor/teacher_denoising_loss"] = self._teacher_denoising_loss(x0_student, batch, draws)
         return logs
 
     @torch.no_grad()
-    def _teacher_denoising_loss(self, x0_student, condition, rng, generator) -> float:
+    def _teacher_denoising_loss(self, x0_student, batch: MicroBatch, draws: IterationDraws) -> float:
         """Denoising loss of the frozen teacher on student samples, at uniform noise levels in [0.02, 0.98]."""
-        noise_level = torch.from_numpy(rng.uniform(0.02, 0.98, size=x0_student.shape[0])).float().to(x0_student.device)
-        noise = randn_tensor(x0_student.shape, generator=generator, device=x0_student.device, dtype=x0_student.dtype)
+        noise_level = draws.monitor_noise_levels[batch.rows].to(x0_student.device)
+        noise = self._noise_like(x0_student, batch.generators)
         noisy = self.scheduler.add_noise_at(x0_student, noise, noise_level)
-        with self.accelerator.autocast(), lora_scale(self.guidance_model, FAKE_ADAPTER, 0.0):
-            prediction = self.guidance_denoiser.predict(noisy, noise_level, condition)
+        with self.accelerator.autocast():
+            prediction = self.guidance_denoiser(0.0).predict(noisy, noise_level, batch.condition)
         return fake_score_loss(prediction, self.scheduler.training_target(x0_student, noise, noise_level)).item()
 
     def _schedule_logs(self) -> dict:
@@ -522,9 +565,42 @@ class DMDRTrainer:
             ),
             "rs_beta_a": alpha,
             "rs_beta_b": beta,
-            "lr": self.student_lr.get_last_lr()[0],
+            "lr": self._learning_rates()[STUDENT_ROLE],
+            "lr_fake": self._learning_rates()[GUIDANCE_ROLE],
             "stage": 2.0 if step >= config.cold_start_steps else 1.0,
         }
+
+    def _replica_checksums(self) -> list[float]:
+        """Sum of every trainable weight on each process: data parallel replicas must agree exactly."""
+        local = torch.stack(
+            [
+                p.detach().double().sum()
+                for role in (STUDENT_ROLE, GUIDANCE_ROLE)
+                for p in self.unwrapped.parameters_of(role)
+            ]
+        ).sum()
+        return self.accelerator.gather(local[None].to(self.accelerator.device)).cpu().tolist()
+
+    def _write_summary(self) -> None:
+        """`output_dir/train_summary.json`: what ran (processes, steps, skipped steps, replica agreement, last logs)."""
+        # Sharded engines hold different shards per process: only replicated weights can be compared.
+        checksums = None if self.sharded else self._replica_checksums()
+        if not self.accelerator.is_main_process:
+            return
+        summary = {
+            "num_processes": self.accelerator.num_processes,
+            "distributed_type": str(self.accelerator.distributed_type),
+            "gradient_accumulation_steps": self.micro_batches,
+            "global_step": self.state.global_step,
+            "iterations": self.state.iteration,
+            "nonfinite_steps": self.state.nonfinite_total,
+            "replica_checksums": checksums,
+            "replicas_identical": None if checksums is None else all(row == checksums[0] for row in checksums),
+            "student_timesteps": list(self.scheduler.config.training_timesteps),
+            "history": self.history,
+        }
+        path = Path(self.config.output_dir) / "train_summary.json"
+        path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
 
     # ------------------------------------------------------------------------------------------------------------
     # Updates and non-finite guards
@@ -536,25 +612,41 @@ class DMDRTrainer:
             flag = self.accelerator.reduce(flag, reduction="sum") / self.accelerator.num_processes
         return bool(flag.item() == 1.0)
 
-    def _apply_update(self, loss, model, optimizer, lr_scheduler, role: str) -> bool:
+    def _backward(self, loss: torch.Tensor, role: str, lora_scale: float, last: bool) -> bool:
+        """Accumulate `loss / micro_batches` into `role`'s gradients; False (and gradients cleared) when non-finite.
+
+        Gradients are synchronised across processes on the last micro-batch only. Under DeepSpeed the engine steps
+        inside this last backward, so `role`'s learning rates are set first.
+        """
         if not self._all_finite(loss):
             self._record_nonfinite(role, "loss")
-            optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)
             return False
-        self.accelerator.backward(loss)
-        grad_norm = self.accelerator.clip_grad_norm_(trainable_parameters(model), self.config.max_grad_norm)
+        # Gradient checkpointing recomputes the forward during backward with the adapters routed as they are now.
+        self.unwrapped.route(role, lora_scale)
+        set_learning_rates(
+            self.optimizer, {**dict.fromkeys(self.role_schedules, 0.0), role: self._learning_rates()[role]}
+        )
+        self.accelerator.sync_gradients = last
+        with nullcontext() if last else self.accelerator.no_sync(self.model):
+            self.accelerator.backward(loss / self.micro_batches)
+        self.accelerator.sync_gradients = True
+        return True
+
+    def _step(self, role: str) -> bool:
+        """Clip `role`'s gradients and step its parameter group; False (update skipped) on non-finite gradients."""
+        grad_norm = self.accelerator.clip_grad_norm_(self.unwrapped.parameters_of(role), self.config.max_grad_norm)
         if grad_norm is not None and not self._all_finite(torch.as_tensor(grad_norm)):
-            self._record_nonfinite(role, "gradient")
-            optimizer.zero_grad(set_to_none=True)
+            self._record_nonfinite(STUDENT_ROLE_NAMES[role], "gradient")
+            self.optimizer.zero_grad(set_to_none=True)
             return False
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        setattr(self.state, f"{role}_nonfinite_in_a_row", 0)
+        step_role(self.optimizer, role, self._learning_rates())
+        setattr(self.state, f"{STUDENT_ROLE_NAMES[role]}_nonfinite_in_a_row", 0)
         return True
 
     def _record_nonfinite(self, role: str, what: str) -> None:
-        """Count a skipped `role` update (`generator` or `fake`); abort after too many of that role in a row."""
+        """Count a skipped update of `role`; abort after too many of that role in a row."""
+        role = STUDENT_ROLE_NAMES.get(role, role)
         in_a_row = getattr(self.state, f"{role}_nonfinite_in_a_row") + 1
         setattr(self.state, f"{role}_nonfinite_in_a_row", in_a_row)
         self.state.nonfinite_total += 1
@@ -570,12 +662,13 @@ class DMDRTrainer:
             )
 
     # ------------------------------------------------------------------------------------------------------------
-    # Checkpoints
+    # Checkpoints and the weights the export needs
     # ------------------------------------------------------------------------------------------------------------
     def _assert_finite_weights(self) -> None:
-        for name, model in (("student", self.student_model), ("fake score", self.guidance_model)):
-            for parameter in trainable_parameters(model):
+        for role in (STUDENT_ROLE, GUIDANCE_ROLE):
+            for parameter in self.unwrapped.parameters_of(role):
                 if not torch.isfinite(parameter).all():
+                    name = "student" if role == STUDENT_ROLE else "fake score"
                     raise NonFiniteLossError(f"The {name} weights hold NaN/inf: refusing to write a checkpoint.")
 
     def save_checkpoint(self) -> Path:
@@ -602,48 +695,68 @@ class DMDRTrainer:
         logger.info(f"Resumed from {path} at generator step {self.state.global_step}")
 
     def _save_model_hook(self, models, weights, output_dir) -> None:
-        if self.accelerator.is_main_process:
-            for model in models:
-                unwrapped = self.accelerator.unwrap_model(model)
-                if unwrapped is self._student_module:
-                    if self.config.training_mode == "lora":
-                        save_file(adapter_state_dict(unwrapped, STUDENT_ADAPTER), Path(output_dir) / STUDENT_LORA_FILE)
-                    else:
-                        state = {k: v.contiguous() for k, v in unwrapped.state_dict().items()}
-                        save_file(state, Path(output_dir) / STUDENT_FULL_FILE)
-                elif unwrapped is self._guidance_module:
-                    save_file(adapter_state_dict(unwrapped, FAKE_ADAPTER), Path(output_dir) / FAKE_LORA_FILE)
-                else:
-                    raise ValueError(f"Unexpected model {type(unwrapped).__name__} in the checkpoint.")
-        # Every model was written above: accelerate must not save them a second time.
+        # FSDP and DeepSpeed have already written their own (sharded) format; the safetensors files are the format of
+        # unsharded runs, written by the main process.
+        if self.sharded or not self.accelerator.is_main_process:
+            return
+        for model in models:
+            if self.accelerator.unwrap_model(model) is not self.training_module:
+                raise ValueError(f"Unexpected model {type(model).__name__} in the checkpoint.")
+            student_file = STUDENT_LORA_FILE if self.config.training_mode == "lora" else STUDENT_FULL_FILE
+            save_file(self.student_state_dict(), Path(output_dir) / student_file)
+            save_file(
+                adapter_state_dict(self.training_module.backbone, FAKE_ADAPTER), Path(output_dir) / FAKE_LORA_FILE
+            )
+        # Every model was written above: accelerate must not save it a second time.
         while weights:
             weights.pop()
 
     def _load_model_hook(self, models, input_dir) -> None:
+        if self.sharded:
+            return
         while models:
-            unwrapped = self.accelerator.unwrap_model(models.pop())
-            if unwrapped is self._student_module:
-                if self.config.training_mode == "lora":
-                    load_adapter_state_dict(unwrapped, STUDENT_ADAPTER, load_file(Path(input_dir) / STUDENT_LORA_FILE))
-                else:
-                    unwrapped.load_state_dict(load_file(Path(input_dir) / STUDENT_FULL_FILE), strict=True)
-            elif unwrapped is self._guidance_module:
-                load_adapter_state_dict(unwrapped, FAKE_ADAPTER, load_file(Path(input_dir) / FAKE_LORA_FILE))
+            if self.accelerator.unwrap_model(models.pop()) is not self.training_module:
+                raise ValueError("Unexpected model in the checkpoint.")
+            module = self.training_module
+            if module.is_full:
+                module.student_backbone.load_state_dict(load_file(Path(input_dir) / STUDENT_FULL_FILE), strict=True)
             else:
-                raise ValueError(f"Unexpected model {type(unwrapped).__name__} in the checkpoint.")
+                load_adapter_state_dict(
+                    module.backbone, STUDENT_ADAPTER, load_file(Path(input_dir) / STUDENT_LORA_FILE)
+                )
+            load_adapter_state_dict(module.backbone, FAKE_ADAPTER, load_file(Path(input_dir) / FAKE_LORA_FILE))
+
+    def student_state_dict(self) -> dict[str, torch.Tensor]:
+        """The student's weights: PEFT-format LoRA (LoRA mode) or the full backbone state dict, whatever the engine.
+
+        Under FSDP and DeepSpeed the full state dict is gathered, so every process must call this.
+        """
+        if self.sharded:
+            return student_weights_from_module_state(
+                self.accelerator.get_state_dict(self.model), full=self.training_module.is_full
+            )
+        module = self.training_module
+        if module.is_full:
+            return {k: v.detach().contiguous() for k, v in module.student_backbone.state_dict().items()}
+        return adapter_state_dict(module.backbone, STUDENT_ADAPTER)
 
     # ------------------------------------------------------------------------------------------------------------
     # Validation
     # ------------------------------------------------------------------------------------------------------------
     def log_validation(self) -> Path | None:
-        """Sample the validation prompts with fixed seeds, save a PNG grid and log it to the trackers."""
-        if not self.accelerator.is_main_process:
+        """Sample the validation prompts with fixed seeds, save a PNG grid and log it to the trackers.
+
+        Sharded engines need every process in each forward pass, so all of them sample; the main one writes.
+        """
+        if not self.accelerator.is_main_process and not self.sharded:
             return None
         from .utils import save_image_grid
 
         prompts = [p for p in self.config.validation_prompts for _ in range(self.config.num_validation_images)]
         generator = torch.Generator("cpu").manual_seed(self.config.seed)
         images = self.decode(self.sample_latents(prompts, generator=generator)).float().cpu()
+        if not self.accelerator.is_main_process:
+            return None
         path = Path(self.config.output_dir) / "validation" / f"step-{self.state.global_step:06d}.png"
         save_image_grid(images, path, rows=len(self.config.validation_prompts))
         for tracker in self.accelerator.trackers:
@@ -656,3 +769,25 @@ class DMDRTrainer:
                     {"validation": [wandb.Image(img, caption=p) for img, p in zip(images, prompts, strict=True)]}
                 )
         return path
+
+
+# The non-finite counters of `TrainingState` speak of the generator and the fake score.
+STUDENT_ROLE_NAMES = {STUDENT_ROLE: "generator", GUIDANCE_ROLE: "fake"}
+
+
+def student_weights_from_module_state(module_state: dict[str, torch.Tensor], full: bool) -> dict[str, torch.Tensor]:
+    """The student's weights from a full state dict of [`DMDRTrainingModule`] (as gathered by FSDP / DeepSpeed).
+
+    Full mode: the `student_backbone.` entries without that prefix. LoRA mode: the `student` adapter's entries in PEFT
+    format (the `backbone.` prefix and the adapter name removed: `...to_q.lora_A.student.weight` ->
+    `...to_q.lora_A.weight`), as `peft.get_peft_model_state_dict` writes them.
+    """
+    if full:
+        prefix = "student_backbone."
+        return {k[len(prefix) :]: v.contiguous() for k, v in module_state.items() if k.startswith(prefix)}
+    marker, prefix = f".{STUDENT_ADAPTER}.", "backbone."
+    return {
+        k[len(prefix) :].replace(marker, "."): v.contiguous()
+        for k, v in module_state.items()
+        if k.startswith(prefix) and marker in k and "lora_" in k
+    }

@@ -138,14 +138,31 @@ class ModelFamily(ABC):
 
         return getattr(diffusers, self.pipeline_class_name)
 
-    def load_teacher(self, source: str, revision: str | None = None, variant: str | None = None) -> TeacherComponents:
-        """Load the teacher pipeline in float32 on the CPU; the trainer casts and places it."""
-        pipeline = self.pipeline_class().from_pretrained(
-            source, revision=revision, variant=variant, dtype=torch.float32
-        )
+    def load_teacher(
+        self,
+        source: str,
+        revision: str | None = None,
+        variant: str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> TeacherComponents:
+        """Load the teacher pipeline on the CPU directly in `dtype` (the training dtype: no float32 copy is made);
+        the trainer places it."""
+        pipeline = self.pipeline_class().from_pretrained(source, revision=revision, variant=variant, dtype=dtype)
         pipeline.set_progress_bar_config(disable=True)
         backbone = getattr(pipeline, self.backbone_name)
         return TeacherComponents(family=self, pipeline=pipeline, backbone=backbone, vae=pipeline.vae, source=source)
+
+    def load_backbone(
+        self, source: str, revision: str | None = None, variant: str | None = None, dtype: torch.dtype = torch.float32
+    ) -> torch.nn.Module:
+        """Load only the teacher's backbone (the trainable float32 copy of a full student)."""
+        import diffusers
+
+        class_name = read_component_config(source, self.backbone_name, revision)["_class_name"]
+        backbone_class = getattr(diffusers, class_name)
+        return backbone_class.from_pretrained(
+            source, subfolder=self.backbone_name, revision=revision, variant=variant, dtype=dtype
+        )
 
     def text_encoders(self, pipeline) -> list[torch.nn.Module]:
         return [
