@@ -1,8 +1,9 @@
 """The memory plan's bytes equal the bytes of the real modules' tensors (issue 8).
 
-The plan is computed from the saved tiny teachers' configs on the meta device; the check builds the real student and
-guidance network with `adapters.build_student_and_guidance`, casts the frozen parts as the trainer does, runs one real
-backward and one optimizer step per network, and sums `numel * element_size` over the distinct tensors.
+The plan is computed from the saved tiny teachers' configs on the meta device; the check builds the real training
+module as the trainer does (`adapters.build_training_backbones`, `DMDRTrainingModule`, the one optimizer of
+`optimization.make_optimizer` with a group per role), casts the frozen parts, runs one real backward and optimizer step
+per role, and sums `numel * element_size` over the distinct tensors.
 """
 
 import copy
@@ -14,7 +15,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from diffusers_dmdr.adapters import build_student_and_guidance, parse_target_modules, trainable_parameters
+from diffusers_dmdr.adapters import build_training_backbones, parse_target_modules
 from diffusers_dmdr.families import get_family
 from diffusers_dmdr.memory_plan import (
     GIB,
@@ -23,7 +24,9 @@ from diffusers_dmdr.memory_plan import (
     shard_numel,
     training_dtype_for,
 )
+from diffusers_dmdr.optimization import make_optimizer
 from diffusers_dmdr.preflight import check_run_inputs
+from diffusers_dmdr.training_module import GUIDANCE_ROLE, STUDENT_ROLE, DMDRTrainingModule
 
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
@@ -51,16 +54,23 @@ def _nbytes(tensors) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in _distinct(tensors))
 
 
-def _optimizer_state_bytes(optimizer) -> int:
-    return _nbytes(value for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value))
+def _state_bytes(optimizer, parameters, with_shared: bool) -> int:
+    """Optimizer-state bytes of `parameters`; `with_shared=False` leaves out AdamW8bit's shared quantisation maps."""
+    return _nbytes(
+        value
+        for parameter in parameters
+        for key, value in optimizer.state[parameter].items()
+        if torch.is_tensor(value) and (with_shared or not key.startswith("qmap"))
+    )
 
 
-def _backward(family, network, pipeline, condition):
-    """One real forward/backward of `network` on random latents (bf16 autocast, as under mixed precision)."""
-    sample = torch.randn(1, network.config.in_channels, 8, 8)
+def _backward(module, role, scale, condition):
+    """One real forward/backward of `role` on random latents (bf16 autocast, as under mixed precision)."""
+    backbone = module.student_backbone if role == STUDENT_ROLE and module.is_full else module.backbone
+    sample = torch.randn(1, backbone.config.in_channels, 8, 8)
     timestep = torch.tensor([500.0])
     with torch.autocast("cpu", dtype=TRAINING_DTYPE):
-        output = family.call_backbone(network, sample, timestep, condition)
+        output = module(role, sample, timestep, condition, lora_scale=scale)
     output.float().square().mean().backward()
 
 
@@ -108,7 +118,7 @@ def test_plan_bytes_equal_the_real_modules(
     encoders = family.text_encoders(pipeline)
     for module in [*encoders, pipeline.vae, reward_vae]:
         module.requires_grad_(False).to(TRAINING_DTYPE)
-    student, guidance = build_student_and_guidance(
+    backbone, student_backbone = build_training_backbones(
         getattr(pipeline, family.backbone_name),
         training_mode,
         TRAINING_DTYPE,
@@ -119,7 +129,8 @@ def test_plan_bytes_equal_the_real_modules(
         },
         fake_lora={"rank": 4, "alpha": 4, "target_modules": parse_target_modules(None, family.fake_lora_targets)},
     )
-    modules = [*encoders, pipeline.vae, reward_vae, student, guidance]
+    module = DMDRTrainingModule(backbone, family.call_backbone, student_backbone)
+    modules = [*encoders, pipeline.vae, reward_vae, module]
     every_tensor = [t for m in modules for t in [*m.parameters(), *m.buffers()]]
     frozen_real = _nbytes(t for t in every_tensor if not t.requires_grad)
     frozen_planned = sum(c.bytes for c in plan.frozen) + sum(n.buffer_bytes for n in plan.networks)
@@ -127,32 +138,43 @@ def test_plan_bytes_equal_the_real_modules(
     assert {c.dtype for c in plan.frozen} == {"bfloat16"}
     assert "reward_vae" in {c.name for c in plan.frozen}
 
-    planned = {network.name: network for network in plan.networks}
+    planned = {"student": plan.networks[0], "fake score": plan.networks[1]}
+    roles = {"student": (STUDENT_ROLE, 1.0), "fake score": (GUIDANCE_ROLE, 2.0)}
+    groups = {role: module.parameters_of(role) for role, _ in roles.values()}
+    optimizer = make_optimizer(
+        groups,
+        {STUDENT_ROLE: 1e-4, GUIDANCE_ROLE: 1e-4},
+        {STUDENT_ROLE: 0.0, GUIDANCE_ROLE: 0.0},
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        use_8bit_adam=use_8bit_adam,
+    )
     condition = family.encode_prompts(pipeline, ["a red cat"], 64, torch.device("cpu"))
-    for name, network in (("student", student), ("fake score", guidance)):
-        parameters = trainable_parameters(network)
+    for name, (role, scale) in roles.items():
+        parameters = groups[role]
         assert sum(p.numel() for p in parameters) == planned[name].num_parameters
         assert _nbytes(parameters) == planned[name].parameter_bytes
-        _backward(family, network, pipeline, condition)
+        _backward(module, role, scale, condition)
         assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in parameters)
         assert _nbytes(p.grad for p in parameters) == planned[name].gradient_bytes
-        if use_8bit_adam:
-            import bitsandbytes as bnb
-
-            optimizer = bnb.optim.AdamW8bit(parameters, lr=1e-4)
-        else:
-            optimizer = torch.optim.AdamW(parameters, lr=1e-4)
         optimizer.step()
-        assert _optimizer_state_bytes(optimizer) == planned[name].optimizer_bytes
-    assert plan.total_bytes() == frozen_planned + sum(
+        optimizer.zero_grad(set_to_none=True)
+        assert _state_bytes(optimizer, parameters, with_shared=False) == planned[name].optimizer_bytes
+    all_parameters = [p for params in groups.values() for p in params]
+    assert (
+        _state_bytes(optimizer, all_parameters, with_shared=True)
+        == sum(n.optimizer_bytes for n in plan.networks) + plan.optimizer_shared_bytes
+    )
+    assert (plan.optimizer_shared_bytes > 0) == use_8bit_adam
+    assert plan.total_bytes() == frozen_planned + plan.optimizer_shared_bytes + sum(
         n.parameter_bytes + n.gradient_bytes + n.optimizer_bytes for n in plan.networks
     )
 
 
 def test_8bit_states_quantise_only_tensors_of_4096_elements_or_more():
-    # 4095 elements: two float32 moments; 4096: two uint8 moments + two float32 absmax per 256-block + 2 KiB of maps.
+    # 4095 elements: two float32 moments; 4096: two uint8 moments + two float32 absmax per 256-block.
     assert adamw8bit_state_bytes([(4095,)]) == 8 * 4095
-    assert adamw8bit_state_bytes([(64, 64)]) == 2 * 4096 + 8 * 16 + 2048
+    assert adamw8bit_state_bytes([(64, 64)]) == 2 * 4096 + 8 * 16
 
 
 def test_fsdp_shard_is_the_largest_dim0_chunk():

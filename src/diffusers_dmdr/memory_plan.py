@@ -14,8 +14,8 @@ buffers in their own dtype):
 - `torch.optim.AdamW`: `exp_avg` and `exp_avg_sq` in float32 plus a float32 `step` scalar per tensor: `8 n + 4`;
 - `bitsandbytes.optim.AdamW8bit` (bitsandbytes >= 0.50): a tensor with `n >= 4096` (its `min_8bit_size`) keeps two
   uint8 states plus two float32 absmax values per block of 256 elements: `2 n + 8 ceil(n / 256)`; a smaller tensor
-  keeps two float32 states: `8 n`; each optimizer holds two 256-entry float32 quantisation maps (2 KiB), shared by
-  its tensors;
+  keeps two float32 states: `8 n`; the optimizer holds two 256-entry float32 quantisation maps (2 KiB), shared by
+  its tensors (one optimizer with a parameter group per network, as the trainer builds it);
 - FSDP2 with `N` processes (`fully_shard` of the training module: the backbone base, the adapters, a full student):
   each parameter is split on dim 0 into `ceil(d0 / N)`-row shards (the last rank's shard padded), so one process holds
   `ceil(d0 / N) * n / d0` elements of it, and its gradients and optimizer states are sharded alike; buffers stay whole; the text
@@ -63,16 +63,18 @@ def adamw_state_bytes(shapes: list[tuple[int, ...]], num_processes: int = 1) -> 
 
 def adamw8bit_state_bytes(shapes: list[tuple[int, ...]], num_processes: int = 1) -> int:
     """`bitsandbytes.optim.AdamW8bit`: uint8 moments and float32 block absmax for tensors of >= 4096 elements,
-    float32 moments below that, plus one pair of quantisation maps per optimizer (see the module docstring)."""
-    total, any_quantised = 0, False
+    float32 moments below that (the optimizer's shared quantisation maps: `adamw8bit_shared_bytes`)."""
+    total = 0
     for shape in shapes:
         n = shard_numel(shape, num_processes)
-        if n < BNB_MIN_8BIT_SIZE:
-            total += 8 * n
-        else:
-            total += 2 * n + 8 * math.ceil(n / BNB_BLOCKSIZE)
-            any_quantised = True
-    return total + (BNB_QMAP_BYTES if any_quantised else 0)
+        total += 8 * n if n < BNB_MIN_8BIT_SIZE else 2 * n + 8 * math.ceil(n / BNB_BLOCKSIZE)
+    return total
+
+
+def adamw8bit_shared_bytes(shapes: list[tuple[int, ...]], num_processes: int = 1) -> int:
+    """The two 256-entry float32 quantisation maps one AdamW8bit optimizer shares between its quantised tensors."""
+    quantised = any(shard_numel(shape, num_processes) >= BNB_MIN_8BIT_SIZE for shape in shapes)
+    return BNB_QMAP_BYTES if quantised else 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -132,6 +134,8 @@ class MemoryPlan:
     text_encoders: str
     frozen: list[FrozenComponent] = field(default_factory=list)
     networks: list[TrainableNetwork] = field(default_factory=list)
+    # State the one optimizer shares between its tensors (AdamW8bit's quantisation maps), per process.
+    optimizer_shared_bytes: int = 0
 
     def frozen_bytes(self, fsdp: bool = False) -> int:
         return sum(c.bytes_per_process_fsdp if fsdp else c.bytes for c in self.frozen if c.on_device)
@@ -143,7 +147,7 @@ class MemoryPlan:
         """Device bytes per process: frozen modules on the device plus every network's parameters, gradients and
         optimizer states (both networks' gradients counted at once: an upper bound of what is live)."""
         networks = sum(n.total_bytes_fsdp if fsdp else n.total_bytes for n in self.networks)
-        return self.frozen_bytes(fsdp) + networks
+        return self.frozen_bytes(fsdp) + networks + self.optimizer_shared_bytes
 
     def to_dict(self) -> dict:
         values = asdict(self)
@@ -205,6 +209,9 @@ class MemoryPlan:
             )
             if network.buffer_bytes:
                 rows.append((f"{network.name}: own buffers", "", "fp32", gib(network.buffer_bytes), "-"))
+        if self.optimizer_shared_bytes:
+            shared = gib(self.optimizer_shared_bytes)
+            rows.append((f"{self.optimizer} quantisation maps", "", "fp32", shared, shared))
         rows.append(("total on the device", "", "", gib(self.total_bytes()), gib(self.total_bytes(fsdp=True))))
         widths = [max(len(row[i]) for row in rows) for i in range(5)]
         lines = [
@@ -345,7 +352,10 @@ def plan_from_components(
         student = _trainable_network(
             "student", _adapter_shapes(backbone, STUDENT_ADAPTER), use_8bit_adam, num_processes
         )
-    fake = _trainable_network("fake score", _adapter_shapes(backbone, FAKE_ADAPTER), use_8bit_adam, num_processes)
+    fake_shapes = _adapter_shapes(backbone, FAKE_ADAPTER)
+    fake = _trainable_network("fake score", fake_shapes, use_8bit_adam, num_processes)
+    trainable_shapes = base_parameter_shapes if training_mode == "full" else _adapter_shapes(backbone, STUDENT_ADAPTER)
+    shared_bytes = adamw8bit_shared_bytes(trainable_shapes + fake_shapes) if use_8bit_adam else 0
     return MemoryPlan(
         family=family.name,
         training_mode=training_mode,
@@ -355,6 +365,7 @@ def plan_from_components(
         text_encoders="on the device" if text_encoders_on_device else "off the device (cached embeddings/offloaded)",
         frozen=frozen,
         networks=[student, fake],
+        optimizer_shared_bytes=shared_bytes,
     )
 
 
