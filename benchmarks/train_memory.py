@@ -4,8 +4,8 @@
 One measured iteration is what the trainer runs per generator step: `update_ratio` times (backward simulation of
 the student without grad, one fake-score update), then one generator update (student forward with grad, real score
 with CFG and fake score without grad, DMD loss, optionally a differentiable reward decode). It is built from the
-project's own pieces (`adapters.build_student_and_guidance`, `denoisers.Denoiser`, `simulation.backward_simulation`,
-`losses`, `DMDRScheduler`) on random-init real architectures, and compares
+project's own pieces (`adapters.build_training_backbones`, `DMDRTrainingModule`, `optimization.make_optimizer`,
+`denoisers.Denoiser`, `simulation.backward_simulation`, `losses`, `DMDRScheduler`) on random-init real architectures, and compares
 
 - `shared`: the project's layout, one frozen base under the student and fake LoRA adapters;
 - `naive`: separate teacher, fake-score and student copies of the backbone (deep copies) in the same run;
@@ -218,50 +218,76 @@ def conditions(spec: ModelSpec, batch_size: int, device, dtype, generator) -> di
 
 
 class Run:
-    """Everything one iteration needs, built for one `Row` (`shared` or `naive` layout)."""
+    """Everything one iteration needs, built for one `Row`.
+
+    `shared` is the trainer's layout: `adapters.build_training_backbones` + `DMDRTrainingModule` (one frozen base with
+    the `student` and `fake` adapters, routed per role) and one optimizer with a group per role. `naive` keeps three
+    independent backbones (deep copies): a teacher, a fake score with the `fake` adapter, a student with the `student`
+    adapter, each wrapped in its own `DMDRTrainingModule` so the same routing and the same optimizer apply.
+    """
 
     def __init__(self, spec: ModelSpec, row: Row, device: torch.device, args):
+        from functools import partial
+
         from diffusers import AutoencoderKL, AutoencoderTiny, SD3Transformer2DModel, UNet2DConditionModel
 
-        from diffusers_dmdr.adapters import FAKE_ADAPTER, STUDENT_ADAPTER, add_lora_adapter, build_student_and_guidance
+        from diffusers_dmdr.adapters import FAKE_ADAPTER, STUDENT_ADAPTER, add_lora_adapter, build_training_backbones
         from diffusers_dmdr.denoisers import Denoiser
         from diffusers_dmdr.families import get_family
+        from diffusers_dmdr.optimization import make_optimizer
         from diffusers_dmdr.pipelines.scheduling_dmdr import DMDRScheduler
+        from diffusers_dmdr.training_module import GUIDANCE_ROLE, STUDENT_ROLE, DMDRTrainingModule
 
         self.spec, self.row, self.device, self.args = spec, row, device, args
         self.family = get_family(spec.family)
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         backbone_class = UNet2DConditionModel if spec.family == "sdxl" else SD3Transformer2DModel
-        base = random_module(backbone_class, spec.backbone, device, torch.float32)
+        base = random_module(backbone_class, spec.backbone, device, self.dtype)
         student_lora = {"rank": args.lora_rank, "alpha": args.lora_rank, "target_modules": args.targets}
         fake_lora = {"rank": args.fake_lora_rank, "alpha": args.fake_lora_rank, "target_modules": args.targets}
+        call = self.family.call_backbone
         if row.layout == "shared":
-            self.student, self.guidance = build_student_and_guidance(
-                base, "lora", self.dtype, student_lora, fake_lora, seed=0
-            )
-            self.teacher = self.guidance  # the real score: the guidance network at the DynaDG multiplier
+            backbone, _ = build_training_backbones(base, "lora", self.dtype, student_lora, fake_lora, seed=0)
+            module = DMDRTrainingModule(backbone, call)
+            self.student_module = self.fake_module = self.real_module = module
+            self.real_role, self.real_scale = GUIDANCE_ROLE, 0.5  # the DynaDG multiplier at step 0
         else:
-            # Naive: three independent copies of the backbone (teacher, fake score, student).
-            base.to(self.dtype)
-            self.teacher = base
-            self.guidance, self.student = copy.deepcopy(base), copy.deepcopy(base)
-            add_lora_adapter(self.student, STUDENT_ADAPTER, **student_lora)
-            add_lora_adapter(self.guidance, FAKE_ADAPTER, **fake_lora)
-            for model in (self.student, self.guidance):
-                for parameter in model.parameters():
-                    if parameter.requires_grad:
+            student_base, fake_base = copy.deepcopy(base), copy.deepcopy(base)
+            for backbone, adapter, lora in (
+                (student_base, STUDENT_ADAPTER, student_lora),
+                (fake_base, FAKE_ADAPTER, fake_lora),
+            ):
+                add_lora_adapter(backbone, adapter, **lora)
+                for name, parameter in backbone.named_parameters():
+                    if "lora_" in name:
+                        parameter.requires_grad_(True)
                         parameter.data = parameter.data.float()
+            self.student_module = DMDRTrainingModule(student_base, call)
+            self.fake_module = DMDRTrainingModule(fake_base, call)
+            self.real_module = DMDRTrainingModule(base, call)  # the teacher: no adapter at all
+            self.real_role, self.real_scale = GUIDANCE_ROLE, 0.0
+        self.modules = list({id(m): m for m in (self.student_module, self.fake_module, self.real_module)}.values())
         if row.gradient_checkpointing:
-            self.student.enable_gradient_checkpointing()
-            self.guidance.enable_gradient_checkpointing()
-        self.fake_adapter = FAKE_ADAPTER
+            self.student_module.backbone.enable_gradient_checkpointing()
+            self.fake_module.backbone.enable_gradient_checkpointing()
+        self.roles = (STUDENT_ROLE, GUIDANCE_ROLE)
         self.reward_vae = None
         if row.reward_decode == "tiny":
             self.reward_vae = random_module(AutoencoderTiny, spec.taesd, device, self.dtype)
         elif row.reward_decode == "full":
             self.reward_vae = random_module(AutoencoderKL, spec.vae, device, self.dtype)
-        self.student_optimizer = self._optimizer(self.student, row.use_8bit_adam)
-        self.fake_optimizer = self._optimizer(self.guidance, row.use_8bit_adam)
+        self.groups = {
+            STUDENT_ROLE: self.student_module.parameters_of(STUDENT_ROLE),
+            GUIDANCE_ROLE: self.fake_module.parameters_of(GUIDANCE_ROLE),
+        }
+        self.optimizer = make_optimizer(
+            self.groups,
+            {role: 1e-6 for role in self.groups},
+            {role: 0.0 for role in self.groups},
+            betas=(0.9, 0.999),
+            eps=1e-8,
+            use_8bit_adam=row.use_8bit_adam,
+        )
         timesteps = self.family.default_student_timesteps(4, 5.0 if spec.family == "sd3" else None)
         self.scheduler = DMDRScheduler(
             prediction_type="flow" if self.family.is_flow else "epsilon",
@@ -269,20 +295,13 @@ class Run:
             shift=5.0 if self.family.is_flow else None,
             deterministic=self.family.default_backward_simulation == "ode",
         )
-        self.student_denoiser = Denoiser(self.student, self.family, self.scheduler)
-        self.guidance_denoiser = Denoiser(self.guidance, self.family, self.scheduler)
-        self.teacher_denoiser = Denoiser(self.teacher, self.family, self.scheduler)
+        self.student_denoiser = Denoiser(partial(self.student_module, STUDENT_ROLE), self.scheduler)
+        self.fake_denoiser = Denoiser(partial(self.fake_module, GUIDANCE_ROLE, lora_scale=2.0), self.scheduler)
+        self.real_denoiser = Denoiser(
+            partial(self.real_module, self.real_role, lora_scale=self.real_scale), self.scheduler
+        )
         channels = spec.backbone["in_channels"]
         self.latent_shape = (args.batch_size, channels, spec.resolution // 8, spec.resolution // 8)
-
-    def _optimizer(self, model, use_8bit_adam: bool):
-        from diffusers_dmdr.adapters import trainable_parameters
-
-        if use_8bit_adam:
-            import bitsandbytes as bnb
-
-            return bnb.optim.AdamW8bit(trainable_parameters(model), lr=1e-6)
-        return torch.optim.AdamW(trainable_parameters(model), lr=1e-6)
 
     def autocast(self):
         if self.device.type == "cuda":
@@ -292,29 +311,29 @@ class Run:
     def tensor_bytes(self) -> int:
         """Bytes of every distinct weight, buffer, gradient and optimizer state now allocated."""
         seen = {}
-        models = [self.student, self.guidance, self.teacher] + ([self.reward_vae] if self.reward_vae else [])
+        models = self.modules + ([self.reward_vae] if self.reward_vae else [])
         tensors = [t for m in models for t in [*m.parameters(), *m.buffers()]]
         tensors += [p.grad for m in models for p in m.parameters() if p.grad is not None]
-        for optimizer in (self.student_optimizer, self.fake_optimizer):
-            tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
         for tensor in tensors:
             seen[(tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))] = tensor
         return sum(t.numel() * t.element_size() for t in seen.values())
 
-    def _step(self, loss, model, optimizer):
-        from diffusers_dmdr.adapters import trainable_parameters
-
+    def _step(self, loss, module, role: str, scale: float) -> None:
+        # Checkpointing recomputes the forward during backward with the adapters routed as they are now.
+        module.route(role, scale)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable_parameters(model), 1.0)
-        optimizer.step()
+        torch.nn.utils.clip_grad_norm_(self.groups[role], 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def iteration(self, seed: int) -> None:
         """`update_ratio` x (backward simulation + fake-score update), then one generator update, as the trainer."""
-        from diffusers_dmdr.adapters import lora_scale
         from diffusers_dmdr.denoisers import guided_x0
         from diffusers_dmdr.losses import dmd_loss, fake_score_loss, reward_loss
         from diffusers_dmdr.schedules import sample_renoise_levels
         from diffusers_dmdr.simulation import backward_simulation
+        from diffusers_dmdr.training_module import GUIDANCE_ROLE, STUDENT_ROLE
 
         rng = np.random.default_rng(seed)
         generator = torch.Generator(self.device).manual_seed(seed)
@@ -337,32 +356,25 @@ class Run:
             noise = randn(self.latent_shape)
             noisy = self.scheduler.add_noise_at(simulation.clean_sample, noise, level)
             target = self.scheduler.training_target(simulation.clean_sample, noise, level)
-            self.guidance.train()
-            with self.autocast(), lora_scale(self.guidance, self.fake_adapter, 2.0):
-                prediction = self.guidance_denoiser.predict(noisy, level, condition)
-            self._step(fake_score_loss(prediction, target), self.guidance, self.fake_optimizer)
-            self.fake_optimizer.zero_grad(set_to_none=True)
+            self.fake_module.train()
+            with self.autocast():
+                prediction = self.fake_denoiser.predict(noisy, level, condition)
+            self._step(fake_score_loss(prediction, target), self.fake_module, GUIDANCE_ROLE, 2.0)
 
-        self.student.train()
+        self.student_module.train()
         with self.autocast():
             x0_student = self.student_denoiser(simulation.student_input, simulation.noise_level, condition)
         level = sample_renoise_levels(batch, 4.0, 1.5, rng).to(self.device)
         noisy_student = self.scheduler.add_noise_at(x0_student.detach(), randn(self.latent_shape), level)
         with torch.no_grad(), self.autocast():
-            if self.row.layout == "shared":
-                with lora_scale(self.guidance, self.fake_adapter, 0.5):
-                    x0_real = guided_x0(self.guidance_denoiser, noisy_student, level, condition, uncondition, 7.0)
-            else:
-                x0_real = guided_x0(self.teacher_denoiser, noisy_student, level, condition, uncondition, 7.0)
-            with lora_scale(self.guidance, self.fake_adapter, 2.0):
-                x0_fake = self.guidance_denoiser(noisy_student, level, condition)
+            x0_real = guided_x0(self.real_denoiser, noisy_student, level, condition, uncondition, 7.0)
+            x0_fake = self.fake_denoiser(noisy_student, level, condition)
         loss = dmd_loss(x0_student, x0_real, x0_fake)
         if self.reward_vae is not None:
             with self.autocast():
                 images = self.family.decode(self.reward_vae, x0_student)
             loss = loss + reward_loss(images.mean(dim=(1, 2, 3)))
-        self._step(loss, self.student, self.student_optimizer)
-        self.student_optimizer.zero_grad(set_to_none=True)
+        self._step(loss, self.student_module, STUDENT_ROLE, 1.0)
         if not torch.isfinite(loss):
             raise RuntimeError(f"{self.row.name}: the generator loss is {loss.item()}")
 
@@ -391,9 +403,7 @@ def measure(spec: ModelSpec, row: Row, device_name: str, args) -> dict:
         "seconds": time.perf_counter() - begin,
         "peak_bytes": peak,
         "tensor_bytes": run.tensor_bytes(),
-        "trainable_parameters": sum(
-            p.numel() for m in (run.student, run.guidance) for p in m.parameters() if p.requires_grad
-        ),
+        "trainable_parameters": sum(p.numel() for group in run.groups.values() for p in group),
     }
 
 
@@ -412,7 +422,15 @@ def preload_modules(use_8bit_adam: bool) -> None:
     from diffusers import AutoencoderKL, AutoencoderTiny, SD3Transformer2DModel, UNet2DConditionModel  # noqa: F401
     from peft.tuners.lora import LoraModel  # noqa: F401
 
-    from diffusers_dmdr import adapters, denoisers, losses, schedules, simulation  # noqa: F401
+    from diffusers_dmdr import (  # noqa: F401
+        adapters,
+        denoisers,
+        losses,
+        optimization,
+        schedules,
+        simulation,
+        training_module,  # noqa: F401
+    )
 
     if use_8bit_adam:
         import bitsandbytes  # noqa: F401
