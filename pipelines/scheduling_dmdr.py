@@ -64,7 +64,9 @@ class DMDRScheduler(SchedulerMixin, ConfigMixin):
     training exactly when the grid is the trained one.
 
     Time convention: a noise level `t` in `[0, 1]`, `t = 1` being pure noise; the model receives
-    `timestep = t * num_train_timesteps` (DDPM families round it to an integer index in `[0, num_train_timesteps - 1]`).
+    `timestep = round(t * num_train_timesteps)`: an integer index in `[0, num_train_timesteps - 1]` for DDPM families,
+    a float holding an integer for flow models (the released SD3 code feeds `round(1000 t)`); the noise math itself
+    uses the exact `t`.
     For `prediction_type="flow"`, `x_t = (1 - t) x0 + t noise` and the model predicts the velocity `noise - x0`. For
     `epsilon` and `v_prediction`, `x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) noise` with the teacher's betas.
 
@@ -84,6 +86,9 @@ class DMDRScheduler(SchedulerMixin, ConfigMixin):
         deterministic (`bool`, defaults to `False`):
             Re-noise with the noise implied by the model output instead of fresh noise (the "ode" sampler: Euler for
             flow models, DDIM eta=0 for DDPM models). The trained DMDR sampler is stochastic.
+        x0_noise_level (`float`, defaults to 0.0):
+            Flow models only: the clean estimate stops at this noise level, `x0 = x_t + (x0_noise_level - t) v`
+            (the released DMDR T2I code uses 0.001); 0 gives the exact `x0 = x_t - t v`.
     """
 
     order = 1
@@ -100,6 +105,7 @@ class DMDRScheduler(SchedulerMixin, ConfigMixin):
         training_timesteps: list[float] | None = None,
         shift: float | None = None,
         deterministic: bool = False,
+        x0_noise_level: float = 0.0,
     ):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")
@@ -135,10 +141,10 @@ class DMDRScheduler(SchedulerMixin, ConfigMixin):
 
     def model_timestep(self, noise_level: torch.Tensor) -> torch.Tensor:
         """The timestep the backbone receives at noise level `t` (integer index for DDPM families)."""
-        timestep = noise_level * self.config.num_train_timesteps
+        timestep = (noise_level * self.config.num_train_timesteps).round()
         if self.is_flow:
             return timestep
-        return timestep.round().clamp(0, self.config.num_train_timesteps - 1).long()
+        return timestep.clamp(0, self.config.num_train_timesteps - 1).long()
 
     def noise_level(self, timestep: torch.Tensor | float) -> torch.Tensor:
         """Inverse of [`~DMDRScheduler.model_timestep`]: the noise level `t` of a model timestep."""
@@ -176,7 +182,7 @@ class DMDRScheduler(SchedulerMixin, ConfigMixin):
         model_output_f32, sample_f32 = model_output.float(), sample.float()
         signal, sigma = self._coefficients(noise_level.to(sample.device), sample.ndim)
         if self.config.prediction_type == "flow":
-            x0 = sample_f32 - sigma * model_output_f32
+            x0 = sample_f32 - (sigma - self.config.x0_noise_level) * model_output_f32
         elif self.config.prediction_type == "epsilon":
             x0 = (sample_f32 - sigma * model_output_f32) / signal
         else:  # v_prediction

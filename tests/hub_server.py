@@ -3,6 +3,9 @@
 Tests point `HF_ENDPOINT` at it (in a subprocess, since huggingface_hub reads the variable at import) and then read
 what was created and uploaded. Repos whose name contains `fail` refuse every commit with HTTP 403, as for a token
 without write access (a 5xx would make the client retry with back-off for ~20 s).
+
+`FakeHub.mode` makes every request misbehave, as a broken Hub would: `"hang"` (accept, never answer, until the
+server stops), `"error500"` (HTTP 500) or `"close"` (close the connection without a response); `"ok"` by default.
 """
 
 import base64
@@ -23,6 +26,8 @@ class FakeHub:
         self.repos: dict[str, dict] = {}
         self.authorizations: list[str] = []
         self.requests: list[str] = []
+        self.mode = "ok"
+        self._release = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -36,6 +41,7 @@ class FakeHub:
         return self
 
     def __exit__(self, *exc_info) -> None:
+        self._release.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -64,9 +70,25 @@ class FakeHub:
                 hub.requests.append(f"{self.command} {self.path}")
                 hub.authorizations.append(self.headers.get("Authorization") or "")
 
+            def _misbehave(self) -> bool:
+                """Answer as `hub.mode` says; True when the request was handled that way."""
+                if hub.mode == "hang":
+                    hub._release.wait(300)
+                    self.close_connection = True
+                    return True
+                if hub.mode == "error500":
+                    self._reply(500, {"error": "Internal Error"})
+                    return True
+                if hub.mode == "close":
+                    self.close_connection = True
+                    return True
+                return False
+
             def do_HEAD(self):
                 """Model info and file downloads of what was uploaded (`from_pretrained`, `ModelCard.load`)."""
                 self._record()
+                if self._misbehave():
+                    return None
                 parts = self.path.split("?")[0].split("/")
                 # /api/models/{org}/{name}[/revision/{revision}]
                 if parts[1:3] == ["api", "models"] and (len(parts) == 5 or parts[5:6] == ["revision"]):
@@ -107,6 +129,8 @@ class FakeHub:
 
             def do_POST(self):
                 self._record()
+                if self._misbehave():
+                    return None
                 body = self._body()
                 path = self.path.split("?")[0]
                 if path == "/api/repos/create":

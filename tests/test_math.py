@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffusers_dmdr import schedules
-from diffusers_dmdr.denoisers import apply_guidance
+from diffusers_dmdr.denoisers import apply_guidance, guided_x0
 from diffusers_dmdr.losses import anchor_loss, dmd_loss, fake_score_loss, reward_loss, reward_tilt_weights
 from diffusers_dmdr.pipelines.scheduling_dmdr import DMDRScheduler
 
@@ -83,6 +83,24 @@ def test_renoise_sampler_mean_and_range():
     assert 6.5 <= min(scales) < 6.6 and 7.4 < max(scales) <= 7.5
 
 
+def test_real_scale_at_most_one_means_no_cfg_and_no_jitter():
+    rng = np.random.default_rng(0)
+    state = rng.bit_generator.state
+    assert schedules.sample_guidance_scale(0.0, 0.5, rng) == 1.0
+    assert schedules.sample_guidance_scale(1.0, 0.5, rng) == 1.0
+    assert rng.bit_generator.state == state  # no draw: the rest of the run's random stream is unchanged
+
+    calls = []
+
+    def denoiser(sample, level, condition):
+        calls.append(sample.shape[0])
+        return sample * condition["scale"]
+
+    sample, level = torch.randn(2, 3), torch.rand(2)
+    out = guided_x0(denoiser, sample, level, {"scale": 2.0}, {"scale": 0.0}, 0.0)
+    assert calls == [2] and torch.equal(out, sample * 2.0)
+
+
 def test_student_grids_match_released_recipes():
     assert schedules.ddpm_student_timesteps(4) == [999, 749, 499, 249]
     sd3_medium = [t / 1000 for t in schedules.flow_student_timesteps(4, shift=3.0)]
@@ -115,10 +133,28 @@ def test_ddpm_noise_matches_diffusers_ddpm_add_noise():
     )
 
 
-def test_flow_model_timestep_is_sigma_times_1000():
+def test_flow_model_timestep_is_round_of_sigma_times_1000():
+    """The released SD3 code feeds the transformer round(1000 t); the noise math keeps the exact t."""
     scheduler = DMDRScheduler(prediction_type="flow", training_timesteps=[1000.0, 900.1])
-    torch.testing.assert_close(scheduler.timesteps, torch.tensor([1000.0, 900.1]))
+    torch.testing.assert_close(scheduler.timesteps, torch.tensor([1000.0, 900.0]))
     torch.testing.assert_close(scheduler.noise_levels, torch.tensor([1.0, 0.9001]))
+    # SD3.5-Large's shift-5 grid reaches the transformer as 1000, 938, 834, 626 (paper-digest §1.3).
+    grid = schedules.flow_student_timesteps(4, shift=5.0)
+    sd35 = DMDRScheduler(prediction_type="flow", training_timesteps=grid)
+    assert sd35.timesteps.tolist() == [1000.0, 938.0, 834.0, 626.0]
+    x0, noise = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    level = sd35.noise_levels[1:2]
+    torch.testing.assert_close(sd35.add_noise_at(x0, noise, level), (1 - level) * x0 + level * noise)
+
+
+def test_flow_x0_noise_level_is_the_released_floor():
+    """x0 = x_t + (0.001 - t) v with the floor; x_t - t v without it."""
+    sample, velocity, level = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([0.9, 0.4])
+    exact = DMDRScheduler(prediction_type="flow", training_timesteps=[1000.0])
+    floored = DMDRScheduler(prediction_type="flow", training_timesteps=[1000.0], x0_noise_level=0.001)
+    t = level.view(-1, 1, 1, 1)
+    torch.testing.assert_close(exact.predict_x0(velocity, sample, level), sample - t * velocity)
+    torch.testing.assert_close(floored.predict_x0(velocity, sample, level), sample + (0.001 - t) * velocity)
 
 
 def test_other_step_counts_follow_the_interpolation_rule(caplog):

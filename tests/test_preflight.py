@@ -30,6 +30,8 @@ def weightless_teacher(tmp_path):
     (folder / "vae").mkdir(parents=True)
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     (folder / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [8, 8, 8, 8]}))
+    (folder / "unet").mkdir()
+    (folder / "unet" / "config.json").write_text(json.dumps({"in_channels": 4}))
     return folder
 
 
@@ -156,11 +158,111 @@ def test_reward_only_training_needs_a_reward(weightless_teacher, prompts):
         check_run_inputs(config_for(weightless_teacher, prompts, reward_tilt=True))
 
 
-def test_cold_start_longer_than_training_fails_in_the_script(weightless_teacher, prompts):
+def test_bad_input_in_the_script_is_one_message_and_exit_status_2(weightless_teacher, prompts, capsys):
     train = load_train_script()
     argv = ["--pretrained_model_name_or_path", str(weightless_teacher), "--train_prompts", str(prompts)]
-    with pytest.raises(ValueError, match="longer than --max_train_steps"):
-        train.main(argv + ["--max_train_steps", "5", "--cold_start_steps", "10"])
-    # The script stops at the preflight check, before trying to load the (absent) weights.
-    with pytest.raises(ValueError, match="not divisible by the VAE's factor"):
-        train.main(argv + ["--resolution", "100", "--max_train_steps", "5", "--cold_start_steps", "5"])
+    cases = [
+        (["--max_train_steps", "5", "--cold_start_steps", "10"], "longer than --max_train_steps"),
+        # The script stops at the preflight check, before trying to load the (absent) weights.
+        (["--resolution", "100", "--max_train_steps", "5"], "not divisible by the VAE's factor"),
+        (["--report_to", "wandb"], "pip install wandb"),
+        (["--student_init_path", str(prompts.parent / "missing.safetensors")], "--student_init_path"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(argv + extra)
+        assert exit_info.value.code == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and "Traceback" not in captured.err
+        assert len(captured.err.strip().splitlines()) == 1, captured.err
+
+
+def test_report_to_wandb_without_wandb_names_the_install(weightless_teacher, prompts, monkeypatch):
+    import diffusers_dmdr.preflight as preflight
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        preflight.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a)
+    )
+    with pytest.raises(ImportError, match="pip install wandb"):
+        check_run_inputs(config_for(weightless_teacher, prompts, report_to="wandb"))
+    check_run_inputs(config_for(weightless_teacher, prompts, report_to="all"))
+
+
+def test_reward_autoencoder_on_the_hub_is_checked_with_its_own_revision(weightless_teacher, prompts, monkeypatch):
+    from diffusers import AutoencoderTiny
+
+    seen = {}
+
+    def load_config(name, revision=None, **kwargs):
+        seen.update(name=name, revision=revision)
+        raise OSError("offline")
+
+    monkeypatch.setattr(AutoencoderTiny, "load_config", load_config)
+    config = config_for(
+        weightless_teacher,
+        prompts,
+        revision="teacher-rev",
+        reward_vae_model_name_or_path="madebyollin/taesdxl",
+        reward_vae_revision="vae-rev",
+    )
+    with pytest.raises(FileNotFoundError, match="--reward_vae_revision"):
+        check_run_inputs(config)
+    assert seen == {"name": "madebyollin/taesdxl", "revision": "vae-rev"}
+
+
+def test_student_init_path_kind_must_fit_the_training_mode(weightless_teacher, prompts, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "student_lora.safetensors"
+    save_file({"conv.lora_A.weight": torch.zeros(8, 3), "conv.lora_B.weight": torch.zeros(3, 8)}, lora)
+    backbone = tmp_path / "unet.safetensors"
+    save_file({"conv.weight": torch.zeros(3, 3)}, backbone)
+    pickle_file = tmp_path / "unet.bin"
+    pickle_file.write_bytes(b"not read")
+    empty_folder = tmp_path / "empty"
+    empty_folder.mkdir()
+    cases = [
+        (dict(student_init_path=str(lora), training_mode="full"), ValueError, "is a LoRA"),
+        (dict(student_init_path=str(lora), lora_rank=4), ValueError, "set --lora_rank 8"),
+        (dict(student_init_path=str(backbone)), ValueError, "use --training_mode full"),
+        (dict(student_init_path=str(pickle_file), training_mode="full"), ValueError, "only .safetensors"),
+        (dict(student_init_path=str(empty_folder), training_mode="full"), FileNotFoundError, "no .safetensors"),
+    ]
+    for overrides, error, message in cases:
+        with pytest.raises(error, match=message):
+            check_run_inputs(config_for(weightless_teacher, prompts, **overrides))
+    check_run_inputs(config_for(weightless_teacher, prompts, student_init_path=str(lora), lora_rank=8))
+    check_run_inputs(config_for(weightless_teacher, prompts, student_init_path=str(backbone), training_mode="full"))
+
+
+def test_reward_models_load_in_the_weight_dtype(weightless_teacher, prompts, tmp_path, monkeypatch):
+    """`--mixed_precision bf16`: the frozen reward models are built in bf16 unless a spec sets `precision=`."""
+    import logging
+    import types
+
+    import torch
+
+    train = load_train_script()
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def load_rewards(specs, device, dtype=torch.float32, for_training=True):
+        seen["dtype"] = dtype
+        raise Loaded
+
+    plan = check_run_inputs(config_for(weightless_teacher, prompts))
+    monkeypatch.setattr(plan.family, "load_teacher", lambda *args: None)
+    monkeypatch.setattr(train, "check_run_inputs", lambda config: plan)
+    monkeypatch.setattr(train, "load_rewards", load_rewards)
+    # accelerate's state is a process-wide singleton: a stand-in accelerator keeps other tests' precision intact.
+    accelerator = types.SimpleNamespace(mixed_precision="bf16", device=torch.device("cpu"), is_main_process=True)
+    monkeypatch.setattr(train, "create_accelerator", lambda config: accelerator)
+    monkeypatch.setattr(train, "logger", logging.getLogger("train_dmdr"))
+    argv = ["--pretrained_model_name_or_path", str(weightless_teacher), "--train_prompts", str(prompts)]
+    with pytest.raises(Loaded):
+        train.main(argv + ["--mixed_precision", "bf16", "--report_to", "none", "--output_dir", str(tmp_path / "o")])
+    assert seen["dtype"] == torch.bfloat16

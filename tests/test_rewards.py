@@ -306,3 +306,22 @@ def test_compute_reward_loss_matches_hand_computation():
 def test_compute_reward_loss_without_rewards():
     total_loss, mean_scores = compute_reward_loss([], torch.rand(1, 3, 8, 8), ["a"])
     assert total_loss.item() == 0.0 and mean_scores == {}
+
+
+def test_reward_resize_keeps_the_gradient_at_overshooting_pixels():
+    """A clamp after the bicubic resize zeroes the gradient where the kernel overshoots [0, 1] (a sharp edge); the
+    training preprocessing has none (the released code normalises the resized image directly)."""
+    from diffusers_dmdr.rewards import ImagePreprocessing
+
+    images = torch.zeros(1, 3, 64, 64)
+    images[..., :, 32:] = 1.0  # a step edge: bicubic rings above 1 and below 0 next to it
+    images.requires_grad_(True)
+    resized = torch.nn.functional.interpolate(
+        images.detach(), size=(24, 24), mode="bicubic", align_corners=False, antialias=True
+    )
+    overshoot = (resized > 1) | (resized < 0)
+    assert overshoot.any()
+    for clamp, expect_gradient in ((False, True), (True, False)):
+        pixel_values = ImagePreprocessing(size=24, crop_size=(24, 24), clamp_resized=clamp)(images)
+        (gradient,) = torch.autograd.grad(pixel_values[overshoot].sum(), images)
+        assert bool(gradient.abs().sum() > 0) is expect_gradient

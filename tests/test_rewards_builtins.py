@@ -198,10 +198,38 @@ def test_relative_reward_spec_and_control_words(tiny_clip_dir):
     relative = reward.fn.reward
     assert isinstance(relative.reward, CLIPReward) and relative.k == 0.2
     assert relative.positive == ("Detailed", "Realistic")
+    # Released behaviour: one control word per batch; per sample stays an option.
+    assert relative.control_sampling == "batch"
+    per_call = [
+        {p.split(". ")[0] for p in relative.controlled_prompts(["a cat"] * 8, relative.positive)} for _ in "x" * 32
+    ]
+    assert all(len(words) == 1 for words in per_call) and set().union(*per_call) == {"Detailed", "Realistic"}
+    relative.control_sampling = "sample"
     drawn = {prompt.split(". ")[0] for prompt in relative.controlled_prompts(["a cat"] * 64, relative.positive)}
     assert drawn == {"Detailed", "Realistic"}
     with pytest.raises(ValueError, match="text-image reward"):
         RelativeReward(reward=TinyConvClassifier())
+
+
+def test_relative_reward_draws_resume_exactly(tiny_clip_dir):
+    """The words are a function of (seed, step, call in the step): a resumed run (a fresh reward told the step)
+    draws what the uninterrupted one drew, and the global RNG is not used."""
+    words = ("A", "B", "C", "D", "E", "F")
+
+    def draws(reward, steps):
+        out = []
+        for step in steps:
+            reward.set_step(step)
+            out.append([reward.controlled_prompts(["p"], reward.positive)[0] for _ in range(2)])
+        return out
+
+    clip = CLIPReward(model=str(tiny_clip_dir))
+    uninterrupted = draws(RelativeReward(clip, positive=list(words), seed=3), range(6))
+    rng_state = torch.get_rng_state()
+    resumed = draws(RelativeReward(clip, positive=list(words), seed=3), range(3, 6))
+    assert resumed == uninterrupted[3:] and torch.equal(torch.get_rng_state(), rng_state)
+    assert len({tuple(row) for row in uninterrupted}) > 1  # the steps draw different words
+    assert draws(RelativeReward(clip, positive=list(words), seed=4), range(6)) != uninterrupted
 
 
 # --- open_clip: CLIP (DFN5B-style) and HPS v2.1 -----------------------------------------------------------------
@@ -262,3 +290,37 @@ def test_hps_reward_loads_a_full_checkpoint(open_clip, tmp_path):
         HPSReward(model=str(tmp_path), architecture=f"local-dir:{architecture}")
     with pytest.raises(RewardLoadError, match="not found in the folder"):
         HPSReward(model=str(tmp_path), filename="HPS_v2_compressed.pt", architecture=f"local-dir:{architecture}")
+
+
+def test_dfn5b_clip_builds_the_released_gelu_towers_by_default(monkeypatch):
+    """open_clip is not installed here: a stand-in module records how the towers are built. The released code builds
+    `ViT-H-14` (GELU) for DFN5B, open_clip's DFN5B config says QuickGELU; both are offered, GELU is the default. The
+    keyword semantics (`quick_gelu` overriding the config, `force_quick_gelu`) are open_clip's `create_model`'s."""
+    import sys
+    import types
+
+    calls = []
+
+    def create_model(name, **kwargs):
+        calls.append((name, kwargs))
+        model = torch.nn.Module()
+        model.visual = torch.nn.Module()
+        model.visual.preprocess_cfg = {"size": 224}
+        return model
+
+    fake = types.ModuleType("open_clip")
+    fake.create_model = create_model
+    fake.get_tokenizer = lambda name: lambda prompts: torch.zeros(len(prompts), 77, dtype=torch.long)
+    monkeypatch.setitem(sys.modules, "open_clip", fake)
+
+    CLIPReward()
+    CLIPReward(activation="quickgelu")
+    CLIPReward(model="hf-hub:other/clip")
+    CLIPReward(model="hf-hub:other/clip", activation="gelu")
+    activation_kwargs = [{k: v for k, v in kwargs.items() if "gelu" in k} for _, kwargs in calls]
+    assert [name for name, _ in calls] == ["hf-hub:apple/DFN5B-CLIP-ViT-H-14"] * 2 + ["hf-hub:other/clip"] * 2
+    assert activation_kwargs == [{"quick_gelu": False}, {"force_quick_gelu": True}, {}, {"quick_gelu": False}]
+    with pytest.raises(ValueError, match="activation must be one of"):
+        CLIPReward(activation="relu")
+    with pytest.raises(ValueError, match="applies to open_clip models"):
+        CLIPReward(model="openai/clip-vit-base-patch32", activation="gelu")

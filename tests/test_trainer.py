@@ -179,37 +179,6 @@ def test_full_mode_trains_its_own_copy(tiny_teacher_dirs, prompt_file, tmp_path)
     assert (tmp_path / "checkpoint-1" / "student.safetensors").is_file()
 
 
-def test_resume_continues_exactly(tiny_teacher_dirs, prompt_file, tmp_path):
-    common = dict(dynamic_steps=4, cold_start_steps=4, max_train_steps=4, checkpointing_steps=2)
-    uninterrupted = make_trainer(tiny_teacher_dirs["sdxl"], prompt_file, tmp_path / "a", **common)
-    history_a = uninterrupted.train()
-
-    first_half = make_trainer(
-        tiny_teacher_dirs["sdxl"],
-        prompt_file,
-        tmp_path / "b",
-        **{**common, "max_train_steps": 2, "cold_start_steps": 2},
-    )
-    first_half.train()
-    second_half = make_trainer(
-        tiny_teacher_dirs["sdxl"], prompt_file, tmp_path / "b", **common, resume_from_checkpoint="latest"
-    )
-    assert second_half.state.global_step == 0
-    history_b = second_half.train()
-    assert second_half.state.global_step == 4 and [row["step"] for row in history_b] == [3, 4]
-
-    for row_a, row_b in zip(history_a[2:], history_b, strict=True):
-        assert row_a["loss_dmd"] == row_b["loss_dmd"]
-        assert row_a["loss_fake"] == row_b["loss_fake"]
-    for adapter, model_a, model_b in (
-        (STUDENT_ADAPTER, uninterrupted.student_model, second_half.student_model),
-        (FAKE_ADAPTER, uninterrupted.guidance_model, second_half.guidance_model),
-    ):
-        weights_a, weights_b = lora_weights(model_a, adapter), lora_weights(model_b, adapter)
-        for name in weights_a:
-            assert torch.equal(weights_a[name], weights_b[name]), name
-
-
 def test_nonfinite_losses_skip_steps_then_abort_without_checkpoint(tiny_teacher_dirs, prompt_file, tmp_path):
     def nan_reward(images, prompts):
         return images.mean(dim=(1, 2, 3)) * float("nan")
@@ -280,3 +249,127 @@ def test_reward_tilt_weights_stage_one_dmd_per_sample(tiny_teacher_dirs, prompt_
     scores, temperature = seen[0]
     assert scores.shape == (2,) and temperature == 0.5
     assert ((scores >= 0) & (scores <= 1)).all()
+
+
+def test_resume_continues_exactly_across_the_stage_two_switch(tiny_teacher_dirs, prompt_file, tmp_path):
+    """Stage-2 learning rates and batch size apply at the cold-start step in one run, and a run resumed there
+    continues bit for bit (same losses, same weights)."""
+    stage2 = dict(stage2_learning_rate=2e-4, stage2_learning_rate_fake=5e-5, stage2_train_batch_size=1)
+    common = dict(dynamic_steps=2, cold_start_steps=2, max_train_steps=4, checkpointing_steps=2, **stage2)
+    uninterrupted = make_trainer(tiny_teacher_dirs["sdxl"], prompt_file, tmp_path / "a", **common)
+    batch_sizes = []
+    sampler_batch = uninterrupted.prompt_sampler.batch
+    uninterrupted.prompt_sampler.batch = lambda iteration: (
+        batch_sizes.append(len(sampler_batch(iteration))) or (sampler_batch(iteration))
+    )
+    history_a = uninterrupted.train()
+    # update_ratio 2: iterations 0-3 are stage 1 (batch 2), 4-7 stage 2 (batch 1); lr logged after each step.
+    assert batch_sizes == [2, 2, 2, 2, 1, 1, 1, 1]
+    assert [row["lr"] for row in history_a] == [1e-3, 1e-3, 2e-4, 2e-4]
+    assert [row["lr_fake"] for row in history_a] == [1e-3, 1e-3, 5e-5, 5e-5]
+
+    first_half = make_trainer(
+        tiny_teacher_dirs["sdxl"], prompt_file, tmp_path / "b", **{**common, "max_train_steps": 2}
+    )
+    first_half.train()
+    second_half = make_trainer(
+        tiny_teacher_dirs["sdxl"], prompt_file, tmp_path / "b", **common, resume_from_checkpoint="latest"
+    )
+    history_b = second_half.train()
+    assert [row["lr"] for row in history_b] == [2e-4, 2e-4]
+    assert [row["lr_fake"] for row in history_b] == [5e-5, 5e-5]
+    for row_a, row_b in zip(history_a[2:], history_b, strict=True):
+        assert row_a["loss_dmd"] == row_b["loss_dmd"] and row_a["loss_fake"] == row_b["loss_fake"]
+    for adapter, model_a, model_b in (
+        (STUDENT_ADAPTER, uninterrupted.student_model, second_half.student_model),
+        (FAKE_ADAPTER, uninterrupted.guidance_model, second_half.guidance_model),
+    ):
+        weights_a, weights_b = lora_weights(model_a, adapter), lora_weights(model_b, adapter)
+        for name in weights_a:
+            assert torch.equal(weights_a[name], weights_b[name]), name
+
+
+@pytest.mark.parametrize(("init", "expected_std"), [("gaussian", 1 / 16), ("kaiming", None)])
+def test_lora_a_initialisation_matches_the_released_std(init, expected_std):
+    """Released DMDR: PEFT `init_lora_weights="gaussian"`, i.e. A ~ N(0, 1/r^2); PEFT's Kaiming default is smaller."""
+    from diffusers_dmdr.adapters import add_lora_adapter
+
+    wrapper = _AdapterHost(torch.nn.Linear(256, 256))
+    add_lora_adapter(wrapper, "fake", rank=16, alpha=16, target_modules=["layer"], init=init)
+    lora_a = wrapper.layer.lora_A["fake"].weight
+    lora_b = wrapper.layer.lora_B["fake"].weight
+    assert torch.count_nonzero(lora_b) == 0
+    if expected_std is not None:
+        assert lora_a.std().item() == pytest.approx(expected_std, rel=0.02)
+    else:
+        # Kaiming-uniform with a = sqrt(5): bound 1/sqrt(fan_in), std 1/sqrt(3 fan_in) = 0.036 < 1/16.
+        assert lora_a.std().item() == pytest.approx(1 / (3 * 256) ** 0.5, rel=0.02)
+
+
+class _AdapterHost(torch.nn.Module):
+    """The smallest module with diffusers' `add_adapter` (PEFT) API around one linear layer."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def add_adapter(self, config, adapter_name):
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(config, self, adapter_name=adapter_name)
+
+
+def test_student_init_path_initialises_only_the_student(tiny_teacher_dirs, prompt_file, tmp_path):
+    """SDXL 1-step recipe: the student starts from other weights (DMD2's ODE UNet), the teacher stays the teacher."""
+    from safetensors.torch import save_file
+
+    teacher_unet = get_family("sdxl").load_teacher(tiny_teacher_dirs["sdxl"]).backbone
+    init_state = {name: value + 0.05 * torch.randn_like(value) for name, value in teacher_unet.state_dict().items()}
+    init_file = tmp_path / "ode_unet.safetensors"
+    save_file({name: value.contiguous() for name, value in init_state.items()}, init_file)
+
+    trainer = make_trainer(
+        tiny_teacher_dirs["sdxl"], prompt_file, tmp_path, training_mode="full", student_init_path=str(init_file)
+    )
+    student_state = trainer.student_model.state_dict()
+    assert all(torch.equal(student_state[name], init_state[name]) for name in init_state)
+    teacher = get_family("sdxl").load_teacher(tiny_teacher_dirs["sdxl"]).backbone.eval()
+    randomise_lora_b(trainer.guidance_model, FAKE_ADAPTER)
+    condition = trainer.encode(PROMPTS[:2])
+    sample, level = torch.randn(2, *trainer.latent_shape), torch.tensor([0.9, 0.3])
+    with torch.no_grad():
+        teacher_output = trainer.family.call_backbone(
+            teacher, sample, trainer.scheduler.model_timestep(level), condition
+        )
+        real_output = trainer.guidance_denoiser(0.0).predict(sample, level, condition)
+        student_output = trainer.student_denoiser.predict(sample, level, condition)
+    assert torch.equal(real_output, teacher_output)
+    assert not torch.allclose(student_output, teacher_output, atol=1e-3)
+
+
+def test_student_init_path_loads_a_lora_into_the_student_adapter(tiny_teacher_dirs, prompt_file, tmp_path):
+    from safetensors.torch import save_file
+
+    from diffusers_dmdr.adapters import adapter_state_dict
+
+    source = make_trainer(tiny_teacher_dirs["sd3"], prompt_file, tmp_path / "a", family="sd3")
+    randomise_lora_b(source.student_model, STUDENT_ADAPTER)
+    # Diffusers-style keys (`transformer.` prefix), as `save_lora_weights` writes them.
+    lora = {f"transformer.{k}": v for k, v in adapter_state_dict(source.student_model, STUDENT_ADAPTER).items()}
+    save_file(lora, tmp_path / "student_lora.safetensors")
+    trainer = make_trainer(
+        tiny_teacher_dirs["sd3"],
+        prompt_file,
+        tmp_path / "b",
+        family="sd3",
+        student_init_path=str(tmp_path / "student_lora.safetensors"),
+    )
+    loaded = adapter_state_dict(trainer.student_model, STUDENT_ADAPTER)
+    expected = adapter_state_dict(source.student_model, STUDENT_ADAPTER)
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+    # The fake adapter and the shared base are untouched (its B is still zero).
+    assert all(
+        torch.count_nonzero(v) == 0
+        for k, v in adapter_state_dict(trainer.guidance_model, FAKE_ADAPTER).items()
+        if "lora_B" in k
+    )

@@ -10,6 +10,7 @@ import copy
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -24,17 +25,29 @@ def parse_target_modules(text: str | None, default: tuple[str, ...]) -> list[str
     return modules or list(default)
 
 
+# `--init_lora_weights` -> PEFT's `init_lora_weights`: `gaussian` draws A ~ N(0, 1/r^2) (std 1/r, the released DMDR
+# code), PEFT's default `True` is Kaiming-uniform. B is zero in both, so a new adapter leaves the model unchanged.
+LORA_INITS = {"gaussian": "gaussian", "kaiming": True}
+
+
 def add_lora_adapter(
-    model: torch.nn.Module, adapter_name: str, rank: int, alpha: float | None, target_modules: list[str]
+    model: torch.nn.Module,
+    adapter_name: str,
+    rank: int,
+    alpha: float | None,
+    target_modules: list[str],
+    init: str = "gaussian",
 ) -> None:
     """Add a LoRA adapter (B initialised to zero, so the model is unchanged until trained) and make it active."""
     from peft import LoraConfig
 
+    if init not in LORA_INITS:
+        raise ValueError(f"LoRA init must be one of {sorted(LORA_INITS)}, got {init!r}.")
     config = LoraConfig(
         r=rank,
         lora_alpha=rank if alpha is None else alpha,
         target_modules=list(target_modules),
-        init_lora_weights=True,
+        init_lora_weights=LORA_INITS[init],
         lora_dropout=0.0,
     )
     with warnings.catch_warnings():
@@ -143,6 +156,8 @@ def build_training_backbones(
     fake_lora: dict,
     seed: int = 0,
     student_backbone: torch.nn.Module | None = None,
+    student_init_path: str | None = None,
+    init: str = "gaussian",
 ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """Put the adapters on the one frozen base: returns `(backbone, student_backbone)`.
 
@@ -157,6 +172,8 @@ def build_training_backbones(
         seed: seeds the LoRA A initialisation, so that a run is a function of its seed alone.
         student_backbone: full mode only: the student's own copy of the backbone, ideally loaded in float32 from the
             checkpoint (a copy of `base` is made when it is not given).
+        init: `gaussian` (released DMDR) or `kaiming` (PEFT default) initialisation of both adapters' A matrices.
+        student_init_path: initialise the student only (see [`load_student_init`]); the base stays the teacher.
 
     Returns:
         `(backbone, student_backbone)`: trainable parameters in float32, frozen ones in `weight_dtype`.
@@ -171,8 +188,10 @@ def build_training_backbones(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if training_mode != "full":
-            add_lora_adapter(base, STUDENT_ADAPTER, **student_lora)
-        add_lora_adapter(base, FAKE_ADAPTER, **fake_lora)
+            add_lora_adapter(base, STUDENT_ADAPTER, **student_lora, init=init)
+        add_lora_adapter(base, FAKE_ADAPTER, **fake_lora, init=init)
+    if student_init_path is not None:
+        load_student_init(base if training_mode != "full" else student_backbone, training_mode, student_init_path)
     # `add_adapter` activates only the newest adapter and freezes the others: both must train.
     for name, parameter in base.named_parameters():
         if "lora_" in name:
@@ -180,3 +199,92 @@ def build_training_backbones(
             # LoRA weights train in float32 whatever the frozen dtype (diffusers' `cast_training_params`).
             parameter.data = parameter.data.to(torch.float32)
     return base, student_backbone
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --student_init_path: initial weights of the student only
+# ----------------------------------------------------------------------------------------------------------------
+BACKBONE_SUBFOLDERS = ("unet", "transformer")
+# Diffusers' LoRA files prefix each key with the component (`unet.`, `transformer.`); PEFT's do not.
+_LORA_KEY_PREFIXES = ("unet.", "transformer.", "base_model.model.")
+
+
+def student_init_files(path: str) -> tuple[str, list[Path]]:
+    """What `--student_init_path` holds, read from file names and safetensors headers only (no weights):
+    `("lora", [file])`, `("backbone", [file])` or `("backbone", shards)`.
+
+    Raises `FileNotFoundError` / `ValueError` that name the fix for a missing path, a pickle file or a folder without
+    safetensors weights.
+    """
+    from safetensors import safe_open
+
+    location = Path(path).expanduser()
+    if location.is_dir():
+        for subfolder in BACKBONE_SUBFOLDERS:
+            if (location / subfolder / "config.json").is_file():
+                location = location / subfolder
+                break
+        files = sorted(location.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(
+                f"--student_init_path {path} holds no .safetensors weights (a backbone folder needs config.json and "
+                "diffusion_pytorch_model*.safetensors; convert .bin files with `save_pretrained(folder)`)."
+            )
+    elif location.is_file():
+        if location.suffix != ".safetensors":
+            raise ValueError(
+                f"--student_init_path {path}: only .safetensors files are loaded (no pickle); convert it, e.g. "
+                "`safetensors.torch.save_file(torch.load(file, weights_only=True), 'unet.safetensors')`."
+            )
+        files = [location]
+    else:
+        raise FileNotFoundError(
+            f"--student_init_path {path} does not exist; give a backbone folder, a backbone .safetensors file or a "
+            "LoRA .safetensors file."
+        )
+    with safe_open(str(files[0]), framework="pt") as handle:
+        is_lora = any("lora_" in key for key in handle.keys())
+    return ("lora" if is_lora else "backbone"), files
+
+
+def lora_rank_of_file(file: Path) -> int:
+    """The rank of a LoRA file: the first dimension of its `lora_A` matrices (read from the header)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        ranks = {handle.get_slice(key).get_shape()[0] for key in handle.keys() if "lora_A" in key}
+    if len(ranks) != 1:
+        raise ValueError(f"--student_init_path {file}: expected one LoRA rank, found {sorted(ranks) or 'none'}.")
+    return ranks.pop()
+
+
+def load_student_init(student: torch.nn.Module, training_mode: str, path: str) -> None:
+    """Load `--student_init_path` into the student: a backbone's weights into the full copy (strict: every key and
+    shape must match the teacher's architecture), or a PEFT LoRA into the `student` adapter."""
+    from safetensors.torch import load_file
+
+    kind, files = student_init_files(path)
+    if kind == "lora":
+        if training_mode != "lora":
+            raise ValueError(f"--student_init_path {path} is a LoRA: it initialises --training_mode lora students.")
+        state = {}
+        for key, value in load_file(files[0]).items():
+            for prefix in _LORA_KEY_PREFIXES:
+                key = key.removeprefix(prefix)
+            state[key.replace(f".{STUDENT_ADAPTER}.", ".")] = value
+        load_adapter_state_dict(student, STUDENT_ADAPTER, state)
+        return
+    if training_mode != "full":
+        raise ValueError(
+            f"--student_init_path {path} is a full backbone: use --training_mode full (a LoRA student shares the "
+            "teacher's weights, so it cannot start from other ones)."
+        )
+    state = {}
+    for file in files:
+        state.update(load_file(file))
+    try:
+        student.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ValueError(
+            f"--student_init_path {path} does not fit the teacher's {type(student).__name__}: {error}"
+        ) from error

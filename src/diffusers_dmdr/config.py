@@ -2,6 +2,9 @@
 
 import argparse
 import dataclasses
+import math
+import re
+import sys
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -19,11 +22,14 @@ class DMDRConfig:
     r"""
     Configuration of a DMDR run (https://huggingface.co/papers/2511.13649). Every step count counts **generator
     updates**; the fake score is updated `update_ratio` times per generator update. Defaults are the released SD3-M /
-    SDXL recipes; `examples/train_dmdr/configs/*.yaml` hold the per-model recipes.
+    SDXL recipes; `examples/train_dmdr/configs/*.yaml` hold the per-model recipes (their values are checked against
+    the released scripts in `tests/data/released_recipes.yaml`).
 
     > Parameters that control the teacher and the student
 
     pretrained_model_name_or_path (`str`): the teacher, a diffusers pipeline folder or Hub id.
+    revision (`str`, *optional*): Hub revision (branch, tag or commit) of the teacher.
+    variant (`str`, *optional*): weight variant of the teacher's files, e.g. `fp16`.
     family (`str`, defaults to `"auto"`): `sdxl`, `sd15`, `sd3`, or `auto` (read from `model_index.json`).
     num_student_steps (`int`, defaults to 4): sampling steps of the student, 1-8.
     student_timesteps (`list[float]`, *optional*): the student's timesteps in model units (SDXL 4-step
@@ -31,24 +37,116 @@ class DMDRConfig:
     shift (`float`, *optional*): shift of the flow-model grid (SD3-Medium 3, SD3.5-Large 5).
     training_mode (`str`, defaults to `"lora"`): `lora` trains a student adapter on the shared frozen base; `full`
         trains a full copy of the backbone.
+    student_init_path (`str`, *optional*): initialise the student only (teacher, real score and fake-score base stay
+        the teacher): a backbone folder (`config.json` + safetensors, or a pipeline folder with `unet/` or
+        `transformer/`) or a single backbone `.safetensors` file (both need `training_mode="full"`), or a PEFT LoRA
+        `.safetensors` file loaded into the student adapter (`training_mode="lora"`). The released SDXL 1-step run
+        starts from DMD2's ODE-regression UNet this way.
+    lora_rank, lora_alpha (`int`, `float`; default 64 and 128): rank and alpha of the student LoRA.
+    lora_target_modules (`str`, *optional*): comma-separated module names of the student LoRA; default per family.
+    fake_lora_rank, fake_lora_alpha (`int`, `float`; default 32 and 32): rank and alpha of the fake-score LoRA.
+    fake_lora_target_modules (`str`, *optional*): module names of the fake-score LoRA; default per family.
+    init_lora_weights (`str`, defaults to `"gaussian"`): initialisation of both LoRAs' A matrices: `gaussian`
+        (normal with std `1 / rank`, the released code's PEFT option) or `kaiming` (PEFT's default Kaiming-uniform,
+        2-6x smaller entries at the released ranks). B starts at zero either way.
 
     > Parameters of DMD, DynaDG, DynaRS and TTUR
 
     fake_score_lora_scale (`float`, defaults to 2.0): LoRA multiplier of the fake score.
     real_score_lora_scale (`float`, defaults to 0.5): DynaDG's initial multiplier of the fake LoRA in the real score.
-    dynamic_steps (`int`, defaults to 2000): K, the generator updates over which DynaDG and DynaRS anneal; 0 disables.
+    dynamic_steps (`int`, *optional*): K, the generator updates over which DynaDG and DynaRS anneal; 0 disables.
+        Unset, it equals `cold_start_steps` (the annealing ends with stage 1, as in the released recipes).
     renoise_beta_alpha, renoise_beta_beta (`float`, defaults to 4.0 and 1.5): DynaRS Beta parameters at step 0.
     update_ratio (`int`, defaults to 5): fake-score updates per generator update.
-    real_guidance_scale (`float`, defaults to 7.0): CFG scale of the real score; `guidance_scale_jitter` (0.5) draws
-        it uniformly in `[scale - jitter, scale + jitter]` per generator update.
+    real_guidance_scale (`float`, defaults to 7.0): CFG scale of the real score; at a scale <= 1 there is no CFG and
+        no jitter.
+    guidance_scale_jitter (`float`, defaults to 0.5): the scale is drawn uniformly in `[scale - jitter, scale +
+        jitter]` per generator update.
     backward_simulation (`str`, *optional*): `sde` (re-noise with fresh noise; SDXL default) or `ode` (deterministic;
         flow default). It also fixes whether the exported scheduler is deterministic.
+    flow_x0_noise_level (`float`, defaults to 0.0): flow models only: the clean estimate stops at this noise level,
+        `x0 = x_t + (level - t) v`; the released T2I code uses 0.001. Kept in the exported scheduler.
 
     > Parameters of the two stages and the rewards
 
-    cold_start_steps (`int`, defaults to 1500): stage 1 length (DMD only); rewards join from this generator step.
-    reward (`list[str]`): rewards as `name[:weight][:key=value...]`, repeatable (`--reward clip:0.3`).
+    cold_start_steps (`int`, *optional*): stage 1 length (DMD only); rewards join from this generator step. Unset,
+        it is half of `max_train_steps`.
+    stage2_learning_rate, stage2_learning_rate_fake (`float`, *optional*): student and fake-score learning rates
+        from `cold_start_steps` on (within one run, and on a resume past it); unset keeps the stage-1 rates. In YAML
+        also as a `stage2:` mapping (`stage2: {learning_rate: 5.0e-7, learning_rate_fake: 2.0e-7}`).
+    stage2_train_batch_size (`int`, *optional*): prompts per process per iteration in stage 2 (the released scripts
+        halve it); unset keeps `train_batch_size`.
+    reward (`list[str]`): rewards as `name[:weight][:key=value...]`, repeatable (`--reward clip:0.3`). On the command
+        line the flags replace a recipe's list; `--reward none` clears it.
+    eval_reward (`list[str]`): held-out rewards, logged and never trained on (reward-hacking monitor); same syntax.
+    reward_vae_model_name_or_path (`str`, *optional*): a diffusers `AutoencoderTiny` that decodes x0 for the rewards.
+    reward_vae_revision (`str`, *optional*): Hub revision of that autoencoder (the teacher's `revision` is not used).
     reward_tilt (`bool`): in stage 1, weight each sample's DMD direction by its normalised reward (RT-DM).
+    reward_tilt_temperature (`float`, defaults to 1.0): temperature of the RT-DM softmax.
+    dmd_loss_weight (`float`, defaults to 1.0): weight of the DMD loss; 0 gives reward-only training (ablation).
+    anchor_loss_weight (`float`, defaults to 0.0): weight of an L2 anchor to the student as this run started.
+
+    > Parameters of the prompt data
+
+    train_prompts (`str`): a .txt (one prompt per line), .json/.jsonl/.csv/.parquet file, or a Hub dataset id.
+    prompt_column (`str`, *optional*): the column holding the prompts (`text` for .txt, else `prompt`).
+    dataset_config_name (`str`, *optional*): config of a Hub dataset.
+    dataset_split (`str`, defaults to `"train"`): split of the prompt dataset.
+    max_train_samples (`int`, *optional*): keep only the first N prompts.
+    resolution (`int`, defaults to 1024): square training resolution in pixels.
+
+    > Parameters of the optimisation
+
+    max_train_steps (`int`, defaults to 3000): generator updates to train for (both stages).
+    train_batch_size (`int`, defaults to 1): prompts per process per iteration in stage 1. The global batch is
+        `train_batch_size x processes`.
+    learning_rate, learning_rate_fake (`float`, defaults to 1e-6 and 5e-7): stage-1 learning rates of the student
+        and the fake score.
+    lr_scheduler (`str`, defaults to `"constant"`): a diffusers LR schedule name (both networks).
+    lr_warmup_steps (`int`, defaults to 0): warmup of both schedules, in generator updates.
+    adam_beta1, adam_beta2, adam_epsilon (`float`, defaults to 0.9, 0.999, 1e-8): AdamW constants.
+    adam_weight_decay, adam_weight_decay_fake (`float`, defaults to 0.01 and 0): weight decay of the student and of
+        the fake score.
+    max_grad_norm (`float`, defaults to 1.0): gradient-norm clip of both networks.
+    use_8bit_adam (`bool`): bitsandbytes AdamW8bit for both networks (the released T2I scripts).
+    gradient_checkpointing (`bool`): trade compute for activation memory.
+    mixed_precision (`str`, *optional*): `no`, `fp16` or `bf16`: dtype of the frozen weights (teacher, encoders,
+        rewards) and of autocast; default: accelerate's config.
+    allow_tf32 (`bool`): allow TF32 matmuls and convolutions on Ampere+ GPUs (the GPU recipes turn it on).
+    seed (`int`, defaults to 0): seed of every random draw (noise, timesteps, prompts, CFG, control words).
+
+    > Parameters of logging, validation, checkpoints and export
+
+    output_dir (`str`, defaults to `"dmdr-model"`): checkpoints, logs and the export go here.
+    logging_dir (`str`, defaults to `"logs"`): tracker folder, relative to `output_dir`.
+    report_to (`str`, defaults to `"tensorboard"`): `tensorboard`, `wandb`, `all` or `none`.
+    tracker_project_name (`str`, defaults to `"dmdr"`): tracker project name.
+    validation_prompts (`list[str]`, *optional*): prompts of the validation grids.
+    validation_steps (`int`, defaults to 500): log a validation grid every N generator steps.
+    num_validation_images (`int`, defaults to 2): images per validation prompt.
+    checkpointing_steps (`int`, defaults to 500): save a resumable state every N generator steps.
+    resume_from_checkpoint (`str`, *optional*): a checkpoint folder, or `latest` in `output_dir`.
+    push_to_hub (`bool`): upload the export to the Hub (token from `huggingface-cli login`).
+    hub_model_id (`str`, *optional*): repo id of the upload (`org/name`).
+    hub_private (`bool`): create the Hub repo as private.
+    export_full_pipeline (`bool`, defaults to `True`): in LoRA mode, also export the fused full pipeline.
+    allow_reward_import_paths (`bool`, defaults to `False`): let a YAML recipe name rewards (or a classifier's
+        `module`) by import path `pkg.module.Attr`. Importing runs the module's code, so a recipe file (which may be
+        downloaded) cannot opt in itself: pass `--allow_reward_import_paths` on the command line. Import paths typed
+        on the command line need no opt-in. Either way the path must resolve to a reward class or function.
+
+    > Parameters of the reliability guards
+
+    max_consecutive_nonfinite_steps (`int`, defaults to 5): abort after this many NaN/inf updates in a row.
+    divergence_loss_factor (`float`, defaults to 100.0): the run stops when a generator or fake-score loss exceeds
+        this many times its running reference (`guards.DivergenceGuard`); 0 disables the loss rule.
+    divergence_weight_norm_factor (`float`, defaults to 10.0): the run stops when the norm of the trainable weights
+        exceeds this many times its value at the start of the run; 0 disables the weight rule.
+    divergence_warmup_steps (`int`, defaults to 5): healthy generator steps that build the loss reference before the
+        loss rule applies.
+    checkpoints_total_limit (`int`, *optional*): keep the newest N >= 1 complete checkpoints; unset keeps all.
+    hub_timeout (`float`, defaults to 90.0): seconds a Hub request of the export may take (each call, its retries
+        included); a dead or hanging Hub then fails with the command that retries the upload.
 
     > Parameters of scale and memory
 
@@ -57,6 +155,7 @@ class DMDRConfig:
     cache_prompt_embeds (`bool`): encode the prompt set once, cache the embeddings on the host and on disk
         (`prompt_embeds_cache_dir`, keyed by the teacher, the resolution and the prompts), keep text encoders off the GPU.
     offload_text_encoders (`bool`): keep the text encoders on the CPU between encodes (prompt sets too big to cache).
+    prompt_embeds_cache_dir (`str`, *optional*): where `cache_prompt_embeds` keeps its on-disk cache.
     memory_plan_num_processes (`int`, *optional*): the process count for which preflight's memory plan reports the
         per-process bytes under FSDP2 sharding (default: the launch's `WORLD_SIZE`, 1 without a launcher). The plan
         counts weights, gradients and optimizer states exactly from the component configs; activations are not in it.
@@ -92,14 +191,26 @@ class DMDRConfig:
     fake_lora_target_modules: str | None = field(
         default=None, metadata={"help": "Comma-separated module names for the fake-score LoRA; default per family."}
     )
+    init_lora_weights: Literal["gaussian", "kaiming"] = field(
+        default="gaussian",
+        metadata={"help": "LoRA A init: `gaussian` (std 1/rank, the released code) or `kaiming` (PEFT's default)."},
+    )
+    student_init_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Initialise only the student: a backbone folder or .safetensors file (--training_mode full) or "
+            "a PEFT LoRA .safetensors (--training_mode lora). The teacher and both scores stay the teacher."
+        },
+    )
 
     # > DMD, DynaDG, DynaRS, TTUR
     fake_score_lora_scale: float = field(default=2.0, metadata={"help": "LoRA multiplier of the fake score."})
     real_score_lora_scale: float = field(
         default=0.5, metadata={"help": "DynaDG: initial multiplier of the fake LoRA inside the real score."}
     )
-    dynamic_steps: int = field(
-        default=2000, metadata={"help": "K: generator updates over which DynaDG and DynaRS anneal (0 = off)."}
+    dynamic_steps: int | None = field(
+        default=None,
+        metadata={"help": "K: generator updates over which DynaDG and DynaRS anneal (0 = off); default: stage 1."},
     )
     renoise_beta_alpha: float = field(default=4.0, metadata={"help": "DynaRS: Beta `a` at step 0."})
     renoise_beta_beta: float = field(default=1.5, metadata={"help": "DynaRS: Beta `b` at step 0."})
@@ -111,10 +222,26 @@ class DMDRConfig:
     backward_simulation: Literal["sde", "ode"] | None = field(
         default=None, metadata={"help": "`sde` (fresh noise) or `ode` (deterministic); default per family."}
     )
+    flow_x0_noise_level: float = field(
+        default=0.0,
+        metadata={
+            "help": "Flow models: x0 = x_t + (level - t) v stops at this noise level (released T2I code: 0.001)."
+        },
+    )
 
     # > Stages and rewards
-    cold_start_steps: int = field(
-        default=1500, metadata={"help": "Stage 1 length in generator updates; rewards join after it."}
+    cold_start_steps: int | None = field(
+        default=None,
+        metadata={"help": "Stage 1 length in generator updates; rewards join after it. Default: half the run."},
+    )
+    stage2_learning_rate: float | None = field(
+        default=None, metadata={"help": "Student learning rate from --cold_start_steps on; default: stage 1's."}
+    )
+    stage2_learning_rate_fake: float | None = field(
+        default=None, metadata={"help": "Fake-score learning rate from --cold_start_steps on; default: stage 1's."}
+    )
+    stage2_train_batch_size: int | None = field(
+        default=None, metadata={"help": "Prompts per process per iteration in stage 2; default: stage 1's."}
     )
     # Strings from the CLI, or mappings (`{name: clip, weight: 0.3, model: ...}`) from a YAML recipe.
     reward: list[str] = field(
@@ -132,10 +259,20 @@ class DMDRConfig:
             "released SDXL recipe's memory saver (full SDXL VAE decode with grad: +11.6 GiB; tiny: +1.5 GiB)."
         },
     )
+    reward_vae_revision: str | None = field(
+        default=None, metadata={"help": "Hub revision of --reward_vae_model_name_or_path."}
+    )
     reward_tilt: bool = field(
         default=False, metadata={"help": "Stage 1: weight DMD per sample by the normalised reward (RT-DM)."}
     )
     reward_tilt_temperature: float = field(default=1.0, metadata={"help": "Temperature of the RT-DM softmax."})
+    allow_reward_import_paths: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow rewards named by import path (pkg.module.Attr) in a YAML recipe; only valid on the "
+            "command line, since importing a module runs its code."
+        },
+    )
     dmd_loss_weight: float = field(
         default=1.0,
         metadata={
@@ -183,7 +320,7 @@ class DMDRConfig:
 
     # > Optimisation
     max_train_steps: int = field(default=3000, metadata={"help": "Generator updates to train for."})
-    train_batch_size: int = field(default=1, metadata={"help": "Prompts per process per micro-batch."})
+    train_batch_size: int = field(default=1, metadata={"help": "Prompts per process per micro-batch (stage 1)."})
     gradient_accumulation_steps: int = field(
         default=1,
         metadata={
@@ -191,8 +328,8 @@ class DMDRConfig:
             "train_batch_size x this; the TTUR ratio still counts updates)."
         },
     )
-    learning_rate: float = field(default=1e-6, metadata={"help": "Learning rate of the student."})
-    learning_rate_fake: float = field(default=5e-7, metadata={"help": "Learning rate of the fake score."})
+    learning_rate: float = field(default=1e-6, metadata={"help": "Learning rate of the student (stage 1)."})
+    learning_rate_fake: float = field(default=5e-7, metadata={"help": "Learning rate of the fake score (stage 1)."})
     lr_scheduler: str = field(default="constant", metadata={"help": "diffusers LR schedule name."})
     lr_warmup_steps: int = field(default=0, metadata={"help": "Warmup steps of both LR schedules."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
@@ -213,9 +350,19 @@ class DMDRConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
         default=None, metadata={"help": "Precision of frozen weights and autocast; default: accelerate's config."}
     )
-    allow_tf32: bool = field(default=False, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs."})
+    allow_tf32: bool = field(default=False, metadata={"help": "Allow TF32 matmuls and convolutions on Ampere+ GPUs."})
     max_consecutive_nonfinite_steps: int = field(
         default=5, metadata={"help": "Abort after this many NaN/inf losses in a row (each one skips its step)."}
+    )
+    divergence_loss_factor: float = field(
+        default=100.0, metadata={"help": "Stop when a loss exceeds this many times its running reference (0 = off)."}
+    )
+    divergence_weight_norm_factor: float = field(
+        default=10.0,
+        metadata={"help": "Stop when the trainable-weight norm exceeds this many times its start value (0 = off)."},
+    )
+    divergence_warmup_steps: int = field(
+        default=5, metadata={"help": "Healthy generator steps that build the loss reference of the divergence guard."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of every random draw (noise, timesteps, prompts, CFG)."})
 
@@ -228,13 +375,18 @@ class DMDRConfig:
     validation_steps: int = field(default=500, metadata={"help": "Log a validation grid every N generator steps."})
     num_validation_images: int = field(default=2, metadata={"help": "Images per validation prompt."})
     checkpointing_steps: int = field(default=500, metadata={"help": "Save a resumable state every N steps."})
-    checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep at most N checkpoints."})
+    checkpoints_total_limit: int | None = field(
+        default=None, metadata={"help": "Keep the newest N >= 1 complete checkpoints (default: all)."}
+    )
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "A checkpoint folder, or `latest` in output_dir."}
     )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the export to the Hub (token from login)."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Repo id for --push_to_hub (org/name)."})
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    hub_timeout: float = field(
+        default=90.0, metadata={"help": "Seconds each Hub request of the export may take, retries included."}
+    )
     export_full_pipeline: bool = field(
         default=True,
         metadata={
@@ -244,13 +396,20 @@ class DMDRConfig:
     )
 
     def __post_init__(self):
-        self.student_timesteps = None if self.student_timesteps is None else [float(t) for t in self.student_timesteps]
         if isinstance(self.reward, str):
             self.reward = [self.reward]
         if isinstance(self.eval_reward, str):
             self.eval_reward = [self.eval_reward]
         if isinstance(self.validation_prompts, str):
             self.validation_prompts = [self.validation_prompts]
+        problems = coerce_field_types(self)
+        if problems:
+            raise ValueError("Invalid DMDR configuration:\n- " + "\n- ".join(problems))
+        # Unset stage lengths follow the run's length: half the run in stage 1, annealing within stage 1.
+        if self.cold_start_steps is None:
+            self.cold_start_steps = self.max_train_steps // 2
+        if self.dynamic_steps is None:
+            self.dynamic_steps = self.cold_start_steps
         problems = []
         if not self.pretrained_model_name_or_path:
             problems.append("--pretrained_model_name_or_path is required (a teacher pipeline folder or Hub id).")
@@ -284,6 +443,14 @@ class DMDRConfig:
                 f"({self.max_train_steps}): stage 2 (DMD + rewards) would never run. Lower --cold_start_steps, or "
                 "set it equal to --max_train_steps for a DMD-only run."
             )
+        for name in ("stage2_learning_rate", "stage2_learning_rate_fake", "stage2_train_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                problems.append(f"--{name} must be positive, got {value}; leave it unset to keep the stage-1 value.")
+        if self.flow_x0_noise_level < 0 or self.flow_x0_noise_level >= 0.1:
+            problems.append(f"--flow_x0_noise_level must be in [0, 0.1), got {self.flow_x0_noise_level}.")
+        if self.init_lora_weights not in ("gaussian", "kaiming"):
+            problems.append(f"--init_lora_weights must be `gaussian` or `kaiming`, got {self.init_lora_weights!r}.")
         if self.renoise_beta_alpha <= 0 or self.renoise_beta_beta <= 0:
             problems.append("--renoise_beta_alpha and --renoise_beta_beta must be positive.")
         if self.guidance_scale_jitter < 0:
@@ -300,10 +467,34 @@ class DMDRConfig:
             problems.append("--dmd_loss_weight and --anchor_loss_weight must be non-negative.")
         if self.reward_tilt_temperature <= 0:
             problems.append("--reward_tilt_temperature must be positive.")
+        for name in ("learning_rate", "learning_rate_fake"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                problems.append(f"--{name} must be a positive finite number (e.g. 1e-6), got {value}.")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            problems.append(
+                f"--checkpoints_total_limit must be at least 1 (the newest N complete checkpoints are kept), got "
+                f"{self.checkpoints_total_limit}; drop the flag to keep every checkpoint."
+            )
+        if self.guidance_scale_jitter > self.real_guidance_scale:
+            problems.append(
+                f"--guidance_scale_jitter {self.guidance_scale_jitter} is larger than --real_guidance_scale "
+                f"{self.real_guidance_scale}: the drawn CFG scale could be negative. Use a jitter <= the scale."
+            )
+        for name in ("divergence_loss_factor", "divergence_weight_norm_factor"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or (value != 0 and value <= 1):
+                problems.append(f"--{name} must be 0 (off) or a finite factor above 1, got {value}.")
+        if self.divergence_warmup_steps < 1:
+            problems.append("--divergence_warmup_steps must be at least 1.")
+        if not math.isfinite(self.hub_timeout) or self.hub_timeout <= 0:
+            problems.append(f"--hub_timeout must be a positive number of seconds, got {self.hub_timeout}.")
         if self.cache_prompt_embeds and self.offload_text_encoders:
             problems.append(
                 "--cache_prompt_embeds already keeps the text encoders off the GPU; drop --offload_text_encoders."
             )
+        if len(problems) == 1:
+            raise ValueError(f"Invalid DMDR configuration: {problems[0]}")
         if problems:
             raise ValueError("Invalid DMDR configuration:\n- " + "\n- ".join(problems))
         if self.reward and self.cold_start_steps == self.max_train_steps:
@@ -322,26 +513,196 @@ class DMDRConfig:
         return dataclasses.asdict(self)
 
     def save_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+        """Write the config as a recipe; the import-path opt-in is a permission of one command line, not a value a
+        recipe may carry (`load_yaml_config` refuses it), so it is left out."""
+        values = {k: v for k, v in self.to_dict().items() if k not in _COMMAND_LINE_ONLY}
+        Path(path).write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "DMDRConfig":
-        return cls(**{**load_yaml_config(path), **overrides})
+        """The recipe at `path` with `overrides` on top; import-path rewards of the recipe need
+        `allow_reward_import_paths=True` among the overrides."""
+        values = load_yaml_config(path)
+        check_recipe_import_paths(values, path, bool(overrides.get("allow_reward_import_paths")))
+        return cls(**{**values, **overrides})
 
     @classmethod
     def parse_args(cls, argv: list[str] | None = None) -> "DMDRConfig":
         """Parse `argv` (default: `sys.argv`), with `--config recipe.yaml` supplying defaults the CLI overrides."""
-        return cls(**vars(build_argument_parser().parse_args(argv)))
+        config = cls(**vars(build_argument_parser().parse_args(argv)))
+        recipe = _recipe_path(argv)
+        if recipe is not None:
+            # `allow_reward_import_paths` cannot come from the recipe (load_yaml_config refuses it there).
+            check_recipe_import_paths(load_yaml_config(recipe), recipe, config.allow_reward_import_paths)
+        return config
+
+
+# Fields only the command line may set (never saved into, nor read from, a recipe).
+_COMMAND_LINE_ONLY = ("allow_reward_import_paths",)
+
+
+def _recipe_path(argv: list[str] | None) -> str | None:
+    known_config = argparse.ArgumentParser(add_help=False)
+    known_config.add_argument("--config", default=None)
+    return known_config.parse_known_args(argv)[0].config
+
+
+def check_recipe_import_paths(values: dict, path: str | Path, allowed: bool) -> None:
+    """Refuse the import paths to user code that the rewards of a recipe name, unless the command line opted in."""
+    from .rewards.core import reward_import_paths
+
+    if allowed:
+        return
+    for key in ("reward", "eval_reward"):
+        for spec in values.get(key) or []:
+            paths = reward_import_paths(spec)
+            if paths:
+                raise ValueError(
+                    f"{path}: `{key}` names the import path {paths[0]!r}; importing it would run code from a recipe "
+                    "file. If you trust this recipe, pass --allow_reward_import_paths on the command line; otherwise "
+                    f"use a registered reward {_registered_rewards()}."
+                )
+
+
+def _registered_rewards() -> list[str]:
+    from .rewards.core import REWARD_REGISTRY
+
+    return sorted(REWARD_REGISTRY)
+
+
+def _describe_type(kind) -> str:
+    return getattr(kind, "__name__", str(kind))
+
+
+def _coerce(value, kind):
+    """`value` as `kind` (a type hint of a DMDRConfig field), or raise `TypeError` with what was expected."""
+    args = typing.get_args(kind)
+    if type(None) in args:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        kind = inner[0] if len(inner) == 1 else typing.Union[tuple(inner)]  # noqa: UP007
+        args = typing.get_args(kind)
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        if value not in args:
+            raise TypeError(f"one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise TypeError(f"a list of {_describe_type(args[0])}")
+        return [_coerce(item, args[0]) for item in value]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise TypeError("true or false")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise TypeError("an integer")
+    if kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # PyYAML reads `1e-4` (no dot) as a string.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise TypeError("a number")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError("a string")
+    return value
+
+
+# Fields whose items `rewards.parse_reward_spec` validates (strings or mappings).
+_SPEC_LIST_FIELDS = ("reward", "eval_reward")
+
+
+def coerce_field_types(config: "DMDRConfig") -> list[str]:
+    """Coerce every field of `config` to its type hint in place (`"1e-4"` -> `1e-4`, `"true"` -> `True`); return one
+    problem per field that cannot be, naming the flag and the expected type."""
+    problems = []
+    hints = typing.get_type_hints(type(config))
+    for spec in dataclasses.fields(config):
+        if spec.name in _SPEC_LIST_FIELDS:
+            continue
+        value = getattr(config, spec.name)
+        if value is None and spec.metadata.get("required"):
+            continue  # reported as missing by __post_init__
+        try:
+            setattr(config, spec.name, _coerce(value, hints[spec.name]))
+        except TypeError as error:
+            problems.append(f"--{spec.name} must be {error}, got {value!r} ({type(value).__name__}).")
+    return problems
+
+
+# Keys of a recipe's `stage2:` mapping and the config fields they set.
+STAGE2_KEYS = {
+    "learning_rate": "stage2_learning_rate",
+    "learning_rate_fake": "stage2_learning_rate_fake",
+    "train_batch_size": "stage2_train_batch_size",
+}
+# `--help` groups: the first field of each group, in the dataclass's field order.
+OPTION_GROUPS = {
+    "pretrained_model_name_or_path": "Teacher and student",
+    "fake_score_lora_scale": "Method (DMD, DynaDG, DynaRS, TTUR)",
+    "cold_start_steps": "Stages and rewards",
+    "train_prompts": "Prompt data",
+    "max_train_steps": "Optimisation",
+    "output_dir": "Logging, validation, checkpoints and export",
+}
+# The errors that config validation and the preflight checks raise for a bad input: `train.py` prints them as one
+# message and exits with status 2.
+USER_INPUT_ERRORS = (ValueError, FileNotFoundError, ImportError)
 
 
 def load_yaml_config(path: str | Path) -> dict:
-    """Read a YAML recipe and check its keys against the config fields (a typo must not be silently ignored)."""
+    """Read a YAML recipe and check its keys against the config fields (a typo must not be silently ignored).
+
+    A `stage2:` mapping (`learning_rate`, `learning_rate_fake`, `train_batch_size`) sets the `stage2_*` fields.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config {path} does not exist.")
-    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path} is not a file.")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--config {path} is not UTF-8 text ({error.reason} at byte {error.start}).") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ValueError(f"--config {path} is not valid YAML{where}: {problem}. Fix that line.") from None
     if not isinstance(values, dict):
         raise ValueError(f"--config {path} must hold a mapping of option names to values.")
+    if "allow_reward_import_paths" in values:
+        raise ValueError(
+            f"{path} sets allow_reward_import_paths: a recipe cannot allow itself to import code. Remove the key and "
+            "pass --allow_reward_import_paths on the command line if you trust the recipe."
+        )
+    stage2 = values.pop("stage2", None) or {}
+    if not isinstance(stage2, dict) or set(stage2) - set(STAGE2_KEYS):
+        raise ValueError(
+            f"`stage2` in {path} must be a mapping with keys among {sorted(STAGE2_KEYS)}, got {stage2!r}."
+        )
+    for key, value in stage2.items():
+        if STAGE2_KEYS[key] in values:
+            raise ValueError(f"{path} sets both `stage2.{key}` and `{STAGE2_KEYS[key]}`: keep one.")
+        values[STAGE2_KEYS[key]] = value
     known = {f.name for f in dataclasses.fields(DMDRConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -370,15 +731,71 @@ def _optional(kind):
     return convert
 
 
+class _CommandLineList(list):
+    """A list built from command-line flags (as opposed to the recipe's default list)."""
+
+
+class _ReplacingAppend(argparse.Action):
+    """`--reward a --reward b`: the flags given on the command line *replace* the recipe's list; `none` clears it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        if not isinstance(current, _CommandLineList):
+            current = _CommandLineList()
+        if str(values).strip().lower() == "none":
+            current.clear()
+        else:
+            current.append(values)
+        setattr(namespace, self.dest, current)
+
+
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.IGNORECASE)
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """`--learning_rate -1e-4` -> `--learning_rate=-1e-4`: argparse takes `-1e-4` for an option (it only recognises
+    `-1` and `-1.5` as numbers), so a negative number after a `--flag` is attached to it."""
+    joined: list[str] = []
+    for token in argv:
+        previous = joined[-1] if joined else ""
+        if _NEGATIVE_NUMBER.match(token) and previous.startswith("--") and "=" not in previous:
+            joined[-1] = f"{previous}={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
+def reward_names_epilog() -> str:
+    """The built-in reward names with one line each, from the registry (what `--reward` accepts besides a dotted
+    import path)."""
+    from .rewards import REWARD_REGISTRY
+
+    lines = ["built-in rewards (--reward NAME[:WEIGHT][:key=value...], or a dotted import path):"]
+    for name, factory in sorted(REWARD_REGISTRY.items()):
+        paragraph = " ".join(line.strip() for line in (factory.__doc__ or "").strip().split("\n\n")[0].splitlines())
+        summary = re.split(r"(?<=\.)\s", paragraph, maxsplit=1)[0]
+        lines.append(f"  {name:<12} {summary}")
+    return "\n".join(lines)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, and the epilog (the reward list) kept line by line."""
+
+
 def build_argument_parser() -> argparse.ArgumentParser:
-    """An argparse parser generated from the dataclass fields: help from metadata, choices from `Literal`."""
+    """An argparse parser generated from the dataclass fields: help from metadata, choices from `Literal`, options
+    grouped as in the class docstring, the built-in reward names in the epilog."""
     parser = argparse.ArgumentParser(
         description="Distil a diffusers text-to-image teacher into a few-step student with DMDR.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
+        epilog=reward_names_epilog(),
     )
     parser.add_argument("--config", default=None, help="YAML recipe whose values become defaults.")
     hints = typing.get_type_hints(DMDRConfig)
+    group = parser
     for spec in dataclasses.fields(DMDRConfig):
+        if spec.name in OPTION_GROUPS:
+            group = parser.add_argument_group(OPTION_GROUPS[spec.name])
         kind = hints[spec.name]
         args = typing.get_args(kind)
         optional = type(None) in args
@@ -396,16 +813,18 @@ def build_argument_parser() -> argparse.ArgumentParser:
         elif typing.get_origin(inner) is list:
             item_type = typing.get_args(inner)[0]
             if spec.name in ("reward", "eval_reward"):
-                kwargs.update(action="append", type=str, default=None)
+                kwargs.update(action=_ReplacingAppend, type=str, default=None)
+                kwargs["help"] += " Given here, it replaces the recipe's list; `none` clears it."
             else:
                 kwargs.update(nargs="+", type=item_type)
         elif inner in (int, float, str):
             kwargs["type"] = _optional(inner) if optional else inner
-        parser.add_argument(f"--{spec.name}", **kwargs)
+        group.add_argument(f"--{spec.name}", **kwargs)
 
     original_parse = parser.parse_args
 
     def parse_args(argv=None, namespace=None):
+        argv = join_negative_values(list(sys.argv[1:] if argv is None else argv))
         # Two passes: read `--config` first so its values become defaults that explicit flags override.
         known_config = argparse.ArgumentParser(add_help=False)
         known_config.add_argument("--config", default=None)
@@ -414,8 +833,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
             parser.set_defaults(**load_yaml_config(config_args.config))
         namespace = original_parse(argv, namespace)
         for name in ("reward", "eval_reward"):
-            if getattr(namespace, name) is None:
-                setattr(namespace, name, parser.get_default(name) or [])
+            value = getattr(namespace, name)
+            setattr(namespace, name, list(value) if value is not None else list(parser.get_default(name) or []))
         del namespace.config
         return namespace
 

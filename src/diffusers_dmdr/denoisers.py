@@ -51,7 +51,8 @@ def guided_x0(
     """`x0` with classifier-free guidance, conditional and unconditional branches in one batched call."""
     from .families.base import concat_conditions
 
-    if guidance_scale == 1.0:
+    # A scale <= 1 is "no CFG" (DMDR's convention), not an extrapolation towards the unconditional branch.
+    if guidance_scale <= 1.0:
         return denoiser(sample, noise_level, condition)
     both = denoiser(
         torch.cat([sample, sample]), torch.cat([noise_level, noise_level]), concat_conditions(condition, uncondition)

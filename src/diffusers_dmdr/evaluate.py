@@ -160,7 +160,14 @@ def update_model_card(card_path: str | Path, result: "EvaluationResult") -> Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m diffusers_dmdr.evaluate", description=__doc__.split("\n")[0])
+    from .config import reward_names_epilog
+
+    parser = argparse.ArgumentParser(
+        prog="python -m diffusers_dmdr.evaluate",
+        description=__doc__.split("\n")[0],
+        epilog=reward_names_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--pipeline", required=True, help="pipeline folder or Hub id (DiffusionPipeline)")
     parser.add_argument(
         "--prompts", required=True, help=".txt (one per line), .json/.jsonl/.csv/.parquet or a Hub dataset"

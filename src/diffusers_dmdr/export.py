@@ -26,13 +26,13 @@ import argparse
 import copy
 import json
 import logging
-import re
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from .adapters import (
@@ -46,10 +46,18 @@ from .checkpointing import CONFIG_FILE, STUDENT_FULL_FILE, STUDENT_LORA_FILE, li
 from .config import DMDRConfig
 from .families import ModelFamily, detect_family, get_family, read_teacher_config
 from .families.base import student_scheduler_for
+from .hub import (  # noqa: F401  (HubUploadError, UPLOAD_IGNORE_PATTERNS and hub_id_of are part of this module's API)
+    UPLOAD_IGNORE_PATTERNS,
+    HubUploadError,
+    cached_model_card_data,
+    hub_id_of,
+    push_folder,
+    remote_model_card_data,
+)
 from .pipelines import pipeline_dmdr, scheduling_dmdr
 from .pipelines.pipeline_dmdr import SCHEDULER_CLASS, SCHEDULER_MODULE, FewStepDMDRPipeline
 from .pipelines.scheduling_dmdr import DMDRScheduler
-from .utils import save_image_grid
+from .utils import redact_local_paths, redact_local_paths_in, save_image_grid
 
 
 logger = logging.getLogger(__name__)
@@ -59,8 +67,6 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 SAMPLES_FILE = "samples.png"
 SUMMARY_FILE = "train_summary.json"
 PAPER_URL = "https://huggingface.co/papers/2511.13649"
-# Files of a training run that share the export folder but are not part of the model repo.
-UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "logs/*", "validation/*", "*.lock", "wandb/*"]
 # Tags every export carries, besides the family's and `lora` in LoRA mode.
 BASE_TAGS = ["text-to-image", "diffusers", "diffusers-training", "dmdr", "distillation", "few-step"]
 FAMILY_TAGS = {
@@ -70,10 +76,6 @@ FAMILY_TAGS = {
 }
 EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_SNIPPET_PROMPT = "a photo of a red fox in the snow"
-
-
-class HubUploadError(RuntimeError):
-    """Raised when creating the Hub repo or uploading the export fails; the local folder is left as it was."""
 
 
 @dataclass
@@ -136,9 +138,16 @@ def export_from_trainer(trainer) -> Path | None:
         sample_images=sample_images,
         metrics=metrics,
         hub_model_id=config.hub_model_id,
+        hub_timeout=config.hub_timeout if config.push_to_hub else None,
     )
     if config.push_to_hub:
-        push_to_hub(output_dir, config.hub_model_id, private=config.hub_private, checkpoint=config.output_dir)
+        push_to_hub(
+            output_dir,
+            config.hub_model_id,
+            private=config.hub_private,
+            checkpoint=config.output_dir,
+            timeout=config.hub_timeout,
+        )
     return output_dir
 
 
@@ -178,6 +187,7 @@ def export_checkpoint(
     export_full_pipeline: bool | None = None,
     base_model: str | None = None,
     device: str | torch.device | None = None,
+    hub_timeout: float | None = None,
 ) -> Path:
     """Rebuild the export of a saved checkpoint: reload the teacher, apply the student weights, write the folder.
 
@@ -198,15 +208,19 @@ def export_checkpoint(
             The teacher's Hub id for the card, when the run loaded it from a local folder.
         device (`str` or `torch.device`, *optional*):
             Where to sample the grid; defaults to CUDA when available.
+        hub_timeout (`float`, *optional*):
+            Seconds each Hub request of the push may take; defaults to the run's `hub_timeout`.
 
     Returns:
         `Path`: the export folder.
     """
     checkpoint_dir = _resolve_checkpoint_dir(Path(checkpoint))
-    config = DMDRConfig.from_yaml(checkpoint_dir / CONFIG_FILE)
+    # The export builds no reward, so the import paths of the run's rewards are never imported here.
+    config = DMDRConfig.from_yaml(checkpoint_dir / CONFIG_FILE, allow_reward_import_paths=True)
     if export_full_pipeline is not None:
         config.export_full_pipeline = export_full_pipeline
     hub_model_id = hub_model_id or config.hub_model_id
+    hub_timeout = config.hub_timeout if hub_timeout is None else hub_timeout
     if push and not hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id org/name (the run's config has none).")
     family = _family_of(config)
@@ -257,10 +271,11 @@ def export_checkpoint(
         hub_model_id=hub_model_id,
         base_model=base_model,
         checkpoint_name=checkpoint_dir.name,
+        hub_timeout=hub_timeout if push else None,
     )
     if push:
         private = config.hub_private if hub_private is None else hub_private
-        push_to_hub(output_dir, hub_model_id, private=private, checkpoint=checkpoint_dir)
+        push_to_hub(output_dir, hub_model_id, private=private, checkpoint=checkpoint_dir, timeout=hub_timeout)
     return output_dir
 
 
@@ -317,7 +332,9 @@ def _student_scheduler(config: DMDRConfig, teacher) -> DMDRScheduler:
     timesteps = config.student_timesteps or teacher.family.default_student_timesteps(
         config.num_student_steps, config.shift
     )
-    return student_scheduler_for(teacher, timesteps, config.backward_simulation, config.shift)
+    return student_scheduler_for(
+        teacher, timesteps, config.backward_simulation, config.shift, config.flow_x0_noise_level
+    )
 
 
 def _family_of(config: DMDRConfig) -> ModelFamily:
@@ -357,8 +374,10 @@ def write_export(
     hub_model_id: str | None = None,
     base_model: str | None = None,
     checkpoint_name: str | None = None,
+    hub_timeout: float | None = None,
 ) -> Path:
-    """Write the export folder (see the module docstring) and return it.
+    """Write the export folder (see the module docstring) and return it. No Hub request is sent unless
+    `hub_timeout` is given (an export about to be pushed may then read the teacher's card within that time).
 
     Args:
         output_dir: the folder; files of a previous export are overwritten, other files are left alone.
@@ -372,6 +391,7 @@ def write_export(
         hub_model_id: the Hub repo id used in the card's snippets.
         base_model: the teacher's Hub id, when the run loaded it from a local folder.
         checkpoint_name: the checkpoint exported, for the card.
+        hub_timeout: seconds a Hub request may take; `None` sends none.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -395,8 +415,18 @@ def write_export(
         has_samples=sample_images is not None,
         metrics=metrics,
         checkpoint_name=checkpoint_name,
+        existing_card=output_dir / "README.md",
+        hub_timeout=hub_timeout,
     )
-    card.save(output_dir / "README.md")
+    # What is published names no local folder: absolute paths become `<local>/<name>` in the recipe, and in the card
+    # of an export about to be pushed (a local card keeps them so that its snippets run here; the run's checkpoints
+    # keep their own, unredacted dmdr_config.yaml).
+    card_text = str(card) if hub_timeout is None else redact_local_paths(str(card))
+    (output_dir / "README.md").write_text(card_text, encoding="utf-8")
+    public_config = redact_local_paths_in(
+        {k: v for k, v in config.to_dict().items() if k != "allow_reward_import_paths"}
+    )
+    (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(public_config, sort_keys=False), encoding="utf-8")
     logger.info(f"Exported the DMDR student to {output_dir}")
     return output_dir
 
@@ -436,30 +466,27 @@ def _copy_code(folder: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Model card
 # ----------------------------------------------------------------------------------------------------------------
-def hub_id_of(source: str) -> str | None:
-    """The Hub id of a teacher given as a Hub id or as a Hub cache snapshot folder; `None` for other folders."""
-    path = Path(source).expanduser()
-    if not path.exists():
-        return source
-    match = re.search(r"models--([^/]+)--([^/]+)/snapshots/", path.resolve().as_posix())
-    return f"{match[1]}/{match[2]}" if match else None
-
-
-def teacher_license(source: str, hub_id: str | None = None, revision: str | None = None) -> dict[str, str]:
+def teacher_license(
+    source: str, hub_id: str | None = None, revision: str | None = None, hub_timeout: float | None = None
+) -> dict[str, str]:
     """`license` (with `license_name`/`license_link` for custom licenses) from the teacher's model card: the
-    `README.md` of a local teacher folder, else the card of `hub_id`. Empty when there is none."""
+    `README.md` of a local teacher folder, else the card of `hub_id` from the local Hub cache, else (only with
+    `hub_timeout`, i.e. when the export is pushed) from the Hub within `hub_timeout` seconds. Empty when none."""
     from huggingface_hub import ModelCard
-    from huggingface_hub.errors import HfHubHTTPError
 
     local_card = Path(source).expanduser() / "README.md"
-    if not local_card.is_file() and hub_id is None:
+    if local_card.is_file():
+        try:
+            data = ModelCard.load(local_card).data.to_dict()
+        except (OSError, ValueError) as error:
+            logger.warning(f"Could not read {local_card} ({type(error).__name__}); the card has no license.")
+            data = {}
+    elif hub_id is None:
         return {}
-    try:
-        card = ModelCard.load(local_card if local_card.is_file() else hub_id)
-    except (OSError, ValueError, HfHubHTTPError) as error:
-        logger.warning(f"Could not read the teacher's model card ({type(error).__name__}); the card has no license.")
-        return {}
-    data = card.data.to_dict()
+    else:
+        data = cached_model_card_data(hub_id, revision)
+        if not data and hub_timeout is not None:
+            data = remote_model_card_data(hub_id, revision, hub_timeout)
     found = {key: data[key] for key in ("license", "license_name", "license_link") if data.get(key)}
     link = found.get("license_link")
     if link and hub_id and not link.startswith(("http://", "https://")):
@@ -479,13 +506,21 @@ def make_model_card(
     has_samples: bool = False,
     metrics: dict | None = None,
     checkpoint_name: str | None = None,
+    existing_card: str | Path | None = None,
+    hub_timeout: float | None = None,
 ):
-    """The export's `ModelCard`: YAML metadata, samples, loading snippets, sampler, recipe and limitations."""
-    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+    """The export's `ModelCard`: YAML metadata, samples, loading snippets, sampler, recipe and limitations.
+
+    Built without any Hub request: `existing_card` (the README.md of a previous export in the same folder) keeps the
+    metadata this export does not own; the teacher's licence comes from its folder or the local Hub cache, and from
+    the Hub only when `hub_timeout` is given (a push), within that many seconds.
+    """
+    from diffusers.utils.hub_utils import populate_model_card
+    from huggingface_hub import ModelCard, ModelCardData
 
     source = config.pretrained_model_name_or_path
     base_model = base_model or hub_id_of(source)
-    license_data = teacher_license(source, base_model, config.revision)
+    license_data = teacher_license(source, base_model, config.revision, hub_timeout)
     prompts = config.validation_prompts or []
     widget = [{"text": prompts[0], "output": {"url": SAMPLES_FILE}}] if has_samples and prompts else None
     body = _card_body(
@@ -500,17 +535,15 @@ def make_model_card(
         metrics=metrics or {},
         checkpoint_name=checkpoint_name,
     )
-    # A new repo gets diffusers' training card; an existing card (re-export to a pushed repo) keeps the metadata
-    # this export does not own, while everything below is set afresh.
-    card = load_or_create_model_card(
-        repo_id_or_path=repo_id,
-        from_training=True,
-        license=license_data.get("license"),
-        base_model=base_model,
-        model_description=body,
-        inference=True,
-        widget=widget,
-    )
+    # A new export gets fresh metadata; a previous export's card (re-export into the same folder) keeps the metadata
+    # this export does not own, while everything below is set afresh. The Hub is never asked for a card here.
+    if existing_card is not None and Path(existing_card).is_file():
+        card = ModelCard.load(existing_card)
+    else:
+        card = ModelCard("")
+        card.data = ModelCardData(
+            license=license_data.get("license"), library_name="diffusers", base_model=base_model, widget=widget
+        )
     tags = BASE_TAGS + FAMILY_TAGS[family.name] + (["lora"] if has_lora else [])
     populate_model_card(card, tags=[tag for tag in tags if tag not in (card.data.tags or [])])
     owned = {"base_model": base_model, "widget": widget, "inference": True, "pipeline_tag": "text-to-image"}
@@ -689,7 +722,9 @@ def _usage_section(
         f"```python\n{route_remote}```\n",
         "### 3. A stock diffusers pipeline and scheduler\n",
         "No custom code: the stock scheduler below follows the same timesteps with its own update rule, which matches "
-        "the trained sampler closely but not bit for bit.\n",
+        "the trained sampler closely but not bit for bit"
+        + (" (it feeds the model `1000 t` where training fed `round(1000 t)`)" if family.is_flow else "")
+        + ".\n",
         f"```python\n{route_plain}```\n",
     ]
     return "\n".join(lines)
@@ -789,8 +824,9 @@ def push_to_hub(
     token: str | None = None,
     commit_message: str = "Upload DMDR few-step student",
     checkpoint: str | Path | None = None,
+    timeout: float = 90.0,
 ) -> str:
-    """Create `repo_id` (if needed) and upload `folder`, leaving checkpoints and logs out.
+    """Create `repo_id` (if needed) and upload `folder`, leaving checkpoints and logs out (see `hub.push_folder`).
 
     The token is the one given or the logged-in one; it is never logged nor written anywhere.
 
@@ -802,41 +838,20 @@ def push_to_hub(
         commit_message (`str`): the commit message.
         checkpoint (`str` or `Path`, *optional*): the checkpoint the folder was exported from, for the retry
             command of the error message; defaults to `folder` (a run's output_dir holding its checkpoints).
+        timeout (`float`, defaults to 90.0): seconds each Hub call (repo creation, upload) may take, retries included.
 
     Raises:
-        [`HubUploadError`]: on any failure, with the command that retries; the local folder is left untouched.
+        [`HubUploadError`]: on any failure or timeout, with the command that retries; the local folder is untouched.
 
     Returns:
         `str`: the URL of the commit.
     """
-    from huggingface_hub import create_repo, get_token, upload_folder
-
-    folder = Path(folder)
-    try:
-        repo_id = create_repo(repo_id, private=private, exist_ok=True, token=token).repo_id
-        commit = upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            commit_message=commit_message,
-            ignore_patterns=list(UPLOAD_IGNORE_PATTERNS),
-            token=token,
-        )
-    except Exception as error:
-        # Any failure (network, auth, server) ends here: the export on disk is complete, only the upload is retried.
-        secret = token or get_token()
-        reason = f"{type(error).__name__}: {error}"
-        if secret:
-            reason = reason.replace(secret, "***")
-        retry = (
-            f"python -m diffusers_dmdr.export --checkpoint {checkpoint or folder} --output_dir {folder} "
-            f"--push_to_hub --hub_model_id {repo_id}"
-        )
-        raise HubUploadError(
-            f"Uploading {folder} to the Hub repo {repo_id} failed ({reason}). The export folder is intact. Retry "
-            f"with:\n  {retry}\n(log in first with `hf auth login` if the token was refused)."
-        ) from None
-    logger.info(f"Pushed {folder} to {commit.commit_url}")
-    return commit.commit_url
+    retry = (
+        f"dmdr-export --checkpoint {checkpoint or folder} --output_dir {folder} --push_to_hub --hub_model_id {repo_id}"
+    )
+    return push_folder(
+        folder, repo_id, retry, private=private, token=token, commit_message=commit_message, timeout=timeout
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -860,6 +875,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--base_model", default=None, help="the teacher's Hub id, if the run used a local copy")
     parser.add_argument("--device", default=None, help="device that samples the grid (default: cuda if available)")
+    parser.add_argument(
+        "--hub_timeout", type=float, default=None, help="seconds each Hub request may take (default: the run's)"
+    )
     return parser
 
 
@@ -876,6 +894,7 @@ def main(argv: list[str] | None = None) -> None:
             export_full_pipeline=args.export_full_pipeline,
             base_model=args.base_model,
             device=args.device,
+            hub_timeout=args.hub_timeout,
         )
     except HubUploadError as error:
         print(error, file=sys.stderr)  # noqa: T201

@@ -45,7 +45,12 @@ def sample_renoise_levels(batch_size: int, alpha: float, beta: float, rng: np.ra
 
 
 def sample_guidance_scale(scale: float, jitter: float, rng: np.random.Generator) -> float:
-    """The real-score CFG scale of one generator update, uniform in `[scale - jitter, scale + jitter]`."""
+    """The real-score CFG scale of one generator update, uniform in `[scale - jitter, scale + jitter]`.
+
+    A scale `<= 1` means no CFG (the released SiT setting): it is returned as 1 with no jitter and no draw.
+    """
+    if scale <= 1.0:
+        return 1.0
     return float(scale + rng.uniform(-jitter, jitter)) if jitter > 0 else float(scale)
 
 

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
 from diffusers.utils.torch_utils import randn_tensor
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import schedules
@@ -35,20 +35,28 @@ from .checkpointing import (
     FAKE_LORA_FILE,
     STUDENT_FULL_FILE,
     STUDENT_LORA_FILE,
-    prune_checkpoints,
+    atomic_checkpoint_save,
+    load_accelerator_state_safely,
+    load_trainer_state,
+    load_weights_file,
     resolve_checkpoint,
+    save_trainer_state,
 )
 from .config import DMDRConfig
 from .data import PromptSampler
 from .denoisers import Denoiser, guided_x0
 from .families import TeacherComponents
 from .families.base import repeat_condition, student_scheduler_for
+from .guards import DivergenceError, DivergenceGuard, resume_advice, trainable_weight_norm
 from .losses import anchor_loss, dmd_loss, fake_score_loss, reward_tilt_weights
 from .optimization import RoleSchedule, lr_multiplier, make_optimizer, set_learning_rates, step_role
 from .prompt_cache import PromptEncoder
-from .rewards import compute_reward_loss
+from .rewards import compute_reward_loss, set_reward_step
+from .sharding import gather_full_state_dict, is_fsdp2, local_shard
 from .simulation import SimulationOutput, backward_simulation, sample_student
+from .stages import stage_two_start_iteration, stage_values
 from .training_module import GUIDANCE_ROLE, STUDENT_ROLE, DMDRTrainingModule
+from .utils import log_prompt_truncation_once
 
 
 logger = get_logger(__name__)
@@ -157,6 +165,8 @@ class DMDRTrainer:
         self.teacher = teacher
         self.family = teacher.family
         self.pipeline = teacher.pipeline
+        # A prompt longer than the tokenizer's limit is reported once, not echoed at every step.
+        log_prompt_truncation_once(type(self.pipeline).__module__)
         self.rewards = list(rewards or [])
         self.eval_rewards = list(eval_rewards or [])
         self.state = TrainingState()
@@ -181,7 +191,9 @@ class DMDRTrainer:
         timesteps = config.student_timesteps or self.family.default_student_timesteps(
             config.num_student_steps, config.shift
         )
-        self.scheduler = student_scheduler_for(teacher, timesteps, config.backward_simulation, config.shift)
+        self.scheduler = student_scheduler_for(
+            teacher, timesteps, config.backward_simulation, config.shift, config.flow_x0_noise_level
+        )
         self.latent_shape = (
             self.family.latent_channels(teacher.backbone),
             config.resolution // self.pipeline.vae_scale_factor,
@@ -205,6 +217,8 @@ class DMDRTrainer:
             fake_lora={"rank": config.fake_lora_rank, "alpha": config.fake_lora_alpha, "target_modules": fake_targets},
             seed=config.seed,
             student_backbone=student_backbone,
+            init=config.init_lora_weights,
+            student_init_path=config.student_init_path,
         )
         module = DMDRTrainingModule(backbone, self.family.call_backbone, student_backbone).to(device)
         if config.gradient_checkpointing:
@@ -222,10 +236,10 @@ class DMDRTrainer:
             use_8bit_adam=config.use_8bit_adam,
         )
         self.model, self.optimizer = self.accelerator.prepare(module, optimizer)
-        self.sharded = self.accelerator.distributed_type in SHARDED_ENGINES
+        self.sharded = self.accelerator.distributed_type in SHARDED_ENGINES or is_fsdp2(self.model)
         self.accelerator.register_save_state_pre_hook(self._save_model_hook)
         self.accelerator.register_load_state_pre_hook(self._load_model_hook)
-        self.accelerator.register_for_checkpointing(self.state)
+        # `self.state` is saved as JSON by `save_checkpoint`, never registered with accelerate (which pickles it).
         self.student_denoiser = Denoiser(partial(self.model, STUDENT_ROLE), self.scheduler)
 
         # 5. Prompts: a resumable sampler over the effective batch, and the encoder (cached or live).
@@ -235,10 +249,15 @@ class DMDRTrainer:
             config.seed,
             self.accelerator.process_index,
             self.accelerator.num_processes,
+            stage2_batch_size=stage_values(config, config.cold_start_steps).train_batch_size * self.micro_batches,
+            stage2_start_iteration=stage_two_start_iteration(config.cold_start_steps, config.update_ratio),
         )
         self.prompt_encoder = PromptEncoder.from_config(config, teacher, self.accelerator, prompts)
         self.empty_condition = self.encode([""])
         self.history: list[dict] = []
+        # Logs of the steps before a resume (from the checkpoint), so that train_summary.json covers the whole run.
+        self.resumed_history: list[dict] = []
+        self.last_checkpoint: Path | None = None
         # Set by `train()` when --anchor_loss_weight > 0: the student's weights as the run starts.
         self.anchor_weights: list[torch.Tensor] | None = None
 
@@ -260,9 +279,12 @@ class DMDRTrainer:
         }
 
     def _learning_rates(self) -> dict[str, float]:
+        # The base rates are those of the current stage (`--stage2_*` from the cold start on), times the schedule.
+        stage = stage_values(self.config, self.state.global_step)
         return {
-            STUDENT_ROLE: self.role_schedules[STUDENT_ROLE].learning_rate_at(self.state.global_step),
-            GUIDANCE_ROLE: self.role_schedules[GUIDANCE_ROLE].learning_rate_at(self.state.iteration),
+            STUDENT_ROLE: stage.learning_rate * self.role_schedules[STUDENT_ROLE].multiplier(self.state.global_step),
+            GUIDANCE_ROLE: stage.learning_rate_fake
+            * self.role_schedules[GUIDANCE_ROLE].multiplier(self.state.iteration),
         }
 
     @property
@@ -341,6 +363,9 @@ class DMDRTrainer:
             disable=not self.accelerator.is_local_main_process,
         )
         fake_losses: list[float] = []
+        # Checkpoints are written only after a healthy step: one due during skipped steps waits for the next.
+        guard, checkpoint_pending = DivergenceGuard.from_config(config), False
+        guard.start(self._weight_norms())
         while self.state.global_step < config.max_train_steps:
             draws = self._draws(self.state.iteration)
             micro_batches = self._simulate(self._micro_batches(self.state.iteration, draws), draws)
@@ -364,24 +389,34 @@ class DMDRTrainer:
             progress.set_postfix(
                 {k: f"{v:.4g}" for k, v in logs.items() if k.startswith(("loss", "reward", "dg", "rs"))}
             )
+            self._check_divergence(guard, logs)
             step = self.state.global_step
-            if config.checkpointing_steps and step % config.checkpointing_steps == 0 and step < config.max_train_steps:
-                self.save_checkpoint()
+            due = config.checkpointing_steps and step % config.checkpointing_steps == 0
+            if (due or checkpoint_pending) and step < config.max_train_steps:
+                checkpoint_pending = not self._step_was_healthy(logs)
+                if not checkpoint_pending:
+                    self.save_checkpoint()
             if config.validation_prompts and config.validation_steps and step % config.validation_steps == 0:
                 self.log_validation()
         progress.close()
-        self.save_checkpoint()
+        if self._step_was_healthy(self.history[-1] if self.history else {}):
+            self.save_checkpoint()
+        else:
+            logger.warning(f"The last step was skipped: no final checkpoint. {resume_advice(self.last_checkpoint)}")
         if config.validation_prompts and config.max_train_steps % max(config.validation_steps, 1):
             self.log_validation()
         self._write_summary()
         self.accelerator.wait_for_everyone()
-        self.accelerator.end_training()
+        # Not `accelerator.end_training()`: it destroys the process group, which the export still needs (sharded
+        # engines gather the weights collectively). The script ends the run after exporting.
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
         return self.history
 
     def _draws(self, iteration: int) -> IterationDraws:
         """Every random number of `iteration` on this process, from a generator seeded with (seed, iteration, rank)."""
         config = self.config
-        rows = config.train_batch_size * self.micro_batches
+        rows = self.prompt_sampler.batch_size_at(iteration)  # the stage's batch x micro-batches
         rng = np.random.default_rng([config.seed, iteration, self.accelerator.process_index])
         seeds = rng.integers(2**62, size=rows)
         step_index = rng.integers(0, len(self.scheduler.noise_levels), size=rows)
@@ -402,7 +437,8 @@ class DMDRTrainer:
         )
 
     def _micro_batches(self, iteration: int, draws: IterationDraws) -> list[MicroBatch]:
-        prompts, size = self.prompt_sampler.batch(iteration), self.config.train_batch_size
+        prompts = self.prompt_sampler.batch(iteration)
+        size = len(prompts) // self.micro_batches
         batches = []
         for index in range(self.micro_batches):
             rows = slice(index * size, (index + 1) * size)
@@ -447,6 +483,7 @@ class DMDRTrainer:
     def _generator_update(self, micro_batches: list[MicroBatch], draws: IterationDraws) -> dict:
         """DMD (plus rewards in stage 2) on the student's one-step predictions, accumulated over the micro-batches;
         one update of the student group."""
+        set_reward_step(self.rewards + self.eval_rewards, self.state.global_step)
         logs_per_batch = []
         for index, batch in enumerate(micro_batches):
             loss, logs = self._generator_loss(batch, draws)
@@ -570,6 +607,28 @@ class DMDRTrainer:
             "stage": 2.0 if step >= config.cold_start_steps else 1.0,
         }
 
+    def _weight_norms(self) -> dict[str, float]:
+        return {
+            name: trainable_weight_norm(self.unwrapped.parameters_of(role))
+            for name, role in (("student", STUDENT_ROLE), ("fake score", GUIDANCE_ROLE))
+        }
+
+    def _step_was_healthy(self, logs: dict) -> bool:
+        """The generator update of `logs` was applied and no update of either network is being skipped."""
+        state = self.state
+        return (
+            not logs.get("step_skipped") and state.generator_nonfinite_in_a_row == state.fake_nonfinite_in_a_row == 0
+        )
+
+    def _check_divergence(self, guard: DivergenceGuard, logs: dict) -> None:
+        losses = {"generator loss": logs.get("loss"), "fake-score loss": logs.get("loss_fake")}
+        reason = guard.check(losses, self._weight_norms())
+        if reason is not None:
+            raise DivergenceError(
+                f"Training diverged at generator step {self.state.global_step}: {reason}; stopped without writing "
+                f"a checkpoint of these weights. {resume_advice(self.last_checkpoint)}"
+            )
+
     def _replica_checksums(self) -> list[float]:
         """Sum of every trainable weight on each process: data parallel replicas must agree exactly."""
         local = torch.stack(
@@ -597,9 +656,10 @@ class DMDRTrainer:
             "replica_checksums": checksums,
             "replicas_identical": None if checksums is None else all(row == checksums[0] for row in checksums),
             "student_timesteps": list(self.scheduler.config.training_timesteps),
-            "history": self.history,
+            "history": self.resumed_history + self.history,
         }
         path = Path(self.config.output_dir) / "train_summary.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
 
     # ------------------------------------------------------------------------------------------------------------
@@ -636,6 +696,8 @@ class DMDRTrainer:
     def _step(self, role: str) -> bool:
         """Clip `role`'s gradients and step its parameter group; False (update skipped) on non-finite gradients."""
         grad_norm = self.accelerator.clip_grad_norm_(self.unwrapped.parameters_of(role), self.config.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm of sharded gradients is a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
         if grad_norm is not None and not self._all_finite(torch.as_tensor(grad_norm)):
             self._record_nonfinite(STUDENT_ROLE_NAMES[role], "gradient")
             self.optimizer.zero_grad(set_to_none=True)
@@ -658,40 +720,53 @@ class DMDRTrainer:
             raise NonFiniteLossError(
                 f"{in_a_row} non-finite {role} losses in a row ({what}); training stopped with the weights unchanged "
                 "since the last finite step. Lower --learning_rate / --learning_rate_fake, use --mixed_precision bf16 "
-                "instead of fp16, check the rewards for NaN, then resume with --resume_from_checkpoint latest."
+                f"instead of fp16, check the rewards for NaN. {resume_advice(self.last_checkpoint)}"
             )
 
     # ------------------------------------------------------------------------------------------------------------
     # Checkpoints and the weights the export needs
     # ------------------------------------------------------------------------------------------------------------
     def _assert_finite_weights(self) -> None:
-        for role in (STUDENT_ROLE, GUIDANCE_ROLE):
-            for parameter in self.unwrapped.parameters_of(role):
-                if not torch.isfinite(parameter).all():
-                    name = "student" if role == STUDENT_ROLE else "fake score"
-                    raise NonFiniteLossError(f"The {name} weights hold NaN/inf: refusing to write a checkpoint.")
+        """Refuse to checkpoint NaN/inf weights; sharded engines check each shard and agree across processes."""
+        for role, name in ((STUDENT_ROLE, "student"), (GUIDANCE_ROLE, "fake score")):
+            local = [local_shard(p) for p in self.unwrapped.parameters_of(role)]
+            finite = all(bool(torch.isfinite(tensor).all()) for tensor in local)
+            if not self._all_finite(torch.tensor(0.0 if finite else float("nan"))):
+                raise NonFiniteLossError(f"The {name} weights hold NaN/inf: refusing to write a checkpoint.")
 
     def save_checkpoint(self) -> Path:
-        """Write `output_dir/checkpoint-{step}` through `accelerator.save_state` (all processes must call it)."""
+        """Write `output_dir/checkpoint-{step}` atomically (see `checkpointing.atomic_checkpoint_save`); all processes
+        must call it (under FSDP/DeepSpeed each writes its shard into the same temporary folder). The trainer's
+        counters and history go in as JSON."""
         self._assert_finite_weights()
-        output_dir = Path(self.config.output_dir)
-        path = output_dir / f"checkpoint-{self.state.global_step}"
-        if self.accelerator.is_main_process:
-            prune_checkpoints(output_dir, self.config.checkpoints_total_limit)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(path))
-        if self.accelerator.is_main_process:
-            self.config.save_yaml(path / CONFIG_FILE)
-            logger.info(f"Saved checkpoint {path}")
-        self.accelerator.wait_for_everyone()
+
+        def finalize(folder: Path) -> None:
+            self.config.save_yaml(folder / CONFIG_FILE)
+            save_trainer_state(folder, self.state.state_dict(), self.resumed_history + self.history)
+
+        path = atomic_checkpoint_save(
+            self.config.output_dir,
+            self.state.global_step,
+            lambda folder: self.accelerator.save_state(str(folder)),
+            finalize,
+            limit=self.config.checkpoints_total_limit,
+            is_main_process=self.accelerator.is_main_process,
+            wait_for_everyone=self.accelerator.wait_for_everyone,
+        )
+        self.last_checkpoint = path
+        logger.info(f"Saved checkpoint {path}")
         return path
 
     def load_checkpoint(self, checkpoint: str) -> None:
         path = resolve_checkpoint(self.config.output_dir, checkpoint)
         if path is None:
-            logger.warning(f"No checkpoint found in {self.config.output_dir}; starting a new run.")
+            logger.warning(f"No complete checkpoint found in {self.config.output_dir}; starting a new run.")
             return
-        self.accelerator.load_state(str(path))
+        counters, history = load_trainer_state(path)
+        load_accelerator_state_safely(self.accelerator, path)
+        self.state.load_state_dict(counters)
+        self.resumed_history = history
+        self.last_checkpoint = path
         logger.info(f"Resumed from {path} at generator step {self.state.global_step}")
 
     def _save_model_hook(self, models, weights, output_dir) -> None:
@@ -719,12 +794,14 @@ class DMDRTrainer:
                 raise ValueError("Unexpected model in the checkpoint.")
             module = self.training_module
             if module.is_full:
-                module.student_backbone.load_state_dict(load_file(Path(input_dir) / STUDENT_FULL_FILE), strict=True)
+                module.student_backbone.load_state_dict(
+                    load_weights_file(Path(input_dir) / STUDENT_FULL_FILE), strict=True
+                )
             else:
                 load_adapter_state_dict(
-                    module.backbone, STUDENT_ADAPTER, load_file(Path(input_dir) / STUDENT_LORA_FILE)
+                    module.backbone, STUDENT_ADAPTER, load_weights_file(Path(input_dir) / STUDENT_LORA_FILE)
                 )
-            load_adapter_state_dict(module.backbone, FAKE_ADAPTER, load_file(Path(input_dir) / FAKE_LORA_FILE))
+            load_adapter_state_dict(module.backbone, FAKE_ADAPTER, load_weights_file(Path(input_dir) / FAKE_LORA_FILE))
 
     def student_state_dict(self) -> dict[str, torch.Tensor]:
         """The student's weights: PEFT-format LoRA (LoRA mode) or the full backbone state dict, whatever the engine.
@@ -733,7 +810,7 @@ class DMDRTrainer:
         """
         if self.sharded:
             return student_weights_from_module_state(
-                self.accelerator.get_state_dict(self.model), full=self.training_module.is_full
+                gather_full_state_dict(self.accelerator, self.model), full=self.training_module.is_full
             )
         module = self.training_module
         if module.is_full:

@@ -25,10 +25,15 @@ class TeacherComponents:
 
 
 def student_scheduler_for(
-    teacher: TeacherComponents, timesteps: list[float], backward_simulation: str | None, shift: float | None
+    teacher: TeacherComponents,
+    timesteps: list[float],
+    backward_simulation: str | None,
+    shift: float | None,
+    x0_noise_level: float = 0.0,
 ) -> DMDRScheduler:
-    """The student's sampler: the teacher's noise schedule, the student grid, and the re-noising rule of the backward
-    simulation (`ode` -> deterministic; `None` -> the family's default)."""
+    """The student's sampler: the teacher's noise schedule, the student grid, the re-noising rule of the backward
+    simulation (`ode` -> deterministic; `None` -> the family's default) and, for flow models, the noise level where
+    the clean estimate stops (`x0_noise_level`)."""
     teacher_config = teacher.pipeline.scheduler.config
     mode = backward_simulation or teacher.family.default_backward_simulation
     common = {
@@ -37,7 +42,7 @@ def student_scheduler_for(
         "deterministic": mode == "ode",
     }
     if teacher.family.is_flow:
-        return DMDRScheduler(prediction_type="flow", shift=shift, **common)
+        return DMDRScheduler(prediction_type="flow", shift=shift, x0_noise_level=x0_noise_level, **common)
     return DMDRScheduler(
         prediction_type=teacher_config.get("prediction_type", "epsilon"),
         beta_start=teacher_config.get("beta_start", 0.00085),

@@ -31,6 +31,7 @@ from .core import (
     load_rewards,
     parse_reward_spec,
     resolve_reward_factory,
+    set_reward_step,
     validate_reward_specs,
 )
 from .preprocessing import ImagePreprocessing
@@ -59,5 +60,6 @@ __all__ = [
     "load_rewards",
     "parse_reward_spec",
     "resolve_reward_factory",
+    "set_reward_step",
     "validate_reward_specs",
 ]

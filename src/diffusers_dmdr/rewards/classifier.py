@@ -5,13 +5,13 @@ DMDR's class-conditional ImageNet recipe rewards a frozen classifier's cross-ent
 `AutoModelForImageClassification` folder or Hub id, or a torch module built by a dotted import path.
 """
 
-import importlib
 import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .imports import resolve_module_class
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocessing
 from .weights import RewardLoadError, check_model_reference, load_pretrained_model, load_state_dict_file
 
@@ -83,6 +83,8 @@ class ClassifierReward(nn.Module):
     # Log-probabilities are <= 0, always under a 0.7 hinge: linear by default.
     default_hinge = None
     path_options = ("model", "checkpoint")
+    # Options holding an import path to user code: from a recipe file they need --allow_reward_import_paths.
+    import_path_options = ("module",)
 
     def __init__(
         self,
@@ -116,8 +118,7 @@ class ClassifierReward(nn.Module):
             )
             self.uses_transformers = True
         else:
-            module_name, attribute = module.rsplit(".", 1)
-            self.classifier = getattr(importlib.import_module(module_name), attribute)(**(module_options or {}))
+            self.classifier = resolve_module_class(module, "Classifier module")(**(module_options or {}))
             if checkpoint is not None:
                 try:
                     self.classifier.load_state_dict(load_state_dict_file(checkpoint), strict=True)
@@ -140,13 +141,7 @@ class ClassifierReward(nn.Module):
         if module is not None:
             if options.get("labels") is None:
                 raise ValueError("The classifier reward with module= needs labels= (a list or a file of class names).")
-            module_name, _, attribute = str(module).rpartition(".")
-            try:
-                found = bool(module_name) and hasattr(importlib.import_module(module_name), attribute)
-            except ImportError:
-                found = False
-            if not found:
-                raise ValueError(f"Classifier module {module!r} does not import: expected 'pkg.module.Attr'.")
+            resolve_module_class(str(module), "Classifier module")
         if isinstance(options.get("labels"), str):
             check_model_reference(options["labels"], "labels")
 

@@ -103,7 +103,7 @@ class OpenCLIPTowers(nn.Module):
         self.preprocessing = preprocessing
 
     @classmethod
-    def from_pretrained(cls, model_name: str, checkpoint: str | os.PathLike | None = None):
+    def from_pretrained(cls, model_name: str, checkpoint: str | os.PathLike | None = None, activation: str = "config"):
         r"""Build an open_clip model.
 
         Args:
@@ -113,12 +113,21 @@ class OpenCLIPTowers(nn.Module):
                 architecture name such as `"ViT-H-14"` (random weights unless `checkpoint` is given).
             checkpoint (`str` or `os.PathLike`, *optional*):
                 A full state dict to load on top (HPS checkpoints are complete ViT-H-14 CLIP weights).
+            activation (`str`, defaults to `"config"`):
+                The MLP activation of both towers: `"config"` (what the model's open_clip config says), `"gelu"` or
+                `"quickgelu"` (override it; see [`open_clip_activation_kwargs`]).
         """
+        activation_kwargs = open_clip_activation_kwargs(activation)
         open_clip = import_open_clip("An open_clip reward model")
         if Path(str(model_name)).is_dir():
             model_name = f"local-dir:{model_name}"
         try:
-            model = open_clip.create_model(model_name, load_weights=checkpoint is None, require_pretrained=False)
+            model = open_clip.create_model(
+                model_name,
+                load_weights=checkpoint is None,
+                require_pretrained=False,
+                **activation_kwargs,
+            )
             tokenizer = open_clip.get_tokenizer(model_name)
         except Exception as error:
             raise RewardLoadError(
@@ -146,6 +155,20 @@ class OpenCLIPTowers(nn.Module):
     def embed_prompts(self, prompts: list[str], device: torch.device) -> torch.Tensor:
         tokens = self.tokenizer(prompts).to(device)
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+
+OPEN_CLIP_ACTIVATIONS = ("config", "gelu", "quickgelu")
+
+
+def open_clip_activation_kwargs(activation: str) -> dict:
+    """`open_clip.create_model` keyword arguments that pick the towers' activation.
+
+    open_clip merges extra keyword arguments over the model config, so `quick_gelu=False` builds GELU towers even when
+    the config asks for QuickGELU, and `force_quick_gelu=True` builds QuickGELU ones. `"config"` passes nothing.
+    """
+    if activation not in OPEN_CLIP_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {OPEN_CLIP_ACTIVATIONS}, got {activation!r}.")
+    return {"config": {}, "gelu": {"quick_gelu": False}, "quickgelu": {"force_quick_gelu": True}}[activation]
 
 
 def _is_open_clip_reference(model: str) -> bool:
@@ -213,14 +236,32 @@ class CLIPReward(TextImageReward):
         backend (`str`, defaults to `"auto"`):
             `"transformers"`, `"open_clip"` or `"auto"` (open_clip for `hf-hub:`/`local-dir:` names and folders
             with `open_clip_config.json`, else transformers).
+        activation (`str`, *optional*):
+            open_clip only: the towers' MLP activation. The released DMDR code builds open_clip `ViT-H-14` (GELU) and
+            loads the DFN5B weights into it, while open_clip's own DFN5B config says QuickGELU; so the default is
+            `"gelu"` for the default DFN5B model (the released behaviour) and `"config"` (the model's config) for
+            any other. `"quickgelu"` gives open_clip's registered DFN5B.
     """
 
-    def __init__(self, model: str = DEFAULT_CLIP_MODEL, processor: str | None = None, backend: str = "auto"):
+    def __init__(
+        self,
+        model: str = DEFAULT_CLIP_MODEL,
+        processor: str | None = None,
+        backend: str = "auto",
+        activation: str | None = None,
+    ):
         super().__init__()
         if backend not in ("auto", "transformers", "open_clip"):
             raise ValueError(f"backend must be 'auto', 'transformers' or 'open_clip', got {backend!r}.")
-        if backend == "open_clip" or (backend == "auto" and _is_open_clip_reference(model)):
-            self.towers = OpenCLIPTowers.from_pretrained(model)
+        uses_open_clip = backend == "open_clip" or (backend == "auto" and _is_open_clip_reference(model))
+        if activation not in (None, "config") and not uses_open_clip:
+            raise ValueError(
+                f"activation={activation!r} applies to open_clip models; {model!r} loads in transformers."
+            )
+        if activation is None:
+            activation = "gelu" if model == DEFAULT_CLIP_MODEL else "config"
+        if uses_open_clip:
+            self.towers = OpenCLIPTowers.from_pretrained(model, activation=activation)
         else:
             self.towers = TransformersCLIPTowers.from_pretrained(model, processor)
 

@@ -5,7 +5,6 @@ generator's graph, `prompts` a list of `B` strings, `scores` a `(B,)` tensor tha
 never sees a model class: it gets `LoadedReward`s from `load_rewards` and one loss from `compute_reward_loss`.
 """
 
-import importlib
 import inspect
 import logging
 import math
@@ -19,6 +18,7 @@ from ..losses import reward_loss
 from .aesthetic import AestheticReward
 from .classifier import ClassifierReward
 from .clip import CLIPReward, HPSReward, HPSv2Reward, PickScoreReward
+from .imports import ENTRY_POINT_GROUP, entry_point_reward, resolve_reward_import_path
 from .relative import RelativeReward
 from .weights import check_model_reference
 
@@ -293,32 +293,49 @@ def parse_reward_spec(spec: "str | dict | RewardSpec") -> RewardSpec:
 
 
 def resolve_reward_factory(name: str) -> Callable:
-    """The registered class for `name`, or the attribute that the dotted import path `name` points to.
+    """The registered class for `name`, a reward an installed package registered under the `diffusers_dmdr.rewards`
+    entry-point group, or the reward class / function that the dotted import path `name` points to.
+
+    An import path is checked before anything is called: it must be a reward class or a Python function
+    `(images, prompts) -> scores` (`rewards.imports`), so `os.system` and the like are refused.
 
     Raises:
-        `ValueError`: unknown name (the message lists the registry) or a dotted path that does not import.
+        `ValueError`: unknown name (the message lists the registry), a dotted path that does not import, or one that
+        is not a reward.
     """
     if name in REWARD_REGISTRY:
         return REWARD_REGISTRY[name]
+    registered = entry_point_reward(name)
+    if registered is not None:
+        return registered
     if "." not in name or name.startswith(".") or name.endswith("."):
         raise ValueError(
             f"Unknown reward {name!r}. Use one of {sorted(REWARD_REGISTRY)} or a dotted import path "
             "'pkg.module.Attr' to your own reward."
         )
-    module_name, attribute = name.rsplit(".", 1)
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(
-            f"Reward {name!r} is not in the registry {sorted(REWARD_REGISTRY)} and its module {module_name!r} does "
-            f"not import ({type(error).__name__}: {error})."
-        ) from error
-    if not hasattr(module, attribute):
-        raise ValueError(f"Reward {name!r}: module {module_name!r} has no attribute {attribute!r}.")
-    factory = getattr(module, attribute)
-    if not callable(factory):
-        raise ValueError(f"Reward {name!r} is not callable.")
-    return factory
+        return resolve_reward_import_path(name)
+    except ValueError as error:
+        raise ValueError(f"{error} (registered rewards: {sorted(REWARD_REGISTRY)})") from None
+
+
+def reward_import_paths(spec: "str | dict | RewardSpec") -> list[str]:
+    """The import paths to user code a reward spec names: its name when it is not a registered reward, and any
+    option a reward declares in `import_path_options` (the classifier's `module`). Paths into this package itself
+    (`diffusers_dmdr.digits.reward.DigitClassifierReward`) run no foreign code and are not listed. Nothing is
+    imported."""
+    spec = parse_reward_spec(spec)
+    paths = []
+    factory = REWARD_REGISTRY.get(spec.name)
+    if factory is None:
+        from importlib.metadata import entry_points
+
+        if spec.name not in {entry.name for entry in entry_points(group=ENTRY_POINT_GROUP)}:
+            paths.append(spec.name)
+    for key in getattr(factory, "import_path_options", ()):
+        if isinstance(spec.options.get(key), str):
+            paths.append(spec.options[key])
+    return [path for path in paths if path.split(".", 1)[0] != __name__.split(".", 1)[0]]
 
 
 def _is_reward_function(factory: Callable) -> bool:
@@ -473,6 +490,15 @@ def load_rewards(
         loaded.append(LoadedReward(name, frozen_reward, spec.weight, spec.hinge, spec))
         logger.info("Loaded reward %s (weight %s, hinge %s).", name, spec.weight, spec.hinge)
     return loaded
+
+
+def set_reward_step(rewards: Iterable[LoadedReward], step: int) -> None:
+    """Tell the rewards that draw random choices (the relative reward's control words) which generator step comes
+    next, so that their draws are a function of `(seed, step)` and a resumed run repeats them."""
+    for loaded in rewards:
+        reward = getattr(loaded.fn, "reward", loaded.fn)
+        if hasattr(reward, "set_step"):
+            reward.set_step(step)
 
 
 def compute_reward_loss(

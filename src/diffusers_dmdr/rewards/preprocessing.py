@@ -42,6 +42,9 @@ class ImagePreprocessing:
         crop_offset_rounding (`str`, defaults to `"floor"`):
             How the crop offset `(size - crop) / 2` is rounded: `"floor"` as transformers does, `"round"` as
             torchvision's `CenterCrop` (open_clip) does. They differ by one pixel on odd margins.
+        clamp_resized (`bool`, defaults to `False`):
+            Clamp the resized image to [0, 1] as PIL does at inference. Off for training, as in the released DMDR
+            code: the clamp zeroes the gradient at every pixel where the bicubic kernel overshoots.
     """
 
     size: int | tuple[int, int]
@@ -50,6 +53,7 @@ class ImagePreprocessing:
     std: tuple[float, float, float] = OPENAI_CLIP_STD
     interpolation: str = "bicubic"
     crop_offset_rounding: str = "floor"
+    clamp_resized: bool = False
 
     def __post_init__(self):
         if self.interpolation not in ("bicubic", "bilinear"):
@@ -92,8 +96,8 @@ class ImagePreprocessing:
             pixel_values = F.interpolate(
                 pixel_values, size=target_shape, mode=self.interpolation, align_corners=False, antialias=True
             )
-            # PIL clamps the bicubic overshoot at edges to the valid range; so do we (no gradient there only).
-            pixel_values = pixel_values.clamp(0.0, 1.0)
+            if self.clamp_resized:
+                pixel_values = pixel_values.clamp(0.0, 1.0)
         if self.crop_size is not None:
             pixel_values = self._center_crop(pixel_values)
         mean = pixel_values.new_tensor(self.mean).view(1, 3, 1, 1)

@@ -7,13 +7,14 @@ which rewards "realistic" over "CG render" for the same prompt instead of the ab
 inflates.
 """
 
+import numpy as np
 import torch
 from torch import nn
 
 from .clip import TextImageReward
 
 
-# Control words of the released SRPO-style DMDR code (one of each is drawn per sample).
+# Control words of the released SRPO-style DMDR code (one of each is drawn per batch).
 DEFAULT_POSITIVE_CONTROLS = ("Natural-lighting", "Detailed", "Realistic")
 DEFAULT_NEGATIVE_CONTROLS = ("Painting", "CG Render", "Oil")
 
@@ -39,9 +40,13 @@ class RelativeReward(nn.Module):
             options (e.g. `model=/path/HPS_v2.1_compressed.pt`).
         k (`float`, defaults to 0.1): weight of the positive branch above 1 (the paper's 0.1).
         positive, negative (`str` or `list[str]`):
-            Control words; one of each is drawn per sample with the global torch RNG. A string separates several
-            words with `|`.
+            Control words. A string separates several words with `|`.
         separator (`str`, defaults to `". "`): between the control word and the prompt.
+        control_sampling (`str`, defaults to `"batch"`): draw one positive and one negative word per call (per batch,
+            as the released code does) or one per `sample`.
+        seed (`int`, defaults to 0): the words are drawn from `numpy.random.default_rng([seed, step, call])`, where
+            `step` is set by the trainer through [`~RelativeReward.set_step`] and `call` counts the calls within that
+            step: a resumed run draws the same words as an uninterrupted one, and the global RNG is never touched.
     """
 
     path_options = ()
@@ -53,6 +58,8 @@ class RelativeReward(nn.Module):
         positive: str | list[str] = DEFAULT_POSITIVE_CONTROLS,
         negative: str | list[str] = DEFAULT_NEGATIVE_CONTROLS,
         separator: str = ". ",
+        control_sampling: str = "batch",
+        seed: int = 0,
         **reward_options,
     ):
         super().__init__()
@@ -72,13 +79,18 @@ class RelativeReward(nn.Module):
         self.positive = _as_words(positive)
         self.negative = _as_words(negative)
         self.separator = separator
+        if control_sampling not in ("batch", "sample"):
+            raise ValueError(f"control_sampling must be `batch` or `sample`, got {control_sampling!r}.")
+        self.control_sampling = control_sampling
+        self.seed = int(seed)
+        self.step, self._calls_in_step = 0, 0
 
     @classmethod
     def check_requirements(cls, options: dict) -> None:
         """Validate the wrapped reward's name and options, without loading weights."""
         from .core import check_reward_options, resolve_reward_factory
 
-        own = ("reward", "k", "positive", "negative", "separator")
+        own = ("reward", "k", "positive", "negative", "separator", "control_sampling", "seed")
         name = options.get("reward", "hpsv2.1")
         if isinstance(name, str):
             inner_options = {key: value for key, value in options.items() if key not in own}
@@ -87,9 +99,25 @@ class RelativeReward(nn.Module):
             if key in options:
                 _as_words(options[key])
 
-    def controlled_prompts(self, prompts: list[str], controls: tuple[str, ...]) -> list[str]:
-        """Prefix each prompt with a control word drawn uniformly from `controls`."""
-        picks = torch.randint(len(controls), (len(prompts),)).tolist() if len(controls) > 1 else [0] * len(prompts)
+    def set_step(self, step: int) -> None:
+        """Key the next draws to generator step `step` (called by the trainer before each step's rewards)."""
+        self.step, self._calls_in_step = int(step), 0
+
+    def draw_rng(self) -> np.random.Generator:
+        """The generator of this call's control words: a function of `(seed, step, call within the step)`."""
+        rng = np.random.default_rng([self.seed, self.step, self._calls_in_step])
+        self._calls_in_step += 1
+        return rng
+
+    def controlled_prompts(
+        self, prompts: list[str], controls: tuple[str, ...], rng: np.random.Generator | None = None
+    ) -> list[str]:
+        """Prefix the prompts with control words drawn uniformly from `controls`: one for the whole batch, or one
+        per prompt with `control_sampling="sample"`."""
+        rng = self.draw_rng() if rng is None else rng
+        count = 1 if self.control_sampling == "batch" else len(prompts)
+        picks = rng.integers(len(controls), size=count).tolist()
+        picks = picks * len(prompts) if count == 1 else picks
         return [controls[pick] + self.separator + prompt for pick, prompt in zip(picks, prompts, strict=True)]
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -103,7 +131,10 @@ class RelativeReward(nn.Module):
             `torch.Tensor` of shape `(B,)`: `(1 + k) f(positive + prompt) - f(negative + prompt)`.
         """
         image_embeds = self.reward.embed_images(images)
-        positive_embeds = self.reward.embed_prompts(self.controlled_prompts(prompts, self.positive), images.device)
-        negative_embeds = self.reward.embed_prompts(self.controlled_prompts(prompts, self.negative), images.device)
+        rng = self.draw_rng()
+        positive_prompts = self.controlled_prompts(prompts, self.positive, rng)
+        negative_prompts = self.controlled_prompts(prompts, self.negative, rng)
+        positive_embeds = self.reward.embed_prompts(positive_prompts, images.device)
+        negative_embeds = self.reward.embed_prompts(negative_prompts, images.device)
         text_direction = (1 + self.k) * positive_embeds - negative_embeds
         return self.reward.score_from_embeddings(image_embeds, text_direction)
