@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-dev
 # torch is pinned and installed first so that pip never resolves a multi-GB CUDA build on a CPU machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-slow quality style demo reproduce clean
+.PHONY: install test test-slow quality style demo reproduce benchmark clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,8 @@ test-slow: install
 		$(BIN)/python -m pytest -m "slow" -q tests
 
 quality: install
-	$(BIN)/ruff check src pipelines examples tests
-	$(BIN)/ruff format --check src pipelines examples tests
+	$(BIN)/ruff check src pipelines examples tests benchmarks
+	$(BIN)/ruff format --check src pipelines examples tests benchmarks
 
 style: install
 	$(BIN)/ruff check --fix src pipelines examples tests
@@ -43,6 +43,12 @@ demo: install
 reproduce: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1 \
 		$(BIN)/python -m diffusers_dmdr.digits.reproduce --output_dir outputs/reproduce --docs docs/reproduction.md
+
+# Training-memory benchmark (docs/benchmarks.md): the reduced CPU figures, or on a GPU
+# `$(BIN)/python benchmarks/train_memory.py --model sdxl --device cuda`.
+benchmark: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python benchmarks/train_memory.py --model sdxl-cpu
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python benchmarks/train_memory.py --plan
 
 clean:
 	rm -rf outputs build dist src/*.egg-info .pytest_cache

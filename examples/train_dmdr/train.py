@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         config.save_yaml(Path(config.output_dir) / "dmdr_config.yaml")
     logger.info(f"{plan.family.name} teacher, student timesteps {plan.student_timesteps}, {len(plan.prompts)} prompts")
+    if plan.memory_plan is not None:
+        logger.info("\n" + plan.memory_plan.format_table())
 
     # Loaded once, directly in the training dtype; the export reuses these components.
     weight_dtype = weight_dtype_of(accelerator.mixed_precision)

@@ -156,6 +156,9 @@ class DMDRConfig:
         (`prompt_embeds_cache_dir`, keyed by the teacher, the resolution and the prompts), keep text encoders off the GPU.
     offload_text_encoders (`bool`): keep the text encoders on the CPU between encodes (prompt sets too big to cache).
     prompt_embeds_cache_dir (`str`, *optional*): where `cache_prompt_embeds` keeps its on-disk cache.
+    memory_plan_num_processes (`int`, *optional*): the process count for which preflight's memory plan reports the
+        per-process bytes under FSDP2 sharding (default: the launch's `WORLD_SIZE`, 1 without a launcher). The plan
+        counts weights, gradients and optimizer states exactly from the component configs; activations are not in it.
     """
 
     # > Teacher and student
@@ -337,6 +340,13 @@ class DMDRConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clip of both networks."})
     use_8bit_adam: bool = field(default=False, metadata={"help": "bitsandbytes AdamW8bit for both optimizers."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
+    memory_plan_num_processes: int | None = field(
+        default=None,
+        metadata={
+            "help": "Process count of the memory plan's FSDP2 column (per-process sharded bytes); default: this "
+            "launch's WORLD_SIZE."
+        },
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
         default=None, metadata={"help": "Precision of frozen weights and autocast; default: accelerate's config."}
     )
@@ -447,6 +457,8 @@ class DMDRConfig:
             problems.append("--guidance_scale_jitter must be non-negative.")
         if self.resolution < 8:
             problems.append(f"--resolution must be a positive multiple of the VAE factor, got {self.resolution}.")
+        if self.memory_plan_num_processes is not None and self.memory_plan_num_processes < 1:
+            problems.append(f"--memory_plan_num_processes must be at least 1, got {self.memory_plan_num_processes}.")
         if self.max_consecutive_nonfinite_steps < 1:
             problems.append("--max_consecutive_nonfinite_steps must be at least 1.")
         if self.push_to_hub and not self.hub_model_id:

@@ -10,6 +10,7 @@ from .config import DMDRConfig
 from .data import load_prompts
 from .families import ModelFamily, detect_family, get_family, read_teacher_config
 from .families.base import read_component_config
+from .memory_plan import MemoryPlan, memory_plan_for
 from .pipelines.scheduling_dmdr import DMDRScheduler
 
 
@@ -18,13 +19,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RunPlan:
-    """What the checks resolved: the family, the student grid, the prompts and the parsed rewards."""
+    """What the checks resolved: the family, the student grid, the prompts, the parsed rewards and the memory plan
+    (`None` only when `model_index.json` lists no backbone to plan for)."""
 
     family: ModelFamily
     student_timesteps: list[float]
     prompts: list[str]
     reward_specs: list
     eval_reward_specs: list
+    memory_plan: MemoryPlan | None = None
 
 
 def check_run_inputs(config: DMDRConfig) -> RunPlan:
@@ -112,7 +115,9 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
         config_name=config.dataset_config_name,
         max_samples=config.max_train_samples,
     )
-    return RunPlan(family, list(timesteps), prompts, reward_specs, eval_specs)
+    # 8. Memory plan: exact weight, gradient and optimizer bytes from the component configs (meta device, no weights).
+    memory_plan = memory_plan_for(config, family, model_index)
+    return RunPlan(family, list(timesteps), prompts, reward_specs, eval_specs, memory_plan)
 
 
 def _tracker_installed(name: str) -> bool:
