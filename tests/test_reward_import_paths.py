@@ -56,7 +56,8 @@ def test_trusted_import_paths_still_work(tmp_path):
     config = DMDRConfig.parse_args(
         ["--config", write_recipe(tmp_path, ["clip:0.3"]), "--reward", "reward_fixtures.sum_of_pixels_reward"]
     )
-    assert config.reward == ["clip:0.3", "reward_fixtures.sum_of_pixels_reward"]
+    # (The command line's rewards replace the recipe's list.)
+    assert config.reward == ["reward_fixtures.sum_of_pixels_reward"]
     assert reward_import_paths("clip:0.3") == []
     assert reward_import_paths("diffusers_dmdr.digits.reward.DigitClassifierReward") == []  # the package's own
     assert reward_import_paths("classifier:module=pkg.Net:labels=a") == ["pkg.Net"]

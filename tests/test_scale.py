@@ -8,7 +8,8 @@ from test_trainer import PROMPTS, lora_weights, make_trainer, randomise_lora_b
 
 from diffusers_dmdr.adapters import FAKE_ADAPTER, STUDENT_ADAPTER
 from diffusers_dmdr.families import get_family
-from diffusers_dmdr.trainer import DMDRTrainer, student_weights_from_module_state
+from diffusers_dmdr.sharding import student_weights_from_module_state
+from diffusers_dmdr.trainer import DMDRTrainer
 from diffusers_dmdr.training_module import GUIDANCE_ROLE, STUDENT_ROLE
 
 
@@ -44,7 +45,7 @@ def test_accumulating_two_micro_batches_equals_one_batch_of_two(tiny_teacher_dir
 
 def test_accumulation_is_not_a_silent_no_op(tiny_teacher_dirs, prompt_file, tmp_path):
     """Negative control for the equality above: one micro-batch of 1 is a different run."""
-    common = dict(max_train_steps=2, cold_start_steps=2, update_ratio=2, **COMPARABLE_ADAM)
+    common = dict(max_train_steps=1, cold_start_steps=1, update_ratio=1, **COMPARABLE_ADAM)
     one_batch = make_trainer(tiny_teacher_dirs["sdxl"], prompt_file, tmp_path / "a", train_batch_size=2, **common)
     half = make_trainer(tiny_teacher_dirs["sdxl"], prompt_file, tmp_path / "b", train_batch_size=1, **common)
     history_a, history_b = one_batch.train(), half.train()

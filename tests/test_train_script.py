@@ -119,27 +119,23 @@ def test_sd3_full_fine_tuning(tiny_teacher_dirs, prompt_file, tmp_path):
     assert lora_b_norm(output_dir / "checkpoint-2" / "fake_lora.safetensors") > 0
 
 
-def test_two_processes_keep_identical_replicas(tiny_teacher_dirs, prompt_file, tmp_path):
-    output_dir = tmp_path / "run"
-    run_training(tiny_args(tiny_teacher_dirs["sdxl"], prompt_file, output_dir, steps=2, cold_start=2), processes=2)
-    summary = json.loads((output_dir / "train_summary.json").read_text())
-    assert summary["num_processes"] == 2, "the launch fell back to a single process"
-    assert len(summary["replica_checksums"]) == 2
-    assert summary["replicas_identical"], summary["replica_checksums"]
-
-
-def test_four_step_smoke_run_without_stage_flags(tiny_teacher_dirs, prompt_file, tmp_path):
-    """A new user's short run: no --cold_start_steps / --dynamic_steps (they follow --max_train_steps), stage-2
-    overrides as flags."""
+def test_two_processes_keep_identical_replicas_in_a_run_without_stage_flags(tiny_teacher_dirs, prompt_file, tmp_path):
+    """Two data-parallel processes with gradient accumulation, as a new user's short run: no --cold_start_steps /
+    --dynamic_steps (they follow --max_train_steps), stage-2 overrides as flags."""
     output_dir = tmp_path / "run"
     args = tiny_args(tiny_teacher_dirs["sdxl"], prompt_file, output_dir, steps=4)
-    for flag in ("--cold_start_steps", "--dynamic_steps"):
+    for flag in ("--cold_start_steps", "--dynamic_steps", "--train_batch_size"):
         index = args.index(flag)
         del args[index : index + 2]
-    run_training(args + ["--stage2_learning_rate", "2e-4", "--stage2_train_batch_size", "1"])
+    overrides = ["--train_batch_size", "1", "--gradient_accumulation_steps", "2"]
+    run_training(args + overrides + ["--stage2_learning_rate", "2e-4"], processes=2)
     saved = (output_dir / "dmdr_config.yaml").read_text()
     assert "cold_start_steps: 2\n" in saved and "dynamic_steps: 2\n" in saved
     summary = json.loads((output_dir / "train_summary.json").read_text())
+    assert summary["num_processes"] == 2, "the launch fell back to a single process"
+    assert summary["gradient_accumulation_steps"] == 2
+    assert len(summary["replica_checksums"]) == 2
+    assert summary["replicas_identical"], summary["replica_checksums"]
     assert summary["global_step"] == 4 and summary["iterations"] == 8
     assert [row["lr"] for row in summary["history"]] == [1e-3, 1e-3, 2e-4, 2e-4]
     assert [row["stage"] for row in summary["history"]] == [1.0, 1.0, 2.0, 2.0]

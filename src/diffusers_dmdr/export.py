@@ -162,13 +162,7 @@ def _student_backbone_from_trainer(trainer, weights: StudentWeights) -> torch.nn
     if trainer.sharded:
         config = trainer.config
         backbone = trainer.family.load_backbone(config.pretrained_model_name_or_path, config.revision, config.variant)
-        if weights.is_lora:
-            targets = parse_target_modules(config.lora_target_modules, trainer.family.student_lora_targets)
-            add_lora_adapter(backbone, STUDENT_ADAPTER, config.lora_rank, config.lora_alpha, targets)
-            load_adapter_state_dict(backbone, STUDENT_ADAPTER, weights.lora_state_dict)
-        else:
-            backbone.load_state_dict(weights.full_state_dict, strict=True)
-        return backbone.eval()
+        return _apply_student_weights(backbone, trainer.family, config, weights)
     if module.is_full:
         return copy.deepcopy(module.student_backbone).to("cpu", torch.float32).eval()
     # Fused in float32 so that the saved weights lose nothing to the adapter arithmetic.
@@ -299,9 +293,12 @@ def export_pipeline(pipeline: FewStepDMDRPipeline, output_dir: str | Path) -> Pa
 # ----------------------------------------------------------------------------------------------------------------
 def _student_backbone(teacher, config: DMDRConfig, weights: StudentWeights) -> torch.nn.Module:
     """The teacher's backbone carrying the student: the `student` adapter (LoRA mode) or the full weights."""
-    backbone = teacher.backbone
+    return _apply_student_weights(teacher.backbone, teacher.family, config, weights)
+
+
+def _apply_student_weights(backbone, family: ModelFamily, config: DMDRConfig, weights: StudentWeights):
     if weights.is_lora:
-        targets = parse_target_modules(config.lora_target_modules, teacher.family.student_lora_targets)
+        targets = parse_target_modules(config.lora_target_modules, family.student_lora_targets)
         add_lora_adapter(backbone, STUDENT_ADAPTER, config.lora_rank, config.lora_alpha, targets)
         load_adapter_state_dict(backbone, STUDENT_ADAPTER, weights.lora_state_dict)
     else:

@@ -58,3 +58,23 @@ def local_shard(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def student_weights_from_module_state(module_state: dict[str, torch.Tensor], full: bool) -> dict[str, torch.Tensor]:
+    """The student's weights from a full state dict of [`DMDRTrainingModule`] (as gathered by FSDP / DeepSpeed).
+
+    Full mode: the `student_backbone.` entries without that prefix. LoRA mode: the `student` adapter's entries in PEFT
+    format (the `backbone.` prefix and the adapter name removed: `...to_q.lora_A.student.weight` ->
+    `...to_q.lora_A.weight`), as `peft.get_peft_model_state_dict` writes them.
+    """
+    if full:
+        prefix = "student_backbone."
+        return {k[len(prefix) :]: v.contiguous() for k, v in module_state.items() if k.startswith(prefix)}
+    from .adapters import STUDENT_ADAPTER
+
+    marker, prefix = f".{STUDENT_ADAPTER}.", "backbone."
+    return {
+        k[len(prefix) :].replace(marker, "."): v.contiguous()
+        for k, v in module_state.items()
+        if k.startswith(prefix) and marker in k and "lora_" in k
+    }

@@ -45,6 +45,7 @@ from .checkpointing import (
 from .config import DMDRConfig
 from .data import PromptSampler
 from .denoisers import Denoiser, guided_x0
+from .draws import IterationDraws, draw_iteration
 from .families import TeacherComponents
 from .families.base import repeat_condition, student_scheduler_for
 from .guards import DivergenceError, DivergenceGuard, resume_advice, trainable_weight_norm
@@ -52,7 +53,7 @@ from .losses import anchor_loss, dmd_loss, fake_score_loss, reward_tilt_weights
 from .optimization import RoleSchedule, lr_multiplier, make_optimizer, set_learning_rates, step_role
 from .prompt_cache import PromptEncoder
 from .rewards import compute_reward_loss, set_reward_step
-from .sharding import gather_full_state_dict, is_fsdp2, local_shard
+from .sharding import gather_full_state_dict, is_fsdp2, local_shard, student_weights_from_module_state
 from .simulation import SimulationOutput, backward_simulation, sample_student
 from .stages import stage_two_start_iteration, stage_values
 from .training_module import GUIDANCE_ROLE, STUDENT_ROLE, DMDRTrainingModule
@@ -92,23 +93,6 @@ class TrainingState:
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self, key, int(value))
-
-
-@dataclass
-class IterationDraws:
-    """Every random draw of one iteration on one process, for its whole effective batch (micro-batches x batch).
-
-    Drawn per sample (numpy vectors and one torch generator per sample), so that a micro-batch sees exactly the
-    numbers its samples would see in one large batch: gradient accumulation over N micro-batches of B equals one
-    batch of N * B.
-    """
-
-    generators: list[torch.Generator]
-    step_index: np.ndarray
-    fake_noise_levels: torch.Tensor
-    dmd_noise_levels: torch.Tensor
-    monitor_noise_levels: torch.Tensor
-    guidance_scale: float
 
 
 @dataclass
@@ -414,26 +398,19 @@ class DMDRTrainer:
         return self.history
 
     def _draws(self, iteration: int) -> IterationDraws:
-        """Every random number of `iteration` on this process, from a generator seeded with (seed, iteration, rank)."""
+        """Every random number of `iteration` on this process (see `draws.py`)."""
         config = self.config
-        rows = self.prompt_sampler.batch_size_at(iteration)  # the stage's batch x micro-batches
-        rng = np.random.default_rng([config.seed, iteration, self.accelerator.process_index])
-        seeds = rng.integers(2**62, size=rows)
-        step_index = rng.integers(0, len(self.scheduler.noise_levels), size=rows)
-        alpha, beta = schedules.renoise_beta_params(
-            self.state.global_step, config.dynamic_steps, config.renoise_beta_alpha, config.renoise_beta_beta
-        )
-        fake_levels = schedules.sample_renoise_levels(rows, alpha, beta, rng)
-        dmd_levels = schedules.sample_renoise_levels(rows, alpha, beta, rng)
-        monitor_levels = torch.from_numpy(rng.uniform(0.02, 0.98, size=rows)).float()
-        guidance_scale = schedules.sample_guidance_scale(config.real_guidance_scale, config.guidance_scale_jitter, rng)
-        return IterationDraws(
-            generators=[torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds],
-            step_index=step_index,
-            fake_noise_levels=fake_levels,
-            dmd_noise_levels=dmd_levels,
-            monitor_noise_levels=monitor_levels,
-            guidance_scale=guidance_scale,
+        return draw_iteration(
+            config.seed,
+            iteration,
+            self.accelerator.process_index,
+            rows=self.prompt_sampler.batch_size_at(iteration),  # the stage's batch x micro-batches
+            num_student_steps=len(self.scheduler.noise_levels),
+            renoise_beta=schedules.renoise_beta_params(
+                self.state.global_step, config.dynamic_steps, config.renoise_beta_alpha, config.renoise_beta_beta
+            ),
+            guidance_scale=config.real_guidance_scale,
+            guidance_scale_jitter=config.guidance_scale_jitter,
         )
 
     def _micro_batches(self, iteration: int, draws: IterationDraws) -> list[MicroBatch]:
@@ -850,21 +827,3 @@ class DMDRTrainer:
 
 # The non-finite counters of `TrainingState` speak of the generator and the fake score.
 STUDENT_ROLE_NAMES = {STUDENT_ROLE: "generator", GUIDANCE_ROLE: "fake"}
-
-
-def student_weights_from_module_state(module_state: dict[str, torch.Tensor], full: bool) -> dict[str, torch.Tensor]:
-    """The student's weights from a full state dict of [`DMDRTrainingModule`] (as gathered by FSDP / DeepSpeed).
-
-    Full mode: the `student_backbone.` entries without that prefix. LoRA mode: the `student` adapter's entries in PEFT
-    format (the `backbone.` prefix and the adapter name removed: `...to_q.lora_A.student.weight` ->
-    `...to_q.lora_A.weight`), as `peft.get_peft_model_state_dict` writes them.
-    """
-    if full:
-        prefix = "student_backbone."
-        return {k[len(prefix) :]: v.contiguous() for k, v in module_state.items() if k.startswith(prefix)}
-    marker, prefix = f".{STUDENT_ADAPTER}.", "backbone."
-    return {
-        k[len(prefix) :].replace(marker, "."): v.contiguous()
-        for k, v in module_state.items()
-        if k.startswith(prefix) and marker in k and "lora_" in k
-    }
