@@ -12,6 +12,27 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(1)
 
+PROMPTS = ["a red cat", "a blue dog", "the number seven", "a green house"]
+# Per process: batch 1 (global batch 2). Large Adam epsilon: updates proportional to the gradients, so runs whose
+# gradients agree to rounding agree in their weights too.
+COMMON = dict(
+    max_train_steps=2,
+    cold_start_steps=2,
+    update_ratio=2,
+    train_batch_size=1,
+    adam_epsilon=1.0,
+    learning_rate=0.5,
+    learning_rate_fake=0.5,
+)
+
+
+def summarise(history, student, fake) -> dict:
+    return {
+        "losses": [[r["loss_dmd"], r["loss_fake"]] for r in history],
+        "student": {k: v.double().sum().item() for k, v in student.items()},
+        "fake": {k: v.double().sum().item() for k, v in fake.items()},
+    }
+
 
 def main(teacher_dir: str, prompt_file: str, output: str) -> None:
     import torch.distributed as dist
@@ -36,16 +57,7 @@ def main(teacher_dir: str, prompt_file: str, output: str) -> None:
                 group["params"] = module.parameters_of(group["role"])
             return module, optimizer
 
-    prompts = ["a red cat", "a blue dog", "the number seven", "a green house"]
-    common = dict(
-        max_train_steps=2,
-        cold_start_steps=2,
-        update_ratio=2,
-        train_batch_size=1,
-        adam_epsilon=1.0,
-        learning_rate=0.5,
-        learning_rate_fake=0.5,
-    )
+    prompts, common = PROMPTS, COMMON
     results = {}
     # One module, two roles: each backward leaves the other role's parameters unused (as `create_accelerator` says).
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
@@ -66,10 +78,20 @@ def main(teacher_dir: str, prompt_file: str, output: str) -> None:
         row = {
             "num_processes": trainer.accelerator.num_processes,
             "sharded": trainer.sharded,
-            "losses": [[r["loss_dmd"], r["loss_fake"]] for r in history],
-            "student": {k: v.double().sum().item() for k, v in student.items()},
-            "fake": {k: v.double().sum().item() for k, v in fake.items()},
+            **summarise(history, student, fake),
         }
+        if not trainer.sharded:
+            # Exact resume under DDP: 1 step, a real checkpoint, then resume `latest` for the second step.
+            resume_dir = Path(output) / "resume"
+            for overrides in ({"max_train_steps": 1, "cold_start_steps": 1}, {"resume_from_checkpoint": "latest"}):
+                config = tiny_config(teacher_dir, prompt_file, resume_dir, **{**common, **overrides})
+                teacher = get_family("sdxl").load_teacher(teacher_dir)
+                resumed = DMDRTrainer(
+                    config, teacher, prompts, accelerator=accelerator_class(cpu=True, kwargs_handlers=handlers)
+                )
+                resumed.train()
+            fake = {k: v for k, v in resumed.training_module.state_dict().items() if ".fake." in k}
+            row["resumed"] = summarise(resumed.history, resumed.student_state_dict(), fake)
         if trainer.sharded:
             module = trainer.training_module
             # PEFT keeps a wrapped layer's frozen weight as `<layer>.base_layer.weight`.

@@ -13,6 +13,15 @@ import pytest
 WORKER = Path(__file__).parent / "fsdp_worker.py"
 
 
+def assert_same_run(row, reference, rel=1e-5):
+    for row_losses, reference_losses in zip(row["losses"], reference["losses"], strict=True):
+        assert row_losses == pytest.approx(reference_losses, rel=rel)
+    for network in ("student", "fake"):
+        assert set(row[network]) == set(reference[network]) and len(reference[network]) > 0
+        for key, value in reference[network].items():
+            assert row[network][key] == pytest.approx(value, rel=rel, abs=1e-6), key
+
+
 @pytest.fixture(scope="module")
 def fsdp_results(tiny_teacher_dirs, prompt_file, tmp_path_factory):
     output = tmp_path_factory.mktemp("fsdp")
@@ -29,17 +38,35 @@ def fsdp_results(tiny_teacher_dirs, prompt_file, tmp_path_factory):
     return json.loads((output / "results.json").read_text(encoding="utf-8"))
 
 
-def test_fsdp2_run_matches_the_data_parallel_run(fsdp_results):
+def test_fsdp2_and_ddp_runs_match_the_one_process_run(fsdp_results, tiny_teacher_dirs, prompt_file, tmp_path):
+    """Two processes of batch 1 (sharded or replicated) and one process of batch 2 are the same run: same prompts,
+    per-sample draws, global-batch gradients and process-averaged logs. Stated tolerance: 1e-5 relative (only the
+    reduction order differs)."""
+    from conftest import tiny_config
+    from fsdp_worker import COMMON, PROMPTS, summarise
+
+    from diffusers_dmdr.families import get_family
+    from diffusers_dmdr.trainer import DMDRTrainer
+
     ddp, fsdp = fsdp_results["ddp"], fsdp_results["fsdp2"]
     assert ddp["num_processes"] == fsdp["num_processes"] == 2
     assert fsdp["sharded"] and not ddp["sharded"]
-    # Same data, draws and global gradients: only the reduction order differs (stated tolerance: 1e-5 relative).
-    for row_ddp, row_fsdp in zip(ddp["losses"], fsdp["losses"], strict=True):
-        assert row_fsdp == pytest.approx(row_ddp, rel=1e-5)
-    for network in ("student", "fake"):
-        assert set(fsdp[network]) == set(ddp[network]) and len(ddp[network]) > 0
-        for key, value in ddp[network].items():
-            assert fsdp[network][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    config = tiny_config(tiny_teacher_dirs["sdxl"], prompt_file, tmp_path, **{**COMMON, "train_batch_size": 2})
+    trainer = DMDRTrainer(config, get_family("sdxl").load_teacher(tiny_teacher_dirs["sdxl"]), PROMPTS)
+    history = trainer.train()
+    fake = {k: v for k, v in trainer.training_module.state_dict().items() if ".fake." in k}
+    one_process = summarise(history, trainer.student_state_dict(), fake)
+    assert_same_run(ddp, one_process)
+    assert_same_run(fsdp, one_process)
+
+
+def test_ddp_resume_continues_exactly(fsdp_results):
+    ddp = fsdp_results["ddp"]
+    resumed = ddp["resumed"]
+    # The resumed run logged its own step (the second) only; its weights are those of the uninterrupted run.
+    assert len(resumed["losses"]) == 1
+    assert resumed["losses"][0] == pytest.approx(ddp["losses"][1], rel=1e-6)
+    assert_same_run({**resumed, "losses": ddp["losses"]}, ddp, rel=1e-6)
 
 
 def test_fsdp2_keeps_the_base_frozen_without_gradients(fsdp_results):

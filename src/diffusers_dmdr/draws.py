@@ -1,9 +1,9 @@
-"""Every random number of one training iteration, as a pure function of `(seed, iteration, rank)`.
+"""Every random number of one training iteration, as a pure function of `(seed, iteration, sample)`.
 
-Nothing else in a run draws at random, which is why a resumed run needs no RNG state. Draws are made per sample: numpy
-vectors over the iteration's effective batch (micro-batches x batch) and one torch generator per sample, so that a
-micro-batch sees exactly the numbers its samples would see in one large batch (gradient accumulation over N
-micro-batches of B equals one batch of N x B).
+Nothing else in a run draws at random, which is why a resumed run needs no RNG state. Each sample of the iteration's
+global batch has its own generators, seeded with `(seed, iteration, global sample index)`, and the one per-iteration
+draw (the CFG scale) is seeded with `(seed, iteration)`. So the run does not depend on how the global batch is split:
+N accumulated micro-batches of B equal one batch of N x B, and P processes of B equal one process of P x B.
 """
 
 from dataclasses import dataclass
@@ -37,25 +37,29 @@ class IterationDraws:
 def draw_iteration(
     seed: int,
     iteration: int,
-    rank: int,
+    first_row: int,
     rows: int,
     num_student_steps: int,
     renoise_beta: tuple[float, float],
     guidance_scale: float,
     guidance_scale_jitter: float,
 ) -> IterationDraws:
-    """The draws of `iteration` on process `rank` for `rows` samples, from `numpy.random.default_rng([seed,
-    iteration, rank])` in a fixed order (so a new kind of draw must be appended, never inserted)."""
-    rng = np.random.default_rng([seed, iteration, rank])
-    sample_seeds = rng.integers(2**62, size=rows)
-    step_index = rng.integers(0, num_student_steps, size=rows)
+    """The draws of `iteration` for the samples `first_row .. first_row + rows - 1` of its global batch (a process
+    holds the rows `rank x rows ..`). Each sample draws from `numpy.random.default_rng([seed, iteration, row])` in a
+    fixed order, so a new kind of draw must be appended, never inserted."""
+    per_sample = [np.random.default_rng([seed, iteration, row]) for row in range(first_row, first_row + rows)]
+    sample_seeds = [int(rng.integers(2**62)) for rng in per_sample]
+    step_index = np.array([rng.integers(0, num_student_steps) for rng in per_sample])
     alpha, beta = renoise_beta
-    fake_levels = schedules.sample_renoise_levels(rows, alpha, beta, rng)
-    dmd_levels = schedules.sample_renoise_levels(rows, alpha, beta, rng)
-    monitor_levels = torch.from_numpy(rng.uniform(0.02, 0.98, size=rows)).float()
-    scale = schedules.sample_guidance_scale(guidance_scale, guidance_scale_jitter, rng)
+    fake_levels = torch.cat([schedules.sample_renoise_levels(1, alpha, beta, rng) for rng in per_sample])
+    dmd_levels = torch.cat([schedules.sample_renoise_levels(1, alpha, beta, rng) for rng in per_sample])
+    monitor_levels = torch.tensor([rng.uniform(0.02, 0.98) for rng in per_sample], dtype=torch.float32)
+    # One CFG scale per iteration, the same on every process.
+    scale = schedules.sample_guidance_scale(
+        guidance_scale, guidance_scale_jitter, np.random.default_rng([seed, iteration])
+    )
     return IterationDraws(
-        generators=[torch.Generator("cpu").manual_seed(int(sample_seed)) for sample_seed in sample_seeds],
+        generators=[torch.Generator("cpu").manual_seed(sample_seed) for sample_seed in sample_seeds],
         step_index=step_index,
         fake_noise_levels=fake_levels,
         dmd_noise_levels=dmd_levels,

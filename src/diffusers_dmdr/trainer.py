@@ -363,6 +363,7 @@ class DMDRTrainer:
                 continue
             logs = self._generator_update(micro_batches, draws)
             logs["loss_fake"] = float(np.mean(fake_losses)) if fake_losses else float("nan")
+            logs = self._mean_over_processes(logs)
             fake_losses = []
             logs.update(self._schedule_logs())
             self.state.global_step += 1
@@ -400,11 +401,12 @@ class DMDRTrainer:
     def _draws(self, iteration: int) -> IterationDraws:
         """Every random number of `iteration` on this process (see `draws.py`)."""
         config = self.config
+        rows = self.prompt_sampler.batch_size_at(iteration)  # the stage's batch x micro-batches
         return draw_iteration(
             config.seed,
             iteration,
-            self.accelerator.process_index,
-            rows=self.prompt_sampler.batch_size_at(iteration),  # the stage's batch x micro-batches
+            first_row=self.accelerator.process_index * rows,
+            rows=rows,
             num_student_steps=len(self.scheduler.noise_levels),
             renoise_beta=schedules.renoise_beta_params(
                 self.state.global_step, config.dynamic_steps, config.renoise_beta_alpha, config.renoise_beta_beta
@@ -567,6 +569,16 @@ class DMDRTrainer:
         with self.accelerator.autocast():
             prediction = self.guidance_denoiser(0.0).predict(noisy, noise_level, batch.condition)
         return fake_score_loss(prediction, self.scheduler.training_target(x0_student, noise, noise_level)).item()
+
+    def _mean_over_processes(self, logs: dict) -> dict:
+        """Logged values averaged over the processes: the losses of the global batch, the same on every process (so
+        the guards decide alike everywhere), and equal to a one-process run's on the same global batch."""
+        if self.accelerator.num_processes == 1:
+            return logs
+        keys = sorted(logs)
+        values = torch.tensor([float(logs[key]) for key in keys], dtype=torch.float64, device=self.accelerator.device)
+        means = self.accelerator.reduce(values, reduction="mean").tolist()
+        return dict(zip(keys, means, strict=True))
 
     def _schedule_logs(self) -> dict:
         step, config = self.state.global_step, self.config
