@@ -7,7 +7,7 @@ parameter group per role), prepared by one `accelerator.prepare` call, so DDP, F
 
 import json
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -97,12 +97,14 @@ class TrainingState:
 
 @dataclass
 class MicroBatch:
+    """One micro-batch of an iteration: its prompts and conditioning, its samples' generators, the `rows` of the
+    iteration's draws it owns, and its backward simulation (filled before the updates)."""
+
     prompts: list[str]
     condition: dict
     generators: list[torch.Generator]
     rows: slice
     simulation: SimulationOutput | None = None
-    extras: dict = field(default_factory=dict)
 
 
 def create_accelerator(config: DMDRConfig) -> Accelerator:
