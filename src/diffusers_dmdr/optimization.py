@@ -76,9 +76,14 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, learning_rates: dict[st
         group["lr"] = learning_rates[group["role"]]
 
 
+def only_role(learning_rates: dict[str, float], role: str) -> dict[str, float]:
+    """`learning_rates` with every group but `role`'s at 0 (see the module docstring)."""
+    return {name: (lr if name == role else 0.0) for name, lr in learning_rates.items()}
+
+
 def step_role(optimizer: torch.optim.Optimizer, role: str, learning_rates: dict[str, float]) -> None:
     """Step only `role`'s group: the others run at learning rate 0 for this step (see the module docstring)."""
-    set_learning_rates(optimizer, {name: (lr if name == role else 0.0) for name, lr in learning_rates.items()})
+    set_learning_rates(optimizer, only_role(learning_rates, role))
     optimizer.step()
     set_learning_rates(optimizer, learning_rates)
     optimizer.zero_grad(set_to_none=True)

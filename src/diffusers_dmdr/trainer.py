@@ -50,7 +50,7 @@ from .families import TeacherComponents
 from .families.base import repeat_condition, student_scheduler_for
 from .guards import DivergenceError, DivergenceGuard, resume_advice, trainable_weight_norm
 from .losses import anchor_loss, dmd_loss, fake_score_loss, reward_tilt_weights
-from .optimization import RoleSchedule, lr_multiplier, make_optimizer, set_learning_rates, step_role
+from .optimization import RoleSchedule, lr_multiplier, make_optimizer, only_role, set_learning_rates, step_role
 from .prompt_cache import PromptEncoder
 from .rewards import compute_reward_loss, set_reward_step
 from .sharding import gather_full_state_dict, is_fsdp2, local_shard, student_weights_from_module_state
@@ -587,14 +587,15 @@ class DMDRTrainer:
         alpha, beta = schedules.renoise_beta_params(
             step, config.dynamic_steps, config.renoise_beta_alpha, config.renoise_beta_beta
         )
+        learning_rates = self._learning_rates()
         return {
             "dg_real_lora_scale": schedules.real_score_lora_scale(
                 step, config.dynamic_steps, config.real_score_lora_scale
             ),
             "rs_beta_a": alpha,
             "rs_beta_b": beta,
-            "lr": self._learning_rates()[STUDENT_ROLE],
-            "lr_fake": self._learning_rates()[GUIDANCE_ROLE],
+            "lr": learning_rates[STUDENT_ROLE],
+            "lr_fake": learning_rates[GUIDANCE_ROLE],
             "stage": 2.0 if step >= config.cold_start_steps else 1.0,
         }
 
@@ -675,9 +676,7 @@ class DMDRTrainer:
             return False
         # Gradient checkpointing recomputes the forward during backward with the adapters routed as they are now.
         self.unwrapped.route(role, lora_scale)
-        set_learning_rates(
-            self.optimizer, {**dict.fromkeys(self.role_schedules, 0.0), role: self._learning_rates()[role]}
-        )
+        set_learning_rates(self.optimizer, only_role(self._learning_rates(), role))
         self.accelerator.sync_gradients = last
         with nullcontext() if last else self.accelerator.no_sync(self.model):
             self.accelerator.backward(loss / self.micro_batches)
