@@ -14,7 +14,7 @@ from typing import Literal
 import yaml
 
 
-FAMILIES = ("auto", "sdxl", "sd15", "sd3")
+FAMILIES = ("auto", "sdxl", "sd15", "sd3", "zimage", "qwenimage")
 
 
 @dataclass
@@ -30,11 +30,15 @@ class DMDRConfig:
     pretrained_model_name_or_path (`str`): the teacher, a diffusers pipeline folder or Hub id.
     revision (`str`, *optional*): Hub revision (branch, tag or commit) of the teacher.
     variant (`str`, *optional*): weight variant of the teacher's files, e.g. `fp16`.
-    family (`str`, defaults to `"auto"`): `sdxl`, `sd15`, `sd3`, or `auto` (read from `model_index.json`).
+    family (`str`, defaults to `"auto"`): `sdxl`, `sd15`, `sd3`, `zimage` (`ZImagePipeline`), `qwenimage`
+        (`QwenImagePipeline`), or `auto` (read from `model_index.json`).
     num_student_steps (`int`, defaults to 4): sampling steps of the student, 1-8.
     student_timesteps (`list[float]`, *optional*): the student's timesteps in model units (SDXL 4-step
-        `[999, 749, 499, 249]`); by default the family's grid (1-step SDXL: `[399]`; flow: shift-warped).
-    shift (`float`, *optional*): shift of the flow-model grid (SD3-Medium 3, SD3.5-Large 5).
+        `[999, 749, 499, 249]`); by default the family's grid (1-step SDXL: `[399]`; SD3: shift-warped; Z-Image and
+        Qwen-Image: the teacher scheduler's own schedule at `resolution`, with the resolution-dependent `mu` where the
+        scheduler uses dynamic shifting, recorded in the exported scheduler config as `grid_mu` / `grid_resolution`).
+    shift (`float`, *optional*): shift of the flow-model grid (SD3-Medium 3, SD3.5-Large 5); for Z-Image and
+        Qwen-Image a static shift that replaces the teacher scheduler's own shifting.
     training_mode (`str`, defaults to `"lora"`): `lora` trains a student adapter on the shared frozen base; `full`
         trains a full copy of the backbone.
     student_init_path (`str`, *optional*): initialise the student only (teacher, real score and fake-score base stay
@@ -167,7 +171,7 @@ class DMDRConfig:
     )
     revision: str | None = field(default=None, metadata={"help": "Hub revision of the teacher."})
     variant: str | None = field(default=None, metadata={"help": "Weight variant of the teacher, e.g. `fp16`."})
-    family: Literal["auto", "sdxl", "sd15", "sd3"] = field(
+    family: Literal["auto", "sdxl", "sd15", "sd3", "zimage", "qwenimage"] = field(
         default="auto", metadata={"help": "Model family; `auto` reads `_class_name` from model_index.json."}
     )
     num_student_steps: int = field(default=4, metadata={"help": "Sampling steps of the student (1-8)."})

@@ -45,7 +45,7 @@ from .adapters import (
 from .checkpointing import CONFIG_FILE, STUDENT_FULL_FILE, STUDENT_LORA_FILE, list_checkpoints, resolve_checkpoint
 from .config import DMDRConfig
 from .families import ModelFamily, detect_family, get_family, read_teacher_config
-from .families.base import student_scheduler_for
+from .families.base import student_grid_for, student_scheduler_for
 from .hub import (  # noqa: F401  (HubUploadError, UPLOAD_IGNORE_PATTERNS and hub_id_of are part of this module's API)
     UPLOAD_IGNORE_PATTERNS,
     HubUploadError,
@@ -73,6 +73,8 @@ FAMILY_TAGS = {
     "sdxl": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"],
     "sd15": ["stable-diffusion", "stable-diffusion-diffusers"],
     "sd3": ["sd3", "sd3-diffusers"],
+    "zimage": ["z-image", "z-image-diffusers"],
+    "qwenimage": ["qwen-image", "qwen-image-diffusers"],
 }
 EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_SNIPPET_PROMPT = "a photo of a red fox in the snow"
@@ -326,11 +328,11 @@ def _finalise_full_pipeline(
 
 
 def _student_scheduler(config: DMDRConfig, teacher) -> DMDRScheduler:
-    timesteps = config.student_timesteps or teacher.family.default_student_timesteps(
-        config.num_student_steps, config.shift
+    timesteps, grid_origin = student_grid_for(
+        teacher.family, config, teacher.pipeline.scheduler.config, teacher.pipeline.vae_scale_factor
     )
     return student_scheduler_for(
-        teacher, timesteps, config.backward_simulation, config.shift, config.flow_x0_noise_level
+        teacher, timesteps, config.backward_simulation, config.shift, config.flow_x0_noise_level, grid_origin
     )
 
 

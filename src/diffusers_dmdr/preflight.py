@@ -9,7 +9,7 @@ from pathlib import Path
 from .config import DMDRConfig
 from .data import load_prompts
 from .families import ModelFamily, detect_family, get_family, read_teacher_config
-from .families.base import read_component_config
+from .families.base import read_component_config, read_scheduler_config, student_grid_for
 from .memory_plan import MemoryPlan, memory_plan_for
 from .pipelines.scheduling_dmdr import DMDRScheduler
 
@@ -58,7 +58,8 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
     check_backbone_channels(config, family)
 
     # 3. Student grid: the scheduler validates range and order.
-    timesteps = config.student_timesteps or family.default_student_timesteps(config.num_student_steps, config.shift)
+    scheduler_config = read_scheduler_config(config.pretrained_model_name_or_path, config.revision)
+    timesteps, _ = student_grid_for(family, config, scheduler_config, factor)
     if len(timesteps) != config.num_student_steps:
         raise ValueError(f"{len(timesteps)} student timesteps for --num_student_steps {config.num_student_steps}.")
     try:
@@ -176,7 +177,7 @@ def check_backbone_channels(config: DMDRConfig, family: ModelFamily) -> None:
     source = config.pretrained_model_name_or_path
     backbone = read_component_config(source, family.backbone_name, config.revision)
     vae = read_component_config(source, "vae", config.revision)
-    in_channels, latent_channels = backbone.get("in_channels"), vae.get("latent_channels", 4)
+    in_channels, latent_channels = family.config_latent_channels(backbone, vae)
     if in_channels is not None and in_channels != latent_channels:
         raise ValueError(
             f"--pretrained_model_name_or_path {source}: its {family.backbone_name} takes {in_channels} input channels "

@@ -47,7 +47,7 @@ from .data import PromptSampler
 from .denoisers import Denoiser, guided_x0
 from .draws import IterationDraws, draw_iteration
 from .families import TeacherComponents
-from .families.base import repeat_condition, student_scheduler_for
+from .families.base import repeat_condition, student_grid_for, student_scheduler_for
 from .guards import DivergenceError, DivergenceGuard, resume_advice, trainable_weight_norm
 from .losses import anchor_loss, dmd_loss, fake_score_loss, reward_tilt_weights
 from .optimization import RoleSchedule, lr_multiplier, make_optimizer, only_role, set_learning_rates, step_role
@@ -174,11 +174,11 @@ class DMDRTrainer:
             self.reward_vae = reward_vae.requires_grad_(False).eval().to(device, self.weight_dtype)
 
         # 2. Student grid and sampler.
-        timesteps = config.student_timesteps or self.family.default_student_timesteps(
-            config.num_student_steps, config.shift
+        timesteps, grid_origin = student_grid_for(
+            self.family, config, self.pipeline.scheduler.config, self.pipeline.vae_scale_factor
         )
         self.scheduler = student_scheduler_for(
-            teacher, timesteps, config.backward_simulation, config.shift, config.flow_x0_noise_level
+            teacher, timesteps, config.backward_simulation, config.shift, config.flow_x0_noise_level, grid_origin
         )
         self.latent_shape = (
             self.family.latent_channels(teacher.backbone),
@@ -239,7 +239,8 @@ class DMDRTrainer:
             stage2_start_iteration=stage_two_start_iteration(config.cold_start_steps, config.update_ratio),
         )
         self.prompt_encoder = PromptEncoder.from_config(config, teacher, self.accelerator, prompts)
-        self.empty_condition = self.encode([""])
+        # The real score's unconditional branch: the family's negative prompt (empty, or Qwen-Image's " ").
+        self.empty_condition = self.encode([self.family.negative_prompt])
         self.history: list[dict] = []
         # Logs of the steps before a resume (from the checkpoint), so that train_summary.json covers the whole run.
         self.resumed_history: list[dict] = []
@@ -529,6 +530,7 @@ class DMDRTrainer:
                 batch.condition,
                 uncondition,
                 draws.guidance_scale,
+                combine_predictions=self.family.guidance_combiner,
             )
             x0_fake = self.guidance_denoiser(config.fake_score_lora_scale)(noisy_student, noise_level, batch.condition)
         return dmd_loss(x0_student, x0_real, x0_fake, sample_weights=sample_weights)

@@ -5,11 +5,19 @@ fails at once with a message naming the supported pipelines.
 """
 
 from .base import ModelFamily, TeacherComponents, read_teacher_config
+from .qwenimage import QwenImageFamily
 from .sd3 import SD3Family
 from .sdxl import SD15Family, SDXLFamily
+from .zimage import ZImageFamily
 
 
-FAMILIES: dict[str, type[ModelFamily]] = {"sdxl": SDXLFamily, "sd15": SD15Family, "sd3": SD3Family}
+FAMILIES: dict[str, type[ModelFamily]] = {
+    "sdxl": SDXLFamily,
+    "sd15": SD15Family,
+    "sd3": SD3Family,
+    "zimage": ZImageFamily,
+    "qwenimage": QwenImageFamily,
+}
 FAMILY_BY_PIPELINE = {family.pipeline_class_name: name for name, family in FAMILIES.items()}
 
 
@@ -36,10 +44,12 @@ def get_family(name: str) -> ModelFamily:
 __all__ = [
     "FAMILIES",
     "ModelFamily",
+    "QwenImageFamily",
     "SD15Family",
     "SD3Family",
     "SDXLFamily",
     "TeacherComponents",
+    "ZImageFamily",
     "detect_family",
     "get_family",
     "read_teacher_config",

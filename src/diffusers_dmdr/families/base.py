@@ -30,10 +30,12 @@ def student_scheduler_for(
     backward_simulation: str | None,
     shift: float | None,
     x0_noise_level: float = 0.0,
+    grid_origin: dict | None = None,
 ) -> DMDRScheduler:
     """The student's sampler: the teacher's noise schedule, the student grid, the re-noising rule of the backward
     simulation (`ode` -> deterministic; `None` -> the family's default) and, for flow models, the noise level where
-    the clean estimate stops (`x0_noise_level`)."""
+    the clean estimate stops (`x0_noise_level`). `grid_origin` (from [`student_grid_for`]) is recorded in the config
+    beside the grid: how a resolution-dependent default grid was derived (`grid_mu`, `grid_resolution`)."""
     teacher_config = teacher.pipeline.scheduler.config
     mode = backward_simulation or teacher.family.default_backward_simulation
     common = {
@@ -42,7 +44,10 @@ def student_scheduler_for(
         "deterministic": mode == "ode",
     }
     if teacher.family.is_flow:
-        return DMDRScheduler(prediction_type="flow", shift=shift, x0_noise_level=x0_noise_level, **common)
+        scheduler = DMDRScheduler(prediction_type="flow", shift=shift, x0_noise_level=x0_noise_level, **common)
+        if grid_origin:
+            scheduler.register_to_config(**grid_origin)
+        return scheduler
     return DMDRScheduler(
         prediction_type=teacher_config.get("prediction_type", "epsilon"),
         beta_start=teacher_config.get("beta_start", 0.00085),
@@ -77,6 +82,32 @@ def read_teacher_config(pretrained_model_name_or_path: str, revision: str | None
             f"Could not read model_index.json of {pretrained_model_name_or_path!r} ({type(error).__name__}: {error}). "
             "Check the Hub id and your network (HF_HUB_OFFLINE), or give a local pipeline folder."
         ) from error
+
+
+def student_grid_for(family: "ModelFamily", config, scheduler_config: dict, vae_scale_factor: int):
+    """`(timesteps, grid_origin)` of a run: `--student_timesteps` as given, or the family's default grid for the
+    teacher's scheduler config at `--resolution` (see [`ModelFamily.student_grid`])."""
+    if config.student_timesteps:
+        return [float(timestep) for timestep in config.student_timesteps], {}
+    return family.student_grid(
+        config.num_student_steps, config.shift, dict(scheduler_config), config.resolution, vae_scale_factor
+    )
+
+
+def read_scheduler_config(pretrained_model_name_or_path: str, revision: str | None = None) -> dict:
+    """The teacher's `scheduler/scheduler_config.json` (local folder or Hub), without loading anything else."""
+    path = Path(pretrained_model_name_or_path).expanduser()
+    if path.is_dir():
+        config_file = path / "scheduler" / "scheduler_config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{pretrained_model_name_or_path} has no scheduler/scheduler_config.json.")
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    from huggingface_hub import hf_hub_download
+
+    file = hf_hub_download(
+        pretrained_model_name_or_path, "scheduler_config.json", subfolder="scheduler", revision=revision
+    )
+    return json.loads(Path(file).read_text(encoding="utf-8"))
 
 
 def read_component_config(pretrained_model_name_or_path: str, subfolder: str, revision: str | None = None) -> dict:
@@ -127,6 +158,11 @@ class ModelFamily(ABC):
     # LoRA targets of the student and of the fake score (released recipes).
     student_lora_targets: tuple[str, ...] = ()
     fake_lora_targets: tuple[str, ...] = ()
+    # The real score's unconditional branch: the negative prompt the stock pipeline's CFG uses by default.
+    negative_prompt: str = ""
+    # `guidance_combiner(cond_output, uncond_output, scale) -> output` on raw backbone outputs when the stock pipeline's
+    # CFG is not the plain `uncond + scale (cond - uncond)` (then guidance is applied to x0, which is equivalent).
+    guidance_combiner = None
 
     # -- configuration, before weights -----------------------------------------------------------------------------
     def vae_scale_factor(self, source: str, revision: str | None = None) -> int:
@@ -136,6 +172,14 @@ class ModelFamily(ABC):
     @abstractmethod
     def default_student_timesteps(self, num_steps: int, shift: float | None) -> list[float]:
         """The student grid in model units, noisiest first."""
+
+    def student_grid(
+        self, num_steps: int, shift: float | None, scheduler_config: dict, resolution: int, vae_scale_factor: int
+    ) -> tuple[list[float], dict]:
+        """`(timesteps, grid_origin)`: the default grid for this teacher scheduler at `resolution`, and the config keys
+        recording how it was derived. Families whose grid does not depend on them return
+        `default_student_timesteps(num_steps, shift)` and no origin."""
+        return self.default_student_timesteps(num_steps, shift), {}
 
     # -- loading --------------------------------------------------------------------------------------------------
     def pipeline_class(self):
@@ -187,6 +231,10 @@ class ModelFamily(ABC):
 
     def latent_channels(self, backbone) -> int:
         return backbone.config.in_channels
+
+    def config_latent_channels(self, backbone_config: dict, vae_config: dict) -> tuple[int | None, int]:
+        """`(latent channels the backbone takes, latent channels the VAE makes)` from their configs alone."""
+        return backbone_config.get("in_channels"), vae_config.get("latent_channels", 4)
 
     def decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
         """Latents to images in `[0, 1]`, differentiable (the reward path back-propagates through it)."""
