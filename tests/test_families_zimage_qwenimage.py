@@ -1,0 +1,179 @@
+"""Z-Image and Qwen-Image: the families reproduce their stock pipelines (conditioning, timestep convention, output
+sign, packing, negative prompt, CFG rule, default grid), and build-tiny writes teachers diffusers loads."""
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from diffusers_dmdr import testing
+from diffusers_dmdr.denoisers import Denoiser, guided_x0
+from diffusers_dmdr.families import detect_family, get_family, read_teacher_config
+from diffusers_dmdr.families.base import student_grid_for, student_scheduler_for
+from diffusers_dmdr.families.qwenimage import pack_latents, unpack_latents
+from diffusers_dmdr.pipelines.scheduling_dmdr import DMDRScheduler
+
+
+NEW_FAMILIES = ["zimage", "qwenimage"]
+PROMPTS = ["a red cat", "a blue dog in the snow"]
+
+
+def stock_guidance_kwargs(family: str, scale: float) -> dict:
+    """The stock call's CFG arguments for DMDR's guidance scale `scale` (`uncond + scale (cond - uncond)`)."""
+    if family == "zimage":
+        # Z-Image's CFG is `cond + g (cond - uncond)`: g = scale - 1 (0 is off), empty negative prompt by default.
+        return {"guidance_scale": max(scale - 1.0, 0.0)}
+    # Qwen-Image runs CFG only with a negative prompt and `true_cfg_scale > 1`.
+    return {"true_cfg_scale": scale, "negative_prompt": " "} if scale > 1 else {"true_cfg_scale": 1.0}
+
+
+def stock_latents(family: str, latents: torch.Tensor) -> torch.Tensor:
+    return pack_latents(latents) if family == "qwenimage" else latents
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_build_tiny_cli_writes_a_teacher_that_diffusers_loads(family, tmp_path, capsys):
+    from diffusers import DiffusionPipeline
+
+    output = tmp_path / family
+    testing.main(["build-tiny", "--family", family, "--output", str(output)])
+    assert "wrote a tiny" in capsys.readouterr().out
+    pipeline = DiffusionPipeline.from_pretrained(output)
+    assert type(pipeline).__name__ == get_family(family).pipeline_class_name
+    # `family: auto` detects it from model_index.json.
+    assert detect_family(read_teacher_config(str(output)), str(output)) == family
+    with pytest.raises(SystemExit):
+        testing.main(
+            ["build-tiny", "--family", family, "--output", str(tmp_path / "x"), "--prediction_type", "epsilon"]
+        )
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_two_stock_sampling_steps_equal_the_family_through_the_trainers_denoiser(
+    family, guidance_scale, tiny_teacher_dirs
+):
+    """The stock pipeline's own loop (Euler, CFG by its rule and negative prompt) against the family's encode,
+    backbone call and guidance as the trainer's real score uses them, on the grid [1000, 500]."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    family_object = get_family(family)
+    teacher = family_object.load_teacher(tiny_teacher_dirs[family])
+    pipeline, backbone = teacher.pipeline, teacher.backbone.eval()
+    # A plain flow scheduler, so that the stock loop runs exactly at the integer timesteps [1000, 500].
+    pipeline.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    size = 32
+    latent_size = size // pipeline.vae_scale_factor
+    channels = family_object.latent_channels(backbone)
+    noise = torch.randn(len(PROMPTS), channels, latent_size, latent_size, generator=torch.Generator().manual_seed(3))
+    extra = stock_guidance_kwargs(family, guidance_scale)
+    # A copy: the stock Z-Image encoder writes the chat-templated text into the list it is given.
+    stock = pipeline(
+        list(PROMPTS),
+        height=size,
+        width=size,
+        sigmas=[1.0, 0.5],
+        latents=stock_latents(family, noise.clone()),
+        output_type="latent",
+        max_sequence_length=512,
+        **extra,
+    ).images
+    if family == "qwenimage":
+        stock = unpack_latents(stock, latent_size, latent_size)
+
+    scheduler = DMDRScheduler(prediction_type="flow", training_timesteps=[1000.0, 500.0])
+    denoiser = Denoiser(lambda s, t, c: family_object.call_backbone(backbone, s, t, c), scheduler)
+    condition = family_object.encode_prompts(pipeline, PROMPTS, size, torch.device("cpu"))
+    uncondition = family_object.encode_prompts(
+        pipeline, [family_object.negative_prompt] * len(PROMPTS), size, torch.device("cpu")
+    )
+    sample = noise
+    levels = [1.0, 0.5, 0.0]
+    with torch.no_grad():
+        for level, next_level in zip(levels[:-1], levels[1:], strict=True):
+            batch_level = torch.full((len(PROMPTS),), level)
+            x0 = guided_x0(
+                denoiser,
+                sample,
+                batch_level,
+                condition,
+                uncondition,
+                guidance_scale,
+                combine_predictions=family_object.guidance_combiner,
+            )
+            velocity = (sample - x0) / level
+            sample = sample + (next_level - level) * velocity
+    torch.testing.assert_close(sample, stock, atol=1e-4, rtol=1e-4)
+    # The family hands the stock encoder a copy: the trainer's prompts are not rewritten.
+    assert PROMPTS == ["a red cat", "a blue dog in the snow"]
+
+
+def test_qwenimage_packing_is_the_stock_pipelines():
+    """`pack_latents` goes through `QwenImagePipeline._pack_latents` (private): packing the trainer's noise gives the
+    stock `prepare_latents` tokens for the same generator, and unpacking inverts it."""
+    from diffusers import QwenImagePipeline
+
+    generator = torch.Generator().manual_seed(0)
+    # The stock pipeline draws (B, 1, C, H, W) noise and packs it; the trainer draws (B, C, H, W).
+    stock_noise = torch.randn(2, 1, 4, 8, 6, generator=generator)
+    stock_packed = QwenImagePipeline._pack_latents(stock_noise, 2, 4, 8, 6)
+    noise = torch.randn(2, 4, 8, 6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(pack_latents(noise), stock_packed)
+    assert pack_latents(noise).shape == (2, 4 * 3, 16)
+    assert torch.equal(unpack_latents(pack_latents(noise), 8, 6), noise)
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_default_grid_is_the_teacher_schedulers_schedule_at_the_resolution(
+    family, resolution, tiny_teacher_dirs, prompt_file, tmp_path
+):
+    """Dynamic shift: the stored grid equals the timesteps the stock pipeline's scheduler uses for that resolution
+    and step count (its own `mu`), and the `mu` / resolution are recorded in the saved scheduler config."""
+    from diffusers_dmdr.preflight import check_run_inputs
+
+    config = tiny_config(tiny_teacher_dirs[family], prompt_file, tmp_path, resolution=resolution)
+    teacher = get_family(family).load_teacher(tiny_teacher_dirs[family])
+    pipeline = teacher.pipeline
+    pipeline(
+        "a red cat",
+        height=resolution,
+        width=resolution,
+        num_inference_steps=4,
+        output_type="latent",
+        **({"guidance_scale": 0.0} if family == "zimage" else {}),
+    )
+    expected = pipeline.scheduler.timesteps.tolist()
+    timesteps, origin = student_grid_for(
+        teacher.family, config, teacher.pipeline.scheduler.config, pipeline.vae_scale_factor
+    )
+    scheduler = student_scheduler_for(teacher, timesteps, None, None, grid_origin=origin)
+    assert scheduler.config.training_timesteps == expected
+    torch.testing.assert_close(scheduler.noise_levels, pipeline.scheduler.sigmas[:-1], atol=1e-6, rtol=0)
+    assert check_run_inputs(config).student_timesteps == expected
+    scheduler.save_pretrained(tmp_path / "scheduler")
+    reloaded = DMDRScheduler.from_pretrained(tmp_path / "scheduler")
+    assert reloaded.config.training_timesteps == expected
+    if family == "qwenimage":
+        # The tiny Qwen-Image scheduler uses dynamic shifting (as the released one): mu follows the resolution.
+        image_seq_len = (resolution // pipeline.vae_scale_factor // 2) ** 2
+        base, top = pipeline.scheduler.config.base_image_seq_len, pipeline.scheduler.config.max_image_seq_len
+        slope = (pipeline.scheduler.config.max_shift - pipeline.scheduler.config.base_shift) / (top - base)
+        mu = image_seq_len * slope + pipeline.scheduler.config.base_shift - slope * base
+        assert origin == {"grid_mu": pytest.approx(mu), "grid_resolution": resolution}
+        assert reloaded.config.grid_mu == pytest.approx(mu) and reloaded.config.grid_resolution == resolution
+    else:
+        # Z-Image's scheduler has a static shift: the grid does not depend on the resolution and records no mu.
+        assert origin == {} and expected == [1000.0, 900.0, 750.0, 500.0]
+
+
+def test_an_explicit_shift_replaces_the_teachers_dynamic_shift(tiny_teacher_dirs, prompt_file, tmp_path):
+    teacher = get_family("qwenimage").load_teacher(tiny_teacher_dirs["qwenimage"])
+    config = tiny_config(tiny_teacher_dirs["qwenimage"], prompt_file, tmp_path, shift=3.0)
+    timesteps, origin = student_grid_for(
+        teacher.family, config, teacher.pipeline.scheduler.config, teacher.pipeline.vae_scale_factor
+    )
+    # linspace(1, 1/4, 4) warped by 3 s / (1 + 2 s), then Qwen-Image's stretch of the last sigma to 0.02.
+    warped = [3 * s / (1 + 2 * s) for s in (1.0, 0.75, 0.5, 0.25)]
+    scale = (1 - warped[-1]) / (1 - 0.02)
+    expected = [1000 * (1 - (1 - s) / scale) for s in warped]
+    assert timesteps == pytest.approx(expected, abs=1e-3) and origin == {}
