@@ -177,3 +177,60 @@ def test_an_explicit_shift_replaces_the_teachers_dynamic_shift(tiny_teacher_dirs
     scale = (1 - warped[-1]) / (1 - 0.02)
     expected = [1000 * (1 - (1 - s) / scale) for s in warped]
     assert timesteps == pytest.approx(expected, abs=1e-3) and origin == {}
+
+
+# Values the Z-Image / Qwen-Image recipes take from the released SD3.5-Large script (their headers say which).
+RELEASED_SD35_KEYS = (
+    "mixed_precision",
+    "use_8bit_adam",
+    "training_mode",
+    "backward_simulation",
+    "flow_x0_noise_level",
+    "lora_rank",
+    "lora_alpha",
+    "fake_lora_rank",
+    "fake_lora_alpha",
+    "fake_score_lora_scale",
+    "real_score_lora_scale",
+    "dynamic_steps",
+    "update_ratio",
+    "guidance_scale_jitter",
+    "cold_start_steps",
+    "max_train_steps",
+    "learning_rate",
+    "learning_rate_fake",
+    "train_batch_size",
+    "resolution",
+)
+NEW_RECIPES = {"zimage_4step": ("zimage", 4), "zimage_8step": ("zimage", 8), "qwenimage_4step": ("qwenimage", 4)}
+
+
+@pytest.mark.parametrize("name", sorted(NEW_RECIPES))
+def test_new_family_recipes_take_the_released_sd35_values_they_name(name):
+    from pathlib import Path
+
+    import yaml
+
+    from diffusers_dmdr import DMDRConfig
+    from diffusers_dmdr.rewards import parse_reward_spec
+
+    root = Path(__file__).resolve().parents[1]
+    released = yaml.safe_load((root / "tests" / "data" / "released_recipes.yaml").read_text())["sd35_large_4step"]
+    recipe = root / "examples" / "train_dmdr" / "configs" / f"{name}.yaml"
+    config = DMDRConfig.parse_args(["--config", str(recipe), "--train_prompts", "prompts.txt"])
+    family, steps = NEW_RECIPES[name]
+    assert (config.family, config.num_student_steps, config.student_timesteps) == (family, steps, None)
+    assert {key: getattr(config, key) for key in RELEASED_SD35_KEYS} == {
+        key: released[key] for key in RELEASED_SD35_KEYS
+    }
+    assert {key: getattr(config, f"stage2_{key}") for key in released["stage2"]} == released["stage2"]
+    specs = {spec.name: (spec.weight, spec.hinge) for spec in map(parse_reward_spec, config.reward)}
+    assert specs == {reward: (value["weight"], value["hinge"]) for reward, value in released["rewards"].items()}
+    # The LoRA targets are the family's (diffusers' own LoRA example), and the header says what is extrapolated.
+    assert config.lora_target_modules is None and config.fake_lora_target_modules is None
+    header = recipe.read_text(encoding="utf-8")
+    assert (
+        "EXTRAPOLATED" in header
+        and "GPU:" in header
+        and f"train_dreambooth_lora_{family.replace('image', '_image')}" in header
+    )
