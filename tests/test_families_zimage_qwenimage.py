@@ -234,3 +234,58 @@ def test_new_family_recipes_take_the_released_sd35_values_they_name(name):
         and "GPU:" in header
         and f"train_dreambooth_lora_{family.replace('image', '_image')}" in header
     )
+
+
+class Brightness(torch.nn.Module):
+    def forward(self, images, prompts):
+        return images.mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        "qwenimage",
+        pytest.param("zimage", marks=pytest.mark.slow),
+    ],
+)
+def test_cached_prompts_checkpointing_reward_tilt_and_exact_resume(family, tiny_teacher_dirs, prompt_file, tmp_path):
+    """The options beyond plain DMD on each new family in one go: the prompt cache (holding the family's negative
+    prompt, so the real score never encodes live), gradient checkpointing through the backbone call, RT-DM weights
+    and a reward in stage 2, TTUR, and a resume that continues bit for bit."""
+    from diffusers_dmdr.prompt_cache import read_cache
+    from diffusers_dmdr.rewards import LoadedReward
+    from diffusers_dmdr.trainer import DMDRTrainer
+
+    def trainer_for(output_dir, **overrides):
+        config = tiny_config(
+            tiny_teacher_dirs[family],
+            prompt_file,
+            output_dir,
+            resolution=32,
+            cache_prompt_embeds=True,
+            prompt_embeds_cache_dir=str(tmp_path / "cache"),
+            gradient_checkpointing=True,
+            reward_tilt=True,
+            real_guidance_scale=3.0,
+            **overrides,
+        )
+        teacher = get_family(family).load_teacher(config.pretrained_model_name_or_path)
+        rewards = [LoadedReward(name="brightness", fn=Brightness(), weight=1.0, hinge=None)]
+        return DMDRTrainer(config, teacher, PROMPTS, rewards=rewards)
+
+    common = dict(max_train_steps=2, cold_start_steps=1, dynamic_steps=2, checkpointing_steps=1)
+    uninterrupted = trainer_for(tmp_path / "a", **common)
+    history_a = uninterrupted.train()
+    (cache_file,) = (tmp_path / "cache").glob("*.safetensors")
+    assert get_family(family).negative_prompt in read_cache(cache_file)[0]
+    assert uninterrupted.prompt_encoder.live_encodes == 0
+    assert "loss_rl" in history_a[1] and "loss_rl" not in history_a[0]
+
+    trainer_for(tmp_path / "b", **{**common, "max_train_steps": 1}).train()
+    resumed = trainer_for(tmp_path / "b", **common, resume_from_checkpoint="latest")
+    history_b = resumed.train()
+    assert history_b[0]["step"] == 2
+    for key in ("loss_dmd", "loss_fake", "loss_rl", "loss"):
+        assert history_b[0][key] == history_a[1][key], key
+    for name, value in resumed.training_module.state_dict().items():
+        assert torch.equal(value, uninterrupted.training_module.state_dict()[name]), name
