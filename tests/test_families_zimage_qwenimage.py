@@ -289,3 +289,14 @@ def test_cached_prompts_checkpointing_reward_tilt_and_exact_resume(family, tiny_
         assert history_b[0][key] == history_a[1][key], key
     for name, value in resumed.training_module.state_dict().items():
         assert torch.equal(value, uninterrupted.training_module.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_resolution_must_fit_the_2x2_latent_patches_before_any_weight_loads(family, tiny_teacher_dirs, prompt_file):
+    from diffusers_dmdr.preflight import check_run_inputs
+
+    factor = get_family(family).vae_scale_factor(tiny_teacher_dirs[family])
+    config = tiny_config(tiny_teacher_dirs[family], prompt_file, "unused", resolution=5 * factor)
+    message = f"not divisible by {2 * factor} \\(the VAE's factor {factor} x the backbone's 2x2 latent patches\\)"
+    with pytest.raises(ValueError, match=message):
+        check_run_inputs(config)

@@ -47,18 +47,24 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
 
     # 2. Resolution against the VAE's spatial factor.
     factor = family.vae_scale_factor(config.pretrained_model_name_or_path, config.revision)
-    if config.resolution % factor:
-        lower = max(factor, config.resolution // factor * factor)
+    multiple = factor * family.latent_patch_size
+    if config.resolution % multiple:
+        lower = max(multiple, config.resolution // multiple * multiple)
+        what = f"the VAE's factor {factor}"
+        if family.latent_patch_size > 1:
+            patch = family.latent_patch_size
+            what = f"{multiple} (the VAE's factor {factor} x the backbone's {patch}x{patch} latent patches)"
         raise ValueError(
-            f"--resolution {config.resolution} is not divisible by the VAE's factor {factor}; use e.g. {lower} or "
-            f"{lower + factor}."
+            f"--resolution {config.resolution} is not divisible by {what}; use e.g. {lower} or {lower + multiple}."
         )
 
     # 2b. The backbone denoises the VAE's latents alone (an inpainting UNet also takes a mask and a masked image).
     check_backbone_channels(config, family)
 
     # 3. Student grid: the scheduler validates range and order.
-    scheduler_config = read_scheduler_config(config.pretrained_model_name_or_path, config.revision)
+    scheduler_config = {}
+    if family.grid_from_teacher_scheduler and not config.student_timesteps:
+        scheduler_config = read_scheduler_config(config.pretrained_model_name_or_path, config.revision)
     timesteps, _ = student_grid_for(family, config, scheduler_config, factor)
     if len(timesteps) != config.num_student_steps:
         raise ValueError(f"{len(timesteps)} student timesteps for --num_student_steps {config.num_student_steps}.")

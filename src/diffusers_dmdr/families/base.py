@@ -158,6 +158,11 @@ class ModelFamily(ABC):
     # LoRA targets of the student and of the fake score (released recipes).
     student_lora_targets: tuple[str, ...] = ()
     fake_lora_targets: tuple[str, ...] = ()
+    # The default grid is computed by the teacher's own scheduler (`student_grid` reads its config).
+    grid_from_teacher_scheduler: bool = False
+    # Side of the latent patches the trainer's latents are cut into inside `call_backbone` (the resolution must be a
+    # multiple of the VAE factor times it, as the stock pipeline requires); 1 where the backbone takes any size.
+    latent_patch_size: int = 1
     # The real score's unconditional branch: the negative prompt the stock pipeline's CFG uses by default.
     negative_prompt: str = ""
     # `guidance_combiner(cond_output, uncond_output, scale) -> output` on raw backbone outputs when the stock pipeline's

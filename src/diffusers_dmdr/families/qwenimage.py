@@ -77,6 +77,9 @@ class QwenImageFamily(ModelFamily):
     # Every released DMDR text-to-image script on a flow model samples the student by Euler ODE.
     default_backward_simulation = "ode"
     default_resolution = 1024
+    # The stock pipeline requires height and width divisible by the VAE factor x 2 (2x2 patches).
+    latent_patch_size = 2
+    grid_from_teacher_scheduler = True
     student_lora_targets = QWENIMAGE_LORA_TARGETS
     fake_lora_targets = QWENIMAGE_LORA_TARGETS
     negative_prompt = QWENIMAGE_NEGATIVE_PROMPT
