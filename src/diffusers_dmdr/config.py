@@ -62,8 +62,9 @@ class DMDRConfig:
         Unset, it equals `cold_start_steps` (the annealing ends with stage 1, as in the released recipes).
     renoise_beta_alpha, renoise_beta_beta (`float`, defaults to 4.0 and 1.5): DynaRS Beta parameters at step 0.
     update_ratio (`int`, defaults to 5): fake-score updates per generator update.
-    real_guidance_scale (`float`, defaults to 7.0): CFG scale of the real score; at a scale <= 1 there is no CFG and
-        no jitter.
+    real_guidance_scale (`float`, defaults to 7.0): CFG scale of the real score, `uncond + w (cond - uncond)` with the
+        family's negative prompt (empty; Qwen-Image: `" "`, its `true_cfg_scale`, with its per-token rescale); at a
+        scale <= 1 there is no CFG and no jitter. Z-Image's own `guidance_scale` g is `w = 1 + g`.
     guidance_scale_jitter (`float`, defaults to 0.5): the scale is drawn uniformly in `[scale - jitter, scale +
         jitter]` per generator update.
     backward_simulation (`str`, *optional*): `sde` (re-noise with fresh noise; SDXL default) or `ode` (deterministic;
