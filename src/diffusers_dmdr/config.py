@@ -36,7 +36,7 @@ class DMDRConfig:
     student_timesteps (`list[float]`, *optional*): the student's timesteps in model units (SDXL 4-step
         `[999, 749, 499, 249]`); by default the family's grid (1-step SDXL: `[399]`; SD3: shift-warped; Z-Image and
         Qwen-Image: the teacher scheduler's own schedule at `resolution`, with the resolution-dependent `mu` where the
-        scheduler uses dynamic shifting, recorded in the exported scheduler config as `grid_mu` / `grid_resolution`).
+        scheduler uses dynamic shifting, recorded in the exported scheduler config as `grid_mu`).
     shift (`float`, *optional*): shift of the flow-model grid (SD3-Medium 3, SD3.5-Large 5); for Z-Image and
         Qwen-Image a static shift that replaces the teacher scheduler's own shifting.
     training_mode (`str`, defaults to `"lora"`): `lora` trains a student adapter on the shared frozen base; `full`

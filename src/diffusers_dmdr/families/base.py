@@ -34,8 +34,8 @@ def student_scheduler_for(
 ) -> DMDRScheduler:
     """The student's sampler: the teacher's noise schedule, the student grid, the re-noising rule of the backward
     simulation (`ode` -> deterministic; `None` -> the family's default) and, for flow models, the noise level where
-    the clean estimate stops (`x0_noise_level`). `grid_origin` (from [`student_grid_for`]) is recorded in the config
-    beside the grid: how a resolution-dependent default grid was derived (`grid_mu`, `grid_resolution`)."""
+    the clean estimate stops (`x0_noise_level`). `grid_origin` (from [`student_grid_for`]) goes into the config beside
+    the grid: how a resolution-dependent default grid was derived (`grid_mu`)."""
     teacher_config = teacher.pipeline.scheduler.config
     mode = backward_simulation or teacher.family.default_backward_simulation
     common = {
@@ -44,15 +44,18 @@ def student_scheduler_for(
         "deterministic": mode == "ode",
     }
     if teacher.family.is_flow:
-        scheduler = DMDRScheduler(prediction_type="flow", shift=shift, x0_noise_level=x0_noise_level, **common)
-        if grid_origin:
-            scheduler.register_to_config(**grid_origin)
-        return scheduler
+        return DMDRScheduler(
+            prediction_type="flow", grid_shift=shift, x0_noise_level=x0_noise_level, **(grid_origin or {}), **common
+        )
+    # Everything that shapes the teacher's alpha_bar is carried over: dropping `trained_betas` or
+    # `rescale_betas_zero_snr` would train and sample a zero-terminal-SNR teacher on the wrong noise levels.
     return DMDRScheduler(
         prediction_type=teacher_config.get("prediction_type", "epsilon"),
         beta_start=teacher_config.get("beta_start", 0.00085),
         beta_end=teacher_config.get("beta_end", 0.012),
         beta_schedule=teacher_config.get("beta_schedule", "scaled_linear"),
+        trained_betas=teacher_config.get("trained_betas"),
+        rescale_betas_zero_snr=bool(teacher_config.get("rescale_betas_zero_snr", False)),
         **common,
     )
 

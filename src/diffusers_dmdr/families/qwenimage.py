@@ -116,7 +116,7 @@ class QwenImageFamily(ModelFamily):
         sigmas = np.linspace(1.0, 1 / num_steps, num_steps).tolist()
         seq_len = image_sequence_length(resolution // vae_scale_factor)
         timesteps, mu = stock_flow_grid(scheduler_config, sigmas, seq_len, stock.calculate_shift)
-        return timesteps, ({} if mu is None else {"grid_mu": mu, "grid_resolution": resolution})
+        return timesteps, ({} if mu is None else {"grid_mu": mu})
 
     def encode_prompts(self, pipeline, prompts: list[str], resolution: int, device: torch.device) -> dict:
         with torch.no_grad():

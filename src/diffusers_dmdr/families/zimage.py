@@ -73,7 +73,7 @@ class ZImageFamily(ModelFamily):
         timesteps, mu = stock_flow_grid(
             scheduler_config, stock.get_default_z_image_sigmas(num_steps), seq_len, stock.calculate_shift
         )
-        return timesteps, ({} if mu is None else {"grid_mu": mu, "grid_resolution": resolution})
+        return timesteps, ({} if mu is None else {"grid_mu": mu})
 
     def encode_prompts(self, pipeline, prompts: list[str], resolution: int, device: torch.device) -> dict:
         with torch.no_grad():
