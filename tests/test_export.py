@@ -38,6 +38,8 @@ RUNS = {
     "sd3-4step-full": {"family": "sd3", "training_mode": "full", "num_student_steps": 4},
     "sd3-1step": {"family": "sd3", "training_mode": "lora", "num_student_steps": 1, "export_full_pipeline": False},
     "sd15-2step": {"family": "sd15", "training_mode": "lora", "num_student_steps": 2},
+    "zimage-4step": {"family": "zimage", "training_mode": "lora", "num_student_steps": 4},
+    "qwenimage-4step": {"family": "qwenimage", "training_mode": "lora", "num_student_steps": 4},
 }
 TEACHER_CARDS = {
     "sdxl": "---\nlicense: openrail++\n---\n# A tiny SDXL teacher\n",
@@ -143,7 +145,18 @@ def load_student(run) -> FewStepDMDRPipeline:
 
 
 def student_latents(pipeline, seed: int = 7) -> torch.Tensor:
-    return pipeline(PROMPTS, height=64, width=64, generator=seeded(seed), output_type="latent").images
+    latents = pipeline(list(PROMPTS), height=64, width=64, generator=seeded(seed), output_type="latent").images
+    return unpacked(pipeline, latents)
+
+
+def unpacked(pipeline, latents: torch.Tensor) -> torch.Tensor:
+    """The trainer's `(B, C, H, W)` layout of a stock pipeline's latent output (Qwen-Image returns packed tokens)."""
+    if type(getattr(pipeline, "vae", None)).__name__ == "AutoencoderKLQwenImage":
+        from diffusers_dmdr.families.qwenimage import unpack_latents
+
+        size = 64 // 2 ** len(pipeline.vae.temperal_downsample)
+        return unpack_latents(latents, size, size)
+    return latents
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -196,6 +209,47 @@ def test_plain_route_with_a_stock_scheduler_follows_the_trained_sampler(name, ex
     # route is close (the teacher under this sampler is off by more than 1e-2) but not at 1e-3.
     tolerance = 1e-2 if run.family == "sd3" else 1e-3
     torch.testing.assert_close(latents, trainer_latents, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("name", ["zimage-4step", "qwenimage-4step"])
+def test_new_flow_families_stock_pipeline_lora_and_stock_scheduler_route(name, exported):
+    """The stock ZImagePipeline / QwenImagePipeline + `load_lora_weights` + the stock scheduler of the student's
+    `stock_scheduler_recipe()` (no custom code) follows the trained sampler on the same noise; the full exported
+    pipeline also loads through `DiffusionPipeline` with the repository's code."""
+    import diffusers
+    from diffusers import DiffusionPipeline
+
+    run = exported(name)
+    family = get_family(run.family)
+    recipe = run.trainer.scheduler.stock_scheduler_recipe()
+    stock = family.pipeline_class().from_pretrained(str(run.teacher_dir))
+    stock.load_lora_weights(str(run.export_dir))
+    # (Qwen-Image's scheduler stretches sigmas to its terminal 0.02: the identity on its own default grid, which ends
+    # there already.)
+    stock.scheduler = getattr(diffusers, recipe["class_name"]).from_config(
+        stock.scheduler.config, **recipe["from_config_kwargs"]
+    )
+    stock.set_progress_bar_config(disable=True)
+    guidance_off = {"guidance_scale": 0.0} if run.family == "zimage" else {"true_cfg_scale": 1.0}
+    latents = stock(
+        list(PROMPTS),
+        height=64,
+        width=64,
+        generator=seeded(7),
+        output_type="latent",
+        **guidance_off,
+        **recipe["call_kwargs"],
+    ).images
+    trainer_latents = run.trainer.sample_latents(PROMPTS, generator=seeded(7))
+    # Z-Image's 4-step grid is integer in model units (exact); Qwen-Image's is not, and the stock scheduler feeds the
+    # model 1000 t unrounded (the recipe says so).
+    assert recipe["exact"] == (run.family == "zimage")
+    tolerance = 1e-4 if recipe["exact"] else 1e-2
+    torch.testing.assert_close(unpacked(stock, latents), trainer_latents, rtol=tolerance, atol=tolerance)
+    remote = DiffusionPipeline.from_pretrained(str(run.export_dir), trust_remote_code=True)
+    assert (
+        type(remote).__name__ == "FewStepDMDRPipeline" and remote.config.stock_pipeline == family.pipeline_class_name
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------------
