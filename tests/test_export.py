@@ -250,6 +250,14 @@ def test_new_flow_families_stock_pipeline_lora_and_stock_scheduler_route(name, e
     assert (
         type(remote).__name__ == "FewStepDMDRPipeline" and remote.config.stock_pipeline == family.pipeline_class_name
     )
+    # The card's stock route names this family's classes and call defaults, not SD3's.
+    card = (run.export_dir / "README.md").read_text(encoding="utf-8")
+    assert f"from diffusers import FlowMatchEulerDiscreteScheduler, {family.pipeline_class_name}" in card
+    assert "SD3Transformer2DModel" not in card and "max_sequence_length=128" not in card
+    if run.family == "zimage":
+        assert "guidance_scale=0.0" in card and "use_dynamic_shifting" not in card
+    else:
+        assert "true_cfg_scale=1.0" in card and "shift=1.0, use_dynamic_shifting=False" in card
 
 
 # ------------------------------------------------------------------------------------------------------------------

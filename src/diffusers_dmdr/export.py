@@ -741,15 +741,20 @@ def _plain_route(
     stock_class = family.pipeline_class_name
     timesteps = list(scheduler.config.training_timesteps)
     deterministic = scheduler.config.deterministic
+    stock_route = pipeline_dmdr.STOCK_ROUTES[stock_class]
     if family.is_flow:
         scheduler_class = "FlowMatchEulerDiscreteScheduler"
         noise_levels = [round(t / scheduler.config.num_train_timesteps, 6) for t in timesteps]
-        # shift=1: the sigmas passed in the call are the trained grid, already shifted.
+        # shift=1 (and no resolution-dependent shift): the sigmas passed in the call are the trained grid, already
+        # shifted.
+        no_dynamic_shift = ", use_dynamic_shifting=False" if scheduler.config.get("grid_mu") is not None else ""
         set_scheduler = (
             f"pipe.scheduler = {scheduler_class}.from_config(\n"
-            f"    pipe.scheduler.config, shift=1.0, stochastic_sampling={not deterministic}\n)\n"
+            f"    pipe.scheduler.config, shift=1.0{no_dynamic_shift}, stochastic_sampling={not deterministic}\n)\n"
         )
-        call = f'image = pipe("{prompt}", sigmas={noise_levels}, guidance_scale=0.0, max_sequence_length=128{size})'
+        # Guidance off and the prompt length of training, as FewStepDMDRPipeline calls this stock pipeline.
+        defaults = "".join(f", {key}={value!r}" for key, value in stock_route.call_defaults.items())
+        call = f'image = pipe("{prompt}", sigmas={noise_levels}{defaults}{size})'
     else:
         # LCM re-noises with fresh noise (the DMD sampler); a one-step student has nothing to re-noise.
         stochastic = not deterministic or len(timesteps) == 1
@@ -765,7 +770,7 @@ def _plain_route(
         )
     else:
         name = family.backbone_name
-        backbone_class = "SD3Transformer2DModel" if family.is_flow else "UNet2DConditionModel"
+        backbone_class = stock_route.backbone_class
         imports = [f"from diffusers import {backbone_class}, {scheduler_class}, {stock_class}"]
         load = (
             f'{name} = {backbone_class}.from_pretrained("{repo_id}", subfolder="{name}", torch_dtype=dtype)\n'
