@@ -163,6 +163,9 @@ def test_new_flow_family_launch(family, mode, tiny_teacher_dirs, prompt_file, tm
     assert summary["global_step"] == 2 and summary["nonfinite_steps"] == 0
     scheduler_config = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler_config["training_timesteps"] == summary["student_timesteps"]
+    # The export runs on the family's stock pipeline.
+    model_index = json.loads((output_dir / "model_index.json").read_text())
+    assert model_index["stock_pipeline"] == {"zimage": "ZImagePipeline", "qwenimage": "QwenImagePipeline"}[family]
     if family == "zimage":
         assert summary["student_timesteps"] == [1000.0, 900.0, 750.0, 500.0]
         assert lora_b_norm(output_dir / "checkpoint-2" / "student_lora.safetensors") > 0

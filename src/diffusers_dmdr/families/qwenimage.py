@@ -10,6 +10,10 @@ What differs from SD3, each as the stock pipeline (diffusers 0.42 `pipelines/qwe
 - CFG is `true_cfg_scale` with a negative prompt (the pipeline enables CFG only when one is given; its docstring
   names `" "`), and the combined prediction is rescaled per token to the conditional prediction's norm;
 - the default grid is the teacher scheduler's dynamic-shift schedule at the training resolution (see `flow_grid.py`).
+
+The exported pipeline reproduces the trainer's samples for the default (ODE) backward simulation. With
+`--backward_simulation sde`, the stock pipeline's scheduler draws its re-noising noise in the packed token layout and
+the trainer in the `(B, C, H, W)` layout: the same sampler in distribution, not the same draws for a generator.
 """
 
 import sys
