@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_config
 
 from diffusers_dmdr import testing
-from diffusers_dmdr.denoisers import Denoiser, guided_x0
+from diffusers_dmdr.denoisers import Denoiser
 from diffusers_dmdr.families import detect_family, get_family, read_teacher_config
 from diffusers_dmdr.families.base import student_grid_for, student_scheduler_for
 from diffusers_dmdr.families.qwenimage import pack_latents, unpack_latents
@@ -53,7 +53,7 @@ def test_two_stock_sampling_steps_equal_the_family_through_the_trainers_denoiser
     family, guidance_scale, tiny_teacher_dirs
 ):
     """The stock pipeline's own loop (Euler, CFG by its rule and negative prompt) against the family's encode,
-    backbone call and guidance as the trainer's real score uses them, on the grid [1000, 500]."""
+    backbone call and `real_score_x0` (what the trainer's real score calls), on the grid [1000, 500]."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     family_object = get_family(family)
@@ -91,15 +91,7 @@ def test_two_stock_sampling_steps_equal_the_family_through_the_trainers_denoiser
     with torch.no_grad():
         for level, next_level in zip(levels[:-1], levels[1:], strict=True):
             batch_level = torch.full((len(PROMPTS),), level)
-            x0 = guided_x0(
-                denoiser,
-                sample,
-                batch_level,
-                condition,
-                uncondition,
-                guidance_scale,
-                combine_predictions=family_object.guidance_combiner,
-            )
+            x0 = family_object.real_score_x0(denoiser, sample, batch_level, condition, uncondition, guidance_scale)
             velocity = (sample - x0) / level
             sample = sample + (next_level - level) * velocity
     torch.testing.assert_close(sample, stock, atol=1e-4, rtol=1e-4)
@@ -301,3 +293,34 @@ def test_resolution_must_fit_the_2x2_latent_patches_before_any_weight_loads(fami
     message = f"not divisible by {2 * factor} \\(the VAE's factor {factor} x the backbone's 2x2 latent patches\\)"
     with pytest.raises(ValueError, match=message):
         check_run_inputs(config)
+
+
+def test_qwenimage_sde_sampler_draws_in_the_stock_packed_layout(tiny_teacher_dirs, prompt_file, tmp_path):
+    """The stock QwenImagePipeline steps the scheduler on packed tokens, so fresh re-noising noise comes out in that
+    layout: with `step_noise` the exported pipeline reproduces the trainer's stochastic sampler for a generator."""
+    from diffusers_dmdr.pipelines.pipeline_dmdr import FewStepDMDRPipeline
+    from diffusers_dmdr.trainer import DMDRTrainer
+
+    family = get_family("qwenimage")
+    config = tiny_config(tiny_teacher_dirs["qwenimage"], prompt_file, tmp_path, backward_simulation="sde")
+    teacher = family.load_teacher(config.pretrained_model_name_or_path)
+    trainer = DMDRTrainer(config, teacher, PROMPTS)
+    assert not trainer.scheduler.config.deterministic
+    expected = trainer.sample_latents(PROMPTS, generator=torch.Generator().manual_seed(7))
+    pipeline = teacher.pipeline
+    student = FewStepDMDRPipeline(
+        vae=pipeline.vae,
+        text_encoder=pipeline.text_encoder,
+        tokenizer=pipeline.tokenizer,
+        scheduler=trainer.scheduler,
+        transformer=teacher.backbone,
+    )
+    student.set_progress_bar_config(disable=True)
+    packed = student(
+        list(PROMPTS), height=64, width=64, generator=torch.Generator().manual_seed(7), output_type="latent"
+    ).images
+    torch.testing.assert_close(unpack_latents(packed, 16, 16), expected, atol=1e-4, rtol=1e-4)
+    # The packed draw is not the plain one: without the hook the samples would differ.
+    sample = torch.zeros(2, 4, 16, 16)
+    plain = torch.randn(sample.shape, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(family.step_noise(sample, torch.Generator().manual_seed(1)), plain)

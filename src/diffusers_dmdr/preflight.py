@@ -63,7 +63,7 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
 
     # 3. Student grid: the scheduler validates range and order.
     scheduler_config = {}
-    if family.grid_from_teacher_scheduler and not config.student_timesteps:
+    if family.grid_uses_teacher_scheduler and not config.student_timesteps:
         scheduler_config = read_scheduler_config(config.pretrained_model_name_or_path, config.revision)
     timesteps, _ = student_grid_for(family, config, scheduler_config, factor)
     if len(timesteps) != config.num_student_steps:

@@ -44,7 +44,7 @@ from .checkpointing import (
 )
 from .config import DMDRConfig
 from .data import PromptSampler
-from .denoisers import Denoiser, guided_x0
+from .denoisers import Denoiser
 from .draws import IterationDraws, draw_iteration
 from .families import TeacherComponents
 from .families.base import repeat_condition, student_grid_for, student_scheduler_for
@@ -317,6 +317,8 @@ class DMDRTrainer:
                 self.scheduler,
                 deterministic=self.scheduler.config.deterministic,
                 generator=generator,
+                # Re-noising noise in the layout the stock pipeline's scheduler steps on (Qwen-Image: packed tokens).
+                noise_fn=self.family.step_noise,
             )
         return predictions[-1].float()
 
@@ -523,14 +525,14 @@ class DMDRTrainer:
         )
         uncondition = repeat_condition(self.empty_condition, batch_size)
         with torch.no_grad(), self.accelerator.autocast():
-            x0_real = guided_x0(
+            # Two-pass CFG by the family's stock rule (Qwen-Image rescales the guided velocity per token).
+            x0_real = self.family.real_score_x0(
                 self.guidance_denoiser(real_scale),
                 noisy_student,
                 noise_level,
                 batch.condition,
                 uncondition,
                 draws.guidance_scale,
-                combine_predictions=self.family.guidance_combiner,
             )
             x0_fake = self.guidance_denoiser(config.fake_score_lora_scale)(noisy_student, noise_level, batch.condition)
         return dmd_loss(x0_student, x0_real, x0_fake, sample_weights=sample_weights)

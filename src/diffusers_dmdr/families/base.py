@@ -162,15 +162,12 @@ class ModelFamily(ABC):
     student_lora_targets: tuple[str, ...] = ()
     fake_lora_targets: tuple[str, ...] = ()
     # The default grid is computed by the teacher's own scheduler (`student_grid` reads its config).
-    grid_from_teacher_scheduler: bool = False
+    grid_uses_teacher_scheduler: bool = False
     # Side of the latent patches the trainer's latents are cut into inside `call_backbone` (the resolution must be a
     # multiple of the VAE factor times it, as the stock pipeline requires); 1 where the backbone takes any size.
     latent_patch_size: int = 1
     # The real score's unconditional branch: the negative prompt the stock pipeline's CFG uses by default.
     negative_prompt: str = ""
-    # `guidance_combiner(cond_output, uncond_output, scale) -> output` on raw backbone outputs when the stock pipeline's
-    # CFG is not the plain `uncond + scale (cond - uncond)` (then guidance is applied to x0, which is equivalent).
-    guidance_combiner = None
 
     # -- configuration, before weights -----------------------------------------------------------------------------
     def vae_scale_factor(self, source: str, revision: str | None = None) -> int:
@@ -239,6 +236,24 @@ class ModelFamily(ABC):
 
     def latent_channels(self, backbone) -> int:
         return backbone.config.in_channels
+
+    def step_noise(self, sample: torch.Tensor, generator) -> torch.Tensor:
+        """Fresh re-noising noise for the student's sampler, drawn in the layout of the latents the stock pipeline
+        hands `scheduler.step`, so the exported pipeline reproduces the sampler for the same generator. Default: the
+        trainer's own `(B, C, H, W)` layout."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        return randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+
+    def real_score_x0(
+        self, denoiser, sample: torch.Tensor, noise_level: torch.Tensor, condition: dict, uncondition: dict, scale
+    ) -> torch.Tensor:
+        """The real score's `x0` at guidance `scale`: two-pass classifier-free guidance against `uncondition` (the
+        family's negative prompt, as its stock pipeline's CFG uses by default); families whose stock CFG differs
+        override it."""
+        from ..denoisers import guided_x0
+
+        return guided_x0(denoiser, sample, noise_level, condition, uncondition, scale)
 
     def config_latent_channels(self, backbone_config: dict, vae_config: dict) -> tuple[int | None, int]:
         """`(latent channels the backbone takes, latent channels the VAE makes)` from their configs alone."""

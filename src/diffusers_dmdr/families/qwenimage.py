@@ -11,9 +11,8 @@ What differs from SD3, each as the stock pipeline (diffusers 0.42 `pipelines/qwe
   names `" "`), and the combined prediction is rescaled per token to the conditional prediction's norm;
 - the default grid is the teacher scheduler's dynamic-shift schedule at the training resolution (see `flow_grid.py`).
 
-The exported pipeline reproduces the trainer's samples for the default (ODE) backward simulation. With
-`--backward_simulation sde`, the stock pipeline's scheduler draws its re-noising noise in the packed token layout and
-the trainer in the `(B, C, H, W)` layout: the same sampler in distribution, not the same draws for a generator.
+The stock pipeline's scheduler steps on packed tokens, so the student's sampler draws its re-noising noise in that
+layout (`step_noise`): the exported pipeline reproduces the `sde` sampler too for the same generator.
 """
 
 import sys
@@ -83,13 +82,30 @@ class QwenImageFamily(ModelFamily):
     default_resolution = 1024
     # The stock pipeline requires height and width divisible by the VAE factor x 2 (2x2 patches).
     latent_patch_size = 2
-    grid_from_teacher_scheduler = True
+    grid_uses_teacher_scheduler = True
     student_lora_targets = QWENIMAGE_LORA_TARGETS
     fake_lora_targets = QWENIMAGE_LORA_TARGETS
     negative_prompt = QWENIMAGE_NEGATIVE_PROMPT
 
-    def guidance_combiner(self, cond_output: torch.Tensor, uncond_output: torch.Tensor, scale: float):
-        return rescaled_true_cfg(cond_output, uncond_output, scale)
+    def real_score_x0(
+        self, denoiser, sample: torch.Tensor, noise_level: torch.Tensor, condition: dict, uncondition: dict, scale
+    ) -> torch.Tensor:
+        """Two-pass CFG combined as the stock pipeline combines it (per-token norm rescale), then `x0`."""
+        from ..denoisers import guided_x0
+
+        return guided_x0(
+            denoiser, sample, noise_level, condition, uncondition, scale, combine_predictions=rescaled_true_cfg
+        )
+
+    def step_noise(self, sample: torch.Tensor, generator) -> torch.Tensor:
+        """Re-noising noise drawn as the stock pipeline's scheduler draws it, on packed `(B, H W / 4, 4 C)` tokens,
+        then unpacked: the exported pipeline's stochastic (`sde`) sampler then makes the trainer's draws."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        batch_size, channels, height, width = sample.shape
+        shape = (batch_size, (height // 2) * (width // 2), channels * 4)
+        tokens = randn_tensor(shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        return unpack_latents(tokens, height, width)
 
     def vae_scale_factor(self, source: str, revision: str | None = None) -> int:
         # As `QwenImagePipeline.__init__`: the 3-D VAE's spatial factor is 2 per temporal-downsample stage.

@@ -49,7 +49,7 @@ class ZImageFamily(ModelFamily):
     default_resolution = 1024
     # The stock pipeline requires height and width divisible by the VAE factor x 2 (2x2 patches).
     latent_patch_size = 2
-    grid_from_teacher_scheduler = True
+    grid_uses_teacher_scheduler = True
     student_lora_targets = ZIMAGE_LORA_TARGETS
     fake_lora_targets = ZIMAGE_LORA_TARGETS
     # `ZImagePipeline.encode_prompt` uses `""` for every prompt when no negative prompt is given.
