@@ -292,7 +292,7 @@ class Run:
         self.scheduler = DMDRScheduler(
             prediction_type="flow" if self.family.is_flow else "epsilon",
             training_timesteps=timesteps,
-            shift=5.0 if self.family.is_flow else None,
+            grid_shift=5.0 if self.family.is_flow else None,
             deterministic=self.family.default_backward_simulation == "ode",
         )
         self.student_denoiser = Denoiser(partial(self.student_module, STUDENT_ROLE), self.scheduler)

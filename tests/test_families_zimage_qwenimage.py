@@ -234,17 +234,16 @@ class Brightness(torch.nn.Module):
         return images.mean(dim=(1, 2, 3))
 
 
-@pytest.mark.parametrize(
-    "family",
-    [
-        "qwenimage",
-        pytest.param("zimage", marks=pytest.mark.slow),
-    ],
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_cached_prompts_checkpointing_reward_tilt_and_exact_resume(family, tiny_teacher_dirs, prompt_file, tmp_path):
     """The options beyond plain DMD on each new family in one go: the prompt cache (holding the family's negative
     prompt, so the real score never encodes live), gradient checkpointing through the backbone call, RT-DM weights
-    and a reward in stage 2, TTUR, and a resume that continues bit for bit."""
+    and a reward in stage 2, TTUR, and a resume that continues bit for bit.
+
+    Slow (6-8 s per family: three trainers and four checkpoints, beyond this stream's `make test` budget); `make test`
+    keeps the family-specific part (`test_the_prompt_cache_holds_the_family_negative_prompt`) and SDXL's exact resume.
+    """
     from diffusers_dmdr.prompt_cache import read_cache
     from diffusers_dmdr.rewards import LoadedReward
     from diffusers_dmdr.trainer import DMDRTrainer
@@ -324,3 +323,30 @@ def test_qwenimage_sde_sampler_draws_in_the_stock_packed_layout(tiny_teacher_dir
     sample = torch.zeros(2, 4, 16, 16)
     plain = torch.randn(sample.shape, generator=torch.Generator().manual_seed(1))
     assert not torch.allclose(family.step_noise(sample, torch.Generator().manual_seed(1)), plain)
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_the_prompt_cache_holds_the_family_negative_prompt(family, tiny_teacher_dirs, prompt_file, tmp_path):
+    """The real score's unconditional branch (Qwen-Image: `" "`) is encoded into the cache with the prompts, so a
+    cached run never moves the text encoder back for it, and it equals the live encoding."""
+    from accelerate import Accelerator
+
+    from diffusers_dmdr.prompt_cache import PromptEncoder, read_cache
+
+    config = tiny_config(
+        tiny_teacher_dirs[family],
+        prompt_file,
+        tmp_path,
+        cache_prompt_embeds=True,
+        prompt_embeds_cache_dir=str(tmp_path / "cache"),
+    )
+    teacher = get_family(family).load_teacher(config.pretrained_model_name_or_path)
+    encoder = PromptEncoder.from_config(config, teacher, Accelerator(cpu=True), PROMPTS)
+    (cache_file,) = (tmp_path / "cache").glob("*.safetensors")
+    negative = teacher.family.negative_prompt
+    assert negative == {"zimage": "", "qwenimage": " "}[family] and negative in read_cache(cache_file)[0]
+    cached = encoder.encode([negative] * 2)
+    assert encoder.live_encodes == 0
+    live = teacher.family.encode_prompts(teacher.pipeline, [negative] * 2, config.resolution, torch.device("cpu"))
+    for key, value in live.items():
+        torch.testing.assert_close(cached[key], value)
