@@ -226,6 +226,16 @@ def test_full_pipeline_folder_layout_and_code(exported):
     assert image.size == (64, 64 * len(PROMPTS))
 
 
+def test_export_layout_names_the_package_code_files_and_classes():
+    """`model_index.json` of an export names the code by these strings: they must follow `pipelines/`."""
+    from diffusers_dmdr import export_layout
+
+    assert Path(pipeline_dmdr.__file__).stem == export_layout.PIPELINE_MODULE
+    assert Path(scheduling_dmdr.__file__).stem == export_layout.SCHEDULER_MODULE
+    assert FewStepDMDRPipeline.__name__ == export_layout.PIPELINE_CLASS
+    assert DMDRScheduler.__name__ == export_layout.SCHEDULER_CLASS
+
+
 def test_lora_only_export_has_code_and_scheduler_but_no_pipeline(exported):
     folder = exported("sd3-1step").export_dir
     assert not (folder / "model_index.json").exists() and not (folder / "transformer").exists()
