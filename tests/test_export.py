@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from diffusers_dmdr.adapters import STUDENT_ADAPTER
 from diffusers_dmdr.export import LORA_WEIGHT_NAME, export_checkpoint, export_from_trainer, export_pipeline
 from diffusers_dmdr.families import get_family
+from diffusers_dmdr.lora_formats import KOHYA_LORA_WEIGHT_NAME
 from diffusers_dmdr.pipelines import DMDRScheduler, FewStepDMDRPipeline, pipeline_dmdr, scheduling_dmdr
 from diffusers_dmdr.trainer import DMDRTrainer
 
@@ -33,10 +34,23 @@ TESTS_DIR = Path(__file__).parent
 PROMPTS = ["a red cat", "a blue dog"]
 # One run per case the export must handle: LoRA with and without the full pipeline, full fine-tuning, 1 and 4 steps.
 RUNS = {
-    "sdxl-4step": {"family": "sdxl", "training_mode": "lora", "num_student_steps": 4, "export_full_pipeline": True},
+    # alpha != rank in two LoRA runs, so that a file read at the wrong strength (alpha / rank) shows.
+    "sdxl-4step": {
+        "family": "sdxl",
+        "training_mode": "lora",
+        "num_student_steps": 4,
+        "export_full_pipeline": True,
+        "lora_alpha": 8,
+    },
     "sdxl-1step": {"family": "sdxl", "training_mode": "lora", "num_student_steps": 1, "export_full_pipeline": False},
     "sd3-4step-full": {"family": "sd3", "training_mode": "full", "num_student_steps": 4},
-    "sd3-1step": {"family": "sd3", "training_mode": "lora", "num_student_steps": 1, "export_full_pipeline": False},
+    "sd3-1step": {
+        "family": "sd3",
+        "training_mode": "lora",
+        "num_student_steps": 1,
+        "export_full_pipeline": False,
+        "lora_alpha": 2,
+    },
     "sd15-2step": {"family": "sd15", "training_mode": "lora", "num_student_steps": 2},
 }
 TEACHER_CARDS = {
@@ -245,6 +259,47 @@ def test_lora_only_export_has_code_and_scheduler_but_no_pipeline(exported):
     assert (folder / "scheduler" / "scheduling_dmdr.py").is_file()
 
 
+@pytest.mark.parametrize("name", ["sdxl-4step", "sd3-1step"])
+def test_kohya_lora_file_maps_every_module_and_loads_like_the_diffusers_file(name, exported):
+    """The ComfyUI / Automatic1111 file, read back by diffusers' own non-diffusers-LoRA path (`load_lora_weights`),
+    gives the diffusers file's output; every module of the PEFT file is in it."""
+    from peft.tuners.lora import LoraLayer
+
+    run = exported(name)
+    family = get_family(run.family)
+    peft_file, kohya_file = (
+        load_file(run.export_dir / LORA_WEIGHT_NAME),
+        load_file(run.export_dir / KOHYA_LORA_WEIGHT_NAME),
+    )
+    peft_modules = {key.rsplit(".lora_", 1)[0] for key in peft_file}
+    kohya_modules = {key.rsplit(".", 2 if key.endswith(".weight") else 1)[0] for key in kohya_file}
+    assert len(kohya_modules) == len(peft_modules) and len(peft_file) == 2 * len(peft_modules)
+    if run.family == "sdxl":
+        assert all(module.startswith("lora_unet_") for module in kohya_modules)
+        assert len(kohya_file) == 3 * len(peft_modules)  # down, up and alpha per module
+        assert {kohya_file[f"{module}.alpha"].item() for module in kohya_modules} == {8.0}
+    else:
+        assert kohya_modules == peft_modules and len(kohya_file) == 2 * len(peft_modules)
+
+    def sample(weight_name: str | None):
+        pipeline = family.pipeline_class().from_pretrained(str(run.teacher_dir))
+        pipeline.set_progress_bar_config(disable=True)
+        if weight_name is not None:
+            pipeline.load_lora_weights(str(run.export_dir), weight_name=weight_name)
+            backbone = getattr(pipeline, family.backbone_name)
+            layers = sum(isinstance(module, LoraLayer) for module in backbone.modules())
+            assert layers == len(peft_modules), weight_name  # no module dropped on loading
+        kwargs = {"max_sequence_length": 32} if family.is_flow else {}
+        return pipeline(
+            PROMPTS[:1], num_inference_steps=2, guidance_scale=0.0, height=64, width=64, generator=seeded(3),
+            output_type="latent", **kwargs,
+        ).images  # fmt: skip
+
+    diffusers_output = sample(LORA_WEIGHT_NAME)
+    torch.testing.assert_close(sample(KOHYA_LORA_WEIGHT_NAME), diffusers_output, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(sample(None), diffusers_output, atol=1e-3)  # and the LoRA does change the output
+
+
 def test_loaded_pipeline_saved_and_re_exported_round_trips(exported, tmp_path):
     from diffusers import DiffusionPipeline
 
@@ -299,6 +354,13 @@ def test_model_card_metadata_and_content(name, exported):
     assert "`reward/clip` | 0.31" in text and "`heldout_reward/pickscore` | 0.2" in text
     assert len(re.findall(r"```python\n", text)) == 3
     assert text.count("### ") == 3 and "trust_remote_code=True" in text and "load_lora_weights" in text
+    # Which file each tool takes.
+    comfy = text.split("## ComfyUI / Automatic1111\n", 1)[1].split("\n## ", 1)[0]
+    assert f"`{KOHYA_LORA_WEIGHT_NAME}`" in comfy and "models/loras/" in comfy and f"`{LORA_WEIGHT_NAME}`" in comfy
+    if run.family == "sdxl":
+        assert "sampler `lcm`" in comfy and "sgm_uniform" in comfy and "<lora:pytorch_lora_weights_kohya:1>" in comfy
+    else:
+        assert "sampler `euler`" in comfy and "any scheduler" in comfy and "Automatic1111 does not run" in comfy
 
 
 # ------------------------------------------------------------------------------------------------------------------

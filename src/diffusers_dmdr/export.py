@@ -6,6 +6,8 @@ The export folder (the run's `output_dir` at the end of training; any folder fro
 README.md                          model card: metadata, samples, loading snippets, sampler, recipe
 samples.png                        the validation prompts sampled by the student (when there are any)
 pytorch_lora_weights.safetensors   the student LoRA in diffusers format (LoRA mode)
+pytorch_lora_weights_kohya.safetensors
+                                   the same LoRA in ComfyUI / Forge / Automatic1111 keys (LoRA mode)
 pipeline_dmdr.py                   FewStepDMDRPipeline, copied verbatim from the package
 scheduler/                         DMDRScheduler config (the trained timesteps) + scheduling_dmdr.py
 model_index.json, unet/ or transformer/, vae/, text_encoder*/, tokenizer*/
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from .adapters import (
     FAKE_ADAPTER,
@@ -48,6 +50,7 @@ from .export_layout import (  # noqa: F401  (the file names are part of this mod
 from .families import ModelFamily, detect_family, get_family, read_teacher_config
 from .families.base import student_scheduler_for
 from .hub import UPLOAD_IGNORE_PATTERNS, HubUploadError, hub_id_of, push_to_hub  # noqa: F401  (this module's API)
+from .lora_formats import COMFY_LORA_STYLES, KOHYA_LORA_WEIGHT_NAME, UNET_STYLE, peft_to_comfy_lora
 from .model_card import ModelCardInfo, make_model_card
 from .pipelines import pipeline_dmdr, scheduling_dmdr
 from .pipelines.pipeline_dmdr import FewStepDMDRPipeline
@@ -374,8 +377,10 @@ def write_export(
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    comfy_lora = None
     if weights.is_lora:
         save_student_lora(output_dir, family, weights)
+        comfy_lora = save_comfy_lora(output_dir, family, weights)
     if full_pipeline is not None:
         export_pipeline(full_pipeline, output_dir)
     else:
@@ -390,6 +395,7 @@ def write_export(
         repo_id=hub_model_id or output_dir.name,
         base_model=base_model,
         has_lora=weights.is_lora,
+        has_comfy_lora=comfy_lora is not None,
         has_full_pipeline=full_pipeline is not None,
         has_samples=sample_images is not None,
         metrics=metrics or {},
@@ -422,6 +428,31 @@ def save_student_lora(output_dir: Path, family: ModelFamily, weights: StudentWei
     save_kwargs[f"{family.backbone_name}_lora_adapter_metadata"] = weights.lora_config
     family.pipeline_class().save_lora_weights(output_dir, safe_serialization=True, **save_kwargs)
     return output_dir / LORA_WEIGHT_NAME
+
+
+def save_comfy_lora(output_dir: Path, family: ModelFamily, weights: StudentWeights) -> Path | None:
+    """`pytorch_lora_weights_kohya.safetensors`: the same LoRA in the keys ComfyUI, Forge and Automatic1111 read
+    (see `lora_formats.py`), with kohya's `ss_network_*` metadata. `None`, with a warning, for a family whose key form
+    is not known (the diffusers file is still written)."""
+    style = COMFY_LORA_STYLES.get(family.name)
+    if style is None:
+        logger.warning(
+            f"No ComfyUI / kohya LoRA key form is known for the {family.name!r} family (lora_formats.COMFY_LORA_STYLES);"
+            f" only {LORA_WEIGHT_NAME} is written."
+        )
+        return None
+    state_dict = peft_to_comfy_lora(weights.lora_state_dict, weights.lora_config, style, prefix=family.backbone_name)
+    metadata = {
+        "format": "pt",
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(weights.lora_config["r"]),
+        "ss_network_alpha": str(
+            weights.lora_config["lora_alpha"] if style == UNET_STYLE else weights.lora_config["r"]
+        ),
+    }
+    path = output_dir / KOHYA_LORA_WEIGHT_NAME
+    save_file(state_dict, path, metadata=metadata)
+    return path
 
 
 def add_pipeline_code(folder: str | Path) -> None:

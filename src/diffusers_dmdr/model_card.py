@@ -20,6 +20,7 @@ from .export_layout import (
 )
 from .families import ModelFamily
 from .hub import cached_model_card_data, hub_id_of, remote_model_card_data
+from .lora_formats import KOHYA_LORA_WEIGHT_NAME
 from .pipelines.scheduling_dmdr import DMDRScheduler
 
 
@@ -53,7 +54,9 @@ class ModelCardInfo:
             The teacher's Hub id as given (`--base_model`); when `None` it is read from the teacher's source if
             that is a Hub id or a Hub cache snapshot (see [`ModelCardInfo.teacher_hub_id`]).
         has_lora (`bool`, defaults to `True`):
-            The export holds the student LoRA file(s).
+            The export holds the student LoRA in diffusers format.
+        has_comfy_lora (`bool`, defaults to `False`):
+            The export also holds the LoRA in ComfyUI / kohya keys (`pytorch_lora_weights_kohya.safetensors`).
         has_full_pipeline (`bool`, defaults to `False`):
             The export holds the full student pipeline (`model_index.json` and the component folders).
         has_samples (`bool`, defaults to `False`):
@@ -70,6 +73,7 @@ class ModelCardInfo:
     repo_id: str
     base_model: str | None = None
     has_lora: bool = True
+    has_comfy_lora: bool = False
     has_full_pipeline: bool = False
     has_samples: bool = False
     metrics: dict = field(default_factory=dict)
@@ -198,6 +202,8 @@ def _card_body(info: ModelCardInfo) -> str:
             f"{config.resolution}x{config.resolution}:\n\n{prompt_list}\n"
         )
     sections.append(_usage_section(info))
+    if info.has_comfy_lora:
+        sections.append(_comfy_section(info))
     schedule_rows = "\n".join(
         f"| {index} | {timestep:g} | {timestep / scheduler.config.num_train_timesteps:.4f} |"
         for index, timestep in enumerate(timesteps)
@@ -227,6 +233,9 @@ def _card_body(info: ModelCardInfo) -> str:
             )
     files = [
         f"- `{LORA_WEIGHT_NAME}`: the student LoRA in diffusers format (`load_lora_weights`)." if has_lora else "",
+        f"- `{KOHYA_LORA_WEIGHT_NAME}`: the same LoRA in kohya keys, for ComfyUI, Forge and Automatic1111."
+        if info.has_comfy_lora
+        else "",
         "- `model_index.json` and the component folders: the full student pipeline (safetensors)."
         if has_full_pipeline
         else "",
@@ -358,6 +367,60 @@ def _plain_route(info: ModelCardInfo, prompt: str, size: str) -> str:
             f'pipe = {stock_class}.from_pretrained("{base_model}", {name}={name}, torch_dtype=dtype)\n'
         )
     return _snippet(imports, load + set_scheduler + "pipe = pipe.to(device)\n" + call + ".images[0]\n")
+
+
+def grid_shift(scheduler: DMDRScheduler) -> float | None:
+    """The shift a flow grid was built with (informative config key `grid_shift`, formerly `shift`)."""
+    config = scheduler.config
+    return config.get("grid_shift", config.get("shift"))
+
+
+def _comfy_section(info: ModelCardInfo) -> str:
+    """Which file each tool takes, and the sampler settings closest to the trained one."""
+    scheduler, family = info.scheduler, info.family
+    timesteps = [int(round(t)) for t in scheduler.config.training_timesteps]
+    num_steps = len(timesteps)
+    stochastic = not scheduler.config.deterministic and num_steps > 1
+    # ComfyUI's `lcm` sampler re-noises the clean prediction with fresh noise (the DMD sampler); `euler` is the ODE.
+    sampler = "lcm" if stochastic else "euler"
+    trailing = [round(1000 - 1000 * index / num_steps) - 1 for index in range(num_steps)]
+    if num_steps == 1:
+        schedule = "any scheduler (the one step starts from pure noise)"
+    elif family.is_flow:
+        shift = grid_shift(scheduler)
+        schedule = (
+            f"scheduler `simple` with a *ModelSamplingSD3* node at shift {shift:g}"
+            if shift is not None
+            else "the scheduler whose noise levels match the *Sampler* table below"
+        )
+    elif timesteps == trailing:
+        schedule = f"scheduler `sgm_uniform` (its {num_steps} timesteps are within 1 of the trained {timesteps})"
+    else:
+        schedule = f"a scheduler as close as possible to the trained timesteps {timesteps} (none matches exactly)"
+    lines = [
+        "## ComfyUI / Automatic1111\n",
+        f"`{KOHYA_LORA_WEIGHT_NAME}` holds the same LoRA with the keys these tools read"
+        + (" (`lora_unet_*`, with `.alpha`)" if not family.is_flow else " (`transformer.*`, scale folded in)")
+        + f"; `{LORA_WEIGHT_NAME}` is for diffusers (`load_lora_weights`). Load it on the teacher "
+        f"({info.teacher_name}) at strength 1.0.\n",
+        f"- **ComfyUI**: copy it to `models/loras/`, add *LoraLoaderModelOnly* after the checkpoint loader; KSampler "
+        f"with {num_steps} step{'s' if num_steps > 1 else ''}, cfg 1.0, sampler `{sampler}`, {schedule}.",
+    ]
+    if family.is_flow:
+        lines.append(
+            "- **Forge** reads the same file (ComfyUI's loader); Automatic1111 does not run this model family."
+        )
+    else:
+        lines.append(
+            "- **Automatic1111 / Forge**: copy it to `models/Lora/` and add "
+            f"`<lora:{KOHYA_LORA_WEIGHT_NAME.removesuffix('.safetensors')}:1>` to the prompt; sampler "
+            f"{'LCM' if sampler == 'lcm' else 'Euler'}, {num_steps} steps, CFG scale 1."
+        )
+    lines.append(
+        "\nThese tools sample with their own schedulers: close to the trained sampler, not bit for bit, and their "
+        "seeds do not reproduce the images above.\n"
+    )
+    return "\n".join(lines)
 
 
 def _recipe_section(info: ModelCardInfo) -> str:
