@@ -21,7 +21,9 @@ push is `hub.push_to_hub`, and the command line (`dmdr-export`, `python -m diffu
 import copy
 import json
 import logging
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +53,7 @@ from .families import ModelFamily, detect_family, get_family, read_teacher_confi
 from .families.base import student_scheduler_for
 from .hub import UPLOAD_IGNORE_PATTERNS, HubUploadError, hub_id_of, push_to_hub  # noqa: F401  (this module's API)
 from .lora_formats import COMFY_LORA_STYLES, KOHYA_LORA_WEIGHT_NAME, UNET_STYLE, peft_to_comfy_lora
-from .model_card import ModelCardInfo, make_model_card
+from .model_card import BASE_MODEL_PLACEHOLDER, ModelCardInfo, make_model_card
 from .pipelines import pipeline_dmdr, scheduling_dmdr
 from .pipelines.pipeline_dmdr import FewStepDMDRPipeline
 from .pipelines.scheduling_dmdr import DMDRScheduler
@@ -123,6 +125,7 @@ def export_from_trainer(trainer) -> Path | None:
         sample_images=sample_images,
         metrics=metrics,
         hub_model_id=config.hub_model_id,
+        base_model=config.base_model,
         hub_timeout=config.hub_timeout if config.push_to_hub else None,
     )
     if config.push_to_hub:
@@ -198,6 +201,8 @@ def export_checkpoint(
     config = DMDRConfig.from_yaml(checkpoint_dir / CONFIG_FILE, allow_reward_import_paths=True)
     if export_full_pipeline is not None:
         config.export_full_pipeline = export_full_pipeline
+    if base_model is not None:
+        config.base_model = base_model
     hub_model_id = hub_model_id or config.hub_model_id
     hub_timeout = config.hub_timeout if hub_timeout is None else hub_timeout
     if push and not hub_model_id:
@@ -248,7 +253,7 @@ def export_checkpoint(
         sample_images=sample_images,
         metrics=metrics,
         hub_model_id=hub_model_id,
-        base_model=base_model,
+        base_model=config.base_model,
         checkpoint_name=checkpoint_dir.name,
         hub_timeout=hub_timeout if push else None,
     )
@@ -361,8 +366,12 @@ def write_export(
     """Write the export folder (see the module docstring) and return it. No Hub request is sent unless
     `hub_timeout` is given (an export about to be pushed may then read the teacher's card within that time).
 
+    The export is written to a staging folder beside `output_dir` first and moved in only once complete
+    ([`replace_export`]): a failed export leaves the previous one as it was, and a re-export leaves none of the
+    previous export's files behind (a stale `samples.png`, the pipeline folders of an earlier full export).
+
     Args:
-        output_dir: the folder; files of a previous export are overwritten, other files are left alone.
+        output_dir: the folder; a previous export in it is replaced, other files (checkpoints, logs) are left alone.
         config: the run's configuration (the recipe in the card).
         family: the model family.
         scheduler: the student's [`DMDRScheduler`].
@@ -377,42 +386,104 @@ def write_export(
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    comfy_lora = None
-    if weights.is_lora:
-        save_student_lora(output_dir, family, weights)
-        comfy_lora = save_comfy_lora(output_dir, family, weights)
-    if full_pipeline is not None:
-        export_pipeline(full_pipeline, output_dir)
-    else:
-        scheduler.save_pretrained(output_dir / "scheduler")
-        _copy_code(output_dir)
-    if sample_images is not None:
-        save_image_grid(sample_images, output_dir / SAMPLES_FILE, rows=len(config.validation_prompts))
-    info = ModelCardInfo(
-        config,
-        family,
-        scheduler,
-        repo_id=hub_model_id or output_dir.name,
-        base_model=base_model,
-        has_lora=weights.is_lora,
-        has_comfy_lora=comfy_lora is not None,
-        has_full_pipeline=full_pipeline is not None,
-        has_samples=sample_images is not None,
-        metrics=metrics or {},
-        checkpoint_name=checkpoint_name,
-    )
-    card = make_model_card(info, existing_card=output_dir / "README.md", hub_timeout=hub_timeout)
-    # What is published names no local folder: absolute paths become `<local>/<name>` in the recipe, and in the card
-    # of an export about to be pushed (a local card keeps them so that its snippets run here; the run's checkpoints
-    # keep their own, unredacted dmdr_config.yaml).
-    card_text = str(card) if hub_timeout is None else redact_local_paths(str(card))
-    (output_dir / "README.md").write_text(card_text, encoding="utf-8")
-    public_config = redact_local_paths_in(
-        {k: v for k, v in config.to_dict().items() if k != "allow_reward_import_paths"}
-    )
-    (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(public_config, sort_keys=False), encoding="utf-8")
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.export-", dir=output_dir.parent))
+    try:
+        comfy_lora = None
+        if weights.is_lora:
+            save_student_lora(staging, family, weights)
+            comfy_lora = save_comfy_lora(staging, family, weights)
+        if full_pipeline is not None:
+            export_pipeline(full_pipeline, staging)
+        else:
+            scheduler.save_pretrained(staging / "scheduler")
+            _copy_code(staging)
+        if sample_images is not None:
+            save_image_grid(sample_images, staging / SAMPLES_FILE, rows=len(config.validation_prompts))
+        backbone = getattr(full_pipeline, family.backbone_name, None) if full_pipeline is not None else None
+        info = ModelCardInfo(
+            config,
+            family,
+            scheduler,
+            repo_id=hub_model_id or output_dir.name,
+            base_model=base_model,
+            has_lora=weights.is_lora,
+            has_comfy_lora=comfy_lora is not None,
+            has_full_pipeline=full_pipeline is not None,
+            has_samples=sample_images is not None,
+            metrics=metrics or {},
+            checkpoint_name=checkpoint_name,
+            backbone_class_name=type(backbone).__name__ if backbone is not None else None,
+        )
+        if info.teacher_hub_id is None:
+            logger.warning(
+                f"The teacher {config.pretrained_model_name_or_path} is a local folder and no --base_model names its "
+                f"Hub id: the card has no base_model and its snippets load the placeholder {BASE_MODEL_PLACEHOLDER!r}. "
+                "Re-export with --base_model org/name to fill them."
+            )
+        card = make_model_card(info, existing_card=output_dir / "README.md", hub_timeout=hub_timeout)
+        # What is published names no local folder: absolute paths become `<local>/<name>` in the recipe, and in the
+        # card of an export about to be pushed (a local card keeps them; the run's checkpoints keep their own,
+        # unredacted dmdr_config.yaml).
+        card_text = str(card) if hub_timeout is None else redact_local_paths(str(card))
+        (staging / "README.md").write_text(card_text, encoding="utf-8")
+        public_config = redact_local_paths_in(
+            {k: v for k, v in config.to_dict().items() if k != "allow_reward_import_paths"}
+        )
+        (staging / CONFIG_FILE).write_text(yaml.safe_dump(public_config, sort_keys=False), encoding="utf-8")
+        replace_export(output_dir, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     logger.info(f"Exported the DMDR student to {output_dir}")
     return output_dir
+
+
+def export_entries(folder: Path) -> set[str]:
+    """The top-level names in `folder` that belong to an export: its fixed files, and the component folders its
+    `model_index.json` names. Checkpoints, logs, validation grids and the run's summary are never among them."""
+    names = {
+        "README.md",
+        SAMPLES_FILE,
+        CONFIG_FILE,
+        LORA_WEIGHT_NAME,
+        KOHYA_LORA_WEIGHT_NAME,
+        f"{PIPELINE_MODULE}.py",
+        "scheduler",
+        "model_index.json",
+    }
+    index_file = folder / "model_index.json"
+    if index_file.is_file():
+        try:
+            model_index = json.loads(index_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            model_index = {}
+        names |= {name for name, value in model_index.items() if not name.startswith("_") and isinstance(value, list)}
+    protected = {name for name in names if name.startswith(("checkpoint-", ".checkpoint-")) or name in ("logs",)}
+    return {name for name in names - protected if (folder / name).exists()}
+
+
+def replace_export(output_dir: Path, staging: Path) -> None:
+    """Move the complete export in `staging` into `output_dir`, in place of the previous export there.
+
+    The previous export's entries ([`export_entries`]) and any entry the new export writes are first moved aside
+    into a folder beside `output_dir`; they are deleted only once every new entry is in place. If a move fails, what
+    was moved aside is put back, so the folder never holds neither export.
+    """
+    previous = export_entries(output_dir)
+    new = {path.name for path in staging.iterdir()}
+    aside = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.previous-export-", dir=output_dir.parent))
+    moved: list[str] = []
+    try:
+        for name in sorted(previous | {name for name in new if (output_dir / name).exists()}):
+            os.replace(output_dir / name, aside / name)
+            moved.append(name)
+        for name in sorted(new):
+            os.replace(staging / name, output_dir / name)
+    except BaseException:
+        for name in moved:
+            if not (output_dir / name).exists():
+                os.replace(aside / name, output_dir / name)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def save_student_lora(output_dir: Path, family: ModelFamily, weights: StudentWeights) -> Path:

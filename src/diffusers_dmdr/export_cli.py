@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from .config import _parse_bool as parse_bool
 from .export import export_checkpoint
 from .hub import HubUploadError
 
@@ -21,16 +22,25 @@ def build_argument_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--checkpoint", required=True, help="a checkpoint-N folder, or a run's output_dir (latest)")
     parser.add_argument("--output_dir", required=True, help="the export folder (may be the run's output_dir)")
-    parser.add_argument("--push_to_hub", action="store_true", help="upload the folder to the Hub")
+    # Boolean flags read like train.py's: bare (`--push_to_hub`) or with true/false/1/0/yes/no/on/off.
+    boolean = {"type": parse_bool, "nargs": "?", "const": True, "metavar": "BOOL"}
+    parser.add_argument("--push_to_hub", default=False, help="upload the folder to the Hub", **boolean)
     parser.add_argument("--hub_model_id", default=None, help="repo id org/name (default: the run's hub_model_id)")
-    parser.add_argument("--hub_private", action="store_true", default=None, help="create the repo as private")
+    parser.add_argument(
+        "--hub_private", default=None, help="create the repo as private (default: the run's)", **boolean
+    )
     parser.add_argument(
         "--export_full_pipeline",
-        action="store_true",
         default=None,
         help="also save the fused full pipeline in LoRA mode (default: the run's setting)",
+        **boolean,
     )
-    parser.add_argument("--base_model", default=None, help="the teacher's Hub id, if the run used a local copy")
+    parser.add_argument(
+        "--base_model",
+        default=None,
+        help="the teacher's Hub id (org/name) for the card and its snippets (default: the run's --base_model, or "
+        "the teacher's own id when it was given as one)",
+    )
     parser.add_argument("--device", default=None, help="device that samples the grid (default: cuda if available)")
     parser.add_argument(
         "--hub_timeout", type=float, default=None, help="seconds each Hub request may take (default: the run's)"

@@ -22,6 +22,7 @@ from .families import ModelFamily
 from .hub import cached_model_card_data, hub_id_of, remote_model_card_data
 from .lora_formats import KOHYA_LORA_WEIGHT_NAME
 from .pipelines.scheduling_dmdr import DMDRScheduler
+from .rewards import parse_reward_spec
 
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ FAMILY_TAGS = {
     "sd3": ["sd3", "sd3-diffusers"],
 }
 DEFAULT_SNIPPET_PROMPT = "a photo of a red fox in the snow"
+# What the snippets load as the teacher when it was a local folder and no `--base_model` named its Hub id.
+BASE_MODEL_PLACEHOLDER = "<teacher-hub-id>"
 
 
 @dataclass
@@ -65,6 +68,9 @@ class ModelCardInfo:
             The last training logs (rewards, losses) for the metrics table.
         checkpoint_name (`str`, *optional*):
             The checkpoint exported (`checkpoint-N`), when the export was rebuilt from one.
+        backbone_class_name (`str`, *optional*):
+            The class of the saved full student's backbone (`UNet2DConditionModel`, `SD3Transformer2DModel`, ...),
+            for the stock-pipeline snippet of a full export.
     """
 
     config: DMDRConfig
@@ -78,6 +84,7 @@ class ModelCardInfo:
     has_samples: bool = False
     metrics: dict = field(default_factory=dict)
     checkpoint_name: str | None = None
+    backbone_class_name: str | None = None
 
     @property
     def teacher_hub_id(self) -> str | None:
@@ -87,8 +94,25 @@ class ModelCardInfo:
 
     @property
     def teacher_name(self) -> str:
-        """How snippets and text name the teacher: its Hub id, else its source as given."""
-        return self.teacher_hub_id or self.config.pretrained_model_name_or_path
+        """How the snippets name the teacher: its Hub id, else a placeholder to replace (a local folder is no use to
+        the card's readers)."""
+        return self.teacher_hub_id or BASE_MODEL_PLACEHOLDER
+
+    @property
+    def rewards_trained(self) -> bool:
+        """Whether the student was trained on a reward: a positive-weight reward and a stage 2 that ran."""
+        config = self.config
+        weights = [parse_reward_spec(spec).weight for spec in config.reward or []]
+        cold_start = config.max_train_steps // 2 if config.cold_start_steps is None else config.cold_start_steps
+        return any(weight > 0 for weight in weights) and config.max_train_steps > cold_start
+
+    @property
+    def snippet_dtype(self) -> str:
+        """The GPU dtype of the snippets: the run's mixed precision, else bf16 for flow models and fp16 for UNets."""
+        precision = self.config.mixed_precision
+        if precision in ("bf16", "fp16"):
+            return {"bf16": "torch.bfloat16", "fp16": "torch.float16"}[precision]
+        return "torch.bfloat16" if self.family.is_flow else "torch.float16"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,13 +208,27 @@ def _card_body(info: ModelCardInfo) -> str:
             "Between steps the clean prediction is re-noised with fresh Gaussian noise (the DMD sampler); the last "
             "step returns the clean prediction."
         )
-    is_hub_id = "/" in base_model and not Path(base_model).expanduser().exists()
-    base_link = f"[`{base_model}`](https://huggingface.co/{base_model})" if is_hub_id else f"`{base_model}`"
+    if info.teacher_hub_id:
+        base_link = f"[`{base_model}`](https://huggingface.co/{base_model})"
+    else:
+        local_name = Path(config.pretrained_model_name_or_path).name
+        base_link = (
+            f"a local copy of a teacher (`{local_name}`; its Hub id was not given: re-export with "
+            "`dmdr-export --base_model org/name` to fill `base_model` and the snippets)"
+        )
+    if info.rewards_trained:
+        method = (
+            f"[DMDR]({PAPER_URL}) (distribution matching distillation jointly with reinforcement learning from "
+            "differentiable rewards)"
+        )
+    else:
+        method = (
+            f"DMD (distribution matching distillation, the [DMDR]({PAPER_URL}) recipe without reward losses: this "
+            "run trained on no reward)"
+        )
     sections = [
         f"# {repo_id.split('/')[-1]}\n",
-        f"A **{num_steps}-step** text-to-image student distilled from {base_link} with "
-        f"[DMDR]({PAPER_URL}) (distribution matching distillation jointly with reinforcement learning from "
-        "differentiable rewards), trained with "
+        f"A **{num_steps}-step** text-to-image student distilled from {base_link} with {method}, trained with "
         "[diffusers-dmdr](https://pypi.org/project/diffusers-dmdr/). It samples in "
         f"{num_steps} step{'s' if num_steps > 1 else ''} without classifier-free guidance.\n",
     ]
@@ -256,14 +294,21 @@ def _card_body(info: ModelCardInfo) -> str:
     return "\n".join(sections)
 
 
-SNIPPET_DEVICE_LINE = (
-    'device, dtype = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)\n'
-)
+def _snippet(imports: list[str], body: str, gpu_dtype: str) -> str:
+    """A runnable snippet: `torch` and `imports`, the device and dtype choice, then `body` (which defines `image`)."""
+    device_line = f'device, dtype = ("cuda", {gpu_dtype}) if torch.cuda.is_available() else ("cpu", torch.float32)\n'
+    return "import torch\n" + "".join(line + "\n" for line in imports) + "\n" + device_line + body
 
 
-def _snippet(imports: list[str], body: str) -> str:
-    """A runnable snippet: `torch` and `imports`, the device choice, then `body` (which defines `image`)."""
-    return "import torch\n" + "".join(line + "\n" for line in imports) + "\n" + SNIPPET_DEVICE_LINE + body
+def _load_lora_lines(pipe: str, info: ModelCardInfo) -> str:
+    """Load the diffusers LoRA file onto `pipe`'s backbone and fuse it. The LoRA covers the backbone only:
+    `load_lora_adapter` on it (rather than the pipeline's `load_lora_weights`) skips the notice about text encoders
+    without LoRA keys."""
+    name = info.family.backbone_name
+    return (
+        f'{pipe}.{name}.load_lora_adapter("{info.repo_id}", weight_name="{LORA_WEIGHT_NAME}", prefix="{name}")\n'
+        f"{pipe}.{name}.fuse_lora()\n"
+    )
 
 
 def _usage_section(info: ModelCardInfo) -> str:
@@ -272,36 +317,35 @@ def _usage_section(info: ModelCardInfo) -> str:
     size = ""
     if config.resolution != family.default_resolution:
         size = f", height={config.resolution}, width={config.resolution}"
-    stock_class = family.pipeline_class_name
     call = f'image = pipe("{prompt}"{size}).images[0]\n'
     if info.has_full_pipeline:
         route_package = _snippet(
             ["from diffusers_dmdr.pipelines import FewStepDMDRPipeline"],
-            f'pipe = FewStepDMDRPipeline.from_pretrained("{repo_id}", torch_dtype=dtype).to(device)\n' + call,
+            f'pipe = FewStepDMDRPipeline.from_pretrained("{repo_id}", dtype=dtype).to(device)\n' + call,
+            info.snippet_dtype,
         )
         route_remote = _snippet(
             ["from diffusers import DiffusionPipeline"],
-            f'pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True, torch_dtype=dtype)\n'
+            f'pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True, dtype=dtype)\n'
             "pipe = pipe.to(device)\n" + call,
+            info.snippet_dtype,
         )
     else:
         # No full pipeline in the repo: the student is the base model plus the LoRA, sampled by FewStepDMDRPipeline.
+        # The teacher's folder loads straight into FewStepDMDRPipeline (`from_pipe` casts every model and warns).
         student = (
-            f'base = {stock_class}.from_pretrained("{base_model}", torch_dtype=dtype)\n'
-            f'base.load_lora_weights("{repo_id}")\n'
-            "base.fuse_lora()\n"
             f'scheduler = DMDRScheduler.from_pretrained("{repo_id}", subfolder="scheduler")\n'
-            "pipe = FewStepDMDRPipeline.from_pipe(base, scheduler=scheduler).to(device)\n"
+            f'pipe = FewStepDMDRPipeline.from_pretrained("{base_model}", scheduler=scheduler, dtype=dtype)\n'
+            + _load_lora_lines("pipe", info)
+            + "pipe = pipe.to(device)\n"
         )
         route_package = _snippet(
-            [
-                f"from diffusers import {stock_class}",
-                "from diffusers_dmdr.pipelines import DMDRScheduler, FewStepDMDRPipeline",
-            ],
+            ["from diffusers_dmdr.pipelines import DMDRScheduler, FewStepDMDRPipeline"],
             student + call,
+            info.snippet_dtype,
         )
         route_remote = _snippet(
-            [f"from diffusers import {stock_class}", "from diffusers.utils import get_class_from_dynamic_module"],
+            ["from diffusers.utils import get_class_from_dynamic_module"],
             "FewStepDMDRPipeline = get_class_from_dynamic_module(\n"
             f'    "{repo_id}", "{PIPELINE_MODULE}.py", class_name="{PIPELINE_CLASS}", trust_remote_code=True\n'
             ")\n"
@@ -309,8 +353,9 @@ def _usage_section(info: ModelCardInfo) -> str:
             f'    "{repo_id}", "{SCHEDULER_MODULE}.py", subfolder="scheduler", class_name="{SCHEDULER_CLASS}",\n'
             "    trust_remote_code=True,\n"
             ")\n" + student + call,
+            info.snippet_dtype,
         )
-    route_plain = _plain_route(info, prompt, size)
+    recipe, no_recipe_reason = stock_scheduler_recipe(info.scheduler, family)
     lines = [
         "## How to use\n",
         "The trained sampler is `FewStepDMDRPipeline` with `DMDRScheduler`: same timesteps, same re-noising rule, no "
@@ -322,51 +367,105 @@ def _usage_section(info: ModelCardInfo) -> str:
         "and pin `revision=` to a commit you checked.\n",
         f"```python\n{route_remote}```\n",
         "### 3. A stock diffusers pipeline and scheduler\n",
-        "No custom code: the stock scheduler below follows the same timesteps with its own update rule, which matches "
-        "the trained sampler closely but not bit for bit"
-        + (" (it feeds the model `1000 t` where training fed `round(1000 t)`)" if family.is_flow else "")
-        + ".\n",
-        f"```python\n{route_plain}```\n",
     ]
+    if recipe is None:
+        lines.append(
+            f"No stock diffusers scheduler follows this student's sampler ({no_recipe_reason}): use 1 or 2.\n"
+        )
+    else:
+        stochastic_flow = family.is_flow and recipe.get("from_config_kwargs", {}).get("stochastic_sampling")
+        lines += [
+            "No custom code: the stock scheduler below follows the same timesteps with its own update rule, which "
+            "matches the trained sampler closely but not bit for bit"
+            + (" (it feeds the model `1000 t` where training fed `round(1000 t)`)" if family.is_flow else "")
+            + "."
+            + (
+                f" `{family.pipeline_class_name}` does not pass `generator` to the scheduler, so its re-noising draws "
+                "from the global random state: set `torch.manual_seed` for repeatable images."
+                if stochastic_flow
+                else ""
+            )
+            + "\n",
+            f"```python\n{_plain_route(info, recipe, prompt, size)}```\n",
+        ]
     return "\n".join(lines)
 
 
-def _plain_route(info: ModelCardInfo, prompt: str, size: str) -> str:
-    family, scheduler, repo_id, base_model = info.family, info.scheduler, info.repo_id, info.teacher_name
-    stock_class = family.pipeline_class_name
-    timesteps = list(scheduler.config.training_timesteps)
+def stock_scheduler_recipe(scheduler: DMDRScheduler, family: ModelFamily) -> tuple[dict | None, str | None]:
+    """How a stock diffusers scheduler follows the student's grid: `({"class_name", "from_config_kwargs",
+    "call_kwargs"}, None)`, or `(None, reason)` when none does.
+
+    Asks `DMDRScheduler.stock_scheduler_recipe()` where the scheduler has it; otherwise LCM (fresh noise between
+    steps, the DMD sampler) or Euler for DDPM grids, and FlowMatchEuler with the trained sigmas (`shift=1`: they are
+    already shifted) for flow grids.
+    """
+    method = getattr(scheduler, "stock_scheduler_recipe", None)
+    if method is not None:
+        recipe = method()
+        if isinstance(recipe, dict) and recipe.get("class_name"):
+            return recipe, None
+        reason = recipe.get("reason") if isinstance(recipe, dict) else None
+        return None, reason or "the trained grid is not one a stock scheduler builds"
+    timesteps = [float(t) for t in scheduler.config.training_timesteps]
     deterministic = scheduler.config.deterministic
     if family.is_flow:
-        scheduler_class = "FlowMatchEulerDiscreteScheduler"
         noise_levels = [round(t / scheduler.config.num_train_timesteps, 6) for t in timesteps]
-        # shift=1: the sigmas passed in the call are the trained grid, already shifted.
-        set_scheduler = (
-            f"pipe.scheduler = {scheduler_class}.from_config(\n"
-            f"    pipe.scheduler.config, shift=1.0, stochastic_sampling={not deterministic}\n)\n"
-        )
-        call = f'image = pipe("{prompt}", sigmas={noise_levels}, guidance_scale=0.0, max_sequence_length=128{size})'
-    else:
-        # LCM re-noises with fresh noise (the DMD sampler); a one-step student has nothing to re-noise.
-        stochastic = not deterministic or len(timesteps) == 1
-        scheduler_class = "LCMScheduler" if stochastic else "EulerDiscreteScheduler"
-        set_scheduler = f"pipe.scheduler = {scheduler_class}.from_config(pipe.scheduler.config)\n"
-        call = f'image = pipe("{prompt}", timesteps={[int(t) for t in timesteps]}, guidance_scale=0.0{size})'
+        return {
+            "class_name": "FlowMatchEulerDiscreteScheduler",
+            "from_config_kwargs": {"shift": 1.0, "stochastic_sampling": not deterministic and len(timesteps) > 1},
+            "call_kwargs": {"sigmas": noise_levels},
+        }, None
+    model_timesteps = [int(t) for t in timesteps]
+    if deterministic and len(timesteps) > 1:
+        return {
+            "class_name": "EulerDiscreteScheduler",
+            "from_config_kwargs": {},
+            "call_kwargs": {"timesteps": model_timesteps},
+        }, None
+    # LCM re-noises with fresh noise (the DMD sampler); a one-step student has nothing to re-noise.
+    original_steps = lcm_original_inference_steps(model_timesteps, scheduler.config.num_train_timesteps)
+    return {
+        "class_name": "LCMScheduler",
+        "from_config_kwargs": {"original_inference_steps": original_steps},
+        "call_kwargs": {"timesteps": model_timesteps},
+    }, None
+
+
+def lcm_original_inference_steps(timesteps: list[int], num_train_timesteps: int = 1000) -> int:
+    r"""The smallest `original_inference_steps` whose LCM origin schedule $\{i k - 1\}_{i=1}^{n}$, $k = \lfloor T / n
+    \rfloor$, holds every timestep after the first (`LCMScheduler.set_timesteps` warns about any other custom
+    timestep); `len(timesteps)` when none does."""
+    for steps in range(len(timesteps), num_train_timesteps + 1):
+        spacing = num_train_timesteps // steps
+        origin = {index * spacing - 1 for index in range(1, steps + 1)}
+        if all(timestep in origin for timestep in timesteps[1:]):
+            return steps
+    return len(timesteps)
+
+
+def _plain_route(info: ModelCardInfo, recipe: dict, prompt: str, size: str) -> str:
+    family, repo_id, base_model = info.family, info.repo_id, info.teacher_name
+    stock_class, scheduler_class = family.pipeline_class_name, recipe["class_name"]
+    config_kwargs = "".join(f", {key}={value!r}" for key, value in recipe.get("from_config_kwargs", {}).items())
+    set_scheduler = f"pipe.scheduler = {scheduler_class}.from_config(pipe.scheduler.config{config_kwargs})\n"
+    call_kwargs = "".join(f", {key}={value!r}" for key, value in recipe.get("call_kwargs", {}).items())
+    extra = ", max_sequence_length=128" if family.name == "sd3" else ""
+    call = f'image = pipe("{prompt}"{call_kwargs}, guidance_scale=0.0{extra}{size})'
     if info.has_lora:
         imports = [f"from diffusers import {scheduler_class}, {stock_class}"]
-        load = (
-            f'pipe = {stock_class}.from_pretrained("{base_model}", torch_dtype=dtype)\n'
-            f'pipe.load_lora_weights("{repo_id}")\n'
-            "pipe.fuse_lora()\n"
-        )
+        load = f'pipe = {stock_class}.from_pretrained("{base_model}", dtype=dtype)\n' + _load_lora_lines("pipe", info)
     else:
         name = family.backbone_name
-        backbone_class = "SD3Transformer2DModel" if family.is_flow else "UNet2DConditionModel"
+        backbone_class = info.backbone_class_name or (
+            "SD3Transformer2DModel" if family.is_flow else "UNet2DConditionModel"
+        )
         imports = [f"from diffusers import {backbone_class}, {scheduler_class}, {stock_class}"]
         load = (
-            f'{name} = {backbone_class}.from_pretrained("{repo_id}", subfolder="{name}", torch_dtype=dtype)\n'
-            f'pipe = {stock_class}.from_pretrained("{base_model}", {name}={name}, torch_dtype=dtype)\n'
+            f'{name} = {backbone_class}.from_pretrained("{repo_id}", subfolder="{name}", dtype=dtype)\n'
+            f'pipe = {stock_class}.from_pretrained("{base_model}", {name}={name}, dtype=dtype)\n'
         )
-    return _snippet(imports, load + set_scheduler + "pipe = pipe.to(device)\n" + call + ".images[0]\n")
+    body = load + set_scheduler + "pipe = pipe.to(device)\n" + call + ".images[0]\n"
+    return _snippet(imports, body, info.snippet_dtype)
 
 
 def grid_shift(scheduler: DMDRScheduler) -> float | None:
@@ -425,8 +524,8 @@ def _comfy_section(info: ModelCardInfo) -> str:
 
 def _recipe_section(info: ModelCardInfo) -> str:
     config, family, has_lora, checkpoint_name = info.config, info.family, info.has_lora, info.checkpoint_name
-    rewards = ", ".join(f"`{spec}`" for spec in config.reward) or "none (DMD only)"
-    eval_rewards = ", ".join(f"`{spec}`" for spec in config.eval_reward) or "none"
+    rewards = ", ".join(f"`{reward_text(spec)}`" for spec in config.reward) or "none (DMD only)"
+    eval_rewards = ", ".join(f"`{reward_text(spec)}`" for spec in config.eval_reward) or "none"
     adapter = (
         f"LoRA rank {config.lora_rank}, alpha {config.lora_alpha}" if has_lora else "full fine-tuning of the backbone"
     )
@@ -436,7 +535,7 @@ def _recipe_section(info: ModelCardInfo) -> str:
         ("student steps", str(config.num_student_steps)),
         ("resolution", f"{config.resolution}x{config.resolution}"),
         ("generator updates", f"{config.max_train_steps} (stage 1, DMD only: {config.cold_start_steps})"),
-        ("rewards (stage 2, `name:weight`)", rewards),
+        ("rewards (stage 2, `name:weight:options`)", rewards),
         ("held-out rewards (logged only)", eval_rewards),
         ("reward-tilted DMD in stage 1", str(config.reward_tilt)),
         (
@@ -455,9 +554,19 @@ def _recipe_section(info: ModelCardInfo) -> str:
     if checkpoint_name:
         rows.append(("exported checkpoint", checkpoint_name))
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    return (
-        "## Training recipe\n\n"
-        "Stage 1 distils the teacher with DMD (with the DynaDG and DynaRS cold-start schedules); stage 2 adds the "
-        "reward losses to DMD, which keeps regularising the student towards the teacher's distribution.\n\n"
-        f"| setting | value |\n|---|---|\n{table}\n"
-    )
+    if info.rewards_trained:
+        stages = (
+            "Stage 1 distils the teacher with DMD (with the DynaDG and DynaRS cold-start schedules); stage 2 adds the "
+            "reward losses to DMD, which keeps regularising the student towards the teacher's distribution."
+        )
+    else:
+        stages = (
+            "The student was distilled with DMD alone (with the DynaDG and DynaRS cold-start schedules): no reward "
+            "loss was applied in this run."
+        )
+    return f"## Training recipe\n\n{stages}\n\n| setting | value |\n|---|---|\n{table}\n"
+
+
+def reward_text(spec) -> str:
+    """A reward of the recipe, given as CLI text or as a YAML mapping, in its CLI form (`clip:0.3:hinge=0.7`)."""
+    return parse_reward_spec(spec).to_text()
