@@ -110,9 +110,12 @@ def test_stock_route_follows_the_schedulers_own_recipe(tmp_path):
     route_3 = snippets(card_text(tmp_path, scheduler=scheduler))[2]
     assert "from diffusers import TCDScheduler, StableDiffusionXLPipeline" in route_3
     assert "TCDScheduler.from_config(pipe.scheduler.config, original_inference_steps=4)" in route_3
-    WithRecipe.recipe = None
+    WithRecipe.recipe["exact"], WithRecipe.recipe["note"] = True, ""
+    assert "reproduces the trained sampler up to float rounding" in card_text(tmp_path, scheduler=scheduler)
+    WithRecipe.recipe = {"class_name": None, "from_config_kwargs": {}, "call_kwargs": {}, "note": "no stock DDIM"}
     text = card_text(tmp_path, scheduler=scheduler)
     assert len(snippets(text)) == 2 and "No stock diffusers scheduler follows this student's sampler" in text
+    assert "(no stock DDIM)" in text
 
 
 def test_a_local_teacher_without_base_model_gets_a_placeholder_and_says_so(tmp_path):

@@ -372,9 +372,23 @@ def _usage_section(info: ModelCardInfo) -> str:
         lines.append(
             f"No stock diffusers scheduler follows this student's sampler ({no_recipe_reason}): use 1 or 2.\n"
         )
+    elif "exact" in recipe:
+        # The scheduler's own recipe says whether the stock route is exact, and what differs.
+        note = recipe.get("note")
+        lines.append(
+            "No custom code: this stock scheduler "
+            + (
+                "reproduces the trained sampler up to float rounding"
+                if recipe["exact"]
+                else "follows the trained grid with its own update rule, close to the trained sampler but not bit "
+                "for bit"
+            )
+            + (f" ({note})" if note else "")
+            + ".\n"
+        )
     else:
         stochastic_flow = family.is_flow and recipe.get("from_config_kwargs", {}).get("stochastic_sampling")
-        lines += [
+        lines.append(
             "No custom code: the stock scheduler below follows the same timesteps with its own update rule, which "
             "matches the trained sampler closely but not bit for bit"
             + (" (it feeds the model `1000 t` where training fed `round(1000 t)`)" if family.is_flow else "")
@@ -385,9 +399,10 @@ def _usage_section(info: ModelCardInfo) -> str:
                 if stochastic_flow
                 else ""
             )
-            + "\n",
-            f"```python\n{_plain_route(info, recipe, prompt, size)}```\n",
-        ]
+            + "\n"
+        )
+    if recipe is not None:
+        lines.append(f"```python\n{_plain_route(info, recipe, prompt, size)}```\n")
     return "\n".join(lines)
 
 
@@ -404,7 +419,7 @@ def stock_scheduler_recipe(scheduler: DMDRScheduler, family: ModelFamily) -> tup
         recipe = method()
         if isinstance(recipe, dict) and recipe.get("class_name"):
             return recipe, None
-        reason = recipe.get("reason") if isinstance(recipe, dict) else None
+        reason = (recipe.get("note") or recipe.get("reason")) if isinstance(recipe, dict) else None
         return None, reason or "the trained grid is not one a stock scheduler builds"
     timesteps = [float(t) for t in scheduler.config.training_timesteps]
     deterministic = scheduler.config.deterministic
