@@ -12,7 +12,6 @@ from diffusers_dmdr.families import get_family
 from diffusers_dmdr.model_card import (
     BASE_MODEL_PLACEHOLDER,
     ModelCardInfo,
-    lcm_original_inference_steps,
     make_model_card,
 )
 from diffusers_dmdr.pipelines import DMDRScheduler
@@ -67,14 +66,16 @@ def test_snippets_load_in_the_runs_precision_with_dtype(tmp_path, family, mixed_
         assert "torch_dtype" not in code and "dtype=dtype" in code
 
 
-def test_lcm_route_passes_the_original_steps_that_hold_the_grid(tmp_path):
-    from diffusers import LCMScheduler
+def test_lcm_route_sets_the_trained_grid_without_a_diffusers_warning(tmp_path):
+    """Route 3 is the scheduler's stock recipe; the LCM it builds takes the trained timesteps without warning (the
+    default `original_inference_steps=50` schedule misses 749 and warns)."""
+    import diffusers
 
-    assert lcm_original_inference_steps([999, 749, 499, 249]) == 4
-    assert lcm_original_inference_steps([999, 499]) == 2 and lcm_original_inference_steps([999, 499, 249]) == 4
-    text = card_text(tmp_path)
-    route_3 = snippets(text)[2]
-    assert "LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=4)" in route_3
+    scheduler = DMDRScheduler(prediction_type="epsilon", training_timesteps=SDXL_GRID)
+    recipe = scheduler.stock_scheduler_recipe()
+    route_3 = snippets(card_text(tmp_path, scheduler=scheduler))[2]
+    kwargs = "".join(f", {key}={value!r}" for key, value in recipe["from_config_kwargs"].items())
+    assert f"{recipe['class_name']}.from_config(pipe.scheduler.config{kwargs})" in route_3
     assert "timesteps=[999, 749, 499, 249]" in route_3
 
     messages = []
@@ -86,9 +87,10 @@ def test_lcm_route_passes_the_original_steps_that_hold_the_grid(tmp_path):
     handler = Collect(logging.WARNING)
     logging.getLogger("diffusers").addHandler(handler)
     try:
-        LCMScheduler(original_inference_steps=4).set_timesteps(timesteps=[999, 749, 499, 249])
+        stock_class = getattr(diffusers, recipe["class_name"])
+        stock_class(**recipe["from_config_kwargs"]).set_timesteps(**recipe["call_kwargs"])
         assert messages == []
-        LCMScheduler().set_timesteps(timesteps=[999, 749, 499, 249])  # the default 50 origin steps miss 749
+        diffusers.LCMScheduler().set_timesteps(timesteps=[999, 749, 499, 249])
         assert any("not on the original" in message for message in messages)
     finally:
         logging.getLogger("diffusers").removeHandler(handler)

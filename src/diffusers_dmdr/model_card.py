@@ -355,7 +355,7 @@ def _usage_section(info: ModelCardInfo) -> str:
             ")\n" + student + call,
             info.snippet_dtype,
         )
-    recipe, no_recipe_reason = stock_scheduler_recipe(info.scheduler, family)
+    recipe, no_recipe_reason = stock_scheduler_recipe(info.scheduler)
     lines = [
         "## How to use\n",
         "The trained sampler is `FewStepDMDRPipeline` with `DMDRScheduler`: same timesteps, same re-noising rule, no "
@@ -372,90 +372,32 @@ def _usage_section(info: ModelCardInfo) -> str:
         lines.append(
             f"No stock diffusers scheduler follows this student's sampler ({no_recipe_reason}): use 1 or 2.\n"
         )
-    elif "exact" in recipe:
-        # The scheduler's own recipe says whether the stock route is exact, and what differs.
+    else:
+        # The scheduler's recipe says whether the stock route is exact, and what differs.
         note = recipe.get("note")
         lines.append(
             "No custom code: this stock scheduler "
             + (
                 "reproduces the trained sampler up to float rounding"
-                if recipe["exact"]
+                if recipe.get("exact")
                 else "follows the trained grid with its own update rule, close to the trained sampler but not bit "
                 "for bit"
             )
             + (f" ({note})" if note else "")
             + ".\n"
         )
-    else:
-        stochastic_flow = family.is_flow and recipe.get("from_config_kwargs", {}).get("stochastic_sampling")
-        lines.append(
-            "No custom code: the stock scheduler below follows the same timesteps with its own update rule, which "
-            "matches the trained sampler closely but not bit for bit"
-            + (" (it feeds the model `1000 t` where training fed `round(1000 t)`)" if family.is_flow else "")
-            + "."
-            + (
-                f" `{family.pipeline_class_name}` does not pass `generator` to the scheduler, so its re-noising draws "
-                "from the global random state: set `torch.manual_seed` for repeatable images."
-                if stochastic_flow
-                else ""
-            )
-            + "\n"
-        )
     if recipe is not None:
         lines.append(f"```python\n{_plain_route(info, recipe, prompt, size)}```\n")
     return "\n".join(lines)
 
 
-def stock_scheduler_recipe(scheduler: DMDRScheduler, family: ModelFamily) -> tuple[dict | None, str | None]:
-    """How a stock diffusers scheduler follows the student's grid: `({"class_name", "from_config_kwargs",
-    "call_kwargs"}, None)`, or `(None, reason)` when none does.
-
-    Asks `DMDRScheduler.stock_scheduler_recipe()` where the scheduler has it; otherwise LCM (fresh noise between
-    steps, the DMD sampler) or Euler for DDPM grids, and FlowMatchEuler with the trained sigmas (`shift=1`: they are
-    already shifted) for flow grids.
-    """
-    method = getattr(scheduler, "stock_scheduler_recipe", None)
-    if method is not None:
-        recipe = method()
-        if isinstance(recipe, dict) and recipe.get("class_name"):
-            return recipe, None
-        reason = (recipe.get("note") or recipe.get("reason")) if isinstance(recipe, dict) else None
-        return None, reason or "the trained grid is not one a stock scheduler builds"
-    timesteps = [float(t) for t in scheduler.config.training_timesteps]
-    deterministic = scheduler.config.deterministic
-    if family.is_flow:
-        noise_levels = [round(t / scheduler.config.num_train_timesteps, 6) for t in timesteps]
-        return {
-            "class_name": "FlowMatchEulerDiscreteScheduler",
-            "from_config_kwargs": {"shift": 1.0, "stochastic_sampling": not deterministic and len(timesteps) > 1},
-            "call_kwargs": {"sigmas": noise_levels},
-        }, None
-    model_timesteps = [int(t) for t in timesteps]
-    if deterministic and len(timesteps) > 1:
-        return {
-            "class_name": "EulerDiscreteScheduler",
-            "from_config_kwargs": {},
-            "call_kwargs": {"timesteps": model_timesteps},
-        }, None
-    # LCM re-noises with fresh noise (the DMD sampler); a one-step student has nothing to re-noise.
-    original_steps = lcm_original_inference_steps(model_timesteps, scheduler.config.num_train_timesteps)
-    return {
-        "class_name": "LCMScheduler",
-        "from_config_kwargs": {"original_inference_steps": original_steps},
-        "call_kwargs": {"timesteps": model_timesteps},
-    }, None
-
-
-def lcm_original_inference_steps(timesteps: list[int], num_train_timesteps: int = 1000) -> int:
-    r"""The smallest `original_inference_steps` whose LCM origin schedule $\{i k - 1\}_{i=1}^{n}$, $k = \lfloor T / n
-    \rfloor$, holds every timestep after the first (`LCMScheduler.set_timesteps` warns about any other custom
-    timestep); `len(timesteps)` when none does."""
-    for steps in range(len(timesteps), num_train_timesteps + 1):
-        spacing = num_train_timesteps // steps
-        origin = {index * spacing - 1 for index in range(1, steps + 1)}
-        if all(timestep in origin for timestep in timesteps[1:]):
-            return steps
-    return len(timesteps)
+def stock_scheduler_recipe(scheduler: DMDRScheduler) -> tuple[dict | None, str | None]:
+    """`(recipe, None)` from [`DMDRScheduler.stock_scheduler_recipe`] (`class_name`, `from_config_kwargs`,
+    `call_kwargs`, `exact`, `note`), or `(None, reason)` when no stock diffusers scheduler runs this sampler."""
+    recipe = scheduler.stock_scheduler_recipe()
+    if recipe.get("class_name"):
+        return recipe, None
+    return None, recipe.get("note") or "the trained sampler is not one a stock scheduler runs"
 
 
 def _plain_route(info: ModelCardInfo, recipe: dict, prompt: str, size: str) -> str:
