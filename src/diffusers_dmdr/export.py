@@ -264,17 +264,13 @@ def export_checkpoint(
 
 
 def export_pipeline(pipeline: FewStepDMDRPipeline, output_dir: str | Path) -> Path:
-    """Save a (possibly reloaded) [`FewStepDMDRPipeline`] so that all three loading routes work on the folder.
-
-    `save_pretrained` writes `_class_name` as a plain string and names the scheduler by its Python module; this
-    rewrites `model_index.json` to the repository-code form and copies `pipeline_dmdr.py` and
-    `scheduler/scheduling_dmdr.py` from the package.
-    """
+    """Save a (possibly reloaded) [`FewStepDMDRPipeline`] so that every loading route works on the folder: its own
+    `save_pretrained` writes the repository-code form (`model_index.json` naming `pipeline_dmdr.py` and
+    `scheduler/scheduling_dmdr.py`, both copied in)."""
     if type(pipeline.scheduler).__name__ != SCHEDULER_CLASS:
         raise ValueError(f"export_pipeline needs a {SCHEDULER_CLASS}, got {type(pipeline.scheduler).__name__}.")
     output_dir = Path(output_dir)
     pipeline.save_pretrained(output_dir, safe_serialization=True)
-    add_pipeline_code(output_dir)
     return output_dir
 
 
@@ -526,18 +522,8 @@ def save_comfy_lora(output_dir: Path, family: ModelFamily, weights: StudentWeigh
     return path
 
 
-def add_pipeline_code(folder: str | Path) -> None:
-    """Point `model_index.json` at the repository's own code and copy that code in (after `save_pretrained`)."""
-    folder = Path(folder)
-    index_file = folder / "model_index.json"
-    model_index = json.loads(index_file.read_text(encoding="utf-8"))
-    model_index["_class_name"] = [PIPELINE_MODULE, PIPELINE_CLASS]
-    model_index["scheduler"] = [SCHEDULER_MODULE, SCHEDULER_CLASS]
-    index_file.write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    _copy_code(folder)
-
-
 def _copy_code(folder: Path) -> None:
+    """The code files of a LoRA-only export (no model_index.json: the card loads the teacher with them)."""
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(pipeline_dmdr.__file__, folder / f"{PIPELINE_MODULE}.py")
     shutil.copyfile(scheduling_dmdr.__file__, folder / "scheduler" / f"{SCHEDULER_MODULE}.py")
