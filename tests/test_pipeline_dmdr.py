@@ -302,3 +302,24 @@ def test_loads_a_stock_teacher_folder_with_a_dmdr_scheduler(tiny_teacher_dirs):
         rtol=1e-4,
         atol=1e-4,
     )
+
+
+def test_modular_pipeline_with_the_scheduler_runs_the_trained_sampler(tiny_teacher_dirs):
+    """The fourth loading route: diffusers' modular SDXL pipeline of the teacher, the DMDRScheduler swapped in and
+    guidance off, samples exactly what FewStepDMDRPipeline samples."""
+    from diffusers.guiders import ClassifierFreeGuidance
+    from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks
+
+    modular = StableDiffusionXLAutoBlocks().init_pipeline(tiny_teacher_dirs["sdxl"])
+    modular.load_components(dtype=torch.float32)
+    modular.update_components(
+        scheduler=DMDRScheduler(training_timesteps=TRAINED_GRID), guider=ClassifierFreeGuidance(guidance_scale=1.0)
+    )
+    modular.set_progress_bar_config(disable=True)
+    latents = modular(prompt="a red cat", num_inference_steps=4, generator=seeded(), output="latents")
+    reference = FewStepDMDRPipeline.from_pretrained(
+        tiny_teacher_dirs["sdxl"], scheduler=DMDRScheduler(training_timesteps=TRAINED_GRID)
+    )
+    reference.set_progress_bar_config(disable=True)
+    expected = reference("a red cat", generator=seeded(), output_type="latent").images
+    torch.testing.assert_close(latents, expected, rtol=0, atol=0)
