@@ -27,7 +27,8 @@ def tiny_teacher_dirs(tmp_path_factory) -> dict[str, str]:
     from diffusers_dmdr.testing import build_tiny_pipeline
 
     root = tmp_path_factory.mktemp("teachers")
-    return {family: str(build_tiny_pipeline(family, root / family)) for family in ("sdxl", "sd15", "sd3")}
+    families = ("sdxl", "sd15", "sd3", "flux", "flux2")
+    return {family: str(build_tiny_pipeline(family, root / family)) for family in families}
 
 
 @pytest.fixture(scope="session")

@@ -327,7 +327,11 @@ def _finalise_full_pipeline(
 
 def _student_scheduler(config: DMDRConfig, teacher) -> DMDRScheduler:
     timesteps = config.student_timesteps or teacher.family.default_student_timesteps(
-        config.num_student_steps, config.shift
+        config.num_student_steps,
+        config.shift,
+        config.resolution,
+        teacher.pipeline.scheduler.config,
+        teacher.pipeline.vae_scale_factor,
     )
     return student_scheduler_for(
         teacher, timesteps, config.backward_simulation, config.shift, config.flow_x0_noise_level

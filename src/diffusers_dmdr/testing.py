@@ -9,7 +9,8 @@ Command line:
 python -m diffusers_dmdr.testing build-tiny --family sdxl --output /tmp/tiny-sdxl
 ```
 
-writes a pipeline folder that `DiffusionPipeline.from_pretrained(folder)` loads like any SDXL or SD3 checkpoint.
+writes a pipeline folder that `DiffusionPipeline.from_pretrained(folder)` loads like any SDXL, SD3, FLUX.1 [dev] or
+FLUX.2 [klein] checkpoint (`--family flux` / `flux2`; builders in `testing_flux.py`).
 """
 
 import argparse
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 
-TINY_FAMILIES = ("sdxl", "sd15", "sd3")
+TINY_FAMILIES = ("sdxl", "sd15", "sd3", "flux", "flux2")
 # Text length of every tiny tokenizer; transformers' default (1e30) would make pipelines pad forever.
 TINY_MAX_LENGTH = 16
 
@@ -262,7 +263,7 @@ def tiny_sd3_components(seed: int = 0, shift: float = 3.0) -> dict:
 
 
 def tiny_pipeline(family: str, seed: int = 0, **kwargs):
-    """A tiny stock diffusers pipeline of `family` (`sdxl`, `sd15` or `sd3`), in fp32, on the CPU."""
+    """A tiny stock diffusers pipeline of `family` (`sdxl`, `sd15`, `sd3`, `flux` or `flux2`), in fp32, on the CPU."""
     from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if family == "sdxl":
@@ -271,6 +272,14 @@ def tiny_pipeline(family: str, seed: int = 0, **kwargs):
         return StableDiffusionPipeline(**tiny_sd15_components(seed, **kwargs))
     if family == "sd3":
         return StableDiffusion3Pipeline(**tiny_sd3_components(seed, **kwargs))
+    if family in ("flux", "flux2"):
+        from diffusers import Flux2KleinPipeline, FluxPipeline
+
+        from .testing_flux import tiny_flux2_components, tiny_flux_components
+
+        if family == "flux":
+            return FluxPipeline(**tiny_flux_components(seed, **kwargs))
+        return Flux2KleinPipeline(**tiny_flux2_components(seed, **kwargs))
     raise ValueError(f"Unknown tiny family {family!r}; choose one of {TINY_FAMILIES}.")
 
 
@@ -305,8 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     build.add_argument("--prediction_type", choices=("epsilon", "v_prediction"), default=None)
     args = parser.parse_args(argv)
     kwargs = {} if args.prediction_type is None else {"prediction_type": args.prediction_type}
-    if args.family == "sd3" and kwargs:
-        parser.error("--prediction_type applies to the DDPM families (sdxl, sd15); sd3 is flow matching.")
+    if args.family not in ("sdxl", "sd15") and kwargs:
+        parser.error(f"--prediction_type applies to the DDPM families (sdxl, sd15); {args.family} is flow matching.")
     path = build_tiny_pipeline(args.family, args.output, seed=args.seed, **kwargs)
     print(f"wrote a tiny {args.family} pipeline to {path}")  # noqa: T201
 

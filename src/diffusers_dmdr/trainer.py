@@ -44,7 +44,7 @@ from .checkpointing import (
 )
 from .config import DMDRConfig
 from .data import PromptSampler
-from .denoisers import Denoiser, guided_x0
+from .denoisers import Denoiser
 from .draws import IterationDraws, draw_iteration
 from .families import TeacherComponents
 from .families.base import repeat_condition, student_scheduler_for
@@ -175,15 +175,17 @@ class DMDRTrainer:
 
         # 2. Student grid and sampler.
         timesteps = config.student_timesteps or self.family.default_student_timesteps(
-            config.num_student_steps, config.shift
+            config.num_student_steps,
+            config.shift,
+            config.resolution,
+            self.pipeline.scheduler.config,
+            self.pipeline.vae_scale_factor,
         )
         self.scheduler = student_scheduler_for(
             teacher, timesteps, config.backward_simulation, config.shift, config.flow_x0_noise_level
         )
-        self.latent_shape = (
-            self.family.latent_channels(teacher.backbone),
-            config.resolution // self.pipeline.vae_scale_factor,
-            config.resolution // self.pipeline.vae_scale_factor,
+        self.latent_shape = self.family.latent_shape(
+            teacher.backbone, self.pipeline.vae_scale_factor, config.resolution
         )
 
         # 3. What trains: one module over one frozen base (student adapter or full copy; fake adapter).
@@ -296,7 +298,9 @@ class DMDRTrainer:
     # Sampling
     # ------------------------------------------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> dict:
-        return self.prompt_encoder.encode(prompts)
+        # Guidance-distilled families (FLUX.1) condition the student and the fake score on a fixed guidance embedding.
+        condition = self.prompt_encoder.encode(prompts)
+        return self.family.with_guidance_embedding(condition, self.config.guidance_embedding_scale)
 
     def initial_noise(self, batch_size: int, generator) -> torch.Tensor:
         shape = (batch_size, *self.latent_shape)
@@ -522,7 +526,8 @@ class DMDRTrainer:
         )
         uncondition = repeat_condition(self.empty_condition, batch_size)
         with torch.no_grad(), self.accelerator.autocast():
-            x0_real = guided_x0(
+            # Two-pass CFG, or one pass at a guidance embedding for guidance-distilled families.
+            x0_real = self.family.real_score_x0(
                 self.guidance_denoiser(real_scale),
                 noisy_student,
                 noise_level,

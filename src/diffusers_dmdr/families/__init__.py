@@ -5,11 +5,18 @@ fails at once with a message naming the supported pipelines.
 """
 
 from .base import ModelFamily, TeacherComponents, read_teacher_config
+from .flux import Flux2KleinFamily, FluxFamily
 from .sd3 import SD3Family
 from .sdxl import SD15Family, SDXLFamily
 
 
-FAMILIES: dict[str, type[ModelFamily]] = {"sdxl": SDXLFamily, "sd15": SD15Family, "sd3": SD3Family}
+FAMILIES: dict[str, type[ModelFamily]] = {
+    "sdxl": SDXLFamily,
+    "sd15": SD15Family,
+    "sd3": SD3Family,
+    "flux": FluxFamily,
+    "flux2": Flux2KleinFamily,
+}
 FAMILY_BY_PIPELINE = {family.pipeline_class_name: name for name, family in FAMILIES.items()}
 
 
@@ -35,6 +42,8 @@ def get_family(name: str) -> ModelFamily:
 
 __all__ = [
     "FAMILIES",
+    "Flux2KleinFamily",
+    "FluxFamily",
     "ModelFamily",
     "SD15Family",
     "SD3Family",

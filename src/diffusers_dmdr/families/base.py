@@ -127,6 +127,9 @@ class ModelFamily(ABC):
     # LoRA targets of the student and of the fake score (released recipes).
     student_lora_targets: tuple[str, ...] = ()
     fake_lora_targets: tuple[str, ...] = ()
+    # The backbone sees the VAE's latents in p x p patches (FLUX: 2): it takes p^2 times the VAE's latent channels and
+    # the resolution must be a multiple of p times the VAE's spatial factor.
+    latent_patch_size: int = 1
 
     # -- configuration, before weights -----------------------------------------------------------------------------
     def vae_scale_factor(self, source: str, revision: str | None = None) -> int:
@@ -134,8 +137,21 @@ class ModelFamily(ABC):
         return 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
 
     @abstractmethod
-    def default_student_timesteps(self, num_steps: int, shift: float | None) -> list[float]:
-        """The student grid in model units, noisiest first."""
+    def default_student_timesteps(
+        self,
+        num_steps: int,
+        shift: float | None,
+        resolution: int | None = None,
+        scheduler_config: dict | None = None,
+        vae_scale_factor: int = 8,
+    ) -> list[float]:
+        """The student grid in model units, noisiest first. `resolution`, the teacher's `scheduler_config` and the VAE's
+        spatial factor matter only to families whose grid depends on the image size (dynamic shift)."""
+
+    def check_teacher(self, model_index: dict, source: str, revision: str | None = None) -> None:
+        """Refuse, before any weight loads, a teacher of this pipeline class that the family cannot distil (e.g. an
+        already step-distilled variant); the message names the checkpoint to use instead. Default: accept."""
+        return None
 
     # -- loading --------------------------------------------------------------------------------------------------
     def pipeline_class(self):
@@ -187,6 +203,25 @@ class ModelFamily(ABC):
 
     def latent_channels(self, backbone) -> int:
         return backbone.config.in_channels
+
+    def latent_shape(self, backbone, vae_scale_factor: int, resolution: int) -> tuple[int, int, int]:
+        """`(C, H, W)` of the latent the trainer keeps and noises (packing, if any, happens in `call_backbone`)."""
+        size = resolution // vae_scale_factor
+        return (self.latent_channels(backbone), size, size)
+
+    def with_guidance_embedding(self, condition: dict, guidance_scale: float) -> dict:
+        """`condition` at a guidance embedding of `guidance_scale` (guidance-distilled backbones such as FLUX.1
+        [dev]); families without one return it unchanged."""
+        return condition
+
+    def real_score_x0(
+        self, denoiser, sample: torch.Tensor, noise_level: torch.Tensor, condition: dict, uncondition: dict, scale
+    ) -> torch.Tensor:
+        """The real score's `x0` at guidance `scale`: two-pass classifier-free guidance against `uncondition` (the
+        empty prompt, as the stock pipelines' default negative prompt); guidance-distilled families override it."""
+        from ..denoisers import guided_x0
+
+        return guided_x0(denoiser, sample, noise_level, condition, uncondition, scale)
 
     def decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
         """Latents to images in `[0, 1]`, differentiable (the reward path back-propagates through it)."""

@@ -1,0 +1,209 @@
+"""FLUX.1 [dev] and FLUX.2 [klein] families on tiny teachers: the backbone call, the grid and the decode reproduce the
+stock pipelines; FLUX.1's real score is one pass at a guidance embedding; training moves only what it should."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from test_trainer import PROMPTS, TwoLevelReward, base_weights, lora_weights, make_trainer, reward
+
+from diffusers_dmdr.adapters import FAKE_ADAPTER, STUDENT_ADAPTER
+from diffusers_dmdr.families import detect_family, get_family, read_teacher_config
+from diffusers_dmdr.families.flux import (
+    _flux2_unpack,
+    _stock_flux2_pack,
+    _stock_flux_pack,
+    _stock_flux_unpack,
+    flux_image_seq_len,
+)
+from diffusers_dmdr.preflight import check_run_inputs
+
+
+FAMILIES = ("flux", "flux2")
+
+
+def test_latent_packing_helpers_match_the_stock_pipelines():
+    """The isolated private helpers of diffusers' FLUX pipelines: fail loudly if diffusers changes them."""
+    from diffusers import Flux2KleinPipeline
+
+    latents = torch.randn(2, 4, 8, 6)
+    tokens, image_ids = _stock_flux_pack(latents)
+    assert tokens.shape == (2, 12, 16) and image_ids.shape == (12, 3)
+    # Row-major 2x2 patches: token 1 is the patch at (row 0, column 1).
+    assert torch.equal(image_ids[1], torch.tensor([0.0, 0.0, 1.0]))
+    assert torch.equal(tokens[0, 1], latents[0, :, 0:2, 2:4].reshape(-1))
+    assert torch.equal(_stock_flux_unpack(tokens, 8, 6), latents)
+
+    patchified = torch.randn(2, 16, 3, 5)
+    tokens, image_ids = _stock_flux2_pack(patchified)
+    assert tokens.shape == (2, 15, 16) and image_ids.shape == (2, 15, 4)
+    stock = Flux2KleinPipeline._unpack_latents_with_ids(tokens, image_ids, 3, 5)
+    assert torch.equal(_flux2_unpack(tokens, 3, 5), stock)
+    assert torch.equal(_flux2_unpack(tokens, 3, 5), patchified)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_backbone_call_grid_and_decode_reproduce_the_stock_pipeline(family, tiny_teacher_dirs):
+    """The stock pipeline's Euler loop, rebuilt from the family's pieces (noise shape, `call_backbone`, the empty
+    negative prompt of CFG, the decode), gives the stock pipeline's latents and images for the same generator."""
+    family_impl = get_family(family)
+    teacher = family_impl.load_teacher(tiny_teacher_dirs[family])
+    pipeline, steps, guidance = teacher.pipeline, 3, 3.0
+    kwargs = {"height": 64, "width": 64, "num_inference_steps": steps, "guidance_scale": guidance}
+    kwargs["max_sequence_length"] = family_impl.max_sequence_length(pipeline)
+    stock = pipeline(prompt=PROMPTS[:2], generator=torch.Generator().manual_seed(0), output_type="pt", **kwargs)
+    stock_timesteps = pipeline.scheduler.timesteps.clone()
+    stock_sigmas = pipeline.scheduler.sigmas.clone()
+
+    shape = family_impl.latent_shape(teacher.backbone, pipeline.vae_scale_factor, 64)
+    sample = torch.randn((2, *shape), generator=torch.Generator().manual_seed(0))
+    condition = family_impl.with_guidance_embedding(family_impl.encode_prompts(pipeline, PROMPTS[:2], 64, "cpu"), 3.0)
+    uncondition = family_impl.encode_prompts(pipeline, ["", ""], 64, "cpu")
+    with torch.no_grad():
+        for index, timestep in enumerate(stock_timesteps):
+            velocity = family_impl.call_backbone(teacher.backbone, sample, timestep.expand(2), condition)
+            if family == "flux2":  # true CFG against the empty prompt; FLUX.1 is guidance-distilled (one pass)
+                unconditional = family_impl.call_backbone(teacher.backbone, sample, timestep.expand(2), uncondition)
+                velocity = unconditional + guidance * (velocity - unconditional)
+            sample = sample + (stock_sigmas[index + 1] - stock_sigmas[index]) * velocity
+        images = family_impl.decode(teacher.vae, sample)
+    torch.testing.assert_close(images, stock.images, atol=1e-5, rtol=0)
+    # The default student grid is the stock pipeline's own grid for that resolution and step count.
+    grid = family_impl.default_student_timesteps(steps, None, 64, pipeline.scheduler.config, pipeline.vae_scale_factor)
+    assert grid == [float(t) for t in stock_timesteps]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dynamic_shift_grid_follows_resolution_and_is_the_teacher_schedulers(
+    family, tiny_teacher_dirs, prompt_file, tmp_path
+):
+    """The trainer's (and so the export's) grid is the teacher scheduler's sigmas at the training resolution and step
+    count, with `mu` as the stock pipeline computes it; another resolution gives another grid."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    trainer = make_trainer(tiny_teacher_dirs[family], prompt_file, tmp_path, family=family, resolution=128)
+    stored = list(trainer.scheduler.config.training_timesteps)
+    teacher_config = trainer.pipeline.scheduler.config
+    assert teacher_config.use_dynamic_shifting
+    mu = trainer.family.dynamic_shift_mu(128, 4, teacher_config, 8)
+    reference = FlowMatchEulerDiscreteScheduler.from_config(teacher_config)
+    reference.set_timesteps(sigmas=np.linspace(1.0, 0.25, 4), mu=mu)
+    assert stored == [float(t) for t in reference.timesteps]
+    torch.testing.assert_close(trainer.scheduler.noise_levels, reference.sigmas[:-1], atol=1e-7, rtol=0)
+    assert flux_image_seq_len(128, 8) == 64
+    at_64 = trainer.family.default_student_timesteps(4, None, 64, teacher_config, 8)
+    assert at_64 != stored and at_64[0] == stored[0] == 1000.0
+    # An explicit shift gives the static SD3-style grid instead.
+    assert trainer.family.default_student_timesteps(4, 3.0, 128, teacher_config, 8)[1] == pytest.approx(900.1, abs=0.1)
+
+
+def test_flux_real_score_is_one_pass_at_the_guidance_embedding(tiny_teacher_dirs, prompt_file, tmp_path):
+    trainer = make_trainer(tiny_teacher_dirs["flux"], prompt_file, tmp_path, family="flux", real_guidance_scale=4.0)
+    module = trainer.training_module
+    calls = []
+
+    def counting_call(backbone, sample, timestep, condition):
+        calls.append((sample.shape[0], condition["guidance"].clone()))
+        return original(backbone, sample, timestep, condition)
+
+    original, module.call_backbone = module.call_backbone, counting_call
+    draws = trainer._draws(0)
+    batch = trainer._simulate(trainer._micro_batches(0, draws), draws)[0]
+    calls.clear()
+    x0_student = torch.randn(2, *trainer.latent_shape)
+    trainer._dmd_loss(x0_student, batch, draws, None)
+    # One pass for the real score (guidance embedding = the drawn, jittered scale) and one for the fake score (the
+    # fixed embedding); no unconditional branch, so no doubled batch.
+    assert [size for size, _ in calls] == [2, 2]
+    assert abs(draws.guidance_scale - 4.0) <= 0.5 and draws.guidance_scale != 4.0
+    assert torch.equal(calls[0][1], torch.full((2,), draws.guidance_scale))
+    assert torch.equal(calls[1][1], torch.full((2,), trainer.config.guidance_embedding_scale))
+
+    # The real score depends on the embedding it is given.
+    sample, level = torch.randn(2, *trainer.latent_shape), torch.tensor([0.8, 0.4])
+    denoiser, uncondition = trainer.guidance_denoiser(0.0), trainer.encode(["", ""])
+    with torch.no_grad():
+        x0_low = trainer.family.real_score_x0(denoiser, sample, level, batch.condition, uncondition, 2.0)
+        x0_high = trainer.family.real_score_x0(denoiser, sample, level, batch.condition, uncondition, 5.0)
+    assert not torch.allclose(x0_low, x0_high, atol=1e-4)
+
+
+def test_flux2_real_score_is_two_pass_cfg(tiny_teacher_dirs, prompt_file, tmp_path):
+    trainer = make_trainer(tiny_teacher_dirs["flux2"], prompt_file, tmp_path, family="flux2", real_guidance_scale=4.0)
+    module, sizes = trainer.training_module, []
+    original = module.call_backbone
+
+    def counting_call(backbone, sample, timestep, condition):
+        sizes.append(sample.shape[0])
+        return original(backbone, sample, timestep, condition)
+
+    module.call_backbone = counting_call
+    draws = trainer._draws(0)
+    batch = trainer._simulate(trainer._micro_batches(0, draws), draws)[0]
+    sizes.clear()
+    trainer._dmd_loss(torch.randn(2, *trainer.latent_shape), batch, draws, None)
+    # Conditional and empty-prompt branches in one batched call, then the fake score.
+    assert sizes == [4, 2]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_training_moves_student_and_fake_score_not_the_base(family, tiny_teacher_dirs, prompt_file, tmp_path):
+    """Two generator steps (DMD, then DMD + a reward through the differentiable decode) in LoRA mode."""
+    trainer = make_trainer(
+        tiny_teacher_dirs[family], prompt_file, tmp_path, family=family, rewards=[reward(TwoLevelReward())]
+    )
+    assert trainer.student_model is trainer.guidance_model
+    base_before = base_weights(trainer.guidance_model)
+    student_before = lora_weights(trainer.student_model, STUDENT_ADAPTER)
+    fake_before = lora_weights(trainer.guidance_model, FAKE_ADAPTER)
+    history = trainer.train()
+    assert [row["step"] for row in history] == [1, 2]
+    assert all(np.isfinite(row["loss"]) and np.isfinite(row["loss_fake"]) for row in history)
+    assert "loss_rl" in history[1] and "reward/brightness" in history[1]
+    for name, value in base_weights(trainer.guidance_model).items():
+        assert torch.equal(value, base_before[name]), f"frozen base weight {name} changed"
+    student_after = lora_weights(trainer.student_model, STUDENT_ADAPTER)
+    fake_after = lora_weights(trainer.guidance_model, FAKE_ADAPTER)
+    assert any(not torch.equal(student_after[n], student_before[n]) for n in student_before)
+    assert any(not torch.equal(fake_after[n], fake_before[n]) for n in fake_before)
+
+
+def test_flux_full_mode_trains_a_copy_and_keeps_the_teacher(tiny_teacher_dirs, prompt_file, tmp_path):
+    trainer = make_trainer(tiny_teacher_dirs["flux"], prompt_file, tmp_path, family="flux", training_mode="full")
+    assert trainer.student_model is not trainer.guidance_model
+    base_before = base_weights(trainer.guidance_model)
+    student_before = {n: p.detach().clone() for n, p in trainer.student_model.named_parameters()}
+    trainer.train()
+    for name, value in base_weights(trainer.guidance_model).items():
+        assert torch.equal(value, base_before[name]), f"frozen base weight {name} changed"
+    assert any(not torch.equal(p, student_before[n]) for n, p in trainer.student_model.named_parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_auto_detection_and_preflight(family, tiny_teacher_dirs, prompt_file, tmp_path):
+    source = tiny_teacher_dirs[family]
+    assert detect_family(read_teacher_config(source), source) == family
+    plan = check_run_inputs(tiny_config(source, prompt_file, tmp_path, resolution=64))
+    assert plan.family.name == family and len(plan.student_timesteps) == 4 and plan.memory_plan is not None
+    # 2x2 packing: the resolution must be a multiple of 16 (VAE factor 8 times 2).
+    with pytest.raises(ValueError, match=r"not divisible by the VAE's factor 8 times the 2x2 latent packing \(16\)"):
+        check_run_inputs(tiny_config(source, prompt_file, tmp_path, resolution=72))
+
+
+def test_preflight_refuses_step_distilled_flux_teachers(tiny_teacher_dirs, prompt_file, tmp_path):
+    import json
+    import shutil
+
+    schnell = tmp_path / "schnell"
+    shutil.copytree(tiny_teacher_dirs["flux"], schnell)
+    config_file = schnell / "transformer" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "guidance_embeds": False}))
+    with pytest.raises(ValueError, match="FLUX.1 \\[schnell\\].*FLUX.1-dev"):
+        check_run_inputs(tiny_config(str(schnell), prompt_file, tmp_path / "out"))
+
+    klein = tmp_path / "klein"
+    shutil.copytree(tiny_teacher_dirs["flux2"], klein)
+    index_file = klein / "model_index.json"
+    index_file.write_text(json.dumps({**json.loads(index_file.read_text()), "is_distilled": True}))
+    with pytest.raises(ValueError, match="step-distilled FLUX.2 \\[klein\\].*klein-base"):
+        check_run_inputs(tiny_config(str(klein), prompt_file, tmp_path / "out"))
