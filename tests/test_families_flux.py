@@ -1,6 +1,8 @@
 """FLUX.1 [dev] and FLUX.2 [klein] families on tiny teachers: the backbone call, the grid and the decode reproduce the
 stock pipelines; FLUX.1's real score is one pass at a guidance embedding; training moves only what it should."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,7 @@ from diffusers_dmdr.families.flux import (
     flux_image_seq_len,
 )
 from diffusers_dmdr.preflight import check_run_inputs
+from diffusers_dmdr.rewards import parse_reward_spec
 
 
 FAMILIES = ("flux", "flux2")
@@ -207,3 +210,70 @@ def test_preflight_refuses_step_distilled_flux_teachers(tiny_teacher_dirs, promp
     index_file.write_text(json.dumps({**json.loads(index_file.read_text()), "is_distilled": True}))
     with pytest.raises(ValueError, match="step-distilled FLUX.2 \\[klein\\].*klein-base"):
         check_run_inputs(tiny_config(str(klein), prompt_file, tmp_path / "out"))
+
+
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "examples" / "train_dmdr" / "configs"
+FLUX_RECIPES = {"flux1_dev_4step": "flux", "flux2_klein_4step": "flux2"}
+# Where a recipe departs from the released SD3.5-Large recipe on purpose; its header must say so and why.
+EXTRAPOLATED = {"flux1_dev_4step": {"shift", "real_guidance_scale"}, "flux2_klein_4step": {"shift"}}
+
+
+@pytest.mark.parametrize("name", sorted(FLUX_RECIPES))
+def test_flux_recipes_are_the_released_sd35_large_recipe_but_for_what_they_state(name):
+    import yaml
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffusers_dmdr import DMDRConfig
+    from diffusers_dmdr.testing_flux import FLUX_SCHEDULER_CONFIG
+
+    recipe = RECIPE_DIR / f"{name}.yaml"
+    config = DMDRConfig.parse_args(["--config", str(recipe), "--train_prompts", "prompts.txt"])
+    assert config.family == FLUX_RECIPES[name]
+    released = yaml.safe_load((Path(__file__).parent / "data" / "released_recipes.yaml").read_text())
+    released = dict(released["sd35_large_4step"])
+    stage2, rewards = released.pop("stage2"), released.pop("rewards")
+    released.pop("gpus")
+    differing = {key for key, value in released.items() if getattr(config, key) != value}
+    assert differing == EXTRAPOLATED[name]
+    header = "\n".join(line for line in recipe.read_text().splitlines() if line.startswith("#"))
+    assert all(f"{key}:" in header for key in differing) and "EXTRAPOLATED" in header and "GPU:" in header
+    assert (config.stage2_learning_rate, config.stage2_learning_rate_fake, config.stage2_train_batch_size) == (
+        stage2["learning_rate"],
+        stage2["learning_rate_fake"],
+        stage2["train_batch_size"],
+    )
+    assert {parse_reward_spec(spec).name: parse_reward_spec(spec).weight for spec in config.reward} == {
+        reward_name: options["weight"] for reward_name, options in rewards.items()
+    }
+    # The grid the header quotes is the family's grid for the teacher's scheduler config at the recipe's resolution.
+    scheduler_config = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG).config
+    grid = get_family(config.family).default_student_timesteps(4, config.shift, config.resolution, scheduler_config, 8)
+    assert ", ".join(f"{timestep:.2f}" for timestep in grid[1:]) in header.replace("\n#     ", " ")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_build_tiny_writes_a_teacher_that_diffusion_pipeline_loads(family, tmp_path, capsys):
+    from diffusers import DiffusionPipeline
+
+    from diffusers_dmdr.testing import main
+
+    main(["build-tiny", "--family", family, "--output", str(tmp_path / family)])
+    assert f"wrote a tiny {family} pipeline" in capsys.readouterr().out
+    pipeline = DiffusionPipeline.from_pretrained(tmp_path / family)
+    assert type(pipeline).__name__ == get_family(family).pipeline_class_name
+    assert pipeline.scheduler.config.use_dynamic_shifting
+    if family == "flux2":
+        # The chat template `encode_prompt` applies survives the save.
+        text = pipeline.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "a cat"}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+        )
+        assert text == "<|im_start|>user\na cat<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    images = pipeline(
+        prompt=["a cat"],
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        max_sequence_length=get_family(family).max_sequence_length(pipeline),
+        output_type="pt",
+    ).images
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
