@@ -149,26 +149,32 @@ def test_flux2_real_score_is_two_pass_cfg(tiny_teacher_dirs, prompt_file, tmp_pa
     assert sizes == [4, 2]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_lora_training_moves_student_and_fake_score_not_the_base(family, tiny_teacher_dirs, prompt_file, tmp_path):
-    """Two generator steps (DMD, then DMD + a reward through the differentiable decode) in LoRA mode."""
-    trainer = make_trainer(
-        tiny_teacher_dirs[family], prompt_file, tmp_path, family=family, rewards=[reward(TwoLevelReward())]
-    )
+def train_and_check_lora_moves(trainer) -> list[dict]:
+    """Train; assert that the student and fake adapters moved and the shared frozen base did not."""
     assert trainer.student_model is trainer.guidance_model
     base_before = base_weights(trainer.guidance_model)
     student_before = lora_weights(trainer.student_model, STUDENT_ADAPTER)
     fake_before = lora_weights(trainer.guidance_model, FAKE_ADAPTER)
     history = trainer.train()
-    assert [row["step"] for row in history] == [1, 2]
     assert all(np.isfinite(row["loss"]) and np.isfinite(row["loss_fake"]) for row in history)
-    assert "loss_rl" in history[1] and "reward/brightness" in history[1]
     for name, value in base_weights(trainer.guidance_model).items():
         assert torch.equal(value, base_before[name]), f"frozen base weight {name} changed"
     student_after = lora_weights(trainer.student_model, STUDENT_ADAPTER)
     fake_after = lora_weights(trainer.guidance_model, FAKE_ADAPTER)
     assert any(not torch.equal(student_after[n], student_before[n]) for n in student_before)
     assert any(not torch.equal(fake_after[n], fake_before[n]) for n in fake_before)
+    return history
+
+
+def test_flux2_lora_training_moves_student_and_fake_score_not_the_base(tiny_teacher_dirs, prompt_file, tmp_path):
+    """Two generator steps (DMD, then DMD + a reward through the differentiable decode) in LoRA mode (FLUX.1's LoRA
+    run is the uninterrupted run of the resume test below)."""
+    trainer = make_trainer(
+        tiny_teacher_dirs["flux2"], prompt_file, tmp_path, family="flux2", rewards=[reward(TwoLevelReward())]
+    )
+    history = train_and_check_lora_moves(trainer)
+    assert [row["step"] for row in history] == [1, 2]
+    assert "loss_rl" in history[1] and "reward/brightness" in history[1]
 
 
 def test_flux_full_mode_trains_a_copy_and_keeps_the_teacher(tiny_teacher_dirs, prompt_file, tmp_path):
@@ -277,3 +283,34 @@ def test_build_tiny_writes_a_teacher_that_diffusion_pipeline_loads(family, tmp_p
         output_type="pt",
     ).images
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_flux_resume_with_reward_tilt_and_checkpointing_continues_exactly(tiny_teacher_dirs, prompt_file, tmp_path):
+    """RT-DM in stage 1, a reward in stage 2, gradient checkpointing and TTUR: a run resumed at its checkpoint
+    continues bit for bit (same losses, same adapters) as the uninterrupted run."""
+    common = dict(
+        family="flux",
+        rewards=[reward(TwoLevelReward())],
+        reward_tilt=True,
+        gradient_checkpointing=True,
+        cold_start_steps=1,
+        dynamic_steps=2,
+        checkpointing_steps=1,
+    )
+    source = tiny_teacher_dirs["flux"]
+    uninterrupted = make_trainer(source, prompt_file, tmp_path / "a", max_train_steps=2, **common)
+    history_a = train_and_check_lora_moves(uninterrupted)
+    assert "loss_rl" not in history_a[0] and "reward/brightness" in history_a[1]
+    make_trainer(source, prompt_file, tmp_path / "b", max_train_steps=1, **common).train()
+    resumed = make_trainer(
+        source, prompt_file, tmp_path / "b", max_train_steps=2, resume_from_checkpoint="latest", **common
+    )
+    history_b = resumed.train()
+    assert [row["step"] for row in history_b] == [2] and "loss_rl" in history_b[0]
+    assert history_a[1]["loss"] == history_b[0]["loss"] and history_a[1]["loss_fake"] == history_b[0]["loss_fake"]
+    for adapter in (STUDENT_ADAPTER, FAKE_ADAPTER):
+        weights_a, weights_b = (
+            lora_weights(uninterrupted.guidance_model, adapter),
+            lora_weights(resumed.guidance_model, adapter),
+        )
+        assert all(torch.equal(weights_a[name], weights_b[name]) for name in weights_a)
