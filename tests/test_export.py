@@ -43,6 +43,8 @@ TEACHER_CARDS = {
     "sdxl": "---\nlicense: openrail++\n---\n# A tiny SDXL teacher\n",
     "sd15": "---\nlicense: creativeml-openrail-m\n---\n# A tiny SD1.5 teacher\n",
     "sd3": "---\nlicense: other\nlicense_name: tiny-community-license\nlicense_link: LICENSE.md\n---\n# A tiny SD3\n",
+    "flux": "---\nlicense: other\nlicense_name: flux-1-dev-non-commercial-license\n---\n# A tiny FLUX.1 [dev]\n",
+    "flux2": "---\nlicense: apache-2.0\n---\n# A tiny FLUX.2 [klein]\n",
 }
 
 

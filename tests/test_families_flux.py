@@ -44,6 +44,14 @@ def test_latent_packing_helpers_match_the_stock_pipelines():
     assert torch.equal(_flux2_unpack(tokens, 3, 5), stock)
     assert torch.equal(_flux2_unpack(tokens, 3, 5), patchified)
 
+    # The sampler's re-noising noise is drawn where the stock pipelines' schedulers step: on the packed tokens.
+    flux_noise = get_family("flux").step_noise(latents, torch.Generator().manual_seed(3))
+    expected = torch.randn((2, 12, 16), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(_stock_flux_pack(flux_noise)[0], expected)
+    flux2_noise = get_family("flux2").step_noise(patchified, torch.Generator().manual_seed(3))
+    expected = torch.randn((2, 15, 16), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(_stock_flux2_pack(flux2_noise)[0], expected)
+
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_backbone_call_grid_and_decode_reproduce_the_stock_pipeline(family, tiny_teacher_dirs):

@@ -36,13 +36,15 @@ def sample_student(
     scheduler: DMDRScheduler,
     deterministic: bool,
     generator: torch.Generator | None = None,
+    noise_fn: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Run the N-step student sampler from `initial_noise`; returns the clean prediction of every step.
 
     Each step predicts `x0` and re-noises it to the next student level with fresh noise drawn from `generator`
     (`deterministic=False`, the DMD sampler) or with the noise its own prediction implies (`deterministic=True`: Euler
     for flow models, DDIM for DDPM models). Noise is drawn exactly as [`DMDRScheduler.step`] draws it, so the exported
-    pipeline given the same generator reproduces these samples.
+    pipeline given the same generator reproduces these samples; `noise_fn(sample, generator)` replaces that draw for
+    families whose stock pipeline steps on packed latents (the noise is drawn in the packed layout, then unpacked).
     """
     noise_levels = scheduler.noise_levels.to(initial_noise.device)
     batch_size = initial_noise.shape[0]
@@ -54,6 +56,8 @@ def sample_student(
         if index + 1 < len(noise_levels):
             if deterministic:
                 noise = scheduler.implied_noise(sample, x0, level)
+            elif noise_fn is not None:
+                noise = noise_fn(sample, generator)
             else:
                 noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
             sample = scheduler.add_noise_at(x0, noise, noise_levels[index + 1].expand(batch_size))

@@ -320,6 +320,8 @@ class DMDRTrainer:
                 self.scheduler,
                 deterministic=self.scheduler.config.deterministic,
                 generator=generator,
+                # Re-noising noise in the layout the stock pipeline's scheduler steps on (FLUX: packed tokens).
+                noise_fn=self.family.step_noise,
             )
         return predictions[-1].float()
 

@@ -209,6 +209,14 @@ class ModelFamily(ABC):
         size = resolution // vae_scale_factor
         return (self.latent_channels(backbone), size, size)
 
+    def step_noise(self, sample: torch.Tensor, generator) -> torch.Tensor:
+        """Fresh re-noising noise for the student's sampler, drawn in the layout of the latents the stock pipeline
+        hands `scheduler.step`, so the exported pipeline reproduces the sampler for the same generator. Default: the
+        trainer's own `(B, C, H, W)` layout."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        return randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+
     def with_guidance_embedding(self, condition: dict, guidance_scale: float) -> dict:
         """`condition` at a guidance embedding of `guidance_scale` (guidance-distilled backbones such as FLUX.1
         [dev]); families without one return it unchanged."""

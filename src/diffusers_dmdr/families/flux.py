@@ -24,6 +24,7 @@ What differs from SD3, and where it is handled:
 
 import numpy as np
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from ..schedules import flow_student_timesteps
 from .base import ModelFamily
@@ -252,6 +253,13 @@ class FluxFamily(DynamicShiftFlowFamily):
         # Guidance-distilled: one backbone pass at guidance embedding `scale`, no unconditional branch.
         return denoiser(sample, noise_level, self.with_guidance_embedding(condition, scale))
 
+    def step_noise(self, sample: torch.Tensor, generator) -> torch.Tensor:
+        # `FluxPipeline` steps on 2x2-packed tokens: draw there, unpack.
+        batch, channels, height, width = sample.shape
+        shape = (batch, (height // 2) * (width // 2), channels * 4)
+        tokens = randn_tensor(shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        return _stock_flux_unpack(tokens, height, width)
+
     def call_backbone(self, backbone, sample: torch.Tensor, timestep: torch.Tensor, condition: dict) -> torch.Tensor:
         if "guidance" not in condition:
             raise ValueError(
@@ -320,6 +328,14 @@ class Flux2KleinFamily(DynamicShiftFlowFamily):
                 max_sequence_length=self.max_sequence_length(pipeline),
             )
         return {"encoder_hidden_states": prompt_embeds}
+
+    def step_noise(self, sample: torch.Tensor, generator) -> torch.Tensor:
+        # `Flux2KleinPipeline` steps on the flattened tokens `(B, H * W, C)`: draw there, unpack.
+        batch, channels, height, width = sample.shape
+        tokens = randn_tensor(
+            (batch, height * width, channels), generator=generator, device=sample.device, dtype=sample.dtype
+        )
+        return _flux2_unpack(tokens, height, width)
 
     def call_backbone(self, backbone, sample: torch.Tensor, timestep: torch.Tensor, condition: dict) -> torch.Tensor:
         height, width = sample.shape[-2:]
