@@ -51,24 +51,23 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
     factor = vae_factor * family.latent_patch_size
     if config.resolution % factor:
         lower = max(factor, config.resolution // factor * factor)
-        packing = f" times the {family.latent_patch_size}x{family.latent_patch_size} latent packing" * (
-            factor > vae_factor
-        )
+        patch = family.latent_patch_size
+        packing = f" times the {patch}x{patch} latent packing ({factor})" if patch > 1 else ""
         raise ValueError(
-            f"--resolution {config.resolution} is not divisible by the VAE's factor {vae_factor}{packing} ({factor}); "
-            f"use e.g. {lower} or {lower + factor}."
+            f"--resolution {config.resolution} is not divisible by the VAE's factor {vae_factor}{packing}; use e.g. "
+            f"{lower} or {lower + factor}."
         )
 
     # 2b. The backbone denoises the VAE's latents alone (an inpainting UNet also takes a mask and a masked image).
     check_backbone_channels(config, family)
 
     # 3. Student grid: the scheduler validates range and order.
+    # Families whose default grid follows the teacher's scheduler (dynamic shift) read its config, nothing else.
+    scheduler_config = None
+    if family.grid_uses_teacher_scheduler and not config.student_timesteps:
+        scheduler_config = read_scheduler_config(config.pretrained_model_name_or_path, config.revision)
     timesteps = config.student_timesteps or family.default_student_timesteps(
-        config.num_student_steps,
-        config.shift,
-        config.resolution,
-        read_scheduler_config(config.pretrained_model_name_or_path, config.revision),
-        vae_factor,
+        config.num_student_steps, config.shift, config.resolution, scheduler_config, vae_factor
     )
     if len(timesteps) != config.num_student_steps:
         raise ValueError(f"{len(timesteps)} student timesteps for --num_student_steps {config.num_student_steps}.")
@@ -206,7 +205,10 @@ def read_scheduler_config(source: str, revision: str | None = None) -> dict:
     if path.is_dir():
         config_file = path / "scheduler" / "scheduler_config.json"
         if not config_file.is_file():
-            raise FileNotFoundError(f"{source} has no scheduler/scheduler_config.json.")
+            raise FileNotFoundError(
+                f"{source} has no scheduler/scheduler_config.json: the student grid follows the teacher's scheduler. "
+                "Give a complete pipeline folder, or the grid itself with --student_timesteps."
+            )
         return json.loads(config_file.read_text(encoding="utf-8"))
     from huggingface_hub import hf_hub_download
 

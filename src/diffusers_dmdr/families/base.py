@@ -130,6 +130,8 @@ class ModelFamily(ABC):
     # The backbone sees the VAE's latents in p x p patches (FLUX: 2): it takes p^2 times the VAE's latent channels and
     # the resolution must be a multiple of p times the VAE's spatial factor.
     latent_patch_size: int = 1
+    # The default student grid depends on the teacher's scheduler config and the resolution (dynamic shift).
+    grid_uses_teacher_scheduler: bool = False
 
     # -- configuration, before weights -----------------------------------------------------------------------------
     def vae_scale_factor(self, source: str, revision: str | None = None) -> int:

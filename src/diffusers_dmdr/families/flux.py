@@ -147,6 +147,7 @@ class DynamicShiftFlowFamily(ModelFamily):
     default_backward_simulation = "ode"
     default_resolution = 1024
     latent_patch_size = 2
+    grid_uses_teacher_scheduler = True
 
     def dynamic_shift_mu(
         self, resolution: int, num_steps: int, scheduler_config: dict, vae_scale_factor: int = 8
