@@ -55,7 +55,7 @@ from .hub import (  # noqa: F401  (HubUploadError, UPLOAD_IGNORE_PATTERNS and hu
     remote_model_card_data,
 )
 from .pipelines import pipeline_dmdr, scheduling_dmdr
-from .pipelines.pipeline_dmdr import SCHEDULER_CLASS, SCHEDULER_MODULE, FewStepDMDRPipeline
+from .pipelines.pipeline_dmdr import SCHEDULER_CLASS, SCHEDULER_MODULE, STOCK_ROUTES, FewStepDMDRPipeline
 from .pipelines.scheduling_dmdr import DMDRScheduler
 from .utils import redact_local_paths, redact_local_paths_in, save_image_grid
 
@@ -73,6 +73,8 @@ FAMILY_TAGS = {
     "sdxl": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"],
     "sd15": ["stable-diffusion", "stable-diffusion-diffusers"],
     "sd3": ["sd3", "sd3-diffusers"],
+    "flux": ["flux", "flux-diffusers"],
+    "flux2": ["flux2", "flux2-klein"],
 }
 EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_SNIPPET_PROMPT = "a photo of a red fox in the snow"
@@ -125,7 +127,7 @@ def export_from_trainer(trainer) -> Path | None:
     full_pipeline = None
     if config.training_mode == "full" or config.export_full_pipeline:
         backbone = _student_backbone_from_trainer(trainer, weights)
-        pipeline = _assemble_pipeline(trainer.pipeline, trainer.family, trainer.scheduler, backbone)
+        pipeline = _assemble_pipeline(trainer.pipeline, trainer.family, trainer.scheduler, backbone, config)
         full_pipeline = _finalise_full_pipeline(pipeline, config, weights)
     metrics = {key: value for key, value in (trainer.history[-1] if trainer.history else {}).items() if key != "step"}
     output_dir = write_export(
@@ -225,7 +227,8 @@ def export_checkpoint(
         weights = StudentWeights(full_state_dict=load_file(checkpoint_dir / STUDENT_FULL_FILE))
     teacher = family.load_teacher(config.pretrained_model_name_or_path, config.revision, config.variant)
     scheduler = _student_scheduler(config, teacher)
-    pipeline = _assemble_pipeline(teacher.pipeline, family, scheduler, _student_backbone(teacher, config, weights))
+    backbone = _student_backbone(teacher, config, weights)
+    pipeline = _assemble_pipeline(teacher.pipeline, family, scheduler, backbone, config)
     if weights.is_lora:
         weights.lora_config = pipeline.backbone.peft_config[STUDENT_ADAPTER].to_dict()
 
@@ -306,11 +309,13 @@ def _apply_student_weights(backbone, family: ModelFamily, config: DMDRConfig, we
     return backbone.eval()
 
 
-def _assemble_pipeline(stock_pipeline, family: ModelFamily, scheduler, backbone) -> FewStepDMDRPipeline:
+def _assemble_pipeline(stock_pipeline, family: ModelFamily, scheduler, backbone, config) -> FewStepDMDRPipeline:
     expected_components, _ = FewStepDMDRPipeline._get_signature_keys(FewStepDMDRPipeline)
     components = {name: module for name, module in stock_pipeline.components.items() if name in expected_components}
     components.update({"scheduler": scheduler, family.backbone_name: backbone})
-    return FewStepDMDRPipeline(**components)
+    # Run-dependent call defaults (FLUX.1's trained guidance embedding, the prompt length) travel with the export.
+    call_defaults = family.export_call_defaults(config, stock_pipeline)
+    return FewStepDMDRPipeline(**components, call_defaults=call_defaults or None)
 
 
 def _finalise_full_pipeline(
@@ -334,7 +339,12 @@ def _student_scheduler(config: DMDRConfig, teacher) -> DMDRScheduler:
         teacher.pipeline.vae_scale_factor,
     )
     return student_scheduler_for(
-        teacher, timesteps, config.backward_simulation, config.shift, config.flow_x0_noise_level
+        teacher,
+        timesteps,
+        config.backward_simulation,
+        config.shift,
+        config.flow_x0_noise_level,
+        resolution=config.resolution,
     )
 
 
@@ -710,7 +720,7 @@ def _usage_section(
             "    trust_remote_code=True,\n"
             ")\n" + student + call,
         )
-    route_plain = _plain_route(family, scheduler, repo_id, base_model, has_lora, prompt, size)
+    route_plain = _plain_route(config, family, scheduler, repo_id, base_model, has_lora, prompt, size)
     lines = [
         "## How to use\n",
         "The trained sampler is `FewStepDMDRPipeline` with `DMDRScheduler`: same timesteps, same re-noising rule, no "
@@ -732,6 +742,7 @@ def _usage_section(
 
 
 def _plain_route(
+    config: DMDRConfig,
     family: ModelFamily,
     scheduler: DMDRScheduler,
     repo_id: str,
@@ -749,9 +760,13 @@ def _plain_route(
         # shift=1: the sigmas passed in the call are the trained grid, already shifted.
         set_scheduler = (
             f"pipe.scheduler = {scheduler_class}.from_config(\n"
-            f"    pipe.scheduler.config, shift=1.0, stochastic_sampling={not deterministic}\n)\n"
+            f"    pipe.scheduler.config, shift=1.0, use_dynamic_shifting=False, stochastic_sampling={not deterministic}\n"
+            ")\n"
         )
-        call = f'image = pipe("{prompt}", sigmas={noise_levels}, guidance_scale=0.0, max_sequence_length=128{size})'
+        # The stock route's call defaults (guidance off or FLUX.1's trained embedding, the trained prompt length).
+        defaults = {**STOCK_ROUTES[stock_class].call_defaults, **family.export_call_defaults(config, None)}
+        arguments = "".join(f", {key}={value!r}" for key, value in defaults.items())
+        call = f'image = pipe("{prompt}", sigmas={noise_levels}{arguments}{size})'
     else:
         # LCM re-noises with fresh noise (the DMD sampler); a one-step student has nothing to re-noise.
         stochastic = not deterministic or len(timesteps) == 1
@@ -767,7 +782,7 @@ def _plain_route(
         )
     else:
         name = family.backbone_name
-        backbone_class = "SD3Transformer2DModel" if family.is_flow else "UNet2DConditionModel"
+        backbone_class = STOCK_ROUTES[stock_class].backbone_class
         imports = [f"from diffusers import {backbone_class}, {scheduler_class}, {stock_class}"]
         load = (
             f'{name} = {backbone_class}.from_pretrained("{repo_id}", subfolder="{name}", torch_dtype=dtype)\n'

@@ -182,7 +182,12 @@ class DMDRTrainer:
             self.pipeline.vae_scale_factor,
         )
         self.scheduler = student_scheduler_for(
-            teacher, timesteps, config.backward_simulation, config.shift, config.flow_x0_noise_level
+            teacher,
+            timesteps,
+            config.backward_simulation,
+            config.shift,
+            config.flow_x0_noise_level,
+            resolution=config.resolution,
         )
         self.latent_shape = self.family.latent_shape(
             teacher.backbone, self.pipeline.vae_scale_factor, config.resolution

@@ -30,10 +30,12 @@ def student_scheduler_for(
     backward_simulation: str | None,
     shift: float | None,
     x0_noise_level: float = 0.0,
+    resolution: int | None = None,
 ) -> DMDRScheduler:
     """The student's sampler: the teacher's noise schedule, the student grid, the re-noising rule of the backward
     simulation (`ode` -> deterministic; `None` -> the family's default) and, for flow models, the noise level where
-    the clean estimate stops (`x0_noise_level`)."""
+    the clean estimate stops (`x0_noise_level`). For families whose default grid follows the teacher's scheduler at
+    `resolution` (dynamic shift), a grid equal to that default records the `mu` it was built at (`grid_mu`)."""
     teacher_config = teacher.pipeline.scheduler.config
     mode = backward_simulation or teacher.family.default_backward_simulation
     common = {
@@ -42,7 +44,17 @@ def student_scheduler_for(
         "deterministic": mode == "ode",
     }
     if teacher.family.is_flow:
-        return DMDRScheduler(prediction_type="flow", grid_shift=shift, x0_noise_level=x0_noise_level, **common)
+        family, grid_mu = teacher.family, None
+        if family.grid_uses_teacher_scheduler and shift is None and resolution is not None:
+            vae_scale_factor = teacher.pipeline.vae_scale_factor
+            default = family.default_student_timesteps(
+                len(timesteps), None, resolution, teacher_config, vae_scale_factor
+            )
+            if [float(t) for t in timesteps] == default:
+                grid_mu = family.dynamic_shift_mu(resolution, len(timesteps), teacher_config, vae_scale_factor)
+        return DMDRScheduler(
+            prediction_type="flow", grid_shift=shift, grid_mu=grid_mu, x0_noise_level=x0_noise_level, **common
+        )
     # Everything that shapes the teacher's alpha_bar is carried over: dropping `trained_betas` or
     # `rescale_betas_zero_snr` would train and sample a zero-terminal-SNR teacher on the wrong noise levels.
     return DMDRScheduler(
@@ -222,6 +234,11 @@ class ModelFamily(ABC):
         from diffusers.utils.torch_utils import randn_tensor
 
         return randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+
+    def export_call_defaults(self, config, pipeline) -> dict:
+        """Stock-pipeline call arguments the student was trained with that depend on the run (stored in the export's
+        `FewStepDMDRPipeline` config, over the stock route's own defaults). Default: none."""
+        return {}
 
     def with_guidance_embedding(self, condition: dict, guidance_scale: float) -> dict:
         """`condition` at a guidance embedding of `guidance_scale` (guidance-distilled backbones such as FLUX.1

@@ -165,6 +165,12 @@ class DynamicShiftFlowFamily(ModelFamily):
         tokenizer = getattr(pipeline, self.text_tokenizer_name)
         return int(min(FLUX_MAX_SEQUENCE_LENGTH, tokenizer.model_max_length))
 
+    def export_call_defaults(self, config, pipeline) -> dict:
+        # The prompt length the trainer encoded with (the stock pipelines default to 512); without the pipeline (the
+        # model card), the stock default.
+        length = FLUX_MAX_SEQUENCE_LENGTH if pipeline is None else self.max_sequence_length(pipeline)
+        return {"max_sequence_length": length}
+
     def default_student_timesteps(
         self,
         num_steps: int,
@@ -240,6 +246,10 @@ class FluxFamily(DynamicShiftFlowFamily):
             )
         # The text position ids (all zeros) carry no batch dimension; `call_backbone` rebuilds them.
         return {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_prompt_embeds}
+
+    def export_call_defaults(self, config, pipeline) -> dict:
+        # The student samples at the embedding it was trained at.
+        return {**super().export_call_defaults(config, pipeline), "guidance_scale": config.guidance_embedding_scale}
 
     def with_guidance_embedding(self, condition: dict, guidance_scale: float) -> dict:
         # One value per sample, float32, as `FluxPipeline.__call__` builds it (`torch.full([1], scale).expand(B)`).
