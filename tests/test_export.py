@@ -507,3 +507,10 @@ def test_flux_exports_store_the_teachers_grid_its_mu_and_the_call_defaults(name,
     assert "another resolution" in caplog.text
     card = (run.export_dir / "README.md").read_text()
     assert family.pipeline_class_name in card and "use_dynamic_shifting=False" in card
+    # Route 2: diffusers alone, running the folder's code, samples the same images as route 1.
+    from diffusers import DiffusionPipeline
+
+    remote = DiffusionPipeline.from_pretrained(str(run.export_dir), trust_remote_code=True)
+    remote.set_progress_bar_config(disable=True)
+    assert type(remote).__name__ == "FewStepDMDRPipeline" and remote.config.call_defaults == expected
+    torch.testing.assert_close(student_images(remote), student_images(pipeline), rtol=0, atol=1e-6)
