@@ -120,6 +120,26 @@ STOCK_ROUTES: dict[str, StockRoute] = {
         vae_class="AutoencoderKLFlux2",
         call_defaults={"guidance_scale": 1.0, "max_sequence_length": 512},
     ),
+    # Z-Image's CFG is on for any guidance_scale > 0 (`cond + g (cond - uncond)`): 0 is the trained setting. The
+    # pipeline passes its own default sigmas, so the trained grid goes in as `sigmas` (it also passes `mu`, ignored).
+    "ZImagePipeline": StockRoute(
+        family="zimage",
+        backbone_class="ZImageTransformer2DModel",
+        backbone="transformer",
+        grid_argument="sigmas",
+        call_defaults={"guidance_scale": 0.0},
+    ),
+    # Qwen-Image's CFG is `true_cfg_scale` > 1 with a negative prompt (its `guidance_scale` is for guidance-distilled
+    # checkpoints only); 1 keeps it off without the stock pipeline's warning about a missing negative prompt.
+    "QwenImagePipeline": StockRoute(
+        family="qwenimage",
+        backbone_class="QwenImageTransformer2DModel",
+        backbone="transformer",
+        vae_class="AutoencoderKLQwenImage",
+        guidance_argument="true_cfg_scale",
+        grid_argument="sigmas",
+        call_defaults={"true_cfg_scale": 1.0},
+    ),
 }
 
 

@@ -46,6 +46,8 @@ RUNS = {
         "num_student_steps": 2,
         "backward_simulation": "sde",
     },
+    "zimage-4step": {"family": "zimage", "training_mode": "lora", "num_student_steps": 4},
+    "qwenimage-4step": {"family": "qwenimage", "training_mode": "lora", "num_student_steps": 4},
 }
 TEACHER_CARDS = {
     "sdxl": "---\nlicense: openrail++\n---\n# A tiny SDXL teacher\n",
@@ -53,6 +55,8 @@ TEACHER_CARDS = {
     "sd3": "---\nlicense: other\nlicense_name: tiny-community-license\nlicense_link: LICENSE.md\n---\n# A tiny SD3\n",
     "flux": "---\nlicense: other\nlicense_name: flux-1-dev-non-commercial-license\n---\n# A tiny FLUX.1 [dev]\n",
     "flux2": "---\nlicense: apache-2.0\n---\n# A tiny FLUX.2 [klein]\n",
+    "zimage": "---\nlicense: apache-2.0\n---\n# A tiny Z-Image teacher\n",
+    "qwenimage": "---\nlicense: apache-2.0\n---\n# A tiny Qwen-Image teacher\n",
 }
 
 
@@ -151,7 +155,18 @@ def load_student(run) -> FewStepDMDRPipeline:
 
 
 def student_latents(pipeline, seed: int = 7) -> torch.Tensor:
-    return pipeline(PROMPTS, height=64, width=64, generator=seeded(seed), output_type="latent").images
+    latents = pipeline(list(PROMPTS), height=64, width=64, generator=seeded(seed), output_type="latent").images
+    return unpacked(pipeline, latents)
+
+
+def unpacked(pipeline, latents: torch.Tensor) -> torch.Tensor:
+    """The trainer's `(B, C, H, W)` layout of a stock pipeline's latent output (Qwen-Image returns packed tokens)."""
+    if type(getattr(pipeline, "vae", None)).__name__ == "AutoencoderKLQwenImage":
+        from diffusers_dmdr.families.qwenimage import unpack_latents
+
+        size = 64 // 2 ** len(pipeline.vae.temperal_downsample)
+        return unpack_latents(latents, size, size)
+    return latents
 
 
 def student_images(pipeline, seed: int = 7) -> torch.Tensor:
@@ -226,6 +241,55 @@ def test_plain_route_with_a_stock_scheduler_follows_the_trained_sampler(name, ex
     # route is close (the teacher under this sampler is off by more than 1e-2) but not at 1e-3.
     tolerance = 1e-2 if run.family in ("sd3", "flux") else 1e-3
     torch.testing.assert_close(latents, trainer_latents, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("name", ["zimage-4step", "qwenimage-4step"])
+def test_new_flow_families_stock_pipeline_lora_and_stock_scheduler_route(name, exported):
+    """The stock ZImagePipeline / QwenImagePipeline + `load_lora_weights` + the stock scheduler of the student's
+    `stock_scheduler_recipe()` (no custom code) follows the trained sampler on the same noise; the full exported
+    pipeline also loads through `DiffusionPipeline` with the repository's code."""
+    import diffusers
+    from diffusers import DiffusionPipeline
+
+    run = exported(name)
+    family = get_family(run.family)
+    recipe = run.trainer.scheduler.stock_scheduler_recipe()
+    stock = family.pipeline_class().from_pretrained(str(run.teacher_dir))
+    stock.load_lora_weights(str(run.export_dir))
+    # (Qwen-Image's scheduler stretches sigmas to its terminal 0.02: the identity on its own default grid, which ends
+    # there already.)
+    stock.scheduler = getattr(diffusers, recipe["class_name"]).from_config(
+        stock.scheduler.config, **recipe["from_config_kwargs"]
+    )
+    stock.set_progress_bar_config(disable=True)
+    guidance_off = {"guidance_scale": 0.0} if run.family == "zimage" else {"true_cfg_scale": 1.0}
+    latents = stock(
+        list(PROMPTS),
+        height=64,
+        width=64,
+        generator=seeded(7),
+        output_type="latent",
+        **guidance_off,
+        **recipe["call_kwargs"],
+    ).images
+    trainer_latents = run.trainer.sample_latents(PROMPTS, generator=seeded(7))
+    # Z-Image's 4-step grid is integer in model units (exact); Qwen-Image's is not, and the stock scheduler feeds the
+    # model 1000 t unrounded (the recipe says so).
+    assert recipe["exact"] == (run.family == "zimage")
+    tolerance = 1e-4 if recipe["exact"] else 1e-2
+    torch.testing.assert_close(unpacked(stock, latents), trainer_latents, rtol=tolerance, atol=tolerance)
+    remote = DiffusionPipeline.from_pretrained(str(run.export_dir), trust_remote_code=True)
+    assert (
+        type(remote).__name__ == "FewStepDMDRPipeline" and remote.config.stock_pipeline == family.pipeline_class_name
+    )
+    # The card's stock route names this family's classes and call defaults, not SD3's.
+    card = (run.export_dir / "README.md").read_text(encoding="utf-8")
+    assert f"from diffusers import FlowMatchEulerDiscreteScheduler, {family.pipeline_class_name}" in card
+    assert "SD3Transformer2DModel" not in card and "max_sequence_length=128" not in card
+    if run.family == "zimage":
+        assert "guidance_scale=0.0" in card and "use_dynamic_shifting" not in card
+    else:
+        assert "true_cfg_scale=1.0" in card and "shift=1.0, use_dynamic_shifting=False" in card
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -492,7 +556,7 @@ def test_flux_exports_store_the_teachers_grid_its_mu_and_the_call_defaults(name,
     family = get_family(run.family)
     teacher_config = run.trainer.pipeline.scheduler.config
     scheduler_config = json.loads((run.export_dir / "scheduler" / "scheduler_config.json").read_text())
-    assert scheduler_config["training_timesteps"] == family.default_student_timesteps(2, None, 64, teacher_config, 8)
+    assert scheduler_config["training_timesteps"] == family.student_grid(2, None, teacher_config, 64, 8)[0]
     assert scheduler_config["grid_mu"] == family.dynamic_shift_mu(64, 2, teacher_config, 8)
     pipeline = FewStepDMDRPipeline.from_pretrained(str(run.export_dir))
     expected = {"max_sequence_length": 16 if run.family == "flux" else 64}

@@ -80,7 +80,7 @@ def test_backbone_call_grid_and_decode_reproduce_the_stock_pipeline(family, tiny
         images = family_impl.decode(teacher.vae, sample)
     torch.testing.assert_close(images, stock.images, atol=1e-5, rtol=0)
     # The default student grid is the stock pipeline's own grid for that resolution and step count.
-    grid = family_impl.default_student_timesteps(steps, None, 64, pipeline.scheduler.config, pipeline.vae_scale_factor)
+    grid = family_impl.student_grid(steps, None, pipeline.scheduler.config, 64, pipeline.vae_scale_factor)[0]
     assert grid == [float(t) for t in stock_timesteps]
 
 
@@ -102,10 +102,10 @@ def test_dynamic_shift_grid_follows_resolution_and_is_the_teacher_schedulers(
     assert stored == [float(t) for t in reference.timesteps]
     torch.testing.assert_close(trainer.scheduler.noise_levels, reference.sigmas[:-1], atol=1e-7, rtol=0)
     assert flux_image_seq_len(128, 8) == 64
-    at_64 = trainer.family.default_student_timesteps(4, None, 64, teacher_config, 8)
+    at_64 = trainer.family.student_grid(4, None, teacher_config, 64, 8)[0]
     assert at_64 != stored and at_64[0] == stored[0] == 1000.0
     # An explicit shift gives the static SD3-style grid instead.
-    assert trainer.family.default_student_timesteps(4, 3.0, 128, teacher_config, 8)[1] == pytest.approx(900.1, abs=0.1)
+    assert trainer.family.student_grid(4, 3.0, teacher_config, 128, 8)[0][1] == pytest.approx(900.1, abs=0.1)
 
 
 def test_flux_real_score_is_one_pass_at_the_guidance_embedding(tiny_teacher_dirs, prompt_file, tmp_path):
@@ -203,7 +203,9 @@ def test_family_auto_detection_and_preflight(family, tiny_teacher_dirs, prompt_f
     plan = check_run_inputs(tiny_config(source, prompt_file, tmp_path, resolution=64))
     assert plan.family.name == family and len(plan.student_timesteps) == 4 and plan.memory_plan is not None
     # 2x2 packing: the resolution must be a multiple of 16 (VAE factor 8 times 2).
-    with pytest.raises(ValueError, match=r"not divisible by the VAE's factor 8 times the 2x2 latent packing \(16\)"):
+    with pytest.raises(
+        ValueError, match=r"not divisible by 16 \(the VAE's factor 8 x the backbone's 2x2 latent patches\)"
+    ):
         check_run_inputs(tiny_config(source, prompt_file, tmp_path, resolution=72))
 
 
@@ -261,7 +263,7 @@ def test_flux_recipes_are_the_released_sd35_large_recipe_but_for_what_they_state
     }
     # The grid the header quotes is the family's grid for the teacher's scheduler config at the recipe's resolution.
     scheduler_config = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG).config
-    grid = get_family(config.family).default_student_timesteps(4, config.shift, config.resolution, scheduler_config, 8)
+    grid = get_family(config.family).student_grid(4, config.shift, scheduler_config, config.resolution, 8)[0]
     assert ", ".join(f"{timestep:.2f}" for timestep in grid[1:]) in header.replace("\n#     ", " ")
 
 

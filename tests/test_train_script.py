@@ -139,3 +139,38 @@ def test_two_processes_keep_identical_replicas_in_a_run_without_stage_flags(tiny
     assert summary["global_step"] == 4 and summary["iterations"] == 8
     assert [row["lr"] for row in summary["history"]] == [1e-3, 1e-3, 2e-4, 2e-4]
     assert [row["stage"] for row in summary["history"]] == [1.0, 1.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("family", "mode"),
+    [
+        ("zimage", "lora"),
+        # A second ~20 s launch: Qwen-Image's family code is covered in-process (tests/test_trainer.py,
+        # tests/test_families_zimage_qwenimage.py); this checks its full-mode launch end to end.
+        pytest.param("qwenimage", "full", marks=pytest.mark.slow),
+    ],
+)
+def test_new_flow_family_launch(family, mode, tiny_teacher_dirs, prompt_file, tmp_path):
+    """`family: auto` detects Z-Image / Qwen-Image from the folder; the default grid is the teacher scheduler's own
+    (Qwen-Image: with the resolution's mu, recorded in the exported scheduler); the student and the fake score move.
+    (The Qwen-Image full-mode launch is a second ~20 s subprocess, so it runs in `make test-slow`.)"""
+    output_dir = tmp_path / "run"
+    run_training(
+        tiny_args(tiny_teacher_dirs[family], prompt_file, output_dir, steps=2, cold_start=2)
+        + ["--training_mode", mode, "--real_guidance_scale", "3.0"]
+    )
+    summary = json.loads((output_dir / "train_summary.json").read_text())
+    assert summary["global_step"] == 2 and summary["nonfinite_steps"] == 0
+    scheduler_config = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler_config["training_timesteps"] == summary["student_timesteps"]
+    # The export runs on the family's stock pipeline.
+    model_index = json.loads((output_dir / "model_index.json").read_text())
+    assert model_index["stock_pipeline"] == {"zimage": "ZImagePipeline", "qwenimage": "QwenImagePipeline"}[family]
+    if family == "zimage":
+        assert summary["student_timesteps"] == [1000.0, 900.0, 750.0, 500.0]
+        assert lora_b_norm(output_dir / "checkpoint-2" / "student_lora.safetensors") > 0
+    else:
+        assert scheduler_config["grid_mu"] > 0
+        student = load_file(output_dir / "checkpoint-2" / "student.safetensors")
+        assert not any("lora" in key for key in student)
+    assert lora_b_norm(output_dir / "checkpoint-2" / "fake_lora.safetensors") > 0

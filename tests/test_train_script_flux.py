@@ -23,7 +23,7 @@ def run_flux_family(family: str, teacher: str, prompt_file: str, tmp_path: Path)
     assert "loss_rl" not in summary["history"][0] and "loss_rl" in summary["history"][1]
     # The grid is the teacher scheduler's own 4-step grid at 64 px (dynamic shift), in the run and in the export.
     scheduler_config = json.loads((Path(teacher) / "scheduler" / "scheduler_config.json").read_text())
-    expected = get_family(family).default_student_timesteps(4, None, 64, scheduler_config, 8)
+    expected = get_family(family).student_grid(4, None, scheduler_config, 64, 8)[0]
     assert summary["student_timesteps"] == expected
     exported = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
     assert exported["training_timesteps"] == expected

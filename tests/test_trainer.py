@@ -46,7 +46,7 @@ def reward(fn, name="brightness", weight=1.0):
     return LoadedReward(name=name, fn=fn, weight=weight, hinge=None)
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd15", "sd3", "flux", "flux2"])
+@pytest.mark.parametrize("family", ["sdxl", "sd15", "sd3", "flux", "flux2", "zimage", "qwenimage"])
 def test_real_score_at_scale_zero_is_the_teacher_bit_for_bit(family, tiny_teacher_dirs, prompt_file, tmp_path):
     trainer = make_trainer(tiny_teacher_dirs[family], prompt_file, tmp_path, family=family)
     randomise_lora_b(trainer.guidance_model, FAKE_ADAPTER)
@@ -74,9 +74,15 @@ def test_real_score_at_scale_zero_is_the_teacher_bit_for_bit(family, tiny_teache
     torch.testing.assert_close(fake_again, fake_output, rtol=0, atol=0)
 
 
-def test_one_frozen_base_is_shared_and_never_trained(tiny_teacher_dirs, prompt_file, tmp_path):
+@pytest.mark.parametrize("family", ["sdxl", "zimage", "qwenimage"])
+def test_one_frozen_base_is_shared_and_never_trained(family, tiny_teacher_dirs, prompt_file, tmp_path):
     trainer = make_trainer(
-        tiny_teacher_dirs["sdxl"], prompt_file, tmp_path, rewards=[reward(TwoLevelReward())], max_train_steps=2
+        tiny_teacher_dirs[family],
+        prompt_file,
+        tmp_path,
+        family=family,
+        rewards=[reward(TwoLevelReward())],
+        max_train_steps=2,
     )
     # LoRA mode: one backbone object is the student, the fake score and the teacher; its base is frozen.
     assert trainer.student_model is trainer.guidance_model
@@ -159,12 +165,13 @@ def test_tiny_autoencoder_decodes_for_the_rewards(tiny_teacher_dirs, prompt_file
     )
 
 
-def test_full_mode_trains_its_own_copy(tiny_teacher_dirs, prompt_file, tmp_path):
+@pytest.mark.parametrize("family", ["sd3", "zimage"])
+def test_full_mode_trains_its_own_copy(family, tiny_teacher_dirs, prompt_file, tmp_path):
     trainer = make_trainer(
-        tiny_teacher_dirs["sd3"],
+        tiny_teacher_dirs[family],
         prompt_file,
         tmp_path,
-        family="sd3",
+        family=family,
         training_mode="full",
         max_train_steps=1,
         cold_start_steps=1,

@@ -14,7 +14,7 @@ from typing import Literal
 import yaml
 
 
-FAMILIES = ("auto", "sdxl", "sd15", "sd3", "flux", "flux2")
+FAMILIES = ("auto", "sdxl", "sd15", "sd3", "flux", "flux2", "zimage", "qwenimage")
 
 
 @dataclass
@@ -31,13 +31,15 @@ class DMDRConfig:
     revision (`str`, *optional*): Hub revision (branch, tag or commit) of the teacher.
     variant (`str`, *optional*): weight variant of the teacher's files, e.g. `fp16`.
     family (`str`, defaults to `"auto"`): `sdxl`, `sd15`, `sd3`, `flux` (FLUX.1 [dev]), `flux2` (FLUX.2 [klein]
-        base), or `auto` (read from `model_index.json`).
+        base), `zimage` (`ZImagePipeline`), `qwenimage` (`QwenImagePipeline`), or `auto` (read from
+        `model_index.json`).
     num_student_steps (`int`, defaults to 4): sampling steps of the student, 1-8.
     student_timesteps (`list[float]`, *optional*): the student's timesteps in model units (SDXL 4-step
-        `[999, 749, 499, 249]`); by default the family's grid (1-step SDXL: `[399]`; flow: shift-warped).
-    shift (`float`, *optional*): shift of the flow-model grid (SD3-Medium 3, SD3.5-Large 5). FLUX families: unset,
-        the grid is the teacher scheduler's own grid at `resolution` (resolution-dependent `mu`, as the stock
-        pipeline computes it); set, the static shift-warped grid.
+        `[999, 749, 499, 249]`); by default the family's grid (1-step SDXL: `[399]`; SD3: shift-warped; FLUX, Z-Image
+        and Qwen-Image: the teacher scheduler's own schedule at `resolution`, with the resolution-dependent `mu` where
+        the scheduler uses dynamic shifting, recorded in the exported scheduler config as `grid_mu`).
+    shift (`float`, *optional*): shift of the flow-model grid (SD3-Medium 3, SD3.5-Large 5); for FLUX, Z-Image and
+        Qwen-Image a static shift that replaces the teacher scheduler's own shifting.
     training_mode (`str`, defaults to `"lora"`): `lora` trains a student adapter on the shared frozen base; `full`
         trains a full copy of the backbone.
     student_init_path (`str`, *optional*): initialise the student only (teacher, real score and fake-score base stay
@@ -61,8 +63,9 @@ class DMDRConfig:
         Unset, it equals `cold_start_steps` (the annealing ends with stage 1, as in the released recipes).
     renoise_beta_alpha, renoise_beta_beta (`float`, defaults to 4.0 and 1.5): DynaRS Beta parameters at step 0.
     update_ratio (`int`, defaults to 5): fake-score updates per generator update.
-    real_guidance_scale (`float`, defaults to 7.0): CFG scale of the real score; at a scale <= 1 there is no CFG and
-        no jitter.
+    real_guidance_scale (`float`, defaults to 7.0): CFG scale of the real score, `uncond + w (cond - uncond)` with the
+        family's negative prompt (empty; Qwen-Image: `" "`, its `true_cfg_scale`, with its per-token rescale); at a
+        scale <= 1 there is no CFG and no jitter. Z-Image's own `guidance_scale` g is `w = 1 + g`.
     guidance_scale_jitter (`float`, defaults to 0.5): the scale is drawn uniformly in `[scale - jitter, scale +
         jitter]` per generator update.
     guidance_embedding_scale (`float`, defaults to 3.5): guidance-distilled teachers only (FLUX.1 [dev]): the guidance
@@ -174,7 +177,7 @@ class DMDRConfig:
     )
     revision: str | None = field(default=None, metadata={"help": "Hub revision of the teacher."})
     variant: str | None = field(default=None, metadata={"help": "Weight variant of the teacher, e.g. `fp16`."})
-    family: Literal["auto", "sdxl", "sd15", "sd3", "flux", "flux2"] = field(
+    family: Literal["auto", "sdxl", "sd15", "sd3", "flux", "flux2", "zimage", "qwenimage"] = field(
         default="auto", metadata={"help": "Model family; `auto` reads `_class_name` from model_index.json."}
     )
     num_student_steps: int = field(default=4, metadata={"help": "Sampling steps of the student (1-8)."})

@@ -47,15 +47,27 @@ def guided_x0(
     condition: dict,
     uncondition: dict,
     guidance_scale: float,
+    combine_predictions: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """`x0` with classifier-free guidance, conditional and unconditional branches in one batched call."""
+    """`x0` with classifier-free guidance, conditional and unconditional branches in one batched call.
+
+    `combine_predictions(cond_output, uncond_output, scale)`, when given, combines the raw backbone outputs the way the
+    family's stock pipeline does (Qwen-Image rescales the guided velocity per token) and `x0` is taken from the result;
+    without it, guidance is the plain [`apply_guidance`] on `x0`.
+    """
     from .families.base import concat_conditions
 
     # A scale <= 1 is "no CFG" (DMDR's convention), not an extrapolation towards the unconditional branch.
     if guidance_scale <= 1.0:
         return denoiser(sample, noise_level, condition)
-    both = denoiser(
-        torch.cat([sample, sample]), torch.cat([noise_level, noise_level]), concat_conditions(condition, uncondition)
+    batched = (
+        torch.cat([sample, sample]),
+        torch.cat([noise_level, noise_level]),
+        concat_conditions(condition, uncondition),
     )
-    x0_cond, x0_uncond = both.chunk(2)
+    if combine_predictions is not None:
+        cond_output, uncond_output = denoiser.predict(*batched).chunk(2)
+        guided_output = combine_predictions(cond_output, uncond_output, guidance_scale)
+        return denoiser.scheduler.predict_x0(guided_output, sample, noise_level.to(sample.device))
+    x0_cond, x0_uncond = denoiser(*batched).chunk(2)
     return apply_guidance(x0_cond, x0_uncond, guidance_scale)

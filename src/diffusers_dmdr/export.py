@@ -45,7 +45,7 @@ from .adapters import (
 from .checkpointing import CONFIG_FILE, STUDENT_FULL_FILE, STUDENT_LORA_FILE, list_checkpoints, resolve_checkpoint
 from .config import DMDRConfig
 from .families import ModelFamily, detect_family, get_family, read_teacher_config
-from .families.base import student_scheduler_for
+from .families.base import student_grid_for, student_scheduler_for
 from .hub import (  # noqa: F401  (HubUploadError, UPLOAD_IGNORE_PATTERNS and hub_id_of are part of this module's API)
     UPLOAD_IGNORE_PATTERNS,
     HubUploadError,
@@ -55,7 +55,7 @@ from .hub import (  # noqa: F401  (HubUploadError, UPLOAD_IGNORE_PATTERNS and hu
     remote_model_card_data,
 )
 from .pipelines import pipeline_dmdr, scheduling_dmdr
-from .pipelines.pipeline_dmdr import SCHEDULER_CLASS, SCHEDULER_MODULE, STOCK_ROUTES, FewStepDMDRPipeline
+from .pipelines.pipeline_dmdr import SCHEDULER_CLASS, SCHEDULER_MODULE, FewStepDMDRPipeline
 from .pipelines.scheduling_dmdr import DMDRScheduler
 from .utils import redact_local_paths, redact_local_paths_in, save_image_grid
 
@@ -75,6 +75,8 @@ FAMILY_TAGS = {
     "sd3": ["sd3", "sd3-diffusers"],
     "flux": ["flux", "flux-diffusers"],
     "flux2": ["flux2", "flux2-klein"],
+    "zimage": ["z-image", "z-image-diffusers"],
+    "qwenimage": ["qwen-image", "qwen-image-diffusers"],
 }
 EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_SNIPPET_PROMPT = "a photo of a red fox in the snow"
@@ -331,20 +333,11 @@ def _finalise_full_pipeline(
 
 
 def _student_scheduler(config: DMDRConfig, teacher) -> DMDRScheduler:
-    timesteps = config.student_timesteps or teacher.family.default_student_timesteps(
-        config.num_student_steps,
-        config.shift,
-        config.resolution,
-        teacher.pipeline.scheduler.config,
-        teacher.pipeline.vae_scale_factor,
+    timesteps, grid_origin = student_grid_for(
+        teacher.family, config, teacher.pipeline.scheduler.config, teacher.pipeline.vae_scale_factor
     )
     return student_scheduler_for(
-        teacher,
-        timesteps,
-        config.backward_simulation,
-        config.shift,
-        config.flow_x0_noise_level,
-        resolution=config.resolution,
+        teacher, timesteps, config.backward_simulation, config.shift, config.flow_x0_noise_level, grid_origin
     )
 
 
@@ -754,19 +747,22 @@ def _plain_route(
     stock_class = family.pipeline_class_name
     timesteps = list(scheduler.config.training_timesteps)
     deterministic = scheduler.config.deterministic
+    stock_route = pipeline_dmdr.STOCK_ROUTES[stock_class]
     if family.is_flow:
         scheduler_class = "FlowMatchEulerDiscreteScheduler"
         noise_levels = [round(t / scheduler.config.num_train_timesteps, 6) for t in timesteps]
-        # shift=1: the sigmas passed in the call are the trained grid, already shifted.
+        # shift=1 (and no resolution-dependent shift): the sigmas passed in the call are the trained grid, already
+        # shifted.
+        no_dynamic_shift = ", use_dynamic_shifting=False" if scheduler.config.get("grid_mu") is not None else ""
         set_scheduler = (
             f"pipe.scheduler = {scheduler_class}.from_config(\n"
-            f"    pipe.scheduler.config, shift=1.0, use_dynamic_shifting=False, stochastic_sampling={not deterministic}\n"
-            ")\n"
+            f"    pipe.scheduler.config, shift=1.0{no_dynamic_shift}, stochastic_sampling={not deterministic}\n)\n"
         )
-        # The stock route's call defaults (guidance off or FLUX.1's trained embedding, the trained prompt length).
-        defaults = {**STOCK_ROUTES[stock_class].call_defaults, **family.export_call_defaults(config, None)}
-        arguments = "".join(f", {key}={value!r}" for key, value in defaults.items())
-        call = f'image = pipe("{prompt}", sigmas={noise_levels}{arguments}{size})'
+        # Guidance off (or FLUX.1's trained embedding) and the prompt length of training, as FewStepDMDRPipeline
+        # calls this stock pipeline; the prompt by name (Flux2KleinPipeline takes an image first).
+        call_defaults = {**stock_route.call_defaults, **family.export_call_defaults(config, None)}
+        defaults = "".join(f", {key}={value!r}" for key, value in call_defaults.items())
+        call = f'image = pipe(prompt="{prompt}", sigmas={noise_levels}{defaults}{size})'
     else:
         # LCM re-noises with fresh noise (the DMD sampler); a one-step student has nothing to re-noise.
         stochastic = not deterministic or len(timesteps) == 1
@@ -782,7 +778,7 @@ def _plain_route(
         )
     else:
         name = family.backbone_name
-        backbone_class = STOCK_ROUTES[stock_class].backbone_class
+        backbone_class = stock_route.backbone_class
         imports = [f"from diffusers import {backbone_class}, {scheduler_class}, {stock_class}"]
         load = (
             f'{name} = {backbone_class}.from_pretrained("{repo_id}", subfolder="{name}", torch_dtype=dtype)\n'

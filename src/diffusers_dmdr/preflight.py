@@ -9,7 +9,7 @@ from pathlib import Path
 from .config import DMDRConfig
 from .data import load_prompts
 from .families import ModelFamily, detect_family, get_family, read_teacher_config
-from .families.base import read_component_config
+from .families.base import read_component_config, read_scheduler_config, student_grid_for
 from .memory_plan import MemoryPlan, memory_plan_for
 from .pipelines.scheduling_dmdr import DMDRScheduler
 
@@ -46,29 +46,27 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
     family = get_family(detected)
     family.check_teacher(model_index, config.pretrained_model_name_or_path, config.revision)
 
-    # 2. Resolution against the VAE's spatial factor (times the latent patch size of families that pack latents).
-    vae_factor = family.vae_scale_factor(config.pretrained_model_name_or_path, config.revision)
-    factor = vae_factor * family.latent_patch_size
-    if config.resolution % factor:
-        lower = max(factor, config.resolution // factor * factor)
-        patch = family.latent_patch_size
-        packing = f" times the {patch}x{patch} latent packing ({factor})" if patch > 1 else ""
+    # 2. Resolution against the VAE's spatial factor.
+    factor = family.vae_scale_factor(config.pretrained_model_name_or_path, config.revision)
+    multiple = factor * family.latent_patch_size
+    if config.resolution % multiple:
+        lower = max(multiple, config.resolution // multiple * multiple)
+        what = f"the VAE's factor {factor}"
+        if family.latent_patch_size > 1:
+            patch = family.latent_patch_size
+            what = f"{multiple} (the VAE's factor {factor} x the backbone's {patch}x{patch} latent patches)"
         raise ValueError(
-            f"--resolution {config.resolution} is not divisible by the VAE's factor {vae_factor}{packing}; use e.g. "
-            f"{lower} or {lower + factor}."
+            f"--resolution {config.resolution} is not divisible by {what}; use e.g. {lower} or {lower + multiple}."
         )
 
     # 2b. The backbone denoises the VAE's latents alone (an inpainting UNet also takes a mask and a masked image).
     check_backbone_channels(config, family)
 
     # 3. Student grid: the scheduler validates range and order.
-    # Families whose default grid follows the teacher's scheduler (dynamic shift) read its config, nothing else.
-    scheduler_config = None
+    scheduler_config = {}
     if family.grid_uses_teacher_scheduler and not config.student_timesteps:
         scheduler_config = read_scheduler_config(config.pretrained_model_name_or_path, config.revision)
-    timesteps = config.student_timesteps or family.default_student_timesteps(
-        config.num_student_steps, config.shift, config.resolution, scheduler_config, vae_factor
-    )
+    timesteps, _ = student_grid_for(family, config, scheduler_config, factor)
     if len(timesteps) != config.num_student_steps:
         raise ValueError(f"{len(timesteps)} student timesteps for --num_student_steps {config.num_student_steps}.")
     try:
@@ -186,34 +184,13 @@ def check_backbone_channels(config: DMDRConfig, family: ModelFamily) -> None:
     source = config.pretrained_model_name_or_path
     backbone = read_component_config(source, family.backbone_name, config.revision)
     vae = read_component_config(source, "vae", config.revision)
-    in_channels, latent_channels = backbone.get("in_channels"), vae.get("latent_channels", 4)
-    # Families that pack latents in p x p patches take p^2 times the VAE's channels.
-    latent_channels *= family.latent_patch_size**2
+    in_channels, latent_channels = family.config_latent_channels(backbone, vae)
     if in_channels is not None and in_channels != latent_channels:
         raise ValueError(
             f"--pretrained_model_name_or_path {source}: its {family.backbone_name} takes {in_channels} input channels "
             f"but the VAE's latents have {latent_channels}; this is an inpainting or image-conditioned model, which "
             "DMDR cannot distil as text-to-image. Use the base text-to-image checkpoint of the model."
         )
-
-
-def read_scheduler_config(source: str, revision: str | None = None) -> dict:
-    """The teacher's `scheduler/scheduler_config.json` (its grid rules: shift, dynamic shifting), without weights."""
-    import json
-
-    path = Path(source).expanduser()
-    if path.is_dir():
-        config_file = path / "scheduler" / "scheduler_config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(
-                f"{source} has no scheduler/scheduler_config.json: the student grid follows the teacher's scheduler. "
-                "Give a complete pipeline folder, or the grid itself with --student_timesteps."
-            )
-        return json.loads(config_file.read_text(encoding="utf-8"))
-    from huggingface_hub import hf_hub_download
-
-    file = hf_hub_download(source, "scheduler_config.json", subfolder="scheduler", revision=revision)
-    return json.loads(Path(file).read_text(encoding="utf-8"))
 
 
 def check_output_dir(output_dir: str) -> None:

@@ -1,7 +1,7 @@
 """Prompt encoding for training: live on the device, live with the text encoders offloaded, or from a cache.
 
 Big text encoders (T5-XXL is ~9.5 GB in bf16) need not sit on the GPU for the whole run: with `cache_prompt_embeds`
-the whole prompt set, the empty prompt and the validation prompts are encoded once, kept on the host and written to
+the whole prompt set, the family's negative prompt (empty for most) and the validation prompts are encoded once, kept on the host and written to
 `<cache_dir>/<key>.safetensors`, where the key covers the teacher (id or folder, revision, variant, the text encoders'
 files), the family, the resolution, the dtype and the prompts. The next run with the same key reads the file and never
 moves the text encoders to the device.
@@ -130,7 +130,8 @@ class PromptEncoder:
             return cls(
                 teacher.family, teacher.pipeline, config.resolution, device, offload=config.offload_text_encoders
             )
-        wanted = list(dict.fromkeys(["", *prompts, *(config.validation_prompts or [])]))
+        negative = teacher.family.negative_prompt
+        wanted = list(dict.fromkeys([negative, *prompts, *(config.validation_prompts or [])]))
         encoder_dtype = next(teacher.family.text_encoders(teacher.pipeline)[0].parameters()).dtype
         key = cache_key(
             teacher.source,

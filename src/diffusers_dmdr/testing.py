@@ -9,8 +9,8 @@ Command line:
 python -m diffusers_dmdr.testing build-tiny --family sdxl --output /tmp/tiny-sdxl
 ```
 
-writes a pipeline folder that `DiffusionPipeline.from_pretrained(folder)` loads like any SDXL, SD3, FLUX.1 [dev] or
-FLUX.2 [klein] checkpoint (`--family flux` / `flux2`; builders in `testing_flux.py`).
+writes a pipeline folder that `DiffusionPipeline.from_pretrained(folder)` loads like any SDXL, SD3, FLUX.1 [dev],
+FLUX.2 [klein], Z-Image or Qwen-Image checkpoint (FLUX builders in `testing_flux.py`).
 """
 
 import argparse
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 
-TINY_FAMILIES = ("sdxl", "sd15", "sd3", "flux", "flux2")
+TINY_FAMILIES = ("sdxl", "sd15", "sd3", "flux", "flux2", "zimage", "qwenimage")
 # Text length of every tiny tokenizer; transformers' default (1e30) would make pipelines pad forever.
 TINY_MAX_LENGTH = 16
 
@@ -262,9 +262,206 @@ def tiny_sd3_components(seed: int = 0, shift: float = 3.0) -> dict:
     }
 
 
+# Special tokens of the Qwen chat format (Qwen2.5-VL and Qwen3 share them).
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# Qwen3's chat template reduced to what `ZImagePipeline._encode_prompt` renders: user turns, the generation prompt, and
+# the empty think block that `enable_thinking=False` adds (the pipeline passes `enable_thinking=True`: no block).
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def tiny_qwen_tokenizer(model_max_length: int = 1024, chat_template: str | None = None):
+    """A byte-level BPE `Qwen2Tokenizer` (the class Qwen2.5-VL and Qwen3 use) built in code: one token per byte, no
+    merges, and the Qwen chat special tokens; `chat_template` is set on it when given."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {token: index for index, token in enumerate(QWEN_SPECIAL_TOKENS)}
+    for char in bytes_to_unicode().values():
+        vocab.setdefault(char, len(vocab))
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
+        model_max_length=model_max_length,
+        unk_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+# 3 special tokens + 256 byte symbols, rounded up.
+TINY_QWEN_VOCAB_SIZE = 272
+
+
+def tiny_qwen3_text_encoder(seed: int = 0, hidden_size: int = 16):
+    """A 2-layer `Qwen3Model` (Z-Image's text encoder class) over the tiny Qwen vocabulary."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    config = Qwen3Config(
+        hidden_size=hidden_size,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=TINY_QWEN_VOCAB_SIZE,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    return Qwen3Model(config).eval()
+
+
+def tiny_qwen25vl_text_encoder(seed: int = 0, hidden_size: int = 16):
+    """A 2-layer `Qwen2_5_VLForConditionalGeneration` (Qwen-Image's text encoder class), sizes of diffusers' own
+    Qwen-Image pipeline test; the vision token ids are the last ids of the tiny vocabulary, which its tokenizer never
+    produces."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "hidden_size": hidden_size,
+            "intermediate_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            "rope_theta": 1000000.0,
+            "vocab_size": TINY_QWEN_VOCAB_SIZE,
+            "max_position_embeddings": 2048,
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+        },
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=hidden_size,
+        vocab_size=TINY_QWEN_VOCAB_SIZE,
+        bos_token_id=0,
+        eos_token_id=2,
+        vision_start_token_id=TINY_QWEN_VOCAB_SIZE - 3,
+        vision_end_token_id=TINY_QWEN_VOCAB_SIZE - 2,
+        vision_token_id=TINY_QWEN_VOCAB_SIZE - 1,
+        image_token_id=TINY_QWEN_VOCAB_SIZE - 1,
+        video_token_id=TINY_QWEN_VOCAB_SIZE - 1,
+    )
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def tiny_zimage_transformer(seed: int = 0):
+    """`ZImageTransformer2DModel` at the size of diffusers' own Z-Image pipeline test (16 latent channels, 2x2
+    patches), with the pad tokens set to ones as that test does (random pad tokens make outputs seed-fragile)."""
+    from diffusers import ZImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        norm_eps=1e-5,
+        qk_norm=True,
+        cap_feat_dim=16,
+        rope_theta=256.0,
+        t_scale=1000.0,
+        axes_dims=[8, 4, 4],
+        axes_lens=[1024, 32, 32],
+    )
+    with torch.no_grad():
+        transformer.x_pad_token.copy_(torch.ones_like(transformer.x_pad_token))
+        transformer.cap_pad_token.copy_(torch.ones_like(transformer.cap_pad_token))
+    return transformer
+
+
+def tiny_zimage_components(seed: int = 0, shift: float = 3.0) -> dict:
+    """Components of a tiny `ZImagePipeline`: Qwen3 text encoder with its chat template, 16-channel VAE (factor 8),
+    and Z-Image's static-shift flow scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return {
+        "transformer": tiny_zimage_transformer(seed),
+        "vae": tiny_vae(latent_channels=16, seed=seed, scaling_factor=0.3611, shift_factor=0.1159),
+        "text_encoder": tiny_qwen3_text_encoder(seed),
+        "tokenizer": tiny_qwen_tokenizer(model_max_length=512, chat_template=QWEN3_CHAT_TEMPLATE),
+        "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
+    }
+
+
+def tiny_qwenimage_components(seed: int = 0) -> dict:
+    """Components of a tiny `QwenImagePipeline`: Qwen2.5-VL text encoder, the causal 3-D `AutoencoderKLQwenImage`
+    (4 latent channels, spatial factor 4, per-channel latents mean/std), and Qwen-Image's dynamic-shift scheduler
+    (the released `scheduler_config.json` values: exponential time shift, terminal 0.02)."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=3,
+        joint_attention_dim=16,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 4, 4),
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage(
+        base_dim=24,
+        z_dim=4,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.1, -0.2, 0.05, 0.3],
+        latents_std=[1.5, 0.8, 1.2, 2.0],
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+    )
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": tiny_qwen25vl_text_encoder(seed),
+        "tokenizer": tiny_qwen_tokenizer(),
+        "scheduler": scheduler,
+    }
+
+
 def tiny_pipeline(family: str, seed: int = 0, **kwargs):
-    """A tiny stock diffusers pipeline of `family` (`sdxl`, `sd15`, `sd3`, `flux` or `flux2`), in fp32, on the CPU."""
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    """A tiny stock diffusers pipeline of `family` (one of `TINY_FAMILIES`), in fp32, on the CPU."""
+    from diffusers import (
+        QwenImagePipeline,
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        ZImagePipeline,
+    )
 
     if family == "sdxl":
         return StableDiffusionXLPipeline(**tiny_sdxl_components(seed, **kwargs))
@@ -280,6 +477,10 @@ def tiny_pipeline(family: str, seed: int = 0, **kwargs):
         if family == "flux":
             return FluxPipeline(**tiny_flux_components(seed, **kwargs))
         return Flux2KleinPipeline(**tiny_flux2_components(seed, **kwargs))
+    if family == "zimage":
+        return ZImagePipeline(**tiny_zimage_components(seed, **kwargs))
+    if family == "qwenimage":
+        return QwenImagePipeline(**tiny_qwenimage_components(seed, **kwargs))
     raise ValueError(f"Unknown tiny family {family!r}; choose one of {TINY_FAMILIES}.")
 
 

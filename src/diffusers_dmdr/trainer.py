@@ -47,7 +47,7 @@ from .data import PromptSampler
 from .denoisers import Denoiser
 from .draws import IterationDraws, draw_iteration
 from .families import TeacherComponents
-from .families.base import repeat_condition, student_scheduler_for
+from .families.base import repeat_condition, student_grid_for, student_scheduler_for
 from .guards import DivergenceError, DivergenceGuard, resume_advice, trainable_weight_norm
 from .losses import anchor_loss, dmd_loss, fake_score_loss, reward_tilt_weights
 from .optimization import RoleSchedule, lr_multiplier, make_optimizer, only_role, set_learning_rates, step_role
@@ -174,20 +174,11 @@ class DMDRTrainer:
             self.reward_vae = reward_vae.requires_grad_(False).eval().to(device, self.weight_dtype)
 
         # 2. Student grid and sampler.
-        timesteps = config.student_timesteps or self.family.default_student_timesteps(
-            config.num_student_steps,
-            config.shift,
-            config.resolution,
-            self.pipeline.scheduler.config,
-            self.pipeline.vae_scale_factor,
+        timesteps, grid_origin = student_grid_for(
+            self.family, config, self.pipeline.scheduler.config, self.pipeline.vae_scale_factor
         )
         self.scheduler = student_scheduler_for(
-            teacher,
-            timesteps,
-            config.backward_simulation,
-            config.shift,
-            config.flow_x0_noise_level,
-            resolution=config.resolution,
+            teacher, timesteps, config.backward_simulation, config.shift, config.flow_x0_noise_level, grid_origin
         )
         self.latent_shape = self.family.latent_shape(
             teacher.backbone, self.pipeline.vae_scale_factor, config.resolution
@@ -246,7 +237,8 @@ class DMDRTrainer:
             stage2_start_iteration=stage_two_start_iteration(config.cold_start_steps, config.update_ratio),
         )
         self.prompt_encoder = PromptEncoder.from_config(config, teacher, self.accelerator, prompts)
-        self.empty_condition = self.encode([""])
+        # The real score's unconditional branch: the family's negative prompt (empty, or Qwen-Image's " ").
+        self.empty_condition = self.encode([self.family.negative_prompt])
         self.history: list[dict] = []
         # Logs of the steps before a resume (from the checkpoint), so that train_summary.json covers the whole run.
         self.resumed_history: list[dict] = []
@@ -325,7 +317,7 @@ class DMDRTrainer:
                 self.scheduler,
                 deterministic=self.scheduler.config.deterministic,
                 generator=generator,
-                # Re-noising noise in the layout the stock pipeline's scheduler steps on (FLUX: packed tokens).
+                # Re-noising noise in the layout the stock pipeline's scheduler steps on (FLUX, Qwen-Image: packed tokens).
                 noise_fn=self.family.step_noise,
             )
         return predictions[-1].float()
@@ -533,7 +525,8 @@ class DMDRTrainer:
         )
         uncondition = repeat_condition(self.empty_condition, batch_size)
         with torch.no_grad(), self.accelerator.autocast():
-            # Two-pass CFG, or one pass at a guidance embedding for guidance-distilled families.
+            # Two-pass CFG by the family's stock rule (Qwen-Image rescales the guided velocity per token), or one pass
+            # at a guidance embedding for guidance-distilled families (FLUX.1 [dev]).
             x0_real = self.family.real_score_x0(
                 self.guidance_denoiser(real_scale),
                 noisy_student,

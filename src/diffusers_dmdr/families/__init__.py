@@ -6,8 +6,10 @@ fails at once with a message naming the supported pipelines.
 
 from .base import ModelFamily, TeacherComponents, read_teacher_config
 from .flux import Flux2KleinFamily, FluxFamily
+from .qwenimage import QwenImageFamily
 from .sd3 import SD3Family
 from .sdxl import SD15Family, SDXLFamily
+from .zimage import ZImageFamily
 
 
 FAMILIES: dict[str, type[ModelFamily]] = {
@@ -16,6 +18,8 @@ FAMILIES: dict[str, type[ModelFamily]] = {
     "sd3": SD3Family,
     "flux": FluxFamily,
     "flux2": Flux2KleinFamily,
+    "zimage": ZImageFamily,
+    "qwenimage": QwenImageFamily,
 }
 FAMILY_BY_PIPELINE = {family.pipeline_class_name: name for name, family in FAMILIES.items()}
 
@@ -45,10 +49,12 @@ __all__ = [
     "Flux2KleinFamily",
     "FluxFamily",
     "ModelFamily",
+    "QwenImageFamily",
     "SD15Family",
     "SD3Family",
     "SDXLFamily",
     "TeacherComponents",
+    "ZImageFamily",
     "detect_family",
     "get_family",
     "read_teacher_config",

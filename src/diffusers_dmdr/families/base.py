@@ -30,12 +30,12 @@ def student_scheduler_for(
     backward_simulation: str | None,
     shift: float | None,
     x0_noise_level: float = 0.0,
-    resolution: int | None = None,
+    grid_origin: dict | None = None,
 ) -> DMDRScheduler:
     """The student's sampler: the teacher's noise schedule, the student grid, the re-noising rule of the backward
     simulation (`ode` -> deterministic; `None` -> the family's default) and, for flow models, the noise level where
-    the clean estimate stops (`x0_noise_level`). For families whose default grid follows the teacher's scheduler at
-    `resolution` (dynamic shift), a grid equal to that default records the `mu` it was built at (`grid_mu`)."""
+    the clean estimate stops (`x0_noise_level`). `grid_origin` (from [`student_grid_for`]) goes into the config beside
+    the grid: how a resolution-dependent default grid was derived (`grid_mu`)."""
     teacher_config = teacher.pipeline.scheduler.config
     mode = backward_simulation or teacher.family.default_backward_simulation
     common = {
@@ -44,16 +44,8 @@ def student_scheduler_for(
         "deterministic": mode == "ode",
     }
     if teacher.family.is_flow:
-        family, grid_mu = teacher.family, None
-        if family.grid_uses_teacher_scheduler and shift is None and resolution is not None:
-            vae_scale_factor = teacher.pipeline.vae_scale_factor
-            default = family.default_student_timesteps(
-                len(timesteps), None, resolution, teacher_config, vae_scale_factor
-            )
-            if [float(t) for t in timesteps] == default:
-                grid_mu = family.dynamic_shift_mu(resolution, len(timesteps), teacher_config, vae_scale_factor)
         return DMDRScheduler(
-            prediction_type="flow", grid_shift=shift, grid_mu=grid_mu, x0_noise_level=x0_noise_level, **common
+            prediction_type="flow", grid_shift=shift, x0_noise_level=x0_noise_level, **(grid_origin or {}), **common
         )
     # Everything that shapes the teacher's alpha_bar is carried over: dropping `trained_betas` or
     # `rescale_betas_zero_snr` would train and sample a zero-terminal-SNR teacher on the wrong noise levels.
@@ -93,6 +85,35 @@ def read_teacher_config(pretrained_model_name_or_path: str, revision: str | None
             f"Could not read model_index.json of {pretrained_model_name_or_path!r} ({type(error).__name__}: {error}). "
             "Check the Hub id and your network (HF_HUB_OFFLINE), or give a local pipeline folder."
         ) from error
+
+
+def student_grid_for(family: "ModelFamily", config, scheduler_config: dict, vae_scale_factor: int):
+    """`(timesteps, grid_origin)` of a run: `--student_timesteps` as given, or the family's default grid for the
+    teacher's scheduler config at `--resolution` (see [`ModelFamily.student_grid`])."""
+    if config.student_timesteps:
+        return [float(timestep) for timestep in config.student_timesteps], {}
+    return family.student_grid(
+        config.num_student_steps, config.shift, dict(scheduler_config), config.resolution, vae_scale_factor
+    )
+
+
+def read_scheduler_config(pretrained_model_name_or_path: str, revision: str | None = None) -> dict:
+    """The teacher's `scheduler/scheduler_config.json` (local folder or Hub), without loading anything else."""
+    path = Path(pretrained_model_name_or_path).expanduser()
+    if path.is_dir():
+        config_file = path / "scheduler" / "scheduler_config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(
+                f"{pretrained_model_name_or_path} has no scheduler/scheduler_config.json: the student grid follows the "
+                "teacher's scheduler. Give a complete pipeline folder, or the grid itself with --student_timesteps."
+            )
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    from huggingface_hub import hf_hub_download
+
+    file = hf_hub_download(
+        pretrained_model_name_or_path, "scheduler_config.json", subfolder="scheduler", revision=revision
+    )
+    return json.loads(Path(file).read_text(encoding="utf-8"))
 
 
 def read_component_config(pretrained_model_name_or_path: str, subfolder: str, revision: str | None = None) -> dict:
@@ -143,11 +164,13 @@ class ModelFamily(ABC):
     # LoRA targets of the student and of the fake score (released recipes).
     student_lora_targets: tuple[str, ...] = ()
     fake_lora_targets: tuple[str, ...] = ()
-    # The backbone sees the VAE's latents in p x p patches (FLUX: 2): it takes p^2 times the VAE's latent channels and
-    # the resolution must be a multiple of p times the VAE's spatial factor.
-    latent_patch_size: int = 1
-    # The default student grid depends on the teacher's scheduler config and the resolution (dynamic shift).
+    # The default grid is computed by the teacher's own scheduler (`student_grid` reads its config).
     grid_uses_teacher_scheduler: bool = False
+    # Side of the latent patches the trainer's latents are cut into inside `call_backbone` (the resolution must be a
+    # multiple of the VAE factor times it, as the stock pipeline requires); 1 where the backbone takes any size.
+    latent_patch_size: int = 1
+    # The real score's unconditional branch: the negative prompt the stock pipeline's CFG uses by default.
+    negative_prompt: str = ""
 
     # -- configuration, before weights -----------------------------------------------------------------------------
     def vae_scale_factor(self, source: str, revision: str | None = None) -> int:
@@ -155,21 +178,21 @@ class ModelFamily(ABC):
         return 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
 
     @abstractmethod
-    def default_student_timesteps(
-        self,
-        num_steps: int,
-        shift: float | None,
-        resolution: int | None = None,
-        scheduler_config: dict | None = None,
-        vae_scale_factor: int = 8,
-    ) -> list[float]:
-        """The student grid in model units, noisiest first. `resolution`, the teacher's `scheduler_config` and the VAE's
-        spatial factor matter only to families whose grid depends on the image size (dynamic shift)."""
+    def default_student_timesteps(self, num_steps: int, shift: float | None) -> list[float]:
+        """The student grid in model units, noisiest first."""
 
     def check_teacher(self, model_index: dict, source: str, revision: str | None = None) -> None:
         """Refuse, before any weight loads, a teacher of this pipeline class that the family cannot distil (e.g. an
         already step-distilled variant); the message names the checkpoint to use instead. Default: accept."""
         return None
+
+    def student_grid(
+        self, num_steps: int, shift: float | None, scheduler_config: dict, resolution: int, vae_scale_factor: int
+    ) -> tuple[list[float], dict]:
+        """`(timesteps, grid_origin)`: the default grid for this teacher scheduler at `resolution`, and the config keys
+        recording how it was derived. Families whose grid does not depend on them return
+        `default_student_timesteps(num_steps, shift)` and no origin."""
+        return self.default_student_timesteps(num_steps, shift), {}
 
     # -- loading --------------------------------------------------------------------------------------------------
     def pipeline_class(self):
@@ -249,10 +272,15 @@ class ModelFamily(ABC):
         self, denoiser, sample: torch.Tensor, noise_level: torch.Tensor, condition: dict, uncondition: dict, scale
     ) -> torch.Tensor:
         """The real score's `x0` at guidance `scale`: two-pass classifier-free guidance against `uncondition` (the
-        empty prompt, as the stock pipelines' default negative prompt); guidance-distilled families override it."""
+        family's negative prompt, as its stock pipeline's CFG uses by default); families whose stock CFG differs
+        override it."""
         from ..denoisers import guided_x0
 
         return guided_x0(denoiser, sample, noise_level, condition, uncondition, scale)
+
+    def config_latent_channels(self, backbone_config: dict, vae_config: dict) -> tuple[int | None, int]:
+        """`(latent channels the backbone takes, latent channels the VAE makes)` from their configs alone."""
+        return backbone_config.get("in_channels"), vae_config.get("latent_channels", 4)
 
     def decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
         """Latents to images in `[0, 1]`, differentiable (the reward path back-propagates through it)."""

@@ -171,25 +171,29 @@ class DynamicShiftFlowFamily(ModelFamily):
         length = FLUX_MAX_SEQUENCE_LENGTH if pipeline is None else self.max_sequence_length(pipeline)
         return {"max_sequence_length": length}
 
-    def default_student_timesteps(
-        self,
-        num_steps: int,
-        shift: float | None,
-        resolution: int | None = None,
-        scheduler_config: dict | None = None,
-        vae_scale_factor: int = 8,
-    ) -> list[float]:
-        """An explicit `shift` gives the SD3-style static grid; otherwise the teacher scheduler's own `num_steps`-step
-        timesteps at `resolution` (what the stock pipeline would sample with)."""
-        if shift is not None:
-            return flow_student_timesteps(num_steps, shift)
-        if scheduler_config is None or resolution is None:
+    def default_student_timesteps(self, num_steps: int, shift: float | None) -> list[float]:
+        """The static SD3-style grid of an explicit `shift` (the default grid needs the teacher's scheduler: see
+        `student_grid`)."""
+        if shift is None:
             raise ValueError(
-                f"The {self.name} grid follows the teacher's scheduler at the training resolution: pass both "
-                "`resolution` and `scheduler_config` (or an explicit `shift`)."
+                f"The {self.name} default grid follows the teacher's scheduler at the training resolution "
+                "(`student_grid`); without those, give an explicit `shift`."
             )
+        return flow_student_timesteps(num_steps, shift)
+
+    def student_grid(
+        self, num_steps: int, shift: float | None, scheduler_config: dict, resolution: int, vae_scale_factor: int
+    ) -> tuple[list[float], dict]:
+        """An explicit `shift` gives the SD3-style static grid; otherwise the teacher scheduler's own `num_steps`-step
+        timesteps at `resolution` (what the stock pipeline would sample with), recorded with its `mu` (`grid_mu`)."""
+        if shift is not None:
+            return flow_student_timesteps(num_steps, shift), {}
         mu = self.dynamic_shift_mu(resolution, num_steps, scheduler_config, vae_scale_factor)
-        return teacher_scheduler_timesteps(scheduler_config, num_steps, mu)
+        return teacher_scheduler_timesteps(scheduler_config, num_steps, mu), {"grid_mu": mu}
+
+    def config_latent_channels(self, backbone_config: dict, vae_config: dict) -> tuple[int | None, int]:
+        # The transformer takes 2x2 patches of the VAE latent: 4x its channels.
+        return backbone_config.get("in_channels"), 4 * vae_config.get("latent_channels", 16)
 
 
 class FluxFamily(DynamicShiftFlowFamily):

@@ -24,10 +24,7 @@ class SD3Family(ModelFamily):
     student_lora_targets = SD3_LORA_TARGETS
     fake_lora_targets = SD3_LORA_TARGETS
 
-    def default_student_timesteps(
-        self, num_steps: int, shift: float | None, resolution=None, scheduler_config=None, vae_scale_factor=8
-    ) -> list[float]:
-        # A static grid: the image size does not change it.
+    def default_student_timesteps(self, num_steps: int, shift: float | None) -> list[float]:
         return flow_student_timesteps(num_steps, SD3_DEFAULT_SHIFT if shift is None else shift)
 
     def encode_prompts(self, pipeline, prompts: list[str], resolution: int, device: torch.device) -> dict:

@@ -37,10 +37,7 @@ class SDXLFamily(ModelFamily):
     student_lora_targets = UNET_LORA_TARGETS
     fake_lora_targets = UNET_LORA_TARGETS
 
-    def default_student_timesteps(
-        self, num_steps: int, shift: float | None, resolution=None, scheduler_config=None, vae_scale_factor=8
-    ) -> list[float]:
-        # A static grid: the image size does not change it.
+    def default_student_timesteps(self, num_steps: int, shift: float | None) -> list[float]:
         if num_steps == 1:
             return [SDXL_ONE_STEP_TIMESTEP]
         return ddpm_student_timesteps(num_steps)
@@ -69,10 +66,7 @@ class SD15Family(SDXLFamily):
     pipeline_class_name = "StableDiffusionPipeline"
     default_resolution = 512
 
-    def default_student_timesteps(
-        self, num_steps: int, shift: float | None, resolution=None, scheduler_config=None, vae_scale_factor=8
-    ) -> list[float]:
-        # A static grid: the image size does not change it.
+    def default_student_timesteps(self, num_steps: int, shift: float | None) -> list[float]:
         return ddpm_student_timesteps(num_steps)
 
     def encode_prompts(self, pipeline, prompts: list[str], resolution: int, device: torch.device) -> dict:
