@@ -103,6 +103,23 @@ STOCK_ROUTES: dict[str, StockRoute] = {
         backbone="transformer",
         call_defaults={"guidance_scale": 0.0, "max_sequence_length": 128},
     ),
+    # FLUX.1 [dev] is guidance-distilled: `guidance_scale` is the guidance *embedding* (the export stores the trained
+    # one in `call_defaults`), and classifier-free guidance is `true_cfg_scale` with a negative prompt, off as trained.
+    "FluxPipeline": StockRoute(
+        family="flux",
+        backbone_class="FluxTransformer2DModel",
+        backbone="transformer",
+        guidance_argument="true_cfg_scale",
+        call_defaults={"guidance_scale": 3.5, "true_cfg_scale": 1.0, "max_sequence_length": 512},
+    ),
+    # FLUX.2 [klein] base: no guidance embedding; true CFG against the empty prompt above `guidance_scale` 1.
+    "Flux2KleinPipeline": StockRoute(
+        family="flux2",
+        backbone_class="Flux2Transformer2DModel",
+        backbone="transformer",
+        vae_class="AutoencoderKLFlux2",
+        call_defaults={"guidance_scale": 1.0, "max_sequence_length": 512},
+    ),
     # Z-Image's CFG is on for any guidance_scale > 0 (`cond + g (cond - uncond)`): 0 is the trained setting. The
     # pipeline passes its own default sigmas, so the trained grid goes in as `sigmas` (it also passes `mu`, ignored).
     "ZImagePipeline": StockRoute(
@@ -187,6 +204,9 @@ class FewStepDMDRPipeline(DiffusionPipeline):
         stock_pipeline (`str`, *optional*):
             The stock pipeline class that runs this student (a key of `STOCK_ROUTES`); found from the components
             when not given.
+        call_defaults (`dict`, *optional*):
+            Call arguments this student was trained with, over the route's own defaults (saved in
+            `model_index.json`): FLUX.1 [dev]'s trained `guidance_scale` embedding, the prompt length.
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->unet->transformer->vae"
@@ -205,6 +225,7 @@ class FewStepDMDRPipeline(DiffusionPipeline):
         text_encoder_3: PreTrainedModel | None = None,
         tokenizer_3=None,
         stock_pipeline: str | None = None,
+        call_defaults: dict | None = None,
     ):
         super().__init__()
         if (unet is None) == (transformer is None):
@@ -230,7 +251,8 @@ class FewStepDMDRPipeline(DiffusionPipeline):
                 "To run the student with a stock scheduler, use the stock pipeline itself (see the model card)."
             )
         self.register_modules(**components)
-        self.register_to_config(stock_pipeline=stock_pipeline)
+        # Per-export call defaults over the route's (the trained guidance embedding, the prompt length, ...).
+        self.register_to_config(stock_pipeline=stock_pipeline, call_defaults=dict(call_defaults or {}))
 
     # ------------------------------------------------------------------------------------------------------------
     # Loading and saving
@@ -363,7 +385,7 @@ class FewStepDMDRPipeline(DiffusionPipeline):
             [`FewStepDMDRPipelineOutput`] or `tuple`: the images, as a dataclass or as a 1-tuple.
         """
         route = self.route
-        call_kwargs = {**route.call_defaults, **kwargs}
+        call_kwargs = {**route.call_defaults, **(self.config.get("call_defaults") or {}), **kwargs}
         return_dict = call_kwargs.pop("return_dict", True)
         if not any(call_kwargs.get(name) is not None for name in ("num_inference_steps", "timesteps", "sigmas")):
             call_kwargs.update(self._trained_grid_kwargs(route.grid_argument))
@@ -379,7 +401,8 @@ class FewStepDMDRPipeline(DiffusionPipeline):
                 )
         self.scheduler.set_noise_generator(call_kwargs.get("generator"))
         try:
-            output = self.stock_pipeline()(prompt, return_dict=True, **call_kwargs)
+            # By name: `Flux2KleinPipeline` takes a conditioning `image` first.
+            output = self.stock_pipeline()(prompt=prompt, return_dict=True, **call_kwargs)
         finally:
             self.scheduler.set_noise_generator(None)
         self.maybe_free_model_hooks()

@@ -27,7 +27,7 @@ def tiny_teacher_dirs(tmp_path_factory) -> dict[str, str]:
     from diffusers_dmdr.testing import build_tiny_pipeline
 
     root = tmp_path_factory.mktemp("teachers")
-    families = ("sdxl", "sd15", "sd3", "zimage", "qwenimage")
+    families = ("sdxl", "sd15", "sd3", "flux", "flux2", "zimage", "qwenimage")
     return {family: str(build_tiny_pipeline(family, root / family)) for family in families}
 
 

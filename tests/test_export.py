@@ -54,6 +54,14 @@ RUNS = {
         "lora_alpha": 2,
     },
     "sd15-2step": {"family": "sd15", "training_mode": "lora", "num_student_steps": 2},
+    # FLUX.1: a trained guidance embedding other than the stock default, which the export must carry.
+    "flux-2step": {"family": "flux", "training_mode": "lora", "num_student_steps": 2, "guidance_embedding_scale": 2.5},
+    "flux2-2step-sde": {
+        "family": "flux2",
+        "training_mode": "lora",
+        "num_student_steps": 2,
+        "backward_simulation": "sde",
+    },
     "zimage-4step": {"family": "zimage", "training_mode": "lora", "num_student_steps": 4},
     "qwenimage-4step": {"family": "qwenimage", "training_mode": "lora", "num_student_steps": 4},
 }
@@ -61,6 +69,8 @@ TEACHER_CARDS = {
     "sdxl": "---\nlicense: openrail++\n---\n# A tiny SDXL teacher\n",
     "sd15": "---\nlicense: creativeml-openrail-m\n---\n# A tiny SD1.5 teacher\n",
     "sd3": "---\nlicense: other\nlicense_name: tiny-community-license\nlicense_link: LICENSE.md\n---\n# A tiny SD3\n",
+    "flux": "---\nlicense: other\nlicense_name: flux-1-dev-non-commercial-license\n---\n# A tiny FLUX.1 [dev]\n",
+    "flux2": "---\nlicense: apache-2.0\n---\n# A tiny FLUX.2 [klein]\n",
     "zimage": "---\nlicense: apache-2.0\n---\n# A tiny Z-Image teacher\n",
     "qwenimage": "---\nlicense: apache-2.0\n---\n# A tiny Qwen-Image teacher\n",
 }
@@ -176,6 +186,10 @@ def unpacked(pipeline, latents: torch.Tensor) -> torch.Tensor:
     return latents
 
 
+def student_images(pipeline, seed: int = 7) -> torch.Tensor:
+    return pipeline(PROMPTS, height=64, width=64, generator=seeded(seed), output_type="pt").images
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Parity with the trainer's sampler
 # ------------------------------------------------------------------------------------------------------------------
@@ -183,21 +197,26 @@ def unpacked(pipeline, latents: torch.Tensor) -> torch.Tensor:
 def test_exported_student_reproduces_the_trainer_sampler(name, exported):
     run = exported(name)
     trainer_latents = run.trainer.sample_latents(PROMPTS, generator=seeded(7))
+    if run.family in ("flux", "flux2"):
+        # The stock FLUX pipelines return packed (or de-normalised) latents: compare decoded images instead.
+        trainer_latents, sample = run.trainer.decode(trainer_latents), student_images
+    else:
+        sample = student_latents
     pipeline = load_student(run)
     # The exact trained grid, prediction type and re-noising rule travel in the scheduler config.
     assert torch.equal(pipeline.scheduler.timesteps, run.trainer.scheduler.timesteps)
     for key in ("training_timesteps", "prediction_type", "deterministic", "num_train_timesteps"):
         assert pipeline.scheduler.config[key] == run.trainer.scheduler.config[key]
     # Same generator, same initial and per-step noise: the same samples (fused LoRA weights differ by rounding).
-    torch.testing.assert_close(student_latents(pipeline), trainer_latents, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sample(pipeline), trainer_latents, rtol=1e-4, atol=1e-4)
     # ... and not trivially: the teacher under the same sampler gives other samples.
     teacher = get_family(run.family).pipeline_class().from_pretrained(str(run.teacher_dir))
     teacher_pipeline = FewStepDMDRPipeline.from_pipe(teacher, scheduler=pipeline.scheduler)
     teacher_pipeline.set_progress_bar_config(disable=True)
-    assert not torch.allclose(student_latents(teacher_pipeline), trainer_latents, atol=1e-2)
+    assert not torch.allclose(sample(teacher_pipeline), trainer_latents, atol=1e-2)
 
 
-@pytest.mark.parametrize("name", ["sdxl-4step", "sd3-4step-full"])
+@pytest.mark.parametrize("name", ["sdxl-4step", "sd3-4step-full", "flux-2step"])
 def test_plain_route_with_a_stock_scheduler_follows_the_trained_sampler(name, exported):
     """Route 3 of the card (stock pipeline and scheduler, no custom code) on the same noise."""
     from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler, SD3Transformer2DModel
@@ -210,21 +229,34 @@ def test_plain_route_with_a_stock_scheduler_follows_the_trained_sampler(name, ex
         stock.load_lora_weights(str(run.export_dir))
         stock.scheduler = LCMScheduler.from_config(stock.scheduler.config)
         schedule = {"timesteps": [int(t) for t in timesteps]}
-    else:
+    elif run.family == "sd3":
         transformer = SD3Transformer2DModel.from_pretrained(str(run.export_dir), subfolder="transformer")
         stock = family.pipeline_class().from_pretrained(str(run.teacher_dir), transformer=transformer)
         stock.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
             stock.scheduler.config, shift=1.0, stochastic_sampling=not run.trainer.scheduler.config.deterministic
         )
-        schedule = {"sigmas": [t / 1000 for t in timesteps], "max_sequence_length": 128}
+        schedule = {"sigmas": [t / 1000 for t in timesteps], "max_sequence_length": 128, "guidance_scale": 0.0}
+    if run.family == "flux":
+        stock = family.pipeline_class().from_pretrained(str(run.teacher_dir))
+        stock.load_lora_weights(str(run.export_dir))
+        # Dynamic shifting off: the trained sigmas are already the teacher's shifted grid.
+        stock.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+            stock.scheduler.config, shift=1.0, use_dynamic_shifting=False
+        )
+        # The card's call: the trained guidance embedding and prompt length the export stores.
+        call_defaults = json.loads((run.export_dir / "model_index.json").read_text())["call_defaults"]
+        assert call_defaults == {"guidance_scale": 2.5, "max_sequence_length": 16}
+        schedule = {"sigmas": [t / 1000 for t in timesteps], **call_defaults}
+    elif run.family == "sdxl":
+        schedule["guidance_scale"] = 0.0
     stock.set_progress_bar_config(disable=True)
-    latents = stock(
-        PROMPTS, guidance_scale=0.0, height=64, width=64, generator=seeded(7), output_type="latent", **schedule
-    ).images
+    latents = stock(prompt=PROMPTS, height=64, width=64, generator=seeded(7), output_type="latent", **schedule).images
+    if run.family == "flux":
+        latents = stock._unpack_latents(latents, 64, 64, stock.vae_scale_factor)
     trainer_latents = run.trainer.sample_latents(PROMPTS, generator=seeded(7))
     # Flow students trained on round(1000 t) (the released code); the stock scheduler feeds 1000 t unrounded, so the
     # route is close (the teacher under this sampler is off by more than 1e-2) but not at 1e-3.
-    tolerance = 1e-2 if run.family == "sd3" else 1e-3
+    tolerance = 1e-2 if run.family in ("sd3", "flux") else 1e-3
     torch.testing.assert_close(latents, trainer_latents, rtol=tolerance, atol=tolerance)
 
 
@@ -656,3 +688,35 @@ def test_push_uploads_the_export_loads_from_the_hub_and_a_failed_upload_says_how
     )
     assert folder_digest(folder) == local_files
     assert hub.repos["dmdr-tests/fail-upload"]["files"] == {}
+
+
+@pytest.mark.parametrize("name", ["flux-2step", "flux2-2step-sde"])
+def test_flux_exports_store_the_teachers_grid_its_mu_and_the_call_defaults(name, exported, caplog):
+    """The dynamic-shift grid is stored exactly (the teacher scheduler's own sigmas at 64 px and 2 steps) with the
+    `mu` it was built at; the pipeline config carries the trained prompt length and (FLUX.1) guidance embedding."""
+    run = exported(name)
+    family = get_family(run.family)
+    teacher_config = run.trainer.pipeline.scheduler.config
+    scheduler_config = json.loads((run.export_dir / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler_config["training_timesteps"] == family.student_grid(2, None, teacher_config, 64, 8)[0]
+    assert scheduler_config["grid_mu"] == family.dynamic_shift_mu(64, 2, teacher_config, 8)
+    pipeline = FewStepDMDRPipeline.from_pretrained(str(run.export_dir))
+    expected = {"max_sequence_length": 16 if run.family == "flux" else 64}
+    if run.family == "flux":
+        expected["guidance_scale"] = 2.5
+    assert pipeline.config.call_defaults == expected
+    assert pipeline.config.stock_pipeline == family.pipeline_class_name
+    # Sampling at another resolution keeps the trained grid and says so.
+    pipeline.set_progress_bar_config(disable=True)
+    with caplog.at_level("WARNING"):
+        pipeline(PROMPTS[:1], height=128, width=128, generator=seeded(0), output_type="latent")
+    assert "another resolution" in caplog.text
+    card = (run.export_dir / "README.md").read_text()
+    assert family.pipeline_class_name in card and "use_dynamic_shifting=False" in card
+    # Route 2: diffusers alone, running the folder's code, samples the same images as route 1.
+    from diffusers import DiffusionPipeline
+
+    remote = DiffusionPipeline.from_pretrained(str(run.export_dir), trust_remote_code=True)
+    remote.set_progress_bar_config(disable=True)
+    assert type(remote).__name__ == "FewStepDMDRPipeline" and remote.config.call_defaults == expected
+    torch.testing.assert_close(student_images(remote), student_images(pipeline), rtol=0, atol=1e-6)

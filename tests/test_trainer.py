@@ -46,7 +46,7 @@ def reward(fn, name="brightness", weight=1.0):
     return LoadedReward(name=name, fn=fn, weight=weight, hinge=None)
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd15", "sd3", "zimage", "qwenimage"])
+@pytest.mark.parametrize("family", ["sdxl", "sd15", "sd3", "flux", "flux2", "zimage", "qwenimage"])
 def test_real_score_at_scale_zero_is_the_teacher_bit_for_bit(family, tiny_teacher_dirs, prompt_file, tmp_path):
     trainer = make_trainer(tiny_teacher_dirs[family], prompt_file, tmp_path, family=family)
     randomise_lora_b(trainer.guidance_model, FAKE_ADAPTER)

@@ -14,7 +14,7 @@ from typing import Literal
 import yaml
 
 
-FAMILIES = ("auto", "sdxl", "sd15", "sd3", "zimage", "qwenimage")
+FAMILIES = ("auto", "sdxl", "sd15", "sd3", "flux", "flux2", "zimage", "qwenimage")
 
 
 @dataclass
@@ -30,14 +30,15 @@ class DMDRConfig:
     pretrained_model_name_or_path (`str`): the teacher, a diffusers pipeline folder or Hub id.
     revision (`str`, *optional*): Hub revision (branch, tag or commit) of the teacher.
     variant (`str`, *optional*): weight variant of the teacher's files, e.g. `fp16`.
-    family (`str`, defaults to `"auto"`): `sdxl`, `sd15`, `sd3`, `zimage` (`ZImagePipeline`), `qwenimage`
-        (`QwenImagePipeline`), or `auto` (read from `model_index.json`).
+    family (`str`, defaults to `"auto"`): `sdxl`, `sd15`, `sd3`, `flux` (FLUX.1 [dev]), `flux2` (FLUX.2 [klein]
+        base), `zimage` (`ZImagePipeline`), `qwenimage` (`QwenImagePipeline`), or `auto` (read from
+        `model_index.json`).
     num_student_steps (`int`, defaults to 4): sampling steps of the student, 1-8.
     student_timesteps (`list[float]`, *optional*): the student's timesteps in model units (SDXL 4-step
-        `[999, 749, 499, 249]`); by default the family's grid (1-step SDXL: `[399]`; SD3: shift-warped; Z-Image and
-        Qwen-Image: the teacher scheduler's own schedule at `resolution`, with the resolution-dependent `mu` where the
-        scheduler uses dynamic shifting, recorded in the exported scheduler config as `grid_mu`).
-    shift (`float`, *optional*): shift of the flow-model grid (SD3-Medium 3, SD3.5-Large 5); for Z-Image and
+        `[999, 749, 499, 249]`); by default the family's grid (1-step SDXL: `[399]`; SD3: shift-warped; FLUX, Z-Image
+        and Qwen-Image: the teacher scheduler's own schedule at `resolution`, with the resolution-dependent `mu` where
+        the scheduler uses dynamic shifting, recorded in the exported scheduler config as `grid_mu`).
+    shift (`float`, *optional*): shift of the flow-model grid (SD3-Medium 3, SD3.5-Large 5); for FLUX, Z-Image and
         Qwen-Image a static shift that replaces the teacher scheduler's own shifting.
     training_mode (`str`, defaults to `"lora"`): `lora` trains a student adapter on the shared frozen base; `full`
         trains a full copy of the backbone.
@@ -67,6 +68,10 @@ class DMDRConfig:
         scale <= 1 there is no CFG and no jitter. Z-Image's own `guidance_scale` g is `w = 1 + g`.
     guidance_scale_jitter (`float`, defaults to 0.5): the scale is drawn uniformly in `[scale - jitter, scale +
         jitter]` per generator update.
+    guidance_embedding_scale (`float`, defaults to 3.5): guidance-distilled teachers only (FLUX.1 [dev]): the guidance
+        embedding the student and the fake score run at (`FluxPipeline`'s default `guidance_scale`), stored in the
+        export so that the exported pipeline samples at it. Their real score is one pass at embedding
+        `real_guidance_scale` (jittered) instead of two-pass CFG. Ignored by the other families.
     backward_simulation (`str`, *optional*): `sde` (re-noise with fresh noise; SDXL default) or `ode` (deterministic;
         flow default). It also fixes whether the exported scheduler is deterministic.
     flow_x0_noise_level (`float`, defaults to 0.0): flow models only: the clean estimate stops at this noise level,
@@ -175,7 +180,7 @@ class DMDRConfig:
     )
     revision: str | None = field(default=None, metadata={"help": "Hub revision of the teacher."})
     variant: str | None = field(default=None, metadata={"help": "Weight variant of the teacher, e.g. `fp16`."})
-    family: Literal["auto", "sdxl", "sd15", "sd3", "zimage", "qwenimage"] = field(
+    family: Literal["auto", "sdxl", "sd15", "sd3", "flux", "flux2", "zimage", "qwenimage"] = field(
         default="auto", metadata={"help": "Model family; `auto` reads `_class_name` from model_index.json."}
     )
     num_student_steps: int = field(default=4, metadata={"help": "Sampling steps of the student (1-8)."})
@@ -226,6 +231,13 @@ class DMDRConfig:
     real_guidance_scale: float = field(default=7.0, metadata={"help": "CFG scale of the real score."})
     guidance_scale_jitter: float = field(
         default=0.5, metadata={"help": "Half-width of the uniform jitter on the real-score CFG scale."}
+    )
+    guidance_embedding_scale: float = field(
+        default=3.5,
+        metadata={
+            "help": "FLUX.1 [dev] (guidance-distilled): guidance embedding of the student and the fake score, stored "
+            "in the export; the real score runs at --real_guidance_scale as an embedding (one pass)."
+        },
     )
     backward_simulation: Literal["sde", "ode"] | None = field(
         default=None, metadata={"help": "`sde` (fresh noise) or `ode` (deterministic); default per family."}
@@ -470,6 +482,11 @@ class DMDRConfig:
             problems.append("--renoise_beta_alpha and --renoise_beta_beta must be positive.")
         if self.guidance_scale_jitter < 0:
             problems.append("--guidance_scale_jitter must be non-negative.")
+        if not math.isfinite(self.guidance_embedding_scale) or self.guidance_embedding_scale < 0:
+            problems.append(
+                f"--guidance_embedding_scale must be a non-negative number (FLUX.1 [dev] default 3.5), got "
+                f"{self.guidance_embedding_scale}."
+            )
         if self.resolution < 8:
             problems.append(f"--resolution must be a positive multiple of the VAE factor, got {self.resolution}.")
         if self.memory_plan_num_processes is not None and self.memory_plan_num_processes < 1:

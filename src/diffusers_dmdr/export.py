@@ -112,7 +112,7 @@ def export_from_trainer(trainer) -> Path | None:
     full_pipeline = None
     if config.training_mode == "full" or config.export_full_pipeline:
         backbone = _student_backbone_from_trainer(trainer, weights)
-        pipeline = _assemble_pipeline(trainer.pipeline, trainer.family, trainer.scheduler, backbone)
+        pipeline = _assemble_pipeline(trainer.pipeline, trainer.family, trainer.scheduler, backbone, config)
         full_pipeline = _finalise_full_pipeline(pipeline, config, weights)
     metrics = {key: value for key, value in (trainer.history[-1] if trainer.history else {}).items() if key != "step"}
     output_dir = write_export(
@@ -215,7 +215,9 @@ def export_checkpoint(
         weights = StudentWeights(full_state_dict=load_file(checkpoint_dir / STUDENT_FULL_FILE))
     teacher = family.load_teacher(config.pretrained_model_name_or_path, config.revision, config.variant)
     scheduler = _student_scheduler(config, teacher)
-    pipeline = _assemble_pipeline(teacher.pipeline, family, scheduler, _student_backbone(teacher, config, weights))
+    pipeline = _assemble_pipeline(
+        teacher.pipeline, family, scheduler, _student_backbone(teacher, config, weights), config
+    )
     if weights.is_lora:
         weights.lora_config = pipeline.backbone.peft_config[STUDENT_ADAPTER].to_dict()
 
@@ -292,11 +294,13 @@ def _apply_student_weights(backbone, family: ModelFamily, config: DMDRConfig, we
     return backbone.eval()
 
 
-def _assemble_pipeline(stock_pipeline, family: ModelFamily, scheduler, backbone) -> FewStepDMDRPipeline:
+def _assemble_pipeline(stock_pipeline, family: ModelFamily, scheduler, backbone, config) -> FewStepDMDRPipeline:
     expected_components, _ = FewStepDMDRPipeline._get_signature_keys(FewStepDMDRPipeline)
     components = {name: module for name, module in stock_pipeline.components.items() if name in expected_components}
     components.update({"scheduler": scheduler, family.backbone_name: backbone})
-    return FewStepDMDRPipeline(**components)
+    # Run-dependent call defaults (FLUX.1's trained guidance embedding, the prompt length) travel with the export.
+    call_defaults = family.export_call_defaults(config, stock_pipeline)
+    return FewStepDMDRPipeline(**components, call_defaults=call_defaults or None)
 
 
 def _finalise_full_pipeline(

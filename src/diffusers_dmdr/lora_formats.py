@@ -36,6 +36,8 @@ COMFY_LORA_STYLES = {
     "sdxl": UNET_STYLE,
     "sd15": UNET_STYLE,
     "sd3": TRANSFORMER_STYLE,
+    "flux": TRANSFORMER_STYLE,
+    "flux2": TRANSFORMER_STYLE,
     "zimage": TRANSFORMER_STYLE,
     "qwenimage": TRANSFORMER_STYLE,
 }

@@ -35,6 +35,8 @@ FAMILY_TAGS = {
     "sdxl": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"],
     "sd15": ["stable-diffusion", "stable-diffusion-diffusers"],
     "sd3": ["sd3", "sd3-diffusers"],
+    "flux": ["flux", "flux-diffusers"],
+    "flux2": ["flux2", "flux2-klein"],
     "zimage": ["z-image", "z-image-diffusers"],
     "qwenimage": ["qwen-image", "qwen-image-diffusers"],
 }
@@ -409,10 +411,11 @@ def _plain_route(info: ModelCardInfo, recipe: dict, prompt: str, size: str) -> s
     config_kwargs = "".join(f", {key}={value!r}" for key, value in recipe.get("from_config_kwargs", {}).items())
     set_scheduler = f"pipe.scheduler = {scheduler_class}.from_config(pipe.scheduler.config{config_kwargs})\n"
     call_kwargs = "".join(f", {key}={value!r}" for key, value in recipe.get("call_kwargs", {}).items())
-    # Guidance off and the trained prompt length: the call defaults FewStepDMDRPipeline gives this stock pipeline.
-    defaults = STOCK_ROUTES[stock_class].call_defaults
+    # Guidance off (or FLUX.1's trained embedding) and the trained prompt length: the call defaults
+    # FewStepDMDRPipeline gives this stock pipeline; the prompt by name (Flux2KleinPipeline takes an image first).
+    defaults = {**STOCK_ROUTES[stock_class].call_defaults, **family.export_call_defaults(info.config, None)}
     call_defaults = "".join(f", {key}={value!r}" for key, value in defaults.items())
-    call = f'image = pipe("{prompt}"{call_kwargs}{call_defaults}{size})'
+    call = f'image = pipe(prompt="{prompt}"{call_kwargs}{call_defaults}{size})'
     if info.has_lora:
         imports = [f"from diffusers import {scheduler_class}, {stock_class}"]
         load = f'pipe = {stock_class}.from_pretrained("{base_model}", dtype=dtype)\n' + _load_lora_lines("pipe", info)

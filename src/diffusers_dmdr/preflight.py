@@ -44,6 +44,7 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
             "drop --family or pass --family auto."
         )
     family = get_family(detected)
+    family.check_teacher(model_index, config.pretrained_model_name_or_path, config.revision)
 
     # 2. Resolution against the VAE's spatial factor.
     factor = family.vae_scale_factor(config.pretrained_model_name_or_path, config.revision)

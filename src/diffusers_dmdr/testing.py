@@ -9,8 +9,8 @@ Command line:
 python -m diffusers_dmdr.testing build-tiny --family sdxl --output /tmp/tiny-sdxl
 ```
 
-writes a pipeline folder that `DiffusionPipeline.from_pretrained(folder)` loads like any SDXL, SD3, Z-Image or
-Qwen-Image checkpoint.
+writes a pipeline folder that `DiffusionPipeline.from_pretrained(folder)` loads like any SDXL, SD3, FLUX.1 [dev],
+FLUX.2 [klein], Z-Image or Qwen-Image checkpoint (FLUX builders in `testing_flux.py`).
 """
 
 import argparse
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 
-TINY_FAMILIES = ("sdxl", "sd15", "sd3", "zimage", "qwenimage")
+TINY_FAMILIES = ("sdxl", "sd15", "sd3", "flux", "flux2", "zimage", "qwenimage")
 # Text length of every tiny tokenizer; transformers' default (1e30) would make pipelines pad forever.
 TINY_MAX_LENGTH = 16
 
@@ -469,6 +469,14 @@ def tiny_pipeline(family: str, seed: int = 0, **kwargs):
         return StableDiffusionPipeline(**tiny_sd15_components(seed, **kwargs))
     if family == "sd3":
         return StableDiffusion3Pipeline(**tiny_sd3_components(seed, **kwargs))
+    if family in ("flux", "flux2"):
+        from diffusers import Flux2KleinPipeline, FluxPipeline
+
+        from .testing_flux import tiny_flux2_components, tiny_flux_components
+
+        if family == "flux":
+            return FluxPipeline(**tiny_flux_components(seed, **kwargs))
+        return Flux2KleinPipeline(**tiny_flux2_components(seed, **kwargs))
     if family == "zimage":
         return ZImagePipeline(**tiny_zimage_components(seed, **kwargs))
     if family == "qwenimage":

@@ -180,10 +180,8 @@ class DMDRTrainer:
         self.scheduler = student_scheduler_for(
             teacher, timesteps, config.backward_simulation, config.shift, config.flow_x0_noise_level, grid_origin
         )
-        self.latent_shape = (
-            self.family.latent_channels(teacher.backbone),
-            config.resolution // self.pipeline.vae_scale_factor,
-            config.resolution // self.pipeline.vae_scale_factor,
+        self.latent_shape = self.family.latent_shape(
+            teacher.backbone, self.pipeline.vae_scale_factor, config.resolution
         )
 
         # 3. What trains: one module over one frozen base (student adapter or full copy; fake adapter).
@@ -297,7 +295,9 @@ class DMDRTrainer:
     # Sampling
     # ------------------------------------------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> dict:
-        return self.prompt_encoder.encode(prompts)
+        # Guidance-distilled families (FLUX.1) condition the student and the fake score on a fixed guidance embedding.
+        condition = self.prompt_encoder.encode(prompts)
+        return self.family.with_guidance_embedding(condition, self.config.guidance_embedding_scale)
 
     def initial_noise(self, batch_size: int, generator) -> torch.Tensor:
         shape = (batch_size, *self.latent_shape)
@@ -317,7 +317,7 @@ class DMDRTrainer:
                 self.scheduler,
                 deterministic=self.scheduler.config.deterministic,
                 generator=generator,
-                # Re-noising noise in the layout the stock pipeline's scheduler steps on (Qwen-Image: packed tokens).
+                # Re-noising noise in the layout the stock pipeline's scheduler steps on (FLUX, Qwen-Image: packed tokens).
                 noise_fn=self.family.step_noise,
             )
         return predictions[-1].float()
@@ -525,7 +525,8 @@ class DMDRTrainer:
         )
         uncondition = repeat_condition(self.empty_condition, batch_size)
         with torch.no_grad(), self.accelerator.autocast():
-            # Two-pass CFG by the family's stock rule (Qwen-Image rescales the guided velocity per token).
+            # Two-pass CFG by the family's stock rule (Qwen-Image rescales the guided velocity per token), or one pass
+            # at a guidance embedding for guidance-distilled families (FLUX.1 [dev]).
             x0_real = self.family.real_score_x0(
                 self.guidance_denoiser(real_scale),
                 noisy_student,

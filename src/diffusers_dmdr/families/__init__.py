@@ -5,6 +5,7 @@ fails at once with a message naming the supported pipelines.
 """
 
 from .base import ModelFamily, TeacherComponents, read_teacher_config
+from .flux import Flux2KleinFamily, FluxFamily
 from .qwenimage import QwenImageFamily
 from .sd3 import SD3Family
 from .sdxl import SD15Family, SDXLFamily
@@ -15,6 +16,8 @@ FAMILIES: dict[str, type[ModelFamily]] = {
     "sdxl": SDXLFamily,
     "sd15": SD15Family,
     "sd3": SD3Family,
+    "flux": FluxFamily,
+    "flux2": Flux2KleinFamily,
     "zimage": ZImageFamily,
     "qwenimage": QwenImageFamily,
 }
@@ -43,6 +46,8 @@ def get_family(name: str) -> ModelFamily:
 
 __all__ = [
     "FAMILIES",
+    "Flux2KleinFamily",
+    "FluxFamily",
     "ModelFamily",
     "QwenImageFamily",
     "SD15Family",

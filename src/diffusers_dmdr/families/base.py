@@ -103,7 +103,10 @@ def read_scheduler_config(pretrained_model_name_or_path: str, revision: str | No
     if path.is_dir():
         config_file = path / "scheduler" / "scheduler_config.json"
         if not config_file.is_file():
-            raise FileNotFoundError(f"{pretrained_model_name_or_path} has no scheduler/scheduler_config.json.")
+            raise FileNotFoundError(
+                f"{pretrained_model_name_or_path} has no scheduler/scheduler_config.json: the student grid follows the "
+                "teacher's scheduler. Give a complete pipeline folder, or the grid itself with --student_timesteps."
+            )
         return json.loads(config_file.read_text(encoding="utf-8"))
     from huggingface_hub import hf_hub_download
 
@@ -178,6 +181,11 @@ class ModelFamily(ABC):
     def default_student_timesteps(self, num_steps: int, shift: float | None) -> list[float]:
         """The student grid in model units, noisiest first."""
 
+    def check_teacher(self, model_index: dict, source: str, revision: str | None = None) -> None:
+        """Refuse, before any weight loads, a teacher of this pipeline class that the family cannot distil (e.g. an
+        already step-distilled variant); the message names the checkpoint to use instead. Default: accept."""
+        return None
+
     def student_grid(
         self, num_steps: int, shift: float | None, scheduler_config: dict, resolution: int, vae_scale_factor: int
     ) -> tuple[list[float], dict]:
@@ -237,6 +245,11 @@ class ModelFamily(ABC):
     def latent_channels(self, backbone) -> int:
         return backbone.config.in_channels
 
+    def latent_shape(self, backbone, vae_scale_factor: int, resolution: int) -> tuple[int, int, int]:
+        """`(C, H, W)` of the latent the trainer keeps and noises (packing, if any, happens in `call_backbone`)."""
+        size = resolution // vae_scale_factor
+        return (self.latent_channels(backbone), size, size)
+
     def step_noise(self, sample: torch.Tensor, generator) -> torch.Tensor:
         """Fresh re-noising noise for the student's sampler, drawn in the layout of the latents the stock pipeline
         hands `scheduler.step`, so the exported pipeline reproduces the sampler for the same generator. Default: the
@@ -244,6 +257,16 @@ class ModelFamily(ABC):
         from diffusers.utils.torch_utils import randn_tensor
 
         return randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+
+    def export_call_defaults(self, config, pipeline) -> dict:
+        """Stock-pipeline call arguments the student was trained with that depend on the run (stored in the export's
+        `FewStepDMDRPipeline` config, over the stock route's own defaults). Default: none."""
+        return {}
+
+    def with_guidance_embedding(self, condition: dict, guidance_scale: float) -> dict:
+        """`condition` at a guidance embedding of `guidance_scale` (guidance-distilled backbones such as FLUX.1
+        [dev]); families without one return it unchanged."""
+        return condition
 
     def real_score_x0(
         self, denoiser, sample: torch.Tensor, noise_level: torch.Tensor, condition: dict, uncondition: dict, scale
