@@ -58,7 +58,8 @@ class StockRoute:
         vae_class: class name of the family's autoencoder.
         requires: components that must be present (told apart from families with the same backbone class).
         excludes: components that must be absent.
-        guidance_argument: the call argument that switches classifier-free guidance on above 1.
+        guidance_argument: the call argument that switches classifier-free guidance on above `guidance_threshold`.
+        guidance_threshold: guidance is on above this value (1 for most pipelines, 0 for Z-Image).
         grid_argument: how the trained grid reaches the scheduler: `"num_inference_steps"` (the pipeline asks the
             scheduler for its own grid), `"timesteps"` or `"sigmas"` (for pipelines that otherwise pass their own).
         call_defaults: call arguments the student was trained with (guidance off, prompt length, ...).
@@ -72,6 +73,7 @@ class StockRoute:
     requires: tuple[str, ...] = ()
     excludes: tuple[str, ...] = ()
     guidance_argument: str = "guidance_scale"
+    guidance_threshold: float = 1.0
     grid_argument: str = "num_inference_steps"
     call_defaults: dict = field(default_factory=dict)
     init_kwargs: dict = field(default_factory=dict)
@@ -127,6 +129,7 @@ STOCK_ROUTES: dict[str, StockRoute] = {
         backbone_class="ZImageTransformer2DModel",
         backbone="transformer",
         grid_argument="sigmas",
+        guidance_threshold=0.0,
         call_defaults={"guidance_scale": 0.0},
     ),
     # Qwen-Image's CFG is `true_cfg_scale` > 1 with a negative prompt (its `guidance_scale` is for guidance-distilled
@@ -390,15 +393,17 @@ class FewStepDMDRPipeline(DiffusionPipeline):
         if not any(call_kwargs.get(name) is not None for name in ("num_inference_steps", "timesteps", "sigmas")):
             call_kwargs.update(self._trained_grid_kwargs(route.grid_argument))
         guidance = call_kwargs.get(route.guidance_argument)
-        guidance_on = guidance is not None and guidance > 1.0
+        guidance_on = guidance is not None and guidance > route.guidance_threshold
         if not guidance_on:
             ignored = [name for name in ("negative_prompt", "negative_prompt_embeds") if kwargs.get(name) is not None]
             if ignored:
                 logger.warning(
                     f"{' and '.join(ignored)} is ignored: classifier-free guidance is off "
                     f"({route.guidance_argument}={guidance}), as the student was trained. Pass "
-                    f"{route.guidance_argument} > 1 to use it."
+                    f"{route.guidance_argument} > {route.guidance_threshold:g} to use it."
                 )
+        if isinstance(prompt, list):
+            prompt = list(prompt)  # ZImagePipeline.encode_prompt rewrites the caller's list in place
         self.scheduler.set_noise_generator(call_kwargs.get("generator"))
         try:
             # By name: `Flux2KleinPipeline` takes a conditioning `image` first.

@@ -490,7 +490,7 @@ class DMDRScheduler(SchedulerMixin, ConfigMixin):
           condition is the identity (`c_skip` below 1e-16, `c_out` rounds to 1) and `original_inference_steps` equal to
           `num_train_timesteps` (every integer timestep is on its schedule), called with `timesteps=`.
         - Flow families: `FlowMatchLCMScheduler` (stochastic) or `FlowMatchEulerDiscreteScheduler` (deterministic) with
-          `shift=1` and no dynamic shifting, called with `sigmas=`. They feed the model `1000 t` where training fed
+          `shift=1`, no dynamic shifting and no terminal stretch, called with `sigmas=`. They feed the model `1000 t` where training fed
           `round(1000 t)`: exact only when every grid point is an integer in model units.
         """
         trained = [float(ts) for ts in self.config.training_timesteps]
@@ -512,7 +512,9 @@ class DMDRScheduler(SchedulerMixin, ConfigMixin):
             class_name = "FlowMatchEulerDiscreteScheduler" if self.config.deterministic else "FlowMatchLCMScheduler"
             return {
                 "class_name": class_name,
-                "from_config_kwargs": {"shift": 1.0, "use_dynamic_shifting": False},
+                # The sigmas are the trained grid already: no shift, no dynamic shift, no terminal stretch (Qwen-Image's
+                # scheduler config has `shift_terminal`) may move them again.
+                "from_config_kwargs": {"shift": 1.0, "use_dynamic_shifting": False, "shift_terminal": None},
                 "call_kwargs": {"sigmas": levels},
                 "exact": integer_grid,
                 "note": "; ".join(notes),

@@ -350,3 +350,22 @@ def test_the_prompt_cache_holds_the_family_negative_prompt(family, tiny_teacher_
     live = teacher.family.encode_prompts(teacher.pipeline, [negative] * 2, config.resolution, torch.device("cpu"))
     for key, value in live.items():
         torch.testing.assert_close(cached[key], value)
+
+
+def test_the_pipeline_leaves_the_callers_prompt_list_and_z_image_guidance_is_on_above_zero(caplog):
+    """ZImagePipeline's encode_prompt rewrites the prompt list it is given (chat template); FewStepDMDRPipeline hands
+    it a copy. Z-Image's CFG is on for any guidance_scale > 0, so a negative prompt is used, not ignored, at 0.5."""
+    import logging
+
+    from diffusers_dmdr.pipelines import DMDRScheduler, FewStepDMDRPipeline
+    from diffusers_dmdr.testing import tiny_pipeline
+
+    scheduler = DMDRScheduler(prediction_type="flow", training_timesteps=[1000.0, 750.0])
+    pipeline = FewStepDMDRPipeline.from_pipe(tiny_pipeline("zimage"), scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    prompts = ["a red cat", "a blue dog"]
+    pipeline(prompts, generator=torch.Generator().manual_seed(0), output_type="latent", height=32, width=32)
+    assert prompts == ["a red cat", "a blue dog"]
+    with caplog.at_level(logging.WARNING):
+        pipeline("a red cat", negative_prompt="blurry", guidance_scale=0.5, output_type="latent", height=32, width=32)
+    assert "is ignored" not in caplog.text

@@ -230,3 +230,13 @@ def test_recipes_say_when_no_stock_scheduler_is_exact():
     non_integer = DMDRScheduler(prediction_type="flow", training_timesteps=[1000.0, 937.5])
     recipe = non_integer.stock_scheduler_recipe()
     assert not recipe["exact"] and "round(1000 t)" in recipe["note"]
+
+
+def test_the_flow_recipe_keeps_the_trained_sigmas_under_a_teacher_with_a_terminal_stretch():
+    """Qwen-Image's scheduler config stretches sigmas to `shift_terminal`; the recipe's scheduler must not stretch the
+    trained grid a second time."""
+    teacher = FlowMatchEulerDiscreteScheduler(shift=3.0, shift_terminal=0.02)
+    scheduler = DMDRScheduler(prediction_type="flow", training_timesteps=[1000.0, 750.0, 500.0], deterministic=True)
+    stock, recipe = stock_from_recipe(scheduler, teacher.config)
+    stock.set_timesteps(**recipe["call_kwargs"])
+    torch.testing.assert_close(stock.sigmas[:-1], scheduler.noise_levels)
