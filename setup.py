@@ -43,5 +43,7 @@ setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["dmdr-export=diffusers_dmdr.export:main"]},
+    entry_points={
+        "console_scripts": ["dmdr-export=diffusers_dmdr.export:main", "dmdr-train=diffusers_dmdr.train:cli"]
+    },
 )

@@ -237,8 +237,8 @@ def export_checkpoint(
         pipeline.to(device)
         sample_images = pipeline(
             prompts,
-            height=config.resolution,
-            width=config.resolution,
+            height=config.image_size[0],
+            width=config.image_size[1],
             generator=torch.Generator("cpu").manual_seed(config.seed),
             output_type="pt",
         ).images.cpu()
@@ -666,8 +666,8 @@ def _usage_section(
 ) -> str:
     prompt = (config.validation_prompts or [DEFAULT_SNIPPET_PROMPT])[0]
     size = ""
-    if config.resolution != family.default_resolution:
-        size = f", height={config.resolution}, width={config.resolution}"
+    if config.image_size != (family.default_resolution,) * 2:
+        size = f", height={config.image_size[0]}, width={config.image_size[1]}"
     stock_class = family.pipeline_class_name
     call = f'image = pipe("{prompt}"{size}).images[0]\n'
     if has_full_pipeline:

@@ -47,12 +47,12 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
 
     # 2. Resolution against the VAE's spatial factor.
     factor = family.vae_scale_factor(config.pretrained_model_name_or_path, config.revision)
-    if config.resolution % factor:
-        lower = max(factor, config.resolution // factor * factor)
-        raise ValueError(
-            f"--resolution {config.resolution} is not divisible by the VAE's factor {factor}; use e.g. {lower} or "
-            f"{lower + factor}."
-        )
+    for flag, size in (("--resolution", config.resolution), ("--width", config.width)):
+        if size is not None and size % factor:
+            lower = max(factor, size // factor * factor)
+            raise ValueError(
+                f"{flag} {size} is not divisible by the VAE's factor {factor}; use e.g. {lower} or {lower + factor}."
+            )
 
     # 2b. The backbone denoises the VAE's latents alone (an inpainting UNet also takes a mask and a masked image).
     check_backbone_channels(config, family)
