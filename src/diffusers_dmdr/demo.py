@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     seconds, start = {}, time.perf_counter()
-    stages = tqdm(total=len(DEMO_STAGES), desc="make demo", bar_format="{desc}: stage {n_fmt}/{total_fmt} {postfix}")
+    stages = tqdm(
+        total=len(DEMO_STAGES), desc="make demo", bar_format="{desc}: stage {n_fmt}/{total_fmt}{postfix} [{elapsed}]"
+    )
 
     def stage(name: str, detail: str) -> None:
         stages.set_postfix_str(f"{name}: {detail}")
