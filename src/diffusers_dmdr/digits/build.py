@@ -87,8 +87,9 @@ class DigitsBuildSettings:
 
     Args:
         vae_steps (`int`, *optional*, defaults to 200): autoencoder steps (batch 32 pair images).
-        unet_steps (`int`, *optional*, defaults to 1500): teacher U-Net steps (batch 64); chosen with
-            `teacher_budget_curve` so that the teacher's held-out pair accuracy is inside the band (docs/digits.md).
+        unet_steps (`int`, *optional*, defaults to 1500): teacher U-Net steps (batch 64). To be chosen with
+            `teacher_budget_curve` so that the teacher's held-out pair accuracy is inside the band; 1500 is a
+            provisional value, extrapolated from a partial curve (docs/digits.md, "Measured numbers").
         unet_block_out_channels (`tuple[int, int]`, *optional*, defaults to `(32, 64)`): U-Net widths.
         unet_warmup_steps (`int`, *optional*, defaults to 100): linear warm-up, then a constant learning rate (so
             that a long run's EMA after `k` steps is the `k`-step teacher).
