@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-dev
 # torch is pinned and installed first so that pip never resolves a multi-GB CUDA build on a CPU machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-slow quality style demo reproduce benchmark clean
+.PHONY: install test test-slow test-upstream quality style demo reproduce benchmark clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ test: install
 test-slow: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
 		$(BIN)/python -m pytest -m "slow" -q tests
+
+# diffusers' own SchedulerCommonTest and PipelineTesterMixin against DMDRScheduler / FewStepDMDRPipeline. They are
+# not in diffusers' wheel or sdist: give a checkout of diffusers' repository, e.g. DIFFUSERS_SRC=../diffusers.
+test-upstream: install
+	@test -n "$(DIFFUSERS_SRC)" || { echo "Set DIFFUSERS_SRC to a checkout of github.com/huggingface/diffusers"; exit 2; }
+	$(BIN)/pip install --quiet parameterized requests-mock
+	DIFFUSERS_SRC=$(abspath $(DIFFUSERS_SRC)) HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 \
+		$(BIN)/python -m pytest -o addopts=-ra -q tests/test_diffusers_mixins.py
 
 quality: install
 	$(BIN)/ruff check src pipelines examples tests benchmarks

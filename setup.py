@@ -38,12 +38,18 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
+    url="https://github.com/diffusers-dmdr/diffusers-dmdr",
+    project_urls={
+        "Source": "https://github.com/diffusers-dmdr/diffusers-dmdr",
+        "Issues": "https://github.com/diffusers-dmdr/diffusers-dmdr/issues",
+        "Paper": "https://huggingface.co/papers/2511.13649",
+    },
     package_dir={"": "src", "diffusers_dmdr.pipelines": "pipelines"},
     packages=find_packages("src") + ["diffusers_dmdr.pipelines"],
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={
-        "console_scripts": ["dmdr-export=diffusers_dmdr.export:main", "dmdr-train=diffusers_dmdr.train:cli"]
+        "console_scripts": ["dmdr-export=diffusers_dmdr.export_cli:main", "dmdr-train=diffusers_dmdr.train:cli"]
     },
 )

@@ -1,40 +1,34 @@
 # Copyright 2026 The diffusers-dmdr authors. Licensed under the Apache License, Version 2.0.
-"""FewStepDMDRPipeline: text-to-image sampling with a DMDR few-step student (SDXL, SD1.5 and SD3 families).
+"""FewStepDMDRPipeline: text-to-image sampling with a DMDR few-step student, run by the family's stock pipeline.
 
-This file is self-contained (torch, numpy, diffusers and transformers only) so that it can be copied verbatim into an
-exported Hub folder as `pipeline_dmdr.py` and loaded by users who do not have `diffusers_dmdr` installed.
+This file is self-contained (torch, diffusers, transformers and huggingface_hub only) so that it can be copied
+verbatim into an exported Hub folder as `pipeline_dmdr.py` and loaded by users who do not have `diffusers_dmdr`
+installed.
 """
 
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
+import inspect
+import json
+import shutil
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import (
-    AutoencoderKL,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
-from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
-from diffusers.utils.torch_utils import randn_tensor
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+from transformers import PreTrainedModel
 
 
 logger = logging.get_logger(__name__)
 
-# The T5 prompt length the SD3 students are trained with (the released DMDR scripts); the stock pipeline uses 256,
-# and padding to another length changes the joint-attention context the student sees.
-SD3_MAX_SEQUENCE_LENGTH = 128
-# How an exported `model_index.json` names the scheduler for `DiffusionPipeline` (file `scheduler/scheduling_dmdr.py`).
+# How an exported folder names its code, so that `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` runs
+# it: `pipeline_dmdr.py` at the root, `scheduler/scheduling_dmdr.py` beside the scheduler config.
+PIPELINE_MODULE, PIPELINE_CLASS = "pipeline_dmdr", "FewStepDMDRPipeline"
 SCHEDULER_MODULE, SCHEDULER_CLASS = "scheduling_dmdr", "DMDRScheduler"
 
 EXAMPLE_DOC_STRING = """
@@ -45,12 +39,84 @@ EXAMPLE_DOC_STRING = """
 
         >>> # An export of diffusers-dmdr ships this file; `trust_remote_code` lets diffusers run it.
         >>> pipe = DiffusionPipeline.from_pretrained(
-        ...     "org/sdxl-dmdr-4step", trust_remote_code=True, torch_dtype=torch.float16
+        ...     "org/sdxl-dmdr-4step", trust_remote_code=True, dtype=torch.float16
         ... ).to("cuda")
         >>> # The trained step count and no classifier-free guidance are the defaults.
         >>> image = pipe("a photo of a red fox in the snow").images[0]
         ```
 """
+
+
+@dataclass(frozen=True)
+class StockRoute:
+    """How [`FewStepDMDRPipeline`] drives one stock diffusers pipeline: adding a model family is adding one of these.
+
+    Args:
+        family: the short family name (`"sdxl"`, `"sd15"`, `"sd3"`, ...).
+        backbone_class: class name of the backbone that identifies the family.
+        backbone: the component name of the backbone (`"unet"` or `"transformer"`).
+        vae_class: class name of the family's autoencoder.
+        requires: components that must be present (told apart from families with the same backbone class).
+        excludes: components that must be absent.
+        guidance_argument: the call argument that switches classifier-free guidance on above 1.
+        grid_argument: how the trained grid reaches the scheduler: `"num_inference_steps"` (the pipeline asks the
+            scheduler for its own grid), `"timesteps"` or `"sigmas"` (for pipelines that otherwise pass their own).
+        call_defaults: call arguments the student was trained with (guidance off, prompt length, ...).
+        init_kwargs: constructor arguments of the stock pipeline that are not components.
+    """
+
+    family: str
+    backbone_class: str
+    backbone: str
+    vae_class: str = "AutoencoderKL"
+    requires: tuple[str, ...] = ()
+    excludes: tuple[str, ...] = ()
+    guidance_argument: str = "guidance_scale"
+    grid_argument: str = "num_inference_steps"
+    call_defaults: dict = field(default_factory=dict)
+    init_kwargs: dict = field(default_factory=dict)
+
+
+# The stock pipeline that runs each family, first match wins. The student samples without classifier-free
+# guidance, so guidance is off by default; the SD3 students are trained with 128 T5 tokens (the released scripts),
+# while the stock pipeline pads to 256, which would change the joint-attention context the student sees.
+STOCK_ROUTES: dict[str, StockRoute] = {
+    "StableDiffusionXLPipeline": StockRoute(
+        family="sdxl",
+        backbone_class="UNet2DConditionModel",
+        backbone="unet",
+        requires=("text_encoder_2",),
+        call_defaults={"guidance_scale": 0.0},
+        init_kwargs={"add_watermarker": False},
+    ),
+    "StableDiffusionPipeline": StockRoute(
+        family="sd15",
+        backbone_class="UNet2DConditionModel",
+        backbone="unet",
+        excludes=("text_encoder_2",),
+        call_defaults={"guidance_scale": 0.0},
+        init_kwargs={"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
+    ),
+    "StableDiffusion3Pipeline": StockRoute(
+        family="sd3",
+        backbone_class="SD3Transformer2DModel",
+        backbone="transformer",
+        call_defaults={"guidance_scale": 0.0, "max_sequence_length": 128},
+    ),
+}
+
+
+def _component_types(names) -> object:
+    """The union of the diffusers classes named in the routes: the type hints diffusers checks components against
+    (`from_pipe` switches a model component over only when its class is in the hint)."""
+    import diffusers
+
+    return typing.Union[tuple(dict.fromkeys(getattr(diffusers, name) for name in names))]  # noqa: UP007
+
+
+UNetBackbone = _component_types(r.backbone_class for r in STOCK_ROUTES.values() if r.backbone == "unet")
+TransformerBackbone = _component_types(r.backbone_class for r in STOCK_ROUTES.values() if r.backbone == "transformer")
+Autoencoder = _component_types(r.vae_class for r in STOCK_ROUTES.values())
 
 
 @dataclass
@@ -74,92 +140,92 @@ class FewStepDMDRPipeline(DiffusionPipeline):
     The student samples with its own training sampler, the [`DMDRScheduler`]: at each student timestep the backbone's
     output becomes a clean prediction `x0`, which is re-noised to the next student timestep (with fresh noise, or
     deterministically for students trained with the ODE sampler); the last step returns `x0`. Given the same generator,
-    the output equals the trainer's own N-step sampler.
+    the output equals the trainer's own N-step sampler (in float32; in half precision the stock pipelines draw the
+    initial noise in the model's dtype, so pass float32 `latents` to match exactly).
 
-    One class serves three families, told apart by their components: SDXL (`unet` with `text_time` conditioning, two
-    CLIP encoders), SD1.5 (`unet`, one CLIP encoder) and SD3 (`transformer`, two CLIP encoders and T5). Prompts are
-    encoded by the family's stock diffusers pipeline built around the same modules, so they are encoded exactly as the
-    teacher encodes them.
+    This class owns no sampling loop: it builds the family's stock diffusers pipeline (`StableDiffusionXLPipeline`,
+    `StableDiffusionPipeline`, `StableDiffusion3Pipeline`, ...; see `STOCK_ROUTES`) around its own modules and
+    calls it with the trained grid and guidance off. Every argument of that pipeline (`prompt_embeds`,
+    `negative_prompt_embeds`, `cross_attention_kwargs`, `callback_on_step_end`, IP-adapter images, `output_type`,
+    ...) works here too.
 
     Args:
-        vae ([`AutoencoderKL`]):
-            The variational auto-encoder that decodes latents to images.
-        text_encoder ([`~transformers.CLIPTextModel`] or [`~transformers.CLIPTextModelWithProjection`]):
-            The first CLIP text encoder (with projection for SD3).
-        tokenizer ([`~transformers.CLIPTokenizer`]):
+        vae ([`AutoencoderKL`] or another diffusers autoencoder):
+            Decodes latents to images.
+        text_encoder ([`~transformers.PreTrainedModel`]):
+            The first text encoder of the family.
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
             The tokenizer of `text_encoder`.
         scheduler ([`DMDRScheduler`]):
             The student's sampler; its config holds the trained timesteps and the prediction type.
         unet ([`UNet2DConditionModel`], *optional*):
-            The student backbone of the SDXL and SD1.5 families.
-        transformer ([`SD3Transformer2DModel`], *optional*):
-            The student backbone of the SD3 family.
-        text_encoder_2 ([`~transformers.CLIPTextModelWithProjection`], *optional*):
-            The second CLIP text encoder (SDXL, SD3).
-        tokenizer_2 ([`~transformers.CLIPTokenizer`], *optional*):
-            The tokenizer of `text_encoder_2`.
-        text_encoder_3 ([`~transformers.T5EncoderModel`], *optional*):
-            The T5 text encoder (SD3).
-        tokenizer_3 ([`~transformers.T5TokenizerFast`], *optional*):
-            The tokenizer of `text_encoder_3`.
+            The student backbone of the UNet families (SDXL, SD1.5).
+        transformer ([`~diffusers.ModelMixin`], *optional*):
+            The student backbone of the transformer families (SD3, ...).
+        text_encoder_2, tokenizer_2, text_encoder_3, tokenizer_3 (*optional*):
+            The family's further text encoders and tokenizers, named as in its stock pipeline.
+        stock_pipeline (`str`, *optional*):
+            The stock pipeline class that runs this student (a key of `STOCK_ROUTES`); found from the components
+            when not given.
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->unet->transformer->vae"
     _optional_components = ["unet", "transformer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"]
-    _callback_tensor_inputs = ["latents", "denoised", "prompt_embeds"]
 
     def __init__(
         self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel | CLIPTextModelWithProjection,
-        tokenizer: CLIPTokenizer,
+        vae: Autoencoder,
+        text_encoder: PreTrainedModel,
+        tokenizer,
         scheduler: SchedulerMixin,
-        unet: UNet2DConditionModel | None = None,
-        transformer: SD3Transformer2DModel | None = None,
-        text_encoder_2: CLIPTextModelWithProjection | None = None,
-        tokenizer_2: CLIPTokenizer | None = None,
-        text_encoder_3: T5EncoderModel | None = None,
-        tokenizer_3: T5TokenizerFast | None = None,
+        unet: UNetBackbone | None = None,
+        transformer: TransformerBackbone | None = None,
+        text_encoder_2: PreTrainedModel | None = None,
+        tokenizer_2=None,
+        text_encoder_3: PreTrainedModel | None = None,
+        tokenizer_3=None,
+        stock_pipeline: str | None = None,
     ):
         super().__init__()
         if (unet is None) == (transformer is None):
-            raise ValueError("Pass exactly one backbone: `unet` (SDXL, SD1.5) or `transformer` (SD3).")
-        self.register_modules(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            scheduler=scheduler,
-            unet=unet,
-            transformer=transformer,
-            text_encoder_2=text_encoder_2,
-            tokenizer_2=tokenizer_2,
-            text_encoder_3=text_encoder_3,
-            tokenizer_3=tokenizer_3,
-        )
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+            raise ValueError("Pass exactly one backbone: `unet` (SDXL, SD1.5) or `transformer` (SD3 and later).")
+        components = {
+            "vae": vae,
+            "text_encoder": text_encoder,
+            "tokenizer": tokenizer,
+            "scheduler": scheduler,
+            "unet": unet,
+            "transformer": transformer,
+            "text_encoder_2": text_encoder_2,
+            "tokenizer_2": tokenizer_2,
+            "text_encoder_3": text_encoder_3,
+            "tokenizer_3": tokenizer_3,
+        }
+        stock_pipeline = stock_pipeline or _find_stock_pipeline(components)
+        if stock_pipeline not in STOCK_ROUTES:
+            raise ValueError(f"Unknown stock_pipeline {stock_pipeline!r}; known: {sorted(STOCK_ROUTES)}.")
+        if type(scheduler).__name__ != SCHEDULER_CLASS:
+            raise ValueError(
+                f"FewStepDMDRPipeline samples with the student's {SCHEDULER_CLASS}, got {type(scheduler).__name__}. "
+                "To run the student with a stock scheduler, use the stock pipeline itself (see the model card)."
+            )
+        self.register_modules(**components)
+        self.register_to_config(stock_pipeline=stock_pipeline)
 
     # ------------------------------------------------------------------------------------------------------------
-    # Loading
+    # Loading and saving
     # ------------------------------------------------------------------------------------------------------------
     @classmethod
     def _dict_from_json_file(cls, json_file):
-        config = super()._dict_from_json_file(json_file)
-        class_name = config.get("_class_name")
-        # An export names this class as repository code (`["pipeline_dmdr", "FewStepDMDRPipeline"]`) so that
-        # `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` finds it. Called on this class itself, the
-        # class is already here: load into it without running the repository's copy.
-        if isinstance(class_name, list | tuple) and class_name[-1] == cls.__name__:
-            config["_class_name"] = cls.__name__
-        return config
+        return _resolve_own_class_name(super()._dict_from_json_file(json_file), cls.__name__)
 
     @classmethod
     def load_config(cls, *args, **kwargs):
         outputs = super().load_config(*args, **kwargs)
         config = outputs[0] if isinstance(outputs, tuple) else outputs
-        # Likewise the scheduler: an export names `scheduler/scheduling_dmdr.py`; when this file is installed as part
-        # of a package, the same scheduler sits next to it and is used instead of the repository's copy. (Loaded as
-        # repository code itself, this file leaves the entry alone: diffusers then asks for `trust_remote_code`.)
+        # An export names `scheduler/scheduling_dmdr.py`; when this file is installed as part of a package, the same
+        # scheduler sits next to it and is used instead of the repository's copy. (Loaded as repository code itself,
+        # this file leaves the entry alone: diffusers then asks for `trust_remote_code`.)
         installed = bool(__package__) and not __package__.startswith("diffusers_modules")
         if list(config.get("scheduler") or []) == [SCHEDULER_MODULE, SCHEDULER_CLASS] and installed:
             try:
@@ -170,351 +236,187 @@ class FewStepDMDRPipeline(DiffusionPipeline):
                 config["scheduler"] = [scheduler_module.__name__, SCHEDULER_CLASS]
         return outputs
 
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        """Save in the repository-code form, so that every loading route works on the folder (and on its Hub copy).
+
+        diffusers' own `save_pretrained` writes `_class_name` as a plain string and names the scheduler by the Python
+        module it was loaded from; this rewrites `model_index.json` to `["pipeline_dmdr", "FewStepDMDRPipeline"]` and
+        `["scheduling_dmdr", "DMDRScheduler"]` and copies both code files in. With `push_to_hub=True` the folder is
+        then uploaded (`repo_id`, `commit_message`, `private`, `token`, `create_pr` as in diffusers).
+        """
+        hub_kwargs = {
+            name: kwargs.pop(name)
+            for name in ("repo_id", "commit_message", "private", "token", "create_pr")
+            if name in kwargs
+        }
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_remote_code_form(save_directory, type(self.scheduler))
+        if push_to_hub:
+            from huggingface_hub import create_repo, upload_folder
+
+            repo_id = hub_kwargs.pop("repo_id", None) or Path(save_directory).name
+            token = hub_kwargs.get("token")
+            repo_id = create_repo(repo_id, private=hub_kwargs.get("private"), token=token, exist_ok=True).repo_id
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=save_directory,
+                commit_message=hub_kwargs.get("commit_message") or "Upload FewStepDMDRPipeline",
+                token=token,
+                create_pr=hub_kwargs.get("create_pr", False),
+            )
+
     # ------------------------------------------------------------------------------------------------------------
-    # Family and prompt encoding
+    # The stock pipeline
     # ------------------------------------------------------------------------------------------------------------
     @property
+    def route(self) -> StockRoute:
+        return STOCK_ROUTES[self.config.stock_pipeline]
+
+    @property
     def model_family(self) -> str:
-        """`"sd3"`, `"sdxl"` or `"sd15"`, from the components."""
-        if self.transformer is not None:
-            return "sd3"
-        return "sdxl" if self.text_encoder_2 is not None else "sd15"
+        """The family name of the stock route: `"sdxl"`, `"sd15"`, `"sd3"`, ..."""
+        return self.route.family
 
     @property
     def backbone(self) -> torch.nn.Module:
         """The student backbone: `unet` or `transformer`."""
-        return self.unet if self.unet is not None else self.transformer
+        return getattr(self, self.route.backbone)
 
-    def _stock_pipeline(self) -> DiffusionPipeline:
+    def stock_pipeline(self) -> DiffusionPipeline:
         """The family's stock diffusers pipeline around this pipeline's own modules (nothing is copied)."""
-        if self.model_family == "sd3":
-            return StableDiffusion3Pipeline(
-                transformer=self.transformer,
-                scheduler=self.scheduler,
-                vae=self.vae,
-                text_encoder=self.text_encoder,
-                tokenizer=self.tokenizer,
-                text_encoder_2=self.text_encoder_2,
-                tokenizer_2=self.tokenizer_2,
-                text_encoder_3=self.text_encoder_3,
-                tokenizer_3=self.tokenizer_3,
-            )
-        if self.model_family == "sdxl":
-            return StableDiffusionXLPipeline(
-                vae=self.vae,
-                text_encoder=self.text_encoder,
-                text_encoder_2=self.text_encoder_2,
-                tokenizer=self.tokenizer,
-                tokenizer_2=self.tokenizer_2,
-                unet=self.unet,
-                scheduler=self.scheduler,
-                add_watermarker=False,
-            )
-        return StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=self.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        import diffusers
 
-    def encode_prompt(
-        self,
-        prompt: str | list[str],
-        device: torch.device,
-        num_images_per_prompt: int = 1,
-        do_classifier_free_guidance: bool = False,
-        negative_prompt: str | list[str] | None = None,
-        max_sequence_length: int = SD3_MAX_SEQUENCE_LENGTH,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        r"""
-        Encode prompts with the family's stock `encode_prompt`, exactly as the teacher and the trainer encode them.
+        pipeline_class = getattr(diffusers, self.config.stock_pipeline)
+        parameters = inspect.signature(pipeline_class.__init__).parameters
+        kwargs = {}
+        for name, parameter in parameters.items():
+            if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                continue
+            if name in self.route.init_kwargs:
+                kwargs[name] = self.route.init_kwargs[name]
+            elif name in self.components:
+                kwargs[name] = self.components[name]
+            elif parameter.default is inspect.Parameter.empty:
+                kwargs[name] = None  # a component this family's students do not use (an image encoder, ...)
+        stock = pipeline_class(**kwargs)
+        stock.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
+        return stock
 
-        Args:
-            prompt (`str` or `list[str]`):
-                The prompt or prompts to encode.
-            device (`torch.device`):
-                Where the embeddings go.
-            num_images_per_prompt (`int`, defaults to 1):
-                Copies of each prompt's embeddings.
-            do_classifier_free_guidance (`bool`, defaults to `False`):
-                Also encode `negative_prompt` (the empty prompt when `None`).
-            negative_prompt (`str` or `list[str]`, *optional*):
-                What to guide away from; used only with classifier-free guidance.
-            max_sequence_length (`int`, defaults to 128):
-                T5 prompt length (SD3 only).
-
-        Returns:
-            `(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)`; the pooled
-            embeddings are `None` for SD1.5 and the negative ones `None` without guidance.
-        """
-        stock_pipeline = self._stock_pipeline()
-        common = {
-            "prompt": prompt,
-            "device": device,
-            "num_images_per_prompt": num_images_per_prompt,
-            "do_classifier_free_guidance": do_classifier_free_guidance,
-            "negative_prompt": negative_prompt,
-        }
-        if self.model_family == "sd3":
-            return stock_pipeline.encode_prompt(
-                prompt_2=None, prompt_3=None, max_sequence_length=max_sequence_length, **common
-            )
-        if self.model_family == "sdxl":
-            return stock_pipeline.encode_prompt(**common)
-        prompt_embeds, negative_prompt_embeds = stock_pipeline.encode_prompt(**common)
-        return prompt_embeds, negative_prompt_embeds, None, None
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Helpers of __call__
-    # ------------------------------------------------------------------------------------------------------------
-    def check_inputs(
-        self,
-        prompt,
-        height: int,
-        width: int,
-        num_inference_steps: int | None,
-        callback_on_step_end_tensor_inputs: list[str] | None,
-    ) -> None:
-        if not isinstance(prompt, str | list):
-            raise ValueError(f"`prompt` has to be a `str` or a `list[str]`, got {type(prompt)}.")
-        multiple = self.vae_scale_factor * getattr(self.backbone.config, "patch_size", 1)
-        if height % multiple or width % multiple:
-            raise ValueError(f"`height` and `width` must be multiples of {multiple}, got {height} and {width}.")
-        if num_inference_steps is not None and num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be at least 1, got {num_inference_steps}.")
-        unknown = [
-            name for name in callback_on_step_end_tensor_inputs or [] if name not in self._callback_tensor_inputs
-        ]
-        if unknown:
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` must be in {self._callback_tensor_inputs}: {unknown}."
-            )
-
-    def prepare_latents(
-        self,
-        batch_size: int,
-        num_channels_latents: int,
-        height: int,
-        width: int,
-        device: torch.device,
-        generator: torch.Generator | list[torch.Generator] | None,
-        latents: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Pure Gaussian noise in float32, drawn exactly as the trainer draws its initial noise."""
-        shape = (batch_size, num_channels_latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"Got {len(generator)} generators for a batch of {batch_size}: pass one per image.")
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        elif latents.shape != shape:
-            raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
-        return latents.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
-
-    @property
-    def guidance_scale(self) -> float:
-        return self._guidance_scale
-
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1.0
-
-    @property
-    def num_timesteps(self) -> int:
-        return self._num_timesteps
-
-    @property
-    def interrupt(self) -> bool:
-        return self._interrupt
+    def encode_prompt(self, *args, **kwargs):
+        """The stock pipeline's `encode_prompt` (same arguments and return values): prompts are encoded exactly as the
+        teacher and the trainer encode them."""
+        return self.stock_pipeline().encode_prompt(*args, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------------
     # Sampling
     # ------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
-    def __call__(
-        self,
-        prompt: str | list[str],
-        negative_prompt: str | list[str] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int | None = None,
-        timesteps: list[float] | None = None,
-        guidance_scale: float = 0.0,
-        num_images_per_prompt: int = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        max_sequence_length: int = SD3_MAX_SEQUENCE_LENGTH,
-        callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict]
-        | PipelineCallback
-        | MultiPipelineCallbacks
-        | None = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-    ) -> FewStepDMDRPipelineOutput | tuple:
+    def __call__(self, prompt: str | list[str] | None = None, **kwargs) -> FewStepDMDRPipelineOutput | tuple:
         r"""
-        Generate images with the student's few-step sampler.
+        Generate images with the student's few-step sampler, through the family's stock pipeline.
+
+        Every argument of the stock pipeline is accepted and passed on. What changes are the defaults:
 
         Args:
-            prompt (`str` or `list[str]`):
-                The prompt or prompts to guide the image generation.
-            negative_prompt (`str` or `list[str]`, *optional*):
-                What to guide away from. Used only with classifier-free guidance (`guidance_scale > 1`); the student
-                is trained to sample without it, so by default it is ignored with a warning.
-            height (`int`, *optional*), width (`int`, *optional*):
-                Image size in pixels; defaults to the backbone's `sample_size` times the VAE scale factor.
+            prompt (`str` or `list[str]`, *optional*):
+                The prompt or prompts (or pass `prompt_embeds` and the family's other embeddings).
             num_inference_steps (`int`, *optional*):
                 Sampling steps; defaults to the trained count. Another count works with a warning: the scheduler then
                 interpolates the trained timesteps linearly, keeping the first and the last (see
                 [`DMDRScheduler.grid_for`]).
-            timesteps (`list[float]`, *optional*):
-                Explicit timesteps in model units, noisiest first, instead of the trained grid.
+            timesteps (`list[float]`, *optional*) or sigmas (`list[float]`, *optional*, flow families):
+                An explicit grid instead of the trained one.
             guidance_scale (`float`, defaults to 0.0):
-                Classifier-free guidance scale; values up to 1 disable guidance (the trained setting).
-            num_images_per_prompt (`int`, defaults to 1):
-                Images per prompt.
+                Classifier-free guidance scale; values up to 1 disable guidance (the trained setting). Families with a
+                guidance embedding default to the embedding the student was trained at.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
-                Source of the initial noise and of the fresh noise of every re-noising step; the same generator gives
-                the trainer's samples.
-            latents (`torch.Tensor`, *optional*):
-                Initial noise of shape `(batch_size * num_images_per_prompt, channels, height // 8, width // 8)`.
-            output_type (`str`, defaults to `"pil"`):
-                `"pil"`, `"np"`, `"pt"`, or `"latent"` (float32 latents, not decoded).
+                Source of the initial noise and of the fresh noise of every re-noising step (also for the stock flow
+                pipelines, which do not pass it to the scheduler themselves); the same generator gives the trainer's
+                samples.
             return_dict (`bool`, defaults to `True`):
                 Return a [`FewStepDMDRPipelineOutput`] instead of a tuple.
-            max_sequence_length (`int`, defaults to 128):
-                T5 prompt length (SD3 only), the length the student was trained with.
-            callback_on_step_end (`Callable`, [`PipelineCallback`] or [`MultiPipelineCallbacks`], *optional*):
-                Called after each step as `callback_on_step_end(self, step, timestep, callback_kwargs)`; it may return
-                a modified `latents`.
-            callback_on_step_end_tensor_inputs (`list[str]`, *optional*):
-                Tensors passed in `callback_kwargs`, among `latents`, `denoised` (the step's `x0`) and
-                `prompt_embeds`; defaults to `["latents"]`.
 
         Examples:
 
         Returns:
             [`FewStepDMDRPipelineOutput`] or `tuple`: the images, as a dataclass or as a 1-tuple.
         """
-        if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-
-        # 0. Default height and width: the backbone's native size.
-        default_size = self.backbone.config.sample_size * self.vae_scale_factor
-        height = height or default_size
-        width = width or default_size
-
-        # 1. Check inputs
-        self.check_inputs(prompt, height, width, num_inference_steps, callback_on_step_end_tensor_inputs)
-        self._guidance_scale = guidance_scale
-        self._interrupt = False
-        if negative_prompt is not None and not self.do_classifier_free_guidance:
-            logger.warning(
-                f"`negative_prompt` is ignored: classifier-free guidance is off (guidance_scale={guidance_scale}), as "
-                "the student was trained. Pass guidance_scale > 1 to use it."
-            )
-            negative_prompt = None
-
-        # 2. Encode the prompts
-        device = self._execution_device
-        batch_size = 1 if isinstance(prompt, str) else len(prompt)
-        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = (
-            self.encode_prompt(
-                prompt,
-                device=device,
-                num_images_per_prompt=num_images_per_prompt,
-                do_classifier_free_guidance=self.do_classifier_free_guidance,
-                negative_prompt=negative_prompt,
-                max_sequence_length=max_sequence_length,
-            )
-        )
-        condition = {"encoder_hidden_states": prompt_embeds}
-        if self.model_family == "sd3":
-            condition["pooled_projections"] = pooled_prompt_embeds
-        elif self.model_family == "sdxl":
-            # SDXL micro-conditioning: original size, top-left crop, target size (the trainer's square equivalent).
-            time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=prompt_embeds.dtype, device=device)
-            condition["added_cond_kwargs"] = {
-                "text_embeds": pooled_prompt_embeds,
-                "time_ids": time_ids.repeat(prompt_embeds.shape[0], 1),
-            }
-        if self.do_classifier_free_guidance:
-            condition["encoder_hidden_states"] = torch.cat([negative_prompt_embeds, prompt_embeds])
-            if self.model_family == "sd3":
-                condition["pooled_projections"] = torch.cat([negative_pooled_prompt_embeds, pooled_prompt_embeds])
-            elif self.model_family == "sdxl":
-                added = condition["added_cond_kwargs"]
-                added["text_embeds"] = torch.cat([negative_pooled_prompt_embeds, added["text_embeds"]])
-                added["time_ids"] = torch.cat([added["time_ids"], added["time_ids"]])
-
-        # 3. The student's timesteps: the trained grid unless told otherwise
-        self.scheduler.set_timesteps(num_inference_steps, device=device, timesteps=timesteps)
-        step_timesteps = self.scheduler.timesteps
-        self._num_timesteps = len(step_timesteps)
-
-        # 4. Initial noise. The loop keeps latents in float32 whatever the backbone's dtype, so that every noise draw
-        #    matches the trainer's sampler (which also keeps its samples in float32).
-        latents = self.prepare_latents(
-            batch_size * num_images_per_prompt,
-            self.backbone.config.in_channels,
-            height,
-            width,
-            device,
-            generator,
-            latents,
-        )
-
-        # 5. Few-step sampling: predict x0, re-noise to the next student timestep
-        denoised = latents
-        with self.progress_bar(total=len(step_timesteps)) as progress_bar:
-            for i, t in enumerate(step_timesteps):
-                if self.interrupt:
-                    continue
-                model_input = torch.cat([latents, latents]) if self.do_classifier_free_guidance else latents
-                model_input = model_input.to(self.backbone.dtype)
-                timestep = t.expand(model_input.shape[0])
-                if self.transformer is not None:
-                    model_output = self.transformer(
-                        hidden_states=model_input, timestep=timestep, return_dict=False, **condition
-                    )[0]
-                else:
-                    model_output = self.unet(model_input, timestep, return_dict=False, **condition)[0]
-                if self.do_classifier_free_guidance:
-                    output_uncond, output_cond = model_output.chunk(2)
-                    model_output = output_uncond + guidance_scale * (output_cond - output_uncond)
-
-                step_output = self.scheduler.step(model_output, t, latents, generator=generator)
-                latents, denoised = step_output.prev_sample, step_output.pred_original_sample
-
-                if callback_on_step_end is not None:
-                    callback_kwargs = {}
-                    for name in callback_on_step_end_tensor_inputs:
-                        callback_kwargs[name] = locals()[name]
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents)
-                progress_bar.update()
-
-        # 6. Decode
-        if output_type == "latent":
-            image = latents
-        else:
-            # An fp16 VAE that asks for it decodes in float32 (the SDXL VAE overflows in fp16).
-            needs_upcasting = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
-            if needs_upcasting:
-                self.vae.to(torch.float32)
-            shift_factor = getattr(self.vae.config, "shift_factor", None) or 0.0
-            vae_latents = latents / self.vae.config.scaling_factor + shift_factor
-            image = self.vae.decode(vae_latents.to(self.vae.dtype), return_dict=False)[0]
-            if needs_upcasting:
-                self.vae.to(torch.float16)
-            image = self.image_processor.postprocess(image, output_type=output_type)
-
+        route = self.route
+        call_kwargs = {**route.call_defaults, **kwargs}
+        return_dict = call_kwargs.pop("return_dict", True)
+        if not any(call_kwargs.get(name) is not None for name in ("num_inference_steps", "timesteps", "sigmas")):
+            call_kwargs.update(self._trained_grid_kwargs(route.grid_argument))
+        guidance = call_kwargs.get(route.guidance_argument)
+        guidance_on = guidance is not None and guidance > 1.0
+        if not guidance_on:
+            ignored = [name for name in ("negative_prompt", "negative_prompt_embeds") if kwargs.get(name) is not None]
+            if ignored:
+                logger.warning(
+                    f"{' and '.join(ignored)} is ignored: classifier-free guidance is off "
+                    f"({route.guidance_argument}={guidance}), as the student was trained. Pass "
+                    f"{route.guidance_argument} > 1 to use it."
+                )
+        self.scheduler.set_noise_generator(call_kwargs.get("generator"))
+        try:
+            output = self.stock_pipeline()(prompt, return_dict=True, **call_kwargs)
+        finally:
+            self.scheduler.set_noise_generator(None)
         self.maybe_free_model_hooks()
         if not return_dict:
-            return (image,)
-        return FewStepDMDRPipelineOutput(images=image)
+            return (output.images,)
+        return FewStepDMDRPipelineOutput(images=output.images)
+
+    def _trained_grid_kwargs(self, grid_argument: str) -> dict:
+        trained = [float(timestep) for timestep in self.scheduler.config.training_timesteps]
+        if grid_argument == "num_inference_steps":
+            return {"num_inference_steps": len(trained)}
+        if grid_argument == "timesteps":
+            return {"timesteps": trained}
+        levels = torch.tensor(trained, dtype=torch.float32) / self.scheduler.config.num_train_timesteps
+        return {"sigmas": levels.tolist()}
+
+
+def _find_stock_pipeline(components: dict) -> str:
+    """The first stock route whose backbone class and required / excluded components match."""
+    backbone = components.get("transformer") if components.get("unet") is None else components.get("unet")
+    backbone_class = type(backbone).__name__
+    for name, route in STOCK_ROUTES.items():
+        if route.backbone_class != backbone_class or components.get(route.backbone) is None:
+            continue
+        if all(components.get(c) is not None for c in route.requires) and all(
+            components.get(c) is None for c in route.excludes
+        ):
+            return name
+    raise ValueError(
+        f"No stock pipeline runs a {backbone_class} student with these components; pass `stock_pipeline=` (one of "
+        f"{sorted(STOCK_ROUTES)})."
+    )
+
+
+def _resolve_own_class_name(config: dict, class_name: str) -> dict:
+    """Route 1's one private hook (`ConfigMixin._dict_from_json_file`): an export names this class as repository code
+    (`["pipeline_dmdr", "FewStepDMDRPipeline"]`) so that `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`
+    finds it. Called on this class itself, the class is already here: load into it without running the repository's
+    copy."""
+    name = config.get("_class_name")
+    if isinstance(name, list | tuple) and name[-1] == class_name:
+        config["_class_name"] = class_name
+    return config
+
+
+def write_remote_code_form(folder, scheduler_class: type) -> None:
+    """Point a saved folder's `model_index.json` at the repository's own code and copy that code in."""
+    folder = Path(folder)
+    index_file = folder / "model_index.json"
+    model_index = json.loads(index_file.read_text(encoding="utf-8"))
+    model_index["_class_name"] = [PIPELINE_MODULE, PIPELINE_CLASS]
+    if scheduler_class.__name__ == SCHEDULER_CLASS:
+        model_index["scheduler"] = [SCHEDULER_MODULE, SCHEDULER_CLASS]
+        (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+        scheduler_file = Path(sys.modules[scheduler_class.__module__].__file__)
+        if scheduler_file.resolve() != (folder / "scheduler" / f"{SCHEDULER_MODULE}.py").resolve():
+            shutil.copyfile(scheduler_file, folder / "scheduler" / f"{SCHEDULER_MODULE}.py")
+    index_file.write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if Path(__file__).resolve() != (folder / f"{PIPELINE_MODULE}.py").resolve():
+        shutil.copyfile(__file__, folder / f"{PIPELINE_MODULE}.py")

@@ -1,9 +1,11 @@
 """Export of trained students: parity with the trainer's sampler, the three loading routes, the model card, the
 standalone entry point and the Hub push (against a local HTTP server)."""
 
+import copy
 import filecmp
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -25,6 +27,7 @@ from safetensors.torch import load_file
 from diffusers_dmdr.adapters import STUDENT_ADAPTER
 from diffusers_dmdr.export import LORA_WEIGHT_NAME, export_checkpoint, export_from_trainer, export_pipeline
 from diffusers_dmdr.families import get_family
+from diffusers_dmdr.lora_formats import KOHYA_LORA_WEIGHT_NAME
 from diffusers_dmdr.pipelines import DMDRScheduler, FewStepDMDRPipeline, pipeline_dmdr, scheduling_dmdr
 from diffusers_dmdr.trainer import DMDRTrainer
 
@@ -33,10 +36,23 @@ TESTS_DIR = Path(__file__).parent
 PROMPTS = ["a red cat", "a blue dog"]
 # One run per case the export must handle: LoRA with and without the full pipeline, full fine-tuning, 1 and 4 steps.
 RUNS = {
-    "sdxl-4step": {"family": "sdxl", "training_mode": "lora", "num_student_steps": 4, "export_full_pipeline": True},
+    # alpha != rank in two LoRA runs, so that a file read at the wrong strength (alpha / rank) shows.
+    "sdxl-4step": {
+        "family": "sdxl",
+        "training_mode": "lora",
+        "num_student_steps": 4,
+        "export_full_pipeline": True,
+        "lora_alpha": 8,
+    },
     "sdxl-1step": {"family": "sdxl", "training_mode": "lora", "num_student_steps": 1, "export_full_pipeline": False},
     "sd3-4step-full": {"family": "sd3", "training_mode": "full", "num_student_steps": 4},
-    "sd3-1step": {"family": "sd3", "training_mode": "lora", "num_student_steps": 1, "export_full_pipeline": False},
+    "sd3-1step": {
+        "family": "sd3",
+        "training_mode": "lora",
+        "num_student_steps": 1,
+        "export_full_pipeline": False,
+        "lora_alpha": 2,
+    },
     "sd15-2step": {"family": "sd15", "training_mode": "lora", "num_student_steps": 2},
 }
 TEACHER_CARDS = {
@@ -73,7 +89,8 @@ def perturb_student(trainer: DMDRTrainer) -> None:
             if trainer.config.training_mode == "full":
                 parameter.add_(0.05 * torch.randn_like(parameter))
             elif "lora_B" in name and f".{STUDENT_ADAPTER}." in name:
-                parameter.normal_(std=0.5)
+                # The same weight change whatever alpha / rank (parity tolerances assume this size of change).
+                parameter.normal_(std=0.5 * trainer.config.lora_rank / trainer.config.lora_alpha)
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +243,16 @@ def test_full_pipeline_folder_layout_and_code(exported):
     assert image.size == (64, 64 * len(PROMPTS))
 
 
+def test_export_layout_names_the_package_code_files_and_classes():
+    """`model_index.json` of an export names the code by these strings: they must follow `pipelines/`."""
+    from diffusers_dmdr import export_layout
+
+    assert Path(pipeline_dmdr.__file__).stem == export_layout.PIPELINE_MODULE
+    assert Path(scheduling_dmdr.__file__).stem == export_layout.SCHEDULER_MODULE
+    assert FewStepDMDRPipeline.__name__ == export_layout.PIPELINE_CLASS
+    assert DMDRScheduler.__name__ == export_layout.SCHEDULER_CLASS
+
+
 def test_lora_only_export_has_code_and_scheduler_but_no_pipeline(exported):
     folder = exported("sd3-1step").export_dir
     assert not (folder / "model_index.json").exists() and not (folder / "transformer").exists()
@@ -233,6 +260,47 @@ def test_lora_only_export_has_code_and_scheduler_but_no_pipeline(exported):
     scheduler = DMDRScheduler.from_pretrained(str(folder), subfolder="scheduler")
     assert scheduler.config.training_timesteps == [1000.0] and scheduler.config.prediction_type == "flow"
     assert (folder / "scheduler" / "scheduling_dmdr.py").is_file()
+
+
+@pytest.mark.parametrize("name", ["sdxl-4step", "sd3-1step"])
+def test_kohya_lora_file_maps_every_module_and_loads_like_the_diffusers_file(name, exported):
+    """The ComfyUI / Automatic1111 file, read back by diffusers' own non-diffusers-LoRA path (`load_lora_weights`),
+    gives the diffusers file's output; every module of the PEFT file is in it."""
+    from peft.tuners.lora import LoraLayer
+
+    run = exported(name)
+    family = get_family(run.family)
+    peft_file, kohya_file = (
+        load_file(run.export_dir / LORA_WEIGHT_NAME),
+        load_file(run.export_dir / KOHYA_LORA_WEIGHT_NAME),
+    )
+    peft_modules = {key.rsplit(".lora_", 1)[0] for key in peft_file}
+    kohya_modules = {key.rsplit(".", 2 if key.endswith(".weight") else 1)[0] for key in kohya_file}
+    assert len(kohya_modules) == len(peft_modules) and len(peft_file) == 2 * len(peft_modules)
+    if run.family == "sdxl":
+        assert all(module.startswith("lora_unet_") for module in kohya_modules)
+        assert len(kohya_file) == 3 * len(peft_modules)  # down, up and alpha per module
+        assert {kohya_file[f"{module}.alpha"].item() for module in kohya_modules} == {8.0}
+    else:
+        assert kohya_modules == peft_modules and len(kohya_file) == 2 * len(peft_modules)
+
+    def sample(weight_name: str | None):
+        pipeline = family.pipeline_class().from_pretrained(str(run.teacher_dir))
+        pipeline.set_progress_bar_config(disable=True)
+        if weight_name is not None:
+            pipeline.load_lora_weights(str(run.export_dir), weight_name=weight_name)
+            backbone = getattr(pipeline, family.backbone_name)
+            layers = sum(isinstance(module, LoraLayer) for module in backbone.modules())
+            assert layers == len(peft_modules), weight_name  # no module dropped on loading
+        kwargs = {"max_sequence_length": 32} if family.is_flow else {}
+        return pipeline(
+            PROMPTS[:1], num_inference_steps=2, guidance_scale=0.0, height=64, width=64, generator=seeded(3),
+            output_type="latent", **kwargs,
+        ).images  # fmt: skip
+
+    diffusers_output = sample(LORA_WEIGHT_NAME)
+    torch.testing.assert_close(sample(KOHYA_LORA_WEIGHT_NAME), diffusers_output, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(sample(None), diffusers_output, atol=1e-3)  # and the LoRA does change the output
 
 
 def test_loaded_pipeline_saved_and_re_exported_round_trips(exported, tmp_path):
@@ -262,6 +330,50 @@ def test_loaded_pipeline_saved_and_re_exported_round_trips(exported, tmp_path):
         export_pipeline(get_family("sdxl").pipeline_class().from_pretrained(str(run.teacher_dir)), tmp_path / "no")
 
 
+def test_re_export_replaces_the_previous_export_and_keeps_the_run(exported, tmp_path, caplog, monkeypatch):
+    """A LoRA-only re-export without samples into a folder that holds a full export with samples, a checkpoint and
+    logs: the previous export's files go (no stale samples.png or unet/), the run's stay; a failed re-export
+    leaves the previous export exactly as it was."""
+    from diffusers_dmdr import export as export_module
+    from diffusers_dmdr.export import StudentWeights, write_export
+
+    run = exported("sdxl-4step")
+    folder = Path(shutil.copytree(run.export_dir, tmp_path / "run"))
+    (folder / "logs").mkdir()
+    (folder / "logs" / "events.out").write_text("tracker data")
+    (folder / "train_summary.json").write_text("{}")
+    before = folder_digest(folder)
+    config = copy.deepcopy(run.trainer.config)
+    config.validation_prompts = None
+    lora_config = run.trainer.guidance_model.peft_config[STUDENT_ADAPTER].to_dict()
+    weights = StudentWeights(
+        lora_state_dict=load_file(run.checkpoint / "student_lora.safetensors"), lora_config=lora_config
+    )
+    family = get_family("sdxl")
+
+    def broken_card(*args, **kwargs):
+        raise RuntimeError("card failed")
+
+    monkeypatch.setattr(export_module, "make_model_card", broken_card)
+    with pytest.raises(RuntimeError, match="card failed"):
+        write_export(folder, config, family, run.trainer.scheduler, weights)
+    assert folder_digest(folder) == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]  # no staging folder left behind
+    monkeypatch.undo()
+
+    with caplog.at_level(logging.WARNING, logger="diffusers_dmdr.export"):
+        write_export(folder, config, family, run.trainer.scheduler, weights)
+    after = folder_digest(folder)
+    for stale in ("samples.png", "model_index.json", "unet/config.json", "vae/config.json"):
+        assert stale in before and stale not in after, stale
+    kept = [path for path in before if path.startswith(("checkpoint-", "logs/")) or path == "train_summary.json"]
+    assert kept and all(after.get(path) == before[path] for path in kept)
+    assert {"README.md", LORA_WEIGHT_NAME, KOHYA_LORA_WEIGHT_NAME, "scheduler/scheduler_config.json"} <= set(after)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
+    # The local teacher has no Hub id: the export says what to do.
+    assert any("--base_model org/name" in record.getMessage() for record in caplog.records)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Model card
 # ------------------------------------------------------------------------------------------------------------------
@@ -289,6 +401,13 @@ def test_model_card_metadata_and_content(name, exported):
     assert "`reward/clip` | 0.31" in text and "`heldout_reward/pickscore` | 0.2" in text
     assert len(re.findall(r"```python\n", text)) == 3
     assert text.count("### ") == 3 and "trust_remote_code=True" in text and "load_lora_weights" in text
+    # Which file each tool takes.
+    comfy = text.split("## ComfyUI / Automatic1111\n", 1)[1].split("\n## ", 1)[0]
+    assert f"`{KOHYA_LORA_WEIGHT_NAME}`" in comfy and "models/loras/" in comfy and f"`{LORA_WEIGHT_NAME}`" in comfy
+    if run.family == "sdxl":
+        assert "sampler `lcm`" in comfy and "sgm_uniform" in comfy and "<lora:pytorch_lora_weights_kohya:1>" in comfy
+    else:
+        assert "sampler `euler`" in comfy and "any scheduler" in comfy and "Automatic1111 does not run" in comfy
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -326,15 +445,31 @@ def test_export_entry_point_rebuilds_the_trainer_export(name, exported, tmp_path
 # ------------------------------------------------------------------------------------------------------------------
 SNIPPET_RUNNER = textwrap.dedent(
     """
-    import json, re, sys
+    import json, logging, re, sys, warnings
     from pathlib import Path
 
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(f"{record.name}: {record.getMessage()}")
+
+    # diffusers logs through its own logger tree; repository code loaded with trust_remote_code through
+    # "diffusers_modules". Python warnings count when diffusers or the snippet itself raised them.
+    for name in ("diffusers", "diffusers_modules"):
+        logging.getLogger(name).addHandler(Collect(logging.WARNING))
+    warnings.simplefilter("always")
     results = []
-    for readme, repo_id, folder in json.loads(sys.argv[1]):
+    for readme, repo_id, folder, teacher in json.loads(sys.argv[1]):
         blocks = re.findall(r"```python\\n(.*?)```", Path(readme).read_text(), flags=re.S)
         for route, code in enumerate(blocks, start=1):
-            namespace = {}
-            exec(code.replace(f'"{repo_id}"', repr(folder)), namespace)
+            messages, namespace = [], {}
+            code = code.replace(f'"{repo_id}"', repr(folder)).replace('"<teacher-hub-id>"', repr(teacher))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                exec(code, namespace)
+            messages += [
+                f"{item.category.__name__}: {item.message}" for item in caught
+                if "diffusers" in item.filename or item.filename == "<string>" or "diffusers" in str(item.message)
+            ]
             pipe = namespace["pipe"]
             scheduler = pipe.scheduler
             results.append({
@@ -345,6 +480,7 @@ SNIPPET_RUNNER = textwrap.dedent(
                 "module": type(pipe).__module__,
                 "image_size": list(namespace["image"].size),
                 "timesteps": [float(t) for t in scheduler.timesteps],
+                "diffusers_warnings": messages,
             })
     print("RESULTS" + json.dumps(results))
     """
@@ -352,8 +488,10 @@ SNIPPET_RUNNER = textwrap.dedent(
 
 
 def test_card_snippets_load_the_export_three_ways_in_a_fresh_process(exported, tmp_path):
+    """Every snippet of the SDXL and SD3 cards (full and LoRA-only exports) runs in one fresh Python without a
+    warning from diffusers."""
     runs = [exported(name) for name in ("sdxl-4step", "sd3-4step-full", "sd3-1step")]
-    jobs = [(str(run.export_dir / "README.md"), run.hub_id, str(run.export_dir)) for run in runs]
+    jobs = [(str(run.export_dir / "README.md"), run.hub_id, str(run.export_dir), str(run.teacher_dir)) for run in runs]
     result = run_python(SNIPPET_RUNNER, [json.dumps(jobs)], subprocess_env(tmp_path))
     results = json.loads(result.stdout.split("RESULTS", 1)[1])
     assert len(results) == 3 * len(runs)
@@ -362,6 +500,7 @@ def test_card_snippets_load_the_export_three_ways_in_a_fresh_process(exported, t
         assert set(routes) == {1, 2, 3}
         for entry in routes.values():
             assert entry["image_size"] == [64, 64]
+            assert entry["diffusers_warnings"] == [], (run.name, entry["route"], entry["diffusers_warnings"])
         trained = [float(t) for t in run.trainer.scheduler.timesteps]
         # Routes 1 and 2 sample with the trained scheduler; route 1 without remote code, route 2 with the repo's.
         for route in (1, 2):
@@ -370,6 +509,9 @@ def test_card_snippets_load_the_export_three_ways_in_a_fresh_process(exported, t
         assert routes[1]["module"] == "diffusers_dmdr.pipelines.pipeline_dmdr"
         assert routes[2]["module"].startswith("diffusers_modules")
         assert routes[3]["pipeline"] == get_family(run.family).pipeline_class_name
+        # The stock scheduler of route 3 runs the trained grid.
+        if run.family == "sdxl":
+            assert routes[3]["scheduler"] == "LCMScheduler" and routes[3]["timesteps"] == trained
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,16 @@
-"""FewStepDMDRPipeline on tiny real teachers: defaults, arguments, families, guidance, callbacks."""
+"""FewStepDMDRPipeline on tiny real teachers: a thin class over the stock pipelines (defaults, arguments, families,
+guidance, callbacks, saving)."""
 
+import json
 import logging
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from diffusers import DiffusionPipeline, EulerDiscreteScheduler
+from diffusers.callbacks import SDXLCFGCutoffCallback
 
 from diffusers_dmdr.pipelines import DMDRScheduler, FewStepDMDRPipeline
 from diffusers_dmdr.testing import tiny_pipeline
@@ -55,31 +61,16 @@ def test_defaults_are_the_trained_grid_without_guidance(family, pipelines):
     pipeline = pipelines[family]
     recorder = StepRecorder()
     images = pipeline(
-        ["a red cat", "a blue dog"],
-        num_images_per_prompt=2,
-        generator=seeded(),
-        callback_on_step_end=recorder,
-        callback_on_step_end_tensor_inputs=["latents", "denoised"],
+        ["a red cat", "a blue dog"], num_images_per_prompt=2, generator=seeded(), callback_on_step_end=recorder
     ).images
     # Flow backbones see round(1000 t), as in the released SD3 training code (937.5 rounds half to even).
     grid = [1000.0, 938.0, 833.0, 625.0] if family == "sd3" else TRAINED_GRID
     assert recorder.timesteps == pytest.approx(grid, abs=1e-3)
     assert pipeline.model_family == family
-    assert not pipeline.do_classifier_free_guidance
+    assert pipeline.config.stock_pipeline == type(pipeline.stock_pipeline()).__name__
     # No guidance: the backbone sees the 4 images once per step, not a doubled batch.
     assert recorder.shapes == [(4, 4, 8, 8)] * len(grid)
     assert len(images) == 4 and images[0].size == (64, 64)
-    # The last step returns the clean prediction itself.
-    latents = pipeline(["a red cat"], generator=seeded(), output_type="latent").images
-    recorder_one = StepRecorder()
-    pipeline(
-        ["a red cat"],
-        generator=seeded(),
-        output_type="latent",
-        callback_on_step_end=recorder_one,
-        callback_on_step_end_tensor_inputs=["latents", "denoised"],
-    )
-    torch.testing.assert_close(latents, recorder_one.denoised[-1])
 
 
 def test_output_types_sizes_and_the_latents_argument(pipelines):
@@ -110,7 +101,7 @@ def test_negative_prompt_is_ignored_with_a_warning_without_guidance(pipelines, c
     plain = pipeline("a red cat", generator=seeded(), output_type="latent").images
     with caplog.at_level(logging.WARNING):
         ignored = pipeline("a red cat", negative_prompt="blurry", generator=seeded(), output_type="latent").images
-    assert "negative_prompt` is ignored" in caplog.text
+    assert "negative_prompt is ignored" in caplog.text
     torch.testing.assert_close(ignored, plain, rtol=0, atol=0)
 
 
@@ -177,7 +168,7 @@ def test_deterministic_sampler_depends_only_on_the_initial_noise():
 
 def test_invalid_arguments_fail_with_clear_messages(pipelines):
     pipeline = pipelines["sdxl"]
-    with pytest.raises(ValueError, match="multiples of 8"):
+    with pytest.raises(ValueError, match="divisible by 8"):
         pipeline("a red cat", height=60)
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
         pipeline("a red cat", callback_on_step_end=lambda *args: {}, callback_on_step_end_tensor_inputs=["noise"])
@@ -188,6 +179,115 @@ def test_invalid_arguments_fail_with_clear_messages(pipelines):
             tokenizer=pipeline.tokenizer,
             scheduler=pipeline.scheduler,
         )
+    # A stock scheduler would sample silently wrong: it is refused, with the way to use one instead.
+    with pytest.raises(ValueError, match="DMDRScheduler"):
+        FewStepDMDRPipeline(**{**pipeline.components, "scheduler": EulerDiscreteScheduler()})
+    with pytest.raises(ValueError, match="Unknown stock_pipeline"):
+        FewStepDMDRPipeline(**pipeline.components, stock_pipeline="NoSuchPipeline")
+
+
+def test_prompt_embeddings_and_cross_attention_kwargs_pass_through(pipelines):
+    pipeline = pipelines["sdxl"]
+    plain = pipeline("a red cat", generator=seeded(), output_type="latent").images
+    prompt_embeds, _, pooled_prompt_embeds, _ = pipeline.encode_prompt(
+        "a red cat", device=torch.device("cpu"), num_images_per_prompt=1, do_classifier_free_guidance=False
+    )
+    from_embeds = pipeline(
+        prompt_embeds=prompt_embeds,
+        pooled_prompt_embeds=pooled_prompt_embeds,
+        generator=seeded(),
+        output_type="latent",
+        cross_attention_kwargs={"scale": 1.0},
+    ).images
+    torch.testing.assert_close(from_embeds, plain, rtol=0, atol=0)
+    # Negative embeddings act under guidance exactly as the negative prompt they encode.
+    guided = pipeline(
+        "a red cat", negative_prompt="blurry", guidance_scale=3.0, generator=seeded(), output_type="latent"
+    )
+    _, negative_embeds, _, negative_pooled = pipeline.encode_prompt(
+        "a red cat", device=torch.device("cpu"), do_classifier_free_guidance=True, negative_prompt="blurry"
+    )
+    guided_from_embeds = pipeline(
+        "a red cat",
+        negative_prompt_embeds=negative_embeds,
+        negative_pooled_prompt_embeds=negative_pooled,
+        guidance_scale=3.0,
+        generator=seeded(),
+        output_type="latent",
+    )
+    torch.testing.assert_close(guided_from_embeds.images, guided.images, rtol=0, atol=0)
+
+
+def test_a_callback_that_turns_guidance_off_takes_effect(pipelines):
+    pipeline = pipelines["sdxl"]
+    common = {"negative_prompt": "blurry", "guidance_scale": 3.0, "output_type": "latent"}
+    guided = pipeline("a red cat", generator=seeded(), **common).images
+    cutoff = SDXLCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=1)
+    cut = pipeline("a red cat", generator=seeded(), callback_on_step_end=cutoff, **common).images
+    assert not torch.allclose(cut, guided, atol=1e-4)
+
+
+def test_stock_flow_pipeline_with_the_scheduler_is_reproducible_from_a_generator(pipelines):
+    """`StableDiffusion3Pipeline` calls `step` without its generator; handing it to the scheduler fixes the draws."""
+    pipeline = pipelines["sd3"]
+    ours = pipeline("a red cat", generator=seeded(7), output_type="latent").images
+    stock = pipeline.stock_pipeline()
+    generator = seeded(7)
+    stock.scheduler.set_noise_generator(generator)
+    try:
+        theirs = stock(
+            "a red cat",
+            generator=generator,
+            num_inference_steps=4,
+            guidance_scale=0.0,
+            max_sequence_length=128,
+            output_type="latent",
+        ).images
+    finally:
+        stock.scheduler.set_noise_generator(None)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=0)
+    assert not torch.allclose(pipeline("a red cat", generator=seeded(8), output_type="latent").images, ours)
+
+
+def test_save_pretrained_and_push_to_hub_keep_the_repository_code_form(pipelines, tmp_path, monkeypatch):
+    pipeline = pipelines["sdxl"]
+    folder = tmp_path / "saved"
+    pipeline.save_pretrained(folder)
+    model_index = json.loads((folder / "model_index.json").read_text())
+    assert model_index["_class_name"] == ["pipeline_dmdr", "FewStepDMDRPipeline"]
+    assert model_index["scheduler"] == ["scheduling_dmdr", "DMDRScheduler"]
+    assert model_index["stock_pipeline"] == "StableDiffusionXLPipeline"
+    assert (folder / "pipeline_dmdr.py").is_file() and (folder / "scheduler" / "scheduling_dmdr.py").is_file()
+    remote = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    assert type(remote).__name__ == "FewStepDMDRPipeline" and type(remote.scheduler).__name__ == "DMDRScheduler"
+    remote.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(
+        remote("a red cat", generator=seeded(), output_type="latent").images,
+        pipeline("a red cat", generator=seeded(), output_type="latent").images,
+    )
+    # Saved again from the remote-code copy, the folder keeps the same form.
+    remote.save_pretrained(tmp_path / "saved_again")
+    again = json.loads((tmp_path / "saved_again" / "model_index.json").read_text())
+    assert again["_class_name"] == model_index["_class_name"] and again["scheduler"] == model_index["scheduler"]
+
+    uploaded = {}
+
+    def fake_upload_folder(*args, folder_path, **kwargs):
+        uploaded["model_index"] = json.loads((Path(folder_path) / "model_index.json").read_text())
+        uploaded["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+
+    monkeypatch.setattr(
+        "diffusers.utils.hub_utils.create_repo", lambda repo_id, **kwargs: SimpleNamespace(repo_id=repo_id)
+    )
+    monkeypatch.setattr("diffusers.utils.hub_utils.upload_folder", fake_upload_folder)
+    monkeypatch.setattr(
+        "diffusers.utils.hub_utils.load_or_create_model_card",
+        lambda *a, **k: SimpleNamespace(save=lambda path: None, data=SimpleNamespace(tags=None)),
+    )
+    monkeypatch.setattr("diffusers.utils.hub_utils.populate_model_card", lambda card, tags=None: card)
+    pipeline.push_to_hub("org/dmdr-tiny")
+    assert uploaded["model_index"]["_class_name"] == ["pipeline_dmdr", "FewStepDMDRPipeline"]
+    assert "pipeline_dmdr.py" in uploaded["files"]
 
 
 def test_loads_a_stock_teacher_folder_with_a_dmdr_scheduler(tiny_teacher_dirs):
@@ -202,3 +302,24 @@ def test_loads_a_stock_teacher_folder_with_a_dmdr_scheduler(tiny_teacher_dirs):
         rtol=1e-4,
         atol=1e-4,
     )
+
+
+def test_modular_pipeline_with_the_scheduler_runs_the_trained_sampler(tiny_teacher_dirs):
+    """The fourth loading route: diffusers' modular SDXL pipeline of the teacher, the DMDRScheduler swapped in and
+    guidance off, samples exactly what FewStepDMDRPipeline samples."""
+    from diffusers.guiders import ClassifierFreeGuidance
+    from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks
+
+    modular = StableDiffusionXLAutoBlocks().init_pipeline(tiny_teacher_dirs["sdxl"])
+    modular.load_components(dtype=torch.float32)
+    modular.update_components(
+        scheduler=DMDRScheduler(training_timesteps=TRAINED_GRID), guider=ClassifierFreeGuidance(guidance_scale=1.0)
+    )
+    modular.set_progress_bar_config(disable=True)
+    latents = modular(prompt="a red cat", num_inference_steps=4, generator=seeded(), output="latents")
+    reference = FewStepDMDRPipeline.from_pretrained(
+        tiny_teacher_dirs["sdxl"], scheduler=DMDRScheduler(training_timesteps=TRAINED_GRID)
+    )
+    reference.set_progress_bar_config(disable=True)
+    expected = reference("a red cat", generator=seeded(), output_type="latent").images
+    torch.testing.assert_close(latents, expected, rtol=0, atol=0)

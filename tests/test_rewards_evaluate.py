@@ -93,3 +93,63 @@ def test_evaluate_cli_end_to_end(tiny_clip_dir, tmp_path):
     card_text = card.read_text()
     assert "stale" not in card_text and card_text.count("## Evaluation") == 1
     assert "| sum_of_pixels_reward |" in card_text and "## How to use\n\nsnippet" in card_text
+
+
+def test_evaluate_scores_a_dmdr_export_and_its_teacher_in_one_run(tmp_path):
+    """A full export and a LoRA-only export load with the package (no --trust_remote_code); `--teacher` scores the
+    teacher on the same prompts and seeds: one side-by-side table and a teacher-row / student-row grid."""
+    import yaml
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffusers_dmdr.adapters import adapter_state_dict, add_lora_adapter
+    from diffusers_dmdr.evaluate import is_dmdr_export
+    from diffusers_dmdr.export import LORA_WEIGHT_NAME, _copy_code, export_pipeline
+    from diffusers_dmdr.pipelines import DMDRScheduler, FewStepDMDRPipeline
+
+    teacher_dir = build_tiny_pipeline("sdxl", tmp_path / "teacher")
+    scheduler = DMDRScheduler(prediction_type="epsilon", training_timesteps=[999.0, 499.0])
+    full_dir = export_pipeline(
+        FewStepDMDRPipeline.from_pretrained(str(teacher_dir), scheduler=scheduler), tmp_path / "full"
+    )
+    (full_dir / "dmdr_config.yaml").write_text(yaml.safe_dump({"pretrained_model_name_or_path": str(teacher_dir)}))
+    # A LoRA-only export: the student LoRA (B randomised, so that it changes the output) and the scheduler.
+    lora_dir = tmp_path / "lora"
+    stock = StableDiffusionXLPipeline.from_pretrained(str(teacher_dir))
+    add_lora_adapter(stock.unet, "student", 4, 8, ["to_q", "to_v"])
+    for name, parameter in stock.unet.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(std=0.5)
+    stock.save_lora_weights(
+        lora_dir,
+        unet_lora_layers=adapter_state_dict(stock.unet, "student"),
+        unet_lora_adapter_metadata=stock.unet.peft_config["student"].to_dict(),
+    )
+    scheduler.save_pretrained(lora_dir / "scheduler")
+    _copy_code(lora_dir)
+    assert is_dmdr_export(str(full_dir)) and is_dmdr_export(str(lora_dir)) and not is_dmdr_export(str(teacher_dir))
+    assert (lora_dir / LORA_WEIGHT_NAME).is_file()
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]) + "\n")
+    common = ["--prompts", str(prompts), "--reward", "reward_fixtures.sum_of_pixels_reward:hinge=none"]
+    common += ["--teacher_num_inference_steps", "2", "--batch_size", "2", "--seed", "5"]
+    scores = {}
+    for name, folder, teacher in (("full", full_dir, "auto"), ("lora", lora_dir, str(teacher_dir))):
+        output_dir = tmp_path / f"eval-{name}"
+        comparison = main(["--pipeline", str(folder), "--teacher", teacher, "--output_dir", str(output_dir)] + common)
+        results = json.loads((output_dir / "results.json").read_text())
+        assert set(results) == {"teacher", "student", "difference"}
+        assert results["teacher"]["pipeline"] == str(teacher_dir) and results["student"]["pipeline"] == str(folder)
+        assert results["teacher"]["settings"]["num_inference_steps"] == 2
+        assert results["teacher"]["prompts"] == results["student"]["prompts"] == PROMPTS[:2]
+        student, teacher_mean = comparison.student.summary(), comparison.teacher.summary()
+        difference = student["sum_of_pixels_reward"]["mean"] - teacher_mean["sum_of_pixels_reward"]["mean"]
+        assert results["difference"]["sum_of_pixels_reward"] == pytest.approx(difference)
+        table = (output_dir / "results.md").read_text()
+        assert table.startswith("| reward | teacher | student | student - teacher |")
+        assert "| sum_of_pixels_reward |" in table and "samples/s" in table
+        # Teacher row above student row, one column per prompt.
+        assert Image.open(output_dir / "samples.png").size == (2 * 64, 2 * 64)
+        scores[name] = results["student"]["scores"]["sum_of_pixels_reward"]
+    # The full export carries the teacher's weights; the LoRA export's student differs.
+    assert scores["full"] != scores["lora"]

@@ -132,6 +132,9 @@ class DMDRConfig:
     hub_model_id (`str`, *optional*): repo id of the upload (`org/name`).
     hub_private (`bool`): create the Hub repo as private.
     export_full_pipeline (`bool`, defaults to `True`): in LoRA mode, also export the fused full pipeline.
+    base_model (`str`, *optional*): the teacher's Hub id (`org/name`) when `pretrained_model_name_or_path` is a local
+        copy: the exported card's `base_model` and its snippets name it. Unset for a local teacher, the card says so
+        and its snippets carry a placeholder (the export warns).
     allow_reward_import_paths (`bool`, defaults to `False`): let a YAML recipe name rewards (or a classifier's
         `module`) by import path `pkg.module.Attr`. Importing runs the module's code, so a recipe file (which may be
         downloaded) cannot opt in itself: pass `--allow_reward_import_paths` on the command line. Import paths typed
@@ -399,6 +402,13 @@ class DMDRConfig:
             "repo, trust_remote_code=True)` works; `false` exports the LoRA alone (smaller, loads onto the teacher)."
         },
     )
+    base_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "The teacher's Hub id (org/name) when --pretrained_model_name_or_path is a local copy; the "
+            "exported model card and its snippets name it."
+        },
+    )
 
     def __post_init__(self):
         if isinstance(self.reward, str):
@@ -470,6 +480,10 @@ class DMDRConfig:
             problems.append("--max_consecutive_nonfinite_steps must be at least 1.")
         if self.push_to_hub and not self.hub_model_id:
             problems.append("--push_to_hub needs --hub_model_id org/name.")
+        if self.base_model is not None and (Path(self.base_model).expanduser().exists() or "/" not in self.base_model):
+            problems.append(
+                f"--base_model {self.base_model} must be the teacher's Hub id (org/name), not a local folder."
+            )
         if self.dmd_loss_weight < 0 or self.anchor_loss_weight < 0:
             problems.append("--dmd_loss_weight and --anchor_loss_weight must be non-negative.")
         if self.reward_tilt_temperature <= 0:

@@ -1,4 +1,4 @@
-"""Export a trained DMDR student as a Hub-ready folder, and push it.
+"""Export a trained DMDR student as a Hub-ready folder: assemble the student pipeline and write the folder.
 
 The export folder (the run's `output_dir` at the end of training; any folder from the `export` entry point) holds:
 
@@ -6,34 +6,30 @@ The export folder (the run's `output_dir` at the end of training; any folder fro
 README.md                          model card: metadata, samples, loading snippets, sampler, recipe
 samples.png                        the validation prompts sampled by the student (when there are any)
 pytorch_lora_weights.safetensors   the student LoRA in diffusers format (LoRA mode)
+pytorch_lora_weights_kohya.safetensors
+                                   the same LoRA in ComfyUI / Forge / Automatic1111 keys (LoRA mode)
 pipeline_dmdr.py                   FewStepDMDRPipeline, copied verbatim from the package
 scheduler/                         DMDRScheduler config (the trained timesteps) + scheduling_dmdr.py
 model_index.json, unet/ or transformer/, vae/, text_encoder*/, tokenizer*/
                                    the full student pipeline (full mode, or LoRA mode with export_full_pipeline)
 ```
 
-Checkpoints and logs may sit in the same folder; they are never uploaded.
-
-Command line (also installed as `dmdr-export`):
-
-```
-python -m diffusers_dmdr.export --checkpoint output_dir/checkpoint-3000 --output_dir export \
-    [--push_to_hub --hub_model_id org/name]
-```
+Checkpoints and logs may sit in the same folder; they are never uploaded. The card is built in `model_card.py`, the
+push is `hub.push_to_hub`, and the command line (`dmdr-export`, `python -m diffusers_dmdr.export`) is `export_cli.py`.
 """
 
-import argparse
 import copy
 import json
 import logging
+import os
 import shutil
-import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from .adapters import (
     FAKE_ADAPTER,
@@ -44,38 +40,29 @@ from .adapters import (
 )
 from .checkpointing import CONFIG_FILE, STUDENT_FULL_FILE, STUDENT_LORA_FILE, list_checkpoints, resolve_checkpoint
 from .config import DMDRConfig
+from .export_layout import (  # noqa: F401  (the file names are part of this module's API)
+    LORA_WEIGHT_NAME,
+    PIPELINE_CLASS,
+    PIPELINE_MODULE,
+    SAMPLES_FILE,
+    SCHEDULER_CLASS,
+    SCHEDULER_MODULE,
+    SUMMARY_FILE,
+)
 from .families import ModelFamily, detect_family, get_family, read_teacher_config
 from .families.base import student_scheduler_for
-from .hub import (  # noqa: F401  (HubUploadError, UPLOAD_IGNORE_PATTERNS and hub_id_of are part of this module's API)
-    UPLOAD_IGNORE_PATTERNS,
-    HubUploadError,
-    cached_model_card_data,
-    hub_id_of,
-    push_folder,
-    remote_model_card_data,
-)
+from .hub import UPLOAD_IGNORE_PATTERNS, HubUploadError, hub_id_of, push_to_hub  # noqa: F401  (this module's API)
+from .lora_formats import COMFY_LORA_STYLES, KOHYA_LORA_WEIGHT_NAME, UNET_STYLE, peft_to_comfy_lora
+from .model_card import BASE_MODEL_PLACEHOLDER, ModelCardInfo, make_model_card
 from .pipelines import pipeline_dmdr, scheduling_dmdr
-from .pipelines.pipeline_dmdr import SCHEDULER_CLASS, SCHEDULER_MODULE, FewStepDMDRPipeline
+from .pipelines.pipeline_dmdr import FewStepDMDRPipeline
 from .pipelines.scheduling_dmdr import DMDRScheduler
 from .utils import redact_local_paths, redact_local_paths_in, save_image_grid
 
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_MODULE, PIPELINE_CLASS = "pipeline_dmdr", "FewStepDMDRPipeline"
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-SAMPLES_FILE = "samples.png"
-SUMMARY_FILE = "train_summary.json"
-PAPER_URL = "https://huggingface.co/papers/2511.13649"
-# Tags every export carries, besides the family's and `lora` in LoRA mode.
-BASE_TAGS = ["text-to-image", "diffusers", "diffusers-training", "dmdr", "distillation", "few-step"]
-FAMILY_TAGS = {
-    "sdxl": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"],
-    "sd15": ["stable-diffusion", "stable-diffusion-diffusers"],
-    "sd3": ["sd3", "sd3-diffusers"],
-}
 EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-DEFAULT_SNIPPET_PROMPT = "a photo of a red fox in the snow"
 
 
 @dataclass
@@ -138,6 +125,7 @@ def export_from_trainer(trainer) -> Path | None:
         sample_images=sample_images,
         metrics=metrics,
         hub_model_id=config.hub_model_id,
+        base_model=config.base_model,
         hub_timeout=config.hub_timeout if config.push_to_hub else None,
     )
     if config.push_to_hub:
@@ -213,6 +201,8 @@ def export_checkpoint(
     config = DMDRConfig.from_yaml(checkpoint_dir / CONFIG_FILE, allow_reward_import_paths=True)
     if export_full_pipeline is not None:
         config.export_full_pipeline = export_full_pipeline
+    if base_model is not None:
+        config.base_model = base_model
     hub_model_id = hub_model_id or config.hub_model_id
     hub_timeout = config.hub_timeout if hub_timeout is None else hub_timeout
     if push and not hub_model_id:
@@ -263,7 +253,7 @@ def export_checkpoint(
         sample_images=sample_images,
         metrics=metrics,
         hub_model_id=hub_model_id,
-        base_model=base_model,
+        base_model=config.base_model,
         checkpoint_name=checkpoint_dir.name,
         hub_timeout=hub_timeout if push else None,
     )
@@ -274,17 +264,13 @@ def export_checkpoint(
 
 
 def export_pipeline(pipeline: FewStepDMDRPipeline, output_dir: str | Path) -> Path:
-    """Save a (possibly reloaded) [`FewStepDMDRPipeline`] so that all three loading routes work on the folder.
-
-    `save_pretrained` writes `_class_name` as a plain string and names the scheduler by its Python module; this
-    rewrites `model_index.json` to the repository-code form and copies `pipeline_dmdr.py` and
-    `scheduler/scheduling_dmdr.py` from the package.
-    """
+    """Save a (possibly reloaded) [`FewStepDMDRPipeline`] so that every loading route works on the folder: its own
+    `save_pretrained` writes the repository-code form (`model_index.json` naming `pipeline_dmdr.py` and
+    `scheduler/scheduling_dmdr.py`, both copied in)."""
     if type(pipeline.scheduler).__name__ != SCHEDULER_CLASS:
         raise ValueError(f"export_pipeline needs a {SCHEDULER_CLASS}, got {type(pipeline.scheduler).__name__}.")
     output_dir = Path(output_dir)
     pipeline.save_pretrained(output_dir, safe_serialization=True)
-    add_pipeline_code(output_dir)
     return output_dir
 
 
@@ -376,8 +362,12 @@ def write_export(
     """Write the export folder (see the module docstring) and return it. No Hub request is sent unless
     `hub_timeout` is given (an export about to be pushed may then read the teacher's card within that time).
 
+    The export is written to a staging folder beside `output_dir` first and moved in only once complete
+    ([`replace_export`]): a failed export leaves the previous one as it was, and a re-export leaves none of the
+    previous export's files behind (a stale `samples.png`, the pipeline folders of an earlier full export).
+
     Args:
-        output_dir: the folder; files of a previous export are overwritten, other files are left alone.
+        output_dir: the folder; a previous export in it is replaced, other files (checkpoints, logs) are left alone.
         config: the run's configuration (the recipe in the card).
         family: the model family.
         scheduler: the student's [`DMDRScheduler`].
@@ -392,40 +382,104 @@ def write_export(
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if weights.is_lora:
-        save_student_lora(output_dir, family, weights)
-    if full_pipeline is not None:
-        export_pipeline(full_pipeline, output_dir)
-    else:
-        scheduler.save_pretrained(output_dir / "scheduler")
-        _copy_code(output_dir)
-    if sample_images is not None:
-        save_image_grid(sample_images, output_dir / SAMPLES_FILE, rows=len(config.validation_prompts))
-    card = make_model_card(
-        config,
-        family,
-        scheduler,
-        repo_id=hub_model_id or output_dir.name,
-        base_model=base_model,
-        has_lora=weights.is_lora,
-        has_full_pipeline=full_pipeline is not None,
-        has_samples=sample_images is not None,
-        metrics=metrics,
-        checkpoint_name=checkpoint_name,
-        existing_card=output_dir / "README.md",
-        hub_timeout=hub_timeout,
-    )
-    # What is published names no local folder: absolute paths become `<local>/<name>` in the recipe, and in the card
-    # of an export about to be pushed (a local card keeps them so that its snippets run here; the run's checkpoints
-    # keep their own, unredacted dmdr_config.yaml).
-    card_text = str(card) if hub_timeout is None else redact_local_paths(str(card))
-    (output_dir / "README.md").write_text(card_text, encoding="utf-8")
-    public_config = redact_local_paths_in(
-        {k: v for k, v in config.to_dict().items() if k != "allow_reward_import_paths"}
-    )
-    (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(public_config, sort_keys=False), encoding="utf-8")
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.export-", dir=output_dir.parent))
+    try:
+        comfy_lora = None
+        if weights.is_lora:
+            save_student_lora(staging, family, weights)
+            comfy_lora = save_comfy_lora(staging, family, weights)
+        if full_pipeline is not None:
+            export_pipeline(full_pipeline, staging)
+        else:
+            scheduler.save_pretrained(staging / "scheduler")
+            _copy_code(staging)
+        if sample_images is not None:
+            save_image_grid(sample_images, staging / SAMPLES_FILE, rows=len(config.validation_prompts))
+        backbone = getattr(full_pipeline, family.backbone_name, None) if full_pipeline is not None else None
+        info = ModelCardInfo(
+            config,
+            family,
+            scheduler,
+            repo_id=hub_model_id or output_dir.name,
+            base_model=base_model,
+            has_lora=weights.is_lora,
+            has_comfy_lora=comfy_lora is not None,
+            has_full_pipeline=full_pipeline is not None,
+            has_samples=sample_images is not None,
+            metrics=metrics or {},
+            checkpoint_name=checkpoint_name,
+            backbone_class_name=type(backbone).__name__ if backbone is not None else None,
+        )
+        if info.teacher_hub_id is None:
+            logger.warning(
+                f"The teacher {config.pretrained_model_name_or_path} is a local folder and no --base_model names its "
+                f"Hub id: the card has no base_model and its snippets load the placeholder {BASE_MODEL_PLACEHOLDER!r}. "
+                "Re-export with --base_model org/name to fill them."
+            )
+        card = make_model_card(info, existing_card=output_dir / "README.md", hub_timeout=hub_timeout)
+        # What is published names no local folder: absolute paths become `<local>/<name>` in the recipe, and in the
+        # card of an export about to be pushed (a local card keeps them; the run's checkpoints keep their own,
+        # unredacted dmdr_config.yaml).
+        card_text = str(card) if hub_timeout is None else redact_local_paths(str(card))
+        (staging / "README.md").write_text(card_text, encoding="utf-8")
+        public_config = redact_local_paths_in(
+            {k: v for k, v in config.to_dict().items() if k != "allow_reward_import_paths"}
+        )
+        (staging / CONFIG_FILE).write_text(yaml.safe_dump(public_config, sort_keys=False), encoding="utf-8")
+        replace_export(output_dir, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     logger.info(f"Exported the DMDR student to {output_dir}")
     return output_dir
+
+
+def export_entries(folder: Path) -> set[str]:
+    """The top-level names in `folder` that belong to an export: its fixed files, and the component folders its
+    `model_index.json` names. Checkpoints, logs, validation grids and the run's summary are never among them."""
+    names = {
+        "README.md",
+        SAMPLES_FILE,
+        CONFIG_FILE,
+        LORA_WEIGHT_NAME,
+        KOHYA_LORA_WEIGHT_NAME,
+        f"{PIPELINE_MODULE}.py",
+        "scheduler",
+        "model_index.json",
+    }
+    index_file = folder / "model_index.json"
+    if index_file.is_file():
+        try:
+            model_index = json.loads(index_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            model_index = {}
+        names |= {name for name, value in model_index.items() if not name.startswith("_") and isinstance(value, list)}
+    protected = {name for name in names if name.startswith(("checkpoint-", ".checkpoint-")) or name in ("logs",)}
+    return {name for name in names - protected if (folder / name).exists()}
+
+
+def replace_export(output_dir: Path, staging: Path) -> None:
+    """Move the complete export in `staging` into `output_dir`, in place of the previous export there.
+
+    The previous export's entries ([`export_entries`]) and any entry the new export writes are first moved aside
+    into a folder beside `output_dir`; they are deleted only once every new entry is in place. If a move fails, what
+    was moved aside is put back, so the folder never holds neither export.
+    """
+    previous = export_entries(output_dir)
+    new = {path.name for path in staging.iterdir()}
+    aside = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.previous-export-", dir=output_dir.parent))
+    moved: list[str] = []
+    try:
+        for name in sorted(previous | {name for name in new if (output_dir / name).exists()}):
+            os.replace(output_dir / name, aside / name)
+            moved.append(name)
+        for name in sorted(new):
+            os.replace(staging / name, output_dir / name)
+    except BaseException:
+        for name in moved:
+            if not (output_dir / name).exists():
+                os.replace(aside / name, output_dir / name)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def save_student_lora(output_dir: Path, family: ModelFamily, weights: StudentWeights) -> Path:
@@ -443,460 +497,43 @@ def save_student_lora(output_dir: Path, family: ModelFamily, weights: StudentWei
     return output_dir / LORA_WEIGHT_NAME
 
 
-def add_pipeline_code(folder: str | Path) -> None:
-    """Point `model_index.json` at the repository's own code and copy that code in (after `save_pretrained`)."""
-    folder = Path(folder)
-    index_file = folder / "model_index.json"
-    model_index = json.loads(index_file.read_text(encoding="utf-8"))
-    model_index["_class_name"] = [PIPELINE_MODULE, PIPELINE_CLASS]
-    model_index["scheduler"] = [SCHEDULER_MODULE, SCHEDULER_CLASS]
-    index_file.write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    _copy_code(folder)
+def save_comfy_lora(output_dir: Path, family: ModelFamily, weights: StudentWeights) -> Path | None:
+    """`pytorch_lora_weights_kohya.safetensors`: the same LoRA in the keys ComfyUI, Forge and Automatic1111 read
+    (see `lora_formats.py`), with kohya's `ss_network_*` metadata. `None`, with a warning, for a family whose key form
+    is not known (the diffusers file is still written)."""
+    style = COMFY_LORA_STYLES.get(family.name)
+    if style is None:
+        logger.warning(
+            f"No ComfyUI / kohya LoRA key form is known for the {family.name!r} family (lora_formats.COMFY_LORA_STYLES);"
+            f" only {LORA_WEIGHT_NAME} is written."
+        )
+        return None
+    state_dict = peft_to_comfy_lora(weights.lora_state_dict, weights.lora_config, style, prefix=family.backbone_name)
+    metadata = {
+        "format": "pt",
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(weights.lora_config["r"]),
+        "ss_network_alpha": str(
+            weights.lora_config["lora_alpha"] if style == UNET_STYLE else weights.lora_config["r"]
+        ),
+    }
+    path = output_dir / KOHYA_LORA_WEIGHT_NAME
+    save_file(state_dict, path, metadata=metadata)
+    return path
 
 
 def _copy_code(folder: Path) -> None:
+    """The code files of a LoRA-only export (no model_index.json: the card loads the teacher with them)."""
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(pipeline_dmdr.__file__, folder / f"{PIPELINE_MODULE}.py")
     shutil.copyfile(scheduling_dmdr.__file__, folder / "scheduler" / f"{SCHEDULER_MODULE}.py")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Model card
-# ----------------------------------------------------------------------------------------------------------------
-def teacher_license(
-    source: str, hub_id: str | None = None, revision: str | None = None, hub_timeout: float | None = None
-) -> dict[str, str]:
-    """`license` (with `license_name`/`license_link` for custom licenses) from the teacher's model card: the
-    `README.md` of a local teacher folder, else the card of `hub_id` from the local Hub cache, else (only with
-    `hub_timeout`, i.e. when the export is pushed) from the Hub within `hub_timeout` seconds. Empty when none."""
-    from huggingface_hub import ModelCard
-
-    local_card = Path(source).expanduser() / "README.md"
-    if local_card.is_file():
-        try:
-            data = ModelCard.load(local_card).data.to_dict()
-        except (OSError, ValueError) as error:
-            logger.warning(f"Could not read {local_card} ({type(error).__name__}); the card has no license.")
-            data = {}
-    elif hub_id is None:
-        return {}
-    else:
-        data = cached_model_card_data(hub_id, revision)
-        if not data and hub_timeout is not None:
-            data = remote_model_card_data(hub_id, revision, hub_timeout)
-    found = {key: data[key] for key in ("license", "license_name", "license_link") if data.get(key)}
-    link = found.get("license_link")
-    if link and hub_id and not link.startswith(("http://", "https://")):
-        # A relative link points into the teacher's repo, not into the export.
-        found["license_link"] = f"https://huggingface.co/{hub_id}/blob/{revision or 'main'}/{link}"
-    return found
-
-
-def make_model_card(
-    config: DMDRConfig,
-    family: ModelFamily,
-    scheduler: DMDRScheduler,
-    repo_id: str,
-    base_model: str | None = None,
-    has_lora: bool = True,
-    has_full_pipeline: bool = False,
-    has_samples: bool = False,
-    metrics: dict | None = None,
-    checkpoint_name: str | None = None,
-    existing_card: str | Path | None = None,
-    hub_timeout: float | None = None,
-):
-    """The export's `ModelCard`: YAML metadata, samples, loading snippets, sampler, recipe and limitations.
-
-    Built without any Hub request: `existing_card` (the README.md of a previous export in the same folder) keeps the
-    metadata this export does not own; the teacher's licence comes from its folder or the local Hub cache, and from
-    the Hub only when `hub_timeout` is given (a push), within that many seconds.
-    """
-    from diffusers.utils.hub_utils import populate_model_card
-    from huggingface_hub import ModelCard, ModelCardData
-
-    source = config.pretrained_model_name_or_path
-    base_model = base_model or hub_id_of(source)
-    license_data = teacher_license(source, base_model, config.revision, hub_timeout)
-    prompts = config.validation_prompts or []
-    widget = [{"text": prompts[0], "output": {"url": SAMPLES_FILE}}] if has_samples and prompts else None
-    body = _card_body(
-        config,
-        family,
-        scheduler,
-        repo_id=repo_id,
-        base_model=base_model or source,
-        has_lora=has_lora,
-        has_full_pipeline=has_full_pipeline,
-        has_samples=has_samples,
-        metrics=metrics or {},
-        checkpoint_name=checkpoint_name,
-    )
-    # A new export gets fresh metadata; a previous export's card (re-export into the same folder) keeps the metadata
-    # this export does not own, while everything below is set afresh. The Hub is never asked for a card here.
-    if existing_card is not None and Path(existing_card).is_file():
-        card = ModelCard.load(existing_card)
-    else:
-        card = ModelCard("")
-        card.data = ModelCardData(
-            license=license_data.get("license"), library_name="diffusers", base_model=base_model, widget=widget
-        )
-    tags = BASE_TAGS + FAMILY_TAGS[family.name] + (["lora"] if has_lora else [])
-    populate_model_card(card, tags=[tag for tag in tags if tag not in (card.data.tags or [])])
-    owned = {"base_model": base_model, "widget": widget, "inference": True, "pipeline_tag": "text-to-image"}
-    for key, value in {**owned, **license_data}.items():
-        if value is not None:
-            setattr(card.data, key, value)
-    # The template's placeholder sections would follow ours; the export writes every section, so the body replaces them.
-    card.text = body
-    return card
-
-
-def _card_body(
-    config: DMDRConfig,
-    family: ModelFamily,
-    scheduler: DMDRScheduler,
-    repo_id: str,
-    base_model: str,
-    has_lora: bool,
-    has_full_pipeline: bool,
-    has_samples: bool,
-    metrics: dict,
-    checkpoint_name: str | None,
-) -> str:
-    timesteps = list(scheduler.config.training_timesteps)
-    num_steps = len(timesteps)
-    if num_steps == 1:
-        sampler_rule = "The single step maps pure noise to the clean prediction."
-    elif scheduler.config.deterministic:
-        sampler_rule = (
-            "Between steps the clean prediction is re-noised deterministically (the ODE sampler: Euler for flow "
-            "models, DDIM for DDPM models); the last step returns the clean prediction."
-        )
-    else:
-        sampler_rule = (
-            "Between steps the clean prediction is re-noised with fresh Gaussian noise (the DMD sampler); the last "
-            "step returns the clean prediction."
-        )
-    is_hub_id = "/" in base_model and not Path(base_model).expanduser().exists()
-    base_link = f"[`{base_model}`](https://huggingface.co/{base_model})" if is_hub_id else f"`{base_model}`"
-    sections = [
-        f"# {repo_id.split('/')[-1]}\n",
-        f"A **{num_steps}-step** text-to-image student distilled from {base_link} with "
-        f"[DMDR]({PAPER_URL}) (distribution matching distillation jointly with reinforcement learning from "
-        "differentiable rewards), trained with "
-        "[diffusers-dmdr](https://pypi.org/project/diffusers-dmdr/). It samples in "
-        f"{num_steps} step{'s' if num_steps > 1 else ''} without classifier-free guidance.\n",
-    ]
-    if has_samples:
-        prompt_list = "\n".join(f"- {prompt}" for prompt in config.validation_prompts)
-        sections.append(
-            f"## Samples\n\n![samples]({SAMPLES_FILE})\n\nOne row per prompt, {config.num_validation_images} "
-            f"images each, {num_steps} step{'s' if num_steps > 1 else ''}, seed {config.seed}, "
-            f"{config.resolution}x{config.resolution}:\n\n{prompt_list}\n"
-        )
-    sections.append(_usage_section(config, family, scheduler, repo_id, base_model, has_lora, has_full_pipeline))
-    schedule_rows = "\n".join(
-        f"| {index} | {timestep:g} | {timestep / scheduler.config.num_train_timesteps:.4f} |"
-        for index, timestep in enumerate(timesteps)
-    )
-    sections.append(
-        "## Sampler\n\n"
-        f"The student was trained with, and samples with, this {num_steps}-step grid "
-        f"(`prediction_type={scheduler.config.prediction_type}`, {scheduler.config.num_train_timesteps} teacher "
-        "timesteps). The first step always starts from pure noise.\n\n"
-        "| step | timestep (model units) | noise level |\n|---|---|---|\n"
-        f"{schedule_rows}\n\n"
-        f"{sampler_rule} `DMDRScheduler` (in `scheduler/`) stores this grid in its config. Another "
-        "`num_inference_steps` works with a warning: the grid is then interpolated linearly between the trained "
-        "first and last timesteps, which the student was not trained for.\n"
-    )
-    sections.append(_recipe_section(config, family, has_lora, checkpoint_name))
-    if metrics:
-        rows = "\n".join(
-            f"| `{name}` | {value:.4g} |"
-            for name, value in sorted(metrics.items())
-            if isinstance(value, int | float) and name.startswith(("reward/", "heldout_reward/", "loss", "monitor/"))
-        )
-        if rows:
-            sections.append(
-                "## Training metrics\n\nLogged at the last generator step (training prompts, not a benchmark):\n\n"
-                f"| metric | value |\n|---|---|\n{rows}\n"
-            )
-    files = [
-        f"- `{LORA_WEIGHT_NAME}`: the student LoRA in diffusers format (`load_lora_weights`)." if has_lora else "",
-        "- `model_index.json` and the component folders: the full student pipeline (safetensors)."
-        if has_full_pipeline
-        else "",
-        f"- `{PIPELINE_MODULE}.py`, `scheduler/{SCHEDULER_MODULE}.py`: the sampler code, loaded with "
-        "`trust_remote_code=True` or from the `diffusers-dmdr` package.",
-        f"- `{SAMPLES_FILE}`: the sample grid above." if has_samples else "",
-    ]
-    sections.append("## Files\n\n" + "\n".join(line for line in files if line) + "\n")
-    sections.append(
-        "## Limitations\n\n"
-        f"- This is a derivative of {base_link}: its license and use restrictions apply, and it inherits the "
-        "teacher's biases.\n"
-        "- Few-step students trade some sample diversity for speed; rewards can be over-optimised (reward "
-        "hacking), so check samples beyond the training prompts.\n"
-        "- Classifier-free guidance, negative prompts and step counts other than the trained one are outside "
-        "what was trained.\n"
-    )
-    return "\n".join(sections)
-
-
-SNIPPET_DEVICE_LINE = (
-    'device, dtype = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)\n'
-)
-
-
-def _snippet(imports: list[str], body: str) -> str:
-    """A runnable snippet: `torch` and `imports`, the device choice, then `body` (which defines `image`)."""
-    return "import torch\n" + "".join(line + "\n" for line in imports) + "\n" + SNIPPET_DEVICE_LINE + body
-
-
-def _usage_section(
-    config: DMDRConfig,
-    family: ModelFamily,
-    scheduler: DMDRScheduler,
-    repo_id: str,
-    base_model: str,
-    has_lora: bool,
-    has_full_pipeline: bool,
-) -> str:
-    prompt = (config.validation_prompts or [DEFAULT_SNIPPET_PROMPT])[0]
-    size = ""
-    if config.image_size != (family.default_resolution,) * 2:
-        size = f", height={config.image_size[0]}, width={config.image_size[1]}"
-    stock_class = family.pipeline_class_name
-    call = f'image = pipe("{prompt}"{size}).images[0]\n'
-    if has_full_pipeline:
-        route_package = _snippet(
-            ["from diffusers_dmdr.pipelines import FewStepDMDRPipeline"],
-            f'pipe = FewStepDMDRPipeline.from_pretrained("{repo_id}", torch_dtype=dtype).to(device)\n' + call,
-        )
-        route_remote = _snippet(
-            ["from diffusers import DiffusionPipeline"],
-            f'pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True, torch_dtype=dtype)\n'
-            "pipe = pipe.to(device)\n" + call,
-        )
-    else:
-        # No full pipeline in the repo: the student is the base model plus the LoRA, sampled by FewStepDMDRPipeline.
-        student = (
-            f'base = {stock_class}.from_pretrained("{base_model}", torch_dtype=dtype)\n'
-            f'base.load_lora_weights("{repo_id}")\n'
-            "base.fuse_lora()\n"
-            f'scheduler = DMDRScheduler.from_pretrained("{repo_id}", subfolder="scheduler")\n'
-            "pipe = FewStepDMDRPipeline.from_pipe(base, scheduler=scheduler).to(device)\n"
-        )
-        route_package = _snippet(
-            [
-                f"from diffusers import {stock_class}",
-                "from diffusers_dmdr.pipelines import DMDRScheduler, FewStepDMDRPipeline",
-            ],
-            student + call,
-        )
-        route_remote = _snippet(
-            [f"from diffusers import {stock_class}", "from diffusers.utils import get_class_from_dynamic_module"],
-            "FewStepDMDRPipeline = get_class_from_dynamic_module(\n"
-            f'    "{repo_id}", "{PIPELINE_MODULE}.py", class_name="{PIPELINE_CLASS}", trust_remote_code=True\n'
-            ")\n"
-            "DMDRScheduler = get_class_from_dynamic_module(\n"
-            f'    "{repo_id}", "{SCHEDULER_MODULE}.py", subfolder="scheduler", class_name="{SCHEDULER_CLASS}",\n'
-            "    trust_remote_code=True,\n"
-            ")\n" + student + call,
-        )
-    route_plain = _plain_route(family, scheduler, repo_id, base_model, has_lora, prompt, size)
-    lines = [
-        "## How to use\n",
-        "The trained sampler is `FewStepDMDRPipeline` with `DMDRScheduler`: same timesteps, same re-noising rule, no "
-        "guidance (the defaults), so a seed gives the images the training produced. Three ways to load it:\n",
-        "### 1. With the `diffusers-dmdr` package (`pip install diffusers-dmdr`), no remote code\n",
-        f"```python\n{route_package}```\n",
-        "### 2. With diffusers only, running this repository's code\n",
-        f"`{PIPELINE_MODULE}.py` and `scheduler/{SCHEDULER_MODULE}.py` are plain diffusers code; read them first, "
-        "and pin `revision=` to a commit you checked.\n",
-        f"```python\n{route_remote}```\n",
-        "### 3. A stock diffusers pipeline and scheduler\n",
-        "No custom code: the stock scheduler below follows the same timesteps with its own update rule, which matches "
-        "the trained sampler closely but not bit for bit"
-        + (" (it feeds the model `1000 t` where training fed `round(1000 t)`)" if family.is_flow else "")
-        + ".\n",
-        f"```python\n{route_plain}```\n",
-    ]
-    return "\n".join(lines)
-
-
-def _plain_route(
-    family: ModelFamily,
-    scheduler: DMDRScheduler,
-    repo_id: str,
-    base_model: str,
-    has_lora: bool,
-    prompt: str,
-    size: str,
-) -> str:
-    stock_class = family.pipeline_class_name
-    timesteps = list(scheduler.config.training_timesteps)
-    deterministic = scheduler.config.deterministic
-    if family.is_flow:
-        scheduler_class = "FlowMatchEulerDiscreteScheduler"
-        noise_levels = [round(t / scheduler.config.num_train_timesteps, 6) for t in timesteps]
-        # shift=1: the sigmas passed in the call are the trained grid, already shifted.
-        set_scheduler = (
-            f"pipe.scheduler = {scheduler_class}.from_config(\n"
-            f"    pipe.scheduler.config, shift=1.0, stochastic_sampling={not deterministic}\n)\n"
-        )
-        call = f'image = pipe("{prompt}", sigmas={noise_levels}, guidance_scale=0.0, max_sequence_length=128{size})'
-    else:
-        # LCM re-noises with fresh noise (the DMD sampler); a one-step student has nothing to re-noise.
-        stochastic = not deterministic or len(timesteps) == 1
-        scheduler_class = "LCMScheduler" if stochastic else "EulerDiscreteScheduler"
-        set_scheduler = f"pipe.scheduler = {scheduler_class}.from_config(pipe.scheduler.config)\n"
-        call = f'image = pipe("{prompt}", timesteps={[int(t) for t in timesteps]}, guidance_scale=0.0{size})'
-    if has_lora:
-        imports = [f"from diffusers import {scheduler_class}, {stock_class}"]
-        load = (
-            f'pipe = {stock_class}.from_pretrained("{base_model}", torch_dtype=dtype)\n'
-            f'pipe.load_lora_weights("{repo_id}")\n'
-            "pipe.fuse_lora()\n"
-        )
-    else:
-        name = family.backbone_name
-        backbone_class = "SD3Transformer2DModel" if family.is_flow else "UNet2DConditionModel"
-        imports = [f"from diffusers import {backbone_class}, {scheduler_class}, {stock_class}"]
-        load = (
-            f'{name} = {backbone_class}.from_pretrained("{repo_id}", subfolder="{name}", torch_dtype=dtype)\n'
-            f'pipe = {stock_class}.from_pretrained("{base_model}", {name}={name}, torch_dtype=dtype)\n'
-        )
-    return _snippet(imports, load + set_scheduler + "pipe = pipe.to(device)\n" + call + ".images[0]\n")
-
-
-def _recipe_section(config: DMDRConfig, family: ModelFamily, has_lora: bool, checkpoint_name: str | None) -> str:
-    rewards = ", ".join(f"`{spec}`" for spec in config.reward) or "none (DMD only)"
-    eval_rewards = ", ".join(f"`{spec}`" for spec in config.eval_reward) or "none"
-    adapter = (
-        f"LoRA rank {config.lora_rank}, alpha {config.lora_alpha}" if has_lora else "full fine-tuning of the backbone"
-    )
-    rows = [
-        ("teacher", f"`{config.pretrained_model_name_or_path}` ({family.name})"),
-        ("student", adapter),
-        ("student steps", str(config.num_student_steps)),
-        ("resolution", f"{config.resolution}x{config.resolution}"),
-        ("generator updates", f"{config.max_train_steps} (stage 1, DMD only: {config.cold_start_steps})"),
-        ("rewards (stage 2, `name:weight`)", rewards),
-        ("held-out rewards (logged only)", eval_rewards),
-        ("reward-tilted DMD in stage 1", str(config.reward_tilt)),
-        (
-            "DynaDG / DynaRS",
-            f"real-score LoRA scale {config.real_score_lora_scale} -> 0, re-noising Beta({config.renoise_beta_alpha}, "
-            f"{config.renoise_beta_beta}) -> Beta(1, 1), over {config.dynamic_steps} steps",
-        ),
-        ("fake score", f"LoRA rank {config.fake_lora_rank}, scale {config.fake_score_lora_scale}"),
-        ("fake-score updates per generator update", str(config.update_ratio)),
-        ("real-score CFG", f"{config.real_guidance_scale} +- {config.guidance_scale_jitter}"),
-        ("learning rates (student / fake)", f"{config.learning_rate:g} / {config.learning_rate_fake:g}"),
-        ("batch size per process", str(config.train_batch_size)),
-        ("mixed precision", str(config.mixed_precision or "no")),
-        ("seed", str(config.seed)),
-    ]
-    if checkpoint_name:
-        rows.append(("exported checkpoint", checkpoint_name))
-    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    return (
-        "## Training recipe\n\n"
-        "Stage 1 distils the teacher with DMD (with the DynaDG and DynaRS cold-start schedules); stage 2 adds the "
-        "reward losses to DMD, which keeps regularising the student towards the teacher's distribution.\n\n"
-        f"| setting | value |\n|---|---|\n{table}\n"
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Hub
-# ----------------------------------------------------------------------------------------------------------------
-def push_to_hub(
-    folder: str | Path,
-    repo_id: str,
-    private: bool = False,
-    token: str | None = None,
-    commit_message: str = "Upload DMDR few-step student",
-    checkpoint: str | Path | None = None,
-    timeout: float = 90.0,
-) -> str:
-    """Create `repo_id` (if needed) and upload `folder`, leaving checkpoints and logs out (see `hub.push_folder`).
-
-    The token is the one given or the logged-in one; it is never logged nor written anywhere.
-
-    Args:
-        folder (`str` or `Path`): the export folder.
-        repo_id (`str`): the Hub repo, `org/name`.
-        private (`bool`, defaults to `False`): create the repo as private.
-        token (`str`, *optional*): a Hub token; defaults to the logged-in one.
-        commit_message (`str`): the commit message.
-        checkpoint (`str` or `Path`, *optional*): the checkpoint the folder was exported from, for the retry
-            command of the error message; defaults to `folder` (a run's output_dir holding its checkpoints).
-        timeout (`float`, defaults to 90.0): seconds each Hub call (repo creation, upload) may take, retries included.
-
-    Raises:
-        [`HubUploadError`]: on any failure or timeout, with the command that retries; the local folder is untouched.
-
-    Returns:
-        `str`: the URL of the commit.
-    """
-    retry = (
-        f"dmdr-export --checkpoint {checkpoint or folder} --output_dir {folder} --push_to_hub --hub_model_id {repo_id}"
-    )
-    return push_folder(
-        folder, repo_id, retry, private=private, token=token, commit_message=commit_message, timeout=timeout
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------------
-def build_argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m diffusers_dmdr.export",
-        description="Export a DMDR checkpoint as a Hub-ready folder (and optionally push it).",
-    )
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint-N folder, or a run's output_dir (latest)")
-    parser.add_argument("--output_dir", required=True, help="the export folder (may be the run's output_dir)")
-    parser.add_argument("--push_to_hub", action="store_true", help="upload the folder to the Hub")
-    parser.add_argument("--hub_model_id", default=None, help="repo id org/name (default: the run's hub_model_id)")
-    parser.add_argument("--hub_private", action="store_true", default=None, help="create the repo as private")
-    parser.add_argument(
-        "--export_full_pipeline",
-        action="store_true",
-        default=None,
-        help="also save the fused full pipeline in LoRA mode (default: the run's setting)",
-    )
-    parser.add_argument("--base_model", default=None, help="the teacher's Hub id, if the run used a local copy")
-    parser.add_argument("--device", default=None, help="device that samples the grid (default: cuda if available)")
-    parser.add_argument(
-        "--hub_timeout", type=float, default=None, help="seconds each Hub request may take (default: the run's)"
-    )
-    return parser
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = build_argument_parser().parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    try:
-        output_dir = export_checkpoint(
-            args.checkpoint,
-            args.output_dir,
-            push=args.push_to_hub,
-            hub_model_id=args.hub_model_id,
-            hub_private=args.hub_private,
-            export_full_pipeline=args.export_full_pipeline,
-            base_model=args.base_model,
-            device=args.device,
-            hub_timeout=args.hub_timeout,
-        )
-    except HubUploadError as error:
-        print(error, file=sys.stderr)  # noqa: T201
-        sys.exit(1)
-    print(f"exported to {output_dir}")  # noqa: T201
+    """The `dmdr-export` command line (see `export_cli.py`)."""
+    from .export_cli import main as cli_main
+
+    cli_main(argv)
 
 
 if __name__ == "__main__":

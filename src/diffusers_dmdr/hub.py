@@ -175,3 +175,40 @@ def push_folder(
         ) from None
     logger.info(f"Pushed {folder} to {commit.commit_url}")
     return commit.commit_url
+
+
+def push_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload DMDR few-step student",
+    checkpoint: str | Path | None = None,
+    timeout: float = 90.0,
+) -> str:
+    """Create `repo_id` (if needed) and upload `folder`, leaving checkpoints and logs out (see `hub.push_folder`).
+
+    The token is the one given or the logged-in one; it is never logged nor written anywhere.
+
+    Args:
+        folder (`str` or `Path`): the export folder.
+        repo_id (`str`): the Hub repo, `org/name`.
+        private (`bool`, defaults to `False`): create the repo as private.
+        token (`str`, *optional*): a Hub token; defaults to the logged-in one.
+        commit_message (`str`): the commit message.
+        checkpoint (`str` or `Path`, *optional*): the checkpoint the folder was exported from, for the retry
+            command of the error message; defaults to `folder` (a run's output_dir holding its checkpoints).
+        timeout (`float`, defaults to 90.0): seconds each Hub call (repo creation, upload) may take, retries included.
+
+    Raises:
+        [`HubUploadError`]: on any failure or timeout, with the command that retries; the local folder is untouched.
+
+    Returns:
+        `str`: the URL of the commit.
+    """
+    retry = (
+        f"dmdr-export --checkpoint {checkpoint or folder} --output_dir {folder} --push_to_hub --hub_model_id {repo_id}"
+    )
+    return push_folder(
+        folder, repo_id, retry, private=private, token=token, commit_message=commit_message, timeout=timeout
+    )

@@ -42,12 +42,16 @@ def student_scheduler_for(
         "deterministic": mode == "ode",
     }
     if teacher.family.is_flow:
-        return DMDRScheduler(prediction_type="flow", shift=shift, x0_noise_level=x0_noise_level, **common)
+        return DMDRScheduler(prediction_type="flow", grid_shift=shift, x0_noise_level=x0_noise_level, **common)
+    # Everything that shapes the teacher's alpha_bar is carried over: dropping `trained_betas` or
+    # `rescale_betas_zero_snr` would train and sample a zero-terminal-SNR teacher on the wrong noise levels.
     return DMDRScheduler(
         prediction_type=teacher_config.get("prediction_type", "epsilon"),
         beta_start=teacher_config.get("beta_start", 0.00085),
         beta_end=teacher_config.get("beta_end", 0.012),
         beta_schedule=teacher_config.get("beta_schedule", "scaled_linear"),
+        trained_betas=teacher_config.get("trained_betas"),
+        rescale_betas_zero_snr=bool(teacher_config.get("rescale_betas_zero_snr", False)),
         **common,
     )
 
