@@ -237,7 +237,8 @@ def _card_body(info: ModelCardInfo) -> str:
         sections.append(
             f"## Samples\n\n![samples]({SAMPLES_FILE})\n\nOne row per prompt, {config.num_validation_images} "
             f"images each, {num_steps} step{'s' if num_steps > 1 else ''}, seed {config.seed}, "
-            "{}x{}:\n\n".format(*config.image_size) + f"{prompt_list}\n"
+            "{}x{}:\n\n".format(*config.image_size)
+            + f"{prompt_list}\n"
         )
     sections.append(_usage_section(info))
     if info.has_comfy_lora:
