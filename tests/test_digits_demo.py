@@ -69,7 +69,7 @@ def test_console_scripts_are_declared():
     if "dmdr-train" not in scripts:
         pytest.skip("the installed metadata predates dmdr-train: run `make install` (setup.py changed)")
     assert scripts["dmdr-train"] == "diffusers_dmdr.train:cli"
-    assert scripts["dmdr-export"] == "diffusers_dmdr.export:main"
+    assert scripts["dmdr-export"] == "diffusers_dmdr.export_cli:main"
 
 
 def test_metrics_table_headline_and_training_curves(tmp_path):
