@@ -51,6 +51,7 @@ TINY_SETTINGS = DigitsBuildSettings(
     latent_pool_size=32,
     gate_num_per_pair=1,
     gate_num_inference_steps=2,
+    real_num_per_pair=4,
 )
 
 

@@ -135,6 +135,7 @@ TINY_SETTINGS = DigitsBuildSettings(
     latent_pool_size=32,
     gate_num_per_pair=1,
     gate_num_inference_steps=2,
+    real_num_per_pair=4,
 )
 TINY_BUDGET = ReproductionSettings(
     seeds=[0],
@@ -147,6 +148,7 @@ TINY_BUDGET = ReproductionSettings(
     num_per_pair=1,
     early_num_per_pair=1,
     teacher_steps=2,
+    real_num_per_pair=4,
 )
 
 

@@ -99,6 +99,8 @@ class DigitsBuildSettings:
         gate_num_per_pair (`int`, *optional*, defaults to 8): teacher samples per held-out pair for the gate.
         gate_num_inference_steps (`int`, *optional*, defaults to 50): teacher steps for the gate.
         gate_guidance_scale (`float`, *optional*, defaults to 3.0): teacher CFG scale for the gate.
+        real_num_per_pair (`int`, *optional*, defaults to 20): real pairs per held-out pair in the FD reference and
+            the classifiers' pair accuracy.
         seed (`int`, *optional*, defaults to 0): seeds every model and the data split.
     """
 
@@ -112,6 +114,7 @@ class DigitsBuildSettings:
     gate_num_per_pair: int = 8
     gate_num_inference_steps: int = TEACHER_NUM_INFERENCE_STEPS
     gate_guidance_scale: float = TEACHER_GUIDANCE_SCALE
+    real_num_per_pair: int = 20
     seed: int = 0
 
     def cache_key(self) -> str:
@@ -214,18 +217,18 @@ def evaluate_real_reference(
     return evaluate_pairs(eval_classifier, images, labels, prompts, load_real_pairs_from(splits))
 
 
-def load_real_pairs_from(splits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """`load_real_pairs()` from already loaded splits."""
-    return real_pairs(splits["real"], HELD_OUT_PAIRS)[0]
+def load_real_pairs_from(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], num_per_pair: int = 20) -> torch.Tensor:
+    """`load_real_pairs(num_per_pair)` from already loaded splits."""
+    return real_pairs(splits["real"], HELD_OUT_PAIRS, num_per_pair)[0]
 
 
 def _accuracy(classifier, images: torch.Tensor, labels: torch.Tensor) -> float:
     return float((predict_digits(classifier, images) == labels).double().mean())
 
 
-def _pair_accuracy(classifier, split: tuple[torch.Tensor, torch.Tensor]) -> float:
+def _pair_accuracy(classifier, split: tuple[torch.Tensor, torch.Tensor], num_per_pair: int = 20) -> float:
     """Fraction of real held-out pairs (from `split`) whose two halves the classifier both reads right."""
-    images, pairs = real_pairs(split, HELD_OUT_PAIRS, num_per_pair=20, seed=2)
+    images, pairs = real_pairs(split, HELD_OUT_PAIRS, num_per_pair=num_per_pair, seed=2)
     return float((predict_pairs(classifier, images) == pairs).all(dim=1).double().mean())
 
 
@@ -352,7 +355,7 @@ def build_testbed(
     seconds, start = {}, time.perf_counter()
     splits = load_digit_splits(DIGITS_RESOLUTION, settings.seed)
     real_images, real_labels = splits["real"]
-    real_pair_images = load_real_pairs_from(splits)
+    real_pair_images = load_real_pairs_from(splits, settings.real_num_per_pair)
 
     # 1. The two classifiers, each on its own split of single digits.
     begin = time.perf_counter()
@@ -391,8 +394,12 @@ def build_testbed(
         "vae_scaling_factor": vae.config.scaling_factor,
         "reward_classifier_real_accuracy": _accuracy(reward_classifier, real_images, real_labels),
         "eval_classifier_real_accuracy": _accuracy(eval_classifier, real_images, real_labels),
-        "eval_classifier_real_pair_accuracy": _pair_accuracy(eval_classifier, splits["real"]),
-        "reward_classifier_real_pair_accuracy": _pair_accuracy(reward_classifier, splits["real"]),
+        "eval_classifier_real_pair_accuracy": _pair_accuracy(
+            eval_classifier, splits["real"], settings.real_num_per_pair
+        ),
+        "reward_classifier_real_pair_accuracy": _pair_accuracy(
+            reward_classifier, splits["real"], settings.real_num_per_pair
+        ),
         "teacher_gate": gate,
         "teacher_accuracy_band": list(TEACHER_PAIR_ACCURACY_BAND),
         "real_reference": evaluate_real_reference(eval_classifier, splits, settings.gate_num_per_pair),
@@ -424,7 +431,7 @@ def teacher_budget_curve(
     """
     settings = settings or DigitsBuildSettings()
     splits = load_digit_splits(DIGITS_RESOLUTION, settings.seed)
-    real_pair_images = load_real_pairs_from(splits)
+    real_pair_images = load_real_pairs_from(splits, settings.real_num_per_pair)
     _, eval_classifier = train_classifiers(splits, settings, progress)
     vae_latents_labels = train_teacher_vae_and_latents(splits, settings, progress)
     text_components = digits_text_components(settings.seed)

@@ -82,6 +82,7 @@ class ReproductionSettings:
         early_num_per_pair (`int`): samples per held-out pair of the early-checkpoint FD.
         teacher_steps (`int`): teacher sampler steps.
         teacher_guidance_scale (`float`): teacher CFG.
+        real_num_per_pair (`int`): real pairs per held-out pair that the samples are compared with.
         eval_seed (`int`): first noise seed of the evaluation; seed `s` uses `eval_seed + 10000 * s + i`.
         num_threads (`int`): torch CPU threads.
     """
@@ -103,6 +104,7 @@ class ReproductionSettings:
     early_num_per_pair: int = 4
     teacher_steps: int = 50
     teacher_guidance_scale: float = 3.0
+    real_num_per_pair: int = 20
     eval_seed: int = 1000
     num_threads: int = 1
 
@@ -235,7 +237,7 @@ class Reproduction:
     def __init__(self, testbed: DigitsTestbed, output_dir: Path, settings: ReproductionSettings, progress=True):
         self.testbed, self.output_dir, self.settings, self.progress = testbed, output_dir, settings, progress
         self.splits = load_digit_splits()
-        self.real_images = load_real_pairs_from(self.splits)
+        self.real_images = load_real_pairs_from(self.splits, settings.real_num_per_pair)
         self.eval_classifier = load_eval_classifier(testbed.eval_weights)
         self.real_features = pair_features(self.eval_classifier, self.real_images)
         self.prompts = [line for line in testbed.prompts_file.read_text().splitlines() if line.strip()]
