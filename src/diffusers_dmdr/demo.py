@@ -133,13 +133,16 @@ def main(argv: list[str] | None = None) -> None:
     # 1. The testbed.
     stage("testbed", "build or reuse (a fresh build shows its own bars with ETAs)")
     testbed = build_testbed(args.cache_dir)
+    low, high = TEACHER_PAIR_ACCURACY_BAND
+    band_note = ""
     if not testbed.gate_passed:
-        low, high = TEACHER_PAIR_ACCURACY_BAND
-        raise SystemExit(
-            f"The teacher at {testbed.teacher_dir} has held-out pair accuracy "
-            f"{testbed.report['teacher_gate']['pair_accuracy']:.3f}, outside the band {low}-{high}; rebuild it with "
-            "`python -m diffusers_dmdr.digits --force` (docs/digits.md)."
+        # Not fatal (the distillation itself is still meaningful), but stated everywhere the numbers go.
+        band_note = (
+            f"WARNING: the teacher's held-out pair accuracy at build time, "
+            f"{testbed.report['teacher_gate']['pair_accuracy']:.3f}, is outside the band {low}-{high} that issue 12 "
+            "asks for; choose its budget with `python -m diffusers_dmdr.digits --budget_curve ...` (docs/digits.md)."
         )
+        logger.warning(band_note)
     seconds["testbed"] = time.perf_counter() - start
     stages.update(1)
 
@@ -209,11 +212,12 @@ def main(argv: list[str] | None = None) -> None:
         "held_out_pairs": [list(pair) for pair in HELD_OUT_PAIRS],
         "rows": rows,
         "pair_accuracy_gain": rows[student_name]["pair_accuracy"] - rows[teacher_name]["pair_accuracy"],
+        "teacher_in_accuracy_band": testbed.gate_passed,
         "seconds": seconds,
         "torch_num_threads": args.num_threads,
     }
     table = format_table(rows)
-    text = headline(rows, teacher_name, student_name)
+    text = headline(rows, teacher_name, student_name) + (f"\n{band_note}\n" if band_note else "")
     (output_dir / "metrics.md").write_text(
         "# make demo: teacher vs 4-step DMDR student on the held-out digit pairs\n\n" + table + "\n" + text,
         encoding="utf-8",
