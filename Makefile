@@ -43,14 +43,17 @@ style: install
 	$(BIN)/ruff check --fix src pipelines examples tests
 	$(BIN)/ruff format src pipelines examples tests
 
+# One torch thread per process (here and in the training subprocess): on the shared 2-core machine two threads ran
+# 10-20x slower (docs/reproduction.md).
 demo: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-		$(BIN)/python -m diffusers_dmdr.demo --output_dir outputs/demo
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1 \
+		$(BIN)/python -m diffusers_dmdr.demo --output_dir outputs/demo --num_threads 1
 
 # One torch thread: on the shared 2-core machine two threads ran 20x slower (docs/reproduction.md).
 reproduce: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1 \
-		$(BIN)/python -m diffusers_dmdr.digits.reproduce --output_dir outputs/reproduce --docs docs/reproduction.md
+		$(BIN)/python -m diffusers_dmdr.digits.reproduce --output_dir outputs/reproduce --docs docs/reproduction.md \
+		--num_threads 1
 
 # Training-memory benchmark (docs/benchmarks.md): the reduced CPU figures, or on a GPU
 # `$(BIN)/python benchmarks/train_memory.py --model sdxl --device cuda`.

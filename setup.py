@@ -49,5 +49,7 @@ setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["dmdr-export=diffusers_dmdr.export_cli:main"]},
+    entry_points={
+        "console_scripts": ["dmdr-export=diffusers_dmdr.export_cli:main", "dmdr-train=diffusers_dmdr.train:cli"]
+    },
 )

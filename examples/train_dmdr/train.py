@@ -4,82 +4,16 @@
     accelerate launch examples/train_dmdr/train.py --config examples/train_dmdr/configs/sdxl_4step.yaml \
         --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 --train_prompts prompts.txt
 
-Flow: parse -> check inputs (no weights yet) -> load the teacher and rewards -> DMDRTrainer(...).train() -> export.
+The program is `diffusers_dmdr.train` (also `accelerate launch -m diffusers_dmdr.train ...` or `dmdr-train` from an
+installed wheel); this file runs it from a checkout.
 """
 
-import logging
 import sys
-from pathlib import Path
 
-import torch
-from accelerate.logging import get_logger
-from accelerate.utils import set_seed
-
-from diffusers_dmdr import DMDRConfig
-from diffusers_dmdr.config import USER_INPUT_ERRORS
-from diffusers_dmdr.preflight import check_run_inputs
-from diffusers_dmdr.rewards import load_rewards
-from diffusers_dmdr.trainer import DMDRTrainer, create_accelerator, weight_dtype_of
+from diffusers_dmdr.train import main, parse_and_check
 
 
-logger = get_logger(__name__)
-
-
-def parse_and_check(argv: list[str] | None = None):
-    """Parse the command line and check every input before any weight loads. A bad input prints one message that
-    names the fix (no traceback) and exits with status 2, like an argparse error."""
-    try:
-        config = DMDRConfig.parse_args(argv)
-        plan = check_run_inputs(config)
-    except USER_INPUT_ERRORS as error:
-        print(f"train.py: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return config, plan
-
-
-def main(argv: list[str] | None = None) -> None:
-    config, plan = parse_and_check(argv)
-
-    accelerator = create_accelerator(config)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if config.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    set_seed(config.seed)
-    if accelerator.is_main_process:
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-        config.save_yaml(Path(config.output_dir) / "dmdr_config.yaml")
-    logger.info(f"{plan.family.name} teacher, student timesteps {plan.student_timesteps}, {len(plan.prompts)} prompts")
-    if plan.memory_plan is not None:
-        logger.info("\n" + plan.memory_plan.format_table())
-
-    # Loaded once, directly in the training dtype; the export reuses these components.
-    weight_dtype = weight_dtype_of(accelerator.mixed_precision)
-    teacher = plan.family.load_teacher(
-        config.pretrained_model_name_or_path, config.revision, config.variant, weight_dtype
-    )
-    # Frozen reward models run in the frozen weights' dtype (a spec's `precision=` overrides it).
-    rewards = load_rewards(plan.reward_specs, accelerator.device, dtype=weight_dtype)
-    eval_rewards = load_rewards(plan.eval_reward_specs, accelerator.device, dtype=weight_dtype, for_training=False)
-    reward_vae = None
-    if config.reward_vae_model_name_or_path:
-        from diffusers import AutoencoderTiny
-
-        reward_vae = AutoencoderTiny.from_pretrained(
-            config.reward_vae_model_name_or_path, revision=config.reward_vae_revision
-        )
-    trainer = DMDRTrainer(
-        config, teacher, plan.prompts, rewards, eval_rewards, accelerator=accelerator, reward_vae=reward_vae
-    )
-    trainer.train()
-
-    from diffusers_dmdr.export import export_from_trainer
-
-    # Every process takes part: sharded engines gather the student's weights collectively.
-    export_dir = export_from_trainer(trainer)
-    if export_dir is not None:
-        logger.info(f"Exported the student pipeline to {export_dir}")
-    accelerator.end_training()
+__all__ = ["main", "parse_and_check"]
 
 
 if __name__ == "__main__":

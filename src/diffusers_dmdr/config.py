@@ -103,7 +103,9 @@ class DMDRConfig:
     dataset_config_name (`str`, *optional*): config of a Hub dataset.
     dataset_split (`str`, defaults to `"train"`): split of the prompt dataset.
     max_train_samples (`int`, *optional*): keep only the first N prompts.
-    resolution (`int`, defaults to 1024): square training resolution in pixels.
+    resolution (`int`, defaults to 1024): square training resolution in pixels (the height when `width` is set).
+    width (`int`, *optional*): training width in pixels for non-square images (e.g. `--resolution 32 --width 64`);
+        defaults to `resolution`.
 
     > Parameters of the optimisation
 
@@ -337,6 +339,9 @@ class DMDRConfig:
         metadata={"help": "Keep the text encoders on the CPU and move them to the GPU only to encode a batch."},
     )
     resolution: int = field(default=1024, metadata={"help": "Square training resolution in pixels."})
+    width: int | None = field(
+        default=None, metadata={"help": "Training width in pixels, for non-square images (default: --resolution)."}
+    )
 
     # > Optimisation
     max_train_steps: int = field(default=3000, metadata={"help": "Generator updates to train for."})
@@ -489,6 +494,8 @@ class DMDRConfig:
             )
         if self.resolution < 8:
             problems.append(f"--resolution must be a positive multiple of the VAE factor, got {self.resolution}.")
+        if self.width is not None and self.width < 8:
+            problems.append(f"--width must be a positive multiple of the VAE factor, got {self.width}.")
         if self.memory_plan_num_processes is not None and self.memory_plan_num_processes < 1:
             problems.append(f"--memory_plan_num_processes must be at least 1, got {self.memory_plan_num_processes}.")
         if self.max_consecutive_nonfinite_steps < 1:
@@ -543,6 +550,17 @@ class DMDRConfig:
     # ------------------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """`(height, width)` of the training images: `resolution` for both unless `width` is set."""
+        return self.resolution, self.width or self.resolution
+
+    @property
+    def conditioning_size(self) -> int | tuple[int, int]:
+        """The size handed to `family.encode_prompts`: `resolution` when square, else `(height, width)`."""
+        height, width = self.image_size
+        return height if height == width else (height, width)
 
     def save_yaml(self, path: str | Path) -> None:
         """Write the config as a recipe; the import-path opt-in is a permission of one command line, not a value a

@@ -229,8 +229,8 @@ def export_checkpoint(
         pipeline.to(device)
         sample_images = pipeline(
             prompts,
-            height=config.resolution,
-            width=config.resolution,
+            height=config.image_size[0],
+            width=config.image_size[1],
             generator=torch.Generator("cpu").manual_seed(config.seed),
             output_type="pt",
         ).images.cpu()

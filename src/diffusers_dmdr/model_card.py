@@ -242,7 +242,8 @@ def _card_body(info: ModelCardInfo) -> str:
         sections.append(
             f"## Samples\n\n![samples]({SAMPLES_FILE})\n\nOne row per prompt, {config.num_validation_images} "
             f"images each, {num_steps} step{'s' if num_steps > 1 else ''}, seed {config.seed}, "
-            f"{config.resolution}x{config.resolution}:\n\n{prompt_list}\n"
+            "{}x{}:\n\n".format(*config.image_size)
+            + f"{prompt_list}\n"
         )
     sections.append(_usage_section(info))
     if info.has_comfy_lora:
@@ -320,8 +321,8 @@ def _usage_section(info: ModelCardInfo) -> str:
     config, family, repo_id, base_model = info.config, info.family, info.repo_id, info.teacher_name
     prompt = (config.validation_prompts or [DEFAULT_SNIPPET_PROMPT])[0]
     size = ""
-    if config.resolution != family.default_resolution:
-        size = f", height={config.resolution}, width={config.resolution}"
+    if config.image_size != (family.default_resolution,) * 2:
+        size = f", height={config.image_size[0]}, width={config.image_size[1]}"
     call = f'image = pipe("{prompt}"{size}).images[0]\n'
     if info.has_full_pipeline:
         route_package = _snippet(
@@ -496,7 +497,7 @@ def _recipe_section(info: ModelCardInfo) -> str:
         ("teacher", f"`{config.pretrained_model_name_or_path}` ({family.name})"),
         ("student", adapter),
         ("student steps", str(config.num_student_steps)),
-        ("resolution", f"{config.resolution}x{config.resolution}"),
+        ("resolution", "{}x{}".format(*config.image_size)),
         ("generator updates", f"{config.max_train_steps} (stage 1, DMD only: {config.cold_start_steps})"),
         ("rewards (stage 2, `name:weight:options`)", rewards),
         ("held-out rewards (logged only)", eval_rewards),

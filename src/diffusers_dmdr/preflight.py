@@ -46,18 +46,23 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
     family = get_family(detected)
     family.check_teacher(model_index, config.pretrained_model_name_or_path, config.revision)
 
-    # 2. Resolution against the VAE's spatial factor.
+    # 2. Resolution against the VAE's spatial factor. Non-square training is wired through the UNet families' size
+    # conditioning only; the flow transformers' grids (dynamic shift) and packing assume a square image.
+    if config.width not in (None, config.resolution) and family.name not in ("sdxl", "sd15"):
+        raise ValueError(
+            f"--width {config.width} (non-square training) is supported for SDXL and SD1.5 teachers; this teacher is "
+            f"a {family.name} pipeline: drop --width."
+        )
     factor = family.vae_scale_factor(config.pretrained_model_name_or_path, config.revision)
     multiple = factor * family.latent_patch_size
-    if config.resolution % multiple:
-        lower = max(multiple, config.resolution // multiple * multiple)
-        what = f"the VAE's factor {factor}"
-        if family.latent_patch_size > 1:
-            patch = family.latent_patch_size
-            what = f"{multiple} (the VAE's factor {factor} x the backbone's {patch}x{patch} latent patches)"
-        raise ValueError(
-            f"--resolution {config.resolution} is not divisible by {what}; use e.g. {lower} or {lower + multiple}."
-        )
+    for flag, size in (("--resolution", config.resolution), ("--width", config.width)):
+        if size is not None and size % multiple:
+            lower = max(multiple, size // multiple * multiple)
+            what = f"the VAE's factor {factor}"
+            if family.latent_patch_size > 1:
+                patch = family.latent_patch_size
+                what = f"{multiple} (the VAE's factor {factor} x the backbone's {patch}x{patch} latent patches)"
+            raise ValueError(f"{flag} {size} is not divisible by {what}; use e.g. {lower} or {lower + multiple}.")
 
     # 2b. The backbone denoises the VAE's latents alone (an inpainting UNet also takes a mask and a masked image).
     check_backbone_channels(config, family)

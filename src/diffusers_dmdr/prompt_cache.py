@@ -98,7 +98,8 @@ class PromptEncoder:
     Args:
         family: the teacher's model family (its `encode_prompts` is the stock pipeline's `encode_prompt`).
         pipeline: the teacher pipeline holding the tokenizers and text encoders.
-        resolution (`int`): the training resolution (SDXL micro-conditioning depends on it).
+        resolution (`int` or `tuple[int, int]`): the training resolution, or `(height, width)` when not square (SDXL
+            micro-conditioning depends on it).
         device: where the conditioning is needed.
         offload (`bool`): keep the encoders on the CPU and move them to `device` only while encoding.
         cache (`dict[str, torch.Tensor]`, *optional*): flat cached conditioning, one row per prompt of `cached_prompts`.
@@ -126,10 +127,10 @@ class PromptEncoder:
     def from_config(cls, config, teacher, accelerator, prompts: list[str]) -> "PromptEncoder":
         """The encoder a run's config asks for; builds or reads the cache (the main process writes it)."""
         device = accelerator.device
+        # An int when square, so that the caches of square runs keep their keys.
+        size = config.conditioning_size
         if not config.cache_prompt_embeds:
-            return cls(
-                teacher.family, teacher.pipeline, config.resolution, device, offload=config.offload_text_encoders
-            )
+            return cls(teacher.family, teacher.pipeline, size, device, offload=config.offload_text_encoders)
         negative = teacher.family.negative_prompt
         wanted = list(dict.fromkeys([negative, *prompts, *(config.validation_prompts or [])]))
         encoder_dtype = next(teacher.family.text_encoders(teacher.pipeline)[0].parameters()).dtype
@@ -138,7 +139,7 @@ class PromptEncoder:
             config.revision,
             config.variant,
             teacher.family.name,
-            config.resolution,
+            size,
             encoder_dtype,
             wanted,
             _text_encoder_names(teacher.pipeline),
@@ -146,13 +147,11 @@ class PromptEncoder:
         cache_dir = Path(config.prompt_embeds_cache_dir or DEFAULT_CACHE_DIR).expanduser()
         path = cache_dir / f"{key}.safetensors"
         if accelerator.is_main_process and not path.is_file():
-            live = cls(teacher.family, teacher.pipeline, config.resolution, device, offload=True)
+            live = cls(teacher.family, teacher.pipeline, size, device, offload=True)
             write_cache(path, wanted, live.encode_all(wanted))
         accelerator.wait_for_everyone()
         cached_prompts, cache = read_cache(path)
-        return cls(
-            teacher.family, teacher.pipeline, config.resolution, device, cache=cache, cached_prompts=cached_prompts
-        )
+        return cls(teacher.family, teacher.pipeline, size, device, cache=cache, cached_prompts=cached_prompts)
 
     def _encode_live(self, prompts: list[str]) -> dict:
         self.live_encodes += 1

@@ -30,6 +30,7 @@ from .adapters import (
     parse_target_modules,
     swapped_weights,
 )
+from .callbacks import check_callbacks, run_callbacks
 from .checkpointing import (
     CONFIG_FILE,
     FAKE_LORA_FILE,
@@ -134,6 +135,7 @@ class DMDRTrainer:
         accelerator (`Accelerator`, *optional*): created from `config` when not given.
         reward_vae (`torch.nn.Module`, *optional*): a tiny autoencoder that decodes x0 for the rewards instead of the
             teacher's VAE (validation grids and the export always use the teacher's VAE).
+        callbacks (`list`, *optional*): objects with `on_step_end` / `on_checkpoint` methods (see `callbacks.py`).
     """
 
     def __init__(
@@ -145,8 +147,10 @@ class DMDRTrainer:
         eval_rewards: list | None = None,
         accelerator: Accelerator | None = None,
         reward_vae: torch.nn.Module | None = None,
+        callbacks: list | None = None,
     ):
         self.config = config
+        self.callbacks = check_callbacks(callbacks)
         self.accelerator = accelerator or create_accelerator(config)
         self.teacher = teacher
         self.family = teacher.family
@@ -181,7 +185,7 @@ class DMDRTrainer:
             teacher, timesteps, config.backward_simulation, config.shift, config.flow_x0_noise_level, grid_origin
         )
         self.latent_shape = self.family.latent_shape(
-            teacher.backbone, self.pipeline.vae_scale_factor, config.resolution
+            teacher.backbone, self.pipeline.vae_scale_factor, config.image_size[0], config.image_size[1]
         )
 
         # 3. What trains: one module over one frozen base (student adapter or full copy; fake adapter).
@@ -374,6 +378,7 @@ class DMDRTrainer:
             self.state.global_step += 1
             logs["nonfinite_steps"] = self.state.nonfinite_total
             self.history.append({"step": self.state.global_step, **logs})
+            run_callbacks(self.callbacks, "on_step_end", self, step=self.state.global_step, logs=self.history[-1])
             self.accelerator.log(logs, step=self.state.global_step)
             progress.update(1)
             progress.set_postfix(
@@ -750,6 +755,7 @@ class DMDRTrainer:
         )
         self.last_checkpoint = path
         logger.info(f"Saved checkpoint {path}")
+        run_callbacks(self.callbacks, "on_checkpoint", self, step=self.state.global_step, path=path)
         return path
 
     def load_checkpoint(self, checkpoint: str) -> None:

@@ -1,20 +1,23 @@
-"""The built-in digits testbed: a tiny SDXL teacher, a reward and an evaluator, trained here on scikit-learn's digits.
+"""The built-in digit-pairs testbed: a tiny SDXL teacher, a reward and an evaluator, trained on scikit-learn's digits.
 
-It is the data behind `make demo` and `make reproduce`; see `docs/digits.md`. Build (or reuse from the cache) with
+Prompts such as "a 3 to the left of a 7", 32 x 64 images of two real digits. It is the data behind `make demo` and
+`make reproduce`; see `docs/digits.md`. Build (or reuse from the cache) with
 `build_testbed()` or `python -m diffusers_dmdr.digits`.
 """
 
 from .build import (
     DIGITS_TESTBED_VERSION,
-    TEACHER_GATE_ACCURACY,
     TEACHER_GUIDANCE_SCALE,
     TEACHER_NUM_INFERENCE_STEPS,
+    TEACHER_PAIR_ACCURACY_BAND,
     DigitsBuildSettings,
     DigitsTestbed,
     build_testbed,
     default_cache_dir,
     load_eval_classifier,
     load_real_digits,
+    load_real_pairs,
+    teacher_budget_curve,
 )
 from .classifiers import EvalDigitNet, RewardDigitNet, extract_features, predict_digits, train_classifier
 from .data import (
@@ -31,25 +34,48 @@ from .data import (
 )
 from .metrics import (
     evaluate_digits,
+    evaluate_pairs,
     frechet_distance,
     frechet_distance_from_moments,
     knn_precision_recall,
     mean_pairwise_distance,
+    pair_features,
     per_prompt_diversity,
+    predict_pairs,
 )
-from .reward import DigitClassifierReward, load_reward_classifier
-from .sampling import DigitSamples, sample_digits
+from .pairs import (
+    HELD_OUT_PAIRS,
+    PAIR_HEIGHT,
+    PAIR_TEMPLATES,
+    PAIR_WIDTH,
+    TRAIN_PAIRS,
+    compose_pairs,
+    eval_pair_prompts,
+    pair_prompt,
+    pair_prompts,
+    parse_pair,
+    sample_real_pairs,
+    train_pair_prompts,
+)
+from .reward import DigitClassifierReward, DigitPairReward, load_reward_classifier
+from .sampling import DigitSamples, sample_digits, sample_images, sample_pairs
 
 
 __all__ = [
     "DIGITS_RESOLUTION",
     "DIGITS_TESTBED_VERSION",
     "DIGIT_WORDS",
+    "HELD_OUT_PAIRS",
+    "PAIR_HEIGHT",
+    "PAIR_TEMPLATES",
+    "PAIR_WIDTH",
     "PROMPT_TEMPLATES",
-    "TEACHER_GATE_ACCURACY",
     "TEACHER_GUIDANCE_SCALE",
     "TEACHER_NUM_INFERENCE_STEPS",
+    "TEACHER_PAIR_ACCURACY_BAND",
+    "TRAIN_PAIRS",
     "DigitClassifierReward",
+    "DigitPairReward",
     "DigitSamples",
     "DigitsBuildSettings",
     "DigitsTestbed",
@@ -57,9 +83,12 @@ __all__ = [
     "RewardDigitNet",
     "all_prompts",
     "build_testbed",
+    "compose_pairs",
     "default_cache_dir",
     "digit_prompt",
+    "eval_pair_prompts",
     "evaluate_digits",
+    "evaluate_pairs",
     "extract_features",
     "frechet_distance",
     "frechet_distance_from_moments",
@@ -68,13 +97,24 @@ __all__ = [
     "load_digit_splits",
     "load_eval_classifier",
     "load_real_digits",
+    "load_real_pairs",
     "load_reward_classifier",
     "mean_pairwise_distance",
+    "pair_features",
+    "pair_prompt",
+    "pair_prompts",
     "parse_digit",
+    "parse_pair",
     "per_prompt_diversity",
     "predict_digits",
+    "predict_pairs",
     "sample_digits",
+    "sample_images",
+    "sample_pairs",
+    "sample_real_pairs",
     "split_indices",
+    "teacher_budget_curve",
     "train_classifier",
+    "train_pair_prompts",
     "write_prompts_file",
 ]

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from .classifiers import EvalDigitNet, extract_features, predict_digits
+from .pairs import split_halves
 
 
 def feature_moments(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,6 +131,68 @@ def evaluate_digits(
     has_repeated_prompt = len(set(prompts)) < len(prompts)
     return {
         "accuracy": float((predict_digits(eval_classifier, images) == digits).double().mean()),
+        "fd": frechet_distance(real_features, fake_features),
+        "precision": precision,
+        "recall": recall,
+        "diversity": per_prompt_diversity(fake_features, prompts) if has_repeated_prompt else float("nan"),
+    }
+
+
+@torch.no_grad()
+def pair_features(eval_classifier: EvalDigitNet, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Features `(N, 2 * feature_dim)` (float64) of pair images `(N, 3, H, 2H)`: the left half's, then the right's."""
+    left, right = split_halves(images)
+    return torch.cat(
+        [extract_features(eval_classifier, left, batch_size), extract_features(eval_classifier, right, batch_size)],
+        dim=1,
+    )
+
+
+@torch.no_grad()
+def predict_pairs(classifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """`(left, right)` argmax digits, int64 `(N, 2)`, of pair images `(N, 3, H, 2H)` under a single-digit classifier."""
+    left, right = split_halves(images)
+    return torch.stack(
+        [predict_digits(classifier, left, batch_size), predict_digits(classifier, right, batch_size)], 1
+    )
+
+
+def evaluate_pairs(
+    eval_classifier: EvalDigitNet,
+    images: torch.Tensor,
+    pairs: torch.Tensor,
+    prompts: Sequence[str],
+    real_images: torch.Tensor,
+    k: int = 3,
+) -> dict[str, float]:
+    """Every testbed metric of generated digit pairs against held-out real pairs.
+
+    The evaluation classifier reads each 32 x 32 half on its own. Features for FD, precision, recall and diversity
+    are the two halves' features side by side (so a pair whose halves are swapped is a different point).
+
+    Args:
+        eval_classifier ([`EvalDigitNet`]): the evaluation classifier.
+        images (`torch.Tensor`): generated pair images `(N, 3, 32, 64)` in [0, 1].
+        pairs (`torch.Tensor`): the prompted `(left, right)` digits, int64 `(N, 2)`.
+        prompts (`Sequence[str]`): the `N` prompts (groups for diversity).
+        real_images (`torch.Tensor`): real pair images `(M, 3, 32, 64)` (built from the `real` split).
+        k (`int`, *optional*, defaults to 3): neighbourhood size for precision and recall.
+
+    Returns:
+        `dict[str, float]`: `pair_accuracy` (both halves right), `left_accuracy`, `right_accuracy`, `accuracy`
+        (mean of the two halves), `fd`, `precision`, `recall`, `diversity` (NaN when no prompt repeats).
+    """
+    predicted = predict_pairs(eval_classifier, images)
+    correct = predicted == pairs
+    fake_features = pair_features(eval_classifier, images)
+    real_features = pair_features(eval_classifier, real_images)
+    precision, recall = knn_precision_recall(real_features, fake_features, k=k)
+    has_repeated_prompt = len(set(prompts)) < len(prompts)
+    return {
+        "pair_accuracy": float(correct.all(dim=1).double().mean()),
+        "left_accuracy": float(correct[:, 0].double().mean()),
+        "right_accuracy": float(correct[:, 1].double().mean()),
+        "accuracy": float(correct.double().mean()),
         "fd": frechet_distance(real_features, fake_features),
         "precision": precision,
         "recall": recall,

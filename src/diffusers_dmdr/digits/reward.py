@@ -18,6 +18,7 @@ from torch import nn
 
 from .classifiers import RewardDigitNet
 from .data import DIGITS_RESOLUTION, parse_digit
+from .pairs import parse_pair
 
 
 class DigitClassifierReward(nn.Module):
@@ -71,6 +72,42 @@ class DigitClassifierReward(nn.Module):
     def train(self, mode: bool = True) -> "DigitClassifierReward":
         # A frozen reward stays in eval mode even when a trainer calls `.train()` on everything it holds.
         return super().train(False)
+
+
+class DigitPairReward(DigitClassifierReward):
+    """Reward = `log p(prompted pair | image)` = `log p(left digit | left half) + log p(right digit | right half)`.
+
+    The same frozen [`RewardDigitNet`] reads each half of a pair image on its own (a factorised pair classifier), in
+    nats (at most 0). The pair is parsed from each prompt with [`parse_pair`] ("a 3 to the left of a 7").
+
+    It is the testbed's deliberately hackable reward: a 25k-parameter CNN trained on 270 single digits, which an
+    optimiser can push to near-certain log-probabilities with strokes that the separate evaluation classifier does
+    not read as digits (the RL-only arm of `make reproduce` shows it). Arguments as for [`DigitClassifierReward`];
+    `resolution` is the side of each half.
+
+    ```
+    --reward diffusers_dmdr.digits.reward.DigitPairReward:1.0:hinge=none:model=/path/to/reward_classifier.safetensors
+    ```
+    """
+
+    example_prompts = ("a 3 to the left of a 7", "nine on the right and two on the left")
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Rewards of shape `(B,)` for pair images `(B, 3, H, 2H)` in [0, 1] and their `B` prompts."""
+        if len(prompts) != len(images):
+            raise ValueError(f"Got {len(images)} images but {len(prompts)} prompts.")
+        half = images.shape[-1] // 2
+        halves = torch.cat([images[..., :half], images[..., half:]])
+        if halves.shape[-2:] != (self.resolution, self.resolution):
+            halves = F.interpolate(
+                halves, size=(self.resolution, self.resolution), mode="bilinear", antialias=True, align_corners=False
+            )
+        dtype = next(self.classifier.parameters(), halves).dtype
+        log_probs = self.classifier(halves.to(dtype)).float().log_softmax(dim=-1)
+        pairs = torch.tensor([parse_pair(prompt) for prompt in prompts], device=log_probs.device)
+        digits = torch.cat([pairs[:, 0], pairs[:, 1]])
+        per_half = log_probs.gather(1, digits[:, None]).squeeze(1)
+        return per_half[: len(images)] + per_half[len(images) :]
 
 
 def load_reward_classifier(path: str | Path) -> RewardDigitNet:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import DIGIT_WORDS, DIGITS_RESOLUTION, PROMPT_TEMPLATES, all_prompts
+from .pairs import PAIR_TEMPLATES
 
 
 # Token length of the digits tokenizers: the longest prompt is 7 words + BOS/EOS.
@@ -51,11 +52,13 @@ ADDITION_TIME_EMBED_DIM = 8
 
 def _vocabulary_words() -> list[str]:
     words = set(DIGIT_WORDS) | set(string.digits)
-    for template in PROMPT_TEMPLATES:
+    for template in PROMPT_TEMPLATES + PAIR_TEMPLATES:
         words |= {word for word in template.split() if not word.startswith("{")}
     # A few more everyday words, so that hand-written prompts still tokenize into whole words.
     words |= {"an", "image", "of", "written", "picture", "photo", "digits", "figure"}
-    return sorted(words)
+    # Longest first: every merge of a word then ranks before the first merge of any shorter word, so a short word's
+    # first pair ("a n" of "and") cannot split a longer one ("handwritten").
+    return sorted(words, key=lambda word: (-len(word), word))
 
 
 def digits_tokenizer(model_max_length: int = DIGITS_MAX_LENGTH):
@@ -116,7 +119,7 @@ def digits_text_encoder(with_projection: bool, vocab_size: int, seed: int = 0):
     return model.eval().requires_grad_(False)
 
 
-def digits_vae(seed: int = 0):
+def digits_vae(seed: int = 0, sample_size: int | tuple[int, int] = DIGITS_RESOLUTION):
     """`AutoencoderKL` with blocks of (16, 32, 32) channels: spatial factor 4, 4 latent channels."""
     from diffusers import AutoencoderKL
 
@@ -130,18 +133,22 @@ def digits_vae(seed: int = 0):
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=8,
-        sample_size=DIGITS_RESOLUTION,
+        sample_size=sample_size,
         force_upcast=False,
     )
 
 
-def digits_unet(seed: int = 0, block_out_channels: tuple[int, int] = (32, 64)):
+def digits_unet(
+    seed: int = 0,
+    block_out_channels: tuple[int, int] = (32, 64),
+    sample_size: int | tuple[int, int] = DIGITS_RESOLUTION // 4,
+):
     """The SDXL-architecture U-Net of the teacher: `text_time` conditioning, cross-attention on both encoders."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=DIGITS_RESOLUTION // 4,
+        sample_size=sample_size,
         in_channels=4,
         out_channels=4,
         block_out_channels=block_out_channels,
@@ -260,15 +267,19 @@ def train_unet(
     prompt_dropout: float = 0.1,
     ema_decay: float = 0.995,
     snr_gamma: float | None = 5.0,
-    resolution: int = DIGITS_RESOLUTION,
+    resolution: int | tuple[int, int] = DIGITS_RESOLUTION,
     seed: int = 0,
     progress: bool = True,
+    prompts: list[str] | None = None,
+    num_templates: int = len(PROMPT_TEMPLATES),
+    warmup_steps: int | None = None,
+    step_callback=None,
 ):
     """Train the SDXL U-Net with the epsilon objective on the digits' latents, with prompt dropout; return its EMA.
 
-    Each sample's prompt is one of the phrasings of its digit, drawn at random; with probability `prompt_dropout`
-    it is replaced by the unconditional input (the encoded empty prompt or zeros, half each; see the module
-    docstring). Timesteps are uniform on SDXL's 1000 training steps.
+    Each sample's prompt is one of the phrasings of its label, drawn at random (`prompts[label * num_templates + t]`,
+    `t` uniform); with probability `prompt_dropout` it is replaced by the unconditional input (the encoded empty
+    prompt or zeros, half each; see the module docstring). Timesteps are uniform on SDXL's 1000 training steps.
 
     Args:
         unet (`UNet2DConditionModel`): the U-Net to train (a copy is returned as the EMA).
@@ -283,9 +294,18 @@ def train_unet(
             usual `(1 + k) / (10 + k)` warm-up).
         snr_gamma (`float`, *optional*, defaults to 5.0): Min-SNR-gamma loss weighting
             (https://huggingface.co/papers/2303.09556); `None` for the plain mean squared error.
-        resolution (`int`, *optional*, defaults to 32): image side, for SDXL's size time ids.
+        resolution (`int` or `tuple[int, int]`, *optional*, defaults to 32): image side, or `(height, width)`, for
+            SDXL's size time ids.
         seed (`int`, *optional*, defaults to 0): seeds batches, prompts, noise and timesteps.
         progress (`bool`, *optional*, defaults to `True`): show a tqdm bar.
+        prompts (`list[str]`, *optional*): the prompt table, label-major with `num_templates` phrasings per label;
+            defaults to the single-digit `all_prompts()`.
+        num_templates (`int`, *optional*): phrasings per label in `prompts`.
+        warmup_steps (`int`, *optional*): if set, a linear warm-up over this many steps and then a constant
+            learning rate instead of the one-cycle schedule. The run is then the same whatever `num_steps` is, so
+            the EMA after `k` steps of a long run *is* the `k`-step teacher (used to choose the budget).
+        step_callback (`callable`, *optional*): called as `step_callback(step, ema_unet)` after every step (`step`
+            counts from 1); the budget curve evaluates the EMA there.
 
     Returns:
         `UNet2DConditionModel`: the EMA U-Net, frozen, in eval mode.
@@ -298,17 +318,21 @@ def train_unet(
     snr = alphas_cumprod / (1.0 - alphas_cumprod)
 
     # 1. Every prompt of every digit, encoded once, plus the two unconditional inputs at the end.
-    prompts = all_prompts() + [""]
+    prompts = list(all_prompts() if prompts is None else prompts) + [""]
     prompt_embeds, pooled_prompt_embeds = encode_prompts(**text_components, prompts=prompts)
     prompt_embeds = torch.cat([prompt_embeds, torch.zeros_like(prompt_embeds[:1])])
     pooled_prompt_embeds = torch.cat([pooled_prompt_embeds, torch.zeros_like(pooled_prompt_embeds[:1])])
-    num_templates = len(PROMPT_TEMPLATES)
     empty_index = len(prompts) - 1
-    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32)
+    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    # SDXL's micro-conditioning as the stock pipeline builds it: original size, crop (0, 0), target size.
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
 
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=num_steps)
+    if warmup_steps is None:
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=num_steps)
+    else:
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
     unet.train()
     bar = tqdm(range(num_steps), desc="train teacher U-Net", disable=not progress, leave=False)
     for step in bar:
@@ -351,6 +375,8 @@ def train_unet(
             for ema_param, param in zip(ema_unet.parameters(), unet.parameters(), strict=True):
                 ema_param.lerp_(param, 1.0 - decay)
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step_callback is not None:
+            step_callback(step + 1, ema_unet)
     return ema_unet.eval()
 
 

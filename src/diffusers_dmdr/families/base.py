@@ -245,10 +245,13 @@ class ModelFamily(ABC):
     def latent_channels(self, backbone) -> int:
         return backbone.config.in_channels
 
-    def latent_shape(self, backbone, vae_scale_factor: int, resolution: int) -> tuple[int, int, int]:
-        """`(C, H, W)` of the latent the trainer keeps and noises (packing, if any, happens in `call_backbone`)."""
-        size = resolution // vae_scale_factor
-        return (self.latent_channels(backbone), size, size)
+    def latent_shape(
+        self, backbone, vae_scale_factor: int, height: int, width: int | None = None
+    ) -> tuple[int, int, int]:
+        """`(C, H, W)` of the latent the trainer keeps and noises (packing, if any, happens in `call_backbone`) for an
+        image of `height` x `width` pixels (square when `width` is not given)."""
+        width = height if width is None else width
+        return (self.latent_channels(backbone), height // vae_scale_factor, width // vae_scale_factor)
 
     def step_noise(self, sample: torch.Tensor, generator) -> torch.Tensor:
         """Fresh re-noising noise for the student's sampler, drawn in the layout of the latents the stock pipeline

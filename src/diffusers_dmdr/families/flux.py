@@ -329,10 +329,16 @@ class Flux2KleinFamily(DynamicShiftFlowFamily):
         # The trainer keeps the patchified latent the transformer takes (2x2 patches already folded into channels).
         return backbone.config.in_channels
 
-    def latent_shape(self, backbone, vae_scale_factor: int, resolution: int) -> tuple[int, int, int]:
+    def latent_shape(
+        self, backbone, vae_scale_factor: int, height: int, width: int | None = None
+    ) -> tuple[int, int, int]:
         # `Flux2KleinPipeline.prepare_latents`: `(4 C, H / (2 f), W / (2 f))` for the VAE factor f.
-        side = int(resolution) // (vae_scale_factor * 2)
-        return (self.latent_channels(backbone), side, side)
+        width = height if width is None else width
+        return (
+            self.latent_channels(backbone),
+            int(height) // (vae_scale_factor * 2),
+            int(width) // (vae_scale_factor * 2),
+        )
 
     def encode_prompts(self, pipeline, prompts: list[str], resolution: int, device: torch.device) -> dict:
         with torch.no_grad():

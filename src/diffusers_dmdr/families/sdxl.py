@@ -47,8 +47,9 @@ class SDXLFamily(ModelFamily):
             prompt_embeds, _, pooled_prompt_embeds, _ = pipeline.encode_prompt(
                 prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
             )
-        # SDXL micro-conditioning: original size, crop top-left, target size.
-        time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=prompt_embeds.dtype)
+        # SDXL micro-conditioning: original size, crop top-left, target size, as (height, width) pairs.
+        height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+        time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=prompt_embeds.dtype)
         time_ids = time_ids.to(device).repeat(len(prompts), 1)
         return {
             "encoder_hidden_states": prompt_embeds,

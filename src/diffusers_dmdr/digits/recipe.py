@@ -1,0 +1,89 @@
+"""The DMDR recipe of the digit-pairs testbed, built in code so that it ships with the package.
+
+`digits_recipe(testbed, output_dir)` gives the `DMDRConfig` values of `make demo`: a 4-step full student of the tiny
+SDXL pairs teacher at 32 x 64, DMD cold start with DynaDG + DynaRS, then DMD + the pair-classifier reward, sized for a
+2-core CPU. `examples/train_dmdr/configs/digits.yaml` is the same recipe for reading (a test keeps the two equal);
+`write_recipe` writes the resolved copy that a training run reads.
+"""
+
+from pathlib import Path
+
+import yaml
+
+from .pairs import PAIR_HEIGHT, PAIR_WIDTH
+
+
+REWARD_CLASS = "diffusers_dmdr.digits.reward.DigitPairReward"
+# The testbed-independent part of the recipe; `digits_recipe` adds the teacher, the prompts and the reward weights.
+DIGITS_RECIPE = {
+    "family": "sdxl",
+    "resolution": PAIR_HEIGHT,
+    "width": PAIR_WIDTH,
+    "num_student_steps": 4,
+    "student_timesteps": [999, 749, 499, 249],
+    "backward_simulation": "sde",
+    "training_mode": "full",
+    "export_full_pipeline": True,
+    "fake_lora_rank": 16,
+    "fake_lora_alpha": 16,
+    "init_lora_weights": "kaiming",
+    "fake_score_lora_scale": 2.0,
+    "real_score_lora_scale": 0.5,
+    # The teacher's best setting on held-out pairs (docs/digits.md).
+    "real_guidance_scale": 3.0,
+    "guidance_scale_jitter": 0.5,
+    "update_ratio": 5,
+    "dynamic_steps": 60,
+    "renoise_beta_alpha": 4.0,
+    "renoise_beta_beta": 1.5,
+    "cold_start_steps": 60,
+    "max_train_steps": 160,
+    "train_batch_size": 16,
+    "learning_rate": 1.0e-4,
+    "learning_rate_fake": 1.0e-4,
+    "mixed_precision": "no",
+    # log p(prompted pair) <= 0: a hinge would never switch off, so the reward loss is linear.
+    "reward": [{"name": REWARD_CLASS, "weight": 0.5, "hinge": None}],
+    "validation_prompts": ["a 3 to the left of a 7", "nine on the right and two on the left"],
+    "validation_steps": 80,
+    "checkpointing_steps": 80,
+    "report_to": "tensorboard",
+    "seed": 0,
+}
+
+
+def digits_recipe(testbed, output_dir: str | Path, overrides: dict | None = None) -> dict:
+    """`DIGITS_RECIPE` with `testbed`'s teacher, training prompts and reward weights, exporting to `output_dir`.
+
+    Args:
+        testbed ([`DigitsTestbed`]): the built testbed.
+        output_dir (`str` or `Path`): the run's `output_dir` (the exported student goes there).
+        overrides (`dict`, *optional*): more config values; a `reward` list replaces the recipe's, and a spec of the
+            pair reward without `model` gets the testbed's weights.
+    """
+    values = {key: value for key, value in DIGITS_RECIPE.items()}
+    values["reward"] = [dict(spec) for spec in DIGITS_RECIPE["reward"]]
+    values.update(
+        pretrained_model_name_or_path=str(testbed.teacher_dir),
+        train_prompts=str(testbed.prompts_file),
+        output_dir=str(output_dir),
+    )
+    values.update(overrides or {})
+    values["reward"] = [
+        {**spec, "model": str(testbed.reward_weights)}
+        if isinstance(spec, dict) and spec.get("name") == REWARD_CLASS and "model" not in spec
+        else spec
+        for spec in values.get("reward") or []
+    ]
+    return values
+
+
+def write_recipe(testbed, run_dir: str | Path, output_dir: str | Path | None = None, overrides=None) -> Path:
+    """Write `digits_recipe(...)` to `run_dir/digits_recipe.yaml` (the student exports to `output_dir`, by default
+    `run_dir/student`) and return the file's path."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    values = digits_recipe(testbed, output_dir or run_dir / "student", overrides)
+    path = run_dir / "digits_recipe.yaml"
+    path.write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
+    return path
