@@ -161,7 +161,10 @@ def tiny_reproduction(tmp_path_factory):
     return reproduction, seconds
 
 
+@pytest.mark.slow
 def test_arms_share_the_stage1_checkpoint_and_are_evaluated(tiny_reproduction):
+    """Slow (~25 s: every arm of the reproduction trains on a tiny testbed); the claim rules are checked against
+    constructed results with known verdicts in `make test`."""
     reproduction, seconds = tiny_reproduction
     results = reproduction.results
     # Only the requested arms and the stage-1 run they resume from.
@@ -185,7 +188,9 @@ def test_arms_share_the_stage1_checkpoint_and_are_evaluated(tiny_reproduction):
     assert isinstance(EarlyFD(None, None, 1, 0), object)
 
 
+@pytest.mark.slow
 def test_summaries_and_report(tiny_reproduction, tmp_path):
+    """Slow: shares the tiny reproduction run above."""
     reproduction, seconds = tiny_reproduction
     summary = summarise(reproduction.results)
     assert summary["rl_anchor"]["pair_accuracy"][1] == 0.0  # one seed: no spread

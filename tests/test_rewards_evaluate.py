@@ -67,7 +67,10 @@ def test_evaluate_cli_rejects_a_bad_reward_before_loading_anything(tmp_path, cap
     assert "Unknown reward 'clpi'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluate_cli_end_to_end(tiny_clip_dir, tmp_path):
+    """Slow (an ~18 s subprocess): loading, scoring and the teacher comparison run in-process in `make test`
+    (test_evaluate_scores_a_dmdr_export_and_its_teacher_in_one_run), and so do the CLI's argument errors."""
     pipeline_dir = build_tiny_pipeline("sdxl", tmp_path / "tiny-sdxl")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS[:3]) + "\n")

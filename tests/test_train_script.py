@@ -102,7 +102,10 @@ def test_sdxl_lora_with_8bit_adam_two_rewards_and_validation(
     assert list((output_dir / "logs").rglob("events.out.tfevents*")), "tensorboard logs missing"
 
 
+@pytest.mark.slow
 def test_sd3_full_fine_tuning(tiny_teacher_dirs, prompt_file, tmp_path):
+    """Slow (a ~25 s subprocess): the launch path is the one the SDXL and FLUX.1 launches run in `make test`, and a
+    full SD3 student trains in-process there (tests/test_export.py's `sd3-4step-full` run)."""
     output_dir = tmp_path / "run"
     run_training(
         tiny_args(tiny_teacher_dirs["sd3"], prompt_file, output_dir, steps=2, cold_start=2)
