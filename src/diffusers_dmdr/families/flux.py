@@ -22,6 +22,8 @@ What differs from SD3, and where it is handled:
   norm with its running statistics, unpatchify, decode: as `Flux2KleinPipeline.__call__` does, differentiably.
 """
 
+from abc import abstractmethod
+
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -149,11 +151,11 @@ class DynamicShiftFlowFamily(ModelFamily):
     latent_patch_size = 2
     grid_uses_teacher_scheduler = True
 
+    @abstractmethod
     def dynamic_shift_mu(
         self, resolution: int, num_steps: int, scheduler_config: dict, vae_scale_factor: int = 8
     ) -> float | None:
         """`mu` of the stock pipeline at `resolution` and `num_steps` (None when the scheduler shifts statically)."""
-        raise NotImplementedError
 
     # The tokenizer whose length limit caps the prompt (FLUX.1: T5's `tokenizer_2`; FLUX.2: Qwen's `tokenizer`).
     text_tokenizer_name = "tokenizer"
