@@ -39,7 +39,7 @@ from diffusers_dmdr.digits import (
     train_pair_prompts,
     write_prompts_file,
 )
-from diffusers_dmdr.digits.teacher import DIGITS_MAX_LENGTH, digits_tokenizer
+from diffusers_dmdr.digits.teacher import DIGITS_MAX_LENGTH, digits_text_encoder, digits_tokenizer
 
 
 # Every budget cut to a couple of steps: the build's code paths, not its quality.
@@ -159,7 +159,13 @@ def test_teacher_builds_saves_and_loads_as_sdxl(tiny_testbed, tmp_path):
     assert type(pipeline.scheduler).__name__ == "EulerDiscreteScheduler"
     assert pipeline.scheduler.config.beta_schedule == "scaled_linear"
     vae_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-    assert vae_factor == 4
+    assert vae_factor == 8  # SD's factor: a pair is a 4 x 4 x 8 latent
+    assert tuple(pipeline.unet.config.sample_size) == (4, 8)
+    # The text encoders were trained with the U-Net (train_text_encoders): they are no longer their random start.
+    random_start = digits_text_encoder(with_projection=True, vocab_size=len(pipeline.tokenizer_2), seed=1)
+    trained = pipeline.text_encoder_2.state_dict()
+    assert not all(torch.equal(trained[name], value) for name, value in random_start.state_dict().items())
+    assert not pipeline.text_encoder_2.training
     # The reloaded word-level tokenizer still splits prompts into whole words.
     assert pipeline.tokenizer_2.tokenize("a 3 to the left of a 7") == [
         "a</w>",

@@ -68,7 +68,7 @@ from .teacher import (
 logger = logging.getLogger(__name__)
 
 # Bump when the data, an architecture or a training recipe changes: it invalidates every cached build.
-DIGITS_TESTBED_VERSION = "digit-pairs-v1"
+DIGITS_TESTBED_VERSION = "digit-pairs-v2"
 # Environment variable that moves the default cache (`~/.cache/diffusers_dmdr/digits`).
 CACHE_ENV_VARIABLE = "DIFFUSERS_DMDR_CACHE"
 # The teacher's best setting (docs/digits.md): 50 Euler steps with classifier-free guidance.
@@ -90,7 +90,12 @@ class DigitsBuildSettings:
         unet_steps (`int`, *optional*, defaults to 1500): teacher U-Net steps (batch 64). To be chosen with
             `teacher_budget_curve` so that the teacher's held-out pair accuracy is inside the band; 1500 is a
             provisional value, extrapolated from a partial curve (docs/digits.md, "Measured numbers").
-        unet_block_out_channels (`tuple[int, int]`, *optional*, defaults to `(32, 64)`): U-Net widths.
+        vae_block_out_channels (`tuple[int, ...]`, *optional*, defaults to `(16, 32, 32, 32)`): autoencoder widths;
+            four blocks give SD's spatial factor 8 (a pair latent is 4 x 4 x 8).
+        unet_block_out_channels (`tuple[int, ...]`, *optional*, defaults to `(32, 64)`): U-Net widths, one level
+            each.
+        train_text_encoders (`bool`, *optional*, defaults to `True`): train the two text encoders with the U-Net
+            (they start random, standing in for pretrained encoders; docs/digits.md).
         unet_warmup_steps (`int`, *optional*, defaults to 100): linear warm-up, then a constant learning rate (so
             that a long run's EMA after `k` steps is the `k`-step teacher).
         reward_steps (`int`, *optional*, defaults to 300): reward classifier steps (batch 64 single digits).
@@ -106,7 +111,9 @@ class DigitsBuildSettings:
 
     vae_steps: int = 200
     unet_steps: int = 1500
-    unet_block_out_channels: tuple[int, int] = (32, 64)
+    vae_block_out_channels: tuple[int, ...] = (16, 32, 32, 32)
+    unet_block_out_channels: tuple[int, ...] = (32, 64)
+    train_text_encoders: bool = True
     unet_warmup_steps: int = 100
     reward_steps: int = 300
     eval_steps: int = 300
@@ -255,14 +262,14 @@ def train_teacher_vae_and_latents(splits, settings: DigitsBuildSettings, progres
     """The autoencoder (trained on random pairs of the `teacher` split) and the U-Net's pool of pair latents.
 
     Returns:
-        `tuple`: the VAE, latents `(P, 4, 8, 16)` and their pair labels `left * 10 + right`, `(P,)`.
+        `tuple`: the VAE, latents `(P, 4, 4, 8)` (with the default factor-8 autoencoder) and their pair labels `left * 10 + right`, `(P,)`.
     """
     generator = torch.Generator().manual_seed(settings.seed)
     teacher_split = splits["teacher"]
     pool_pairs = random_pairs(settings.latent_pool_size, generator)
     pool_images = sample_real_pairs(*teacher_split, pool_pairs, generator)
     vae = train_vae(
-        digits_vae(settings.seed, sample_size=(PAIR_HEIGHT, PAIR_WIDTH)),
+        digits_vae(settings.seed, (PAIR_HEIGHT, PAIR_WIDTH), tuple(settings.vae_block_out_channels)),
         pool_images,
         num_steps=settings.vae_steps,
         seed=settings.seed,
@@ -283,9 +290,7 @@ def train_teacher_unet(
     """The teacher's U-Net on the pair latents, all 100 pairs in every phrasing (prompts pair-major)."""
     _, latents, labels = vae_latents_labels
     return train_unet(
-        digits_unet(
-            settings.seed, tuple(settings.unet_block_out_channels), sample_size=(PAIR_HEIGHT // 4, PAIR_WIDTH // 4)
-        ),
+        digits_unet(settings.seed, tuple(settings.unet_block_out_channels), sample_size=tuple(latents.shape[2:])),
         latents,
         labels,
         text_components,
@@ -296,6 +301,7 @@ def train_teacher_unet(
         prompts=pair_prompts(ALL_PAIRS),
         num_templates=len(PAIR_TEMPLATES),
         warmup_steps=settings.unet_warmup_steps,
+        train_text_encoders=settings.train_text_encoders,
         step_callback=step_callback,
     )
 
@@ -437,10 +443,11 @@ def teacher_budget_curve(
     text_components = digits_text_components(settings.seed)
     wanted, curve = set(checkpoints), []
 
-    def evaluate(step: int, ema_unet) -> None:
+    def evaluate(step: int, ema_unet, ema_text_components: dict) -> None:
         if step not in wanted:
             return
-        teacher = assemble_teacher(vae_latents_labels[0], copy.deepcopy(ema_unet).eval(), text_components)
+        text_snapshot = {name: copy.deepcopy(module) for name, module in ema_text_components.items()}
+        teacher = assemble_teacher(vae_latents_labels[0], copy.deepcopy(ema_unet).eval(), text_snapshot)
         for scale in guidance_scales:
             metrics = gate_metrics(teacher, eval_classifier, real_pair_images, settings, scale, progress=False)
             curve.append({"unet_steps": step, **metrics})
@@ -482,12 +489,19 @@ def main(argv: list[str] | None = None) -> None:
         help="instead of building, measure the teacher's held-out pair accuracy after these U-Net step counts",
     )
     parser.add_argument("--budget_curve_json", default=None, help="write the budget curve to this JSON file")
+    parser.add_argument(
+        "--guidance_scales",
+        type=float,
+        nargs="+",
+        default=[2.0, 3.0, 5.0],
+        help="CFG scales at which the budget curve samples each checkpoint (default: 2 3 5)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.num_threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = DigitsBuildSettings(unet_steps=args.unet_steps, vae_steps=args.vae_steps)
     if args.budget_curve:
-        curve = teacher_budget_curve(sorted(args.budget_curve), settings)
+        curve = teacher_budget_curve(sorted(args.budget_curve), settings, tuple(args.guidance_scales))
         if args.budget_curve_json:
             Path(args.budget_curve_json).write_text(json.dumps(curve, indent=1) + "\n")
         for entry in curve:

@@ -2,18 +2,19 @@
 
 Every component is the stock diffusers / transformers class that a real SDXL checkpoint uses, at toy size:
 
-- `AutoencoderKL` with three blocks (spatial factor 4): a 32x32 RGB digit becomes a 4x8x8 latent. It is trained on
-  the `teacher` split (L2 reconstruction + a small KL term) and its `scaling_factor` set to one over the latents'
-  standard deviation, as for SD's autoencoders;
+- `AutoencoderKL` with four blocks (SD's spatial factor 8): a 32 x 64 pair image becomes a 4 x 4 x 8 latent. It is
+  trained on the pair images (L2 reconstruction + a small KL term) and its `scaling_factor` set to one over the
+  latents' standard deviation, as for SD's autoencoders;
 - `UNet2DConditionModel` with `addition_embed_type="text_time"` (SDXL's pooled-text + size conditioning), trained
   with the epsilon objective on the standard SDXL `scaled_linear` betas, with prompt dropout so that classifier-free
   guidance works;
-- two CLIP text encoders (`CLIPTextModel` and `CLIPTextModelWithProjection`), randomly initialised and frozen, with
-  word-level `CLIPTokenizer`s built from an in-memory vocabulary (no files);
+- two CLIP text encoders (`CLIPTextModel` and `CLIPTextModelWithProjection`) with word-level `CLIPTokenizer`s built
+  from an in-memory vocabulary (no files). They start random and are trained with the U-Net
+  (`train_text_encoders`), standing in for the pretrained encoders of a real checkpoint;
 - `EulerDiscreteScheduler` with SDXL's configuration.
 
-The folder written by `save_teacher` loads with `DiffusionPipeline.from_pretrained(folder)` and generates with
-`pipe(prompt, num_inference_steps=25, guidance_scale=..., height=32, width=32)` like any SDXL checkpoint.
+The folder written by `save_pretrained` loads with `DiffusionPipeline.from_pretrained(folder)` and generates with
+`pipe(prompt, num_inference_steps=50, guidance_scale=3.0, height=32, width=64)` like any SDXL checkpoint.
 
 Prompt dropout replaces the prompt by the empty prompt for a fraction of the training samples; half of those use the
 *encoded* empty prompt and half all-zero embeddings, so that the teacher's unconditional branch is right both for the
@@ -94,10 +95,11 @@ def digits_tokenizer(model_max_length: int = DIGITS_MAX_LENGTH):
 
 
 def digits_text_encoder(with_projection: bool, vocab_size: int, seed: int = 0):
-    """A frozen, randomly initialised 2-layer CLIP text encoder; `with_projection` gives SDXL's second encoder.
+    """A randomly initialised 2-layer CLIP text encoder, frozen until `train_unet(train_text_encoders=True)` trains
+    it; `with_projection` gives SDXL's second encoder.
 
     The token embeddings are re-drawn with unit variance (CLIP's default is 0.02) so that the penultimate hidden
-    states that SDXL feeds to cross-attention are of order one without any training.
+    states that SDXL feeds to cross-attention are of order one from the start.
     """
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -119,17 +121,22 @@ def digits_text_encoder(with_projection: bool, vocab_size: int, seed: int = 0):
     return model.eval().requires_grad_(False)
 
 
-def digits_vae(seed: int = 0, sample_size: int | tuple[int, int] = DIGITS_RESOLUTION):
-    """`AutoencoderKL` with blocks of (16, 32, 32) channels: spatial factor 4, 4 latent channels."""
+def digits_vae(
+    seed: int = 0,
+    sample_size: int | tuple[int, int] = DIGITS_RESOLUTION,
+    block_out_channels: tuple[int, ...] = (16, 32, 32, 32),
+):
+    """`AutoencoderKL` with 4 latent channels and one down-sampling per block after the first: the default four
+    blocks give SD's spatial factor 8 (a 32 x 64 pair becomes a 4 x 4 x 8 latent)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
+        block_out_channels=tuple(block_out_channels),
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=8,
@@ -140,24 +147,34 @@ def digits_vae(seed: int = 0, sample_size: int | tuple[int, int] = DIGITS_RESOLU
 
 def digits_unet(
     seed: int = 0,
-    block_out_channels: tuple[int, int] = (32, 64),
+    block_out_channels: tuple[int, ...] = (32, 64, 64),
     sample_size: int | tuple[int, int] = DIGITS_RESOLUTION // 4,
 ):
-    """The SDXL-architecture U-Net of the teacher: `text_time` conditioning, cross-attention on both encoders."""
+    """The SDXL-architecture U-Net of the teacher: `text_time` conditioning, cross-attention on both encoders.
+
+    Like SDXL, the first level has no attention and every deeper level has cross-attention (the deepest one with two
+    transformer layers). `block_out_channels` sets the widths and, by its length (2 or more), the number of levels.
+    With three levels a 4 x 8 x 16 pair latent reaches 2 x 4 at the deepest level, where every position is next to a
+    border: the convolutions' zero padding tells left from right there, which a two-level U-Net (4 x 8) barely can
+    (docs/digits.md, "How the teacher was made").
+    """
     from diffusers import UNet2DConditionModel
 
+    num_levels = len(block_out_channels)
+    if num_levels < 2:
+        raise ValueError(f"The digits U-Net needs at least 2 levels, got block_out_channels={block_out_channels}.")
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
-        block_out_channels=block_out_channels,
+        block_out_channels=tuple(block_out_channels),
         layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (num_levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (num_levels - 1) + ("UpBlock2D",),
+        attention_head_dim=(2,) + (4,) * (num_levels - 1),
         use_linear_projection=True,
-        transformer_layers_per_block=(1, 2),
+        transformer_layers_per_block=(1,) * (num_levels - 1) + (2,),
         cross_attention_dim=2 * TEXT_HIDDEN_SIZE,
         addition_embed_type="text_time",
         addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
@@ -234,6 +251,26 @@ def encode_latents(
     return torch.cat(latents) * scaling_factor
 
 
+def tokenize_prompts(tokenizers, prompts: list[str]) -> list[torch.Tensor]:
+    """Padded `input_ids` of `prompts` for each tokenizer, as `StableDiffusionXLPipeline.encode_prompt` makes them."""
+    return [
+        tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        for tokenizer in tokenizers
+    ]
+
+
+def embed_input_ids(text_encoders, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL prompt embeddings of tokenized prompts: the penultimate hidden states of both encoders, concatenated,
+    and the second encoder's pooled projection."""
+    hidden_states = []
+    for encoder, ids in zip(text_encoders, input_ids, strict=True):
+        output = encoder(ids, output_hidden_states=True)
+        hidden_states.append(output.hidden_states[-2])
+    return torch.cat(hidden_states, dim=-1), output[0]
+
+
 @torch.no_grad()
 def encode_prompts(text_encoder, text_encoder_2, tokenizer, tokenizer_2, prompts: list[str]):
     """SDXL prompt embeddings, computed as `StableDiffusionXLPipeline.encode_prompt` does.
@@ -242,18 +279,13 @@ def encode_prompts(text_encoder, text_encoder_2, tokenizer, tokenizer_2, prompts
         `tuple[torch.Tensor, torch.Tensor]`: `prompt_embeds` of shape `(B, L, 64)` (penultimate hidden states of both
         encoders, concatenated) and `pooled_prompt_embeds` of shape `(B, 32)` (the second encoder's projection).
     """
-    hidden_states = []
-    for tokenizer_i, encoder_i in ((tokenizer, text_encoder), (tokenizer_2, text_encoder_2)):
-        input_ids = tokenizer_i(
-            prompts,
-            padding="max_length",
-            max_length=tokenizer_i.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        output = encoder_i(input_ids, output_hidden_states=True)
-        hidden_states.append(output.hidden_states[-2])
-    return torch.cat(hidden_states, dim=-1), output[0]
+    return embed_input_ids((text_encoder, text_encoder_2), tokenize_prompts((tokenizer, tokenizer_2), prompts))
+
+
+def _update_ema(ema_module: torch.nn.Module, module: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for ema_param, param in zip(ema_module.parameters(), module.parameters(), strict=True):
+            ema_param.lerp_(param, 1.0 - decay)
 
 
 def train_unet(
@@ -273,6 +305,7 @@ def train_unet(
     prompts: list[str] | None = None,
     num_templates: int = len(PROMPT_TEMPLATES),
     warmup_steps: int | None = None,
+    train_text_encoders: bool = False,
     step_callback=None,
 ):
     """Train the SDXL U-Net with the epsilon objective on the digits' latents, with prompt dropout; return its EMA.
@@ -284,7 +317,7 @@ def train_unet(
     Args:
         unet (`UNet2DConditionModel`): the U-Net to train (a copy is returned as the EMA).
         latents (`torch.Tensor`): scaled latents of shape `(N, 4, h, w)`.
-        labels (`torch.Tensor`): int64 digits of shape `(N,)`.
+        labels (`torch.Tensor`): int64 labels of shape `(N,)`, indices into the prompt table's labels.
         text_components (`dict`): `text_encoder`, `text_encoder_2`, `tokenizer`, `tokenizer_2`.
         num_steps (`int`, *optional*, defaults to 1500): AdamW steps.
         batch_size (`int`, *optional*, defaults to 64): samples per step.
@@ -304,8 +337,13 @@ def train_unet(
         warmup_steps (`int`, *optional*): if set, a linear warm-up over this many steps and then a constant
             learning rate instead of the one-cycle schedule. The run is then the same whatever `num_steps` is, so
             the EMA after `k` steps of a long run *is* the `k`-step teacher (used to choose the budget).
-        step_callback (`callable`, *optional*): called as `step_callback(step, ema_unet)` after every step (`step`
-            counts from 1); the budget curve evaluates the EMA there.
+        train_text_encoders (`bool`, *optional*, defaults to `False`): train both text encoders with the U-Net (the
+            denoising loss reaches them). A real SDXL's encoders come pretrained on text; the digits' encoders start
+            random, and frozen random features leave word order nearly unusable (docs/digits.md). At the end the
+            encoders of `text_components` hold their EMA weights, frozen, in eval mode.
+        step_callback (`callable`, *optional*): called as `step_callback(step, ema_unet, ema_text_components)` after
+            every step (`step` counts from 1; `ema_text_components` is `text_components` with the encoders' EMA);
+            the budget curve evaluates the EMA there.
 
     Returns:
         `UNet2DConditionModel`: the EMA U-Net, frozen, in eval mode.
@@ -317,18 +355,34 @@ def train_unet(
     alphas_cumprod = noise_scheduler.alphas_cumprod.float()
     snr = alphas_cumprod / (1.0 - alphas_cumprod)
 
-    # 1. Every prompt of every digit, encoded once, plus the two unconditional inputs at the end.
+    # 1. Every prompt of every label, tokenized once, plus the empty prompt at the end. Frozen encoders embed them
+    #    once; trained encoders embed each batch's prompts anew.
     prompts = list(all_prompts() if prompts is None else prompts) + [""]
-    prompt_embeds, pooled_prompt_embeds = encode_prompts(**text_components, prompts=prompts)
-    prompt_embeds = torch.cat([prompt_embeds, torch.zeros_like(prompt_embeds[:1])])
-    pooled_prompt_embeds = torch.cat([pooled_prompt_embeds, torch.zeros_like(pooled_prompt_embeds[:1])])
+    text_encoders = [text_components["text_encoder"], text_components["text_encoder_2"]]
+    input_ids = tokenize_prompts([text_components["tokenizer"], text_components["tokenizer_2"]], prompts)
+    if train_text_encoders:
+        for encoder in text_encoders:
+            encoder.train().requires_grad_(True)
+        ema_text_encoders = [copy.deepcopy(encoder).eval().requires_grad_(False) for encoder in text_encoders]
+    else:
+        with torch.no_grad():
+            prompt_embeds_table, pooled_embeds_table = embed_input_ids(text_encoders, input_ids)
+        ema_text_encoders = text_encoders
+    ema_text_components = {
+        **text_components,
+        "text_encoder": ema_text_encoders[0],
+        "text_encoder_2": ema_text_encoders[1],
+    }
     empty_index = len(prompts) - 1
     height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
     # SDXL's micro-conditioning as the stock pipeline builds it: original size, crop (0, 0), target size.
     time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
 
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=learning_rate, weight_decay=0.0)
+    parameters = list(unet.parameters())
+    if train_text_encoders:
+        parameters += [param for encoder in text_encoders for param in encoder.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
     if warmup_steps is None:
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=num_steps)
     else:
@@ -336,15 +390,22 @@ def train_unet(
     unet.train()
     bar = tqdm(range(num_steps), desc="train teacher U-Net", disable=not progress, leave=False)
     for step in bar:
-        # 2. A batch: latents, a phrasing of each digit (or the unconditional input), noise and timesteps.
+        # 2. A batch: latents, a phrasing of each label (or the unconditional input), noise and timesteps.
         batch_index = torch.randint(0, len(latents), (batch_size,), generator=generator)
         latents_0 = latents[batch_index]
         prompt_index = labels[batch_index] * num_templates + torch.randint(
             0, num_templates, (batch_size,), generator=generator
         )
         dropped = torch.rand(batch_size, generator=generator) < prompt_dropout
-        unconditional_index = empty_index + torch.randint(0, 2, (batch_size,), generator=generator)
-        prompt_index = torch.where(dropped, unconditional_index, prompt_index)
+        # Half of the dropped samples see the encoded empty prompt, half all-zero embeddings.
+        zeroed = dropped & (torch.randint(0, 2, (batch_size,), generator=generator) == 1)
+        prompt_index = torch.where(dropped, empty_index, prompt_index)
+        if train_text_encoders:
+            prompt_embeds, pooled_prompt_embeds = embed_input_ids(text_encoders, [ids[prompt_index] for ids in input_ids])
+        else:
+            prompt_embeds, pooled_prompt_embeds = prompt_embeds_table[prompt_index], pooled_embeds_table[prompt_index]
+        prompt_embeds = prompt_embeds.masked_fill(zeroed[:, None, None], 0.0)
+        pooled_prompt_embeds = pooled_prompt_embeds.masked_fill(zeroed[:, None], 0.0)
         noise = torch.randn(latents_0.shape, generator=generator)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
         noisy_latents = noise_scheduler.add_noise(latents_0, noise, timesteps)
@@ -353,11 +414,8 @@ def train_unet(
         noise_pred = unet(
             noisy_latents,
             timesteps,
-            encoder_hidden_states=prompt_embeds[prompt_index],
-            added_cond_kwargs={
-                "text_embeds": pooled_prompt_embeds[prompt_index],
-                "time_ids": time_ids.expand(batch_size, -1),
-            },
+            encoder_hidden_states=prompt_embeds,
+            added_cond_kwargs={"text_embeds": pooled_prompt_embeds, "time_ids": time_ids.expand(batch_size, -1)},
         ).sample
         per_sample_loss = (noise_pred - noise).pow(2).mean(dim=(1, 2, 3))
         if snr_gamma is not None:
@@ -365,18 +423,23 @@ def train_unet(
         loss = per_sample_loss.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
 
         # 4. EMA of the weights, with warm-up.
         decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for ema_param, param in zip(ema_unet.parameters(), unet.parameters(), strict=True):
-                ema_param.lerp_(param, 1.0 - decay)
+        _update_ema(ema_unet, unet, decay)
+        if train_text_encoders:
+            for ema_encoder, encoder in zip(ema_text_encoders, text_encoders, strict=True):
+                _update_ema(ema_encoder, encoder, decay)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step_callback is not None:
-            step_callback(step + 1, ema_unet)
+            step_callback(step + 1, ema_unet, ema_text_components)
+    if train_text_encoders:
+        for ema_encoder, encoder in zip(ema_text_encoders, text_encoders, strict=True):
+            encoder.load_state_dict(ema_encoder.state_dict())
+            encoder.eval().requires_grad_(False)
     return ema_unet.eval()
 
 
