@@ -401,7 +401,9 @@ def train_unet(
         zeroed = dropped & (torch.randint(0, 2, (batch_size,), generator=generator) == 1)
         prompt_index = torch.where(dropped, empty_index, prompt_index)
         if train_text_encoders:
-            prompt_embeds, pooled_prompt_embeds = embed_input_ids(text_encoders, [ids[prompt_index] for ids in input_ids])
+            prompt_embeds, pooled_prompt_embeds = embed_input_ids(
+                text_encoders, [ids[prompt_index] for ids in input_ids]
+            )
         else:
             prompt_embeds, pooled_prompt_embeds = prompt_embeds_table[prompt_index], pooled_embeds_table[prompt_index]
         prompt_embeds = prompt_embeds.masked_fill(zeroed[:, None, None], 0.0)
