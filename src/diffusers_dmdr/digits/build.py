@@ -88,8 +88,8 @@ class DigitsBuildSettings:
     Args:
         vae_steps (`int`, *optional*, defaults to 200): autoencoder steps (batch 32 pair images).
         unet_steps (`int`, *optional*, defaults to 1500): teacher U-Net steps (batch 64). To be chosen with
-            `teacher_budget_curve` so that the teacher's held-out pair accuracy is inside the band; 1500 is a
-            provisional value, extrapolated from a partial curve (docs/digits.md, "Measured numbers").
+            `teacher_budget_curve` so that the teacher's held-out pair accuracy is inside the band; 1500 is the
+            curve's choice (pair accuracy 0.506 at CFG 3; docs/digits.md, "Measured numbers").
         vae_block_out_channels (`tuple[int, ...]`, *optional*, defaults to `(16, 32, 32, 32)`): autoencoder widths;
             four blocks give SD's spatial factor 8 (a pair latent is 4 x 4 x 8).
         unet_block_out_channels (`tuple[int, ...]`, *optional*, defaults to `(32, 64)`): U-Net widths, one level
