@@ -16,6 +16,26 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+def _tiny_digits_settings():
+    from diffusers_dmdr.digits import DigitsBuildSettings
+
+    # Every budget cut to a couple of steps: the build's code paths, not its quality.
+    return DigitsBuildSettings(
+        vae_steps=2,
+        unet_steps=2,
+        reward_steps=2,
+        eval_steps=2,
+        latent_pool_size=32,
+        gate_num_per_pair=1,
+        gate_num_inference_steps=2,
+        real_num_per_pair=4,
+    )
+
+
+# The digits testbed's tiny build, shared by the digits tests (the same settings give the same cache key).
+TINY_DIGITS_SETTINGS = _tiny_digits_settings()
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)

@@ -5,6 +5,7 @@ import importlib
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_DIGITS_SETTINGS as TINY_SETTINGS
 
 from diffusers_dmdr.digits import (
     HELD_OUT_PAIRS,
@@ -12,7 +13,6 @@ from diffusers_dmdr.digits import (
     TRAIN_PAIRS,
     DigitClassifierReward,
     DigitPairReward,
-    DigitsBuildSettings,
     DigitsTestbed,
     EvalDigitNet,
     RewardDigitNet,
@@ -40,19 +40,6 @@ from diffusers_dmdr.digits import (
     write_prompts_file,
 )
 from diffusers_dmdr.digits.teacher import DIGITS_MAX_LENGTH, digits_text_encoder, digits_tokenizer
-
-
-# Every budget cut to a couple of steps: the build's code paths, not its quality.
-TINY_SETTINGS = DigitsBuildSettings(
-    vae_steps=2,
-    unet_steps=2,
-    reward_steps=2,
-    eval_steps=2,
-    latent_pool_size=32,
-    gate_num_per_pair=1,
-    gate_num_inference_steps=2,
-    real_num_per_pair=4,
-)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,9 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_DIGITS_SETTINGS as TINY_SETTINGS
 
-from diffusers_dmdr.digits import DigitsBuildSettings, build_testbed
+from diffusers_dmdr.digits import build_testbed
 from diffusers_dmdr.digits.claims import (
     check_claims,
     claim_cfg_tradeoff,
@@ -127,16 +128,6 @@ def test_claims_4_to_6():
 # ---------------------------------------------------------------------------------------------- the machinery
 
 
-TINY_SETTINGS = DigitsBuildSettings(
-    vae_steps=2,
-    unet_steps=2,
-    reward_steps=2,
-    eval_steps=2,
-    latent_pool_size=32,
-    gate_num_per_pair=1,
-    gate_num_inference_steps=2,
-    real_num_per_pair=4,
-)
 TINY_BUDGET = ReproductionSettings(
     seeds=[0],
     stage1_steps=2,

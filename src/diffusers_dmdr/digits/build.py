@@ -446,8 +446,11 @@ def teacher_budget_curve(
     def evaluate(step: int, ema_unet, ema_text_components: dict) -> None:
         if step not in wanted:
             return
-        text_snapshot = {name: copy.deepcopy(module) for name, module in ema_text_components.items()}
-        teacher = assemble_teacher(vae_latents_labels[0], copy.deepcopy(ema_unet).eval(), text_snapshot)
+        # The EMA modules keep training after this checkpoint: the teacher gets copies (the tokenizers are shared).
+        encoders = {name: copy.deepcopy(ema_text_components[name]) for name in ("text_encoder", "text_encoder_2")}
+        teacher = assemble_teacher(
+            vae_latents_labels[0], copy.deepcopy(ema_unet).eval(), {**ema_text_components, **encoders}
+        )
         for scale in guidance_scales:
             metrics = gate_metrics(teacher, eval_classifier, real_pair_images, settings, scale, progress=False)
             curve.append({"unet_steps": step, **metrics})

@@ -271,17 +271,6 @@ def embed_input_ids(text_encoders, input_ids: list[torch.Tensor]) -> tuple[torch
     return torch.cat(hidden_states, dim=-1), output[0]
 
 
-@torch.no_grad()
-def encode_prompts(text_encoder, text_encoder_2, tokenizer, tokenizer_2, prompts: list[str]):
-    """SDXL prompt embeddings, computed as `StableDiffusionXLPipeline.encode_prompt` does.
-
-    Returns:
-        `tuple[torch.Tensor, torch.Tensor]`: `prompt_embeds` of shape `(B, L, 64)` (penultimate hidden states of both
-        encoders, concatenated) and `pooled_prompt_embeds` of shape `(B, 32)` (the second encoder's projection).
-    """
-    return embed_input_ids((text_encoder, text_encoder_2), tokenize_prompts((tokenizer, tokenizer_2), prompts))
-
-
 def _update_ema(ema_module: torch.nn.Module, module: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for ema_param, param in zip(ema_module.parameters(), module.parameters(), strict=True):
