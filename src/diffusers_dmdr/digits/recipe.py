@@ -42,8 +42,11 @@ DIGITS_RECIPE = {
     "learning_rate": 1.0e-4,
     "learning_rate_fake": 1.0e-4,
     "mixed_precision": "no",
-    # log p(prompted pair) <= 0: a hinge would never switch off, so the reward loss is linear.
-    "reward": [{"name": REWARD_CLASS, "weight": 0.5, "hinge": None}],
+    # log p(prompted pair) <= 0: a hinge would never switch off, so the reward loss is linear. The weight is small
+    # because the DMD surrogate's per-sample gradient is divided by the sample's latent size (256 here) and the
+    # reward's is not, and a swapped pair scores about -37 nats: weights 0.05 and up let the reward classifier be
+    # hacked (docs/digits.md, "The demo on the pairs").
+    "reward": [{"name": REWARD_CLASS, "weight": 0.01, "hinge": None}],
     "validation_prompts": ["a 3 to the left of a 7", "nine on the right and two on the left"],
     "validation_steps": 80,
     "checkpointing_steps": 80,

@@ -73,7 +73,11 @@ class ReproductionSettings:
         train_batch_size (`int`): prompts per iteration.
         update_ratio (`int`): fake-score updates per generator update (TTUR) in the runs that train DMD.
         reward_weight (`float`): weight of the (linear) log-probability reward of DMDR.
-        reward_weight_low (`float`), reward_weight_high (`float`): the ends of the reward-weight sweep.
+        reward_weight_low (`float`), reward_weight_high (`float`): the ends of the reward-weight sweep (the high
+            end is in the range where the demo's reward is hacked).
+        rtdm_reward_weight (`float`): reward weight of the RT-DM arm. In stage 1 the reward only tilts the DMD
+            direction by `B * softmax(weight * reward / T)`, so the weight acts as an inverse temperature; at the
+            DMDR weight the tilt would be almost uniform.
         anchor_weight (`float`): weight of the L2 anchor of `rl_anchor`.
         cfg_moderate (`float`): real-score CFG of the DMDR runs (the recipe's).
         cfg_high (`float`): real-score CFG of `dmdr_cfg_high` in stage 2.
@@ -93,9 +97,10 @@ class ReproductionSettings:
     dynamic_steps: int = 20
     train_batch_size: int = 16
     update_ratio: int = 5
-    reward_weight: float = 0.5
-    reward_weight_low: float = 0.1
-    reward_weight_high: float = 2.0
+    reward_weight: float = 0.01
+    reward_weight_low: float = 0.002
+    reward_weight_high: float = 0.15
+    rtdm_reward_weight: float = 0.5
     anchor_weight: float = 1.0
     cfg_moderate: float = 3.0
     cfg_high: float = 8.0
@@ -310,7 +315,7 @@ class Reproduction:
                 lambda: self.train_arm("stage1_no_dyna", seed, early_fd=True, **stage1, dynamic_steps=0),
             ),
             # RT-DM needs the reward in stage 1 (it tilts the DMD direction); stage 2 never starts.
-            arm("stage1_rtdm", **{**stage1, "reward": weighted(s.reward_weight)}, reward_tilt=True),
+            arm("stage1_rtdm", **{**stage1, "reward": weighted(s.rtdm_reward_weight)}, reward_tilt=True),
             arm("dmd_4step", **{**resumed, "cold_start_steps": total, "reward": []}),
             arm("dmdr_4step", **resumed),
             arm("dmdr_w_low", **resumed, reward=weighted(s.reward_weight_low)),
