@@ -36,6 +36,7 @@ from diffusers_dmdr.digits import (
     sample_pairs,
     sample_real_pairs,
     split_indices,
+    teacher_budget_curve,
     train_pair_prompts,
     write_prompts_file,
 )
@@ -127,6 +128,23 @@ def test_real_pairs_put_the_left_digit_in_the_left_half():
 
 
 # ---------------------------------------------------------------------------------------------- teacher and sampling
+
+
+def test_budget_curve_checkpoint_is_the_teacher_a_build_of_that_budget_trains(tiny_testbed):
+    """One long U-Net run scored at checkpoint k equals a k-step build's gate (the curve's premise, docs/digits.md);
+    the earlier checkpoint is the negative control."""
+    scale = TINY_SETTINGS.gate_guidance_scale
+    curve = teacher_budget_curve(
+        [1, TINY_SETTINGS.unet_steps], TINY_SETTINGS, guidance_scales=(scale,), progress=False
+    )
+    assert [(row["unet_steps"], row["guidance_scale"]) for row in curve] == [(1, scale), (2, scale)]
+    gate = tiny_testbed.report["teacher_gate"]
+    keys = ("pair_accuracy", "fd", "precision", "recall", "diversity")
+    assert {key: curve[1][key] for key in keys} == pytest.approx(
+        {key: gate[key] for key in keys}, rel=1e-5, nan_ok=True
+    )
+    # The EMA moves little in two tiny steps, but enough for the same tolerance to tell the checkpoints apart.
+    assert curve[0]["fd"] != pytest.approx(gate["fd"], rel=1e-5)
 
 
 def test_teacher_builds_saves_and_loads_as_sdxl(tiny_testbed, tmp_path):

@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher_guidance_scale", type=float, default=TEACHER_GUIDANCE_SCALE)
     parser.add_argument("--seed", type=int, default=1000, help="first noise seed of the evaluation samples")
     parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads here and in training")
+    parser.add_argument(
+        "--training_seed", type=int, default=None, help="the trainer's seed, written into the recipe (default: 0)"
+    )
     args, extra_train_args = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.num_threads)
@@ -151,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     recipe = output_dir / "digits_recipe.yaml"
     if not args.skip_training:
         stage("training", "DMD cold start, then DMD + reward (ETA on the trainer's bar)")
-        recipe = write_recipe(testbed, output_dir, student_dir)
+        overrides = None if args.training_seed is None else {"seed": args.training_seed}
+        recipe = write_recipe(testbed, output_dir, student_dir, overrides)
         command = trainer_command(recipe, extra_train_args)
         logger.info("Training: %s", " ".join(command))
         begin = time.perf_counter()
