@@ -347,7 +347,9 @@ def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
 
 
 def test_frechet_distance_matches_scipy_sqrtm_for_full_covariances():
-    scipy_linalg = pytest.importorskip("scipy.linalg")
+    scipy_linalg = pytest.importorskip(
+        "scipy.linalg", reason="the closed-form reference needs scipy, which scikit-learn (a dependency) installs"
+    )
     generator = torch.Generator().manual_seed(1)
     factor_a, factor_b = torch.randn(2, 8, 8, generator=generator, dtype=torch.float64)
     covariance_a, covariance_b = factor_a @ factor_a.T + 0.1 * torch.eye(8), factor_b @ factor_b.T
