@@ -100,8 +100,9 @@ def headline(rows: dict, teacher_name: str, student_name: str) -> str:
     verdict = "meets" if gain >= TARGET_ACCURACY_GAIN else "misses"
     return (
         f"Held-out pair accuracy: student {student:.3f}, teacher {teacher:.3f} ({100 * gain:+.1f} points; the target "
-        f"of +{100 * TARGET_ACCURACY_GAIN:.0f} points: {verdict}). One training seed; `make reproduce` gives the "
-        "mean over seeds and the DMD-only comparison.\n"
+        f"of +{100 * TARGET_ACCURACY_GAIN:.0f} points: {verdict}). One training seed (`--training_seed` picks "
+        "another; `--cold_start_steps <max_train_steps>` trains the DMD-only student); docs/digits.md has three "
+        "seeds of both.\n"
     )
 
 
