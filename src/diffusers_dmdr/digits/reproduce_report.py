@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .claims import ACCURACY_GAIN_TARGET, FD_RATIO_LIMIT, mean_of
+from .recipe import DIGITS_RECIPE
 from .report import TABLE_COLUMNS
 
 
@@ -219,8 +220,9 @@ def write_report(
         "two arms (baseline, +DynaDG+DynaRS) instead of three. Claims about what happens late in training (plateaus, "
         "annealing advantage narrowing) are out of reach at this length. Claim 1 is among them: on this testbed the "
         "reward's gain in pair accuracy grows with the length of stage 2 (about 2.5 points per 100 updates at the "
-        "demo's weight) while DMD alone does not gain, so `make demo`'s 440-update stage 2 is where it is measured "
-        "(docs/digits.md, three seeds).",
+        "demo's weight) while DMD alone does not gain, so `make demo`'s "
+        f"{DIGITS_RECIPE['max_train_steps'] - DIGITS_RECIPE['cold_start_steps']}-update stage 2 is where it is "
+        "measured (docs/digits.md, three seeds).",
         "",
         "## Results (mean ± sample std over seeds)",
         "",
