@@ -5,27 +5,55 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 # torch is pinned and installed first so that pip never resolves a multi-GB CUDA build on a CPU machine.
 TORCH_SPEC ?= torch==2.13.0
+# Every other package installs at the exact version of the lock the suite was run with (`make lock` regenerates it).
+LOCK := requirements/lock.txt
+# Where `make lock` finds the CPU build of torch it resolves against (this machine's wheel folder; elsewhere e.g.
+# TORCH_FIND_LINKS="--extra-index-url https://download.pytorch.org/whl/cpu").
+TORCH_FIND_LINKS ?= --find-links /opt/wheels
+UV_SPEC ?= uv==0.13.9
+LATEST_VENV ?= .venv-latest
+TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
 
-.PHONY: install test test-slow test-upstream quality style demo reproduce benchmark clean
+.PHONY: install test test-slow test-latest lock test-upstream quality style demo reproduce benchmark clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): setup.py | $(BIN)/python
+$(STAMP): setup.py $(LOCK) | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -c $(LOCK) -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 test: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1 \
-		$(BIN)/python -m pytest -m "not slow and not gpu" -q tests
+	$(TEST_ENV) $(BIN)/python -m pytest -m "not slow and not gpu" -q tests
+
+# Regenerate the lock from setup.py's ranges: the newest versions they allow today, resolved against torch's CPU build.
+# Run `make test` on the result before committing it.
+lock: | $(BIN)/python
+	$(BIN)/pip install --quiet "$(UV_SPEC)"
+	$(BIN)/uv pip compile setup.py --extra dev -c requirements/torch.txt $(TORCH_FIND_LINKS) --no-emit-package torch \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" \
+		--upgrade -o $(LOCK)
+
+# The suite against the newest versions setup.py allows (torch stays at TORCH_SPEC), in a venv of its own: drift is
+# seen here before users see it. README, "Installs": what to do when it fails.
+KEY_PACKAGES := ^(diffusers|transformers|accelerate|peft|datasets|huggingface.hub|bitsandbytes|safetensors|kernels)==
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install --quiet --upgrade pip
+	$(LATEST_VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
+	echo "$(TORCH_SPEC)" > $(LATEST_VENV)/torch-pin.txt
+	$(LATEST_VENV)/bin/pip install --quiet --upgrade --upgrade-strategy eager -c $(LATEST_VENV)/torch-pin.txt -e ".[dev]"
+	@echo "test-latest resolved:"; $(LATEST_VENV)/bin/pip freeze --exclude-editable | grep -iE "$(KEY_PACKAGES)"
+	@echo "the lock has:"; grep -iE "$(KEY_PACKAGES)" $(LOCK)
+	$(TEST_ENV) $(LATEST_VENV)/bin/python -m pytest -m "not slow and not gpu" -q tests
 
 test-slow: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-		$(BIN)/python -m pytest -m "slow" -q tests
+	$(TEST_ENV) $(BIN)/python -m pytest -m "slow" -q tests
 
 # diffusers' own SchedulerCommonTest and PipelineTesterMixin against DMDRScheduler / FewStepDMDRPipeline. They are
 # not in diffusers' wheel or sdist: give a checkout of diffusers' repository, e.g. DIFFUSERS_SRC=../diffusers.
@@ -62,4 +90,4 @@ benchmark: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python benchmarks/train_memory.py --plan
 
 clean:
-	rm -rf outputs build dist src/*.egg-info .pytest_cache
+	rm -rf outputs build dist src/*.egg-info .pytest_cache $(LATEST_VENV)

@@ -4,7 +4,13 @@ DMDR (https://huggingface.co/papers/2511.13649) runs Distribution Matching Disti
 learning from differentiable rewards, with two cold-start schedules (DynaDG, DynaRS).
 """
 
-from .config import DMDRConfig
+from .quiet_imports import import_bitsandbytes_offline
+
+
+# Before anything imports peft or diffusers' models (which import bitsandbytes): see quiet_imports.py.
+import_bitsandbytes_offline()
+
+from .config import DMDRConfig  # noqa: E402
 
 
 __version__ = "0.1.0.dev0"
