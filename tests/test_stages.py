@@ -5,7 +5,7 @@ import pytest
 
 from diffusers_dmdr import DMDRConfig
 from diffusers_dmdr.data import PromptSampler
-from diffusers_dmdr.stages import stage_two_start_iteration, stage_values
+from diffusers_dmdr.method.stages import stage_two_start_iteration, stage_values
 
 
 def config(**overrides):

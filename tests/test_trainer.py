@@ -231,15 +231,15 @@ def test_reward_only_with_anchor_skips_dmd_and_the_fake_score(tiny_teacher_dirs,
 
 
 def test_reward_tilt_weights_stage_one_dmd_per_sample(tiny_teacher_dirs, prompt_file, tmp_path, monkeypatch):
-    import diffusers_dmdr.trainer as trainer_module
+    import diffusers_dmdr.method.objective as objective_module
 
-    seen, original = [], trainer_module.reward_tilt_weights
+    seen, original = [], objective_module.reward_tilt_weights
 
     def recording_weights(rewards, temperature):
         seen.append((rewards.clone(), temperature))
         return original(rewards, temperature)
 
-    monkeypatch.setattr(trainer_module, "reward_tilt_weights", recording_weights)
+    monkeypatch.setattr(objective_module, "reward_tilt_weights", recording_weights)
     trainer = make_trainer(
         tiny_teacher_dirs["sdxl"],
         prompt_file,
