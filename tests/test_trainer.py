@@ -5,6 +5,7 @@ import torch
 from conftest import tiny_config
 
 from diffusers_dmdr.adapters import FAKE_ADAPTER, STUDENT_ADAPTER
+from diffusers_dmdr.checkpointing import list_checkpoints
 from diffusers_dmdr.families import get_family
 from diffusers_dmdr.rewards import LoadedReward
 from diffusers_dmdr.trainer import DMDRTrainer, NonFiniteLossError
@@ -203,8 +204,10 @@ def test_nonfinite_losses_skip_steps_then_abort_without_checkpoint(tiny_teacher_
     student_before = lora_weights(trainer.student_model, STUDENT_ADAPTER)
     with pytest.raises(NonFiniteLossError, match="non-finite generator losses in a row"):
         trainer.train()
-    assert trainer.state.nonfinite_total == 2
-    # The first skipped step was still counted as a generator step and checkpointed with finite, unchanged weights.
+    assert trainer.state.nonfinite_total == 2 and trainer.state.global_step == 1
+    # The first skipped step was counted as a generator step; the checkpoint due after it waits for a healthy step,
+    # the second step aborts instead, so no checkpoint was written (and no final one).
+    assert list_checkpoints(tmp_path) == [] and trainer.last_checkpoint is None
     for name, value in lora_weights(trainer.student_model, STUDENT_ADAPTER).items():
         assert torch.equal(value, student_before[name])
         assert torch.isfinite(value).all()

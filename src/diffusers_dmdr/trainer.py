@@ -40,7 +40,7 @@ from .method.denoisers import Denoiser
 from .method.objective import MicroBatch, Routes, make_objective
 from .method.simulation import sample_student
 from .method.stages import stage_two_start_iteration, stage_values
-from .optimization import RoleSchedule, lr_multiplier, make_optimizer, only_role, set_learning_rates, step_role
+from .optimization import lr_multiplier, make_optimizer, only_role, set_learning_rates, step_role
 from .prompt_cache import PromptEncoder
 from .sharding import gather_full_state_dict, is_fsdp2, local_shard, student_weights_from_module_state
 from .training_module import GUIDANCE_ROLE, STUDENT_ROLE, DMDRTrainingModule
@@ -189,7 +189,12 @@ class DMDRTrainer:
         self.training_module = module
 
         # 4. One optimizer (a parameter group per role) and one prepare call.
-        self.role_schedules = self._role_schedules()
+        # The student's LR schedule runs over generator steps, the fake score's over iterations (fake updates).
+        schedule, ratio = config.lr_scheduler, config.update_ratio
+        self.lr_multipliers = {
+            STUDENT_ROLE: lr_multiplier(schedule, config.lr_warmup_steps, config.max_train_steps),
+            GUIDANCE_ROLE: lr_multiplier(schedule, config.lr_warmup_steps * ratio, config.max_train_steps * ratio),
+        }
         optimizer = make_optimizer(
             {role: module.parameters_of(role) for role in (STUDENT_ROLE, GUIDANCE_ROLE)},
             self._learning_rates(),
@@ -241,27 +246,12 @@ class DMDRTrainer:
     # ------------------------------------------------------------------------------------------------------------
     # Setup helpers
     # ------------------------------------------------------------------------------------------------------------
-    def _role_schedules(self) -> dict[str, RoleSchedule]:
-        """The student's schedule runs over generator steps, the fake score's over iterations (fake updates)."""
-        config, ratio = self.config, self.config.update_ratio
-        return {
-            STUDENT_ROLE: RoleSchedule(
-                config.learning_rate,
-                lr_multiplier(config.lr_scheduler, config.lr_warmup_steps, config.max_train_steps),
-            ),
-            GUIDANCE_ROLE: RoleSchedule(
-                config.learning_rate_fake,
-                lr_multiplier(config.lr_scheduler, config.lr_warmup_steps * ratio, config.max_train_steps * ratio),
-            ),
-        }
-
     def _learning_rates(self) -> dict[str, float]:
         # The base rates are those of the current stage (`--stage2_*` from the cold start on), times the schedule.
         stage = stage_values(self.config, self.state.global_step)
         return {
-            STUDENT_ROLE: stage.learning_rate * self.role_schedules[STUDENT_ROLE].multiplier(self.state.global_step),
-            GUIDANCE_ROLE: stage.learning_rate_fake
-            * self.role_schedules[GUIDANCE_ROLE].multiplier(self.state.iteration),
+            STUDENT_ROLE: stage.learning_rate * self.lr_multipliers[STUDENT_ROLE](self.state.global_step),
+            GUIDANCE_ROLE: stage.learning_rate_fake * self.lr_multipliers[GUIDANCE_ROLE](self.state.iteration),
         }
 
     @property
