@@ -133,8 +133,6 @@ class DMDRTrainer:
         self.pipeline = teacher.pipeline
         # A prompt longer than the tokenizer's limit is reported once, not echoed at every step.
         log_prompt_truncation_once(type(self.pipeline).__module__)
-        self.rewards = list(rewards or [])
-        self.eval_rewards = list(eval_rewards or [])
         self.state = TrainingState()
         device = self.accelerator.device
         self.weight_dtype = weight_dtype_of(self.accelerator.mixed_precision)
@@ -237,8 +235,8 @@ class DMDRTrainer:
             uncondition=self.empty_condition,
             initial_noise=self.initial_noise,
             decode=self.decode_for_rewards,
-            rewards=self.rewards,
-            eval_rewards=self.eval_rewards,
+            rewards=list(rewards or []),
+            eval_rewards=list(eval_rewards or []),
             autocast=self.accelerator.autocast,
         )
         self.objective = make_objective(OBJECTIVE, config, routes)
@@ -253,6 +251,15 @@ class DMDRTrainer:
             STUDENT_ROLE: stage.learning_rate * self.lr_multipliers[STUDENT_ROLE](self.state.global_step),
             GUIDANCE_ROLE: stage.learning_rate_fake * self.lr_multipliers[GUIDANCE_ROLE](self.state.iteration),
         }
+
+    @property
+    def rewards(self) -> list:
+        """The trained rewards, as the objective reads them (assigning replaces them for the next steps)."""
+        return self.objective.routes.rewards
+
+    @rewards.setter
+    def rewards(self, rewards: list) -> None:
+        self.objective.routes.rewards = list(rewards)
 
     @property
     def unwrapped(self) -> DMDRTrainingModule:
