@@ -20,7 +20,7 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType, Pro
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from .adapters import STUDENT_ADAPTER, adapter_state_dict, build_training_backbones, parse_target_modules
+from .adapters import STUDENT_ADAPTER, adapter_state_dict
 from .callbacks import check_callbacks, run_callbacks
 from .checkpointing import (
     CONFIG_FILE,
@@ -43,7 +43,7 @@ from .method.stages import stage_two_start_iteration, stage_values
 from .optimization import lr_multiplier, make_optimizer, only_role, set_learning_rates, step_role
 from .prompt_cache import PromptEncoder
 from .sharding import gather_full_state_dict, is_fsdp2, local_shard, student_weights_from_module_state
-from .training_module import GUIDANCE_ROLE, STUDENT_ROLE, DMDRTrainingModule
+from .training_module import GUIDANCE_ROLE, STUDENT_ROLE, DMDRTrainingModule, build_training_module
 from .utils import log_prompt_truncation_once
 
 
@@ -162,28 +162,7 @@ class DMDRTrainer:
         )
 
         # 3. What trains: one module over one frozen base (student adapter or full copy; fake adapter).
-        student_targets = parse_target_modules(config.lora_target_modules, self.family.student_lora_targets)
-        fake_targets = parse_target_modules(config.fake_lora_target_modules, self.family.fake_lora_targets)
-        student_backbone = None
-        if config.training_mode == "full" and teacher.backbone.dtype != torch.float32:
-            # The trainable copy is read in float32 from the checkpoint, not upcast from the low-precision base.
-            student_backbone = self.family.load_backbone(
-                teacher.source, config.revision, config.variant, torch.float32
-            )
-        backbone, student_backbone = build_training_backbones(
-            teacher.backbone,
-            config.training_mode,
-            self.weight_dtype,
-            student_lora={"rank": config.lora_rank, "alpha": config.lora_alpha, "target_modules": student_targets},
-            fake_lora={"rank": config.fake_lora_rank, "alpha": config.fake_lora_alpha, "target_modules": fake_targets},
-            seed=config.seed,
-            student_backbone=student_backbone,
-            init=config.init_lora_weights,
-            student_init_path=config.student_init_path,
-        )
-        module = DMDRTrainingModule(backbone, self.family.call_backbone, student_backbone).to(device)
-        if config.gradient_checkpointing:
-            module.enable_gradient_checkpointing()
+        module = build_training_module(teacher, config, self.weight_dtype).to(device)
         self.training_module = module
 
         # 4. One optimizer (a parameter group per role) and one prepare call.
