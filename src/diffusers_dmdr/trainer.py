@@ -220,9 +220,6 @@ class DMDRTrainer:
         )
         self.objective = make_objective(OBJECTIVE, config, routes)
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Setup helpers
-    # ------------------------------------------------------------------------------------------------------------
     def _learning_rates(self) -> dict[str, float]:
         # The base rates are those of the current stage (`--stage2_*` from the cold start on), times the schedule.
         stage = stage_values(self.config, self.state.global_step)
@@ -259,9 +256,6 @@ class DMDRTrainer:
         """The guidance network at fake-adapter multiplier `lora_scale` (0: the teacher) as an x0 denoiser."""
         return Denoiser(partial(self.model, GUIDANCE_ROLE, lora_scale=lora_scale), self.scheduler)
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Sampling
-    # ------------------------------------------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> dict:
         # Guidance-distilled families (FLUX.1) condition the student and the fake score on a fixed guidance embedding.
         condition = self.prompt_encoder.encode(prompts)
@@ -297,9 +291,6 @@ class DMDRTrainer:
         """Differentiable decode on the reward path (the tiny autoencoder when one is given)."""
         return self.family.decode(self.reward_vae, latents)
 
-    # ------------------------------------------------------------------------------------------------------------
-    # The loop
-    # ------------------------------------------------------------------------------------------------------------
     def train(self) -> list[dict]:
         """Run until `max_train_steps` generator updates; returns the per-step logs."""
         config = self.config
@@ -468,9 +459,6 @@ class DMDRTrainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Updates and non-finite guards
-    # ------------------------------------------------------------------------------------------------------------
     def _all_finite(self, value: torch.Tensor) -> bool:
         """True when `value` is finite on every process (all processes must agree to skip a step together)."""
         flag = torch.tensor(float(torch.isfinite(value.detach()).all()), device=self.accelerator.device)
@@ -527,9 +515,6 @@ class DMDRTrainer:
                 f"instead of fp16, check the rewards for NaN. {resume_advice(self.last_checkpoint)}"
             )
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Checkpoints and the weights the export needs
-    # ------------------------------------------------------------------------------------------------------------
     def _assert_finite_weights(self) -> None:
         """Refuse to checkpoint NaN/inf weights; sharded engines check each shard and agree across processes."""
         for role, name in ((STUDENT_ROLE, "student"), (GUIDANCE_ROLE, "fake score")):
@@ -588,9 +573,6 @@ class DMDRTrainer:
             return {k: v.detach().contiguous() for k, v in module.student_backbone.state_dict().items()}
         return adapter_state_dict(module.backbone, STUDENT_ADAPTER)
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Validation
-    # ------------------------------------------------------------------------------------------------------------
     def log_validation(self) -> Path | None:
         """Sample the validation prompts with fixed seeds, save a PNG grid and log it to the trackers.
 

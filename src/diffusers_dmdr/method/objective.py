@@ -1,36 +1,28 @@
-"""The training objective: what one iteration of a method computes, given the training module's routes and a batch.
+"""The training objective: what one iteration of a method computes from the training module's routes and a batch.
 
-An [`Objective`] owns the method's side of training: the iteration's random draws, the rollout that makes the
-training inputs, and the loss of each role it trains, with the values to log. It knows nothing of accelerate,
-optimizers, checkpoints or logging: [`~trainer.DMDRTrainer`] calls it in this order and does everything else
-(backward passes, gradient accumulation, per-role optimizer steps, guards, checkpoints):
+An [`Objective`] makes the iteration's training inputs (`rollout`) and the loss of each role it trains, with the
+values to log. It knows nothing of accelerate, optimizers, checkpoints or logging: [`~trainer.DMDRTrainer`] runs it
+(backward passes, accumulation, per-role optimizer steps, guards, checkpoints) in this order:
 
-    for every iteration:
-        batches = objective.rollout(iteration, global_step, prompts, first_row, micro_batches)
-        if GUIDANCE_ROLE in objective.trained_roles:  # one fake-score update per iteration
-            objective.before_update(GUIDANCE_ROLE, global_step)
-            loss, logs = objective.fake_score_loss(batch, global_step)        # per micro-batch
-        every `objective.update_ratio`-th iteration:                        # TTUR
-            objective.before_update(STUDENT_ROLE, global_step)
-            loss, logs = objective.generator_loss(batch, global_step)         # per micro-batch
+    batches = objective.rollout(iteration, global_step, prompts, first_row, micro_batches)
+    if GUIDANCE_ROLE in objective.trained_roles:   # every iteration: before_update, then per micro-batch
+        loss, logs = objective.fake_score_loss(batch, global_step)
+    after every `objective.update_ratio`-th iteration (TTUR): before_update, then per micro-batch
+        loss, logs = objective.generator_loss(batch, global_step)
 
-[`DMDRObjective`] (`"refl"`) is DMDR as the paper trains it: DMD with DynaRS / DynaDG, ReFL-style reward
-back-propagation in stage 2 (hinge, linear or relative rewards), RT-DM reward tilting in stage 1, the optional L2
-anchor and the reward-hacking monitors.
+[`DMDRObjective`] (`"refl"`) is DMDR as the paper trains it: DMD with DynaRS / DynaDG, reward back-propagation in
+stage 2 (hinge, linear or relative rewards), RT-DM tilting in stage 1, the optional L2 anchor, the monitors.
 
-Where further objectives plug in: subclass [`Objective`] and add it to [`OBJECTIVES`]. GRPO and DPO (next issues)
-return from `rollout` groups of G samples per prompt with the sampler's log-probabilities, train only the student
-(`trained_roles = (STUDENT_ROLE,)`, `update_ratio = 1`) and compare against a frozen reference, the stage-1 student,
-kept like the anchor here (`begin_run` copies `Routes.student_parameters`, `adapters.swapped_weights` runs it). Several
-inner optimizer steps on one rollout are the one thing the trainer's loop does not offer yet: it makes one generator
-update per `update_ratio` rollouts.
+Further objectives plug in as subclasses in [`OBJECTIVES`]. GRPO and DPO (next issues) return from `rollout` groups
+of G samples per prompt with their log-probabilities, train the student only (`trained_roles`, `update_ratio = 1`)
+and compare against a frozen reference, the stage-1 student, kept as the anchor is here (`begin_run`,
+`adapters.swapped_weights`). Several optimizer steps on one rollout is what the trainer's loop lacks for them.
 """
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -47,41 +39,25 @@ from .simulation import SimulationOutput, backward_simulation
 
 @dataclass
 class Routes:
-    """What an objective may call: the routes of the prepared training module and the frozen parts around them, bound
-    by the trainer (so the engine's hooks see every forward pass).
+    """What an objective may call, bound by the trainer to the prepared training module (so the engine's hooks see
+    every forward pass) and the frozen parts around it."""
 
-    Args:
-        student (`Denoiser`): the student route, `(x_t, t, condition) -> x0`; its `scheduler` holds the student grid.
-        guidance (`Callable[[float], Denoiser]`): the guidance route at a fake-adapter multiplier: the fake score at
-            `fake_score_lora_scale`, the real score at the DynaDG multiplier, the teacher at 0.
-        student_parameters (`Callable[[], list]`): the student's trainable parameters (to keep a frozen reference).
-        real_score_x0 (`Callable`): the family's guided real score,
-            `(denoiser, x_t, t, condition, uncondition, guidance_scale) -> x0`.
-        encode (`Callable[[list[str]], dict]`): prompts to the backbone's conditioning.
-        uncondition (`dict`): the conditioning of the family's negative prompt, batch 1.
-        initial_noise (`Callable`): `(batch_size, generators) -> noise` of the latent shape.
-        decode (`Callable`): latents to images in `[0, 1]`, differentiable (the reward path).
-        rewards (`list[LoadedReward]`): trained rewards; `eval_rewards`: held-out ones, logged only.
-        autocast (`Callable`): the mixed-precision context of every forward pass.
-    """
-
-    student: Denoiser
-    guidance: Callable[[float], Denoiser]
-    student_parameters: Callable[[], list[torch.nn.Parameter]]
-    real_score_x0: Callable[..., torch.Tensor]
-    encode: Callable[[list[str]], dict]
-    uncondition: dict
-    initial_noise: Callable[[int, list[torch.Generator]], torch.Tensor]
-    decode: Callable[[torch.Tensor], torch.Tensor]
-    rewards: list
-    eval_rewards: list
-    autocast: Callable[[], AbstractContextManager]
+    student: Denoiser  # (x_t, t, condition) -> x0 with the graph; its `scheduler` holds the student grid
+    guidance: Callable[[float], Denoiser]  # at a fake-adapter multiplier: fake score, DynaDG real score, 0 = teacher
+    student_parameters: Callable[[], list[torch.nn.Parameter]]  # the student's trainable weights
+    real_score_x0: Callable[..., torch.Tensor]  # the family's CFG rule: (denoiser, x_t, t, cond, uncond, scale) -> x0
+    encode: Callable[[list[str]], dict]  # prompts -> the backbone's conditioning
+    uncondition: dict  # the conditioning of the family's negative prompt, batch 1
+    initial_noise: Callable[[int, list[torch.Generator]], torch.Tensor]  # (batch size, generators) -> latent noise
+    decode: Callable[[torch.Tensor], torch.Tensor]  # latents -> images in [0, 1], differentiable (reward path)
+    rewards: list  # trained rewards (`LoadedReward`)
+    eval_rewards: list  # held-out rewards, logged only
+    autocast: Callable[[], AbstractContextManager]  # the mixed-precision context of every forward pass
 
 
 @dataclass
 class MicroBatch:
-    """One micro-batch of an iteration: its prompts and conditioning, its rows of the iteration's draws (each sample's
-    generator draws every noise tensor of that sample), and its backward simulation."""
+    """One micro-batch: prompts, conditioning, its rows of the iteration's draws, its backward simulation."""
 
     prompts: list[str]
     condition: dict
@@ -90,60 +66,46 @@ class MicroBatch:
 
 
 class Objective(ABC):
-    """A training method as the trainer runs it (see the module docstring for the order of calls).
+    """A training method, built from the run's config and the training module's routes."""
 
-    Args:
-        config ([`DMDRConfig`]): the run's configuration.
-        routes ([`Routes`]): the training module's routes.
-    """
-
-    name: ClassVar[str]
+    name: str
+    # The roles it updates, and TTUR: rollouts (and fake-score updates) per generator update.
+    trained_roles: tuple[str, ...] = (STUDENT_ROLE,)
+    update_ratio: int = 1
 
     def __init__(self, config, routes: Routes):
         self.config = config
         self.routes = routes
 
-    @property
-    def trained_roles(self) -> tuple[str, ...]:
-        """The roles this objective updates (the optimizer keeps a group for every role)."""
-        return (STUDENT_ROLE, GUIDANCE_ROLE)
-
-    @property
-    def update_ratio(self) -> int:
-        """TTUR: rollouts (and fake-score updates) per generator update."""
-        return 1
-
     def lora_scale_of(self, role: str) -> float:
-        """The fake-adapter multiplier of `role`'s loss route: gradient checkpointing recomputes the forward pass
-        during backward, so the trainer routes the module this way again before `backward`."""
+        """The fake-adapter multiplier of `role`'s loss route (the trainer routes the module so again before
+        `backward`, where gradient checkpointing recomputes the forward pass)."""
         return 1.0
 
     def begin_run(self) -> None:
-        """Called once when a run starts, after any resume (a frozen reference is the student as the run starts)."""
+        """Called once as a run starts, after any resume."""
         return None
 
     def before_update(self, role: str, global_step: int) -> None:
-        """Called before the micro-batches of each update of `role` (the losses of one optimizer step)."""
+        """Called before the micro-batches of each update of `role`."""
         return None
 
     def schedule_logs(self, global_step: int) -> dict[str, float]:
-        """Progress-dependent values of the method to log after generator step `global_step`."""
+        """Progress-dependent values to log after generator step `global_step`."""
         return {}
 
     @abstractmethod
     def rollout(
         self, iteration: int, global_step: int, prompts: list[str], first_row: int, micro_batches: int
     ) -> list[MicroBatch]:
-        """The training inputs of `iteration`: `prompts` are this process's rows `first_row ..` of the global batch,
-        split into `micro_batches` equal micro-batches."""
+        """The inputs of `iteration`: `prompts` are this process's rows `first_row ..` of the global batch."""
 
     def fake_score_loss(self, batch: MicroBatch, global_step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of the guidance role on `batch` and its logs; only called when it is in `trained_roles`."""
         raise NotImplementedError(f"The {self.name!r} objective trains no fake score.")
 
     @abstractmethod
     def generator_loss(self, batch: MicroBatch, global_step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of the student on `batch` and its logs (`loss` is the total)."""
+        """The student's loss on `batch` and its logs (`loss`: the total)."""
 
 
 class DMDRObjective(Objective):
@@ -164,15 +126,9 @@ class DMDRObjective(Objective):
         # The scheduler is deterministic exactly when the run's backward simulation is `ode`.
         self.simulation_mode = "ode" if self.scheduler.config.deterministic else "sde"
         self.anchor_weights: list[torch.Tensor] | None = None
-
-    @property
-    def trained_roles(self) -> tuple[str, ...]:
+        self.update_ratio = config.update_ratio
         # With DMD switched off (reward-only ablations) the fake score has no reader: it is not trained.
-        return (STUDENT_ROLE, GUIDANCE_ROLE) if self.config.dmd_loss_weight > 0 else (STUDENT_ROLE,)
-
-    @property
-    def update_ratio(self) -> int:
-        return self.config.update_ratio
+        self.trained_roles = (STUDENT_ROLE, GUIDANCE_ROLE) if config.dmd_loss_weight > 0 else (STUDENT_ROLE,)
 
     def lora_scale_of(self, role: str) -> float:
         return self.config.fake_score_lora_scale if role == GUIDANCE_ROLE else 1.0
@@ -194,17 +150,16 @@ class DMDRObjective(Objective):
         scale = schedules.real_score_lora_scale(global_step, config.dynamic_steps, config.real_score_lora_scale)
         return {"dg_real_lora_scale": scale, "rs_beta_a": alpha, "rs_beta_b": beta}
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Rollout
-    # ------------------------------------------------------------------------------------------------------------
-    def draws(self, iteration: int, global_step: int, first_row: int, rows: int) -> IterationDraws:
-        """Every random number of `iteration` for the rows `first_row ..` (see `draws.py`)."""
+    def rollout(
+        self, iteration: int, global_step: int, prompts: list[str], first_row: int, micro_batches: int
+    ) -> list[MicroBatch]:
+        """Every sample's backward simulation, from the iteration's draws (`draws.py`)."""
         config = self.config
-        return draw_iteration(
+        draws = draw_iteration(
             config.seed,
             iteration,
             first_row=first_row,
-            rows=rows,
+            rows=len(prompts),
             num_student_steps=len(self.scheduler.noise_levels),
             renoise_beta=schedules.renoise_beta_params(
                 global_step, config.dynamic_steps, config.renoise_beta_alpha, config.renoise_beta_beta
@@ -212,11 +167,6 @@ class DMDRObjective(Objective):
             guidance_scale=config.real_guidance_scale,
             guidance_scale_jitter=config.guidance_scale_jitter,
         )
-
-    def rollout(
-        self, iteration: int, global_step: int, prompts: list[str], first_row: int, micro_batches: int
-    ) -> list[MicroBatch]:
-        draws = self.draws(iteration, global_step, first_row, len(prompts))
         size, batches = len(prompts) // micro_batches, []
         for index in range(micro_batches):
             rows = slice(index * size, (index + 1) * size)
@@ -233,21 +183,11 @@ class DMDRObjective(Objective):
             batches.append(MicroBatch(prompts[rows], condition, batch_draws, simulation))
         return batches
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Losses
-    # ------------------------------------------------------------------------------------------------------------
     def fake_score_loss(self, batch: MicroBatch, global_step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Denoising loss of the fake score on the detached student sample at the DynaRS levels."""
-        clean_sample = batch.simulation.clean_sample
-        noise_level = batch.draws.fake_noise_levels.to(clean_sample.device)
-        noise = self._noise_like(clean_sample, batch)
-        noisy_sample = self.scheduler.add_noise_at(clean_sample, noise, noise_level)
-        target = self.scheduler.training_target(clean_sample, noise, noise_level)
-        with self.routes.autocast():
-            prediction = self.routes.guidance(self.config.fake_score_lora_scale).predict(
-                noisy_sample, noise_level, batch.condition
-            )
-        loss = fake_score_loss(prediction, target)
+        loss = self._denoising_loss(
+            batch.simulation.clean_sample, batch.draws.fake_noise_levels, batch, self.config.fake_score_lora_scale
+        )
         return loss, {"loss_fake": loss.item()}
 
     def generator_loss(self, batch: MicroBatch, global_step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -315,6 +255,16 @@ class DMDRObjective(Objective):
     def _noise_like(self, tensor: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
         return randn_tensor(tensor.shape, generator=batch.draws.generators, device=tensor.device, dtype=tensor.dtype)
 
+    def _denoising_loss(self, clean_sample, noise_level, batch: MicroBatch, lora_scale: float) -> torch.Tensor:
+        """The guidance route's denoising loss on `clean_sample` noised to `noise_level` with the samples' noise."""
+        noise_level = noise_level.to(clean_sample.device)
+        noise = self._noise_like(clean_sample, batch)
+        noisy_sample = self.scheduler.add_noise_at(clean_sample, noise, noise_level)
+        target = self.scheduler.training_target(clean_sample, noise, noise_level)
+        with self.routes.autocast():
+            prediction = self.routes.guidance(lora_scale).predict(noisy_sample, noise_level, batch.condition)
+        return fake_score_loss(prediction, target)
+
     @torch.no_grad()
     def _reward_tilt(self, final_sample: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """RT-DM weights from the rewards of the full few-step samples (no reward gradient); normalised over the
@@ -339,14 +289,8 @@ class DMDRObjective(Objective):
             images = self.routes.decode(x0_student) if images is None else images.detach()
             _, held_out = compute_reward_loss(self.routes.eval_rewards, images, batch.prompts)
         logs = {f"heldout_reward/{name}": score.item() for name, score in held_out.items()}
-        noise_level = batch.draws.monitor_noise_levels.to(x0_student.device)
-        noise = self._noise_like(x0_student, batch)
-        noisy = self.scheduler.add_noise_at(x0_student, noise, noise_level)
-        with self.routes.autocast():
-            prediction = self.routes.guidance(0.0).predict(noisy, noise_level, batch.condition)
-        target = self.scheduler.training_target(x0_student, noise, noise_level)
-        logs["monitor/teacher_denoising_loss"] = fake_score_loss(prediction, target).item()
-        return logs
+        teacher_loss = self._denoising_loss(x0_student, batch.draws.monitor_noise_levels, batch, lora_scale=0.0)
+        return {**logs, "monitor/teacher_denoising_loss": teacher_loss.item()}
 
 
 # The objectives by name (the trainer runs one; GRPO and DPO join here).
