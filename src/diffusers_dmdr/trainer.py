@@ -186,16 +186,7 @@ class DMDRTrainer:
         # `self.state` is saved as JSON by `save_checkpoint`, never registered with accelerate (which pickles it).
         self.student_denoiser = Denoiser(partial(self.model, STUDENT_ROLE), self.scheduler)
 
-        # 5. Prompts: a resumable sampler over the effective batch, and the encoder (cached or live).
-        self.prompt_sampler = PromptSampler(
-            prompts,
-            config.train_batch_size * self.micro_batches,
-            config.seed,
-            self.accelerator.process_index,
-            self.accelerator.num_processes,
-            stage2_batch_size=stage_values(config, config.cold_start_steps).train_batch_size * self.micro_batches,
-            stage2_start_iteration=stage_two_start_iteration(config.cold_start_steps, config.update_ratio),
-        )
+        # 5. Prompts: the encoder (cached or live), and a resumable sampler over the effective batch (below).
         self.prompt_encoder = PromptEncoder.from_config(config, teacher, self.accelerator, prompts)
         # The real score's unconditional branch: the family's negative prompt (empty, or Qwen-Image's " ").
         self.empty_condition = self.encode([self.family.negative_prompt])
@@ -219,6 +210,16 @@ class DMDRTrainer:
             autocast=self.accelerator.autocast,
         )
         self.objective = make_objective(OBJECTIVE, config, routes)
+        # The prompt stream switches to the stage-2 batch at the first iteration of stage 2 (TTUR: the objective's ratio).
+        self.prompt_sampler = PromptSampler(
+            prompts,
+            config.train_batch_size * self.micro_batches,
+            config.seed,
+            self.accelerator.process_index,
+            self.accelerator.num_processes,
+            stage2_batch_size=stage_values(config, config.cold_start_steps).train_batch_size * self.micro_batches,
+            stage2_start_iteration=stage_two_start_iteration(config.cold_start_steps, self.objective.update_ratio),
+        )
 
     def _learning_rates(self) -> dict[str, float]:
         # The base rates are those of the current stage (`--stage2_*` from the cold start on), times the schedule.
@@ -491,16 +492,16 @@ class DMDRTrainer:
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm of sharded gradients is a replicated DTensor
             grad_norm = grad_norm.full_tensor()
         if grad_norm is not None and not self._all_finite(torch.as_tensor(grad_norm)):
-            self._record_nonfinite(STUDENT_ROLE_NAMES[role], "gradient")
+            self._record_nonfinite(role, "gradient")
             self.optimizer.zero_grad(set_to_none=True)
             return False
         step_role(self.optimizer, role, self._learning_rates())
-        setattr(self.state, f"{STUDENT_ROLE_NAMES[role]}_nonfinite_in_a_row", 0)
+        setattr(self.state, f"{NONFINITE_COUNTER_NAMES[role]}_nonfinite_in_a_row", 0)
         return True
 
     def _record_nonfinite(self, role: str, what: str) -> None:
         """Count a skipped update of `role`; abort after too many of that role in a row."""
-        role = STUDENT_ROLE_NAMES.get(role, role)
+        role = NONFINITE_COUNTER_NAMES[role]
         in_a_row = getattr(self.state, f"{role}_nonfinite_in_a_row") + 1
         setattr(self.state, f"{role}_nonfinite_in_a_row", in_a_row)
         self.state.nonfinite_total += 1
@@ -602,4 +603,4 @@ class DMDRTrainer:
 
 
 # The non-finite counters of `TrainingState` speak of the generator and the fake score.
-STUDENT_ROLE_NAMES = {STUDENT_ROLE: "generator", GUIDANCE_ROLE: "fake"}
+NONFINITE_COUNTER_NAMES = {STUDENT_ROLE: "generator", GUIDANCE_ROLE: "fake"}
