@@ -105,7 +105,7 @@ def main(teacher_dir: str, prompt_file: str, output: str) -> None:
             row["frozen_base_changed"] = changed
             # FSDP2 shards per parameter: a backward leaves the frozen base without gradients and gives the LoRA
             # weights sharded gradients only.
-            batch = trainer._simulate(trainer._micro_batches(0, trainer._draws(0)), trainer._draws(0))[0]
+            batch = trainer.rollout(0)[0]
             output_fake = trainer.guidance_denoiser(2.0).predict(
                 batch.simulation.clean_sample, torch.tensor([0.5]), batch.condition
             )

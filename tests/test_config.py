@@ -141,7 +141,7 @@ def test_recipe_matches_the_released_script(name):
             mismatches[f"stage2.{key}"] = (getattr(config, f"stage2_{key}"), value)
     assert mismatches == {}, f"recipe value != released value: {mismatches}"
     # Stage 2 as the released runs: at the cold start the overrides take over.
-    from diffusers_dmdr.stages import stage_values
+    from diffusers_dmdr.method.stages import stage_values
 
     late = stage_values(config, config.cold_start_steps)
     assert (late.learning_rate, late.learning_rate_fake, late.train_batch_size) == (

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers_dmdr import schedules
-from diffusers_dmdr.denoisers import apply_guidance, guided_x0
-from diffusers_dmdr.losses import anchor_loss, dmd_loss, fake_score_loss, reward_loss, reward_tilt_weights
+from diffusers_dmdr.method import schedules
+from diffusers_dmdr.method.denoisers import apply_guidance, guided_x0
+from diffusers_dmdr.method.losses import anchor_loss, dmd_loss, fake_score_loss, reward_loss, reward_tilt_weights
 from diffusers_dmdr.pipelines.scheduling_dmdr import DMDRScheduler
 
 

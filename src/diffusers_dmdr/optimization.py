@@ -12,20 +12,8 @@ student), so a resumed run recomputes them and no scheduler state is checkpointe
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-
-
-@dataclass(frozen=True)
-class RoleSchedule:
-    """Base learning rate and diffusers LR-schedule multiplier of one parameter group."""
-
-    learning_rate: float
-    multiplier: Callable[[int], float]
-
-    def learning_rate_at(self, step: int) -> float:
-        return self.learning_rate * self.multiplier(step)
 
 
 def lr_multiplier(name: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -65,10 +53,6 @@ def make_optimizer(
         if params
     ]
     return optimizer_class(param_groups, betas=betas, eps=eps)
-
-
-def groups_of(optimizer: torch.optim.Optimizer, role: str) -> list[dict]:
-    return [group for group in optimizer.param_groups if group.get("role") == role]
 
 
 def set_learning_rates(optimizer: torch.optim.Optimizer, learning_rates: dict[str, float]) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..method.denoisers import guided_x0
 from ..pipelines.scheduling_dmdr import DMDRScheduler
 
 
@@ -127,28 +128,6 @@ def read_component_config(pretrained_model_name_or_path: str, subfolder: str, re
 
     file = hf_hub_download(pretrained_model_name_or_path, "config.json", subfolder=subfolder, revision=revision)
     return json.loads(Path(file).read_text(encoding="utf-8"))
-
-
-def concat_conditions(first: dict, second: dict) -> dict:
-    """Batch-concatenate two conditioning dicts of the same structure (conditional + unconditional for CFG)."""
-    merged = {}
-    for key, value in first.items():
-        if isinstance(value, dict):
-            merged[key] = concat_conditions(value, second[key])
-        else:
-            merged[key] = torch.cat([value, second[key]])
-    return merged
-
-
-def repeat_condition(condition: dict, batch_size: int) -> dict:
-    """Expand a batch-1 conditioning dict (the empty prompt) to `batch_size`."""
-    repeated = {}
-    for key, value in condition.items():
-        if isinstance(value, dict):
-            repeated[key] = repeat_condition(value, batch_size)
-        else:
-            repeated[key] = value.expand(batch_size, *value.shape[1:])
-    return repeated
 
 
 class ModelFamily(ABC):
@@ -277,8 +256,6 @@ class ModelFamily(ABC):
         """The real score's `x0` at guidance `scale`: two-pass classifier-free guidance against `uncondition` (the
         family's negative prompt, as its stock pipeline's CFG uses by default); families whose stock CFG differs
         override it."""
-        from ..denoisers import guided_x0
-
         return guided_x0(denoiser, sample, noise_level, condition, uncondition, scale)
 
     def config_latent_channels(self, backbone_config: dict, vae_config: dict) -> tuple[int | None, int]:

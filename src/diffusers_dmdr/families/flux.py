@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..schedules import flow_student_timesteps
+from ..method.schedules import flow_student_timesteps
 from .base import ModelFamily
 
 

@@ -20,6 +20,7 @@ import sys
 import numpy as np
 import torch
 
+from ..method.denoisers import guided_x0
 from .base import ModelFamily, read_component_config
 from .flow_grid import image_sequence_length, static_shift_config, stock_flow_grid
 
@@ -91,8 +92,6 @@ class QwenImageFamily(ModelFamily):
         self, denoiser, sample: torch.Tensor, noise_level: torch.Tensor, condition: dict, uncondition: dict, scale
     ) -> torch.Tensor:
         """Two-pass CFG combined as the stock pipeline combines it (per-token norm rescale), then `x0`."""
-        from ..denoisers import guided_x0
-
         return guided_x0(
             denoiser, sample, noise_level, condition, uncondition, scale, combine_predictions=rescaled_true_cfg
         )

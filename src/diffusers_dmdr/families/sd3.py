@@ -2,7 +2,7 @@
 
 import torch
 
-from ..schedules import flow_student_timesteps
+from ..method.schedules import flow_student_timesteps
 from .base import ModelFamily
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from ..schedules import ddpm_student_timesteps
+from ..method.schedules import ddpm_student_timesteps
 from .base import ModelFamily
 
 

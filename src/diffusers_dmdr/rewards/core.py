@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..losses import reward_loss
+from ..method.losses import reward_loss
 from .aesthetic import AestheticReward
 from .classifier import ClassifierReward
 from .clip import CLIPReward, HPSReward, HPSv2Reward, PickScoreReward
