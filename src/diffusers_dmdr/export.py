@@ -52,17 +52,15 @@ from .export_layout import (  # noqa: F401  (the file names are part of this mod
 from .families import ModelFamily, detect_family, get_family, read_teacher_config
 from .families.base import student_grid_for, student_scheduler_for
 from .hub import UPLOAD_IGNORE_PATTERNS, HubUploadError, hub_id_of, push_to_hub  # noqa: F401  (this module's API)
-from .lora_formats import COMFY_LORA_STYLES, KOHYA_LORA_WEIGHT_NAME, UNET_STYLE, peft_to_comfy_lora
+from .lora_formats import KOHYA_LORA_WEIGHT_NAME, UNET_STYLE, peft_to_comfy_lora
 from .model_card import BASE_MODEL_PLACEHOLDER, ModelCardInfo, make_model_card
 from .pipelines import pipeline_dmdr, scheduling_dmdr
 from .pipelines.pipeline_dmdr import FewStepDMDRPipeline
 from .pipelines.scheduling_dmdr import DMDRScheduler
-from .utils import redact_local_paths, redact_local_paths_in, save_image_grid
+from .utils import MIXED_PRECISION_DTYPES, redact_local_paths, redact_local_paths_in, save_image_grid
 
 
 logger = logging.getLogger(__name__)
-
-EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -310,7 +308,7 @@ def _finalise_full_pipeline(
         # Fused in float32 before any cast, so the saved weights lose nothing to the adapter arithmetic.
         pipeline.backbone.fuse_lora(adapter_names=[STUDENT_ADAPTER])
         pipeline.backbone.unload_lora()
-    dtype = EXPORT_DTYPES.get(config.mixed_precision, torch.float32)
+    dtype = MIXED_PRECISION_DTYPES[config.mixed_precision or "no"]
     # The teacher is loaded in float32: cast only when the run used another precision.
     return pipeline if dtype == torch.float32 else pipeline.to(dtype=dtype)
 
@@ -505,11 +503,11 @@ def save_comfy_lora(output_dir: Path, family: ModelFamily, weights: StudentWeigh
     """`pytorch_lora_weights_kohya.safetensors`: the same LoRA in the keys ComfyUI, Forge and Automatic1111 read
     (see `lora_formats.py`), with kohya's `ss_network_*` metadata. `None`, with a warning, for a family whose key form
     is not known (the diffusers file is still written)."""
-    style = COMFY_LORA_STYLES.get(family.name)
+    style = family.comfy_lora_style
     if style is None:
         logger.warning(
-            f"No ComfyUI / kohya LoRA key form is known for the {family.name!r} family (lora_formats.COMFY_LORA_STYLES);"
-            f" only {LORA_WEIGHT_NAME} is written."
+            f"No ComfyUI / kohya LoRA key form is known for the {family.name!r} family (its `comfy_lora_style`); only "
+            f"{LORA_WEIGHT_NAME} is written."
         )
         return None
     state_dict = peft_to_comfy_lora(weights.lora_state_dict, weights.lora_config, style, prefix=family.backbone_name)

@@ -21,7 +21,6 @@ from .export_layout import (
 from .families import ModelFamily
 from .hub import cached_model_card_data, hub_id_of, remote_model_card_data
 from .lora_formats import KOHYA_LORA_WEIGHT_NAME
-from .pipelines.pipeline_dmdr import STOCK_ROUTES
 from .pipelines.scheduling_dmdr import DMDRScheduler
 from .rewards import parse_reward_spec
 
@@ -31,15 +30,6 @@ logger = logging.getLogger(__name__)
 PAPER_URL = "https://huggingface.co/papers/2511.13649"
 # Tags every export carries, besides the family's and `lora` in LoRA mode.
 BASE_TAGS = ["text-to-image", "diffusers", "diffusers-training", "dmdr", "distillation", "few-step"]
-FAMILY_TAGS = {
-    "sdxl": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"],
-    "sd15": ["stable-diffusion", "stable-diffusion-diffusers"],
-    "sd3": ["sd3", "sd3-diffusers"],
-    "flux": ["flux", "flux-diffusers"],
-    "flux2": ["flux2", "flux2-klein"],
-    "zimage": ["z-image", "z-image-diffusers"],
-    "qwenimage": ["qwen-image", "qwen-image-diffusers"],
-}
 DEFAULT_SNIPPET_PROMPT = "a photo of a red fox in the snow"
 # What the snippets load as the teacher when it was a local folder and no `--base_model` named its Hub id.
 BASE_MODEL_PLACEHOLDER = "<teacher-hub-id>"
@@ -181,7 +171,7 @@ def make_model_card(info: ModelCardInfo, existing_card: str | Path | None = None
         card.data = ModelCardData(
             license=license_data.get("license"), library_name="diffusers", base_model=base_model, widget=widget
         )
-    tags = BASE_TAGS + FAMILY_TAGS[info.family.name] + (["lora"] if info.has_lora else [])
+    tags = BASE_TAGS + list(info.family.card_tags) + (["lora"] if info.has_lora else [])
     populate_model_card(card, tags=[tag for tag in tags if tag not in (card.data.tags or [])])
     owned = {"base_model": base_model, "widget": widget, "inference": True, "pipeline_tag": "text-to-image"}
     for key, value in {**owned, **license_data}.items():
@@ -414,7 +404,7 @@ def _plain_route(info: ModelCardInfo, recipe: dict, prompt: str, size: str) -> s
     call_kwargs = "".join(f", {key}={value!r}" for key, value in recipe.get("call_kwargs", {}).items())
     # Guidance off (or FLUX.1's trained embedding) and the trained prompt length: the call defaults
     # FewStepDMDRPipeline gives this stock pipeline; the prompt by name (Flux2KleinPipeline takes an image first).
-    defaults = {**STOCK_ROUTES[stock_class].call_defaults, **family.export_call_defaults(info.config, None)}
+    defaults = {**family.stock_route.call_defaults, **family.export_call_defaults(info.config, None)}
     call_defaults = "".join(f", {key}={value!r}" for key, value in defaults.items())
     call = f'image = pipe(prompt="{prompt}"{call_kwargs}{call_defaults}{size})'
     if info.has_lora:
@@ -422,7 +412,7 @@ def _plain_route(info: ModelCardInfo, recipe: dict, prompt: str, size: str) -> s
         load = f'pipe = {stock_class}.from_pretrained("{base_model}", dtype=dtype)\n' + _load_lora_lines("pipe", info)
     else:
         name = family.backbone_name
-        backbone_class = info.backbone_class_name or STOCK_ROUTES[stock_class].backbone_class
+        backbone_class = info.backbone_class_name or family.backbone_class_name
         imports = [f"from diffusers import {backbone_class}, {scheduler_class}, {stock_class}"]
         load = (
             f'{name} = {backbone_class}.from_pretrained("{repo_id}", subfolder="{name}", dtype=dtype)\n'
