@@ -618,7 +618,8 @@ PUSH_SCRIPT = textwrap.dedent(
     import json, sys
     import torch
     from diffusers import DiffusionPipeline
-    from diffusers_dmdr.export import HubUploadError, main, push_to_hub
+    from diffusers_dmdr.export import HubUploadError, push_to_hub
+    from diffusers_dmdr.export_cli import main
     from diffusers_dmdr.pipelines import FewStepDMDRPipeline
 
     folder, repo_id = sys.argv[1], sys.argv[2]

@@ -15,7 +15,8 @@ model_index.json, unet/ or transformer/, vae/, text_encoder*/, tokenizer*/
 ```
 
 Checkpoints and logs may sit in the same folder; they are never uploaded. The card is built in `model_card.py`, the
-push is `hub.push_to_hub`, and the command line (`dmdr-export`, `python -m diffusers_dmdr.export`) is `export_cli.py`.
+push is `hub.push_to_hub`, and the command line (`dmdr-export`, `python -m diffusers_dmdr.export_cli`) is
+`export_cli.py`.
 """
 
 import copy
@@ -452,8 +453,12 @@ def export_entries(folder: Path) -> set[str]:
     if index_file.is_file():
         try:
             model_index = json.loads(index_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            model_index = {}
+        except ValueError as error:
+            # Its component folders cannot be told apart from the run's own files: replacing would leave them stale.
+            raise ValueError(
+                f"{index_file} is not valid JSON ({error}): the export cannot tell which folders belong to the "
+                "previous export. Fix or delete that file (and the pipeline folders it named), then export again."
+            ) from error
         names |= {name for name, value in model_index.items() if not name.startswith("_") and isinstance(value, list)}
     protected = {name for name in names if name.startswith(("checkpoint-", ".checkpoint-")) or name in ("logs",)}
     return {name for name in names - protected if (folder / name).exists()}
@@ -529,14 +534,3 @@ def _copy_code(folder: Path) -> None:
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(pipeline_dmdr.__file__, folder / f"{PIPELINE_MODULE}.py")
     shutil.copyfile(scheduling_dmdr.__file__, folder / "scheduler" / f"{SCHEDULER_MODULE}.py")
-
-
-def main(argv: list[str] | None = None) -> None:
-    """The `dmdr-export` command line (see `export_cli.py`)."""
-    from .export_cli import main as cli_main
-
-    cli_main(argv)
-
-
-if __name__ == "__main__":
-    main()
