@@ -68,6 +68,17 @@ def student_scheduler_for(
     )
 
 
+def run_student_scheduler(teacher: TeacherComponents, config) -> DMDRScheduler:
+    """The student's sampler of a run (`config`: a `DMDRConfig`): its grid from [`student_grid_for`] in the scheduler
+    [`student_scheduler_for`] builds. The trainer and the export both ask this one function."""
+    timesteps, grid_origin = student_grid_for(
+        teacher.family, config, teacher.pipeline.scheduler.config, teacher.pipeline.vae_scale_factor
+    )
+    return student_scheduler_for(
+        teacher, timesteps, config.backward_simulation, config.shift, config.flow_x0_noise_level, grid_origin
+    )
+
+
 def read_teacher_config(pretrained_model_name_or_path: str, revision: str | None = None) -> dict:
     """Read `model_index.json` (local folder or Hub), without loading weights; clear errors on a bad path."""
     path = Path(pretrained_model_name_or_path)
