@@ -266,8 +266,7 @@ def assemble_export(
     run asks for one (`student_backbone()` is built only then), the folder ([`write_export`]), and the push."""
     full_pipeline = None
     if config.training_mode == "full" or config.export_full_pipeline:
-        pipeline = _assemble_pipeline(stock_pipeline, family, scheduler, student_backbone(), config)
-        full_pipeline = _finalise_full_pipeline(pipeline, config, weights)
+        full_pipeline = _full_student_pipeline(stock_pipeline, family, scheduler, student_backbone(), config, weights)
     output_dir = write_export(
         output_dir,
         config,
@@ -335,18 +334,14 @@ def _apply_student_weights(backbone, family: ModelFamily, config: DMDRConfig, we
     return backbone.eval()
 
 
-def _assemble_pipeline(stock_pipeline, family: ModelFamily, scheduler, backbone, config) -> FewStepDMDRPipeline:
+def _full_student_pipeline(stock_pipeline, family, scheduler, backbone, config, weights) -> FewStepDMDRPipeline:
+    """The student's `FewStepDMDRPipeline` from the teacher's components, its LoRA fused, in the run's precision."""
     expected_components, _ = FewStepDMDRPipeline._get_signature_keys(FewStepDMDRPipeline)
     components = {name: module for name, module in stock_pipeline.components.items() if name in expected_components}
     components.update({"scheduler": scheduler, family.backbone_name: backbone})
     # Run-dependent call defaults (FLUX.1's trained guidance embedding, the prompt length) travel with the export.
     call_defaults = family.export_call_defaults(config, stock_pipeline)
-    return FewStepDMDRPipeline(**components, call_defaults=call_defaults or None)
-
-
-def _finalise_full_pipeline(
-    pipeline: FewStepDMDRPipeline, config: DMDRConfig, weights: StudentWeights
-) -> FewStepDMDRPipeline:
+    pipeline = FewStepDMDRPipeline(**components, call_defaults=call_defaults or None)
     if weights.is_lora:
         # Fused in float32 before any cast, so the saved weights lose nothing to the adapter arithmetic.
         pipeline.backbone.fuse_lora(adapter_names=[STUDENT_ADAPTER])
