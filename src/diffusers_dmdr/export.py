@@ -294,7 +294,8 @@ def sample_student_latents(
     loaded teacher whose backbone carries the student: prompts encoded as the trainer encodes them, the initial noise
     and the re-noising draws taken from `generator` in the trainer's layout."""
     family, device = teacher.family, teacher.backbone.device
-    condition = family.encode_prompts(teacher.pipeline, prompts, config.resolution, device)
+    # The conditioning size the trainer encodes with (SDXL's micro-conditioning holds height and width).
+    condition = family.encode_prompts(teacher.pipeline, prompts, config.conditioning_size, device)
     condition = family.with_guidance_embedding(condition, config.guidance_embedding_scale)
     shape = family.latent_shape(teacher.backbone, teacher.pipeline.vae_scale_factor, *config.image_size)
     noise = randn_tensor((len(prompts), *shape), generator=generator, device=device, dtype=torch.float32)
