@@ -48,7 +48,7 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
 
     # 2. Resolution against the VAE's spatial factor. Non-square training is wired through the UNet families' size
     # conditioning only; the flow transformers' grids (dynamic shift) and packing assume a square image.
-    if config.width not in (None, config.resolution) and family.name not in ("sdxl", "sd15"):
+    if config.width not in (None, config.resolution) and not family.supports_non_square:
         raise ValueError(
             f"--width {config.width} (non-square training) is supported for SDXL and SD1.5 teachers; this teacher is "
             f"a {family.name} pipeline: drop --width."

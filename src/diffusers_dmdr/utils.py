@@ -9,6 +9,10 @@ import torch
 from PIL import Image
 
 
+# `--mixed_precision` values and the dtype of the weights each gives (one table for the trainer, export and plans).
+MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def images_to_pil(images: torch.Tensor) -> list[Image.Image]:
     """`(B, 3, H, W)` images in `[0, 1]` to PIL images."""
     array = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
