@@ -44,7 +44,6 @@ from .adapters import (
 )
 from .checkpointing import CONFIG_FILE, STUDENT_FULL_FILE, STUDENT_LORA_FILE, list_checkpoints, resolve_checkpoint
 from .config import DMDRConfig
-from .method.denoisers import Denoiser
 from .export_layout import (  # noqa: F401  (the file names are part of this module's API)
     LORA_WEIGHT_NAME,
     PIPELINE_CLASS,
@@ -58,11 +57,12 @@ from .families import ModelFamily, detect_family, get_family, read_teacher_confi
 from .families.base import TeacherComponents, run_student_scheduler
 from .hub import UPLOAD_IGNORE_PATTERNS, HubUploadError, hub_id_of, push_to_hub  # noqa: F401  (this module's API)
 from .lora_formats import KOHYA_LORA_WEIGHT_NAME, UNET_STYLE, peft_to_comfy_lora
+from .method.denoisers import Denoiser
+from .method.simulation import sample_student
 from .model_card import BASE_MODEL_PLACEHOLDER, ModelCardInfo, make_model_card
 from .pipelines import pipeline_dmdr, scheduling_dmdr
 from .pipelines.pipeline_dmdr import FewStepDMDRPipeline
 from .pipelines.scheduling_dmdr import DMDRScheduler
-from .method.simulation import sample_student
 from .utils import MIXED_PRECISION_DTYPES, redact_local_paths, redact_local_paths_in, save_image_grid
 
 

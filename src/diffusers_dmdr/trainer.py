@@ -34,7 +34,7 @@ from .checkpointing import (
 from .config import DMDRConfig
 from .data import PromptSampler
 from .families import TeacherComponents
-from .families.base import student_grid_for, student_scheduler_for
+from .families.base import run_student_scheduler
 from .guards import DivergenceError, DivergenceGuard, resume_advice, trainable_weight_norm
 from .method.denoisers import Denoiser
 from .method.objective import MicroBatch, Routes, make_objective
@@ -151,12 +151,7 @@ class DMDRTrainer:
             self.reward_vae = reward_vae.requires_grad_(False).eval().to(device, self.weight_dtype)
 
         # 2. Student grid and sampler.
-        timesteps, grid_origin = student_grid_for(
-            self.family, config, self.pipeline.scheduler.config, self.pipeline.vae_scale_factor
-        )
-        self.scheduler = student_scheduler_for(
-            teacher, timesteps, config.backward_simulation, config.shift, config.flow_x0_noise_level, grid_origin
-        )
+        self.scheduler = run_student_scheduler(teacher, config)
         self.latent_shape = self.family.latent_shape(
             teacher.backbone, self.pipeline.vae_scale_factor, config.image_size[0], config.image_size[1]
         )

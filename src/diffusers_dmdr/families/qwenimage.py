@@ -20,8 +20,8 @@ import sys
 import numpy as np
 import torch
 
-from ..method.denoisers import guided_x0
 from ..lora_formats import TRANSFORMER_STYLE
+from ..method.denoisers import guided_x0
 from .base import ModelFamily, read_component_config
 from .flow_grid import image_sequence_length, static_shift_config, stock_flow_grid
 
