@@ -284,7 +284,7 @@ def update_model_card(card_path: str | Path, result: "EvaluationResult | Compari
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from .config import reward_names_epilog
+    from .rewards import reward_names_epilog
 
     parser = argparse.ArgumentParser(
         prog="python -m diffusers_dmdr.evaluate",

@@ -10,7 +10,8 @@ import argparse
 import logging
 import sys
 
-from .config import _parse_bool as parse_bool
+from transformers.hf_argparser import string_to_bool as parse_bool
+
 from .export import export_checkpoint
 from .hub import HubUploadError
 

@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 from diffusers_dmdr import DMDRConfig
 from diffusers_dmdr.config import USER_INPUT_ERRORS
 from diffusers_dmdr.preflight import check_run_inputs
-from diffusers_dmdr.rewards import load_rewards
+from diffusers_dmdr.rewards import load_rewards, reward_names_epilog
 from diffusers_dmdr.trainer import DMDRTrainer, create_accelerator, weight_dtype_of
 
 
@@ -27,10 +27,11 @@ logger = get_logger(__name__)
 
 
 def parse_and_check(argv: list[str] | None = None):
-    """Parse the command line and check every input before any weight loads. A bad input prints one message that
-    names the fix (no traceback) and exits with status 2, like an argparse error."""
+    """Parse the command line and check every input before any weight loads. A bad input (one of the project's
+    `USER_INPUT_ERRORS`) prints one message that names the fix (no traceback) and exits with status 2, like an
+    argparse error."""
     try:
-        config = DMDRConfig.parse_args(argv)
+        config = DMDRConfig.parse_args(argv, epilog=reward_names_epilog())
         plan = check_run_inputs(config)
     except USER_INPUT_ERRORS as error:
         print(f"train.py: error: {error}", file=sys.stderr)  # noqa: T201
