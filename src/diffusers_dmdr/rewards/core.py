@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..losses import reward_loss
+from ..utils import DTYPE_ALIASES, DTYPES, resolve_dtype
 from .aesthetic import AestheticReward
 from .classifier import ClassifierReward
 from .clip import TEXT_IMAGE_REWARDS
@@ -37,15 +38,6 @@ SPEC_SYNTAX = (
     "name[:weight][:key=value]..., e.g. 'clip:0.3', 'hpsv2.1:0.3:prompt_prefix=Realistic photo ', "
     "'clip:0.3:hinge=none:model=/path/to/clip' or 'my_pkg.rewards.MyReward:1.0'"
 )
-# The precisions a spec's `precision=` option accepts.
-PRECISIONS = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
 # A random probe batch checks at load time that a training reward returns `(B,)` scores with a gradient.
 PROBE_IMAGE_SIZE = 64
 PROBE_PROMPTS = ("a photo of a cat", "an oil painting of a lighthouse")
@@ -330,8 +322,10 @@ def reward_import_paths(spec: "str | dict | RewardSpec") -> list[str]:
 
 def _check_runtime_options(spec: RewardSpec) -> None:
     precision = spec.options.get("precision")
-    if precision is not None and precision not in PRECISIONS:
-        raise ValueError(f"Reward {spec.name!r}: precision must be one of {sorted(PRECISIONS)}, got {precision!r}.")
+    if precision is not None and not (
+        isinstance(precision, str) and (precision in DTYPES or precision in DTYPE_ALIASES)
+    ):
+        raise ValueError(f"Reward {spec.name!r}: precision must be one of {sorted(DTYPES)}, got {precision!r}.")
     if not isinstance(spec.options.get("offload", False), bool):
         raise ValueError(f"Reward {spec.name!r}: offload must be true or false, got {spec.options['offload']!r}.")
     if not isinstance(spec.options.get("prompt_prefix", ""), str):
@@ -431,7 +425,7 @@ def load_rewards(
             raise ValueError(f"Reward {spec.name!r} built a {type(reward).__name__}, which is not callable.")
         offload = spec.options.get("offload", False)
         if isinstance(reward, nn.Module):
-            reward_dtype = PRECISIONS[spec.options["precision"]] if "precision" in spec.options else dtype
+            reward_dtype = resolve_dtype(spec.options["precision"]) if "precision" in spec.options else dtype
             reward.to(device=torch.device("cpu") if offload else device, dtype=reward_dtype)
         frozen_reward = FrozenReward(reward, name, spec.options.get("prompt_prefix", ""), offload)
         if for_training:
