@@ -14,13 +14,13 @@ import sys
 import textwrap
 import typing
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from transformers import HfArgumentParser
-from transformers.hf_argparser import string_to_bool
+from transformers.hf_argparser import HfArg, string_to_bool
 
 
 # The `--family` choices. `diffusers_dmdr.families.FAMILIES` holds the same names without `auto`; the config sits
@@ -79,422 +79,297 @@ class DMDRConfig:
     declaration (`--help` prints the same text); the list below is generated from the declarations.
     """
 
-    pretrained_model_name_or_path: str = field(
-        default=None, metadata={"help": "Teacher: a diffusers pipeline folder or a Hub model id."}
+    pretrained_model_name_or_path: str = HfArg(
+        default=None,
+        help="Teacher: a diffusers pipeline folder or a Hub model id.",
     )
-    revision: str | None = field(
-        default=None, metadata={"help": "Hub revision (branch, tag or commit) of the teacher."}
-    )
-    variant: str | None = field(default=None, metadata={"help": "Weight variant of the teacher's files, e.g. `fp16`."})
-    family: Literal[FAMILY_NAMES] = field(
+    revision: str | None = HfArg(default=None, help="Hub revision (branch, tag or commit) of the teacher.")
+    variant: str | None = HfArg(default=None, help="Weight variant of the teacher's files, e.g. `fp16`.")
+    family: Literal[FAMILY_NAMES] = HfArg(
         default="auto",
-        metadata={
-            "help": (
-                "Model family: `sdxl`, `sd15`, `sd3`, `flux` (FLUX.1 [dev]), `flux2` (FLUX.2 [klein] base), `zimage` "
-                "(`ZImagePipeline`), `qwenimage` (`QwenImagePipeline`), or `auto` (the `_class_name` of "
-                "`model_index.json`)."
-            )
-        },
+        help="Model family: `sdxl`, `sd15`, `sd3`, `flux` (FLUX.1 [dev]), `flux2` (FLUX.2 [klein] base), `zimage` "
+        "(`ZImagePipeline`), `qwenimage` (`QwenImagePipeline`), or `auto` (the `_class_name` of "
+        "`model_index.json`).",
     )
-    num_student_steps: int = field(default=4, metadata={"help": "Sampling steps of the student (1-8)."})
-    student_timesteps: list[float] | None = field(
+    num_student_steps: int = HfArg(default=4, help="Sampling steps of the student (1-8).")
+    student_timesteps: list[float] | None = HfArg(
         default=None,
-        metadata={
-            "help": (
-                "The student's timesteps in model units (SDXL 4-step `[999, 749, 499, 249]`); by default the family's "
-                "grid (1-step SDXL: `[399]`; SD3: shift-warped; FLUX, Z-Image and Qwen-Image: the teacher scheduler's "
-                "own schedule at `resolution`, with the resolution-dependent `mu` where the scheduler uses dynamic "
-                "shifting, recorded in the exported scheduler config as `grid_mu`)."
-            )
-        },
+        help="The student's timesteps in model units (SDXL 4-step `[999, 749, 499, 249]`); by default the family's "
+        "grid (1-step SDXL: `[399]`; SD3: shift-warped; FLUX, Z-Image and Qwen-Image: the teacher scheduler's own "
+        "schedule at `resolution`, with the resolution-dependent `mu` where the scheduler uses dynamic shifting, "
+        "recorded in the exported scheduler config as `grid_mu`).",
     )
-    shift: float | None = field(
+    shift: float | None = HfArg(
         default=None,
-        metadata={
-            "help": (
-                "Shift of the flow-model grid (SD3-Medium 3, SD3.5-Large 5); for FLUX, Z-Image and Qwen-Image a "
-                "static shift that replaces the teacher scheduler's own shifting."
-            )
-        },
+        help="Shift of the flow-model grid (SD3-Medium 3, SD3.5-Large 5); for FLUX, Z-Image and Qwen-Image a static "
+        "shift that replaces the teacher scheduler's own shifting.",
     )
-    training_mode: Literal["lora", "full"] = field(
+    training_mode: Literal["lora", "full"] = HfArg(
         default="lora",
-        metadata={
-            "help": (
-                "`lora` trains a student adapter on the shared frozen base; `full` trains a full copy of the backbone."
-            )
-        },
+        help="`lora` trains a student adapter on the shared frozen base; `full` trains a full copy of the backbone.",
     )
-    lora_rank: int = field(default=64, metadata={"help": "Rank of the student LoRA."})
-    lora_alpha: float | None = field(default=128, metadata={"help": "Alpha of the student LoRA."})
-    lora_target_modules: str | None = field(
-        default=None, metadata={"help": "Comma-separated module names for the student LoRA; default per family."}
+    lora_rank: int = HfArg(default=64, help="Rank of the student LoRA.")
+    lora_alpha: float | None = HfArg(default=128, help="Alpha of the student LoRA.")
+    lora_target_modules: str | None = HfArg(
+        default=None,
+        help="Comma-separated module names for the student LoRA; default per family.",
     )
-    fake_lora_rank: int = field(default=32, metadata={"help": "Rank of the fake-score LoRA."})
-    fake_lora_alpha: float | None = field(default=32, metadata={"help": "Alpha of the fake-score LoRA."})
-    fake_lora_target_modules: str | None = field(
-        default=None, metadata={"help": "Comma-separated module names for the fake-score LoRA; default per family."}
+    fake_lora_rank: int = HfArg(default=32, help="Rank of the fake-score LoRA.")
+    fake_lora_alpha: float | None = HfArg(default=32, help="Alpha of the fake-score LoRA.")
+    fake_lora_target_modules: str | None = HfArg(
+        default=None,
+        help="Comma-separated module names for the fake-score LoRA; default per family.",
     )
-    init_lora_weights: Literal["gaussian", "kaiming"] = field(
+    init_lora_weights: Literal["gaussian", "kaiming"] = HfArg(
         default="gaussian",
-        metadata={
-            "help": (
-                "Initialisation of both LoRAs' A matrices: `gaussian` (normal with std `1 / rank`, the released "
-                "code's PEFT option) or `kaiming` (PEFT's default Kaiming-uniform, 2-6x smaller entries at the "
-                "released ranks). B starts at zero either way."
-            )
-        },
+        help="Initialisation of both LoRAs' A matrices: `gaussian` (normal with std `1 / rank`, the released code's "
+        "PEFT option) or `kaiming` (PEFT's default Kaiming-uniform, 2-6x smaller entries at the released ranks). "
+        "B starts at zero either way.",
     )
-    student_init_path: str | None = field(
+    student_init_path: str | None = HfArg(
         default=None,
-        metadata={
-            "help": (
-                "Initialise the student only (teacher, real score and fake-score base stay the teacher): a backbone "
-                "folder (`config.json` + safetensors, or a pipeline folder with `unet/` or `transformer/`) or a "
-                'single backbone `.safetensors` file (both need `training_mode="full"`), or a PEFT LoRA '
-                '`.safetensors` file loaded into the student adapter (`training_mode="lora"`). The released SDXL '
-                "1-step run starts from DMD2's ODE-regression UNet this way."
-            )
-        },
+        help="Initialise the student only (teacher, real score and fake-score base stay the teacher): a backbone "
+        "folder (`config.json` + safetensors, or a pipeline folder with `unet/` or `transformer/`) or a single "
+        'backbone `.safetensors` file (both need `training_mode="full"`), or a PEFT LoRA `.safetensors` file '
+        'loaded into the student adapter (`training_mode="lora"`). The released SDXL 1-step run starts from '
+        "DMD2's ODE-regression UNet this way.",
     )
-    fake_score_lora_scale: float = field(default=2.0, metadata={"help": "LoRA multiplier of the fake score."})
-    real_score_lora_scale: float = field(
-        default=0.5, metadata={"help": "DynaDG: initial multiplier of the fake LoRA inside the real score."}
-    )
-    dynamic_steps: int | None = field(
-        default=None,
-        metadata={
-            "help": (
-                "K, the generator updates over which DynaDG and DynaRS anneal; 0 disables. Unset, it equals "
-                "`cold_start_steps` (the annealing ends with stage 1, as in the released recipes)."
-            )
-        },
-    )
-    renoise_beta_alpha: float = field(
-        default=4.0, metadata={"help": "DynaRS: Beta parameter `a` of the re-noising level at step 0."}
-    )
-    renoise_beta_beta: float = field(
-        default=1.5, metadata={"help": "DynaRS: Beta parameter `b` of the re-noising level at step 0."}
-    )
-    update_ratio: int = field(default=5, metadata={"help": "Fake-score updates per generator update (TTUR)."})
-    real_guidance_scale: float = field(
-        default=7.0,
-        metadata={
-            "help": (
-                "CFG scale of the real score, `uncond + w (cond - uncond)` with the family's negative prompt (empty; "
-                'Qwen-Image: `" "`, its `true_cfg_scale`, with its per-token rescale); at a scale <= 1 there is no '
-                "CFG and no jitter. Z-Image's own `guidance_scale` g is `w = 1 + g`."
-            )
-        },
-    )
-    guidance_scale_jitter: float = field(
+    fake_score_lora_scale: float = HfArg(default=2.0, help="LoRA multiplier of the fake score.")
+    real_score_lora_scale: float = HfArg(
         default=0.5,
-        metadata={"help": "The scale is drawn uniformly in `[scale - jitter, scale + jitter]` per generator update."},
+        help="DynaDG: initial multiplier of the fake LoRA inside the real score.",
     )
-    guidance_embedding_scale: float = field(
+    dynamic_steps: int | None = HfArg(
+        default=None,
+        help="K, the generator updates over which DynaDG and DynaRS anneal; 0 disables. Unset, it equals "
+        "`cold_start_steps` (the annealing ends with stage 1, as in the released recipes).",
+    )
+    renoise_beta_alpha: float = HfArg(
+        default=4.0,
+        help="DynaRS: Beta parameter `a` of the re-noising level at step 0.",
+    )
+    renoise_beta_beta: float = HfArg(default=1.5, help="DynaRS: Beta parameter `b` of the re-noising level at step 0.")
+    update_ratio: int = HfArg(default=5, help="Fake-score updates per generator update (TTUR).")
+    real_guidance_scale: float = HfArg(
+        default=7.0,
+        help="CFG scale of the real score, `uncond + w (cond - uncond)` with the family's negative prompt (empty; "
+        'Qwen-Image: `" "`, its `true_cfg_scale`, with its per-token rescale); at a scale <= 1 there is no CFG '
+        "and no jitter. Z-Image's own `guidance_scale` g is `w = 1 + g`.",
+    )
+    guidance_scale_jitter: float = HfArg(
+        default=0.5,
+        help="The scale is drawn uniformly in `[scale - jitter, scale + jitter]` per generator update.",
+    )
+    guidance_embedding_scale: float = HfArg(
         default=3.5,
-        metadata={
-            "help": (
-                "Guidance-distilled teachers only (FLUX.1 [dev]): the guidance embedding the student and the fake "
-                "score run at (`FluxPipeline`'s default `guidance_scale`), stored in the export so that the exported "
-                "pipeline samples at it. Their real score is one pass at embedding `real_guidance_scale` (jittered) "
-                "instead of two-pass CFG. Ignored by the other families."
-            )
-        },
+        help="Guidance-distilled teachers only (FLUX.1 [dev]): the guidance embedding the student and the fake score "
+        "run at (`FluxPipeline`'s default `guidance_scale`), stored in the export so that the exported pipeline "
+        "samples at it. Their real score is one pass at embedding `real_guidance_scale` (jittered) instead of "
+        "two-pass CFG. Ignored by the other families.",
     )
-    backward_simulation: Literal["sde", "ode"] | None = field(
+    backward_simulation: Literal["sde", "ode"] | None = HfArg(
         default=None,
-        metadata={
-            "help": (
-                "`sde` (re-noise with fresh noise; SDXL default) or `ode` (deterministic; flow default). It also "
-                "fixes whether the exported scheduler is deterministic."
-            )
-        },
+        help="`sde` (re-noise with fresh noise; SDXL default) or `ode` (deterministic; flow default). It also fixes "
+        "whether the exported scheduler is deterministic.",
     )
-    flow_x0_noise_level: float = field(
+    flow_x0_noise_level: float = HfArg(
         default=0.0,
-        metadata={
-            "help": (
-                "Flow models only: the clean estimate stops at this noise level, `x0 = x_t + (level - t) v`; the "
-                "released T2I code uses 0.001. Kept in the exported scheduler."
-            )
-        },
+        help="Flow models only: the clean estimate stops at this noise level, `x0 = x_t + (level - t) v`; the released "
+        "T2I code uses 0.001. Kept in the exported scheduler.",
     )
-    cold_start_steps: int | None = field(
+    cold_start_steps: int | None = HfArg(
         default=None,
-        metadata={
-            "help": (
-                "Stage 1 length (DMD only); rewards join from this generator step. Unset, it is half of "
-                "`max_train_steps`."
-            )
-        },
+        help="Stage 1 length (DMD only); rewards join from this generator step. Unset, it is half of "
+        "`max_train_steps`.",
     )
-    stage2_learning_rate: float | None = field(
+    stage2_learning_rate: float | None = HfArg(
         default=None,
-        metadata={
-            "help": (
-                "Student learning rate from `cold_start_steps` on (within one run, and on a resume past it); unset "
-                "keeps stage 1's. In YAML also as a `stage2:` mapping (`stage2: {learning_rate: 5.0e-7, "
-                "learning_rate_fake: 2.0e-7, train_batch_size: 1}`)."
-            )
-        },
+        help="Student learning rate from `cold_start_steps` on (within one run, and on a resume past it); unset keeps "
+        "stage 1's. In YAML also as a `stage2:` mapping (`stage2: {learning_rate: 5.0e-7, learning_rate_fake: "
+        "2.0e-7, train_batch_size: 1}`).",
     )
-    stage2_learning_rate_fake: float | None = field(
+    stage2_learning_rate_fake: float | None = HfArg(
         default=None,
-        metadata={
-            "help": (
-                "Fake-score learning rate from `cold_start_steps` on; unset keeps stage 1's (YAML: "
-                "`stage2.learning_rate_fake`)."
-            )
-        },
+        help="Fake-score learning rate from `cold_start_steps` on; unset keeps stage 1's (YAML: "
+        "`stage2.learning_rate_fake`).",
     )
-    stage2_train_batch_size: int | None = field(
+    stage2_train_batch_size: int | None = HfArg(
         default=None,
-        metadata={
-            "help": (
-                "Prompts per process per iteration in stage 2 (the released scripts halve it); unset keeps "
-                "`train_batch_size` (YAML: `stage2.train_batch_size`)."
-            )
-        },
+        help="Prompts per process per iteration in stage 2 (the released scripts halve it); unset keeps "
+        "`train_batch_size` (YAML: `stage2.train_batch_size`).",
     )
-    reward: list[str] = field(
+    reward: list[str] = HfArg(
         default_factory=list,
-        metadata={
-            "action": ReplacingAppend,
-            "help": (
-                "Rewards as `name[:weight][:key=value...]` (e.g. `clip:0.3:model=/path`), repeatable; in YAML strings "
-                "or mappings (`{name: clip, weight: 0.3}`). Given on the command line, the flags replace a recipe's "
-                "list; `--reward none` clears it."
-            ),
-        },
+        metadata={"action": ReplacingAppend},
+        help="Rewards as `name[:weight][:key=value...]` (e.g. `clip:0.3:model=/path`), repeatable; in YAML strings or "
+        "mappings (`{name: clip, weight: 0.3}`). Given on the command line, the flags replace a recipe's list; "
+        "`--reward none` clears it.",
     )
-    eval_reward: list[str] = field(
+    eval_reward: list[str] = HfArg(
         default_factory=list,
-        metadata={
-            "action": ReplacingAppend,
-            "help": "Held-out rewards, logged and never trained on (reward-hacking monitor); same syntax as `reward`.",
-        },
+        metadata={"action": ReplacingAppend},
+        help="Held-out rewards, logged and never trained on (reward-hacking monitor); same syntax as `reward`.",
     )
-    reward_vae_model_name_or_path: str | None = field(
+    reward_vae_model_name_or_path: str | None = HfArg(
         default=None,
-        metadata={
-            "help": (
-                "A diffusers `AutoencoderTiny` (e.g. madebyollin/taesdxl) that decodes x0 for the rewards: the "
-                "released SDXL recipe's memory saver (full SDXL VAE decode with grad: +11.6 GiB; tiny: +1.5 GiB)."
-            )
-        },
+        help="A diffusers `AutoencoderTiny` (e.g. madebyollin/taesdxl) that decodes x0 for the rewards: the released "
+        "SDXL recipe's memory saver (full SDXL VAE decode with grad: +11.6 GiB; tiny: +1.5 GiB).",
     )
-    reward_vae_revision: str | None = field(
-        default=None, metadata={"help": "Hub revision of that autoencoder (the teacher's `revision` is not used)."}
+    reward_vae_revision: str | None = HfArg(
+        default=None,
+        help="Hub revision of that autoencoder (the teacher's `revision` is not used).",
     )
-    reward_tilt: bool = field(
+    reward_tilt: bool = HfArg(
         default=False,
-        metadata={"help": "In stage 1, weight each sample's DMD direction by its normalised reward (RT-DM)."},
+        help="In stage 1, weight each sample's DMD direction by its normalised reward (RT-DM).",
     )
-    reward_tilt_temperature: float = field(default=1.0, metadata={"help": "Temperature of the RT-DM softmax."})
-    allow_reward_import_paths: bool = field(
+    reward_tilt_temperature: float = HfArg(default=1.0, help="Temperature of the RT-DM softmax.")
+    allow_reward_import_paths: bool = HfArg(
         default=False,
-        metadata={
-            "help": (
-                "Let a YAML recipe name rewards (or a classifier's `module`) by import path `pkg.module.Attr`. "
-                "Importing runs the module's code, so a recipe file (which may be downloaded) cannot opt in itself: "
-                "pass `--allow_reward_import_paths` on the command line. Import paths typed on the command line need "
-                "no opt-in. Either way the path must resolve to a reward class or function."
-            )
-        },
+        help="Let a YAML recipe name rewards (or a classifier's `module`) by import path `pkg.module.Attr`. Importing "
+        "runs the module's code, so a recipe file (which may be downloaded) cannot opt in itself: pass "
+        "`--allow_reward_import_paths` on the command line. Import paths typed on the command line need no "
+        "opt-in. Either way the path must resolve to a reward class or function.",
     )
-    dmd_loss_weight: float = field(
+    dmd_loss_weight: float = HfArg(
         default=1.0,
-        metadata={
-            "help": "Weight of the DMD loss; 0 gives reward-only training (ablation; the fake score then idles)."
-        },
+        help="Weight of the DMD loss; 0 gives reward-only training (ablation; the fake score then idles).",
     )
-    anchor_loss_weight: float = field(
+    anchor_loss_weight: float = HfArg(
         default=0.0,
-        metadata={
-            "help": (
-                "Weight of an L2 anchor between the student's x0 and that of the student as it was when this run "
-                "started (e.g. resumed from the stage-1 checkpoint): the KL-style regulariser DMDR compares DMD "
-                "against."
-            )
-        },
+        help="Weight of an L2 anchor between the student's x0 and that of the student as it was when this run started "
+        "(e.g. resumed from the stage-1 checkpoint): the KL-style regulariser DMDR compares DMD against.",
     )
-    train_prompts: str = field(
+    train_prompts: str = HfArg(
         default=None,
-        metadata={"help": "A .txt (one prompt per line), .json/.jsonl/.csv/.parquet file, or a Hub dataset id."},
+        help="A .txt (one prompt per line), .json/.jsonl/.csv/.parquet file, or a Hub dataset id.",
     )
-    prompt_column: str | None = field(
-        default=None, metadata={"help": "Column holding the prompts (default: `text` for .txt, else `prompt`)."}
+    prompt_column: str | None = HfArg(
+        default=None,
+        help="Column holding the prompts (default: `text` for .txt, else `prompt`).",
     )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Config of a Hub dataset."})
-    dataset_split: str = field(default="train", metadata={"help": "Split of the prompt dataset."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N prompts."})
-    cache_prompt_embeds: bool = field(
+    dataset_config_name: str | None = HfArg(default=None, help="Config of a Hub dataset.")
+    dataset_split: str = HfArg(default="train", help="Split of the prompt dataset.")
+    max_train_samples: int | None = HfArg(default=None, help="Keep only the first N prompts.")
+    cache_prompt_embeds: bool = HfArg(
         default=False,
-        metadata={
-            "help": (
-                "Encode the prompt set once, cache the embeddings on the host and on disk (`prompt_embeds_cache_dir`, "
-                "keyed by the teacher, the resolution and the prompts), keep text encoders off the GPU."
-            )
-        },
+        help="Encode the prompt set once, cache the embeddings on the host and on disk (`prompt_embeds_cache_dir`, "
+        "keyed by the teacher, the resolution and the prompts), keep text encoders off the GPU.",
     )
-    prompt_embeds_cache_dir: str | None = field(
+    prompt_embeds_cache_dir: str | None = HfArg(
         default=None,
-        metadata={"help": "Folder of the prompt-embedding cache (default: ~/.cache/diffusers_dmdr/prompt_embeds)."},
+        help="Folder of the prompt-embedding cache (default: ~/.cache/diffusers_dmdr/prompt_embeds).",
     )
-    offload_text_encoders: bool = field(
+    offload_text_encoders: bool = HfArg(
         default=False,
-        metadata={"help": "Keep the text encoders on the CPU and move them to the GPU only to encode a batch."},
+        help="Keep the text encoders on the CPU and move them to the GPU only to encode a batch.",
     )
-    resolution: int = field(
-        default=1024, metadata={"help": "Square training resolution in pixels (the height when `width` is set)."}
+    resolution: int = HfArg(
+        default=1024,
+        help="Square training resolution in pixels (the height when `width` is set).",
     )
-    width: int | None = field(
+    width: int | None = HfArg(
         default=None,
-        metadata={
-            "help": (
-                "Training width in pixels for non-square images (e.g. `--resolution 32 --width 64`); defaults to "
-                "`resolution`."
-            )
-        },
+        help="Training width in pixels for non-square images (e.g. `--resolution 32 --width 64`); defaults to "
+        "`resolution`.",
     )
-    max_train_steps: int = field(default=3000, metadata={"help": "Generator updates to train for (both stages)."})
-    train_batch_size: int = field(
+    max_train_steps: int = HfArg(default=3000, help="Generator updates to train for (both stages).")
+    train_batch_size: int = HfArg(
         default=1,
-        metadata={
-            "help": "Prompts per process per iteration in stage 1. The global batch is `train_batch_size x processes`."
-        },
+        help="Prompts per process per iteration in stage 1. The global batch is `train_batch_size x processes`.",
     )
-    gradient_accumulation_steps: int = field(
+    gradient_accumulation_steps: int = HfArg(
         default=1,
-        metadata={
-            "help": (
-                "Micro-batches of `train_batch_size` accumulated into each update of either network; a generator "
-                "update and a fake-score update are each this many micro-batches."
-            )
-        },
+        help="Micro-batches of `train_batch_size` accumulated into each update of either network; a generator update "
+        "and a fake-score update are each this many micro-batches.",
     )
-    learning_rate: float = field(default=1e-6, metadata={"help": "Learning rate of the student (stage 1)."})
-    learning_rate_fake: float = field(default=5e-7, metadata={"help": "Learning rate of the fake score (stage 1)."})
-    lr_scheduler: str = field(default="constant", metadata={"help": "A diffusers LR schedule name (both networks)."})
-    lr_warmup_steps: int = field(default=0, metadata={"help": "Warmup of both schedules, in generator updates."})
-    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1 (both networks)."})
-    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2 (both networks)."})
-    adam_weight_decay: float = field(default=1e-2, metadata={"help": "Weight decay of the student."})
-    adam_weight_decay_fake: float = field(default=0.0, metadata={"help": "Weight decay of the fake score."})
-    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon (both networks)."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clip of both networks."})
-    use_8bit_adam: bool = field(
-        default=False, metadata={"help": "Bitsandbytes AdamW8bit for both networks (the released T2I scripts)."}
-    )
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
-    memory_plan_num_processes: int | None = field(
-        default=None,
-        metadata={
-            "help": (
-                "The process count for which preflight's memory plan reports the per-process bytes under FSDP2 "
-                "sharding (default: the launch's `WORLD_SIZE`, 1 without a launcher). The plan counts weights, "
-                "gradients and optimizer states exactly from the component configs; activations are not in it."
-            )
-        },
-    )
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
-        default=None,
-        metadata={
-            "help": (
-                "`no`, `fp16` or `bf16`: dtype of the frozen weights (teacher, encoders, rewards) and of autocast; "
-                "default: accelerate's config."
-            )
-        },
-    )
-    allow_tf32: bool = field(
+    learning_rate: float = HfArg(default=1e-6, help="Learning rate of the student (stage 1).")
+    learning_rate_fake: float = HfArg(default=5e-7, help="Learning rate of the fake score (stage 1).")
+    lr_scheduler: str = HfArg(default="constant", help="A diffusers LR schedule name (both networks).")
+    lr_warmup_steps: int = HfArg(default=0, help="Warmup of both schedules, in generator updates.")
+    adam_beta1: float = HfArg(default=0.9, help="AdamW beta1 (both networks).")
+    adam_beta2: float = HfArg(default=0.999, help="AdamW beta2 (both networks).")
+    adam_weight_decay: float = HfArg(default=1e-2, help="Weight decay of the student.")
+    adam_weight_decay_fake: float = HfArg(default=0.0, help="Weight decay of the fake score.")
+    adam_epsilon: float = HfArg(default=1e-8, help="AdamW epsilon (both networks).")
+    max_grad_norm: float = HfArg(default=1.0, help="Gradient-norm clip of both networks.")
+    use_8bit_adam: bool = HfArg(
         default=False,
-        metadata={"help": "Allow TF32 matmuls and convolutions on Ampere+ GPUs (the GPU recipes turn it on)."},
+        help="Bitsandbytes AdamW8bit for both networks (the released T2I scripts).",
     )
-    max_consecutive_nonfinite_steps: int = field(
-        default=5, metadata={"help": "Abort after this many NaN/inf losses in a row (each one skips its step)."}
+    gradient_checkpointing: bool = HfArg(default=False, help="Trade compute for activation memory.")
+    memory_plan_num_processes: int | None = HfArg(
+        default=None,
+        help="The process count for which preflight's memory plan reports the per-process bytes under FSDP2 sharding "
+        "(default: the launch's `WORLD_SIZE`, 1 without a launcher). The plan counts weights, gradients and "
+        "optimizer states exactly from the component configs; activations are not in it.",
     )
-    divergence_loss_factor: float = field(
-        default=100.0,
-        metadata={
-            "help": (
-                "The run stops when a generator or fake-score loss exceeds this many times its running reference "
-                "(`guards.DivergenceGuard`); 0 disables the loss rule."
-            )
-        },
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = HfArg(
+        default=None,
+        help="`no`, `fp16` or `bf16`: dtype of the frozen weights (teacher, encoders, rewards) and of autocast; "
+        "default: accelerate's config.",
     )
-    divergence_weight_norm_factor: float = field(
-        default=10.0,
-        metadata={
-            "help": (
-                "The run stops when the norm of the trainable weights exceeds this many times its value at the start "
-                "of the run; 0 disables the weight rule."
-            )
-        },
+    allow_tf32: bool = HfArg(
+        default=False,
+        help="Allow TF32 matmuls and convolutions on Ampere+ GPUs (the GPU recipes turn it on).",
     )
-    divergence_warmup_steps: int = field(
+    max_consecutive_nonfinite_steps: int = HfArg(
         default=5,
-        metadata={"help": "Healthy generator steps that build the loss reference before the loss rule applies."},
+        help="Abort after this many NaN/inf losses in a row (each one skips its step).",
     )
-    seed: int = field(
-        default=0, metadata={"help": "Seed of every random draw (noise, timesteps, prompts, CFG, control words)."}
+    divergence_loss_factor: float = HfArg(
+        default=100.0,
+        help="The run stops when a generator or fake-score loss exceeds this many times its running reference "
+        "(`guards.DivergenceGuard`); 0 disables the loss rule.",
     )
-    output_dir: str = field(default="dmdr-model", metadata={"help": "Where checkpoints, logs and the export go."})
-    logging_dir: str = field(default="logs", metadata={"help": "Tracker folder, relative to `output_dir`."})
-    report_to: str = field(default="tensorboard", metadata={"help": "`tensorboard`, `wandb`, `all` or `none`."})
-    tracker_project_name: str = field(default="dmdr", metadata={"help": "Tracker project name."})
-    validation_prompts: list[str] | None = field(default=None, metadata={"help": "Prompts of the validation grids."})
-    validation_steps: int = field(default=500, metadata={"help": "Log a validation grid every N generator steps."})
-    num_validation_images: int = field(default=2, metadata={"help": "Images per validation prompt."})
-    checkpointing_steps: int = field(default=500, metadata={"help": "Save a resumable state every N generator steps."})
-    checkpoints_total_limit: int | None = field(
-        default=None, metadata={"help": "Keep the newest N >= 1 complete checkpoints; unset keeps all."}
+    divergence_weight_norm_factor: float = HfArg(
+        default=10.0,
+        help="The run stops when the norm of the trainable weights exceeds this many times its value at the start of "
+        "the run; 0 disables the weight rule.",
     )
-    resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "A checkpoint folder, or `latest` in `output_dir`."}
+    divergence_warmup_steps: int = HfArg(
+        default=5,
+        help="Healthy generator steps that build the loss reference before the loss rule applies.",
     )
-    push_to_hub: bool = field(
-        default=False, metadata={"help": "Upload the export to the Hub (token from `huggingface-cli login`)."}
-    )
-    hub_model_id: str | None = field(default=None, metadata={"help": "Repo id for --push_to_hub (org/name)."})
-    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
-    hub_timeout: float = field(
-        default=90.0,
-        metadata={
-            "help": (
-                "Seconds a Hub request of the export may take (each call, its retries included); a dead or hanging "
-                "Hub then fails with the command that retries the upload."
-            )
-        },
-    )
-    export_full_pipeline: bool = field(
-        default=True,
-        metadata={
-            "help": (
-                "In LoRA mode, also export the fused full pipeline, so that `DiffusionPipeline.from_pretrained(repo, "
-                "trust_remote_code=True)` works; `false` exports the LoRA alone (smaller, loads onto the teacher)."
-            )
-        },
-    )
-    base_model: str | None = field(
+    seed: int = HfArg(default=0, help="Seed of every random draw (noise, timesteps, prompts, CFG, control words).")
+    output_dir: str = HfArg(default="dmdr-model", help="Where checkpoints, logs and the export go.")
+    logging_dir: str = HfArg(default="logs", help="Tracker folder, relative to `output_dir`.")
+    report_to: str = HfArg(default="tensorboard", help="`tensorboard`, `wandb`, `all` or `none`.")
+    tracker_project_name: str = HfArg(default="dmdr", help="Tracker project name.")
+    validation_prompts: list[str] | None = HfArg(default=None, help="Prompts of the validation grids.")
+    validation_steps: int = HfArg(default=500, help="Log a validation grid every N generator steps.")
+    num_validation_images: int = HfArg(default=2, help="Images per validation prompt.")
+    checkpointing_steps: int = HfArg(default=500, help="Save a resumable state every N generator steps.")
+    checkpoints_total_limit: int | None = HfArg(
         default=None,
-        metadata={
-            "help": (
-                "The teacher's Hub id (`org/name`) when `pretrained_model_name_or_path` is a local copy: the exported "
-                "card's `base_model` and its snippets name it. Unset for a local teacher, the card says so and its "
-                "snippets carry a placeholder (the export warns)."
-            )
-        },
+        help="Keep the newest N >= 1 complete checkpoints; unset keeps all.",
     )
-
-    recipe_reward_lists: dict[str, str] = field(
+    resume_from_checkpoint: str | None = HfArg(default=None, help="A checkpoint folder, or `latest` in `output_dir`.")
+    push_to_hub: bool = HfArg(default=False, help="Upload the export to the Hub (token from `huggingface-cli login`).")
+    hub_model_id: str | None = HfArg(default=None, help="Repo id for --push_to_hub (org/name).")
+    hub_private: bool = HfArg(default=False, help="Create the Hub repo as private.")
+    hub_timeout: float = HfArg(
+        default=90.0,
+        help="Seconds a Hub request of the export may take (each call, its retries included); a dead or hanging Hub "
+        "then fails with the command that retries the upload.",
+    )
+    export_full_pipeline: bool = HfArg(
+        default=True,
+        help="In LoRA mode, also export the fused full pipeline, so that `DiffusionPipeline.from_pretrained(repo, "
+        "trust_remote_code=True)` works; `false` exports the LoRA alone (smaller, loads onto the teacher).",
+    )
+    base_model: str | None = HfArg(
+        default=None,
+        help="The teacher's Hub id (`org/name`) when `pretrained_model_name_or_path` is a local copy: the exported "
+        "card's `base_model` and its snippets name it. Unset for a local teacher, the card says so and its "
+        "snippets carry a placeholder (the export warns).",
+    )
+    recipe_reward_lists: dict[str, str] = HfArg(
         default_factory=dict,
         init=False,
-        metadata={
-            "help": "Set by `parse_args` and `from_yaml`, never by a flag or a recipe: the reward lists (`reward`, "
-            "`eval_reward`) that came from a recipe file, and that file. The preflight "
-            "(`rewards.check_recipe_import_paths`) refuses their import paths without `allow_reward_import_paths`."
-        },
+        help="Set by `parse_args` and `from_yaml`, never by a flag or a recipe: the reward lists (`reward`, "
+        "`eval_reward`) that came from a recipe file, and that file. The preflight "
+        "(`rewards.check_recipe_import_paths`) refuses their import paths without `allow_reward_import_paths`.",
     )
 
     def __post_init__(self):
