@@ -268,3 +268,13 @@ def test_family_choices_are_the_registered_families():
 
     assert FAMILY_NAMES[0] == "auto" and set(FAMILY_NAMES[1:]) == set(FAMILIES)
     assert build_argument_parser()._option_string_actions["--family"].choices == FAMILY_NAMES
+
+
+def test_a_parsed_config_saves_and_reloads(tmp_path):
+    """What train.py writes to `dmdr_config.yaml` (flags' reward lists included) reads back to the same values."""
+    config = DMDRConfig.parse_args(
+        REQUIRED + ["--reward", "clip:0.3", "--eval_reward", "aesthetic", "--allow_tf32", "on"]
+    )
+    config.save_yaml(tmp_path / "saved.yaml")
+    reloaded = DMDRConfig.from_yaml(tmp_path / "saved.yaml")
+    assert reloaded.to_dict() == config.to_dict() and reloaded.reward == ["clip:0.3"] and reloaded.allow_tf32

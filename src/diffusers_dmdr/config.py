@@ -50,6 +50,14 @@ _COMMAND_LINE_ONLY = ("allow_reward_import_paths",)
 _SPEC_LIST_FIELDS = ("reward", "eval_reward")
 
 
+def parse_bool(text: str) -> bool:
+    """A boolean flag's value: transformers' `string_to_bool` words (`yes`/`no`, `true`/`false`, `t`/`f`, `y`/`n`,
+    `1`/`0`) plus `on`/`off`, which this command line has always accepted."""
+    if isinstance(text, str) and text.lower() in ("on", "off"):
+        return text.lower() == "on"
+    return string_to_bool(text)
+
+
 class _CommandLineList(list):
     """A reward list built from command-line flags (as opposed to the recipe's list)."""
 
@@ -537,10 +545,11 @@ class DMDRConfig:
         # defaults: the recipe's values stay as read, for `__post_init__` to coerce with the project's messages.
         namespace = vars(build_argument_parser(epilog).parse_args(argv, argparse.Namespace(**recipe)))
         del namespace["config"]
-        config = cls(**namespace)
-        config.recipe_reward_lists = {
+        from_recipe = {
             key: recipe_path for key in _SPEC_LIST_FIELDS if key in recipe and namespace[key] is recipe[key]
         }
+        config = cls(**{**namespace, **{key: list(namespace[key]) for key in _SPEC_LIST_FIELDS}})
+        config.recipe_reward_lists = from_recipe
         return config
 
 
@@ -565,7 +574,7 @@ def _coerce(value, hint):
     expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
     if isinstance(value, str) and hint is not str:
         try:
-            return string_to_bool(value) if hint is bool else hint(value)
+            return parse_bool(value) if hint is bool else hint(value)
         except (ValueError, argparse.ArgumentTypeError):
             raise TypeError(expected) from None
     if isinstance(value, bool) != (hint is bool):
@@ -698,6 +707,8 @@ class DMDRArgumentParser(HfArgumentParser):
             self._group = self.add_argument_group(OPTION_GROUPS[name])
         if name in self._OPTIONAL_FIELDS and kwargs.get("type") in (int, float, str):
             kwargs["type"] = _none_or(kwargs["type"])
+        if kwargs.get("type") is string_to_bool:
+            kwargs["type"] = parse_bool
         return (self._group or super()).add_argument(*names, **kwargs)
 
 

@@ -10,8 +10,7 @@ import argparse
 import logging
 import sys
 
-from transformers.hf_argparser import string_to_bool as parse_bool
-
+from .config import parse_bool
 from .export import export_checkpoint
 from .hub import HubUploadError
 
