@@ -548,7 +548,7 @@ class DMDRConfig:
         from_recipe = {
             key: recipe_path for key in _SPEC_LIST_FIELDS if key in recipe and namespace[key] is recipe[key]
         }
-        config = cls(**{**namespace, **{key: list(namespace[key]) for key in _SPEC_LIST_FIELDS}})
+        config = cls(**{**namespace, **{key: list(namespace[key] or []) for key in _SPEC_LIST_FIELDS}})
         config.recipe_reward_lists = from_recipe
         return config
 
