@@ -63,7 +63,7 @@ from .model_card import BASE_MODEL_PLACEHOLDER, ModelCardInfo, make_model_card
 from .pipelines import pipeline_dmdr, scheduling_dmdr
 from .pipelines.pipeline_dmdr import FewStepDMDRPipeline
 from .pipelines.scheduling_dmdr import DMDRScheduler
-from .utils import MIXED_PRECISION_DTYPES, redact_local_paths, redact_local_paths_in, save_image_grid
+from .utils import redact_local_paths, redact_local_paths_in, resolve_dtype, save_image_grid
 
 
 logger = logging.getLogger(__name__)
@@ -347,7 +347,7 @@ def _full_student_pipeline(stock_pipeline, family, scheduler, backbone, config, 
         # Fused in float32 before any cast, so the saved weights lose nothing to the adapter arithmetic.
         pipeline.backbone.fuse_lora(adapter_names=[STUDENT_ADAPTER])
         pipeline.backbone.unload_lora()
-    dtype = MIXED_PRECISION_DTYPES[config.mixed_precision or "no"]
+    dtype = resolve_dtype(config.mixed_precision or "no")
     # The teacher is loaded in float32: cast only when the run used another precision.
     return pipeline if dtype == torch.float32 else pipeline.to(dtype=dtype)
 

@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from .config import _parse_bool as parse_bool
+from .config import parse_bool
 from .export import export_checkpoint
 from .hub import HubUploadError
 

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .families.base import TEXT_ENCODER_NAMES, ModelFamily, read_component_config
-from .utils import MIXED_PRECISION_DTYPES
+from .utils import resolve_dtype
 
 
 GIB = 1024**3
@@ -391,11 +391,9 @@ def training_dtype_for(mixed_precision: str | None, environ: dict | None = None)
 
     environ = os.environ if environ is None else environ
     value = mixed_precision or environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if value not in MIXED_PRECISION_DTYPES:
-        raise ValueError(
-            f"mixed precision {value!r} is not one of {sorted(MIXED_PRECISION_DTYPES)} (--mixed_precision)."
-        )
-    return MIXED_PRECISION_DTYPES[value]
+    if value not in ("no", "fp16", "bf16"):
+        raise ValueError(f"mixed precision {value!r} is not one of ['bf16', 'fp16', 'no'] (--mixed_precision).")
+    return resolve_dtype(value)
 
 
 def memory_plan_for(config, family: ModelFamily, model_index: dict) -> MemoryPlan | None:

@@ -32,9 +32,10 @@ class RunPlan:
 
 def check_run_inputs(config: DMDRConfig) -> RunPlan:
     """Validate everything about `config` that can be checked before any weight is loaded."""
-    from .rewards import parse_reward_spec, validate_reward_specs
+    from .rewards import check_recipe_import_paths, parse_reward_spec, validate_reward_specs
     from .rewards.core import reward_import_paths
 
+    check_recipe_import_paths(config)  # first: the other checks import what the rewards name
     # 1. Teacher: the folder or Hub id exists and is a supported family.
     model_index = read_teacher_config(config.pretrained_model_name_or_path, config.revision)
     detected = detect_family(model_index, config.pretrained_model_name_or_path)

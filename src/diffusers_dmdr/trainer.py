@@ -44,12 +44,11 @@ from .optimization import lr_multiplier, make_optimizer, only_role, set_learning
 from .prompt_cache import PromptEncoder
 from .sharding import gather_full_state_dict, is_fsdp2, local_shard, student_weights_from_module_state
 from .training_module import GUIDANCE_ROLE, STUDENT_ROLE, DMDRTrainingModule, build_training_module
-from .utils import log_prompt_truncation_once
+from .utils import log_prompt_truncation_once, resolve_dtype
 
 
 logger = get_logger(__name__)
 
-WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Engines that keep their own (sharded) checkpoint format and gather weights collectively.
 SHARDED_ENGINES = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 # The objective the trainer runs (`method.objective.OBJECTIVES`): DMD with ReFL-style reward back-propagation.
@@ -62,7 +61,7 @@ class NonFiniteLossError(RuntimeError):
 
 def weight_dtype_of(mixed_precision: str | None) -> torch.dtype:
     """The dtype of every frozen tensor for a mixed-precision mode (`fp16`, `bf16`; anything else: float32)."""
-    return WEIGHT_DTYPES.get(mixed_precision or "no", torch.float32)
+    return resolve_dtype(mixed_precision or "no")
 
 
 @dataclass

@@ -9,8 +9,18 @@ import torch
 from PIL import Image
 
 
-# `--mixed_precision` values and the dtype of the weights each gives (one table for the trainer, export and plans).
-MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The package's one table of dtype names (`--mixed_precision`, evaluate's `--dtype`, a reward's `precision=`); torch's
+# long names and accelerate's `no` (full precision) are aliases.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_ALIASES = {"no": "fp32", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`"bf16"` (or `"bfloat16"`) -> `torch.bfloat16`; `ValueError` naming the choices for anything else."""
+    key = DTYPE_ALIASES.get(name, name)
+    if key not in DTYPES:
+        raise ValueError(f"Unknown dtype {name!r}; use one of {sorted(DTYPES)} (or {sorted(DTYPE_ALIASES)}).")
+    return DTYPES[key]
 
 
 def images_to_pil(images: torch.Tensor) -> list[Image.Image]:
