@@ -6,8 +6,6 @@ from pathlib import Path
 
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "diffusers_dmdr"
-# Cycles that other branches of issue 21 remove (R-core: denoisers <-> families; R-family: export <-> export_cli and
-# testing <-> testing_flux). The lead empties this at merge; then every cycle fails the test.
 
 
 def module_name(path: Path) -> str:
