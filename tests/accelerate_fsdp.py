@@ -56,12 +56,15 @@ def check_fsdp2_switch(accelerator: Accelerator, model) -> dict:
 
     plugin = accelerator.state.fsdp_plugin
     policy = plugin.mixed_precision_policy
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
     return {
         "distributed_type": str(accelerator.distributed_type),
         "partial_state_distributed_type": str(PartialState().distributed_type),
         "is_fsdp2": bool(accelerator.is_fsdp2),
         "model_is_fsdp_module": isinstance(model, FSDPModule),
         "fsdp_units": sum(isinstance(m, FSDPModule) for m in model.modules()),
+        # fsdp2.yaml's TRANSFORMER_BASED_WRAP: one unit per block the backbone lists, plus the root.
+        "backbone_blocks": sum(type(m).__name__ in blocks for m in model.modules() if m is not model),
         "all_parameters_dtensor": all(isinstance(p, DTensor) for p in model.parameters()),
         "state_dict_type": str(plugin.state_dict_type),
         "auto_wrap_policy": getattr(getattr(plugin.auto_wrap_policy, "func", None), "__name__", None),

@@ -96,8 +96,8 @@ def test_accelerate_takes_its_fsdp2_path_with_the_shipped_settings(runs, mode):
     assert switch["is_fsdp2"] and switch["model_is_fsdp_module"] and switch["all_parameters_dtensor"]
     assert switch["state_dict_type"] == "StateDictType.SHARDED_STATE_DICT"
     assert switch["auto_wrap_policy"] == "transformer_auto_wrap_policy" and switch["reshard_after_forward"] is True
-    # The root plus the backbone's blocks (a full student's blocks too): more units than the root alone.
-    assert switch["fsdp_units"] > 1
+    # The root plus every block in the backbone's `_no_split_modules` (a full student's blocks too).
+    assert switch["backbone_blocks"] > 0 and switch["fsdp_units"] == switch["backbone_blocks"] + 1
     # --mixed_precision no: no cast policy (the bf16 launch of the same file is checked in its own test).
     assert switch["param_dtype"] == "None"
 

@@ -54,7 +54,13 @@ from .losses import anchor_loss, dmd_loss, fake_score_loss, reward_tilt_weights
 from .optimization import RoleSchedule, lr_multiplier, make_optimizer, only_role, set_learning_rates, step_role
 from .prompt_cache import PromptEncoder
 from .rewards import compute_reward_loss, set_reward_step
-from .sharding import gather_full_state_dict, is_fsdp2, local_shard, student_weights_from_module_state
+from .sharding import (
+    check_engine_supported,
+    gather_full_state_dict,
+    is_fsdp2,
+    local_shard,
+    student_weights_from_module_state,
+)
 from .simulation import SimulationOutput, backward_simulation, sample_student
 from .stages import stage_two_start_iteration, stage_values
 from .training_module import GUIDANCE_ROLE, STUDENT_ROLE, DMDRTrainingModule
@@ -64,8 +70,8 @@ from .utils import log_prompt_truncation_once
 logger = get_logger(__name__)
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-# Engines that keep their own (sharded) checkpoint format and gather weights collectively.
-SHARDED_ENGINES = (DistributedType.FSDP, DistributedType.DEEPSPEED)
+# Engines that keep their own (sharded) checkpoint format and gather weights collectively (DeepSpeed is refused).
+SHARDED_ENGINES = (DistributedType.FSDP,)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -151,6 +157,7 @@ class DMDRTrainer:
     ):
         self.config = config
         self.callbacks = check_callbacks(callbacks)
+        check_engine_supported(getattr(accelerator, "distributed_type", None))
         self.accelerator = accelerator or create_accelerator(config)
         self.teacher = teacher
         self.family = teacher.family
