@@ -1,14 +1,14 @@
 """Worker of tests/test_fsdp.py, started on 2 CPU processes (gloo) by
 
     ACCELERATE_USE_CPU=true accelerate launch --config_file examples/train_dmdr/accelerate_configs/fsdp2.yaml \
-        --num_processes 2 --mixed_precision no tests/fsdp_worker.py TEACHER PROMPTS OUTPUT MODE
+        --num_processes 2 --mixed_precision no tests/fsdp_worker.py TEACHER PROMPTS OUTPUT MODE [--with_ddp]
 
 so the shipped FSDP2 settings (wrap policy, state-dict type, resharding) reach the processes exactly as a GPU launch of
 that file passes them (the `FSDP_*` environment); tests/accelerate_fsdp.py switches accelerate onto its FSDP2 path,
 which only accelerators take by themselves. MODE is `lora` or `full` (the student).
 
 Runs, in one 2-process world (batch 1 per process, global batch 2):
-- `ddp`: data parallel, the unsharded reference, and an exact resume from its step-1 checkpoint;
+- `ddp` (`--with_ddp`): data parallel, the unsharded reference, and an exact resume from its step-1 checkpoint;
 - `fsdp2`: accelerate's FSDP2 `prepare`; a sharded checkpoint is written by `save_state` after step 1; the gathered
   student is exported by `export_from_trainer` (what train.py runs at the end); frozen-base and gradient facts;
 - `fsdp2_resumed`: a new run resumed by `load_state` from that sharded checkpoint, for the second step.
@@ -16,6 +16,7 @@ Rank 0 writes `results.json` (losses, facts) and each run's gathered weights as 
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def losses_of(history) -> list[list[float]]:
     return [[row["loss_dmd"], row["loss_fake"]] for row in history]
 
 
-def main(teacher_dir: str, prompt_file: str, output: str, mode: str) -> None:
+def main(teacher_dir: str, prompt_file: str, output: str, mode: str, *flags: str) -> None:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
     from accelerate_fsdp import check_fsdp2_switch, fsdp2_accelerator
@@ -63,10 +64,14 @@ def main(teacher_dir: str, prompt_file: str, output: str, mode: str) -> None:
     from diffusers_dmdr.export import export_from_trainer
     from diffusers_dmdr.families import get_family
     from diffusers_dmdr.sharding import gather_full_state_dict
-    from diffusers_dmdr.trainer import DMDRTrainer
+    from diffusers_dmdr.trainer import DMDRTrainer, weight_dtype_of
     from diffusers_dmdr.training_module import GUIDANCE_ROLE, STUDENT_ROLE
 
     output = Path(output)
+    # The launch's --mixed_precision (the shipped file says bf16; the equality tests launch with `no`). The teacher
+    # loads in the training dtype, as train.py loads it.
+    mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    weight_dtype = weight_dtype_of(mixed_precision)
     common = {**COMMON, "training_mode": mode}
     # One module, two roles: each backward leaves the other role's parameters unused (as `create_accelerator` says).
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
@@ -74,7 +79,7 @@ def main(teacher_dir: str, prompt_file: str, output: str, mode: str) -> None:
 
     def make_trainer(name, accelerator, **overrides):
         config = tiny_config(teacher_dir, prompt_file, output / name, **{**common, **overrides})
-        teacher = get_family("sdxl").load_teacher(teacher_dir)
+        teacher = get_family("sdxl").load_teacher(teacher_dir, dtype=weight_dtype)
         return DMDRTrainer(config, teacher, PROMPTS, accelerator=accelerator)
 
     def record(name, trainer, row, full_state=None):
@@ -89,20 +94,21 @@ def main(teacher_dir: str, prompt_file: str, output: str, mode: str) -> None:
             **row,
         }
 
-    # Before the switch: accelerate's state is process-wide, and the FSDP runs below keep it switched.
-    trainer = make_trainer("ddp", Accelerator(cpu=True, kwargs_handlers=handlers))
-    trainer.train()
-    record("ddp", trainer, {})
-    # Exact resume under DDP: a new run from the step-1 checkpoint for the second step.
-    resumed = make_trainer(
-        "ddp", Accelerator(cpu=True, kwargs_handlers=handlers), resume_from_checkpoint="checkpoint-1"
-    )
-    resumed.train()
-    record("ddp_resumed", resumed, {"start_step": 1})
+    if "--with_ddp" in flags:
+        # Before the switch: accelerate's state is process-wide, and the FSDP runs below keep it switched.
+        trainer = make_trainer("ddp", Accelerator(cpu=True, kwargs_handlers=handlers))
+        trainer.train()
+        record("ddp", trainer, {})
+        # Exact resume under DDP: a new run from the step-1 checkpoint for the second step.
+        resumed = make_trainer(
+            "ddp", Accelerator(cpu=True, kwargs_handlers=handlers), resume_from_checkpoint="checkpoint-1"
+        )
+        resumed.train()
+        record("ddp_resumed", resumed, {"start_step": 1})
 
     # accelerate's own FSDP2 path with the launch's (the shipped file's) settings.
     accelerator = fsdp2_accelerator(kwargs_handlers=handlers)
-    teacher = get_family("sdxl").load_teacher(teacher_dir)
+    teacher = get_family("sdxl").load_teacher(teacher_dir, dtype=weight_dtype)
     base_before = {n: p.detach().clone() for n, p in teacher.backbone.named_parameters()}
     config = tiny_config(teacher_dir, prompt_file, output / "fsdp2", **common)
     trainer = DMDRTrainer(config, teacher, PROMPTS, accelerator=accelerator)
@@ -134,6 +140,14 @@ def main(teacher_dir: str, prompt_file: str, output: str, mode: str) -> None:
     row["fake_grad_shapes_local_vs_full"] = [
         [list(p.grad.to_local().shape), list(p.shape)] for p in module.parameters_of(GUIDANCE_ROLE)[:4]
     ]
+    row["dtypes"] = {
+        name: sorted({str(p.dtype) for p in params})
+        for name, params in (
+            ("frozen", module.frozen_parameters()),
+            ("student", module.parameters_of(STUDENT_ROLE)),
+            ("fake", module.parameters_of(GUIDANCE_ROLE)),
+        )
+    }
     row["student_grads"] = sum(p.grad is not None for p in module.parameters_of(STUDENT_ROLE))
     trainer.optimizer.zero_grad(set_to_none=True)
     # The end of train.py: every process takes part in gathering the student; rank 0 writes the folder.
