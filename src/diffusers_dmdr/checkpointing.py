@@ -106,7 +106,7 @@ def atomic_checkpoint_save(
     r"""Write `output_dir/checkpoint-{step}` atomically, then prune to `limit` complete checkpoints.
 
     1. the main process clears a stale `.checkpoint-{step}.tmp`; 2. every process calls `write_files(tmp)` (under
-    FSDP/DeepSpeed each rank writes its shard into the same folder); 3. the main process calls
+    FSDP each rank writes its shard into the same folder); 3. the main process calls
     `finalize_files(tmp)` (config, counters), writes the completeness marker, renames the folder to
     `checkpoint-{step}` and only then deletes the oldest complete checkpoints and leftover temporary folders.
 

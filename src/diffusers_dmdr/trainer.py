@@ -2,7 +2,7 @@
 
 The trainer holds no formula: noise math lives in the scheduler, losses in `losses.py`, schedules in
 `schedules.py`, the sampler in `simulation.py`. What trains is one [`DMDRTrainingModule`] with one optimizer (a
-parameter group per role), prepared by one `accelerator.prepare` call, so DDP, FSDP2 and DeepSpeed all see one model.
+parameter group per role), prepared by one `accelerator.prepare` call, so DDP and FSDP2 see one model.
 """
 
 import json
@@ -684,8 +684,8 @@ class DMDRTrainer:
     def _backward(self, loss: torch.Tensor, role: str, lora_scale: float, last: bool) -> bool:
         """Accumulate `loss / micro_batches` into `role`'s gradients; False (and gradients cleared) when non-finite.
 
-        Gradients are synchronised across processes on the last micro-batch only. Under DeepSpeed the engine steps
-        inside this last backward, so `role`'s learning rates are set first.
+        Gradients are synchronised across processes on the last micro-batch only. Only `role`'s group has a nonzero
+        learning rate from here to its step (`optimization.step_role`).
         """
         if not self._all_finite(loss):
             self._record_nonfinite(role, "loss")
@@ -743,7 +743,7 @@ class DMDRTrainer:
 
     def save_checkpoint(self) -> Path:
         """Write `output_dir/checkpoint-{step}` atomically (see `checkpointing.atomic_checkpoint_save`); all processes
-        must call it (under FSDP/DeepSpeed each writes its shard into the same temporary folder). The trainer's
+        must call it (under FSDP each writes its shard into the same temporary folder). The trainer's
         counters and history go in as JSON."""
         self._assert_finite_weights()
 
@@ -778,7 +778,7 @@ class DMDRTrainer:
         logger.info(f"Resumed from {path} at generator step {self.state.global_step}")
 
     def _save_model_hook(self, models, weights, output_dir) -> None:
-        # FSDP and DeepSpeed have already written their own (sharded) format; the safetensors files are the format of
+        # FSDP has already written its own (sharded) format; the safetensors files are the format of
         # unsharded runs, written by the main process.
         if self.sharded or not self.accelerator.is_main_process:
             return
@@ -814,7 +814,7 @@ class DMDRTrainer:
     def student_state_dict(self) -> dict[str, torch.Tensor]:
         """The student's weights: PEFT-format LoRA (LoRA mode) or the full backbone state dict, whatever the engine.
 
-        Under FSDP and DeepSpeed the full state dict is gathered, so every process must call this.
+        Under FSDP the full state dict is gathered, so every process must call this.
         """
         if self.sharded:
             return student_weights_from_module_state(
