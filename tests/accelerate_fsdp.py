@@ -63,8 +63,11 @@ def check_fsdp2_switch(accelerator: Accelerator, model) -> dict:
         "is_fsdp2": bool(accelerator.is_fsdp2),
         "model_is_fsdp_module": isinstance(model, FSDPModule),
         "fsdp_units": sum(isinstance(m, FSDPModule) for m in model.modules()),
-        # fsdp2.yaml's TRANSFORMER_BASED_WRAP: one unit per block the backbone lists, plus the root.
-        "backbone_blocks": sum(type(m).__name__ in blocks for m in model.modules() if m is not model),
+        # fsdp2.yaml's TRANSFORMER_BASED_WRAP: one unit per block the backbone lists, plus the root (`fully_shard`
+        # swaps a unit's class for a subclass `FSDP<name>`: the block's own class is in its MRO).
+        "backbone_blocks": sum(
+            any(cls.__name__ in blocks for cls in type(m).__mro__) for m in model.modules() if m is not model
+        ),
         "all_parameters_dtensor": all(isinstance(p, DTensor) for p in model.parameters()),
         "state_dict_type": str(plugin.state_dict_type),
         "auto_wrap_policy": getattr(getattr(plugin.auto_wrap_policy, "func", None), "__name__", None),

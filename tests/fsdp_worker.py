@@ -43,10 +43,11 @@ COMMON = dict(
 
 
 def weights_of(trainer, full_state=None) -> dict[str, dict[str, torch.Tensor]]:
-    """The student's weights (as the export reads them) and the fake adapter's, full tensors on the CPU."""
+    """The student's weights (as the export reads them) and the fake adapter's: copies of the full tensors, on the CPU
+    (state dicts hold views of the live parameters)."""
     module_state = full_state if full_state is not None else trainer.training_module.state_dict()
-    fake = {k: v.detach().float().cpu().contiguous() for k, v in module_state.items() if ".fake." in k}
-    student = {k: v.detach().float().cpu().contiguous() for k, v in trainer.student_state_dict().items()}
+    fake = {k: v.detach().float().cpu().clone() for k, v in module_state.items() if ".fake." in k}
+    student = {k: v.detach().float().cpu().clone() for k, v in trainer.student_state_dict().items()}
     return {"student": student, "fake": fake}
 
 

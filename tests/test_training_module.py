@@ -78,10 +78,17 @@ def test_shipped_accelerate_configs_load_and_fsdp2_wraps_the_backbone_blocks(mon
         "single_gpu": "DistributedType.NO",
         "multi_gpu_ddp": "DistributedType.MULTI_GPU",
         "fsdp2": "DistributedType.FSDP",
+        "two_nodes_fsdp2_node0": "DistributedType.FSDP",
+        "two_nodes_fsdp2_node1": "DistributedType.FSDP",
     }
     assert not list(folder.glob("*deepspeed*"))
     fsdp_config = load_config_from_file(str(folder / "fsdp2.yaml")).fsdp_config
     assert fsdp_config["fsdp_version"] == 2 and "fsdp_transformer_layer_cls_to_wrap" not in fsdp_config
+    # The two-node files shard as fsdp2.yaml does, over 2 machines, one with each rank.
+    for rank in (0, 1):
+        node = load_config_from_file(str(folder / f"two_nodes_fsdp2_node{rank}.yaml"))
+        assert node.fsdp_config == fsdp_config and node.mixed_precision == "bf16"
+        assert (node.num_machines, node.machine_rank, node.num_processes) == (2, rank, 16)
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy=fsdp_config["fsdp_auto_wrap_policy"])
