@@ -3,8 +3,9 @@
     ACCELERATE_USE_CPU=true accelerate launch --config_file examples/train_dmdr/accelerate_configs/fsdp2.yaml \
         --num_processes 2 --mixed_precision no tests/fsdp_worker.py TEACHER PROMPTS OUTPUT MODE [--with_ddp]
 
-so the shipped FSDP2 settings (wrap policy, state-dict type, resharding) reach the processes exactly as a GPU launch of
-that file passes them (the `FSDP_*` environment); tests/accelerate_fsdp.py switches accelerate onto its FSDP2 path,
+(or the two-node files, one process per "node"), so the shipped FSDP2 settings (wrap policy, state-dict type,
+resharding, and the file's bf16 when `--mixed_precision` is not overridden) reach the processes exactly as a GPU launch
+of that file passes them (the `FSDP_*` environment); tests/accelerate_fsdp.py switches accelerate onto its FSDP2 path,
 which only accelerators take by themselves. MODE is `lora` or `full` (the student).
 
 Runs, in one 2-process world (batch 1 per process, global batch 2):
