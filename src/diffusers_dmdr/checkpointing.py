@@ -110,7 +110,7 @@ def atomic_checkpoint_save(
     r"""Write `output_dir/checkpoint-{step}` atomically, then prune to `limit` complete checkpoints.
 
     1. the main process clears a stale `.checkpoint-{step}.tmp`; 2. every process calls `write_files(tmp)` (under
-    FSDP/DeepSpeed each rank writes its shard into the same folder); 3. the main process calls
+    FSDP each rank writes its shard into the same folder); 3. the main process calls
     `finalize_files(tmp)` (config, counters), writes the completeness marker, renames the folder to
     `checkpoint-{step}` and only then deletes the oldest complete checkpoints and leftover temporary folders.
 
@@ -279,7 +279,7 @@ def register_weight_hooks(accelerator, module, sharded: bool, student_state_dict
     """Have `accelerator.save_state` / `load_state` write and read the training module's trainable weights as
     safetensors (the student's LoRA or full backbone, the fake-score LoRA), never as a pickle.
 
-    FSDP and DeepSpeed (`sharded`) keep their own sharded format: the hooks leave them alone. Unsharded runs write
+    FSDP (`sharded`) keeps their own sharded format: the hooks leave them alone. Unsharded runs write
     from the main process; `student_state_dict()` gives the student's weights in the export's format.
     """
 

@@ -90,7 +90,7 @@ def export_from_trainer(trainer) -> Path | None:
 
     Reuses the trainer's components (text encoders, tokenizers, VAE, the frozen base): the teacher is not loaded a
     second time. The sample grid comes from the trainer's own sampler ([`DMDRTrainer.sample_latents`]) with the
-    validation prompts and seed. Call it on every process: under FSDP and DeepSpeed the student's weights are gathered
+    validation prompts and seed. Call it on every process: under FSDP the student's weights are gathered
     collectively and every process takes part in sampling; the main process writes the folder.
 
     Args:

@@ -3,9 +3,11 @@
 Two-time-scale updates (TTUR) on one optimizer: the fake score steps every iteration and the student every
 `update_ratio`-th. A step for one role leaves the other group untouched because that group holds no gradients
 (`zero_grad(set_to_none=True)` after every step; AdamW and bitsandbytes' AdamW8bit skip parameters whose gradient is
-`None`, so their moments and step counts stay the role's own). Engines that keep gradients in flat buffers
-(DeepSpeed ZeRO) see zeros instead of `None`: `step_role` therefore also sets the other group's learning rate to 0
-for that step, so its weights cannot move; their Adam moments do see a zero-gradient step there (see the README).
+`None`, so their moments and step counts stay the role's own). `step_role` also sets the other group's learning rate
+to 0 for that step, so its weights cannot move whatever its gradients. That alone is not enough: engines that keep
+gradients in flat buffers (DeepSpeed ZeRO) hand the idle group zeros instead of `None`, and its Adam moments and step
+count advance (the student's first update falls to 0.52x its learning rate at TTUR 5), which is why DeepSpeed is
+refused (`sharding.check_engine_supported`; tests/test_engines.py measures both).
 
 Learning rates are a pure function of the progress counters (`iteration` for the fake score, `global_step` for the
 student), so a resumed run recomputes them and no scheduler state is checkpointed.

@@ -3,7 +3,7 @@ checkpoints, validation, logging).
 
 The trainer holds no formula: what an iteration computes is the objective's (`method/objective.py`), which sees the
 training module only through its routes. What trains is one [`DMDRTrainingModule`] with one optimizer (a parameter
-group per role), prepared by one `accelerator.prepare` call, so DDP, FSDP2 and DeepSpeed all see one model.
+group per role), prepared by one `accelerator.prepare` call, so DDP and FSDP2 see one model.
 """
 
 import json
@@ -42,15 +42,21 @@ from .method.simulation import sample_student
 from .method.stages import stage_two_start_iteration, stage_values
 from .optimization import lr_multiplier, make_optimizer, only_role, set_learning_rates, step_role
 from .prompt_cache import PromptEncoder
-from .sharding import gather_full_state_dict, is_fsdp2, local_shard, student_weights_from_module_state
+from .sharding import (
+    check_engine_supported,
+    gather_full_state_dict,
+    is_fsdp2,
+    local_shard,
+    student_weights_from_module_state,
+)
 from .training_module import GUIDANCE_ROLE, STUDENT_ROLE, DMDRTrainingModule, build_training_module
 from .utils import log_prompt_truncation_once, resolve_dtype
 
 
 logger = get_logger(__name__)
 
-# Engines that keep their own (sharded) checkpoint format and gather weights collectively.
-SHARDED_ENGINES = (DistributedType.FSDP, DistributedType.DEEPSPEED)
+# Engines that keep their own (sharded) checkpoint format and gather weights collectively (DeepSpeed is refused).
+SHARDED_ENGINES = (DistributedType.FSDP,)
 # The objective the trainer runs (`method.objective.OBJECTIVES`): DMD with ReFL-style reward back-propagation.
 OBJECTIVE = "refl"
 
@@ -126,6 +132,7 @@ class DMDRTrainer:
     ):
         self.config = config
         self.callbacks = check_callbacks(callbacks)
+        check_engine_supported(getattr(accelerator, "distributed_type", None))
         self.accelerator = accelerator or create_accelerator(config)
         self.teacher = teacher
         self.family = teacher.family
@@ -464,8 +471,8 @@ class DMDRTrainer:
     def _backward(self, loss: torch.Tensor, role: str, lora_scale: float, last: bool) -> bool:
         """Accumulate `loss / micro_batches` into `role`'s gradients; False (and gradients cleared) when non-finite.
 
-        Gradients are synchronised across processes on the last micro-batch only. Under DeepSpeed the engine steps
-        inside this last backward, so `role`'s learning rates are set first.
+        Gradients are synchronised across processes on the last micro-batch only. Only `role`'s group has a nonzero
+        learning rate from here to its step (`optimization.step_role`).
         """
         if not self._all_finite(loss):
             self._record_nonfinite(role, "loss")
@@ -520,7 +527,7 @@ class DMDRTrainer:
 
     def save_checkpoint(self) -> Path:
         """Write `output_dir/checkpoint-{step}` atomically (see `checkpointing.atomic_checkpoint_save`); all processes
-        must call it (under FSDP/DeepSpeed each writes its shard into the same temporary folder). The trainer's
+        must call it (under FSDP each writes its shard into the same temporary folder). The trainer's
         counters and history go in as JSON."""
         self._assert_finite_weights()
 
@@ -557,7 +564,7 @@ class DMDRTrainer:
     def student_state_dict(self) -> dict[str, torch.Tensor]:
         """The student's weights: PEFT-format LoRA (LoRA mode) or the full backbone state dict, whatever the engine.
 
-        Under FSDP and DeepSpeed the full state dict is gathered, so every process must call this.
+        Under FSDP the full state dict is gathered, so every process must call this.
         """
         if self.sharded:
             return student_weights_from_module_state(

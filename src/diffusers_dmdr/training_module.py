@@ -1,7 +1,6 @@
-"""DMDRTrainingModule: the one `nn.Module` that trains, so every engine (DDP, FSDP2, DeepSpeed) wraps one model.
+"""DMDRTrainingModule: the one `nn.Module` that trains, so every engine (DDP, FSDP2) wraps one model.
 
-accelerate prepares one model per call under FSDP2 and one per Accelerator under DeepSpeed, and torch's FSDP2
-refuses a parameter seen by two sharded groups. So the student and the guidance network are not two modules sharing
+accelerate prepares one model per call under FSDP2, and torch's FSDP2 refuses a parameter seen by two sharded groups. So the student and the guidance network are not two modules sharing
 tensors: they are two *routes* through one module that stores the frozen base once.
 
 Routes (`forward(role, ...)`):
