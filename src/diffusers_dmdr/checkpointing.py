@@ -279,7 +279,7 @@ def register_weight_hooks(accelerator, module, sharded: bool, student_state_dict
     """Have `accelerator.save_state` / `load_state` write and read the training module's trainable weights as
     safetensors (the student's LoRA or full backbone, the fake-score LoRA), never as a pickle.
 
-    FSDP (`sharded`) keeps their own sharded format: the hooks leave them alone. Unsharded runs write
+    FSDP (`sharded`) keeps its own sharded format: the hooks leave them alone. Unsharded runs write
     from the main process; `student_state_dict()` gives the student's weights in the export's format.
     """
 
