@@ -96,6 +96,19 @@ def shifted_flow_grid(num_steps: int, shift: float = 1.0, num_train_timesteps: i
     return [float(level * num_train_timesteps) for level in warped]
 
 
+def shifted_linear_flow_grid(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> list[float]:
+    r"""A flow student grid from the stock pipelines' default sigmas `linspace(1, 1 / N, N)` warped by a static
+    `shift s / (1 + (shift - 1) s)`, with no terminal stretch, in model units (rounded to 1e-6 so that integer grids
+    are exact).
+
+    At shift 3, 4 steps give `[1000, 900, 750, 500]` (the grid Qwen-Image-Lightning distils on, and Z-Image's stock
+    4-step grid), 2 steps `[1000, 750]`, 1 step `[1000]`.
+    """
+    unshifted = np.linspace(1.0, 1.0 / num_steps, num_steps)
+    warped = shift * unshifted / (1.0 + (shift - 1.0) * unshifted)
+    return [round(float(level * num_train_timesteps), 6) for level in warped]
+
+
 class DMDRScheduler(SchedulerMixin, ConfigMixin):
     r"""
     Few-step sampler of a DMD/DMDR student: at each student timestep the model output is turned into a clean

@@ -114,26 +114,20 @@ def test_qwenimage_packing_is_the_stock_pipelines():
     assert torch.equal(unpack_latents(pack_latents(noise), 8, 6), noise)
 
 
-@pytest.mark.parametrize("family", NEW_FAMILIES)
 @pytest.mark.parametrize("resolution", [32, 64])
-def test_default_grid_is_the_teacher_schedulers_schedule_at_the_resolution(
-    family, resolution, tiny_teacher_dirs, prompt_file, tmp_path
+def test_zimage_default_grid_is_the_teacher_schedulers_schedule_at_the_resolution(
+    resolution, tiny_teacher_dirs, prompt_file, tmp_path
 ):
-    """Dynamic shift: the stored grid equals the timesteps the stock pipeline's scheduler uses for that resolution
-    and step count (its own `mu`), and the `mu` is recorded in the saved scheduler config (the resolution is in the
-    run's saved config)."""
+    """The stored grid equals the timesteps the stock pipeline's scheduler uses for that resolution and step count;
+    Z-Image's scheduler has a static shift, so the grid does not depend on the resolution and records no `mu`."""
     from diffusers_dmdr.preflight import check_run_inputs
 
+    family = "zimage"
     config = tiny_config(tiny_teacher_dirs[family], prompt_file, tmp_path, resolution=resolution)
     teacher = get_family(family).load_teacher(tiny_teacher_dirs[family])
     pipeline = teacher.pipeline
     pipeline(
-        "a red cat",
-        height=resolution,
-        width=resolution,
-        num_inference_steps=4,
-        output_type="latent",
-        **({"guidance_scale": 0.0} if family == "zimage" else {}),
+        "a red cat", height=resolution, width=resolution, num_inference_steps=4, output_type="latent", guidance_scale=0
     )
     expected = pipeline.scheduler.timesteps.tolist()
     timesteps, origin = student_grid_for(
@@ -146,30 +140,43 @@ def test_default_grid_is_the_teacher_schedulers_schedule_at_the_resolution(
     scheduler.save_pretrained(tmp_path / "scheduler")
     reloaded = DMDRScheduler.from_pretrained(tmp_path / "scheduler")
     assert reloaded.config.training_timesteps == expected
-    if family == "qwenimage":
-        # The tiny Qwen-Image scheduler uses dynamic shifting (as the released one): mu follows the resolution.
-        image_seq_len = (resolution // pipeline.vae_scale_factor // 2) ** 2
-        base, top = pipeline.scheduler.config.base_image_seq_len, pipeline.scheduler.config.max_image_seq_len
-        slope = (pipeline.scheduler.config.max_shift - pipeline.scheduler.config.base_shift) / (top - base)
-        mu = image_seq_len * slope + pipeline.scheduler.config.base_shift - slope * base
-        assert origin == {"grid_mu": pytest.approx(mu)}
-        assert reloaded.config.grid_mu == pytest.approx(mu)
-    else:
-        # Z-Image's scheduler has a static shift: the grid does not depend on the resolution and records no mu.
-        assert origin == {} and expected == [1000.0, 900.0, 750.0, 500.0]
+    assert origin == {} and expected == [1000.0, 900.0, 750.0, 500.0]
 
 
-def test_an_explicit_shift_replaces_the_teachers_dynamic_shift(tiny_teacher_dirs, prompt_file, tmp_path):
+@pytest.mark.parametrize("resolution", [32, 64])
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_qwenimage_default_grid_is_shift_3_without_the_terminal_stretch(
+    steps, resolution, tiny_teacher_dirs, prompt_file, tmp_path
+):
+    """The tiny teacher's scheduler is the released one (dynamic shift, `shift_terminal = 0.02`); the student grid is
+    the stock sigmas at shift 3 with no stretch, whatever the resolution, recorded with its shift in the saved
+    scheduler, and the preflight accepts it (1 step used to be NaN and was blamed on `--student_timesteps`)."""
+    from diffusers_dmdr.preflight import check_run_inputs
+
+    config = tiny_config(
+        tiny_teacher_dirs["qwenimage"], prompt_file, tmp_path, resolution=resolution, num_student_steps=steps
+    )
     teacher = get_family("qwenimage").load_teacher(tiny_teacher_dirs["qwenimage"])
-    config = tiny_config(tiny_teacher_dirs["qwenimage"], prompt_file, tmp_path, shift=3.0)
+    assert teacher.pipeline.scheduler.config.shift_terminal == 0.02
+    expected = {1: [1000.0], 2: [1000.0, 750.0], 4: [1000.0, 900.0, 750.0, 500.0]}[steps]
     timesteps, origin = student_grid_for(
         teacher.family, config, teacher.pipeline.scheduler.config, teacher.pipeline.vae_scale_factor
     )
-    # linspace(1, 1/4, 4) warped by 3 s / (1 + 2 s), then Qwen-Image's stretch of the last sigma to 0.02.
-    warped = [3 * s / (1 + 2 * s) for s in (1.0, 0.75, 0.5, 0.25)]
-    scale = (1 - warped[-1]) / (1 - 0.02)
-    expected = [1000 * (1 - (1 - s) / scale) for s in warped]
-    assert timesteps == pytest.approx(expected, abs=1e-3) and origin == {}
+    assert timesteps == expected and origin == {"grid_shift": 3.0}
+    assert check_run_inputs(config).student_timesteps == expected
+    scheduler = student_scheduler_for(teacher, timesteps, None, None, grid_origin=origin)
+    assert scheduler.config.grid_shift == 3.0 and scheduler.config.grid_mu is None
+
+
+def test_an_explicit_shift_replaces_the_qwenimage_default_shift(tiny_teacher_dirs, prompt_file, tmp_path):
+    teacher = get_family("qwenimage").load_teacher(tiny_teacher_dirs["qwenimage"])
+    config = tiny_config(tiny_teacher_dirs["qwenimage"], prompt_file, tmp_path, shift=5.0)
+    timesteps, origin = student_grid_for(
+        teacher.family, config, teacher.pipeline.scheduler.config, teacher.pipeline.vae_scale_factor
+    )
+    # linspace(1, 1/4, 4) warped by 5 s / (1 + 4 s); the scheduler's stretch to 0.02 is not applied.
+    expected = [1000 * 5 * s / (1 + 4 * s) for s in (1.0, 0.75, 0.5, 0.25)]
+    assert timesteps == pytest.approx(expected, abs=1e-6) and origin == {"grid_shift": 5.0}
 
 
 # Values the Z-Image / Qwen-Image recipes take from the released SD3.5-Large script (their headers say which).

@@ -81,7 +81,13 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
     try:
         DMDRScheduler(prediction_type="flow" if family.is_flow else "epsilon", training_timesteps=timesteps)
     except ValueError as error:
-        raise ValueError(f"--student_timesteps: {error}") from error
+        if config.student_timesteps:
+            raise ValueError(f"--student_timesteps: {error}") from error
+        # The default grid is the family's, not the user's: say so, and how to replace it.
+        raise ValueError(
+            f"The {family.name} default {config.num_student_steps}-step grid is unusable ({error}); give "
+            "--student_timesteps (or --shift for a flow family)."
+        ) from error
 
     # 4. Rewards: names or import paths resolve, local model files exist.
     reward_specs = [parse_reward_spec(text) for text in config.reward]

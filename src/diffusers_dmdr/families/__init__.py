@@ -12,7 +12,8 @@ choices are the keys of `FAMILIES`):
   `pipelines/pipeline_dmdr.py` (which ships standalone in exports, so it states them itself; a test ties the two);
 - `card_tags` (model card), `comfy_lora_style` (the kohya / ComfyUI LoRA keys), `max_prompt_tokens` (SD3 128, the
   others the stock default), `default_guidance_embedding` (FLUX.1 [dev]'s 3.5), `grid_rule` (how the default student
-  grid is made: the scheduler's `ddpm_student_grid` / `shifted_flow_grid`, or the teacher scheduler's own schedule),
+  grid is made: the scheduler's `ddpm_student_grid` / `shifted_flow_grid` / `shifted_linear_flow_grid`, or the teacher
+  scheduler's own schedule),
   `supports_non_square` (preflight), `default_resolution`, the LoRA targets and the default backward simulation.
 
 `tests/test_family_registry.py` checks every family's facts against diffusers and the pipeline file.

@@ -15,8 +15,9 @@ from ..pipelines.scheduling_dmdr import DMDRScheduler
 # The pipeline components that hold text encoders, in every family's naming (the stock pipelines').
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
 # How a family's default student grid is made (`ModelFamily.grid_rule`): the scheduler's `ddpm_student_grid`, its
-# `shifted_flow_grid`, or the teacher scheduler's own schedule at the training resolution.
-GRID_RULES = ("ddpm-trailing", "shifted-flow", "teacher-scheduler")
+# `shifted_flow_grid` (the released SD3 rule), its `shifted_linear_flow_grid` (the stock default sigmas at a static
+# shift, no terminal stretch), or the teacher scheduler's own schedule at the training resolution.
+GRID_RULES = ("ddpm-trailing", "shifted-flow", "shifted-linear", "teacher-scheduler")
 
 
 @dataclass
@@ -53,9 +54,9 @@ def student_scheduler_for(
         "deterministic": mode == "ode",
     }
     if teacher.family.is_flow:
-        return DMDRScheduler(
-            prediction_type="flow", grid_shift=shift, x0_noise_level=x0_noise_level, **(grid_origin or {}), **common
-        )
+        # A family's default grid may record the shift it was built with itself (`grid_origin["grid_shift"]`).
+        origin = {"grid_shift": shift, **(grid_origin or {})}
+        return DMDRScheduler(prediction_type="flow", x0_noise_level=x0_noise_level, **origin, **common)
     # Everything that shapes the teacher's alpha_bar is carried over: dropping `trained_betas` or
     # `rescale_betas_zero_snr` would train and sample a zero-terminal-SNR teacher on the wrong noise levels.
     return DMDRScheduler(

@@ -1,10 +1,11 @@
 """The default student grid of a stock flow pipeline: the teacher scheduler's own sigmas at the training resolution.
 
-Z-Image and Qwen-Image pipelines do not warp a grid by a fixed formula: they hand the teacher's scheduler a list of
-default sigmas and `mu`, the resolution-dependent shift computed from the image sequence length, and the scheduler
-applies its configured shift (static `shift`, or `use_dynamic_shifting` with `mu`, a terminal stretch, ...). The
-student grid of these families is exactly that schedule for the training resolution and step count, computed by the
-same scheduler class from the same config, so the student samples where the teacher would.
+The Z-Image pipeline does not warp a grid by a fixed formula: it hands the teacher's scheduler a list of default
+sigmas and `mu`, the resolution-dependent shift computed from the image sequence length, and the scheduler applies its
+configured shift (static `shift`, or `use_dynamic_shifting` with `mu`, a terminal stretch, ...). Z-Image's student
+grid is exactly that schedule for the training resolution and step count, computed by the same scheduler class from
+the same config, so the student samples where the teacher would. (Qwen-Image's scheduler stretches the last sigma to
+0.02, which is no few-step grid: its family uses a static shift instead, `families/qwenimage.py`.)
 """
 
 from collections.abc import Callable
@@ -14,7 +15,7 @@ import torch
 
 def image_sequence_length(latent_size: int, patch_size: int = 2) -> int:
     """Tokens of a square `latent_size` x `latent_size` latent cut into `patch_size` x `patch_size` patches (the
-    `image_seq_len` of the stock Z-Image / Qwen-Image pipelines)."""
+    `image_seq_len` of the stock Z-Image pipeline)."""
     return (latent_size // patch_size) ** 2
 
 

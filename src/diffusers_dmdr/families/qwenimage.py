@@ -9,7 +9,11 @@ What differs from SD3, each as the stock pipeline (diffusers 0.42 `pipelines/qwe
 - the transformer is fed `timestep / 1000` and no guidance embedding (Qwen-Image is not guidance-distilled);
 - CFG is `true_cfg_scale` with a negative prompt (the pipeline enables CFG only when one is given; its docstring
   names `" "`), and the combined prediction is rescaled per token to the conditional prediction's norm;
-- the default grid is the teacher scheduler's dynamic-shift schedule at the training resolution (see `flow_grid.py`).
+- the default grid is NOT the teacher scheduler's schedule: the released scheduler config stretches the last sigma to
+  `shift_terminal = 0.02`, which makes a few-step student's last step a near-identity step (4 steps:
+  `[1000, 767, 456, 20]`; 2 steps `[1000, 20]`; 1 step NaN). The student grid is the stock default sigmas
+  `linspace(1, 1 / N, N)` at a static shift (3 unless `--shift` is given) without the stretch, the grid
+  Qwen-Image-Lightning distils on: `[1000, 900, 750, 500]`, `[1000, 750]`, `[1000]`.
 
 The stock pipeline's scheduler steps on packed tokens, so the student's sampler draws its re-noising noise in that
 layout (`step_noise`): the exported pipeline reproduces the `sde` sampler too for the same generator.
@@ -22,8 +26,8 @@ import torch
 
 from ..lora_formats import TRANSFORMER_STYLE
 from ..method.denoisers import guided_x0
+from ..pipelines.scheduling_dmdr import shifted_linear_flow_grid
 from .base import ModelFamily, read_component_config
-from .flow_grid import image_sequence_length, static_shift_config, stock_flow_grid
 
 
 # diffusers' own Qwen-Image LoRA example (examples/dreambooth/train_dreambooth_lora_qwen_image.py, `--lora_layers`
@@ -31,19 +35,9 @@ from .flow_grid import image_sequence_length, static_shift_config, stock_flow_gr
 QWENIMAGE_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 # The negative prompt the real score's unconditional branch uses (the stock docstring's "empty" negative prompt).
 QWENIMAGE_NEGATIVE_PROMPT = " "
-# Qwen-Image's released `scheduler_config.json` (used only when no teacher config is at hand).
-QWENIMAGE_SCHEDULER_CONFIG = {
-    "_class_name": "FlowMatchEulerDiscreteScheduler",
-    "base_image_seq_len": 256,
-    "base_shift": 0.5,
-    "max_image_seq_len": 8192,
-    "max_shift": 0.9,
-    "num_train_timesteps": 1000,
-    "shift": 1.0,
-    "shift_terminal": 0.02,
-    "time_shift_type": "exponential",
-    "use_dynamic_shifting": True,
-}
+# The static shift of the default student grid: Qwen-Image-Lightning's (its scheduler config: shift 3, no dynamic
+# shifting, no terminal stretch). The teacher's own dynamic shift at 1024 px is only e^0.69 = 2.0.
+QWENIMAGE_STUDENT_SHIFT = 3.0
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -82,7 +76,7 @@ class QwenImageFamily(ModelFamily):
     default_resolution = 1024
     # The stock pipeline requires height and width divisible by the VAE factor x 2 (2x2 patches).
     latent_patch_size = 2
-    grid_rule = "teacher-scheduler"
+    grid_rule = "shifted-linear"
     student_lora_targets = QWENIMAGE_LORA_TARGETS
     fake_lora_targets = QWENIMAGE_LORA_TARGETS
     card_tags = ("qwen-image", "qwen-image-diffusers")
@@ -123,22 +117,17 @@ class QwenImageFamily(ModelFamily):
         return (None if in_channels is None else in_channels // 4), vae_config.get("z_dim", 16)
 
     def default_student_timesteps(self, num_steps: int, shift: float | None) -> list[float]:
-        """The grid of Qwen-Image's released scheduler config at 1024 px when no teacher config is at hand; runs use
-        [`student_grid`], which reads the teacher's own scheduler."""
-        return self.student_grid(num_steps, shift, dict(QWENIMAGE_SCHEDULER_CONFIG), self.default_resolution, 8)[0]
+        """`linspace(1, 1 / N, N)` at the static shift `shift` (default 3, Qwen-Image-Lightning's), no terminal
+        stretch: the teacher scheduler's `shift_terminal` would turn the last student step into a near-identity step
+        (and a 1-step grid into NaN), so its config is not used."""
+        return shifted_linear_flow_grid(num_steps, QWENIMAGE_STUDENT_SHIFT if shift is None else shift)
 
     def student_grid(
         self, num_steps: int, shift: float | None, scheduler_config: dict, resolution: int, vae_scale_factor: int
     ) -> tuple[list[float], dict]:
-        """The teacher scheduler's schedule of the stock default sigmas with `mu` for `resolution` (`--shift` replaces
-        the dynamic shift by a static one)."""
-        stock = sys.modules[self.pipeline_class().__module__]
-        if shift is not None:
-            scheduler_config = static_shift_config(scheduler_config, shift)
-        sigmas = np.linspace(1.0, 1 / num_steps, num_steps).tolist()
-        seq_len = image_sequence_length(resolution // vae_scale_factor)
-        timesteps, mu = stock_flow_grid(scheduler_config, sigmas, seq_len, stock.calculate_shift)
-        return timesteps, ({} if mu is None else {"grid_mu": mu})
+        """[`default_student_timesteps`], with the shift recorded (`grid_shift`) for the card's sampler advice."""
+        grid_shift = QWENIMAGE_STUDENT_SHIFT if shift is None else float(shift)
+        return self.default_student_timesteps(num_steps, grid_shift), {"grid_shift": grid_shift}
 
     def encode_prompts(self, pipeline, prompts: list[str], resolution: int, device: torch.device) -> dict:
         with torch.no_grad():
