@@ -56,6 +56,32 @@ def test_fake_and_reward_losses():
     assert tilted.sum().item() == pytest.approx(2.0) and tilted[1] > tilted[0]
 
 
+def test_reward_tilt_weights_are_z_scored_with_one_strength():
+    """RT-DM: mean 1, invariant to the rewards' shift and scale, a tilt that grows with the strength, no tilt at
+    strength 0 or for equal rewards, and a refusal of a batch of 1."""
+    rewards = torch.tensor([0.31, 0.29, 0.35, 0.27, 0.30], dtype=torch.float64)
+    weights = reward_tilt_weights(rewards, strength=0.5)
+    assert weights.dtype == torch.float32
+    assert weights.mean().item() == pytest.approx(1.0, abs=1e-6)
+    # The order of the rewards is the order of the weights.
+    assert torch.equal(torch.argsort(weights), torch.argsort(rewards))
+    # A cosine-scale reward tilts as much as the same reward in log-probability units: only the z-scores count.
+    for scale, offset in ((100.0, -40.0), (1e-3, 7.0), (3.0, 0.0)):
+        torch.testing.assert_close(reward_tilt_weights(rewards * scale + offset, 0.5), weights, atol=1e-5, rtol=0)
+    # First order: w = 1 + s z; the exact form is B softmax(s z).
+    z_scores = ((rewards - rewards.mean()) / (rewards - rewards.mean()).pow(2).mean().sqrt()).float()
+    torch.testing.assert_close(weights, 5 * torch.softmax(0.5 * z_scores, dim=0))
+    torch.testing.assert_close(reward_tilt_weights(rewards, 1e-4), 1 + 1e-4 * z_scores, atol=1e-7, rtol=0)
+    spreads = [reward_tilt_weights(rewards, strength).std().item() for strength in (0.0, 0.25, 0.5, 1.0, 2.0)]
+    assert spreads[0] == 0.0 and all(a < b for a, b in zip(spreads, spreads[1:]))
+    assert (reward_tilt_weights(rewards, 2.0) > 0).all()
+    torch.testing.assert_close(reward_tilt_weights(torch.full((3,), -17.0), 1.0), torch.ones(3))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        reward_tilt_weights(torch.tensor([0.3]))
+    with pytest.raises(ValueError, match="non-negative"):
+        reward_tilt_weights(rewards, -1.0)
+
+
 @pytest.mark.parametrize("total", [100, 2000])
 def test_dynars_and_dynadg_at_key_steps(total):
     assert schedules.renoise_beta_params(0, total, 4.0, 1.5) == (4.0, 1.5)

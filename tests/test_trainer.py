@@ -238,9 +238,9 @@ def test_reward_tilt_weights_stage_one_dmd_per_sample(tiny_teacher_dirs, prompt_
 
     seen, original = [], objective_module.reward_tilt_weights
 
-    def recording_weights(rewards, temperature):
-        seen.append((rewards.clone(), temperature))
-        return original(rewards, temperature)
+    def recording_weights(rewards, strength):
+        seen.append((rewards.clone(), strength))
+        return original(rewards, strength)
 
     monkeypatch.setattr(objective_module, "reward_tilt_weights", recording_weights)
     trainer = make_trainer(
@@ -249,15 +249,15 @@ def test_reward_tilt_weights_stage_one_dmd_per_sample(tiny_teacher_dirs, prompt_
         tmp_path,
         rewards=[reward(TwoLevelReward())],
         reward_tilt=True,
-        reward_tilt_temperature=0.5,
+        reward_tilt_strength=0.75,
         max_train_steps=2,
         cold_start_steps=1,
     )
     trainer.train()
     # Only the stage-1 step is tilted, with one brightness score per sample of the batch.
     assert len(seen) == 1
-    scores, temperature = seen[0]
-    assert scores.shape == (2,) and temperature == 0.5
+    scores, strength = seen[0]
+    assert scores.shape == (2,) and strength == 0.75
     assert ((scores >= 0) & (scores <= 1)).all()
 
 

@@ -44,6 +44,11 @@ STAGE2_KEYS = {
     "learning_rate_fake": "stage2_learning_rate_fake",
     "train_batch_size": "stage2_train_batch_size",
 }
+# Options that no longer exist, and what replaced them (a recipe naming one gets this message, not "unknown option").
+REPLACED_OPTIONS = {
+    "reward_tilt_temperature": "RT-DM now z-scores the rewards within the batch; its one knob is "
+    "`reward_tilt_strength` (a softmax temperature T on raw rewards corresponds to no fixed strength)",
+}
 # Fields only the command line may set (never saved into, nor read from, a recipe).
 _COMMAND_LINE_ONLY = ("allow_reward_import_paths",)
 # Reward lists: strings or mappings, validated by `rewards.parse_reward_spec` (not coerced here).
@@ -175,6 +180,14 @@ class DMDRConfig:
         "samples at it. Their real score is one pass at embedding `real_guidance_scale` (jittered) instead of "
         "two-pass CFG. Ignored by the other families.",
     )
+    fake_guidance_scale: float | None = HfArg(
+        default=None,
+        help="Guidance-distilled teachers only (FLUX.1 [dev]): the guidance embedding of the fake score, in its "
+        "denoising loss and its DMD query; unset, `guidance_embedding_scale` (the student's). The released DMDR runs "
+        "query the fake score without CFG and the real score with it, so at initialisation (fake = teacher) the DMD "
+        "direction is the CFG term `x0(teacher, w) - x0(teacher, no CFG)`; the FLUX.1 recipe sets 1 (unguided) for "
+        "that. Ignored by the other families.",
+    )
     backward_simulation: Literal["sde", "ode"] | None = HfArg(
         default=None,
         help="`sde` (re-noise with fresh noise; SDXL default) or `ode` (deterministic; flow default). It also fixes "
@@ -229,9 +242,16 @@ class DMDRConfig:
     )
     reward_tilt: bool = HfArg(
         default=False,
-        help="In stage 1, weight each sample's DMD direction by its normalised reward (RT-DM).",
+        help="In stage 1, weight each sample's DMD direction by its reward (RT-DM, paper v4): the weighted sum of the "
+        "`reward` scores of the full few-step samples, z-scored within each micro-batch, weights "
+        "`B * softmax(reward_tilt_strength * z)` (mean 1, independent of the rewards' scale). Needs "
+        "`train_batch_size >= 2` (the micro-batch the rewards are normalised over).",
     )
-    reward_tilt_temperature: float = HfArg(default=1.0, help="Temperature of the RT-DM softmax.")
+    reward_tilt_strength: float = HfArg(
+        default=0.5,
+        help="RT-DM tilt strength `s`: a sample one batch-std above the batch's mean reward gets about `e^s` times the "
+        "weight of one at the mean; 0 is plain DMD.",
+    )
     allow_reward_import_paths: bool = HfArg(
         default=False,
         help="Let a YAML recipe name rewards (or a classifier's `module`) by import path `pkg.module.Attr`. Importing "
@@ -447,6 +467,13 @@ class DMDRConfig:
                 f"--guidance_embedding_scale must be a non-negative number (FLUX.1 [dev] default 3.5), got "
                 f"{self.guidance_embedding_scale}."
             )
+        if self.fake_guidance_scale is not None and (
+            not math.isfinite(self.fake_guidance_scale) or self.fake_guidance_scale < 0
+        ):
+            problems.append(
+                f"--fake_guidance_scale must be a non-negative number (FLUX.1 [dev]: 1 is unguided), got "
+                f"{self.fake_guidance_scale}."
+            )
         if self.resolution < 8:
             problems.append(f"--resolution must be a positive multiple of the VAE factor, got {self.resolution}.")
         if self.width is not None and self.width < 8:
@@ -463,8 +490,8 @@ class DMDRConfig:
             )
         if self.dmd_loss_weight < 0 or self.anchor_loss_weight < 0:
             problems.append("--dmd_loss_weight and --anchor_loss_weight must be non-negative.")
-        if self.reward_tilt_temperature <= 0:
-            problems.append("--reward_tilt_temperature must be positive.")
+        if not math.isfinite(self.reward_tilt_strength) or self.reward_tilt_strength < 0:
+            problems.append(f"--reward_tilt_strength must be a non-negative number, got {self.reward_tilt_strength}.")
         for name in ("learning_rate", "learning_rate_fake"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
@@ -643,6 +670,9 @@ def load_yaml_config(path: str | Path) -> dict:
         values[STAGE2_KEYS[key]] = value
     known = {spec.name for spec in dataclasses.fields(DMDRConfig) if spec.init}
     unknown = sorted(set(values) - known)
+    replaced = [key for key in unknown if key in REPLACED_OPTIONS]
+    if replaced:
+        raise ValueError(f"{path} sets `{replaced[0]}`, which was removed: {REPLACED_OPTIONS[replaced[0]]}.")
     if unknown:
         raise ValueError(f"Unknown option(s) {unknown} in {path}; see `train.py --help` for the option names.")
     for key in _SPEC_LIST_FIELDS:

@@ -99,6 +99,12 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
     validate_reward_specs(reward_specs + eval_specs)
     if config.reward_tilt and not reward_specs:
         raise ValueError("--reward_tilt weights DMD by a reward: give at least one --reward.")
+    if config.reward_tilt and config.train_batch_size < 2:
+        raise ValueError(
+            "--reward_tilt z-scores the rewards within each micro-batch of --train_batch_size samples, and a "
+            "micro-batch of 1 has nothing to normalise against (accumulation does not help): use --train_batch_size 2 "
+            "or more."
+        )
     if config.dmd_loss_weight == 0 and not reward_specs:
         raise ValueError("--dmd_loss_weight 0 with no --reward leaves nothing to train the student on.")
 

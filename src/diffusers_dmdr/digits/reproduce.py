@@ -75,9 +75,8 @@ class ReproductionSettings:
         reward_weight (`float`): weight of the (linear) log-probability reward of DMDR.
         reward_weight_low (`float`), reward_weight_high (`float`): the ends of the reward-weight sweep (the high
             end is in the range where the demo's reward is hacked).
-        rtdm_reward_weight (`float`): reward weight of the RT-DM arm. In stage 1 the reward only tilts the DMD
-            direction by `B * softmax(weight * reward / T)`, so the weight acts as an inverse temperature; at the
-            DMDR weight the tilt would be almost uniform.
+        rtdm_tilt_strength (`float`): tilt strength of the RT-DM arm: each sample's DMD direction is weighted by
+            `B * softmax(strength * z)`, `z` the batch z-score of its reward (the reward's weight does not matter).
         anchor_weight (`float`): weight of the L2 anchor of `rl_anchor`.
         cfg_moderate (`float`): real-score CFG of the DMDR runs (the recipe's).
         cfg_high (`float`): real-score CFG of `dmdr_cfg_high` in stage 2.
@@ -100,7 +99,7 @@ class ReproductionSettings:
     reward_weight: float = 0.01
     reward_weight_low: float = 0.002
     reward_weight_high: float = 0.15
-    rtdm_reward_weight: float = 0.5
+    rtdm_tilt_strength: float = 0.5
     anchor_weight: float = 1.0
     cfg_moderate: float = 3.0
     cfg_high: float = 8.0
@@ -315,7 +314,12 @@ class Reproduction:
                 lambda: self.train_arm("stage1_no_dyna", seed, early_fd=True, **stage1, dynamic_steps=0),
             ),
             # RT-DM needs the reward in stage 1 (it tilts the DMD direction); stage 2 never starts.
-            arm("stage1_rtdm", **{**stage1, "reward": weighted(s.rtdm_reward_weight)}, reward_tilt=True),
+            arm(
+                "stage1_rtdm",
+                **{**stage1, "reward": weighted(s.reward_weight)},
+                reward_tilt=True,
+                reward_tilt_strength=s.rtdm_tilt_strength,
+            ),
             arm("dmd_4step", **{**resumed, "cold_start_steps": total, "reward": []}),
             arm("dmdr_4step", **resumed),
             arm("dmdr_w_low", **resumed, reward=weighted(s.reward_weight_low)),

@@ -211,8 +211,8 @@ def write_report(
         f"- Real-score CFG in stage 2: off = 1.0 with no jitter, moderate = {settings.cfg_moderate} ± 0.5 "
         f"(`dmdr_4step`), high = {settings.cfg_high} ± 0.5. Reward weights: low {settings.reward_weight_low}, "
         f"DMDR {settings.reward_weight}, high {settings.reward_weight_high} (hacked in the demo's sweep); RT-DM "
-        f"tilts by the reward at weight {settings.rtdm_reward_weight} (in stage 1 the weight is an inverse "
-        "temperature of the tilt).",
+        f"weights each sample's DMD direction by `B softmax(s z)` of its batch z-scored reward, tilt strength "
+        f"s = {settings.rtdm_tilt_strength}.",
         "- Threads: one torch thread per process (`--num_threads 1`, `OMP_NUM_THREADS=1`): on the shared 2-core "
         "machine two threads ran 10-20x slower.",
         "- What was cut to fit 60 minutes on this CPU: the paper trains thousands of generator updates; here stage 1 "

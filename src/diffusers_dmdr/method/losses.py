@@ -80,18 +80,37 @@ def reward_loss(scores: torch.Tensor, hinge: float | None = 0.7) -> torch.Tensor
     return F.relu(hinge - scores).mean()
 
 
-def reward_tilt_weights(rewards: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def reward_tilt_weights(rewards: torch.Tensor, strength: float = 0.5) -> torch.Tensor:
     r"""Static per-sample weights of reward-tilted distribution matching (RT-DM, stage 1 of the paper's v4).
 
     The paper weights each sample's DMD direction by its reward divided by "a norm" of the batch's rewards without
-    saying which; rewards here may be negative (log-probabilities), so the weights are a batch softmax of
-    `rewards / temperature` rescaled to mean 1: `B * softmax(r / T)`. Equal rewards give plain DMD.
+    saying which. Rewards here may be negative (log-probabilities) and come at any scale (cosines near 0.3, logits in
+    the tens), so they are first standardised within the batch, `z = (r - mean(r)) / std(r)` (population std; a batch
+    of equal rewards gives `z = 0`), and the weights are the exponential tilt of the z-scores rescaled to mean 1:
+
+    `w = B * softmax(strength * z)`
+
+    The weights do not change when the rewards are shifted or scaled by a positive factor, their mean is exactly 1, and
+    `strength` alone sets how far they tilt: to first order `w ~ 1 + strength * z`, so a sample one batch-std above the
+    mean gets about `e^strength` times the weight of a sample at the mean; `strength = 0` is plain DMD. Weights stay
+    positive, so no sample's direction is reversed.
 
     Args:
-        rewards (`torch.Tensor` of shape `(B,)`): rewards of the full few-step outputs; no graph is kept.
-        temperature (`float`, defaults to 1.0): larger values flatten the tilt towards plain DMD.
+        rewards (`torch.Tensor` of shape `(B,)`): rewards of the full few-step outputs; no graph is kept. `B >= 2`:
+            one sample has no batch to be normalised against.
+        strength (`float`, defaults to 0.5): the tilt strength, non-negative.
     """
-    if temperature <= 0:
-        raise ValueError(f"reward tilt temperature must be positive, got {temperature}.")
-    rewards = rewards.detach().float()
-    return rewards.numel() * torch.softmax(rewards / temperature, dim=0)
+    if strength < 0:
+        raise ValueError(f"reward tilt strength must be non-negative, got {strength}.")
+    if rewards.numel() < 2:
+        raise ValueError(
+            "reward tilting normalises rewards within the micro-batch: it needs at least 2 samples, got "
+            f"{rewards.numel()}."
+        )
+    # Float64: a small spread on a large offset (log-probabilities near -17 apart by 0.01) keeps its digits.
+    rewards = rewards.detach().double().flatten()
+    deviation = rewards - rewards.mean()
+    spread = deviation.pow(2).mean().sqrt()
+    # Exactly equal rewards have no spread: no tilt (rather than 0 / 0).
+    z_scores = deviation / spread if spread > 0 else torch.zeros_like(deviation)
+    return (rewards.numel() * torch.softmax(strength * z_scores, dim=0)).float()

@@ -53,6 +53,8 @@ class Routes:
     rewards: list  # trained rewards (`LoadedReward`)
     eval_rewards: list  # held-out rewards, logged only
     autocast: Callable[[], AbstractContextManager]  # the mixed-precision context of every forward pass
+    # The fake score's conditioning from the student's (FLUX.1 [dev]: another guidance embedding); default: the same.
+    fake_condition: Callable[[dict], dict] = lambda condition: condition
 
 
 @dataclass
@@ -186,7 +188,11 @@ class DMDRObjective(Objective):
     def fake_score_loss(self, batch: MicroBatch, global_step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Denoising loss of the fake score on the detached student sample at the DynaRS levels."""
         loss = self._denoising_loss(
-            batch.simulation.clean_sample, batch.draws.fake_noise_levels, batch, self.config.fake_score_lora_scale
+            batch.simulation.clean_sample,
+            batch.draws.fake_noise_levels,
+            batch,
+            self.config.fake_score_lora_scale,
+            self.routes.fake_condition(batch.condition),
         )
         return loss, {"loss_fake": loss.item()}
 
@@ -249,30 +255,37 @@ class DMDRObjective(Objective):
                 uncondition,
                 batch.draws.guidance_scale,
             )
-            x0_fake = routes.guidance(config.fake_score_lora_scale)(noisy_student, noise_level, batch.condition)
+            # The fake score is queried under the conditioning it is trained on (FLUX.1: its own guidance embedding).
+            fake_condition = routes.fake_condition(batch.condition)
+            x0_fake = routes.guidance(config.fake_score_lora_scale)(noisy_student, noise_level, fake_condition)
         return dmd_loss(x0_student, x0_real, x0_fake, sample_weights=sample_weights)
 
     def _noise_like(self, tensor: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
         return randn_tensor(tensor.shape, generator=batch.draws.generators, device=tensor.device, dtype=tensor.dtype)
 
-    def _denoising_loss(self, clean_sample, noise_level, batch: MicroBatch, lora_scale: float) -> torch.Tensor:
-        """The guidance route's denoising loss on `clean_sample` noised to `noise_level` with the samples' noise."""
+    def _denoising_loss(
+        self, clean_sample, noise_level, batch: MicroBatch, lora_scale: float, condition: dict | None = None
+    ) -> torch.Tensor:
+        """The guidance route's denoising loss on `clean_sample` noised to `noise_level` with the samples' noise,
+        under `condition` (default: the batch's)."""
         noise_level = noise_level.to(clean_sample.device)
         noise = self._noise_like(clean_sample, batch)
         noisy_sample = self.scheduler.add_noise_at(clean_sample, noise, noise_level)
         target = self.scheduler.training_target(clean_sample, noise, noise_level)
         with self.routes.autocast():
-            prediction = self.routes.guidance(lora_scale).predict(noisy_sample, noise_level, batch.condition)
+            prediction = self.routes.guidance(lora_scale).predict(
+                noisy_sample, noise_level, batch.condition if condition is None else condition
+            )
         return fake_score_loss(prediction, target)
 
     @torch.no_grad()
     def _reward_tilt(self, final_sample: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """RT-DM weights from the rewards of the full few-step samples (no reward gradient); normalised over the
-        micro-batch."""
+        """RT-DM weights from the rewards of the full few-step samples (no reward gradient), z-scored within the
+        micro-batch (the config refuses a micro-batch of 1)."""
         with self.routes.autocast():
             images = self.routes.decode(final_sample)
             weighted_scores = sum(reward.weight * reward.fn(images, prompts).float() for reward in self.routes.rewards)
-        return reward_tilt_weights(weighted_scores, self.config.reward_tilt_temperature)
+        return reward_tilt_weights(weighted_scores, self.config.reward_tilt_strength)
 
     @torch.no_grad()
     def _anchor_x0(self, simulation: SimulationOutput, condition: dict) -> torch.Tensor:
