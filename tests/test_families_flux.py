@@ -294,6 +294,46 @@ def test_build_tiny_writes_a_teacher_that_diffusion_pipeline_loads(family, tmp_p
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
 
 
+def test_flux_fake_and_real_scores_run_at_their_own_guidance_embeddings(tiny_teacher_dirs, prompt_file, tmp_path):
+    """`--fake_guidance_scale`: the fake score's denoising loss and its DMD query get that embedding, the real score
+    the drawn (jittered) `real_guidance_scale`, the student `guidance_embedding_scale`; unset, the fake score runs at
+    the student's embedding as before."""
+    trainer = make_trainer(
+        tiny_teacher_dirs["flux"],
+        prompt_file,
+        tmp_path,
+        family="flux",
+        real_guidance_scale=4.0,
+        fake_guidance_scale=1.0,
+        guidance_embedding_scale=3.0,
+    )
+    module = trainer.training_module
+    calls = []
+
+    def recording_call(backbone, sample, timestep, condition):
+        calls.append(condition["guidance"].clone())
+        return original(backbone, sample, timestep, condition)
+
+    original, module.call_backbone = module.call_backbone, recording_call
+    batch = trainer.rollout(0)[0]
+    # The student's backward simulation: its own embedding at every step.
+    assert calls and all(torch.equal(guidance, torch.full((2,), 3.0)) for guidance in calls)
+    calls.clear()
+    trainer.objective.fake_score_loss(batch, global_step=0)
+    assert len(calls) == 1 and torch.equal(calls[0], torch.full((2,), 1.0))
+    calls.clear()
+    trainer.objective.dmd_loss(torch.randn(2, *trainer.latent_shape), batch, global_step=0)
+    real, fake = calls
+    assert torch.equal(real, torch.full((2,), batch.draws.guidance_scale)) and batch.draws.guidance_scale != 4.0
+    assert torch.equal(fake, torch.full((2,), 1.0))
+
+    # Unset: the fake score at the student's embedding (the behaviour before the flag existed).
+    default = make_trainer(tiny_teacher_dirs["flux"], prompt_file, tmp_path / "b", family="flux")
+    assert default.config.fake_guidance_scale is None
+    condition = {"encoder_hidden_states": torch.zeros(2, 3, 4), "guidance": torch.full((2,), 3.5)}
+    assert default.fake_condition(condition) is condition
+
+
 def test_flux_resume_with_reward_tilt_and_checkpointing_continues_exactly(tiny_teacher_dirs, prompt_file, tmp_path):
     """RT-DM in stage 1, a reward in stage 2, gradient checkpointing and TTUR: a run resumed at its checkpoint
     continues bit for bit (same losses, same adapters) as the uninterrupted run."""

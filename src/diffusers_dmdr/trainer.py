@@ -209,6 +209,7 @@ class DMDRTrainer:
             rewards=list(rewards or []),
             eval_rewards=list(eval_rewards or []),
             autocast=self.accelerator.autocast,
+            fake_condition=self.fake_condition,
         )
         self.objective = make_objective(OBJECTIVE, config, routes)
         # The prompt stream switches to the stage-2 batch at the first iteration of stage 2 (TTUR: the objective's ratio).
@@ -262,6 +263,13 @@ class DMDRTrainer:
         # Guidance-distilled families (FLUX.1) condition the student and the fake score on a fixed guidance embedding.
         condition = self.prompt_encoder.encode(prompts)
         return self.family.with_guidance_embedding(condition, self.config.guidance_embedding_scale)
+
+    def fake_condition(self, condition: dict) -> dict:
+        # FLUX.1 [dev]: the fake score may run at its own guidance embedding (`--fake_guidance_scale`).
+        scale = self.config.fake_guidance_scale
+        if scale is None or scale == self.config.guidance_embedding_scale:
+            return condition
+        return self.family.with_guidance_embedding(condition, scale)
 
     def initial_noise(self, batch_size: int, generator) -> torch.Tensor:
         shape = (batch_size, *self.latent_shape)
