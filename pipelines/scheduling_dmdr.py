@@ -19,6 +19,8 @@ from diffusers.utils.torch_utils import randn_tensor
 logger = logging.get_logger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
+# `time_dtype`: None (float32 time values) or "bfloat16" (every time value rounded as the released DMDR code's were).
+TIME_DTYPES = (None, "bfloat16")
 
 
 @dataclass
@@ -84,13 +86,26 @@ def ddpm_student_grid(num_steps: int, num_train_timesteps: int = 1000) -> list[f
     return [float(num_train_timesteps - 1 - index * spacing) for index in range(num_steps)]
 
 
-def shifted_flow_grid(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> list[float]:
-    r"""The default flow student grid (the released SD3 scripts' rule), in model units.
+def shifted_flow_grid(
+    num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000, time_dtype: str | None = None
+) -> list[float]:
+    r"""The default flow student grid (the released SD3 scripts' rule), as noise levels times `num_train_timesteps`.
 
     `s = linspace(1, 0.001, N + 1)[:N]` warped as `shift s / (1 + (shift - 1) s)`: SD3-Medium (shift 3) 4 steps give
     noise levels `[1.0, 0.9001, 0.7504, 0.5010]`, SD3.5-Large (shift 5) `[1.0, 0.9376, 0.8336, 0.6259]`. The trainer's
     default grid and the one a `FlowMatch*` config gives in [`DMDRScheduler.from_config`] are this function's.
+
+    `time_dtype="bfloat16"` computes it as the released code did, `linspace` and warp in bf16: noise levels
+    `[1.0, 0.8984, 0.75, 0.5039]` (SD3-M) and `[1.0, 0.9375, 0.8320, 0.6289]` (SD3.5-L), which a
+    `DMDRScheduler(time_dtype="bfloat16")` feeds the model as `[1000, 900, 752, 504]` and `[1000, 936, 832, 628]`.
     """
+    if time_dtype == "bfloat16":
+        unshifted = torch.linspace(1.0, 0.001, num_steps + 1, dtype=torch.bfloat16)[:num_steps]
+        warped = shift * unshifted / (1.0 + (shift - 1.0) * unshifted)
+        # A bf16 value times 1000 is exact in float64: the grid holds the released noise levels exactly.
+        return [float(level) * num_train_timesteps for level in warped.double()]
+    if time_dtype is not None:
+        raise ValueError(f"time_dtype must be one of {TIME_DTYPES}, got {time_dtype!r}.")
     unshifted = np.linspace(1.0, 0.001, num_steps + 1)[:num_steps]
     warped = shift * unshifted / (1.0 + (shift - 1.0) * unshifted)
     return [float(level * num_train_timesteps) for level in warped]
@@ -158,6 +173,11 @@ class DMDRScheduler(SchedulerMixin, ConfigMixin):
         x0_noise_level (`float`, defaults to 0.0):
             Flow models only: the clean estimate stops at this noise level, `x0 = x_t + (x0_noise_level - t) v`
             (the released DMDR T2I code uses 0.001); 0 gives the exact `x0 = x_t - t v`.
+        time_dtype (`str`, *optional*):
+            Flow models only. `"bfloat16"` rounds every time value as the released DMDR code computed it, in bf16:
+            each noise level used by the noise math (grid, re-noising, x0) is rounded to bf16, and the model receives
+            `round(bf16(bf16(t) * num_train_timesteps))`. With the released SD3-Medium grid the model then sees
+            `[1000, 900, 752, 504]`. `None` (default): float32 time values. Only to reproduce released runs exactly.
         use_flow_sigmas (`bool`, defaults to `True`):
             Tells the stock flow pipelines that check this flag (`FluxPipeline`, `Flux2KleinPipeline`) that the
             scheduler sets its own sigmas, so they do not pass their default `linspace` sigmas over the trained grid.
@@ -182,9 +202,14 @@ class DMDRScheduler(SchedulerMixin, ConfigMixin):
         deterministic: bool = False,
         x0_noise_level: float = 0.0,
         use_flow_sigmas: bool = True,
+        time_dtype: str | None = None,
     ):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")
+        if time_dtype not in TIME_DTYPES or (time_dtype is not None and prediction_type != "flow"):
+            raise ValueError(
+                f"time_dtype must be one of {TIME_DTYPES} (bfloat16: flow models only), got {time_dtype!r}."
+            )
         if rescale_betas_zero_snr and prediction_type == "epsilon":
             raise ValueError(
                 "rescale_betas_zero_snr=True needs prediction_type='v_prediction': at zero SNR an epsilon prediction "
@@ -257,8 +282,17 @@ class DMDRScheduler(SchedulerMixin, ConfigMixin):
         if any(a <= b for a, b in zip(grid[:-1], grid[1:], strict=True)):
             raise ValueError(f"{name} must be strictly decreasing (noisiest first), got {grid}.")
 
+    def _rounded_time(self, noise_level: torch.Tensor) -> torch.Tensor:
+        """`t` as the noise math uses it: float32, or rounded to bf16 (`time_dtype="bfloat16"`)."""
+        if self.config.time_dtype == "bfloat16":
+            return noise_level.to(torch.bfloat16).float()
+        return noise_level.float()
+
     def model_timestep(self, noise_level: torch.Tensor) -> torch.Tensor:
         """The timestep the backbone receives at noise level `t` (integer index for DDPM families)."""
+        if self.config.time_dtype == "bfloat16":
+            # The released code multiplies the bf16 `t` by 1000 in bf16 (1000 at t = 1, multiples of 4 above 512).
+            return (noise_level.to(torch.bfloat16) * self.config.num_train_timesteps).float().round()
         timestep = (noise_level * self.config.num_train_timesteps).round()
         if self.is_flow:
             return timestep
@@ -271,7 +305,7 @@ class DMDRScheduler(SchedulerMixin, ConfigMixin):
 
     def _coefficients(self, noise_level: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`(a, s)` with `x_t = a * x0 + s * noise` at noise level `t`, shaped to broadcast over a sample."""
-        noise_level = noise_level.float()
+        noise_level = self._rounded_time(noise_level)
         if self.is_flow:
             signal, sigma = 1.0 - noise_level, noise_level
         else:
@@ -522,6 +556,8 @@ class DMDRScheduler(SchedulerMixin, ConfigMixin):
         if self.is_flow:
             if self.config.x0_noise_level:
                 return self._no_stock_route(f"the student's x0 stops at noise level {self.config.x0_noise_level}")
+            if self.config.time_dtype:
+                return self._no_stock_route(f"the student's time values are rounded to {self.config.time_dtype}")
             levels = [float(level) for level in torch.tensor(trained, dtype=torch.float32) / len(self)]
             integer_grid = all(float(ts).is_integer() for ts in trained)
             notes = []

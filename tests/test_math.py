@@ -73,7 +73,7 @@ def test_reward_tilt_weights_are_z_scored_with_one_strength():
     torch.testing.assert_close(weights, 5 * torch.softmax(0.5 * z_scores, dim=0))
     torch.testing.assert_close(reward_tilt_weights(rewards, 1e-4), 1 + 1e-4 * z_scores, atol=1e-7, rtol=0)
     spreads = [reward_tilt_weights(rewards, strength).std().item() for strength in (0.0, 0.25, 0.5, 1.0, 2.0)]
-    assert spreads[0] == 0.0 and all(a < b for a, b in zip(spreads, spreads[1:]))
+    assert spreads[0] == 0.0 and all(a < b for a, b in zip(spreads[:-1], spreads[1:], strict=True))
     assert (reward_tilt_weights(rewards, 2.0) > 0).all()
     torch.testing.assert_close(reward_tilt_weights(torch.full((3,), -17.0), 1.0), torch.ones(3))
     with pytest.raises(ValueError, match="at least 2 samples"):

@@ -11,15 +11,13 @@ from diffusers_dmdr.preflight import check_run_inputs
 REWARD = "reward_fixtures.sum_of_pixels_reward"
 
 
-def test_a_micro_batch_of_one_is_refused_before_weights_load(weightless_teacher, prompts, capsys):
+def test_a_micro_batch_of_one_is_refused_before_weights_load(weightless_teacher, prompts, capsys):  # noqa: F811
     with pytest.raises(ValueError, match="a micro-batch of 1 has nothing to normalise against"):
         check_run_inputs(config_for(weightless_teacher, prompts, reward=[REWARD], reward_tilt=True))
     # Accumulating micro-batches of 1 does not help: the weights are computed per micro-batch.
     with pytest.raises(ValueError, match="--train_batch_size 2 or more"):
         check_run_inputs(
-            config_for(
-                weightless_teacher, prompts, reward=[REWARD], reward_tilt=True, gradient_accumulation_steps=4
-            )
+            config_for(weightless_teacher, prompts, reward=[REWARD], reward_tilt=True, gradient_accumulation_steps=4)
         )
     check_run_inputs(config_for(weightless_teacher, prompts, reward=[REWARD], reward_tilt=True, train_batch_size=2))
     # Without the tilt a batch of 1 is fine.

@@ -110,7 +110,7 @@ def test_qwenimage_few_step_grids_have_no_terminal_stretch(num_steps, expected):
     timesteps, origin = family.student_grid(num_steps, None, dict(QWENIMAGE_RELEASED_SCHEDULER), 1024, 8)
     assert timesteps == expected and origin == {"grid_shift": 3.0}
     assert all(math.isfinite(t) for t in timesteps) and timesteps[0] == 1000.0
-    assert all(a > b for a, b in zip(timesteps, timesteps[1:]))
+    assert all(a > b for a, b in zip(timesteps[:-1], timesteps[1:], strict=True))
     # No terminal-stretch step: the last step sits at the shifted last stock sigma 1/N, far from 0.02.
     last_sigma = 1.0 / num_steps
     assert timesteps[-1] == pytest.approx(1000 * 3 * last_sigma / (1 + 2 * last_sigma))

@@ -198,6 +198,13 @@ class DMDRConfig:
         help="Flow models only: the clean estimate stops at this noise level, `x0 = x_t + (level - t) v`; the released "
         "T2I code uses 0.001. Kept in the exported scheduler.",
     )
+    released_bf16_grid: bool = HfArg(
+        default=False,
+        help="SD3 only: compute every time value as the released DMDR code did, in bf16: the student grid (SD3-Medium "
+        "4 steps: the model sees `[1000, 900, 752, 504]`, SD3.5-Large `[1000, 936, 832, 628]`, instead of the nominal "
+        "float32 `[1000, 900.1, 750.4, 501.0]` / `[1000, 937.6, 833.6, 625.9]`) and every re-noise level (rounded by "
+        "up to 0.002 in t). Kept in the exported scheduler (`time_dtype`). Only to reproduce released runs exactly.",
+    )
     cold_start_steps: int | None = HfArg(
         default=None,
         help="Stage 1 length (DMD only); rewards join from this generator step. Unset, it is half of "

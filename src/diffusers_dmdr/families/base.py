@@ -111,6 +111,14 @@ def read_teacher_config(pretrained_model_name_or_path: str, revision: str | None
 def student_grid_for(family: "ModelFamily", config, scheduler_config: dict, vae_scale_factor: int):
     """`(timesteps, grid_origin)` of a run: `--student_timesteps` as given, or the family's default grid for the
     teacher's scheduler config at `--resolution` (see [`ModelFamily.student_grid`])."""
+    if config.released_bf16_grid:
+        if not hasattr(family, "released_bf16_grid") or config.student_timesteps:
+            raise ValueError(
+                "--released_bf16_grid reproduces the released SD3-Medium / SD3.5-Large runs' bf16 grid: it needs the "
+                f"sd3 family and its default grid (got the {family.name} family"
+                + (" and --student_timesteps)." if config.student_timesteps else ").")
+            )
+        return family.released_bf16_grid(config.num_student_steps, config.shift), {"time_dtype": "bfloat16"}
     if config.student_timesteps:
         return [float(timestep) for timestep in config.student_timesteps], {}
     return family.student_grid(

@@ -19,9 +19,6 @@ The stock pipeline's scheduler steps on packed tokens, so the student's sampler 
 layout (`step_noise`): the exported pipeline reproduces the `sde` sampler too for the same generator.
 """
 
-import sys
-
-import numpy as np
 import torch
 
 from ..lora_formats import TRANSFORMER_STYLE

@@ -31,6 +31,11 @@ class SD3Family(ModelFamily):
     def default_student_timesteps(self, num_steps: int, shift: float | None) -> list[float]:
         return shifted_flow_grid(num_steps, SD3_DEFAULT_SHIFT if shift is None else shift)
 
+    def released_bf16_grid(self, num_steps: int, shift: float | None) -> list[float]:
+        """The default grid computed in bf16, as the released scripts computed it (`--released_bf16_grid`): noise
+        levels times 1000, for a scheduler with `time_dtype="bfloat16"`."""
+        return shifted_flow_grid(num_steps, SD3_DEFAULT_SHIFT if shift is None else shift, time_dtype="bfloat16")
+
     def encode_prompts(self, pipeline, prompts: list[str], resolution: int, device: torch.device) -> dict:
         with torch.no_grad():
             prompt_embeds, _, pooled_prompt_embeds, _ = pipeline.encode_prompt(
