@@ -196,7 +196,9 @@ class DMDRConfig:
     flow_x0_noise_level: float = HfArg(
         default=0.0,
         help="Flow models only: the clean estimate stops at this noise level, `x0 = x_t + (level - t) v`; the released "
-        "T2I code uses 0.001. Kept in the exported scheduler.",
+        "T2I code uses 0.001. The velocity term is then `(t - level) / t` of the exact one: the estimate is the point "
+        "at noise `level` on the flow line, `(1 - level) x0 + level noise`, and every DMD direction is scaled by "
+        "`(t - level) / t`. Kept in the exported scheduler.",
     )
     released_bf16_grid: bool = HfArg(
         default=False,
