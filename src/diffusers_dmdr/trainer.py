@@ -550,7 +550,7 @@ class DMDRTrainer:
         return path
 
     def load_checkpoint(self, checkpoint: str) -> None:
-        path = resolve_checkpoint(self.config.output_dir, checkpoint)
+        path = resolve_checkpoint(self.config.output_dir, checkpoint, check_weights=True)
         if path is None:
             logger.warning(f"No complete checkpoint found in {self.config.output_dir}; starting a new run.")
             return
