@@ -305,9 +305,13 @@ def refuse_pickled_state(folder: str | Path) -> None:
         )
 
 
-def save_trainer_state(folder: str | Path, counters: dict, history: list[dict]) -> None:
-    """The trainer's integer counters and per-step logs as JSON (`TRAINER_STATE_FILE`)."""
+def save_trainer_state(folder: str | Path, counters: dict, history: list[dict], run: dict | None = None) -> None:
+    """The trainer's integer counters and per-step logs as JSON (`TRAINER_STATE_FILE`), with `run`: what the run
+    resolved that its recipe does not say (the detected family, the student grid, the process count), which a resume
+    compares (`read_run_facts`)."""
     payload = {"counters": {key: int(value) for key, value in counters.items()}, "history": history}
+    if run is not None:
+        payload["run"] = run
     (Path(folder) / TRAINER_STATE_FILE).write_text(json.dumps(payload, indent=1, allow_nan=True), encoding="utf-8")
 
 
@@ -321,6 +325,16 @@ def load_trainer_state(folder: str | Path) -> tuple[dict, list[dict]]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise CheckpointError(f"{path} is missing or corrupt ({error}); resume from another checkpoint.") from error
     return counters, history
+
+
+def read_run_facts(folder: str | Path) -> dict:
+    """The `run` facts `save_trainer_state` recorded (empty for checkpoints written before they were)."""
+    try:
+        payload = json.loads((Path(folder) / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    run = payload.get("run") if isinstance(payload, dict) else None
+    return run if isinstance(run, dict) else {}
 
 
 def load_accelerator_state_safely(accelerator, folder: str | Path) -> None:
