@@ -93,8 +93,10 @@ def test_old_markers_without_hashes_still_resume(tmp_path):
     [
         OSError(errno.ENOSPC, "No space left on device"),
         # What torch's zip writer raises when the disk fills (no errno reaches Python).
-        RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/0: "
-                     "file write failed"),
+        RuntimeError(
+            "[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/0: "
+            "file write failed"
+        ),
         RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 4416 vs 4310"),
         RuntimeError("basic_ios::clear: iostream error"),
     ],

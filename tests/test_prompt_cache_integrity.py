@@ -1,3 +1,4 @@
+# ruff: noqa: F401, F811  (pytest fixtures imported from test_preflight)
 """The prompt-embedding cache (issue 27.2): checked in the preflight (a folder that is a file or cannot be written:
 one line before any weight loads) and validated on read (a truncated file, fewer rows than prompts, bad metadata,
 NaN embeddings, a flipped block): each is reported once, naming the file, and rebuilt."""
@@ -12,7 +13,7 @@ import torch
 from accelerate import Accelerator
 from conftest import tiny_config
 from safetensors.torch import save_file
-from test_preflight import config_for, prompts, weightless_teacher  # noqa: F401
+from test_preflight import config_for, prompts, weightless_teacher
 
 from diffusers_dmdr.families import get_family
 from diffusers_dmdr.preflight import check_run_inputs
@@ -115,19 +116,23 @@ def test_a_good_cache_is_read_without_warning(sdxl_teacher, tiny_teacher_dirs, p
     assert set(PROMPTS) <= set(cached_prompts)
 
 
-def test_preflight_refuses_a_cache_folder_that_is_a_file(weightless_teacher, prompts, tmp_path):  # noqa: F811
+def test_preflight_refuses_a_cache_folder_that_is_a_file(weightless_teacher, prompts, tmp_path):
     not_a_folder = tmp_path / "cache"
     not_a_folder.write_text("x")
-    config = config_for(weightless_teacher, prompts, cache_prompt_embeds=True, prompt_embeds_cache_dir=str(not_a_folder))
+    config = config_for(
+        weightless_teacher, prompts, cache_prompt_embeds=True, prompt_embeds_cache_dir=str(not_a_folder)
+    )
     with pytest.raises(ValueError, match=f"--prompt_embeds_cache_dir {not_a_folder} is a file"):
         check_run_inputs(config)
     below_a_file = not_a_folder / "sub"
-    config = config_for(weightless_teacher, prompts, cache_prompt_embeds=True, prompt_embeds_cache_dir=str(below_a_file))
+    config = config_for(
+        weightless_teacher, prompts, cache_prompt_embeds=True, prompt_embeds_cache_dir=str(below_a_file)
+    )
     with pytest.raises(ValueError, match="is a file, so the folder cannot be created"):
         check_run_inputs(config)
 
 
-def test_preflight_refuses_a_read_only_cache_folder(weightless_teacher, prompts, tmp_path, monkeypatch):  # noqa: F811
+def test_preflight_refuses_a_read_only_cache_folder(weightless_teacher, prompts, tmp_path, monkeypatch):
     folder = tmp_path / "cache"
     folder.mkdir()
     folder.chmod(0o555)

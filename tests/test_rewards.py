@@ -37,7 +37,10 @@ def tiny_clip_dir(tmp_path_factory):
         ("clip:0.3", RewardSpec("clip", 0.3, 0.7, {})),
         ("clip:0.3:hinge=none:model=/tmp/clip", RewardSpec("clip", 0.3, None, {"model": "/tmp/clip"})),
         ("clip:hinge=0.5", RewardSpec("clip", 1.0, 0.5, {})),
-        ("my_pkg.rewards.MyReward:1.0", RewardSpec("my_pkg.rewards.MyReward", 1.0, None, {})),  # a custom reward: linear until its class says
+        (
+            "my_pkg.rewards.MyReward:1.0",
+            RewardSpec("my_pkg.rewards.MyReward", 1.0, None, {}),
+        ),  # a custom reward: linear until its class says
         # A value keeps its colons (open_clip Hub ids) and the prompt prefix keeps its trailing space.
         (
             "clip:0.3:model=hf-hub:apple/DFN5B-CLIP-ViT-H-14",

@@ -257,8 +257,14 @@ def meta_model(library: str, class_name: str, config: dict) -> torch.nn.Module:
         )
     module = importlib.import_module(library)
     model_class = getattr(module, class_name, None)
-    if model_class is None or not isinstance(model_class, type) or not hasattr(model_class, "from_config" if library == "diffusers" else "config_class"):
-        raise ValueError(f"{library} has no model class {class_name!r} (named in model_index.json); upgrade {library}.")
+    if (
+        model_class is None
+        or not isinstance(model_class, type)
+        or not hasattr(model_class, "from_config" if library == "diffusers" else "config_class")
+    ):
+        raise ValueError(
+            f"{library} has no model class {class_name!r} (named in model_index.json); upgrade {library}."
+        )
     with torch.device("meta"):
         if library == "transformers":
             return model_class(model_class.config_class.from_dict(config))

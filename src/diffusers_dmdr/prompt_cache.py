@@ -240,7 +240,9 @@ def _load_checked(path: Path, wanted: list[str] | None) -> tuple[list[str], dict
         raise PromptCacheError(f"{path} does not match the sha256 in its metadata (the file is corrupt or stale)")
     for name, tensor in flat.items():
         if tensor.shape[:1] != (len(prompts),):
-            raise PromptCacheError(f"{path}: {name} has {tensor.shape[0] if tensor.dim() else 0} rows for {len(prompts)} prompts")
+            raise PromptCacheError(
+                f"{path}: {name} has {tensor.shape[0] if tensor.dim() else 0} rows for {len(prompts)} prompts"
+            )
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise PromptCacheError(f"{path}: {name} holds NaN/inf embeddings")
     missing = [prompt for prompt in wanted or [] if prompt not in set(prompts)]
