@@ -2,6 +2,7 @@
 no pickle loaded from a checkpoint."""
 
 import errno
+import hashlib
 import json
 import os
 import pickle
@@ -45,7 +46,15 @@ def test_complete_checkpoints_rotate_to_the_limit(tmp_path):
         save(tmp_path, step, limit=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
     marker = json.loads((tmp_path / "checkpoint-3" / COMPLETE_MARKER).read_text())
-    assert marker == {"step": 3, "files": {"fake_lora.safetensors": 64, "student_lora.safetensors": 64}}
+    sha256 = {
+        name: hashlib.sha256(data).hexdigest()
+        for name, data in (("fake_lora.safetensors", b"f" * 64), ("student_lora.safetensors", b"s" * 64))
+    }
+    assert marker == {
+        "step": 3,
+        "files": {"fake_lora.safetensors": 64, "student_lora.safetensors": 64},
+        "sha256": sha256,
+    }
     assert resolve_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-3"
     assert not list(tmp_path.glob(".checkpoint-*"))
 

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import tiny_config
 from huggingface_hub import ModelCard
 from PIL import Image
@@ -347,6 +348,20 @@ def test_export_layout_names_the_package_code_files_and_classes():
     assert Path(scheduling_dmdr.__file__).stem == export_layout.SCHEDULER_MODULE
     assert FewStepDMDRPipeline.__name__ == export_layout.PIPELINE_CLASS
     assert DMDRScheduler.__name__ == export_layout.SCHEDULER_CLASS
+
+
+def test_export_keeps_the_local_teacher_for_teacher_auto_from_another_folder(exported, tmp_path, monkeypatch):
+    """The published recipe names the teacher `<local>/<name>`; the unpublished local-paths file lets
+    `evaluate --teacher auto` find it from any working folder (issue 27.5)."""
+    from diffusers_dmdr.evaluate import export_teacher
+    from diffusers_dmdr.export_layout import LOCAL_PATHS_FILE
+
+    run = exported("sd3-1step")
+    recipe = yaml.safe_load((run.export_dir / "dmdr_config.yaml").read_text(encoding="utf-8"))
+    assert recipe["pretrained_model_name_or_path"] == f"<local>/{run.teacher_dir.name}"
+    assert (run.export_dir / LOCAL_PATHS_FILE).is_file()
+    monkeypatch.chdir(tmp_path)
+    assert export_teacher(str(run.export_dir)) == str(run.teacher_dir.resolve())
 
 
 def test_lora_only_export_has_code_and_scheduler_but_no_pipeline(exported):

@@ -37,7 +37,10 @@ def tiny_clip_dir(tmp_path_factory):
         ("clip:0.3", RewardSpec("clip", 0.3, 0.7, {})),
         ("clip:0.3:hinge=none:model=/tmp/clip", RewardSpec("clip", 0.3, None, {"model": "/tmp/clip"})),
         ("clip:hinge=0.5", RewardSpec("clip", 1.0, 0.5, {})),
-        ("my_pkg.rewards.MyReward:1.0", RewardSpec("my_pkg.rewards.MyReward", 1.0, 0.7, {})),
+        (
+            "my_pkg.rewards.MyReward:1.0",
+            RewardSpec("my_pkg.rewards.MyReward", 1.0, None, {}),
+        ),  # a custom reward: linear until its class says
         # A value keeps its colons (open_clip Hub ids) and the prompt prefix keeps its trailing space.
         (
             "clip:0.3:model=hf-hub:apple/DFN5B-CLIP-ViT-H-14",
@@ -276,7 +279,7 @@ def test_compute_reward_loss_matches_hand_computation():
     # Brightness rewards on two flat images: scores are exactly 0.2 and 0.9.
     rewards = load_rewards(
         [
-            "reward_fixtures.sum_of_pixels_reward:0.3",  # hinge 0.7
+            "reward_fixtures.sum_of_pixels_reward:0.3:hinge=0.7",  # hinge 0.7 (a custom reward defaults to linear)
             "reward_fixtures.sum_of_pixels_reward:2:hinge=none",  # linear
             "reward_fixtures.sum_of_pixels_reward:0:hinge=none",  # monitor only
         ],

@@ -1,12 +1,16 @@
 """Checkpoint folders of a DMDR run: file names, atomic writes, listing, rotation, `latest`, pickle-free state.
 
 A checkpoint is written into a hidden sibling folder `.checkpoint-N.tmp`; once every file is there, a completeness
-marker (`checkpoint_complete.json`, listing each file and its size) is written last and the folder is renamed to
-`checkpoint-N`. Only then are old checkpoints pruned. A crash at any point therefore leaves the previous complete
-checkpoint untouched, and `latest` resolves to the newest folder whose marker matches its files.
+marker (`checkpoint_complete.json`, listing each file with its size and sha256) is written last and the folder is
+renamed to `checkpoint-N`. A crash at any point therefore leaves the previous complete checkpoint untouched, and
+`latest` resolves to the newest folder whose marker matches its files (sizes and content hashes: a flipped block of
+the same size is caught) and, for a resume, whose weights parse and are finite. With `--checkpoints_total_limit N >= 2`
+the oldest checkpoints beyond `N - 1` are pruned *before* the write (so a full disk has the room the limit promises),
+the rest after it; the newest complete checkpoint is never removed before its successor is complete.
 """
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -56,33 +60,43 @@ def list_checkpoints(output_dir: str | Path, complete_only: bool = False) -> lis
         return []
     folders = [p for p in output_dir.iterdir() if p.is_dir() and _CHECKPOINT_NAME.match(p.name)]
     if complete_only:
-        folders = [p for p in folders if is_complete_checkpoint(p)]
+        # Sizes only: pruning lists checkpoints at every save, and hashing each of them there would cost a full read.
+        folders = [p for p in folders if is_complete_checkpoint(p, verify_hashes=False)]
     return sorted(folders, key=_checkpoint_step)
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 8 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(8 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_complete_marker(folder: str | Path, step: int) -> None:
-    """List every file of `folder` with its size in the marker; written last, flushed to disk."""
+    """List every file of `folder` with its size and sha256 in the marker; written last, flushed to disk."""
     folder = Path(folder)
-    files = {
-        str(path.relative_to(folder)): path.stat().st_size
-        for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name != COMPLETE_MARKER
-    }
+    paths = [path for path in sorted(folder.rglob("*")) if path.is_file() and path.name != COMPLETE_MARKER]
+    files = {str(path.relative_to(folder)): path.stat().st_size for path in paths}
+    hashes = {str(path.relative_to(folder)): file_sha256(path) for path in paths}
     marker = folder / COMPLETE_MARKER
     with open(marker, "w", encoding="utf-8") as handle:
-        json.dump({"step": step, "files": files}, handle, indent=1)
+        json.dump({"step": step, "files": files, "sha256": hashes}, handle, indent=1)
         handle.flush()
         os.fsync(handle.fileno())
 
 
-def incomplete_reason(folder: str | Path) -> str | None:
-    """Why `folder` is not a complete checkpoint (`None` when it is)."""
+def incomplete_reason(folder: str | Path, verify_hashes: bool = True) -> str | None:
+    """Why `folder` is not a complete checkpoint (`None` when it is): no or unreadable marker, a listed file missing,
+    of another size or (with `verify_hashes`, markers that carry hashes) of other content."""
     folder = Path(folder)
     marker = folder / COMPLETE_MARKER
     if not marker.is_file():
         return f"no {COMPLETE_MARKER} (the save was interrupted)"
     try:
-        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
+        listing = json.loads(marker.read_text(encoding="utf-8"))
+        files, hashes = dict(listing["files"]), dict(listing.get("sha256", {}))
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"unreadable {COMPLETE_MARKER} ({error})"
     for name, size in files.items():
@@ -91,11 +105,58 @@ def incomplete_reason(folder: str | Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes instead of {size}"
+    if verify_hashes:
+        for name, expected in hashes.items():
+            if name in files and file_sha256(folder / name) != expected:
+                return f"{name} does not match its sha256 in {COMPLETE_MARKER} (the file is corrupt)"
     return None
 
 
-def is_complete_checkpoint(folder: str | Path) -> bool:
-    return incomplete_reason(folder) is None
+def unhealthy_weights_reason(folder: str | Path) -> str | None:
+    """Why the safetensors weights of a complete checkpoint cannot be resumed (`None` when they can): a header that
+    does not parse, or a NaN/inf value (a run must never continue from weights that already diverged)."""
+    import torch
+    from safetensors import safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():
+                    tensor = handle.get_tensor(key)
+                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        return f"{path.name} holds NaN/inf values ({key})"
+        except Exception as error:  # safetensors raises its own SafetensorError
+            return f"{path.name} does not parse as safetensors ({type(error).__name__}: {error})"
+    return None
+
+
+def checkpoint_problem(folder: str | Path, check_weights: bool = False) -> str | None:
+    """`incomplete_reason`, then (with `check_weights`, for a resume) `unhealthy_weights_reason`."""
+    reason = incomplete_reason(folder)
+    if reason is None and check_weights:
+        reason = unhealthy_weights_reason(folder)
+    return reason
+
+
+def is_complete_checkpoint(folder: str | Path, verify_hashes: bool = True) -> bool:
+    return incomplete_reason(folder, verify_hashes) is None
+
+
+# What a full disk looks like when torch's zip writer, not Python, hits it (no errno reaches Python).
+_DISK_FULL_MESSAGES = ("no space left", "file write failed", "unexpected pos", "basic_ios::clear")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """`error` (or an error it was raised from) is an `ENOSPC` or torch's writer failing the way a full disk makes it."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if isinstance(error, RuntimeError) and any(text in str(error).lower() for text in _DISK_FULL_MESSAGES):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def atomic_checkpoint_save(
@@ -109,14 +170,15 @@ def atomic_checkpoint_save(
 ) -> Path:
     r"""Write `output_dir/checkpoint-{step}` atomically, then prune to `limit` complete checkpoints.
 
-    1. the main process clears a stale `.checkpoint-{step}.tmp`; 2. every process calls `write_files(tmp)` (under
-    FSDP each rank writes its shard into the same folder); 3. the main process calls
-    `finalize_files(tmp)` (config, counters), writes the completeness marker, renames the folder to
-    `checkpoint-{step}` and only then deletes the oldest complete checkpoints and leftover temporary folders.
+    1. the main process removes the oldest complete checkpoints beyond `limit - 1` (for `limit >= 2`: the newest
+    is never removed before its successor is complete) and clears a stale `.checkpoint-{step}.tmp`; 2. every
+    process calls `write_files(tmp)` (under FSDP each rank writes its shard into the same folder); 3. the main
+    process calls `finalize_files(tmp)` (config, counters), writes the completeness marker, renames the folder to
+    `checkpoint-{step}` and only then deletes the remaining old checkpoints and leftover temporary folders.
 
     Raises:
-        `CheckpointError`: the disk is full ("no space left on <dir>") or another OS error; the partial folder is
-        removed and every earlier checkpoint kept.
+        `CheckpointError`: the disk is full ("No space left on <dir>", also when torch's writer reports it as a
+        `RuntimeError`) or another OS error; the partial folder is removed and the newest earlier checkpoint kept.
     """
     output_dir = Path(output_dir)
     tmp = temporary_checkpoint_dir(output_dir, step)
@@ -124,6 +186,9 @@ def atomic_checkpoint_save(
     try:
         if is_main_process:
             output_dir.mkdir(parents=True, exist_ok=True)
+            if limit and limit >= 2:
+                # Make the room the limit promises before writing (a full disk otherwise fails at limit + 1).
+                prune_checkpoints(output_dir, limit - 1, keep=None, exclude=final)
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir()
@@ -138,15 +203,26 @@ def atomic_checkpoint_save(
                 # Re-saving a step (e.g. after a resume at that step): the new folder replaces the old one.
                 shutil.rmtree(final)
             os.replace(tmp, final)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
         if is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        if error.errno == errno.ENOSPC:
+        if is_disk_full(error):
+            if limit == 1:
+                advice = (
+                    "--checkpoints_total_limit 1 keeps the previous checkpoint until the new one is complete, so the "
+                    "disk needs room for two: free disk space"
+                )
+            else:
+                advice = (
+                    "Free disk space or lower --checkpoints_total_limit (to 2 or more, the oldest checkpoints are "
+                    "removed before the next one is written)"
+                )
             raise CheckpointError(
                 f"No space left on {output_dir} while writing checkpoint-{step}: the partial folder was removed and "
-                f"the previous checkpoints are kept. Free disk space or lower --checkpoints_total_limit, then "
-                "resume with --resume_from_checkpoint latest."
+                f"the previous checkpoints are kept. {advice}, then resume with --resume_from_checkpoint latest."
             ) from error
+        if not isinstance(error, OSError):
+            raise
         raise CheckpointError(
             f"Could not write checkpoint-{step} in {output_dir} ({error}); the partial folder was removed and the "
             "previous checkpoints are kept."
@@ -162,9 +238,12 @@ def atomic_checkpoint_save(
     return final
 
 
-def prune_checkpoints(output_dir: Path, limit: int | None, keep: Path | None = None) -> None:
+def prune_checkpoints(
+    output_dir: Path, limit: int | None, keep: Path | None = None, exclude: Path | None = None
+) -> None:
     """Keep the newest `limit` complete checkpoints (never `keep`, the one just written); remove the rest, incomplete
-    `checkpoint-N` folders older than `keep` and leftover `.checkpoint-N.tmp` folders of interrupted saves."""
+    `checkpoint-N` folders older than `keep` and leftover `.checkpoint-N.tmp` folders of interrupted saves.
+    `exclude` (the folder about to be rewritten) is neither counted nor removed."""
     output_dir = Path(output_dir)
     for leftover in output_dir.iterdir() if output_dir.is_dir() else []:
         if leftover.is_dir() and _TEMPORARY_NAME.match(leftover.name):
@@ -181,29 +260,32 @@ def prune_checkpoints(output_dir: Path, limit: int | None, keep: Path | None = N
                 shutil.rmtree(folder, ignore_errors=True)
     if not limit:
         return
-    complete = [p for p in list_checkpoints(output_dir, complete_only=True) if p != keep]
+    complete = [p for p in list_checkpoints(output_dir, complete_only=True) if p not in (keep, exclude)]
     stale = complete[: max(len(complete) - (limit - (keep is not None)), 0)]
     for folder in stale:
         logger.info(f"Removing old checkpoint {folder}")
         shutil.rmtree(folder)
 
 
-def resolve_checkpoint(output_dir: str | Path, checkpoint: str) -> Path | None:
-    """`latest` -> the newest complete `checkpoint-N` of `output_dir` (or None), logging each incomplete one it
-    skips; otherwise the given folder, which must exist and be complete."""
+def resolve_checkpoint(output_dir: str | Path, checkpoint: str, check_weights: bool = False) -> Path | None:
+    """`latest` -> the newest complete `checkpoint-N` of `output_dir` (or None), warning once for each one it skips
+    (naming the file at fault); otherwise the given folder, which must exist and be complete.
+
+    With `check_weights` (a resume) a checkpoint whose safetensors do not parse or hold NaN/inf is skipped too.
+    """
     if checkpoint == "latest":
         for folder in reversed(list_checkpoints(output_dir)):
-            reason = incomplete_reason(folder)
+            reason = checkpoint_problem(folder, check_weights)
             if reason is None:
                 return folder
-            logger.warning(f"Skipping incomplete checkpoint {folder}: {reason}.")
+            logger.warning(f"Skipping checkpoint {folder}: {reason}; trying the previous complete one.")
         return None
     path = Path(checkpoint)
     if not path.is_dir():
         path = Path(output_dir) / checkpoint
     if not path.is_dir():
         raise FileNotFoundError(f"--resume_from_checkpoint {checkpoint}: no such checkpoint folder.")
-    reason = incomplete_reason(path)
+    reason = checkpoint_problem(path, check_weights)
     if reason is not None:
         raise CheckpointError(
             f"--resume_from_checkpoint {path} is not a complete checkpoint: {reason}. Resume from an earlier one, or "
@@ -223,9 +305,13 @@ def refuse_pickled_state(folder: str | Path) -> None:
         )
 
 
-def save_trainer_state(folder: str | Path, counters: dict, history: list[dict]) -> None:
-    """The trainer's integer counters and per-step logs as JSON (`TRAINER_STATE_FILE`)."""
+def save_trainer_state(folder: str | Path, counters: dict, history: list[dict], run: dict | None = None) -> None:
+    """The trainer's integer counters and per-step logs as JSON (`TRAINER_STATE_FILE`), with `run`: what the run
+    resolved that its recipe does not say (the detected family, the student grid, the process count), which a resume
+    compares (`read_run_facts`)."""
     payload = {"counters": {key: int(value) for key, value in counters.items()}, "history": history}
+    if run is not None:
+        payload["run"] = run
     (Path(folder) / TRAINER_STATE_FILE).write_text(json.dumps(payload, indent=1, allow_nan=True), encoding="utf-8")
 
 
@@ -239,6 +325,16 @@ def load_trainer_state(folder: str | Path) -> tuple[dict, list[dict]]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise CheckpointError(f"{path} is missing or corrupt ({error}); resume from another checkpoint.") from error
     return counters, history
+
+
+def read_run_facts(folder: str | Path) -> dict:
+    """The `run` facts `save_trainer_state` recorded (empty for checkpoints written before they were)."""
+    try:
+        payload = json.loads((Path(folder) / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    run = payload.get("run") if isinstance(payload, dict) else None
+    return run if isinstance(run, dict) else {}
 
 
 def load_accelerator_state_safely(accelerator, folder: str | Path) -> None:

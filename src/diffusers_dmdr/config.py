@@ -425,7 +425,9 @@ class DMDRConfig:
                 problems.append(f"--{spec.name} must be {error}, got {value!r} ({type(value).__name__}).")
         if problems:
             raise ValueError("Invalid DMDR configuration:\n- " + "\n- ".join(problems))
-        # Unset stage lengths follow the run's length: half the run in stage 1, annealing within stage 1.
+        # Unset stage lengths follow the run's length: half the run in stage 1, annealing within stage 1. A resume
+        # keeps the checkpoint's values of these derived fields (`preflight.check_resume_recipe`).
+        self.derived_fields = {name for name in ("cold_start_steps", "dynamic_steps") if getattr(self, name) is None}
         if self.cold_start_steps is None:
             self.cold_start_steps = self.max_train_steps // 2
         if self.dynamic_steps is None:

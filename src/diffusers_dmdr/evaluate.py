@@ -208,11 +208,23 @@ def is_dmdr_export(source: str) -> bool:
 
 
 def export_teacher(source: str) -> str:
-    """The teacher of a diffusers-dmdr export folder: its recipe's `pretrained_model_name_or_path` when that still
+    """The teacher of a diffusers-dmdr export folder: the local teacher folder it was exported from (its
+    `LOCAL_PATHS_FILE`) when that still exists, its recipe's `pretrained_model_name_or_path` when that still
     resolves here, else the Hub id its card names as `base_model`."""
     import yaml
 
+    from .export_layout import LOCAL_PATHS_FILE
+
     folder = Path(source).expanduser()
+    # This machine's unredacted teacher folder, when the export was made here (never published).
+    local_paths = folder / LOCAL_PATHS_FILE
+    if local_paths.is_file():
+        try:
+            local_teacher = json.loads(local_paths.read_text(encoding="utf-8")).get("pretrained_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            local_teacher = None
+        if isinstance(local_teacher, str) and Path(local_teacher).is_dir():
+            return local_teacher
     recipe_file = folder / "dmdr_config.yaml"
     if recipe_file.is_file():
         recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}

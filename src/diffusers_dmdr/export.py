@@ -45,6 +45,7 @@ from .adapters import (
 from .checkpointing import CONFIG_FILE, STUDENT_FULL_FILE, STUDENT_LORA_FILE, list_checkpoints, resolve_checkpoint
 from .config import DMDRConfig
 from .export_layout import (  # noqa: F401  (the file names are part of this module's API)
+    LOCAL_PATHS_FILE,
     LORA_WEIGHT_NAME,
     PIPELINE_CLASS,
     PIPELINE_MODULE,
@@ -458,11 +459,21 @@ def write_export(
             {k: v for k, v in config.to_dict().items() if k != "allow_reward_import_paths"}
         )
         (staging / CONFIG_FILE).write_text(yaml.safe_dump(public_config, sort_keys=False), encoding="utf-8")
+        write_local_paths(staging, config)
         replace_export(output_dir, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info(f"Exported the DMDR student to {output_dir}")
     return output_dir
+
+
+def write_local_paths(folder: Path, config) -> None:
+    """Record a local teacher's absolute folder in `LOCAL_PATHS_FILE` (the published recipe redacts it), so that
+    `evaluate --teacher auto` finds the teacher from any working folder; nothing is written for a Hub teacher."""
+    teacher = Path(config.pretrained_model_name_or_path).expanduser()
+    if teacher.is_dir():
+        payload = {"pretrained_model_name_or_path": str(teacher.resolve()), "revision": config.revision}
+        (folder / LOCAL_PATHS_FILE).write_text(json.dumps(payload, indent=1), encoding="utf-8")
 
 
 def export_entries(folder: Path) -> set[str]:
@@ -472,6 +483,7 @@ def export_entries(folder: Path) -> set[str]:
         "README.md",
         SAMPLES_FILE,
         CONFIG_FILE,
+        LOCAL_PATHS_FILE,
         LORA_WEIGHT_NAME,
         KOHYA_LORA_WEIGHT_NAME,
         f"{PIPELINE_MODULE}.py",

@@ -10,3 +10,6 @@ from .pipelines.pipeline_dmdr import PIPELINE_CLASS, PIPELINE_MODULE, SCHEDULER_
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 SAMPLES_FILE = "samples.png"
 SUMMARY_FILE = "train_summary.json"
+# The unredacted local paths of an export (its teacher folder), for use on this machine (`evaluate --teacher auto`);
+# the published recipe names them `<local>/<name>`, and a push never uploads this file (`hub.UPLOAD_IGNORE_PATTERNS`).
+LOCAL_PATHS_FILE = "dmdr_local_paths.json"

@@ -16,13 +16,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from .export_layout import LOCAL_PATHS_FILE
+
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 # Files of a training run that share the export folder but are not part of the model repo (checkpoints, partial
 # checkpoints of an interrupted save, tracker logs).
-UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", ".checkpoint-*", "logs/*", "validation/*", "*.lock", "wandb/*"]
+UPLOAD_IGNORE_PATTERNS = [
+    "checkpoint-*",
+    ".checkpoint-*",
+    "logs/*",
+    "validation/*",
+    "*.lock",
+    "wandb/*",
+    LOCAL_PATHS_FILE,  # this machine's folders, never published
+]
 
 
 class HubUploadError(RuntimeError):

@@ -235,14 +235,36 @@ class MemoryPlan:
 # ----------------------------------------------------------------------------------------------------------------
 # Meta-device models from configs
 # ----------------------------------------------------------------------------------------------------------------
+# The only libraries whose classes a teacher's `model_index.json` may name for the plan: importing any other module
+# a downloaded folder names would run its code (diffusers itself refuses such a folder without `trust_remote_code`).
+META_MODEL_LIBRARIES = ("diffusers", "transformers")
+
+
 def meta_model(library: str, class_name: str, config: dict) -> torch.nn.Module:
-    """Instantiate `library.class_name` (diffusers or transformers) from its config dict on the meta device."""
+    """Instantiate `library.class_name` (diffusers or transformers) from its config dict on the meta device.
+
+    Raises:
+        `ValueError`: `library` is neither diffusers nor transformers (nothing is imported), or it has no model class
+        `class_name`.
+    """
     import importlib
 
+    if library not in META_MODEL_LIBRARIES:
+        raise ValueError(
+            f"model_index.json names the class {class_name!r} from the module {library!r}: only diffusers and "
+            "transformers classes are loaded (a module a downloaded folder names is never imported). Use a teacher "
+            "whose components are diffusers/transformers models."
+        )
     module = importlib.import_module(library)
     model_class = getattr(module, class_name, None)
-    if model_class is None:
-        raise ValueError(f"{library} has no class {class_name!r} (named in model_index.json); upgrade {library}.")
+    if (
+        model_class is None
+        or not isinstance(model_class, type)
+        or not hasattr(model_class, "from_config" if library == "diffusers" else "config_class")
+    ):
+        raise ValueError(
+            f"{library} has no model class {class_name!r} (named in model_index.json); upgrade {library}."
+        )
     with torch.device("meta"):
         if library == "transformers":
             return model_class(model_class.config_class.from_dict(config))

@@ -2,6 +2,7 @@
 
 import importlib.util
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,11 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
     # The engine the launch asked for (DeepSpeed is refused: see sharding.py).
     check_engine_supported()
     check_recipe_import_paths(config)  # first: the other checks import what the rewards name
+    # 0. A local teacher is recorded by its absolute path, so the run's recipe (and its checkpoints') resolve from any
+    # folder (`dmdr-export`, `evaluate --teacher auto`); only what is published is redacted.
+    local_teacher = Path(config.pretrained_model_name_or_path).expanduser()
+    if local_teacher.is_dir():
+        config.pretrained_model_name_or_path = str(local_teacher.resolve())
     # 1. Teacher: the folder or Hub id exists and is a supported family.
     model_index = read_teacher_config(config.pretrained_model_name_or_path, config.revision)
     detected = detect_family(model_index, config.pretrained_model_name_or_path)
@@ -133,8 +139,24 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
         if not path.is_dir() and not (Path(config.output_dir) / config.resume_from_checkpoint).is_dir():
             raise FileNotFoundError(f"--resume_from_checkpoint {config.resume_from_checkpoint}: no such folder.")
 
-    # 6b. Where checkpoints and the export go.
+    # 6a. The checkpoint a resume will take (complete, hashes matching, finite weights) and its recipe.
+    if config.resume_from_checkpoint:
+        from .checkpointing import CheckpointError, resolve_checkpoint
+
+        try:
+            checkpoint = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint, check_weights=True)
+        except CheckpointError as error:
+            raise ValueError(str(error)) from None
+        if checkpoint is not None:
+            check_resume_recipe(config, checkpoint, family.name, list(timesteps))
+
+    # 6b. Where checkpoints and the export go, and the prompt-embedding cache.
     check_output_dir(config.output_dir)
+    if config.cache_prompt_embeds:
+        from .prompt_cache import DEFAULT_CACHE_DIR
+
+        folder = config.prompt_embeds_cache_dir or str(DEFAULT_CACHE_DIR)
+        check_writable_folder("--prompt_embeds_cache_dir", folder, "the prompt-embedding cache is written there")
 
     # 7. Prompts (through `datasets`; cheap for local files).
     prompts = load_prompts(
@@ -216,18 +238,129 @@ def check_backbone_channels(config: DMDRConfig, family: ModelFamily) -> None:
 
 def check_output_dir(output_dir: str) -> None:
     """`--output_dir` is (or can be created as) a writable folder: probed by creating and removing a file."""
-    path = Path(output_dir).expanduser()
+    check_writable_folder("--output_dir", output_dir, "choose a writable folder")
+
+
+def check_writable_folder(flag: str, folder: str, why: str) -> None:
+    """`folder` is (or can be created as) a writable folder: probed by creating and removing a file."""
+    path = Path(folder).expanduser()
     if path.exists() and not path.is_dir():
-        raise ValueError(f"--output_dir {output_dir} is a file; give a folder (it is created if missing).")
+        raise ValueError(f"{flag} {folder} is a file; give a folder (it is created if missing).")
     existing = path
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(f"--output_dir {output_dir}: {existing} is a file, so the folder cannot be created.")
+        raise ValueError(f"{flag} {folder}: {existing} is a file, so the folder cannot be created.")
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
+        raise ValueError(f"{flag} {folder}: {existing} is not writable ({error.strerror}); {why}.") from None
+
+
+# Fields a resume cannot change: they shape the trained weights or what the student is (refused in one line).
+STRUCTURAL_FIELDS = (
+    "training_mode",
+    "lora_rank",
+    "lora_alpha",
+    "lora_target_modules",
+    "fake_lora_rank",
+    "fake_lora_alpha",
+    "fake_lora_target_modules",
+    "num_student_steps",
+    "use_8bit_adam",
+)
+# Fields a resume may change, with a warning: the run continues, but not as the uninterrupted run would.
+SCHEDULE_FIELDS = (
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "stage2_train_batch_size",
+    "max_train_steps",
+    "cold_start_steps",
+    "dynamic_steps",
+    "update_ratio",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "learning_rate",
+    "learning_rate_fake",
+    "stage2_learning_rate",
+    "stage2_learning_rate_fake",
+    "seed",
+    "resolution",
+    "width",
+)
+
+
+def _flag_value(value) -> str:
+    if isinstance(value, list | tuple):
+        return " ".join(str(item) for item in value)
+    return str(value)
+
+
+def check_resume_recipe(config: DMDRConfig, checkpoint: Path, family: str, student_timesteps: list[float]) -> None:
+    """Compare the run with the recipe (`dmdr_config.yaml`) and run facts of the checkpoint it resumes.
+
+    A structural change (the family, `--training_mode`, LoRA ranks/alphas/targets, the student grid, the optimizer
+    kind) is refused in one line naming the flag and the checkpoint's value; batch, accumulation, process count and
+    schedule changes are allowed with one warning. Stage boundaries the config derived from `--max_train_steps`
+    (`cold_start_steps`, `dynamic_steps` left unset) keep the checkpoint's values, so a longer run does not move the
+    stages of a run under way.
+    """
+    import yaml
+
+    from .checkpointing import CONFIG_FILE, read_run_facts
+
+    recipe_file = checkpoint / CONFIG_FILE
+    try:
+        recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        logger.warning(f"{recipe_file} is unreadable ({error}); the resumed run's recipe cannot be compared.")
+        return
+    if not isinstance(recipe, dict):
+        logger.warning(f"{recipe_file} holds no recipe; the resumed run's recipe cannot be compared.")
+        return
+    facts = read_run_facts(checkpoint)
+
+    def refuse(flag: str, current, recorded) -> None:
         raise ValueError(
-            f"--output_dir {output_dir}: {existing} is not writable ({error.strerror}); choose a writable folder."
-        ) from None
+            f"--resume_from_checkpoint {checkpoint}: {flag} {_flag_value(current)} differs from the checkpoint's "
+            f"{flag} {_flag_value(recorded)}, which shapes its weights; resume with {flag} {_flag_value(recorded)}, "
+            "or start a new run in another --output_dir."
+        )
+
+    recorded_family = facts.get("family") or (recipe.get("family") if recipe.get("family") != "auto" else None)
+    if recorded_family and recorded_family != family:
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint}: the teacher is a {family} pipeline but the checkpoint was trained "
+            f"from a {recorded_family} teacher (--pretrained_model_name_or_path "
+            f"{recipe.get('pretrained_model_name_or_path')}); resume with that teacher, or start a new run in another "
+            "--output_dir."
+        )
+    for name in STRUCTURAL_FIELDS:
+        if name in recipe and recipe[name] != getattr(config, name):
+            refuse(f"--{name}", getattr(config, name), recipe[name])
+    recorded_grid = facts.get("student_timesteps")
+    if recorded_grid is not None and [float(t) for t in recorded_grid] != [float(t) for t in student_timesteps]:
+        refuse("--student_timesteps", student_timesteps, recorded_grid)
+
+    # Derived stage boundaries stay where the run under way put them.
+    for name in sorted(getattr(config, "derived_fields", ())):
+        recorded = recipe.get(name)
+        if isinstance(recorded, int) and recorded != getattr(config, name) and recorded <= config.max_train_steps:
+            logger.info(f"Resuming {checkpoint}: keeping its --{name} {recorded} (derived from its run length).")
+            setattr(config, name, recorded)
+
+    changes = [
+        f"--{name} {_flag_value(getattr(config, name))} (checkpoint: {_flag_value(recipe[name])})"
+        for name in SCHEDULE_FIELDS
+        if name in recipe and recipe[name] != getattr(config, name)
+    ]
+    num_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if "num_processes" in facts and facts["num_processes"] != num_processes:
+        changes.append(f"{num_processes} processes (checkpoint: {facts['num_processes']})")
+    if changes:
+        logger.warning(
+            f"Resuming {checkpoint} with a changed recipe: {', '.join(changes)}. The run continues, but the batches, "
+            "stages or learning rates differ from the run that wrote the checkpoint (an exact resume needs the "
+            "same values)."
+        )

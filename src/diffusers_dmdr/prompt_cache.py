@@ -5,10 +5,15 @@ the whole prompt set, the family's negative prompt (empty for most) and the vali
 `<cache_dir>/<key>.safetensors`, where the key covers the teacher (id or folder, revision, variant, the text encoders'
 files), the family, the resolution, the dtype and the prompts. The next run with the same key reads the file and never
 moves the text encoders to the device.
+
+The key is deterministic, so a broken file would fail every later run: the file's metadata carries its prompts, its
+format version and the sha256 of its tensors, and a file that does not parse, does not match its hash, holds fewer
+rows than prompts, lacks a prompt of the run or holds NaN/inf is reported once (naming the file) and rebuilt.
 """
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -18,6 +23,8 @@ from tqdm.auto import tqdm
 
 from .families.base import TEXT_ENCODER_NAMES
 
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path("~/.cache/diffusers_dmdr/prompt_embeds")
 # Bump when the cached content changes meaning, so old files are never read.
@@ -148,11 +155,15 @@ class PromptEncoder:
         )
         cache_dir = Path(config.prompt_embeds_cache_dir or DEFAULT_CACHE_DIR).expanduser()
         path = cache_dir / f"{key}.safetensors"
-        if accelerator.is_main_process and not path.is_file():
-            live = cls(teacher.family, teacher.pipeline, size, device, offload=True)
-            write_cache(path, wanted, live.encode_all(wanted))
+        if accelerator.is_main_process:
+            problem = cache_problem(path, wanted) if path.is_file() else None
+            if problem is not None:
+                logger.warning(f"Rebuilding the prompt-embedding cache {path}: {problem}.")
+            if problem is not None or not path.is_file():
+                live = cls(teacher.family, teacher.pipeline, size, device, offload=True)
+                write_cache(path, wanted, live.encode_all(wanted))
         accelerator.wait_for_everyone()
-        cached_prompts, cache = read_cache(path)
+        cached_prompts, cache = read_cache(path, wanted)
         return cls(teacher.family, teacher.pipeline, size, device, cache=cache, cached_prompts=cached_prompts)
 
     def _encode_live(self, prompts: list[str]) -> dict:
@@ -180,17 +191,76 @@ class PromptEncoder:
         return unflatten_condition({name: value[rows].to(self.device) for name, value in self.cache.items()})
 
 
+class PromptCacheError(ValueError):
+    """A prompt-embedding cache file that cannot be used; the message names the file."""
+
+
+def tensors_sha256(flat: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of `flat`'s tensors, in name order (the cache's content hash,
+    kept in its metadata: the file cannot hold a hash of itself)."""
+    digest = hashlib.sha256()
+    for name in sorted(flat):
+        tensor = flat[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def write_cache(path: Path, prompts: list[str], flat: dict[str, torch.Tensor]) -> None:
     """Write atomically (a temporary file renamed into place): a crash never leaves a half cache to be read."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in flat.items()}, temporary, metadata={"prompts": json.dumps(prompts)})
+    flat = {k: v.contiguous() for k, v in flat.items()}
+    metadata = {
+        "prompts": json.dumps(prompts),
+        "format_version": str(CACHE_FORMAT_VERSION),
+        "sha256": tensors_sha256(flat),
+    }
+    save_file(flat, temporary, metadata=metadata)
     os.replace(temporary, path)
 
 
-def read_cache(path: Path) -> tuple[list[str], dict[str, torch.Tensor]]:
+def _load_checked(path: Path, wanted: list[str] | None) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """The cache's prompts and tensors, or `PromptCacheError` saying what is wrong with the file."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        prompts = json.loads(handle.metadata()["prompts"])
-    return prompts, load_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        flat = load_file(path)
+    except Exception as error:  # safetensors raises its own SafetensorError for a truncated or garbled file
+        raise PromptCacheError(f"{path} does not parse ({type(error).__name__}: {error})") from None
+    try:
+        prompts = json.loads(metadata["prompts"])
+        if not isinstance(prompts, list) or not all(isinstance(prompt, str) for prompt in prompts):
+            raise TypeError("not a list of strings")
+    except (KeyError, ValueError, TypeError) as error:
+        raise PromptCacheError(f"{path} has no readable prompt list in its metadata ({error})") from None
+    if metadata.get("sha256") != tensors_sha256(flat):
+        raise PromptCacheError(f"{path} does not match the sha256 in its metadata (the file is corrupt or stale)")
+    for name, tensor in flat.items():
+        if tensor.shape[:1] != (len(prompts),):
+            raise PromptCacheError(
+                f"{path}: {name} has {tensor.shape[0] if tensor.dim() else 0} rows for {len(prompts)} prompts"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise PromptCacheError(f"{path}: {name} holds NaN/inf embeddings")
+    missing = [prompt for prompt in wanted or [] if prompt not in set(prompts)]
+    if missing:
+        raise PromptCacheError(f"{path} lacks {len(missing)} prompt(s) of this run, e.g. {missing[0]!r}")
+    return prompts, flat
+
+
+def cache_problem(path: Path, wanted: list[str] | None = None) -> str | None:
+    """Why the cache file at `path` cannot serve the prompts `wanted` (`None` when it can)."""
+    try:
+        _load_checked(path, wanted)
+    except PromptCacheError as error:
+        return str(error)
+    return None
+
+
+def read_cache(path: Path, wanted: list[str] | None = None) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """The cached prompts and flat conditioning, checked against the metadata's hash, row counts, finiteness and
+    (when given) the prompts `wanted`; raises `PromptCacheError` naming the file otherwise."""
+    return _load_checked(path, wanted)

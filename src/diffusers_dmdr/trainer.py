@@ -541,7 +541,7 @@ class DMDRTrainer:
 
         def finalize(folder: Path) -> None:
             self.config.save_yaml(folder / CONFIG_FILE)
-            save_trainer_state(folder, self.state.state_dict(), self.resumed_history + self.history)
+            save_trainer_state(folder, self.state.state_dict(), self.resumed_history + self.history, self.run_facts())
 
         path = atomic_checkpoint_save(
             self.config.output_dir,
@@ -557,8 +557,16 @@ class DMDRTrainer:
         run_callbacks(self.callbacks, "on_checkpoint", self, step=self.state.global_step, path=path)
         return path
 
+    def run_facts(self) -> dict:
+        """What a resume must find unchanged beyond the recipe (`preflight.check_resume_recipe` compares them)."""
+        return {
+            "family": self.family.name,
+            "student_timesteps": [float(t) for t in self.scheduler.config.training_timesteps],
+            "num_processes": self.accelerator.num_processes,
+        }
+
     def load_checkpoint(self, checkpoint: str) -> None:
-        path = resolve_checkpoint(self.config.output_dir, checkpoint)
+        path = resolve_checkpoint(self.config.output_dir, checkpoint, check_weights=True)
         if path is None:
             logger.warning(f"No complete checkpoint found in {self.config.output_dir}; starting a new run.")
             return

@@ -56,7 +56,9 @@ class RewardSpec:
         weight (`float`, defaults to 1.0): non-negative weight; 0 logs the reward without training on it.
         hinge (`float`, *optional*, defaults to 0.7):
             Threshold of `relu(hinge - score)`; `None` is the linear loss `-score`. `parse_reward_spec` uses the
-            reward's own `default_hinge` when none is given (linear for PickScore, aesthetic and classifier).
+            reward's own `default_hinge` when none is given (linear for PickScore, aesthetic and classifier); a
+            reward named by import path gets its class's `default_hinge` when loaded, and the linear loss when the
+            class declares none (a reward scoring above 0.7 would otherwise train with a zero loss).
         options (`dict`, defaults to `{}`):
             Constructor keyword arguments (e.g. `model`, a local path or Hub id), plus options applied by
             `load_rewards` to any reward: `precision` (`"fp32"`, `"fp16"`, `"bf16"`; overrides the training
@@ -68,6 +70,8 @@ class RewardSpec:
     weight: float = 1.0
     hinge: float | None = DEFAULT_HINGE
     options: dict = field(default_factory=dict)
+    # True when `parse_reward_spec` filled the hinge in (no `hinge=` given): a custom reward's class may then set it.
+    hinge_is_default: bool = field(default=False, compare=False, repr=False)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -201,7 +205,38 @@ def _format_option_value(value) -> str:
 
 
 def _default_hinge(name: str) -> float | None:
-    return getattr(REWARD_REGISTRY.get(name), "default_hinge", DEFAULT_HINGE)
+    """A registered reward's `default_hinge` (else the paper's 0.7); a reward named by import path is not imported
+    here (the recipe check comes first) and starts linear, until `with_class_default_hinge` reads its class."""
+    if name not in REWARD_REGISTRY:
+        return None
+    return getattr(REWARD_REGISTRY[name], "default_hinge", DEFAULT_HINGE)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log `message` once per process (the preflight and `load_rewards` both validate the same specs)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning(message)
+
+
+def with_class_default_hinge(spec: RewardSpec, factory: Callable) -> RewardSpec:
+    """`spec` with the hinge a custom reward's class declares (`default_hinge`) when the spec gave none; a class that
+    declares none trains with the linear loss, which says so once."""
+    if not spec.hinge_is_default or spec.name in REWARD_REGISTRY:
+        return spec
+    if hasattr(factory, "default_hinge"):
+        hinge = factory.default_hinge
+    else:
+        hinge = None
+        _warn_once(
+            f"Reward {spec.name!r} declares no `default_hinge` and the spec gives no hinge: it trains with the linear "
+            "loss -score (a 0.7 hinge would give a zero loss to every score above 0.7). Add hinge=0.7 to the spec, "
+            "or a `default_hinge` class attribute, for the paper's hinge."
+        )
+    return RewardSpec(spec.name, spec.weight, hinge, dict(spec.options), hinge_is_default=True)
 
 
 def parse_reward_spec(spec: "str | dict | RewardSpec") -> RewardSpec:
@@ -221,17 +256,18 @@ def parse_reward_spec(spec: "str | dict | RewardSpec") -> RewardSpec:
         `ValueError`: the text or dict does not follow the syntax; the message shows it.
     """
     if isinstance(spec, RewardSpec):
-        return RewardSpec(spec.name, spec.weight, spec.hinge, dict(spec.options))
+        return RewardSpec(spec.name, spec.weight, spec.hinge, dict(spec.options), spec.hinge_is_default)
     if isinstance(spec, dict):
         options = dict(spec)
         name = options.pop("name", None)
         if not isinstance(name, str) or not name:
             raise ValueError(f"A reward given as a mapping needs a 'name' key; got {spec!r}.")
         weight = options.pop("weight", 1.0)
+        hinge_is_default = "hinge" not in options
         hinge = options.pop("hinge", _default_hinge(name))
         if isinstance(hinge, str):
             hinge = _parse_option_value(hinge)
-        return RewardSpec(name, weight, hinge, options)
+        return RewardSpec(name, weight, hinge, options, hinge_is_default)
     if not isinstance(spec, str):
         raise ValueError(f"A reward spec is a string or a mapping, got {type(spec).__name__}: expected {SPEC_SYNTAX}.")
 
@@ -270,10 +306,12 @@ def parse_reward_spec(spec: "str | dict | RewardSpec") -> RewardSpec:
         raise ValueError(f"Invalid reward spec {spec!r}: weight must be a number; expected {SPEC_SYNTAX}.")
     if isinstance(fields.get("hinge"), str):
         raise ValueError(f"Invalid reward spec {spec!r}: hinge must be a number or 'none'; expected {SPEC_SYNTAX}.")
+    hinge_is_default = "hinge" not in fields
     fields.setdefault("hinge", _default_hinge(fields["name"]))
     # The prompt prefix is text: keep it verbatim (a trailing space matters, "1girl" is not a number).
     return RewardSpec(
         **fields,
+        hinge_is_default=hinge_is_default,
         options={
             key: value if key == "prompt_prefix" else _parse_option_value(value) for key, value in options.items()
         },
@@ -346,15 +384,14 @@ def validate_reward_specs(specs: Iterable["RewardSpec | str | dict"]) -> None:
         spec = parse_reward_spec(spec)
         _check_runtime_options(spec)
         factory = resolve_reward_factory(spec.name)
+        spec = with_class_default_hinge(spec, factory)
         options = {key: value for key, value in spec.options.items() if key not in RUNTIME_OPTIONS}
         check_reward_options(spec.name, factory, options)
         default_hinge = getattr(factory, "default_hinge", DEFAULT_HINGE)
         if default_hinge is None and spec.hinge is not None:
-            logger.warning(
-                "Reward %r scores are not cosine similarities; hinge=%s may keep its loss at zero. Use hinge=none "
-                "for the linear loss.",
-                spec.name,
-                spec.hinge,
+            _warn_once(
+                f"Reward {spec.name!r} scores are not cosine similarities; hinge={spec.hinge} may keep its loss at "
+                "zero. Use hinge=none for the linear loss."
             )
 
 
@@ -419,6 +456,7 @@ def load_rewards(
     loaded = []
     for spec, name in zip(specs, _display_names(specs), strict=True):
         factory = resolve_reward_factory(spec.name)
+        spec = with_class_default_hinge(spec, factory)
         options = {key: value for key, value in spec.options.items() if key not in RUNTIME_OPTIONS}
         reward = factory if is_reward_factory_function(factory) else factory(**options)
         if not callable(reward):
