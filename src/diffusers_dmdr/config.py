@@ -463,7 +463,9 @@ class DMDRConfig:
                     f"--{name} must be a positive finite number, got {value}; leave it unset to keep the stage-1 value."
                 )
         if self.shift is not None and (not math.isfinite(self.shift) or self.shift <= 0):
-            problems.append(f"--shift must be a positive finite number (SD3-Medium 3, SD3.5-Large 5), got {self.shift}.")
+            problems.append(
+                f"--shift must be a positive finite number (SD3-Medium 3, SD3.5-Large 5), got {self.shift}."
+            )
         if self.lr_scheduler not in LR_SCHEDULERS:
             problems.append(f"--lr_scheduler must be one of {list(LR_SCHEDULERS)}, got {self.lr_scheduler!r}.")
         for name in ("num_validation_images", "max_train_samples"):
@@ -475,7 +477,7 @@ class DMDRConfig:
                 problems.append(f"--{name} must be 0 (off) or a positive number of steps, got {getattr(self, name)}.")
         problems += _report_to_problems(self.report_to)
         if self.hub_model_id is not None:
-            problems += _hub_model_id_problems(self.hub_model_id)
+            problems += hub_model_id_problems(self.hub_model_id)
         if self.flow_x0_noise_level < 0 or self.flow_x0_noise_level >= 0.1:
             problems.append(f"--flow_x0_noise_level must be in [0, 0.1), got {self.flow_x0_noise_level}.")
         if self.renoise_beta_alpha <= 0 or self.renoise_beta_beta <= 0:
@@ -616,7 +618,7 @@ def _report_to_problems(report_to: str) -> list[str]:
     return []
 
 
-def _hub_model_id_problems(hub_model_id: str) -> list[str]:
+def hub_model_id_problems(hub_model_id: str) -> list[str]:
     """A repo id the Hub accepts (`org/name`): checked before the run, not after it, when the push fails."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 

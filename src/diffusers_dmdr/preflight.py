@@ -228,7 +228,8 @@ def check_student_init_fits_teacher(config: DMDRConfig, family: ModelFamily, kin
     backbone_class = getattr(diffusers, family.backbone_class_name)
     with torch.device("meta"):
         teacher_shapes = {
-            name: tuple(tensor.shape) for name, tensor in backbone_class.from_config(backbone_config).state_dict().items()
+            name: tuple(tensor.shape)
+            for name, tensor in backbone_class.from_config(backbone_config).state_dict().items()
         }
     shapes = {}
     for file in files:

@@ -19,6 +19,7 @@ from accelerate.utils import set_seed
 from diffusers_dmdr import DMDRConfig
 from diffusers_dmdr.cli import DEBUG_HELP, is_checked_input_error, one_line, run_entry_point
 from diffusers_dmdr.config import USER_INPUT_ERRORS
+from diffusers_dmdr.export import recover_interrupted_export
 from diffusers_dmdr.preflight import check_run_inputs
 from diffusers_dmdr.rewards import load_rewards, reward_names_epilog
 from diffusers_dmdr.trainer import DMDRTrainer, create_accelerator, weight_dtype_of
@@ -27,6 +28,8 @@ from diffusers_dmdr.trainer import DMDRTrainer, create_accelerator, weight_dtype
 logger = get_logger(__name__)
 # The name `--help` and the error lines give the program (`accelerate launch -m diffusers_dmdr.train` runs the same).
 PROGRAM = "dmdr-train"
+
+
 def parse_and_check(argv: list[str] | None = None):
     """Parse the command line and check every input before any weight loads. A bad input (one of the project's
     `USER_INPUT_ERRORS`) prints one message that names the fix (no traceback) and exits with status 2, like an
@@ -59,6 +62,8 @@ def _train(argv: list[str]) -> None:
     if accelerator.is_main_process:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         config.save_yaml(Path(config.output_dir) / "dmdr_config.yaml")
+        # An export into this folder that a kill interrupted is finished or removed now, not at the run's end.
+        recover_interrupted_export(config.output_dir)
     logger.info(f"{plan.family.name} teacher, student timesteps {plan.student_timesteps}, {len(plan.prompts)} prompts")
     if plan.memory_plan is not None:
         logger.info("\n" + plan.memory_plan.format_table())
