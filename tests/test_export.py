@@ -470,6 +470,66 @@ def test_re_export_replaces_the_previous_export_and_keeps_the_run(exported, tmp_
     assert any("--base_model org/name" in record.getMessage() for record in caplog.records)
 
 
+class Killed(BaseException):
+    """Stands for a kill: nothing catches it, as nothing runs after a SIGKILL (the `finally` clauses it passes
+    through leave a swap under way alone)."""
+
+
+def test_an_export_killed_at_any_move_is_finished_or_undone_by_the_next_run(exported, tmp_path, monkeypatch):
+    """Issue 27 item 8: kill a re-export at each of its renames. The staging folder is gone after the next run's
+    recovery, and the folder holds exactly the previous export (killed before the swap began) or exactly the new one
+    (killed during it), beside the run's own files: never neither, never a mix."""
+    from diffusers_dmdr import export as export_module
+    from diffusers_dmdr.export import StudentWeights, recover_interrupted_export, write_export
+
+    run = exported("sdxl-4step")
+    config = copy.deepcopy(run.trainer.config)
+    config.validation_prompts = None
+    lora_config = run.trainer.guidance_model.peft_config[STUDENT_ADAPTER].to_dict()
+    weights = StudentWeights(
+        lora_state_dict=load_file(run.checkpoint / "student_lora.safetensors"), lora_config=lora_config
+    )
+    family, scheduler = get_family("sdxl"), run.trainer.scheduler
+    real_replace, calls, state = os.replace, [], {"kill_at": None, "new_export": None}
+
+    def recording_replace(source, target):
+        if sys._getframe(1).f_code.co_filename == export_module.__file__:
+            if len(calls) == state["kill_at"]:
+                raise Killed
+            calls.append(Path(target).name)
+            if Path(target).name == export_module.SWAP_JOURNAL:
+                # The complete new export, as it stands in the staging folder when the swap begins.
+                staged = folder_digest(Path(target).parent)
+                state["new_export"] = {k: v for k, v in staged.items() if not k.startswith(".export_swap")}
+        real_replace(source, target)
+
+    def fresh(name: str) -> Path:
+        folder = Path(shutil.copytree(run.export_dir, tmp_path / name / "run"))
+        (folder / "logs").mkdir()
+        (folder / "logs" / "events.out").write_text("tracker data")
+        return folder
+
+    monkeypatch.setattr(os, "replace", recording_replace)
+    clean = fresh("clean")
+    before = folder_digest(clean)
+    run_files = {k: v for k, v in before.items() if k.startswith(("checkpoint-", "logs/"))}
+    write_export(clean, config, family, scheduler, weights)
+    renames = list(calls)
+    journal_index = renames.index(export_module.SWAP_JOURNAL)
+    assert folder_digest(clean) == {**run_files, **state["new_export"]} != before
+    assert len(renames) > journal_index + 3
+
+    for kill_at in range(len(renames)):
+        folder, calls[:], state["kill_at"], state["new_export"] = fresh(f"kill-{kill_at}"), [], kill_at, None
+        with pytest.raises(Killed):
+            write_export(folder, config, family, scheduler, weights)
+        state["kill_at"] = None
+        recover_interrupted_export(folder)
+        assert [path.name for path in folder.parent.iterdir()] == ["run"], kill_at  # no staging folder left
+        expected = before if kill_at <= journal_index else {**run_files, **state["new_export"]}
+        assert folder_digest(folder) == expected, kill_at
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Model card
 # ------------------------------------------------------------------------------------------------------------------
