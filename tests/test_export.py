@@ -470,6 +470,26 @@ def test_re_export_replaces_the_previous_export_and_keeps_the_run(exported, tmp_
     assert any("--base_model org/name" in record.getMessage() for record in caplog.records)
 
 
+def test_evaluate_samples_a_checkpoint_as_its_export_without_writing_one(exported, tmp_path):
+    """Issue 27 item 9: `evaluate --pipeline run/checkpoint-N` scores the checkpoint's student in memory: the same
+    scores as its export, and nothing new in the run's folder."""
+    from diffusers_dmdr.evaluate import main as evaluate_main
+
+    run = exported("sdxl-4step")
+    before = folder_digest(run.checkpoint.parent)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\n", encoding="utf-8")
+    scores = {}
+    for name, source in (("checkpoint", run.checkpoint), ("export", run.export_dir)):
+        result = evaluate_main(
+            ["--pipeline", str(source), "--prompts", str(prompts), "--output_dir", str(tmp_path / name)]
+            + ["--reward", "reward_fixtures.sum_of_pixels_reward", "--device", "cpu", "--batch_size", "2"]
+        )
+        scores[name] = result.scores["sum_of_pixels_reward"]
+    assert scores["checkpoint"] == pytest.approx(scores["export"], rel=1e-5)
+    assert folder_digest(run.checkpoint.parent) == before
+
+
 class Killed(BaseException):
     """Stands for a kill: nothing catches it, as nothing runs after a SIGKILL (the `finally` clauses it passes
     through leave a swap under way alone)."""

@@ -218,10 +218,7 @@ def export_checkpoint(
         if problems:
             raise ValueError(problems[0])
     family = _family_of(config)
-    if config.training_mode == "lora":
-        weights = StudentWeights(lora_state_dict=load_weights_file(checkpoint_dir / STUDENT_LORA_FILE))
-    else:
-        weights = StudentWeights(full_state_dict=load_weights_file(checkpoint_dir / STUDENT_FULL_FILE))
+    weights = _checkpoint_student_weights(checkpoint_dir, config)
     teacher = family.load_teacher(config.pretrained_model_name_or_path, config.revision, config.variant)
     scheduler = run_student_scheduler(teacher, config)
     backbone = _apply_student_weights(teacher.backbone, family, config, weights)
@@ -260,6 +257,38 @@ def export_checkpoint(
         hub_timeout=hub_timeout,
         checkpoint=checkpoint_dir,
     )
+
+
+def student_pipeline_from_checkpoint(checkpoint: str | Path) -> FewStepDMDRPipeline:
+    """The student of a saved checkpoint as a [`FewStepDMDRPipeline`] in memory, nothing written: the teacher
+    reloaded with the student's weights fused in, the run's sampler, in the run's precision (what `dmdr-export`
+    would save as the full pipeline). `python -m diffusers_dmdr.evaluate --pipeline run/checkpoint-N` samples it.
+
+    Args:
+        checkpoint (`str` or `Path`): a complete `checkpoint-N` folder, or a run's `output_dir` (its latest one).
+    """
+    checkpoint_dir = _resolve_checkpoint_dir(Path(checkpoint))
+    config = DMDRConfig.from_yaml(checkpoint_dir / CONFIG_FILE, allow_reward_import_paths=True)
+    family = _family_of(config)
+    weights = _checkpoint_student_weights(checkpoint_dir, config)
+    teacher = family.load_teacher(config.pretrained_model_name_or_path, config.revision, config.variant)
+    scheduler = run_student_scheduler(teacher, config)
+    backbone = _apply_student_weights(teacher.backbone, family, config, weights)
+    if weights.is_lora:
+        weights.lora_config = backbone.peft_config[STUDENT_ADAPTER].to_dict()
+    return _full_student_pipeline(teacher.pipeline, family, scheduler, backbone, config, weights)
+
+
+def _checkpoint_student_weights(checkpoint_dir: Path, config: DMDRConfig) -> StudentWeights:
+    if config.training_mode == "lora":
+        return StudentWeights(lora_state_dict=load_weights_file(checkpoint_dir / STUDENT_LORA_FILE))
+    return StudentWeights(full_state_dict=load_weights_file(checkpoint_dir / STUDENT_FULL_FILE))
+
+
+def is_checkpoint_dir(path: str | Path) -> bool:
+    """Whether `path` is a training checkpoint folder (`checkpoint-N` holding the run's config)."""
+    path = Path(path).expanduser()
+    return path.name.startswith("checkpoint-") and (path / CONFIG_FILE).is_file()
 
 
 def assemble_export(

@@ -50,6 +50,17 @@ def main(argv: list[str] | None = None) -> None:
     run_entry_point(PROGRAM, _train, argv)
 
 
+# Without --validation_prompts, this many training prompts (spread over the file) are sampled for the validation
+# grids, the export's samples.png and the card.
+NUM_DEFAULT_VALIDATION_PROMPTS = 4
+
+
+def default_validation_prompts(prompts: list[str], count: int = NUM_DEFAULT_VALIDATION_PROMPTS) -> list[str]:
+    """`count` training prompts evenly spread over `prompts` (first one included), without repeats."""
+    picked = [prompts[index * len(prompts) // count] for index in range(min(count, len(prompts)))]
+    return list(dict.fromkeys(picked))
+
+
 def _train(argv: list[str]) -> None:
     config, plan = parse_and_check(argv)
 
@@ -59,6 +70,9 @@ def _train(argv: list[str]) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     set_seed(config.seed)
+    if not config.validation_prompts:
+        config.validation_prompts = default_validation_prompts(plan.prompts)
+        logger.info(f"No --validation_prompts: the grids and the card sample {config.validation_prompts}")
     if accelerator.is_main_process:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         config.save_yaml(Path(config.output_dir) / "dmdr_config.yaml")
