@@ -216,3 +216,23 @@ def test_stage2_rates_and_max_train_samples_are_still_accepted_when_valid():
     )
     assert math.isfinite(config.stage2_learning_rate) and config.report_to == "tensorboard,wandb"
     assert "diffusers_dmdr.cli" in sys.modules
+
+
+def test_demo_and_build_tiny_help_and_errors(capsys, tmp_path, monkeypatch):
+    """The demo's help shows --max_train_steps; build-tiny's errors are one line like every entry point's."""
+    from diffusers_dmdr import demo, testing
+
+    help_text = demo.build_argument_parser().format_help()
+    assert "--max_train_steps" in help_text and "--debug" in help_text
+    monkeypatch.delenv(cli.DEBUG_ENVIRONMENT_VARIABLE, raising=False)
+
+    def bad_build(*args, **kwargs):
+        raise ValueError("the output folder is a file")
+
+    monkeypatch.setattr(testing, "build_tiny_pipeline", bad_build)
+    # A ValueError raised by a package `raise` statement is a checked input error.
+    monkeypatch.setattr(cli, "is_checked_input_error", lambda error: True)
+    with pytest.raises(SystemExit) as exit_info:
+        testing.main(["build-tiny", "--family", "sdxl", "--output", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert_one_line(capsys.readouterr().err, "the output folder is a file", "python -m diffusers_dmdr.testing")
