@@ -236,3 +236,32 @@ def test_demo_and_build_tiny_help_and_errors(capsys, tmp_path, monkeypatch):
         testing.main(["build-tiny", "--family", "sdxl", "--output", str(tmp_path / "x")])
     assert exit_info.value.code == 2
     assert_one_line(capsys.readouterr().err, "the output folder is a file", "python -m diffusers_dmdr.testing")
+
+
+def test_shipped_recipes_are_named_by_config(tmp_path):
+    """Issue 27 item 9: `--config sdxl_4step` reads the shipped recipe; an unknown name lists the known ones."""
+    from diffusers_dmdr import DMDRConfig
+    from diffusers_dmdr.config import recipe_folder, recipe_names
+
+    required = ["--pretrained_model_name_or_path", "t", "--train_prompts", "p.txt"]
+    assert {"sdxl_4step", "sdxl_1step", "sd3_medium_4step", "flux1_dev_4step"} <= set(recipe_names())
+    by_name = DMDRConfig.parse_args(["--config", "sdxl_4step", *required])
+    by_path = DMDRConfig.parse_args(["--config", str(recipe_folder() / "sdxl_4step.yaml"), *required])
+    assert by_name.to_dict() == by_path.to_dict() and by_name.num_student_steps == 4
+    with pytest.raises(FileNotFoundError, match="or a shipped recipe's name: .*sdxl_4step"):
+        DMDRConfig.parse_args(["--config", "sdxl_5step", *required])
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_recipes(tmp_path):
+    """The wheel holds `diffusers_dmdr/recipes/*.yaml`, where an installed package finds them."""
+    import subprocess
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
+    subprocess.run([*command, str(root)], check=True, timeout=600)
+    (wheel,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "diffusers_dmdr/recipes/sdxl_4step.yaml" in names and "diffusers_dmdr/config.py" in names

@@ -685,14 +685,46 @@ def _document_fields(cls: type) -> None:
 _document_fields(DMDRConfig)
 
 
+def recipe_folder() -> Path | None:
+    """Where the shipped recipes are: `diffusers_dmdr/recipes/` in an installed wheel (setup.py packages
+    `examples/train_dmdr/configs/` under that name), that folder itself in a checkout."""
+    package = Path(__file__).resolve().parent
+    for folder in (package / "recipes", package.parents[1] / "examples" / "train_dmdr" / "configs"):
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def recipe_names() -> list[str]:
+    """The names `--config` accepts for the shipped recipes (`sdxl_4step`, `sd3_medium_4step`, ...)."""
+    folder = recipe_folder()
+    return sorted(path.stem for path in folder.glob("*.yaml")) if folder is not None else []
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """`--config`'s value as a file: the path itself when it exists, else the shipped recipe of that name
+    (`sdxl_4step` or `sdxl_4step.yaml`)."""
+    path = Path(path).expanduser()
+    folder = recipe_folder()
+    if path.is_file() or len(path.parts) > 1 or folder is None:
+        return path
+    shipped = folder / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    return shipped if shipped.is_file() else path
+
+
 def load_yaml_config(path: str | Path) -> dict:
     """Read a YAML recipe and check its keys against the config fields (a typo must not be silently ignored).
+    `path` may also name a shipped recipe (`sdxl_4step`, see [`recipe_names`]).
 
     A `stage2:` mapping (`learning_rate`, `learning_rate_fake`, `train_batch_size`) sets the `stage2_*` fields.
     """
-    path = Path(path)
+    path = resolve_recipe(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--config {path} does not exist.")
+        names = ", ".join(recipe_names())
+        raise FileNotFoundError(
+            f"--config {path} does not exist; give a recipe file"
+            + (f" or a shipped recipe's name: {names}." if names else ".")
+        )
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as error:
