@@ -57,8 +57,8 @@ NUM_DEFAULT_VALIDATION_PROMPTS = 4
 
 def default_validation_prompts(prompts: list[str], count: int = NUM_DEFAULT_VALIDATION_PROMPTS) -> list[str]:
     """`count` training prompts evenly spread over `prompts` (first one included), without repeats."""
-    picked = [prompts[index * len(prompts) // count] for index in range(min(count, len(prompts)))]
-    return list(dict.fromkeys(picked))
+    number = min(count, len(prompts))
+    return list(dict.fromkeys(prompts[index * len(prompts) // number] for index in range(number)))
 
 
 def _train(argv: list[str]) -> None:
