@@ -245,8 +245,9 @@ def test_plain_route_with_a_stock_scheduler_follows_the_trained_sampler(name, ex
         )
         # The card's call: the trained guidance embedding and prompt length the export stores.
         call_defaults = json.loads((run.export_dir / "model_index.json").read_text())["call_defaults"]
-        assert call_defaults == {"guidance_scale": 2.5, "max_sequence_length": 16}
+        assert call_defaults == {"height": 64, "width": 64, "guidance_scale": 2.5, "max_sequence_length": 16}
         schedule = {"sigmas": [t / 1000 for t in timesteps], **call_defaults}
+        del schedule["height"], schedule["width"]  # given below, as for every family
     elif run.family == "sdxl":
         schedule["guidance_scale"] = 0.0
     stock.set_progress_bar_config(disable=True)
@@ -488,6 +489,17 @@ def test_evaluate_samples_a_checkpoint_as_its_export_without_writing_one(exporte
         scores[name] = result.scores["sum_of_pixels_reward"]
     assert scores["checkpoint"] == pytest.approx(scores["export"], rel=1e-5)
     assert folder_digest(run.checkpoint.parent) == before
+
+
+@pytest.mark.parametrize("name", ["zimage-4step", "sdxl-4step"])
+def test_an_export_samples_at_its_trained_size_by_default(name, exported):
+    """Issue 27 item 9: no height / width given, the exported student samples at the size it was trained at (the
+    tiny Z-Image's position table is too short for the stock default of 1024 px)."""
+    run = exported(name)
+    pipeline = FewStepDMDRPipeline.from_pretrained(str(run.export_dir))
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline(PROMPTS[:1], generator=seeded(0), output_type="pt").images
+    assert tuple(images.shape[-2:]) == run.trainer.config.image_size == (64, 64)
 
 
 class Killed(BaseException):
@@ -782,7 +794,9 @@ def test_flux_exports_store_the_teachers_grid_its_mu_and_the_call_defaults(name,
     assert scheduler_config["training_timesteps"] == family.student_grid(2, None, teacher_config, 64, 8)[0]
     assert scheduler_config["grid_mu"] == family.dynamic_shift_mu(64, 2, teacher_config, 8)
     pipeline = FewStepDMDRPipeline.from_pretrained(str(run.export_dir))
-    expected = {"max_sequence_length": 16 if run.family == "flux" else 64}
+    # The trained size is the default size (issue 27: the stock default needs a longer position table than tiny
+    # backbones have).
+    expected = {"height": 64, "width": 64, "max_sequence_length": 16 if run.family == "flux" else 64}
     if run.family == "flux":
         expected["guidance_scale"] = 2.5
     assert pipeline.config.call_defaults == expected

@@ -386,9 +386,12 @@ def _full_student_pipeline(stock_pipeline, family, scheduler, backbone, config, 
     expected_components, _ = FewStepDMDRPipeline._get_signature_keys(FewStepDMDRPipeline)
     components = {name: module for name, module in stock_pipeline.components.items() if name in expected_components}
     components.update({"scheduler": scheduler, family.backbone_name: backbone})
-    # Run-dependent call defaults (FLUX.1's trained guidance embedding, the prompt length) travel with the export.
-    call_defaults = family.export_call_defaults(config, stock_pipeline)
-    pipeline = FewStepDMDRPipeline(**components, call_defaults=call_defaults or None)
+    # Run-dependent call defaults travel with the export: the trained size (the stock default may be one the
+    # student never saw, or one a tiny backbone's position table cannot reach), FLUX.1's trained guidance embedding,
+    # the prompt length.
+    height, width = config.image_size
+    call_defaults = {"height": height, "width": width, **family.export_call_defaults(config, stock_pipeline)}
+    pipeline = FewStepDMDRPipeline(**components, call_defaults=call_defaults)
     if weights.is_lora:
         # Fused in float32 before any cast, so the saved weights lose nothing to the adapter arithmetic.
         pipeline.backbone.fuse_lora(adapter_names=[STUDENT_ADAPTER])
