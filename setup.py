@@ -46,9 +46,14 @@ setup(
         "Issues": "https://github.com/diffusers-dmdr/diffusers-dmdr/issues",
         "Paper": "https://huggingface.co/papers/2511.13649",
     },
-    package_dir={"": "src", "diffusers_dmdr.pipelines": "pipelines"},
-    packages=find_packages("src") + ["diffusers_dmdr.pipelines"],
-    package_data={"diffusers_dmdr": ["templates/*.jinja"]},
+    # The recipes ship in the wheel as `diffusers_dmdr.recipes`, so that `--config sdxl_4step` names one.
+    package_dir={
+        "": "src",
+        "diffusers_dmdr.pipelines": "pipelines",
+        "diffusers_dmdr.recipes": "examples/train_dmdr/configs",
+    },
+    packages=find_packages("src") + ["diffusers_dmdr.pipelines", "diffusers_dmdr.recipes"],
+    package_data={"diffusers_dmdr": ["templates/*.jinja"], "diffusers_dmdr.recipes": ["*.yaml"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

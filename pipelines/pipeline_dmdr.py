@@ -231,8 +231,16 @@ class FewStepDMDRPipeline(DiffusionPipeline):
         call_defaults: dict | None = None,
     ):
         super().__init__()
-        if (unet is None) == (transformer is None):
-            raise ValueError("Pass exactly one backbone: `unet` (SDXL, SD1.5) or `transformer` (SD3 and later).")
+        # With only text encoders and tokenizers, the pipeline encodes prompts (`encode_prompt`) and nothing else:
+        # diffusers' pattern for computing the embeddings on another device than the one that samples.
+        encoders_only = unet is None and transformer is None and vae is None and scheduler is None
+        if encoders_only and text_encoder is None:
+            raise ValueError("Pass a backbone (`unet` or `transformer`), or the text encoders to encode prompts.")
+        if (unet is None) == (transformer is None) and not encoders_only:
+            raise ValueError(
+                "Pass exactly one backbone: `unet` (SDXL, SD1.5) or `transformer` (SD3 and later); or only the text "
+                "encoders and tokenizers (no vae, scheduler or backbone) to encode prompts."
+            )
         components = {
             "vae": vae,
             "text_encoder": text_encoder,
@@ -248,7 +256,7 @@ class FewStepDMDRPipeline(DiffusionPipeline):
         stock_pipeline = stock_pipeline or _find_stock_pipeline(components)
         if stock_pipeline not in STOCK_ROUTES:
             raise ValueError(f"Unknown stock_pipeline {stock_pipeline!r}; known: {sorted(STOCK_ROUTES)}.")
-        if type(scheduler).__name__ != SCHEDULER_CLASS:
+        if not encoders_only and type(scheduler).__name__ != SCHEDULER_CLASS:
             raise ValueError(
                 f"FewStepDMDRPipeline samples with the student's {SCHEDULER_CLASS}, got {type(scheduler).__name__}. "
                 "To run the student with a stock scheduler, use the stock pipeline itself (see the model card)."
@@ -354,7 +362,39 @@ class FewStepDMDRPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
-    def __call__(self, prompt: str | list[str] | None = None, **kwargs) -> FewStepDMDRPipelineOutput | tuple:
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        *,
+        prompt_2: str | list[str] | None = None,
+        prompt_3: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        timesteps: list[float] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float | None = None,
+        true_cfg_scale: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        negative_prompt_3: str | list[str] | None = None,
+        num_images_per_prompt: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str | None = None,
+        return_dict: bool = True,
+        cross_attention_kwargs: dict | None = None,
+        joint_attention_kwargs: dict | None = None,
+        attention_kwargs: dict | None = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        max_sequence_length: int | None = None,
+        **kwargs,
+    ) -> FewStepDMDRPipelineOutput | tuple:
         r"""
         Generate images with the student's few-step sampler, through the family's stock pipeline.
 
@@ -372,21 +412,62 @@ class FewStepDMDRPipeline(DiffusionPipeline):
             guidance_scale (`float`, defaults to 0.0):
                 Classifier-free guidance scale; values up to 1 disable guidance (the trained setting). Families with a
                 guidance embedding default to the embedding the student was trained at.
+            height, width (`int`, *optional*):
+                The image size; defaults to the stock pipeline's, or to the trained resolution when the export
+                recorded it.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
                 Source of the initial noise and of the fresh noise of every re-noising step (also for the stock flow
                 pipelines, which do not pass it to the scheduler themselves); the same generator gives the trainer's
                 samples.
             return_dict (`bool`, defaults to `True`):
                 Return a [`FewStepDMDRPipelineOutput`] instead of a tuple.
+            The other named parameters (`prompt_2`, `negative_prompt`, `prompt_embeds`, `output_type`, the
+            attention kwargs, `callback_on_step_end`, `max_sequence_length`, ...) are the stock pipelines' own, passed
+            on when set (`None` keeps the stock or the trained default); a family's other arguments go through
+            `**kwargs`.
 
         Examples:
 
         Returns:
             [`FewStepDMDRPipelineOutput`] or `tuple`: the images, as a dataclass or as a 1-tuple.
         """
+        if self.backbone is None:
+            raise ValueError(
+                "This FewStepDMDRPipeline holds only text encoders: it encodes prompts (`encode_prompt`); build it "
+                "with the backbone, vae and scheduler to sample."
+            )
+        named = {
+            "prompt_2": prompt_2,
+            "prompt_3": prompt_3,
+            "height": height,
+            "width": width,
+            "num_inference_steps": num_inference_steps,
+            "timesteps": timesteps,
+            "sigmas": sigmas,
+            "guidance_scale": guidance_scale,
+            "true_cfg_scale": true_cfg_scale,
+            "negative_prompt": negative_prompt,
+            "negative_prompt_2": negative_prompt_2,
+            "negative_prompt_3": negative_prompt_3,
+            "num_images_per_prompt": num_images_per_prompt,
+            "generator": generator,
+            "latents": latents,
+            "prompt_embeds": prompt_embeds,
+            "negative_prompt_embeds": negative_prompt_embeds,
+            "pooled_prompt_embeds": pooled_prompt_embeds,
+            "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds,
+            "output_type": output_type,
+            "cross_attention_kwargs": cross_attention_kwargs,
+            "joint_attention_kwargs": joint_attention_kwargs,
+            "attention_kwargs": attention_kwargs,
+            "callback_on_step_end": callback_on_step_end,
+            "callback_on_step_end_tensor_inputs": callback_on_step_end_tensor_inputs,
+            "max_sequence_length": max_sequence_length,
+        }
+        # Only what the caller set reaches the stock pipeline: each family takes its own subset of these.
+        kwargs = {**{name: value for name, value in named.items() if value is not None}, **kwargs}
         route = self.route
         call_kwargs = {**route.call_defaults, **(self.config.get("call_defaults") or {}), **kwargs}
-        return_dict = call_kwargs.pop("return_dict", True)
         if not any(call_kwargs.get(name) is not None for name in ("num_inference_steps", "timesteps", "sigmas")):
             call_kwargs.update(self._trained_grid_kwargs(route.grid_argument))
         guidance = call_kwargs.get(route.guidance_argument)
@@ -423,7 +504,10 @@ class FewStepDMDRPipeline(DiffusionPipeline):
 
 
 def _find_stock_pipeline(components: dict) -> str:
-    """The first stock route whose backbone class and required / excluded components match."""
+    """The first stock route whose backbone class and required / excluded components match (without a backbone:
+    whose text encoders match, see [`_find_stock_pipeline_by_text_encoders`])."""
+    if components.get("unet") is None and components.get("transformer") is None:
+        return _find_stock_pipeline_by_text_encoders(components)
     backbone = components.get("transformer") if components.get("unet") is None else components.get("unet")
     backbone_class = type(backbone).__name__
     for name, route in STOCK_ROUTES.items():
@@ -435,6 +519,30 @@ def _find_stock_pipeline(components: dict) -> str:
             return name
     raise ValueError(
         f"No stock pipeline runs a {backbone_class} student with these components; pass `stock_pipeline=` (one of "
+        f"{sorted(STOCK_ROUTES)})."
+    )
+
+
+def _find_stock_pipeline_by_text_encoders(components: dict) -> str:
+    """The first stock route whose pipeline takes exactly the given text encoders (`text_encoder`, `_2`, `_3`), each
+    of the class its `__init__` annotates: SDXL (two CLIP encoders) and SD3 (two CLIP and a T5) are told apart
+    by what they are given."""
+    import diffusers
+
+    given = {name: module for name, module in components.items() if name.startswith("text_encoder") and module}
+    for name in STOCK_ROUTES:
+        parameters = inspect.signature(getattr(diffusers, name).__init__).parameters
+        wanted = {key: parameter for key, parameter in parameters.items() if key.startswith("text_encoder")}
+        if set(wanted) != set(given):
+            continue
+        if all(
+            not isinstance(parameter.annotation, type) or isinstance(given[key], parameter.annotation)
+            for key, parameter in wanted.items()
+        ):
+            return name
+    classes = {key: type(module).__name__ for key, module in given.items()}
+    raise ValueError(
+        f"No stock pipeline takes exactly these text encoders {classes}; pass `stock_pipeline=` (one of "
         f"{sorted(STOCK_ROUTES)})."
     )
 

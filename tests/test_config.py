@@ -191,8 +191,11 @@ def test_unset_stage_lengths_follow_max_train_steps(tmp_path):
 
 
 def test_negative_numbers_in_scientific_notation_parse():
-    config = DMDRConfig.parse_args(REQUIRED + ["--adam_weight_decay", "-2.5E+1", "--shift=-1e-2"])
-    assert (config.adam_weight_decay, config.shift) == (-25.0, -0.01)
+    config = DMDRConfig.parse_args(REQUIRED + ["--adam_weight_decay", "-2.5E+1", "--adam_beta1=-1e-2"])
+    assert (config.adam_weight_decay, config.adam_beta1) == (-25.0, -0.01)
+    # A negative shift parses too, and is refused by name (issue 27: it used to blame --student_timesteps).
+    with pytest.raises(ValueError, match="--shift must be a positive finite number"):
+        DMDRConfig.parse_args(REQUIRED + ["--shift=-1e-2"])
     # The value reaches validation (argparse used to stop at "expected one argument"), which names the flag.
     with pytest.raises(ValueError, match="--learning_rate must be a positive finite number"):
         DMDRConfig.parse_args(REQUIRED + ["--learning_rate", "-1e-4"])

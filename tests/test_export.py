@@ -246,8 +246,9 @@ def test_plain_route_with_a_stock_scheduler_follows_the_trained_sampler(name, ex
         )
         # The card's call: the trained guidance embedding and prompt length the export stores.
         call_defaults = json.loads((run.export_dir / "model_index.json").read_text())["call_defaults"]
-        assert call_defaults == {"guidance_scale": 2.5, "max_sequence_length": 16}
+        assert call_defaults == {"height": 64, "width": 64, "guidance_scale": 2.5, "max_sequence_length": 16}
         schedule = {"sigmas": [t / 1000 for t in timesteps], **call_defaults}
+        del schedule["height"], schedule["width"]  # given below, as for every family
     elif run.family == "sdxl":
         schedule["guidance_scale"] = 0.0
     stock.set_progress_bar_config(disable=True)
@@ -485,6 +486,97 @@ def test_re_export_replaces_the_previous_export_and_keeps_the_run(exported, tmp_
     assert any("--base_model org/name" in record.getMessage() for record in caplog.records)
 
 
+def test_evaluate_samples_a_checkpoint_as_its_export_without_writing_one(exported, tmp_path):
+    """Issue 27 item 9: `evaluate --pipeline run/checkpoint-N` scores the checkpoint's student in memory: the same
+    scores as its export, and nothing new in the run's folder."""
+    from diffusers_dmdr.evaluate import main as evaluate_main
+
+    run = exported("sdxl-4step")
+    before = folder_digest(run.checkpoint.parent)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\n", encoding="utf-8")
+    scores = {}
+    for name, source in (("checkpoint", run.checkpoint), ("export", run.export_dir)):
+        result = evaluate_main(
+            ["--pipeline", str(source), "--prompts", str(prompts), "--output_dir", str(tmp_path / name)]
+            + ["--reward", "reward_fixtures.sum_of_pixels_reward", "--device", "cpu", "--batch_size", "2"]
+        )
+        scores[name] = result.scores["sum_of_pixels_reward"]
+    assert scores["checkpoint"] == pytest.approx(scores["export"], rel=1e-5)
+    assert folder_digest(run.checkpoint.parent) == before
+
+
+@pytest.mark.parametrize("name", ["zimage-4step", "sdxl-4step"])
+def test_an_export_samples_at_its_trained_size_by_default(name, exported):
+    """Issue 27 item 9: no height / width given, the exported student samples at the size it was trained at (the
+    tiny Z-Image's position table is too short for the stock default of 1024 px)."""
+    run = exported(name)
+    pipeline = FewStepDMDRPipeline.from_pretrained(str(run.export_dir))
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline(PROMPTS[:1], generator=seeded(0), output_type="pt").images
+    assert tuple(images.shape[-2:]) == run.trainer.config.image_size == (64, 64)
+
+
+class Killed(BaseException):
+    """Stands for a kill: nothing catches it, as nothing runs after a SIGKILL (the `finally` clauses it passes
+    through leave a swap under way alone)."""
+
+
+def test_an_export_killed_at_any_move_is_finished_or_undone_by_the_next_run(exported, tmp_path, monkeypatch):
+    """Issue 27 item 8: kill a re-export at each of its renames. The staging folder is gone after the next run's
+    recovery, and the folder holds exactly the previous export (killed before the swap began) or exactly the new one
+    (killed during it), beside the run's own files: never neither, never a mix."""
+    from diffusers_dmdr import export as export_module
+    from diffusers_dmdr.export import StudentWeights, recover_interrupted_export, write_export
+
+    run = exported("sdxl-4step")
+    config = copy.deepcopy(run.trainer.config)
+    config.validation_prompts = None
+    lora_config = run.trainer.guidance_model.peft_config[STUDENT_ADAPTER].to_dict()
+    weights = StudentWeights(
+        lora_state_dict=load_file(run.checkpoint / "student_lora.safetensors"), lora_config=lora_config
+    )
+    family, scheduler = get_family("sdxl"), run.trainer.scheduler
+    real_replace, calls, state = os.replace, [], {"kill_at": None, "new_export": None}
+
+    def recording_replace(source, target):
+        if sys._getframe(1).f_code.co_filename == export_module.__file__:
+            if len(calls) == state["kill_at"]:
+                raise Killed
+            calls.append(Path(target).name)
+            if Path(target).name == export_module.SWAP_JOURNAL:
+                # The complete new export, as it stands in the staging folder when the swap begins.
+                staged = folder_digest(Path(target).parent)
+                state["new_export"] = {k: v for k, v in staged.items() if not k.startswith(".export_swap")}
+        real_replace(source, target)
+
+    def fresh(name: str) -> Path:
+        folder = Path(shutil.copytree(run.export_dir, tmp_path / name / "run"))
+        (folder / "logs").mkdir()
+        (folder / "logs" / "events.out").write_text("tracker data")
+        return folder
+
+    monkeypatch.setattr(os, "replace", recording_replace)
+    clean = fresh("clean")
+    before = folder_digest(clean)
+    run_files = {k: v for k, v in before.items() if k.startswith(("checkpoint-", "logs/"))}
+    write_export(clean, config, family, scheduler, weights)
+    renames = list(calls)
+    journal_index = renames.index(export_module.SWAP_JOURNAL)
+    assert folder_digest(clean) == {**run_files, **state["new_export"]} != before
+    assert len(renames) > journal_index + 3
+
+    for kill_at in range(len(renames)):
+        folder, calls[:], state["kill_at"], state["new_export"] = fresh(f"kill-{kill_at}"), [], kill_at, None
+        with pytest.raises(Killed):
+            write_export(folder, config, family, scheduler, weights)
+        state["kill_at"] = None
+        recover_interrupted_export(folder)
+        assert [path.name for path in folder.parent.iterdir()] == ["run"], kill_at  # no staging folder left
+        expected = before if kill_at <= journal_index else {**run_files, **state["new_export"]}
+        assert folder_digest(folder) == expected, kill_at
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Model card
 # ------------------------------------------------------------------------------------------------------------------
@@ -717,7 +809,9 @@ def test_flux_exports_store_the_teachers_grid_its_mu_and_the_call_defaults(name,
     assert scheduler_config["training_timesteps"] == family.student_grid(2, None, teacher_config, 64, 8)[0]
     assert scheduler_config["grid_mu"] == family.dynamic_shift_mu(64, 2, teacher_config, 8)
     pipeline = FewStepDMDRPipeline.from_pretrained(str(run.export_dir))
-    expected = {"max_sequence_length": 16 if run.family == "flux" else 64}
+    # The trained size is the default size (issue 27: the stock default needs a longer position table than tiny
+    # backbones have).
+    expected = {"height": 64, "width": 64, "max_sequence_length": 16 if run.family == "flux" else 64}
     if run.family == "flux":
         expected["guidance_scale"] = 2.5
     assert pipeline.config.call_defaults == expected

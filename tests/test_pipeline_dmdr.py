@@ -323,3 +323,48 @@ def test_modular_pipeline_with_the_scheduler_runs_the_trained_sampler(tiny_teach
     reference.set_progress_bar_config(disable=True)
     expected = reference("a red cat", generator=seeded(), output_type="latent").images
     torch.testing.assert_close(latents, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_a_pipeline_of_text_encoders_alone_encodes_prompts_as_the_full_one(family, pipelines):
+    """Issue 27 item 10 (diffusers' `test_encode_prompt_works_in_isolation` pattern): built with only the text
+    encoders and tokenizers, the pipeline finds its family from them and encodes exactly as the full pipeline."""
+    full = pipelines[family]
+    encoders = {
+        name: (module if name.startswith(("text_encoder", "tokenizer")) else None)
+        for name, module in full.components.items()
+    }
+    encode_only = FewStepDMDRPipeline(**encoders)
+    assert encode_only.config.stock_pipeline == full.config.stock_pipeline
+    kwargs = {"device": torch.device("cpu"), "num_images_per_prompt": 1, "do_classifier_free_guidance": False}
+    if family == "sd3":
+        kwargs.update(prompt_2=None, prompt_3=None)
+    expected = full.encode_prompt("a red cat", **kwargs)
+    for got, want in zip(encode_only.encode_prompt("a red cat", **kwargs), expected, strict=True):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="holds only text encoders"):
+        encode_only("a red cat")
+
+
+def test_call_signature_names_the_stock_parameters():
+    """`inspect.signature` (IDEs, `help(pipe)`) sees the parameters of the SDXL and SD3 calls, and every named one is
+    a parameter of some stock pipeline it drives."""
+    import inspect
+
+    import diffusers
+
+    from diffusers_dmdr.pipelines.pipeline_dmdr import STOCK_ROUTES
+
+    ours = inspect.signature(FewStepDMDRPipeline.__call__).parameters
+    named = {name for name, parameter in ours.items() if parameter.kind is not parameter.VAR_KEYWORD} - {"self"}
+    stock = {name: set(inspect.signature(getattr(diffusers, name).__call__).parameters) for name in STOCK_ROUTES}
+    assert all(any(name in parameters for parameters in stock.values()) for name in named), named
+    common = stock["StableDiffusionXLPipeline"] & stock["StableDiffusion3Pipeline"]
+    missing = common - named - {"self", "kwargs", "ip_adapter_image", "ip_adapter_image_embeds", "clip_skip"}
+    assert not missing, missing
+    # diffusers' text-to-image parameters (`pipeline_params.TEXT_TO_IMAGE_PARAMS`) are all named.
+    text_to_image = {"prompt", "height", "width", "guidance_scale", "negative_prompt", "prompt_embeds"}
+    assert text_to_image | {"negative_prompt_embeds", "cross_attention_kwargs"} <= named

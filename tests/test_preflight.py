@@ -245,8 +245,46 @@ def test_student_init_path_kind_must_fit_the_training_mode(weightless_teacher, p
     for overrides, error, message in cases:
         with pytest.raises(error, match=message):
             check_run_inputs(config_for(weightless_teacher, prompts, **overrides))
-    check_run_inputs(config_for(weightless_teacher, prompts, student_init_path=str(lora), lora_rank=8))
-    check_run_inputs(config_for(weightless_teacher, prompts, student_init_path=str(backbone), training_mode="full"))
+
+
+def test_student_init_path_must_fit_the_teacher(tiny_teacher_dirs, prompts, tmp_path):
+    """Issue 27 item 7: a student of another family or size fails in preflight (headers only), not after loading."""
+    import torch
+    from safetensors.torch import save_file
+
+    from diffusers_dmdr.families import get_family
+
+    def save(state, name):
+        save_file({key: value.contiguous() for key, value in state.items()}, tmp_path / name)
+        return str(tmp_path / name)
+
+    sdxl_unet = get_family("sdxl").load_teacher(tiny_teacher_dirs["sdxl"]).backbone.state_dict()
+    sd15_unet = get_family("sd15").load_teacher(tiny_teacher_dirs["sd15"]).backbone.state_dict()
+    fits = save(sdxl_unet, "sdxl_unet.safetensors")
+    other_family = save(sd15_unet, "sd15_unet.safetensors")
+    key = next(k for k, v in sdxl_unet.items() if v.ndim == 4)
+    other_shape = save({**sdxl_unet, key: torch.zeros(*sdxl_unet[key].shape[:-1], 1)}, "other_shape.safetensors")
+    module = next(k for k, v in sdxl_unet.items() if k.endswith("to_q.weight")).removesuffix(".weight")
+    rank, (out_features, in_features) = 4, sdxl_unet[f"{module}.weight"].shape
+    lora = {f"unet.{module}.lora_A.weight": torch.zeros(rank, in_features)}
+    lora[f"unet.{module}.lora_B.weight"] = torch.zeros(out_features, rank)
+    lora_fits = save(lora, "lora.safetensors")
+    lora_wide = save({**lora, f"unet.{module}.lora_A.weight": torch.zeros(rank, in_features + 1)}, "wide.safetensors")
+    lora_elsewhere = save({k.replace("to_q", "to_nowhere"): v for k, v in lora.items()}, "elsewhere.safetensors")
+
+    teacher = tiny_teacher_dirs["sdxl"]
+    full = dict(training_mode="full")
+    check_run_inputs(config_for(teacher, prompts, student_init_path=fits, **full))
+    check_run_inputs(config_for(teacher, prompts, student_init_path=lora_fits, lora_rank=rank))
+    cases = [
+        (dict(student_init_path=other_family, **full), "does not fit the teacher's UNet2DConditionModel"),
+        (dict(student_init_path=other_shape, **full), f"of another shape such as {key}"),
+        (dict(student_init_path=lora_wide, lora_rank=rank), "which does not fit"),
+        (dict(student_init_path=lora_elsewhere, lora_rank=rank), "which the teacher does not have"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ValueError, match=message):
+            check_run_inputs(config_for(teacher, prompts, **overrides))
 
 
 def test_reward_models_load_in_the_weight_dtype(weightless_teacher, prompts, tmp_path, monkeypatch):

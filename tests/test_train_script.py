@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 
@@ -142,6 +143,22 @@ def test_two_processes_keep_identical_replicas_in_a_run_without_stage_flags(tiny
     assert summary["global_step"] == 4 and summary["iterations"] == 8
     assert [row["lr"] for row in summary["history"]] == [1e-3, 1e-3, 2e-4, 2e-4]
     assert [row["stage"] for row in summary["history"]] == [1.0, 1.0, 2.0, 2.0]
+    # No --validation_prompts: training prompts are sampled for the grids, samples.png and the card (issue 27).
+    from PIL import Image
+
+    prompts = ["a red cat", "a blue dog", "the number seven", "a green house"]
+    assert yaml.safe_load(saved)["validation_prompts"] == prompts
+    assert Image.open(output_dir / "samples.png").size[1] == 64 * len(prompts)
+    assert "![samples](samples.png)" in (output_dir / "README.md").read_text()
+
+
+def test_default_validation_prompts_spread_over_the_training_prompts():
+    from diffusers_dmdr.train import default_validation_prompts
+
+    prompts = [f"prompt {index}" for index in range(10)]
+    assert default_validation_prompts(prompts) == ["prompt 0", "prompt 2", "prompt 5", "prompt 7"]
+    assert default_validation_prompts(["only one"]) == ["only one"]
+    assert default_validation_prompts(["a", "b"], count=4) == ["a", "b"]
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,20 @@ FAMILY_NAMES = ("auto", "sdxl", "sd15", "sd3", "flux", "flux2", "zimage", "qweni
 # The errors that config validation and the preflight checks raise for a bad input: `train.py` prints them as one
 # message and exits with status 2. Any other exception is a bug and keeps its traceback.
 USER_INPUT_ERRORS = (ValueError, FileNotFoundError, ImportError)
+# `--lr_scheduler` choices: the names of diffusers' `SchedulerType` (the config imports no diffusers;
+# `tests/test_config.py` asserts that the two agree).
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "piecewise_constant",
+)
+# `--report_to` trackers: accelerate's `LoggerType` values (asserted equal in `tests/test_config.py`); `all` (every
+# installed one) and `none` stand alone, the others may be joined by commas (`tensorboard,wandb`).
+TRACKERS = ("aim", "tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab")
 # `--help` sections: the first field of each, in the dataclass's field order (the docstring uses the same sections).
 OPTION_GROUPS = {
     "pretrained_model_name_or_path": "Teacher and student",
@@ -371,12 +385,22 @@ class DMDRConfig:
     seed: int = HfArg(default=0, help="Seed of every random draw (noise, timesteps, prompts, CFG, control words).")
     output_dir: str = HfArg(default="dmdr-model", help="Where checkpoints, logs and the export go.")
     logging_dir: str = HfArg(default="logs", help="Tracker folder, relative to `output_dir`.")
-    report_to: str = HfArg(default="tensorboard", help="`tensorboard`, `wandb`, `all` or `none`.")
+    report_to: str = HfArg(
+        default="tensorboard",
+        help="Tracker(s): `tensorboard`, `wandb`, `comet_ml`, `mlflow`, ... (accelerate's names), several joined by "
+        "commas (`tensorboard,wandb`), `all` (every installed one) or `none`.",
+    )
     tracker_project_name: str = HfArg(default="dmdr", help="Tracker project name.")
-    validation_prompts: list[str] | None = HfArg(default=None, help="Prompts of the validation grids.")
-    validation_steps: int = HfArg(default=500, help="Log a validation grid every N generator steps.")
-    num_validation_images: int = HfArg(default=2, help="Images per validation prompt.")
-    checkpointing_steps: int = HfArg(default=500, help="Save a resumable state every N generator steps.")
+    validation_prompts: list[str] | None = HfArg(
+        default=None,
+        help="Prompts of the validation grids, the export's `samples.png` and the card's samples; unset, a few "
+        "training prompts are sampled.",
+    )
+    validation_steps: int = HfArg(default=500, help="Log a validation grid every N generator steps (0: at the end).")
+    num_validation_images: int = HfArg(default=2, help="Images per validation prompt (at least 1).")
+    checkpointing_steps: int = HfArg(
+        default=500, help="Save a resumable state every N generator steps (0: no checkpoints)."
+    )
     checkpoints_total_limit: int | None = HfArg(
         default=None,
         help="Keep the newest N >= 1 complete checkpoints; unset keeps all.",
@@ -465,8 +489,26 @@ class DMDRConfig:
             )
         for name in ("stage2_learning_rate", "stage2_learning_rate_fake", "stage2_train_batch_size"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                problems.append(f"--{name} must be positive, got {value}; leave it unset to keep the stage-1 value.")
+            if value is not None and (not math.isfinite(value) or value <= 0):
+                problems.append(
+                    f"--{name} must be a positive finite number, got {value}; leave it unset to keep the stage-1 value."
+                )
+        if self.shift is not None and (not math.isfinite(self.shift) or self.shift <= 0):
+            problems.append(
+                f"--shift must be a positive finite number (SD3-Medium 3, SD3.5-Large 5), got {self.shift}."
+            )
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            problems.append(f"--lr_scheduler must be one of {list(LR_SCHEDULERS)}, got {self.lr_scheduler!r}.")
+        for name in ("num_validation_images", "max_train_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"--{name} must be at least 1, got {value}.")
+        for name in ("checkpointing_steps", "validation_steps"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name} must be 0 (off) or a positive number of steps, got {getattr(self, name)}.")
+        problems += _report_to_problems(self.report_to)
+        if self.hub_model_id is not None:
+            problems += hub_model_id_problems(self.hub_model_id)
         if self.flow_x0_noise_level < 0 or self.flow_x0_noise_level >= 0.1:
             problems.append(f"--flow_x0_noise_level must be in [0, 0.1), got {self.flow_x0_noise_level}.")
         if self.renoise_beta_alpha <= 0 or self.renoise_beta_beta <= 0:
@@ -573,15 +615,17 @@ class DMDRConfig:
         return config
 
     @classmethod
-    def parse_args(cls, argv: list[str] | None = None, epilog: str | None = None) -> "DMDRConfig":
+    def parse_args(
+        cls, argv: list[str] | None = None, epilog: str | None = None, prog: str | None = None
+    ) -> "DMDRConfig":
         """Parse `argv` (default: `sys.argv`), with `--config recipe.yaml` supplying values the flags override;
-        `epilog` is printed at the end of `--help`."""
+        `epilog` is printed at the end of `--help`, whose usage line names `prog`."""
         argv = join_negative_values(list(sys.argv[1:] if argv is None else argv))
         recipe_path = _recipe_path(argv)
         recipe = load_yaml_config(recipe_path) if recipe_path else {}
         # argparse sets a default only where the namespace has no value yet, and converts only its own string
         # defaults: the recipe's values stay as read, for `__post_init__` to coerce with the project's messages.
-        namespace = vars(build_argument_parser(epilog).parse_args(argv, argparse.Namespace(**recipe)))
+        namespace = vars(build_argument_parser(epilog, prog).parse_args(argv, argparse.Namespace(**recipe)))
         del namespace["config"]
         from_recipe = {
             key: recipe_path for key in _SPEC_LIST_FIELDS if key in recipe and namespace[key] is recipe[key]
@@ -589,6 +633,39 @@ class DMDRConfig:
         config = cls(**{**namespace, **{key: list(namespace[key] or []) for key in _SPEC_LIST_FIELDS}})
         config.recipe_reward_lists = from_recipe
         return config
+
+
+def report_to_trackers(report_to: str) -> list[str]:
+    """`--report_to` as the tracker names it lists (`[]` for `none`)."""
+    names = [name.strip() for name in report_to.split(",") if name.strip()]
+    return [] if names == ["none"] else names
+
+
+def _report_to_problems(report_to: str) -> list[str]:
+    names = report_to_trackers(report_to)
+    if report_to.strip() != "none" and not names:
+        return [f"--report_to is empty; give a tracker ({', '.join(TRACKERS)}), `all` or `none`."]
+    unknown = [name for name in names if name not in TRACKERS + ("all",)]
+    if unknown:
+        return [
+            f"--report_to {report_to}: unknown tracker(s) {unknown}; use {', '.join(TRACKERS)} (several joined by "
+            "commas), `all` or `none`."
+        ]
+    if len(names) > 1 and "all" in names:
+        return [f"--report_to {report_to}: `all` already means every installed tracker; give it alone."]
+    return []
+
+
+def hub_model_id_problems(hub_model_id: str) -> list[str]:
+    """A repo id the Hub accepts (`org/name`): checked before the run, not after it, when the push fails."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(hub_model_id)
+    except HFValidationError as error:
+        reason = " ".join(str(error).split())
+        return [f"--hub_model_id {hub_model_id!r} is not a valid Hub repo id ({reason}); use e.g. org/model-name."]
+    return []
 
 
 def _coerce(value, hint):
@@ -646,14 +723,46 @@ def _document_fields(cls: type) -> None:
 _document_fields(DMDRConfig)
 
 
+def recipe_folder() -> Path | None:
+    """Where the shipped recipes are: `diffusers_dmdr/recipes/` in an installed wheel (setup.py packages
+    `examples/train_dmdr/configs/` under that name), that folder itself in a checkout."""
+    package = Path(__file__).resolve().parent
+    for folder in (package / "recipes", package.parents[1] / "examples" / "train_dmdr" / "configs"):
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def recipe_names() -> list[str]:
+    """The names `--config` accepts for the shipped recipes (`sdxl_4step`, `sd3_medium_4step`, ...)."""
+    folder = recipe_folder()
+    return sorted(path.stem for path in folder.glob("*.yaml")) if folder is not None else []
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """`--config`'s value as a file: the path itself when it exists, else the shipped recipe of that name
+    (`sdxl_4step` or `sdxl_4step.yaml`)."""
+    path = Path(path).expanduser()
+    folder = recipe_folder()
+    if path.is_file() or len(path.parts) > 1 or folder is None:
+        return path
+    shipped = folder / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    return shipped if shipped.is_file() else path
+
+
 def load_yaml_config(path: str | Path) -> dict:
     """Read a YAML recipe and check its keys against the config fields (a typo must not be silently ignored).
+    `path` may also name a shipped recipe (`sdxl_4step`, see [`recipe_names`]).
 
     A `stage2:` mapping (`learning_rate`, `learning_rate_fake`, `train_batch_size`) sets the `stage2_*` fields.
     """
-    path = Path(path)
+    path = resolve_recipe(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--config {path} does not exist.")
+        names = ", ".join(recipe_names())
+        raise FileNotFoundError(
+            f"--config {path} does not exist; give a recipe file"
+            + (f" or a shipped recipe's name: {names}." if names else ".")
+        )
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as error:
@@ -731,10 +840,11 @@ class DMDRArgumentParser(HfArgumentParser):
         name for name, hint in typing.get_type_hints(DMDRConfig).items() if type(None) in typing.get_args(hint)
     }
 
-    def __init__(self, epilog: str | None = None):
+    def __init__(self, epilog: str | None = None, prog: str | None = None):
         self._group = None
         super().__init__(
             DMDRConfig,
+            prog=prog,
             description="Distil a diffusers text-to-image teacher into a few-step student with DMDR.",
             formatter_class=_HelpFormatter,
             epilog=epilog,
@@ -753,9 +863,10 @@ class DMDRArgumentParser(HfArgumentParser):
         return (self._group or super()).add_argument(*names, **kwargs)
 
 
-def build_argument_parser(epilog: str | None = None) -> DMDRArgumentParser:
-    """The training command line's parser; `epilog` is printed after the options (train.py lists the rewards)."""
-    return DMDRArgumentParser(epilog)
+def build_argument_parser(epilog: str | None = None, prog: str | None = None) -> DMDRArgumentParser:
+    """The training command line's parser; `epilog` is printed after the options (train.py lists the rewards), and
+    the usage line names `prog` (default: the running script's name)."""
+    return DMDRArgumentParser(epilog, prog)
 
 
 def _recipe_path(argv: list[str]) -> str | None:

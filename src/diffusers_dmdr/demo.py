@@ -29,6 +29,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from .cli import DEBUG_FLAG, DEBUG_HELP, run_entry_point
 from .digits import (
     HELD_OUT_PAIRS,
     PAIR_HEIGHT,
@@ -106,8 +107,12 @@ def headline(rows: dict, teacher_name: str, student_name: str) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m diffusers_dmdr.demo", description=__doc__.split("\n")[0])
+def build_argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m diffusers_dmdr.demo",
+        description=__doc__.split("\n")[0],
+        epilog="Any other flag goes to the trainer (`dmdr-train --help` lists them), e.g. --cold_start_steps 500.",
+    )
     parser.add_argument("--output_dir", default="outputs/demo")
     parser.add_argument("--cache_dir", default=None, help="testbed cache (default: ~/.cache/diffusers_dmdr/digits)")
     parser.add_argument("--skip_training", action="store_true", help="evaluate an existing <output_dir>/student")
@@ -119,7 +124,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--training_seed", type=int, default=None, help="the trainer's seed, written into the recipe (default: 0)"
     )
-    args, extra_train_args = parser.parse_known_args(argv)
+    parser.add_argument(
+        "--max_train_steps",
+        type=int,
+        default=None,
+        help="generator updates of the training run (default: the digits recipe's 500); a shorter run finishes "
+        "sooner with a smaller gain",
+    )
+    parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`make demo`; the project's errors end as one line (`cli.run_entry_point`)."""
+    run_entry_point("python -m diffusers_dmdr.demo", _demo, argv)
+
+
+def _demo(argv: list[str]) -> None:
+    args, extra_train_args = build_argument_parser().parse_known_args(argv)
+    if args.max_train_steps is not None:
+        extra_train_args = [*extra_train_args, "--max_train_steps", str(args.max_train_steps)]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.num_threads)
     train_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.num_threads)}
@@ -160,7 +184,10 @@ def main(argv: list[str] | None = None) -> None:
         command = trainer_command(recipe, extra_train_args)
         logger.info("Training: %s", " ".join(command))
         begin = time.perf_counter()
-        subprocess.run(command, check=True, env=train_env)
+        completed = subprocess.run(command, env=train_env)
+        if completed.returncode != 0:
+            # The trainer printed its own error (one line for a bad input); no second traceback here.
+            raise SystemExit(f"python -m diffusers_dmdr.demo: error: training failed (exit {completed.returncode}).")
         seconds["training"] = time.perf_counter() - begin
     stages.update(1)
 

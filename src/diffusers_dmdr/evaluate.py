@@ -1,5 +1,5 @@
-"""Score a diffusers text-to-image pipeline (a teacher or a DMDR student) with rewards on a prompt set, and compare
-a student with its teacher in the same run.
+"""Score a diffusers text-to-image pipeline (a teacher, a DMDR student or a training checkpoint) with rewards on a
+prompt set, and compare a student with its teacher in the same run.
 
 ```
 python -m diffusers_dmdr.evaluate --pipeline <folder or Hub id> --prompts prompts.txt \
@@ -23,8 +23,16 @@ from pathlib import Path
 
 import torch
 
+from .cli import DEBUG_FLAG, DEBUG_HELP, run_entry_point
 from .rewards import LoadedReward, load_rewards, parse_reward_spec, validate_reward_specs
 from .utils import DTYPES, resolve_dtype
+
+
+# `--help`'s description: the docstring's first sentence.
+DESCRIPTION = (
+    "Score a diffusers text-to-image pipeline (a teacher, a DMDR student or a training checkpoint) with rewards on a "
+    "prompt set, and compare a student with its teacher in the same run."
+)
 
 
 @dataclass
@@ -248,10 +256,16 @@ def export_teacher(source: str) -> str:
 
 
 def load_pipeline(source: str, dtype: torch.dtype, trust_remote_code: bool = False, teacher: str | None = None):
-    """Load `source` for evaluation: a diffusers-dmdr export with the installed package (no remote code; a LoRA-only
-    export on its teacher), anything else with `DiffusionPipeline`."""
+    """Load `source` for evaluation: a training checkpoint (`run/checkpoint-N`) as the student it holds, a
+    diffusers-dmdr export with the installed package (no remote code; a LoRA-only export on its teacher), anything
+    else with `DiffusionPipeline`."""
     from diffusers import DiffusionPipeline
 
+    from .export import is_checkpoint_dir, student_pipeline_from_checkpoint
+
+    if is_checkpoint_dir(source):
+        # A training checkpoint: the student in memory, as the export would save it (nothing is written).
+        return student_pipeline_from_checkpoint(source).to(dtype=dtype)
     if not is_dmdr_export(source):
         return DiffusionPipeline.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
     from .export_layout import LORA_WEIGHT_NAME
@@ -298,11 +312,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(
         prog="python -m diffusers_dmdr.evaluate",
-        description=__doc__.split("\n")[0],
+        description=DESCRIPTION,
         epilog=reward_names_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--pipeline", required=True, help="pipeline folder or Hub id (DiffusionPipeline)")
+    parser.add_argument(
+        "--pipeline",
+        required=True,
+        help="pipeline folder or Hub id (DiffusionPipeline), a diffusers-dmdr export, or a training checkpoint "
+        "(run/checkpoint-N: its student is sampled without exporting)",
+    )
+    parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     parser.add_argument(
         "--prompts", required=True, help=".txt (one per line), .json/.jsonl/.csv/.parquet or a Hub dataset"
     )
@@ -363,6 +383,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> "EvaluationResult | Comparison":
+    """Score the pipeline (and the teacher) as the command line asks; the project's errors end as one line."""
+    return run_entry_point("python -m diffusers_dmdr.evaluate", _evaluate, argv)
+
+
+def _evaluate(argv: list[str]) -> "EvaluationResult | Comparison":
     # 1. Check everything cheap before any weights load.
     args = parse_args(argv)
     from .data import load_prompts

@@ -20,6 +20,7 @@ push is `hub.push_to_hub`, and the command line (`dmdr-export`, `python -m diffu
 """
 
 import copy
+import glob
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 import yaml
 from diffusers.utils.torch_utils import randn_tensor
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .adapters import (
     FAKE_ADAPTER,
@@ -42,8 +43,16 @@ from .adapters import (
     load_adapter_state_dict,
     parse_target_modules,
 )
-from .checkpointing import CONFIG_FILE, STUDENT_FULL_FILE, STUDENT_LORA_FILE, list_checkpoints, resolve_checkpoint
-from .config import DMDRConfig
+from .checkpointing import (
+    CONFIG_FILE,
+    STUDENT_FULL_FILE,
+    STUDENT_LORA_FILE,
+    incomplete_reason,
+    list_checkpoints,
+    load_weights_file,
+    resolve_checkpoint,
+)
+from .config import DMDRConfig, hub_model_id_problems
 from .export_layout import (  # noqa: F401  (the file names are part of this module's API)
     LOCAL_PATHS_FILE,
     LORA_WEIGHT_NAME,
@@ -64,6 +73,7 @@ from .model_card import BASE_MODEL_PLACEHOLDER, ModelCardInfo, make_model_card
 from .pipelines import pipeline_dmdr, scheduling_dmdr
 from .pipelines.pipeline_dmdr import FewStepDMDRPipeline
 from .pipelines.scheduling_dmdr import DMDRScheduler
+from .preflight import check_output_dir
 from .utils import redact_local_paths, redact_local_paths_in, resolve_dtype, save_image_grid
 
 
@@ -190,7 +200,10 @@ def export_checkpoint(
     Returns:
         `Path`: the export folder.
     """
+    # Every check before the teacher loads: the checkpoint is complete, the output folder usable, the Hub id valid.
     checkpoint_dir = _resolve_checkpoint_dir(Path(checkpoint))
+    check_output_dir(str(output_dir))
+    recover_interrupted_export(Path(output_dir))
     # The export builds no reward, so the import paths of the run's rewards are never imported here.
     config = DMDRConfig.from_yaml(checkpoint_dir / CONFIG_FILE, allow_reward_import_paths=True)
     if export_full_pipeline is not None:
@@ -201,11 +214,12 @@ def export_checkpoint(
     hub_timeout = config.hub_timeout if hub_timeout is None else hub_timeout
     if push and not hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id org/name (the run's config has none).")
+    if push:
+        problems = hub_model_id_problems(hub_model_id)
+        if problems:
+            raise ValueError(problems[0])
     family = _family_of(config)
-    if config.training_mode == "lora":
-        weights = StudentWeights(lora_state_dict=load_file(checkpoint_dir / STUDENT_LORA_FILE))
-    else:
-        weights = StudentWeights(full_state_dict=load_file(checkpoint_dir / STUDENT_FULL_FILE))
+    weights = _checkpoint_student_weights(checkpoint_dir, config)
     teacher = family.load_teacher(config.pretrained_model_name_or_path, config.revision, config.variant)
     scheduler = run_student_scheduler(teacher, config)
     backbone = _apply_student_weights(teacher.backbone, family, config, weights)
@@ -244,6 +258,38 @@ def export_checkpoint(
         hub_timeout=hub_timeout,
         checkpoint=checkpoint_dir,
     )
+
+
+def student_pipeline_from_checkpoint(checkpoint: str | Path) -> FewStepDMDRPipeline:
+    """The student of a saved checkpoint as a [`FewStepDMDRPipeline`] in memory, nothing written: the teacher
+    reloaded with the student's weights fused in, the run's sampler, in the run's precision (what `dmdr-export`
+    would save as the full pipeline). `python -m diffusers_dmdr.evaluate --pipeline run/checkpoint-N` samples it.
+
+    Args:
+        checkpoint (`str` or `Path`): a complete `checkpoint-N` folder, or a run's `output_dir` (its latest one).
+    """
+    checkpoint_dir = _resolve_checkpoint_dir(Path(checkpoint))
+    config = DMDRConfig.from_yaml(checkpoint_dir / CONFIG_FILE, allow_reward_import_paths=True)
+    family = _family_of(config)
+    weights = _checkpoint_student_weights(checkpoint_dir, config)
+    teacher = family.load_teacher(config.pretrained_model_name_or_path, config.revision, config.variant)
+    scheduler = run_student_scheduler(teacher, config)
+    backbone = _apply_student_weights(teacher.backbone, family, config, weights)
+    if weights.is_lora:
+        weights.lora_config = backbone.peft_config[STUDENT_ADAPTER].to_dict()
+    return _full_student_pipeline(teacher.pipeline, family, scheduler, backbone, config, weights)
+
+
+def _checkpoint_student_weights(checkpoint_dir: Path, config: DMDRConfig) -> StudentWeights:
+    if config.training_mode == "lora":
+        return StudentWeights(lora_state_dict=load_weights_file(checkpoint_dir / STUDENT_LORA_FILE))
+    return StudentWeights(full_state_dict=load_weights_file(checkpoint_dir / STUDENT_FULL_FILE))
+
+
+def is_checkpoint_dir(path: str | Path) -> bool:
+    """Whether `path` is a training checkpoint folder (`checkpoint-N` holding the run's config)."""
+    path = Path(path).expanduser()
+    return path.name.startswith("checkpoint-") and (path / CONFIG_FILE).is_file()
 
 
 def assemble_export(
@@ -341,9 +387,12 @@ def _full_student_pipeline(stock_pipeline, family, scheduler, backbone, config, 
     expected_components, _ = FewStepDMDRPipeline._get_signature_keys(FewStepDMDRPipeline)
     components = {name: module for name, module in stock_pipeline.components.items() if name in expected_components}
     components.update({"scheduler": scheduler, family.backbone_name: backbone})
-    # Run-dependent call defaults (FLUX.1's trained guidance embedding, the prompt length) travel with the export.
-    call_defaults = family.export_call_defaults(config, stock_pipeline)
-    pipeline = FewStepDMDRPipeline(**components, call_defaults=call_defaults or None)
+    # Run-dependent call defaults travel with the export: the trained size (the stock default may be one the
+    # student never saw, or one a tiny backbone's position table cannot reach), FLUX.1's trained guidance embedding,
+    # the prompt length.
+    height, width = config.image_size
+    call_defaults = {"height": height, "width": width, **family.export_call_defaults(config, stock_pipeline)}
+    pipeline = FewStepDMDRPipeline(**components, call_defaults=call_defaults)
     if weights.is_lora:
         # Fused in float32 before any cast, so the saved weights lose nothing to the adapter arithmetic.
         pipeline.backbone.fuse_lora(adapter_names=[STUDENT_ADAPTER])
@@ -361,10 +410,23 @@ def _family_of(config: DMDRConfig) -> ModelFamily:
 
 
 def _resolve_checkpoint_dir(path: Path) -> Path:
-    if (path / CONFIG_FILE).is_file() and path.name.startswith("checkpoint-"):
+    """`path` itself when it is a checkpoint folder, else the newest complete checkpoint of a run's folder; either
+    way a complete one (its completeness marker matches its files), as training would resume it."""
+    if path.name.startswith("checkpoint-") and path.is_dir():
+        reason = incomplete_reason(path)
+        if reason is not None:
+            raise ValueError(
+                f"--checkpoint {path} is not a complete checkpoint: {reason}. Export an earlier checkpoint, or pass "
+                "the run's folder to export its newest complete one."
+            )
         return path
     if list_checkpoints(path):
-        return resolve_checkpoint(path, "latest")
+        latest = resolve_checkpoint(path, "latest")
+        if latest is None:
+            raise ValueError(
+                f"--checkpoint {path} holds no complete checkpoint-N folder (every save was interrupted)."
+            )
+        return latest
     raise FileNotFoundError(
         f"--checkpoint {path} is neither a checkpoint folder (checkpoint-N with {CONFIG_FILE}) nor a run's "
         "output_dir holding checkpoint-N folders."
@@ -414,8 +476,9 @@ def write_export(
         hub_timeout: seconds a Hub request may take; `None` sends none.
     """
     output_dir = Path(output_dir)
+    recover_interrupted_export(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.export-", dir=output_dir.parent))
+    staging = staging_dir_for(output_dir)
     try:
         comfy_lora = None
         if weights.is_lora:
@@ -462,7 +525,10 @@ def write_export(
         write_local_paths(staging, config)
         replace_export(output_dir, staging)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        # A swap under way (its journal still there: the process is being stopped mid-move) is left for the next
+        # export to finish; anything else in the staging folder is a failed or a finished export's leftovers.
+        if not (staging / SWAP_JOURNAL).exists():
+            shutil.rmtree(staging, ignore_errors=True)
     logger.info(f"Exported the DMDR student to {output_dir}")
     return output_dir
 
@@ -505,29 +571,88 @@ def export_entries(folder: Path) -> set[str]:
     return {name for name in names - protected if (folder / name).exists()}
 
 
+# Inside a staging folder: the swap's plan (written once the export is complete, before anything moves) and the
+# folder the previous export's entries are moved into.
+SWAP_JOURNAL = ".export_swap.json"
+PREVIOUS_EXPORT = ".previous"
+
+
+def staging_dir_for(output_dir: Path) -> Path:
+    """A new, empty staging folder beside `output_dir` (the same filesystem, so every move is a rename)."""
+    return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.export-", dir=output_dir.parent))
+
+
+def recover_interrupted_export(output_dir: str | Path) -> None:
+    """Clean up after an export of `output_dir` that was killed, before a new one starts.
+
+    A staging folder with a swap journal was killed while its export was moving in: the swap is finished (the
+    previous export's entries moved aside, every new entry moved in), so the folder holds the new export. A staging
+    folder without one was killed while being written: it is deleted, and the folder still holds the previous
+    export. Either way no staging folder is left. (The folder a former version moved the previous export into is
+    emptied back into `output_dir` for the entries it lacks.)
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.parent.is_dir():
+        return
+    name = glob.escape(output_dir.name)
+    for staging in sorted(output_dir.parent.glob(f".{name}.export-*")):
+        journal = staging / SWAP_JOURNAL
+        if journal.is_file():
+            plan = json.loads(journal.read_text(encoding="utf-8"))
+            output_dir.mkdir(parents=True, exist_ok=True)
+            _swap_in(output_dir, staging, plan["previous"], plan["new"])
+            logger.warning(f"Finished the export into {output_dir} that was interrupted while moving in ({staging}).")
+        else:
+            logger.warning(f"Removing {staging}: the staging folder of an export that was interrupted.")
+        shutil.rmtree(staging, ignore_errors=True)
+    for aside in sorted(output_dir.parent.glob(f".{name}.previous-export-*")):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for entry in aside.iterdir():
+            if not (output_dir / entry.name).exists():
+                os.replace(entry, output_dir / entry.name)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _swap_in(output_dir: Path, staging: Path, previous: list[str], new: list[str]) -> None:
+    """Move the `previous` entries of `output_dir` aside into the staging folder, then the `new` ones in. Every step
+    is a rename that is skipped once done, so running it again after a kill at any point finishes the swap."""
+    aside = staging / PREVIOUS_EXPORT
+    aside.mkdir(exist_ok=True)
+    for name in previous:
+        if (output_dir / name).exists() and not (aside / name).exists():
+            os.replace(output_dir / name, aside / name)
+    for name in new:
+        if (staging / name).exists():
+            os.replace(staging / name, output_dir / name)
+
+
 def replace_export(output_dir: Path, staging: Path) -> None:
     """Move the complete export in `staging` into `output_dir`, in place of the previous export there.
 
-    The previous export's entries ([`export_entries`]) and any entry the new export writes are first moved aside
-    into a folder beside `output_dir`; they are deleted only once every new entry is in place. If a move fails, what
-    was moved aside is put back, so the folder never holds neither export.
+    The previous export's entries ([`export_entries`]) and any entry the new export writes are moved aside into the
+    staging folder, then the new entries in. The plan is written into the staging folder first: a run killed during
+    the moves is finished by the next export's [`recover_interrupted_export`], so the folder never stays without
+    an export. If a move fails, everything is put back as it was.
     """
     previous = export_entries(output_dir)
-    new = {path.name for path in staging.iterdir()}
-    aside = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.previous-export-", dir=output_dir.parent))
-    moved: list[str] = []
+    new = sorted(path.name for path in staging.iterdir() if path.name not in (SWAP_JOURNAL, PREVIOUS_EXPORT))
+    plan = {"previous": sorted(previous | {name for name in new if (output_dir / name).exists()}), "new": new}
+    journal = staging / SWAP_JOURNAL
+    (staging / f"{SWAP_JOURNAL}.tmp").write_text(json.dumps(plan), encoding="utf-8")
+    os.replace(staging / f"{SWAP_JOURNAL}.tmp", journal)
     try:
-        for name in sorted(previous | {name for name in new if (output_dir / name).exists()}):
-            os.replace(output_dir / name, aside / name)
-            moved.append(name)
-        for name in sorted(new):
-            os.replace(staging / name, output_dir / name)
-    except BaseException:
-        for name in moved:
-            if not (output_dir / name).exists():
+        _swap_in(output_dir, staging, plan["previous"], plan["new"])
+    except Exception:
+        aside = staging / PREVIOUS_EXPORT
+        for name in new:
+            if (output_dir / name).exists() and not (staging / name).exists():
+                os.replace(output_dir / name, staging / name)
+        for name in plan["previous"]:
+            if (aside / name).exists() and not (output_dir / name).exists():
                 os.replace(aside / name, output_dir / name)
+        journal.unlink()
         raise
-    shutil.rmtree(aside, ignore_errors=True)
+    journal.unlink()
 
 
 def save_student_lora(output_dir: Path, family: ModelFamily, weights: StudentWeights) -> Path:

@@ -8,11 +8,10 @@ python -m diffusers_dmdr.export_cli ...
 
 import argparse
 import logging
-import sys
 
+from .cli import DEBUG_FLAG, DEBUG_HELP, run_entry_point
 from .config import parse_bool
 from .export import export_checkpoint
-from .hub import HubUploadError
 
 
 def build_argument_parser() -> argparse.ArgumentParser:
@@ -45,27 +44,30 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--hub_timeout", type=float, default=None, help="seconds each Hub request may take (default: the run's)"
     )
+    parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The `dmdr-export` console script: a bad checkpoint, output folder or Hub id, and a failed upload, end in one
+    line (`cli.run_entry_point`)."""
+    run_entry_point("dmdr-export", _export, argv)
+
+
+def _export(argv: list[str]) -> None:
     args = build_argument_parser().parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    try:
-        output_dir = export_checkpoint(
-            args.checkpoint,
-            args.output_dir,
-            push=args.push_to_hub,
-            hub_model_id=args.hub_model_id,
-            hub_private=args.hub_private,
-            export_full_pipeline=args.export_full_pipeline,
-            base_model=args.base_model,
-            device=args.device,
-            hub_timeout=args.hub_timeout,
-        )
-    except HubUploadError as error:
-        print(error, file=sys.stderr)  # noqa: T201
-        sys.exit(1)
+    output_dir = export_checkpoint(
+        args.checkpoint,
+        args.output_dir,
+        push=args.push_to_hub,
+        hub_model_id=args.hub_model_id,
+        hub_private=args.hub_private,
+        export_full_pipeline=args.export_full_pipeline,
+        base_model=args.base_model,
+        device=args.device,
+        hub_timeout=args.hub_timeout,
+    )
     print(f"exported to {output_dir}")  # noqa: T201
 
 

@@ -7,7 +7,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import DMDRConfig
+from .config import DMDRConfig, report_to_trackers
 from .data import load_prompts
 from .families import ModelFamily, detect_family, get_family, read_teacher_config
 from .families.base import read_component_config, read_scheduler_config, student_grid_for
@@ -119,15 +119,16 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
 
     # 4b. Student initialisation: the file kind fits the training mode, a LoRA fits the configured rank.
     if config.student_init_path:
-        check_student_init(config)
+        check_student_init(config, family)
 
     # 5. Optional dependencies asked for.
     # (`all` means "every installed tracker" to accelerate, so it needs none in particular.)
-    for tracker in ("wandb", "tensorboard"):
-        if config.report_to == tracker and not _tracker_installed(tracker):
+    for tracker in report_to_trackers(config.report_to):
+        if tracker != "all" and not _tracker_installed(tracker):
             raise ImportError(
                 f"--report_to {config.report_to} needs {tracker}: `pip install {tracker}`, or pass --report_to none."
             )
+    check_mixed_precision(config.mixed_precision)
     if config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise ImportError(
             "--use_8bit_adam needs bitsandbytes: `pip install diffusers-dmdr[bnb]`, or drop --use_8bit_adam."
@@ -178,6 +179,26 @@ def _tracker_installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def check_mixed_precision(mixed_precision: str | None) -> None:
+    """`--mixed_precision fp16` needs an accelerator: accelerate refuses it on a CPU (bf16 autocast runs there)."""
+    import torch
+
+    if mixed_precision != "fp16":
+        return
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    devices = ("cuda", "xpu", "npu", "mlu", "musa", "hpu", "mps")
+    has_accelerator = any(
+        getattr(torch, name, None) is not None and getattr(torch, name).is_available()
+        for name in devices
+        if hasattr(getattr(torch, name, None), "is_available")
+    )
+    if on_cpu or not has_accelerator:
+        raise ValueError(
+            "--mixed_precision fp16 needs a GPU and this run is on the CPU (the SDXL recipes set it): pass "
+            "--mixed_precision no (or bf16)."
+        )
+
+
 def check_reward_vae(name_or_path: str, revision: str | None) -> None:
     """The reward autoencoder is an `AutoencoderTiny` folder or Hub repo (its config is read, no weights)."""
     path = Path(name_or_path).expanduser()
@@ -200,7 +221,7 @@ def check_reward_vae(name_or_path: str, revision: str | None) -> None:
         ) from error
 
 
-def check_student_init(config: DMDRConfig) -> None:
+def check_student_init(config: DMDRConfig, family: ModelFamily) -> None:
     """`--student_init_path` exists, holds safetensors, and fits `--training_mode` (and the LoRA rank)."""
     from .adapters import lora_rank_of_file, student_init_files
 
@@ -219,6 +240,70 @@ def check_student_init(config: DMDRConfig) -> None:
         raise ValueError(
             f"--student_init_path {config.student_init_path} has LoRA rank {lora_rank_of_file(files[0])} but "
             f"--lora_rank is {config.lora_rank}: set --lora_rank {lora_rank_of_file(files[0])}."
+        )
+    check_student_init_fits_teacher(config, family, kind, files)
+
+
+def check_student_init_fits_teacher(config: DMDRConfig, family: ModelFamily, kind: str, files: list[Path]) -> None:
+    """Every tensor of `--student_init_path` has a place of its shape in the teacher's backbone (built from its
+    config on the meta device: no weights), and a backbone leaves none out: a file of another family or size fails
+    here, not after the teacher loads. Only safetensors headers are read."""
+    import diffusers
+    import torch
+    from safetensors import safe_open
+
+    from .adapters import _LORA_KEY_PREFIXES as LORA_KEY_PREFIXES
+    from .adapters import STUDENT_ADAPTER
+
+    backbone_config = read_component_config(
+        config.pretrained_model_name_or_path, family.backbone_name, config.revision
+    )
+    backbone_class = getattr(diffusers, family.backbone_class_name)
+    with torch.device("meta"):
+        teacher_shapes = {
+            name: tuple(tensor.shape)
+            for name, tensor in backbone_class.from_config(backbone_config).state_dict().items()
+        }
+    shapes = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
+    source, what = config.student_init_path, f"the teacher's {family.backbone_class_name} ({family.name})"
+    problems = []
+    if kind == "backbone":
+        unexpected = sorted(set(shapes) - set(teacher_shapes))
+        missing = sorted(set(teacher_shapes) - set(shapes))
+        mismatched = [k for k in sorted(set(shapes) & set(teacher_shapes)) if shapes[k] != teacher_shapes[k]]
+        problems += [f"{len(unexpected)} unknown key(s) such as {unexpected[0]}"] if unexpected else []
+        problems += [f"{len(missing)} missing key(s) such as {missing[0]}"] if missing else []
+        if mismatched:
+            key = mismatched[0]
+            problems.append(
+                f"{len(mismatched)} key(s) of another shape such as {key} {list(shapes[key])} (teacher: "
+                f"{list(teacher_shapes[key])})"
+            )
+    else:
+        for key, shape in shapes.items():
+            name = key
+            for prefix in LORA_KEY_PREFIXES:
+                name = name.removeprefix(prefix)
+            name = name.replace(f".{STUDENT_ADAPTER}.", ".")
+            for part, dimension in ((".lora_A.", 1), (".lora_B.", 0)):
+                if part not in name:
+                    continue
+                base = name.split(part)[0] + ".weight"
+                if base not in teacher_shapes:
+                    problems.append(f"{key} adapts {base.removesuffix('.weight')}, which the teacher does not have")
+                elif teacher_shapes[base][dimension] != shape[dimension]:
+                    problems.append(
+                        f"{key} has shape {list(shape)}, which does not fit {base} {list(teacher_shapes[base])}"
+                    )
+            if problems:
+                break
+    if problems:
+        raise ValueError(
+            f"--student_init_path {source} does not fit {what}: {'; '.join(problems)}. Give a student of this "
+            "teacher's family and size."
         )
 
 

@@ -418,7 +418,17 @@ def tiny_clip_model(seed: int = 0):
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`python -m diffusers_dmdr.testing build-tiny ...`; the project's errors end as one line."""
+    from .cli import run_entry_point
+
+    run_entry_point("python -m diffusers_dmdr.testing", _build_tiny, argv)
+
+
+def _build_tiny(argv: list[str]) -> None:
+    from .cli import DEBUG_FLAG, DEBUG_HELP
+
     parser = argparse.ArgumentParser(prog="python -m diffusers_dmdr.testing", description=__doc__.split("\n")[0])
+    parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build-tiny", help="write a tiny offline teacher pipeline folder")
     build.add_argument("--family", choices=TINY_FAMILIES, required=True)

@@ -8,7 +8,6 @@ Installed as the `dmdr-train` console script; `examples/train_dmdr/train.py` is 
 Flow: parse -> check inputs (no weights yet) -> load the teacher and rewards -> DMDRTrainer(...).train() -> export.
 """
 
-import linecache
 import logging
 import sys
 from pathlib import Path
@@ -17,34 +16,18 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
-import diffusers_dmdr
-import diffusers_dmdr.pipelines
 from diffusers_dmdr import DMDRConfig
+from diffusers_dmdr.cli import DEBUG_HELP, is_checked_input_error, one_line, run_entry_point
 from diffusers_dmdr.config import USER_INPUT_ERRORS
+from diffusers_dmdr.export import recover_interrupted_export
 from diffusers_dmdr.preflight import check_run_inputs
 from diffusers_dmdr.rewards import load_rewards, reward_names_epilog
 from diffusers_dmdr.trainer import DMDRTrainer, create_accelerator, weight_dtype_of
 
 
 logger = get_logger(__name__)
-# Where the project's own code lives (the pipelines ship from their own folder in a checkout).
-PACKAGE_DIRS = tuple(Path(module.__file__).resolve().parent for module in (diffusers_dmdr, diffusers_dmdr.pipelines))
-
-
-def is_checked_input_error(error: BaseException) -> bool:
-    """A bad input the project itself reported: one of `USER_INPUT_ERRORS` raised by a `raise` statement of this
-    package (the config's validation, the preflight checks). The same types raised inside a library or a builtin
-    (`int("x")`, a numpy shape error) mean a bug, which keeps its traceback."""
-    if not isinstance(error, USER_INPUT_ERRORS) or error.__traceback__ is None:
-        return False
-    frame = error.__traceback__
-    while frame.tb_next is not None:
-        frame = frame.tb_next
-    filename = frame.tb_frame.f_code.co_filename
-    line = linecache.getline(filename, frame.tb_lineno).lstrip()
-    return any(Path(filename).resolve().is_relative_to(folder) for folder in PACKAGE_DIRS) and line.startswith(
-        "raise "
-    )
+# The name `--help` and the error lines give the program (`accelerate launch -m diffusers_dmdr.train` runs the same).
+PROGRAM = "dmdr-train"
 
 
 def parse_and_check(argv: list[str] | None = None):
@@ -52,17 +35,33 @@ def parse_and_check(argv: list[str] | None = None):
     `USER_INPUT_ERRORS`) prints one message that names the fix (no traceback) and exits with status 2, like an
     argparse error."""
     try:
-        config = DMDRConfig.parse_args(argv, epilog=reward_names_epilog())
+        config = DMDRConfig.parse_args(argv, epilog=f"{reward_names_epilog()}\n\n--debug: {DEBUG_HELP}.", prog=PROGRAM)
         plan = check_run_inputs(config)
     except USER_INPUT_ERRORS as error:
         if not is_checked_input_error(error):
             raise
-        print(f"train.py: error: {error}", file=sys.stderr)  # noqa: T201
+        print(one_line(PROGRAM, error), file=sys.stderr)  # noqa: T201
         raise SystemExit(2) from None
     return config, plan
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Train (and export) as the command line asks; the project's errors end as one line (`cli.run_entry_point`)."""
+    run_entry_point(PROGRAM, _train, argv)
+
+
+# Without --validation_prompts, this many training prompts (spread over the file) are sampled for the validation
+# grids, the export's samples.png and the card.
+NUM_DEFAULT_VALIDATION_PROMPTS = 4
+
+
+def default_validation_prompts(prompts: list[str], count: int = NUM_DEFAULT_VALIDATION_PROMPTS) -> list[str]:
+    """`count` training prompts evenly spread over `prompts` (first one included), without repeats."""
+    number = min(count, len(prompts))
+    return list(dict.fromkeys(prompts[index * len(prompts) // number] for index in range(number)))
+
+
+def _train(argv: list[str]) -> None:
     config, plan = parse_and_check(argv)
 
     accelerator = create_accelerator(config)
@@ -71,9 +70,14 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     set_seed(config.seed)
+    if not config.validation_prompts:
+        config.validation_prompts = default_validation_prompts(plan.prompts)
+        logger.info(f"No --validation_prompts: the grids and the card sample {config.validation_prompts}")
     if accelerator.is_main_process:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         config.save_yaml(Path(config.output_dir) / "dmdr_config.yaml")
+        # An export into this folder that a kill interrupted is finished or removed now, not at the run's end.
+        recover_interrupted_export(config.output_dir)
     logger.info(f"{plan.family.name} teacher, student timesteps {plan.student_timesteps}, {len(plan.prompts)} prompts")
     if plan.memory_plan is not None:
         logger.info("\n" + plan.memory_plan.format_table())

@@ -31,7 +31,7 @@ from .checkpointing import (
     resolve_checkpoint,
     save_trainer_state,
 )
-from .config import DMDRConfig
+from .config import DMDRConfig, report_to_trackers
 from .data import PromptSampler
 from .families import TeacherComponents
 from .families.base import run_student_scheduler
@@ -95,7 +95,7 @@ def create_accelerator(config: DMDRConfig) -> Accelerator:
     )
     return Accelerator(
         mixed_precision=config.mixed_precision,
-        log_with=None if config.report_to == "none" else config.report_to,
+        log_with=report_to_trackers(config.report_to) or None,
         project_config=project,
         # One module, two roles: a fake-score backward leaves the student's parameters without gradients and vice
         # versa, which DDP must be told about.
