@@ -39,24 +39,54 @@ def rows():
         ("sdxl-full", "sdxl", ckpt_full, 16, "SDXL 4-step LoRA, DFN5B + HPSv2.1, full VAE decode"),
         ("sdxl-full-ckpt", "sdxl", O(reward_decode="full_checkpointed"), 16, "same, checkpointed VAE decode"),
         ("sdxl-tiny", "sdxl", ckpt_tiny, 12, "same with a tiny autoencoder for the reward decode"),
-        ("sdxl-tiny-cached", "sdxl", O(reward_decode="tiny", cache_reward_text_features=True), 12,
-         "same, reward text features cached"),
+        (
+            "sdxl-tiny-cached",
+            "sdxl",
+            O(reward_decode="tiny", cache_reward_text_features=True),
+            12,
+            "same, reward text features cached",
+        ),
         ("sd35-full", "sd35-large", ckpt_full, 32, "SD3.5-Large 4-step LoRA, bf16 base"),
         ("sd35-tiny", "sd35-large", ckpt_tiny, 32, "SD3.5-Large, bf16 base, tiny decode"),
-        ("sd35-tiny-int8", "sd35-large", O(reward_decode="tiny", cache_reward_text_features=True,
-                                           quantized_base="int8"), 24, "SD3.5-Large, quantized base (int8)"),
-        ("sd35-tiny-nf4", "sd35-large", O(reward_decode="tiny", cache_reward_text_features=True,
-                                          quantized_base="nf4"), 24, "SD3.5-Large, quantized base (NF4)"),
+        (
+            "sd35-tiny-int8",
+            "sd35-large",
+            O(reward_decode="tiny", cache_reward_text_features=True, quantized_base="int8"),
+            24,
+            "SD3.5-Large, quantized base (int8)",
+        ),
+        (
+            "sd35-tiny-nf4",
+            "sd35-large",
+            O(reward_decode="tiny", cache_reward_text_features=True, quantized_base="nf4"),
+            24,
+            "SD3.5-Large, quantized base (NF4)",
+        ),
         ("flux1-full", "flux1-dev", ckpt_full, 48, "FLUX.1 [dev] 4-step LoRA, bf16 base"),
         ("flux1-tiny", "flux1-dev", ckpt_tiny, 48, "FLUX.1 [dev], bf16 base, tiny decode"),
-        ("flux1-tiny-nf4", "flux1-dev", O(reward_decode="tiny", cache_reward_text_features=True,
-                                          quantized_base="nf4"), 24, "FLUX.1 [dev], quantized base (NF4)"),
+        (
+            "flux1-tiny-nf4",
+            "flux1-dev",
+            O(reward_decode="tiny", cache_reward_text_features=True, quantized_base="nf4"),
+            24,
+            "FLUX.1 [dev], quantized base (NF4)",
+        ),
         ("klein-full", "flux2-klein-4b", ckpt_full, 16, "FLUX.2 [klein] base 4B"),
         ("klein-tiny", "flux2-klein-4b", ckpt_tiny, 16, "FLUX.2 [klein] base 4B, tiny decode"),
-        ("qwen-tiny-int8", "qwen-image", O(reward_decode="tiny", cache_reward_text_features=True,
-                                           quantized_base="int8"), 32, "Qwen-Image 20B 4-step LoRA, int8 base"),
-        ("qwen-tiny-nf4", "qwen-image", O(reward_decode="tiny", cache_reward_text_features=True,
-                                          quantized_base="nf4"), 32, "Qwen-Image 20B 4-step LoRA, NF4 base"),
+        (
+            "qwen-tiny-int8",
+            "qwen-image",
+            O(reward_decode="tiny", cache_reward_text_features=True, quantized_base="int8"),
+            32,
+            "Qwen-Image 20B 4-step LoRA, int8 base",
+        ),
+        (
+            "qwen-tiny-nf4",
+            "qwen-image",
+            O(reward_decode="tiny", cache_reward_text_features=True, quantized_base="nf4"),
+            32,
+            "Qwen-Image 20B 4-step LoRA, NF4 base",
+        ),
         ("zimage-full", "z-image", ckpt_full, 24, "Z-Image 6B"),
         ("zimage-tiny", "z-image", ckpt_tiny, 24, "Z-Image 6B, tiny decode"),
     ]
@@ -83,8 +113,11 @@ def run_rows(selected: list[str]) -> None:
         estimate = options_estimate(published_spec(model), options, cache=estimates, count_flops=True)
         results[row_id] = estimate.to_dict()
         save_cache(cache)
-        print(f"{row_id}: {estimate.total_bytes / 2**30:.2f} GiB, FLOPs overhead {estimate.flops_overhead:.3f} "
-              f"({time.time() - start:.0f} s)", flush=True)
+        print(
+            f"{row_id}: {estimate.total_bytes / 2**30:.2f} GiB, FLOPs overhead {estimate.flops_overhead:.3f} "
+            f"({time.time() - start:.0f} s)",
+            flush=True,
+        )
 
 
 def run_calibration() -> None:
@@ -94,8 +127,11 @@ def run_calibration() -> None:
     for case, measured in H200_ACTIVATION_GIB.items():
         start = time.time()
         estimate = calibration_case(case) / 2**30
-        cache.setdefault("calibration", {})[case] = {"estimate_gib": estimate, "h200_gib": measured,
-                                                     "seconds": time.time() - start}
+        cache.setdefault("calibration", {})[case] = {
+            "estimate_gib": estimate,
+            "h200_gib": measured,
+            "seconds": time.time() - start,
+        }
         save_cache(cache)
         print(f"{case}: {estimate:.3f} GiB, H200 {measured:.3f} GiB, ratio {estimate / measured:.3f}", flush=True)
 
@@ -108,20 +144,34 @@ def render() -> str:
     from diffusers_dmdr.memory_estimate import ACTIVATION_MARGIN_FRACTION, CUDA_CONTEXT_BYTES, IterationEstimate
 
     cache = load_cache()
-    lines = [BEGIN, "", "## Real-scale memory and FLOPs of a whole DMDR iteration (fake tensors on this CPU)", "",
-             f"Produced by `{COMMAND}` (results cached in `docs/iteration_memory.json`; `--render` rewrites this "
-             "section). Method: `src/diffusers_dmdr/memory_estimate.py`."]
+    lines = [
+        BEGIN,
+        "",
+        "## Real-scale memory and FLOPs of a whole DMDR iteration (fake tensors on this CPU)",
+        "",
+        f"Produced by `{COMMAND}` (results cached in `docs/iteration_memory.json`; `--render` rewrites this "
+        "section). Method: `src/diffusers_dmdr/memory_estimate.py`.",
+    ]
     calibration = cache.get("calibration", {})
     if calibration:
-        lines += ["", "### Calibration: five H200 measurements (bf16, 1024 px, batch 1)", "",
-                  "| case | estimate (GiB) | H200 measured (GiB) | ratio |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "### Calibration: five H200 measurements (bf16, 1024 px, batch 1)",
+            "",
+            "| case | estimate (GiB) | H200 measured (GiB) | ratio |",
+            "|---|---|---|---|",
+        ]
         for case, values in calibration.items():
             ratio = values["estimate_gib"] / values["h200_gib"]
             lines.append(f"| {case} | {values['estimate_gib']:.3f} | {values['h200_gib']:.3f} | {ratio:.3f} |")
-    lines += ["", "### Targets (per GPU, batch 1, 1024 px, margin included)", "",
-              "| run | options | persistent | simulation | fake update | generator update | margin | **total** "
-              "| target | met? | FLOPs/iter (PFLOP) | FLOPs overhead (iter / gen) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "### Targets (per GPU, batch 1, 1024 px, margin included)",
+        "",
+        "| run | options | persistent | simulation | fake update | generator update | margin | **total** "
+        "| target | met? | FLOPs/iter (PFLOP) | FLOPs overhead (iter / gen) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row_id, model, options, target, title in rows():
         values = cache.get("rows", {}).get(row_id)
         if values is None:
@@ -138,9 +188,13 @@ def render() -> str:
             f"{verdict} | {estimate.total_flops / 1e15:.1f} | {estimate.flops_overhead:.3f} / "
             f"{estimate.generator_flops_overhead:.3f} |"
         )
-    lines += ["", f"Margin: {CUDA_CONTEXT_BYTES / 2**30:.1f} GiB (CUDA context, cuBLAS workspaces) + "
-              f"{ACTIVATION_MARGIN_FRACTION:.0%} of the largest phase peak (allocator fragmentation, and the "
-              "counter's under-estimate, 0.92-1.00 of the H200 figures).", ""]
+    lines += [
+        "",
+        f"Margin: {CUDA_CONTEXT_BYTES / 2**30:.1f} GiB (CUDA context, cuBLAS workspaces) + "
+        f"{ACTIVATION_MARGIN_FRACTION:.0%} of the largest phase peak (allocator fragmentation, and the "
+        "counter's under-estimate, 0.92-1.00 of the H200 figures).",
+        "",
+    ]
     details = []
     for row_id, model, options, target, title in rows():
         values = cache.get("rows", {}).get(row_id)
@@ -167,6 +221,7 @@ def write_docs() -> None:
 
 
 def main(argv=None) -> int:
+    global CACHE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", nargs="*", default=[], help="row ids to (re)estimate; default: every row")
     parser.add_argument("--calibration", action="store_true", help="run the five H200 calibration cases")
@@ -178,7 +233,6 @@ def main(argv=None) -> int:
     if unknown:
         print(f"Unknown rows {unknown}; choose from {sorted(known)}.", file=sys.stderr)
         return 2
-    global CACHE
     CACHE = args.cache
     torch.set_num_threads(1)
     if args.calibration:

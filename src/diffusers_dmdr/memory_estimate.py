@@ -483,7 +483,7 @@ class MemoryOptions:
     Args:
         gradient_checkpointing: checkpoint the backbone's blocks (the student and fake-score passes with grad).
         reward_decode: `"full"` autoencoder with its graph kept, `"full_checkpointed"` (the autoencoder's own gradient
-            checkpointing), `"tiny"` (a TAESD-shaped `AutoencoderTiny`, `--reward_vae_model_name_or_path`), or
+            checkpointing; estimated only: the trainer does not enable it yet), `"tiny"` (a TAESD-shaped `AutoencoderTiny`, `--reward_vae_model_name_or_path`), or
             `"none"` (stage 1, no reward).
         reward_tower_checkpointing: checkpoint the reward towers' layers (estimated only: the rewards do not enable
             it yet).
@@ -509,6 +509,8 @@ class MemoryOptions:
     def estimated_only(self) -> list[str]:
         """Options this estimate models that the trainer does not implement yet."""
         names = []
+        if self.reward_decode == "full_checkpointed":
+            names.append("reward_decode=full_checkpointed")
         if self.reward_tower_checkpointing:
             names.append("reward_tower_checkpointing")
         if self.cache_reward_text_features:
@@ -706,9 +708,9 @@ def build_reward_towers(spec: IterationSpec, dtype: torch.dtype = torch.bfloat16
 
 
 def _module_bytes(module: torch.nn.Module, trainable: bool = False) -> int:
-    return sum(
-        p.numel() * p.element_size() for p in module.parameters() if p.requires_grad == trainable
-    ) + sum(b.numel() * b.element_size() for b in module.buffers())
+    return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad == trainable) + sum(
+        b.numel() * b.element_size() for b in module.buffers()
+    )
 
 
 def quantized_linear_bytes(shape: tuple[int, int], scheme: str) -> int:
@@ -1159,8 +1161,12 @@ CANDIDATE_OPTIONS = (
     MemoryOptions(gradient_checkpointing=True, reward_decode="full_checkpointed"),
     MemoryOptions(gradient_checkpointing=True, reward_decode="tiny"),
     MemoryOptions(gradient_checkpointing=True, reward_decode="tiny", cache_reward_text_features=True),
-    MemoryOptions(gradient_checkpointing=True, reward_decode="tiny", cache_reward_text_features=True, quantized_base="int8"),
-    MemoryOptions(gradient_checkpointing=True, reward_decode="tiny", cache_reward_text_features=True, quantized_base="nf4"),
+    MemoryOptions(
+        gradient_checkpointing=True, reward_decode="tiny", cache_reward_text_features=True, quantized_base="int8"
+    ),
+    MemoryOptions(
+        gradient_checkpointing=True, reward_decode="tiny", cache_reward_text_features=True, quantized_base="nf4"
+    ),
 )
 
 
@@ -1236,3 +1242,93 @@ def format_estimate(estimate: IterationEstimate) -> str:
     lines.append(f"  {'total (peak phase: ' + estimate.peak_phase + ')':<48} {estimate.total_bytes / GIB:8.2f} GiB")
     return "\n".join(lines)
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# A run's configuration (preflight)
+# ----------------------------------------------------------------------------------------------------------------
+def options_of_config(config) -> MemoryOptions:
+    """The memory options a `DMDRConfig` runs with today."""
+    if not config.reward:
+        decode = "none"
+    else:
+        decode = "tiny" if config.reward_vae_model_name_or_path else "full"
+    return MemoryOptions(gradient_checkpointing=config.gradient_checkpointing, reward_decode=decode)
+
+
+def spec_from_config(config, family) -> IterationSpec:
+    """The iteration of a `DMDRConfig` run: the teacher's own backbone and VAE configs (read, no weights), the run's
+    resolution, per-process batch, steps, LoRA shapes, optimizer and options. Each reward is taken as a CLIP ViT-H/14
+    pair of towers (the shape of the built-in `clip` and `hpsv2.1` rewards)."""
+    from .families.base import read_component_config
+
+    if config.training_mode != "lora":
+        raise ValueError("--max_memory_gib estimates LoRA runs (the recipes' mode); drop it for --training_mode full.")
+    if family.name not in BACKBONE_KINDS:
+        raise ValueError(
+            f"--max_memory_gib has no estimate for {family.name} teachers yet (known: {sorted(BACKBONE_KINDS)})."
+        )
+    source, revision = config.pretrained_model_name_or_path, config.revision
+    targets = config.lora_target_modules.split(",") if config.lora_target_modules else None
+    return IterationSpec(
+        family=family.name,
+        backbone_config=_init_config(read_component_config(source, family.backbone_name, revision)),
+        vae_config=_init_config(read_component_config(source, "vae", revision)),
+        resolution=config.resolution,
+        batch_size=config.train_batch_size,
+        num_student_steps=config.num_student_steps,
+        update_ratio=config.update_ratio,
+        lora_rank=config.lora_rank,
+        lora_alpha=config.lora_alpha if config.lora_alpha is not None else config.lora_rank,
+        fake_lora_rank=config.fake_lora_rank,
+        fake_lora_alpha=config.fake_lora_alpha if config.fake_lora_alpha is not None else config.fake_lora_rank,
+        lora_target_modules=tuple(targets) if targets else None,
+        fake_score_lora_scale=config.fake_score_lora_scale,
+        real_score_lora_scale=config.real_score_lora_scale,
+        use_8bit_adam=config.use_8bit_adam,
+        num_rewards=len(config.reward),
+        options=options_of_config(config),
+    )
+
+
+def _init_config(config: dict) -> dict:
+    # `config.json` carries bookkeeping keys (`_class_name`, `_diffusers_version`, ...) that are not model arguments.
+    return {key: value for key, value in config.items() if not key.startswith("_")}
+
+
+def estimate_cache_path():
+    """Where estimates are kept between runs, keyed by configuration: `$XDG_CACHE_HOME/diffusers_dmdr/
+    memory_estimates.json` (`~/.cache` by default). A real-size estimate takes minutes on one core; a cached one is
+    read in milliseconds and is exactly the full estimate."""
+    import os
+    from pathlib import Path
+
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "diffusers_dmdr" / "memory_estimates.json"
+
+
+def check_memory_budget(config, family, cache_path=None) -> str:
+    """Preflight for `--max_memory_gib`: estimate the run as configured (before any weight loads); return the report
+    when it fits, else raise `ValueError` in one line naming the cheapest candidate options that would fit and the
+    estimate of each candidate tried. The configuration is never changed behind the user's back."""
+    import json
+    from pathlib import Path
+
+    path = Path(cache_path) if cache_path is not None else estimate_cache_path()
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    size = len(cache)
+    spec = spec_from_config(config, family)
+    budget = config.max_memory_gib
+    try:
+        estimate = options_estimate(spec, spec.options, cache)
+        if estimate.total_bytes <= budget * GIB:
+            return format_estimate(estimate) + f"\n  fits --max_memory_gib {budget:g}"
+        chosen, table = choose_memory_options(spec, budget, cache)
+    finally:
+        if len(cache) != size:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(cache))
+    tried = "; ".join(line.strip() for line in table.splitlines()[1:])
+    current = f"--max_memory_gib {budget:g}: this run needs an estimated {estimate.total_bytes / GIB:.1f} GiB per GPU"
+    if chosen is None:
+        raise ValueError(f"{current}, and no option this project can estimate fits ({tried}).")
+    raise ValueError(f"{current}; the cheapest options that fit are {chosen.describe()} ({tried}).")
