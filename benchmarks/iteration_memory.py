@@ -172,7 +172,7 @@ def render() -> str:
         "| target | met? | FLOPs/iter (PFLOP) | FLOPs overhead (iter / gen) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row_id, model, options, target, title in rows():
+    for row_id, _model, options, target, title in rows():
         values = cache.get("rows", {}).get(row_id)
         if values is None:
             lines.append(f"| {title} | {options.describe()} | not run | | | | | | {target} GiB | | | |")
@@ -196,7 +196,7 @@ def render() -> str:
         "",
     ]
     details = []
-    for row_id, model, options, target, title in rows():
+    for row_id, _model, options, _target, title in rows():
         values = cache.get("rows", {}).get(row_id)
         if values is None:
             continue

@@ -32,7 +32,7 @@ import functools
 import math
 import weakref
 from collections.abc import Callable
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -805,9 +805,9 @@ def estimate_iteration(
             output = call_backbone(kind, backbone, latents, noise_level, cond)
             return latents - _expand(noise_level, latents) * output.to(latents.dtype)
 
-        def counted(name, run):
+        def counted(name, run, *args):
             before = flop_counter.get_total_flops()
-            result = run()
+            result = run(*args)
             unit[name] = unit.get(name, 0) + flop_counter.get_total_flops() - before
             return result
 
@@ -853,35 +853,33 @@ def estimate_iteration(
 
             counter.reset_peak()
             for _ in range(passes.count("fake_update")):
-                counted("fake_update", lambda: fake_update(clean))
+                counted("fake_update", fake_update, clean)
             phases[FAKE_UPDATE] = counter.peak
 
             counter.reset_peak()
             router.route(STUDENT_ADAPTER, 1.0)
             level = torch.full((batch,), 0.75)
-            x0_student = counted("student", lambda: backbone_x0(student_input, level, condition))
+            x0_student = counted("student", backbone_x0, student_input, level, condition)
             dmd_level = torch.full((batch,), 0.5)
             noisy = _renoise(x0_student.detach(), torch.randn_like(x0_student), dmd_level)
             x0_real = x0_fake = None
             for _ in range(passes.count("real_score")):
-                x0_real = counted("real_score", lambda: real_score(noisy, dmd_level))
+                x0_real = counted("real_score", real_score, noisy, dmd_level)
             for _ in range(passes.count("fake_score")):
-                x0_fake = counted("fake_score", lambda: fake_score(noisy, dmd_level))
+                x0_fake = counted("fake_score", fake_score, noisy, dmd_level)
             loss = dmd_loss(x0_student.float(), x0_real.float(), x0_fake.float())
             del x0_real, x0_fake, noisy
             if decoder is not None:
                 for _ in range(passes.count("reward")):
-                    loss = loss + counted(
-                        "reward", lambda: _reward_loss(spec, decoder, towers, x0_student, reward_prompt_ids)
-                    )
+                    loss = loss + counted("reward", _reward_loss, spec, decoder, towers, x0_student, reward_prompt_ids)
 
-            def generator_backward():
+            def generator_backward(loss):
                 # Checkpointing recomputes the student's forward during backward: route to it again first.
                 router.route(STUDENT_ADAPTER, 1.0)
                 loss.backward()
                 _step(student_optimizer, student_parameters)
 
-            counted("generator_backward", generator_backward)
+            counted("generator_backward", generator_backward, loss)
             del x0_student, loss
             phases[GENERATOR_UPDATE] = counter.peak
 
