@@ -235,3 +235,4 @@ def test_choose_memory_options_takes_the_cheapest_that_fits_or_refuses():
     chosen, table = choose_memory_options(spec, max_memory_gib=budget, cache=cache)
     first_fitting = next(i for i, total in enumerate(totals) if total <= budget)
     assert chosen == CANDIDATE_OPTIONS[first_fitting] and len(cache) == 4
+

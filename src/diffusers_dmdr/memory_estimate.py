@@ -1209,13 +1209,25 @@ def _cache_key(spec: IterationSpec, options: MemoryOptions) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def candidate_options(spec: IterationSpec) -> list[MemoryOptions]:
+    """[`CANDIDATE_OPTIONS`] that apply to `spec`: a run without rewards has no decode or reward towers to change."""
+    if spec.options.reward_decode != "none":
+        return list(CANDIDATE_OPTIONS)
+    candidates = []
+    for options in CANDIDATE_OPTIONS:
+        options = replace(options, reward_decode="none", cache_reward_text_features=False)
+        if options not in candidates:
+            candidates.append(options)
+    return candidates
+
+
 def choose_memory_options(
     spec: IterationSpec, max_memory_gib: float, cache: dict | None = None
 ) -> tuple[MemoryOptions | None, str]:
     """The cheapest of [`CANDIDATE_OPTIONS`] whose estimated total fits `max_memory_gib`, and a table of every
     candidate's estimate (`None` when none fits: the table says what each would need)."""
     rows, chosen = [], None
-    for options in CANDIDATE_OPTIONS:
+    for options in candidate_options(spec):
         estimate = options_estimate(spec, options, cache)
         fits = estimate.total_bytes <= max_memory_gib * GIB
         if fits and chosen is None:
