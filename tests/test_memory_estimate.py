@@ -236,3 +236,17 @@ def test_choose_memory_options_takes_the_cheapest_that_fits_or_refuses():
     first_fitting = next(i for i, total in enumerate(totals) if total <= budget)
     assert chosen == CANDIDATE_OPTIONS[first_fitting] and len(cache) == 4
 
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: compares the estimate with a real step")
+@pytest.mark.parametrize(("model", "tolerance"), [("sdxl", 0.15), ("sd35-large", 0.15)])
+def test_fake_estimate_matches_the_cuda_peak(model, tolerance):
+    """Where a GPU is lent (`pytest -m gpu tests/test_memory_estimate.py`, an H100/H200-class card): one real-size
+    iteration of the recipe with the tiny reward decode, run for real on CUDA (uninitialised weights; memory does
+    not depend on values), against the fake-tensor estimate of the same iteration, phase by phase."""
+    spec = published_spec(model, options=MemoryOptions(reward_decode="tiny"))
+    fake = estimate_iteration(spec, count_flops=False)
+    real = estimate_iteration(spec, count_flops=False, device="cuda")
+    for phase, measured in real.phases.items():
+        assert abs(fake.phases[phase] / measured - 1) <= tolerance, (phase, fake.phases[phase], measured)
+    assert fake.persistent == real.persistent

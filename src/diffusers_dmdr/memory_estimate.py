@@ -760,7 +760,7 @@ REQUIRED_PASSES = ("simulation", "fake_update", "student", "real_score", "fake_s
 
 
 def estimate_iteration(
-    spec: IterationSpec, passes: tuple[str, ...] = REQUIRED_PASSES, count_flops: bool = True
+    spec: IterationSpec, passes: tuple[str, ...] = REQUIRED_PASSES, count_flops: bool = True, device: str = "fake"
 ) -> IterationEstimate:
     """Persistent bytes, per-phase activation peaks and FLOPs of one DMDR iteration of `spec` at real size.
 
@@ -769,6 +769,10 @@ def estimate_iteration(
     fake-score update run once and their FLOPs count `update_ratio` times. `passes` lists the passes to run (default:
     the ones the algorithm needs; a pass named twice runs twice, which the FLOPs overhead then shows).
     `count_flops=False` skips the FLOP counter and the unit passes (faster; the FLOPs fields are then 0).
+
+    `device="cuda"` runs the same iteration for real on a GPU (weights uninitialised, `torch.cuda` peak statistics
+    instead of the counter, CUDA autocast): the check of the estimate where a GPU is lent
+    (`tests/test_memory_estimate.py::test_fake_estimate_matches_the_cuda_peak`).
     """
     from .adapters import FAKE_ADAPTER, STUDENT_ADAPTER, AdapterRouter
     from .losses import dmd_loss, fake_score_loss
@@ -783,14 +787,16 @@ def estimate_iteration(
     persistent = _persistent_bytes(spec, backbone, decoder, towers)
     student_parameters = [p for n, p in backbone.named_parameters() if f".{STUDENT_ADAPTER}." in n]
     fake_parameters = [p for n, p in backbone.named_parameters() if f".{FAKE_ADAPTER}." in n]
-    counter = AllocationCounter()
+    on_gpu = device != "fake"
+    counter = CudaPeak() if on_gpu else AllocationCounter()
     flop_counter = _flop_counter() if count_flops else _NoFlops()
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else _autocast
     phases, unit = {}, {}
 
-    with fake_tensors():
+    with torch.device(device) if on_gpu else fake_tensors():
         for module in [backbone, decoder, *(t for tower in towers for t in tower.values())]:
             if module is not None:
-                materialize(module)
+                module.to_empty(device=device) if on_gpu else materialize(module)
         router = AdapterRouter(backbone)
         student_optimizer = _optimizer(student_parameters, spec.use_8bit_adam)
         fake_optimizer = _optimizer(fake_parameters, spec.use_8bit_adam)
@@ -845,7 +851,7 @@ def estimate_iteration(
                 router.route(FAKE_ADAPTER, spec.fake_score_lora_scale)
                 return backbone_x0(noisy, level, condition)
 
-        with flop_counter, counter, _autocast():
+        with flop_counter, counter, autocast():
             counter.reset_peak()
             for _ in range(passes.count("simulation")):
                 clean, student_input = counted("simulation", simulate)
@@ -885,7 +891,7 @@ def estimate_iteration(
 
         reference = {"forward": 0, "forward_backward": 0, "reward": 0}
         if count_flops:
-            with _autocast():
+            with autocast():
                 reference = _reference_flops(
                     spec, backbone, router, backbone_x0, shape, condition, decoder, towers, reward_prompt_ids
                 )
@@ -910,6 +916,29 @@ def estimate_iteration(
 class _NoFlops(nullcontext):
     def get_total_flops(self) -> int:
         return 0
+
+
+class CudaPeak:
+    """`AllocationCounter`'s interface over `torch.cuda`'s statistics: bytes allocated above what was allocated when
+    the context was entered (the weights), and the peak of each phase since `reset_peak()`."""
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        self.start = torch.cuda.memory_allocated()
+        self.reset_peak()
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def reset_peak(self) -> None:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+    @property
+    def peak(self) -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - self.start
 
 
 def _reward_loss(spec: IterationSpec, decoder, towers, latents, prompt_ids) -> torch.Tensor:
