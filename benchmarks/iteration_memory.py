@@ -120,6 +120,16 @@ def run_rows(selected: list[str], count_flops: bool = True) -> None:
         )
 
 
+def run_persistent() -> None:
+    """Every row's persistent bytes (exact arithmetic on meta models, seconds): shown where a fake run is pending."""
+    from diffusers_dmdr.memory_estimate import persistent_bytes, published_spec
+
+    cache = load_cache()
+    for row_id, model, options, _, _ in rows():
+        cache.setdefault("persistent", {})[row_id] = persistent_bytes(published_spec(model, options=options))
+    save_cache(cache)
+
+
 def run_calibration() -> None:
     from diffusers_dmdr.memory_estimate import H200_ACTIVATION_GIB, calibration_case
 
@@ -201,7 +211,14 @@ def render() -> str:
     for row_id, _model, options, target, title in rows():
         values = cache.get("rows", {}).get(row_id)
         if values is None:
-            lines.append(f"| {title} | {options.describe()} | not run | | | | | | {target} GiB | | | |")
+            persistent = cache.get("persistent", {}).get(row_id)
+            known = "not run"
+            verdict = ""
+            if persistent is not None:
+                known = f"{gib(sum(persistent.values()))} (activations not run)"
+                if sum(persistent.values()) / 2**30 > target:
+                    verdict = f"no: weights alone +{sum(persistent.values()) / 2**30 - target:.1f} GiB"
+            lines.append(f"| {title} | {options.describe()} | {known} | | | | | | {target} GiB | {verdict} | | |")
             continue
         estimate = IterationEstimate.from_dict(values)
         phases = list(estimate.phases.values())
@@ -256,6 +273,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", nargs="*", default=[], help="row ids to (re)estimate; default: every row")
     parser.add_argument("--calibration", action="store_true", help="run the five H200 calibration cases")
+    parser.add_argument("--persistent", action="store_true", help="every row's persistent bytes only (seconds)")
     parser.add_argument("--render", action="store_true", help="only rewrite docs/benchmarks.md from the cache")
     parser.add_argument(
         "--no-flops", action="store_true", help="memory only: skip the FLOP counter and its unit passes (~2x faster)"
@@ -271,6 +289,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     if args.calibration:
         run_calibration()
+    elif args.persistent:
+        run_persistent()
     elif not args.render:
         run_rows(args.rows, count_flops=not args.no_flops)
     write_docs()

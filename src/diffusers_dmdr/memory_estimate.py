@@ -1070,6 +1070,12 @@ def _persistent_bytes(spec: IterationSpec, backbone, decoder, towers) -> dict[st
     return persistent
 
 
+def persistent_bytes(spec: IterationSpec) -> dict[str, int]:
+    """The persistent part of the estimate alone (meta models, no fake run: seconds at any size)."""
+    backbone = build_backbone(spec)
+    return _persistent_bytes(spec, backbone, build_reward_decoder(spec), build_reward_towers(spec))
+
+
 def _quant_suffix(options: MemoryOptions) -> str:
     return "" if options.quantized_base == "none" else f" ({options.quantized_base})"
 
