@@ -218,7 +218,10 @@ def render() -> str:
                 known = f"{gib(sum(persistent.values()))} (activations not run)"
                 if sum(persistent.values()) / 2**30 > target:
                     verdict = f"no: weights alone +{sum(persistent.values()) / 2**30 - target:.1f} GiB"
-            lines.append(f"| {title} | {options.describe()} | {known} | | | | | | {target} GiB | {verdict} | | |")
+            only = f" *(estimated only: {', '.join(options.estimated_only)})*" if options.estimated_only else ""
+            lines.append(
+                f"| {title} | {options.describe()}{only} | {known} | | | | | | {target} GiB | {verdict} | | |"
+            )
             continue
         estimate = IterationEstimate.from_dict(values)
         phases = list(estimate.phases.values())
@@ -230,7 +233,7 @@ def render() -> str:
                 f"{estimate.total_flops / 1e15:.1f} | {estimate.flops_overhead:.3f} / "
                 f"{estimate.generator_flops_overhead:.3f}"
             )
-        only = f" *(estimated only: {', '.join(estimate.estimated_only)})*" if estimate.estimated_only else ""
+        only = f" *(estimated only: {', '.join(options.estimated_only)})*" if options.estimated_only else ""
         lines.append(
             f"| {title} | {options.describe()}{only} | {gib(estimate.persistent_bytes)} | {gib(phases[0])} | "
             f"{gib(phases[1])} | {gib(phases[2])} | {gib(estimate.margin_bytes)} | **{total:.2f}** | {target} GiB | "

@@ -184,6 +184,13 @@ def test_tiny_decode_and_checkpointing_lower_the_peak(small_estimate):
     assert tiny.phases["fake-score update"] < plain.phases["fake-score update"]
 
 
+@pytest.mark.slow
+def test_flop_counting_does_not_change_the_memory_figures(small_estimate):
+    # FlopCounterMode holds tensors while it runs: memory must come from a run without it.
+    memory_only = estimate_iteration(small_spec(gradient_checkpointing=True, reward_decode="full"), count_flops=False)
+    assert memory_only.phases == small_estimate.phases and memory_only.required_flops == 0
+
+
 def test_flops_overhead_of_the_iteration_is_at_most_10_percent(small_estimate):
     assert 1.0 <= small_estimate.flops_overhead <= 1.10
     assert 1.0 <= small_estimate.generator_flops_overhead <= 1.10
@@ -211,6 +218,7 @@ def test_quantized_linear_bytes():
         quantized_linear_bytes((4, 4), "fp8")
 
 
+@pytest.mark.slow
 def test_a_large_budget_takes_the_first_candidate_after_one_estimate():
     cache = {}
     chosen, table = choose_memory_options(small_spec(), max_memory_gib=1000, cache=cache)
@@ -250,3 +258,4 @@ def test_fake_estimate_matches_the_cuda_peak(model, tolerance):
     for phase, measured in real.phases.items():
         assert abs(fake.phases[phase] / measured - 1) <= tolerance, (phase, fake.phases[phase], measured)
     assert fake.persistent == real.persistent
+

@@ -483,8 +483,8 @@ class MemoryOptions:
     Args:
         gradient_checkpointing: checkpoint the backbone's blocks (the student and fake-score passes with grad).
         reward_decode: `"full"` autoencoder with its graph kept, `"full_checkpointed"` (the autoencoder's own gradient
-            checkpointing; estimated only: the trainer does not enable it yet), `"tiny"` (a TAESD-shaped `AutoencoderTiny`, `--reward_vae_model_name_or_path`), or
-            `"none"` (stage 1, no reward).
+            checkpointing; estimated only: the trainer does not enable it yet), `"tiny"` (a TAESD-shaped
+            `AutoencoderTiny`, `--reward_vae_model_name_or_path`), or `"none"` (stage 1, no reward).
         reward_tower_checkpointing: checkpoint the reward towers' layers (estimated only: the rewards do not enable
             it yet).
         cache_reward_text_features: reward text features computed once per prompt and kept on the host, so the text
@@ -789,7 +789,6 @@ def estimate_iteration(
     fake_parameters = [p for n, p in backbone.named_parameters() if f".{FAKE_ADAPTER}." in n]
     on_gpu = device != "fake"
     counter = CudaPeak() if on_gpu else AllocationCounter()
-    flop_counter = _flop_counter() if count_flops else _NoFlops()
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else _autocast
     phases, unit = {}, {}
 
@@ -810,12 +809,6 @@ def estimate_iteration(
             # the latent, which cost nothing next to a pass).
             output = call_backbone(kind, backbone, latents, noise_level, cond)
             return latents - _expand(noise_level, latents) * output.to(latents.dtype)
-
-        def counted(name, run, *args):
-            before = flop_counter.get_total_flops()
-            result = run(*args)
-            unit[name] = unit.get(name, 0) + flop_counter.get_total_flops() - before
-            return result
 
         def simulate():
             # The student's N-step sampler without grad, re-noising each x0 to the next level with fresh noise.
@@ -851,43 +844,58 @@ def estimate_iteration(
                 router.route(FAKE_ADAPTER, spec.fake_score_lora_scale)
                 return backbone_x0(noisy, level, condition)
 
-        with flop_counter, counter, autocast():
-            counter.reset_peak()
-            for _ in range(passes.count("simulation")):
-                clean, student_input = counted("simulation", simulate)
-            phases[SIMULATION] = counter.peak
+        def iterate(counter, flop_counter, phases, unit):
+            def counted(name, run, *args):
+                before = flop_counter.get_total_flops()
+                result = run(*args)
+                unit[name] = unit.get(name, 0) + flop_counter.get_total_flops() - before
+                return result
 
-            counter.reset_peak()
-            for _ in range(passes.count("fake_update")):
-                counted("fake_update", fake_update, clean)
-            phases[FAKE_UPDATE] = counter.peak
+            with flop_counter, counter, autocast():
+                counter.reset_peak()
+                for _ in range(passes.count("simulation")):
+                    clean, student_input = counted("simulation", simulate)
+                phases[SIMULATION] = counter.peak
 
-            counter.reset_peak()
-            router.route(STUDENT_ADAPTER, 1.0)
-            level = torch.full((batch,), 0.75)
-            x0_student = counted("student", backbone_x0, student_input, level, condition)
-            dmd_level = torch.full((batch,), 0.5)
-            noisy = _renoise(x0_student.detach(), torch.randn_like(x0_student), dmd_level)
-            x0_real = x0_fake = None
-            for _ in range(passes.count("real_score")):
-                x0_real = counted("real_score", real_score, noisy, dmd_level)
-            for _ in range(passes.count("fake_score")):
-                x0_fake = counted("fake_score", fake_score, noisy, dmd_level)
-            loss = dmd_loss(x0_student.float(), x0_real.float(), x0_fake.float())
-            del x0_real, x0_fake, noisy
-            if decoder is not None:
-                for _ in range(passes.count("reward")):
-                    loss = loss + counted("reward", _reward_loss, spec, decoder, towers, x0_student, reward_prompt_ids)
+                counter.reset_peak()
+                for _ in range(passes.count("fake_update")):
+                    counted("fake_update", fake_update, clean)
+                phases[FAKE_UPDATE] = counter.peak
 
-            def generator_backward(loss):
-                # Checkpointing recomputes the student's forward during backward: route to it again first.
+                counter.reset_peak()
                 router.route(STUDENT_ADAPTER, 1.0)
-                loss.backward()
-                _step(student_optimizer, student_parameters)
+                level = torch.full((batch,), 0.75)
+                x0_student = counted("student", backbone_x0, student_input, level, condition)
+                dmd_level = torch.full((batch,), 0.5)
+                noisy = _renoise(x0_student.detach(), torch.randn_like(x0_student), dmd_level)
+                x0_real = x0_fake = None
+                for _ in range(passes.count("real_score")):
+                    x0_real = counted("real_score", real_score, noisy, dmd_level)
+                for _ in range(passes.count("fake_score")):
+                    x0_fake = counted("fake_score", fake_score, noisy, dmd_level)
+                loss = dmd_loss(x0_student.float(), x0_real.float(), x0_fake.float())
+                del x0_real, x0_fake, noisy
+                if decoder is not None:
+                    for _ in range(passes.count("reward")):
+                        loss = loss + counted(
+                            "reward", _reward_loss, spec, decoder, towers, x0_student, reward_prompt_ids
+                        )
 
-            counted("generator_backward", generator_backward, loss)
-            del x0_student, loss
-            phases[GENERATOR_UPDATE] = counter.peak
+                def generator_backward(loss):
+                    # Checkpointing recomputes the student's forward during backward: route to it again first.
+                    router.route(STUDENT_ADAPTER, 1.0)
+                    loss.backward()
+                    _step(student_optimizer, student_parameters)
+
+                counted("generator_backward", generator_backward, loss)
+                del x0_student, loss
+                phases[GENERATOR_UPDATE] = counter.peak
+
+        # Memory and FLOPs are counted in two runs of the same iteration: `FlopCounterMode` keeps tensors alive (its
+        # module tracking holds them until backward), which would inflate the memory peaks several-fold.
+        iterate(counter, _NoFlops(), phases, {})
+        if count_flops:
+            iterate(_NoCounter(), _flop_counter(), {}, unit)
 
         reference = {"forward": 0, "forward_backward": 0, "reward": 0}
         if count_flops:
@@ -916,6 +924,13 @@ def estimate_iteration(
 class _NoFlops(nullcontext):
     def get_total_flops(self) -> int:
         return 0
+
+
+class _NoCounter(nullcontext):
+    peak = 0
+
+    def reset_peak(self) -> None:
+        pass
 
 
 class CudaPeak:
