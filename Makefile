@@ -84,10 +84,13 @@ reproduce: install
 		--num_threads 1
 
 # Training-memory benchmark (docs/benchmarks.md): the reduced CPU figures, or on a GPU
-# `$(BIN)/python benchmarks/train_memory.py --model sdxl --device cuda`.
+# `$(BIN)/python benchmarks/train_memory.py --model sdxl --device cuda`; then the real-size fake-tensor estimate of a
+# whole iteration per recipe (iteration_memory.py: about an hour on one core).
 benchmark: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python benchmarks/train_memory.py --model sdxl-cpu
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python benchmarks/train_memory.py --plan
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python benchmarks/iteration_memory.py --calibration
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python benchmarks/iteration_memory.py
 
 clean:
 	rm -rf outputs build dist src/*.egg-info .pytest_cache $(LATEST_VENV)

@@ -150,6 +150,8 @@ def test_plan_bytes_equal_the_real_modules(
         use_8bit_adam=use_8bit_adam,
     )
     condition = family.encode_prompts(pipeline, ["a red cat"], 64, torch.device("cpu"))
+    # Bytes read off the real tensors, to hold the plan's total against (not the plan's own fields re-added).
+    measured_total = frozen_real
     for name, (role, scale) in roles.items():
         parameters = groups[role]
         assert sum(p.numel() for p in parameters) == planned[name].num_parameters
@@ -157,6 +159,7 @@ def test_plan_bytes_equal_the_real_modules(
         _backward(module, role, scale, condition)
         assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in parameters)
         assert _nbytes(p.grad for p in parameters) == planned[name].gradient_bytes
+        measured_total += _nbytes(parameters) + _nbytes(p.grad for p in parameters)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         assert _state_bytes(optimizer, parameters, with_shared=False) == planned[name].optimizer_bytes
@@ -166,9 +169,9 @@ def test_plan_bytes_equal_the_real_modules(
         == sum(n.optimizer_bytes for n in plan.networks) + plan.optimizer_shared_bytes
     )
     assert (plan.optimizer_shared_bytes > 0) == use_8bit_adam
-    assert plan.total_bytes() == frozen_planned + plan.optimizer_shared_bytes + sum(
-        n.parameter_bytes + n.gradient_bytes + n.optimizer_bytes for n in plan.networks
-    )
+    # The total: every real frozen tensor, both networks' parameters and gradients, every optimizer state.
+    measured_total += _state_bytes(optimizer, all_parameters, with_shared=True)
+    assert plan.total_bytes() == measured_total
 
 
 def test_8bit_states_quantise_only_tensors_of_4096_elements_or_more():

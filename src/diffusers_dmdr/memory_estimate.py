@@ -1,0 +1,1394 @@
+"""Peak GPU memory and FLOPs of a whole DMDR iteration at real size, estimated on a CPU with fake tensors.
+
+[`memory_plan`] is exact for weights, gradients and optimizer states but cannot see activations, which decide whether
+a run fits. This module runs the iteration itself, at the real shapes, on fake tensors:
+
+1. every model is built on the meta device from its config, then `to_empty` inside a `FakeTensorMode`, so its
+   tensors have shapes and dtypes but no memory (a 20 B backbone costs nothing);
+2. [`AllocationCounter`] counts the bytes of every storage an op creates, rounded up to 512 bytes and live until the
+   storage dies, as CUDA's caching allocator would see them; views and in-place results share their input's storage
+   and are not new memory, and tensors created before counting (the weights) are not counted;
+3. the iteration is the sequence of passes the algorithm needs (DESIGN.md section 3), phase by phase: the backward
+   simulation (the student's N-step sampler without grad), the fake-score update (forward + backward + optimizer
+   step), the generator update (student forward with grad; real score with the CFG batch and fake score without
+   grad; the reward decode and reward towers with their backward; the optimizer step).
+
+The peak of a phase is the counter's peak during it; the total is the persistent bytes (frozen weights, trainable
+parameters and optimizer states, from the exact [`memory_plan`] arithmetic) plus the largest phase peak, plus a stated
+margin for what fake tensors cannot see (the CUDA context and library workspaces, allocator fragmentation). Against
+five H200 measurements (`tests/test_memory_estimate.py`, `benchmarks/iteration_memory.py`) the counter lands at
+0.92-1.00 of the measured activation peak.
+
+`torch.utils.flop_counter.FlopCounterMode` runs inside the same fake mode, so the FLOPs of the iteration are counted
+too and compared with the sum of the passes the algorithm needs (the overhead ratio).
+
+Two limits, both documented where the figures are published (`docs/benchmarks.md`): fake tensors live on the CPU
+(indexing fails for fake CUDA tensors on a CPU-only torch build), so CUDA autocast's float32 policy is emulated for
+the normalisation ops whose outputs it widens ([`cuda_autocast_float32_norms`]); the attention kernel is the CPU
+one, which like the GPU's flash kernel does not materialise the attention matrix.
+"""
+
+import functools
+import math
+import weakref
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .memory_plan import GIB, adamw8bit_shared_bytes, adamw8bit_state_bytes, adamw_state_bytes
+
+
+# What fake tensors cannot see, added to every total: the CUDA context and cuBLAS/cuDNN workspaces (~0.5 GiB on an
+# H200 with torch 2.11), and the caching allocator's fragmentation plus the counter's own under-estimate (it read
+# 0.92-1.00 of five H200 peaks), taken as 10% of the activation peak.
+CUDA_CONTEXT_BYTES = GIB // 2
+ACTIVATION_MARGIN_FRACTION = 0.10
+ALLOCATOR_ROUNDING = 512
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Counting
+# ----------------------------------------------------------------------------------------------------------------
+class AllocationCounter(TorchDispatchMode):
+    """Live and peak bytes of the storages that ops run inside this mode create, as a caching allocator sees them.
+
+    A storage counts from the op that creates it until Python frees it (a `weakref.finalize` on the storage). Outputs
+    that share a storage with an input (views, in-place ops) are not new memory. `reset_peak()` starts a new phase.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._counted = WeakIdKeyDictionary()
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def _allocate(self, storage) -> None:
+        if storage in self._counted:
+            return
+        nbytes = -(-storage.nbytes() // ALLOCATOR_ROUNDING) * ALLOCATOR_ROUNDING
+        self._counted[storage] = nbytes
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, nbytes)
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        inputs = tree_flatten((args, kwargs))[0]
+        input_storages = {id(t.untyped_storage()) for t in inputs if isinstance(t, torch.Tensor)}
+        for tensor in tree_flatten(output)[0]:
+            if isinstance(tensor, torch.Tensor) and id(tensor.untyped_storage()) not in input_storages:
+                self._allocate(tensor.untyped_storage())
+        return output
+
+
+@contextmanager
+def cuda_autocast_float32_norms():
+    """CUDA autocast's float32 policy for `group_norm` and `layer_norm`, whose widened outputs cost activation memory.
+
+    The fake tensors run on the CPU, whose autocast keeps these ops in bfloat16; CUDA autocast computes them in float32
+    and returns float32 (torch's "CUDA ops that can autocast to float32"), so on the GPU their outputs, and what
+    consumes them before the next matmul, are twice as large. While this context is active (and CPU autocast is on),
+    `torch.nn.functional.group_norm` / `layer_norm` cast their floating inputs to float32 first, as CUDA autocast does.
+    The functions are swapped on the module (and restored on exit) rather than intercepted by a `TorchFunctionMode`:
+    a mode is not active when gradient checkpointing recomputes a forward inside backward, so recomputed and saved
+    tensors would differ in dtype.
+    """
+    originals = {name: getattr(F, name) for name in ("group_norm", "layer_norm")}
+
+    def widened(original):
+        @functools.wraps(original)
+        def call(input, *args, **kwargs):
+            if torch.is_autocast_enabled("cpu") and input.dtype in (torch.bfloat16, torch.float16):
+                args, kwargs = _widen((args, kwargs))
+                with torch.autocast("cpu", enabled=False):
+                    return original(input.float(), *args, **kwargs)
+            return original(input, *args, **kwargs)
+
+        return call
+
+    for name, original in originals.items():
+        setattr(F, name, widened(original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(F, name, original)
+
+
+def _widen(tree):
+    from torch.utils._pytree import tree_map
+
+    def widen(value):
+        if isinstance(value, torch.Tensor) and value.dtype in (torch.bfloat16, torch.float16):
+            return value.float()
+        return value
+
+    return tree_map(widen, tree)
+
+
+@contextmanager
+def fake_tensors():
+    """A `FakeTensorMode` for real-size models on the CPU (modules built on meta are `to_empty`-ed inside it)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        yield
+
+
+def materialize(module: torch.nn.Module) -> torch.nn.Module:
+    """A meta-device `module` as fake CPU tensors (call inside [`fake_tensors`])."""
+    return module.to_empty(device="cpu")
+
+
+def activation_peak(run: Callable[[], None], flops: bool = False) -> tuple[int, int]:
+    """Bytes of the peak of `run()` above what existed before it, and its FLOPs (0 unless `flops`); inside
+    [`fake_tensors`]."""
+    counter = AllocationCounter()
+    flop_counter = _flop_counter() if flops else nullcontext()
+    with flop_counter, counter:
+        run()
+    return counter.peak, flop_counter.get_total_flops() if flops else 0
+
+
+def _flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Published architectures (shapes of the released configs; weights are never needed)
+# ----------------------------------------------------------------------------------------------------------------
+SDXL_UNET = dict(
+    act_fn="silu",
+    addition_embed_type="text_time",
+    addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256,
+    attention_head_dim=[5, 10, 20],
+    block_out_channels=[320, 640, 1280],
+    cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    in_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    out_channels=4,
+    projection_class_embeddings_input_dim=2816,
+    sample_size=128,
+    transformer_layers_per_block=[1, 2, 10],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    use_linear_projection=True,
+)
+SDXL_VAE = dict(
+    block_out_channels=[128, 256, 512, 512],
+    latent_channels=4,
+    layers_per_block=2,
+    sample_size=1024,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    scaling_factor=0.13025,
+)
+# SD3, SD3.5, FLUX.1 and Z-Image share this 16-channel autoencoder.
+FLOW_VAE_16 = dict(
+    block_out_channels=[128, 256, 512, 512],
+    latent_channels=16,
+    layers_per_block=2,
+    sample_size=1024,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+SD35_LARGE = dict(
+    attention_head_dim=64,
+    caption_projection_dim=2432,
+    in_channels=16,
+    joint_attention_dim=4096,
+    num_attention_heads=38,
+    num_layers=38,
+    out_channels=16,
+    patch_size=2,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=192,
+    qk_norm="rms_norm",
+    sample_size=128,
+)
+FLUX1_DEV = dict(
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=[16, 56, 56],
+)
+# FLUX.2 [klein] base 4B: 5 double and 20 single blocks of width 3072; text features are three stacked Qwen3-4B
+# hidden states (3 x 2560).
+FLUX2_KLEIN_4B = dict(
+    in_channels=128,
+    num_layers=5,
+    num_single_layers=20,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=7680,
+    mlp_ratio=3.0,
+    axes_dims_rope=[32, 32, 32, 32],
+    guidance_embeds=False,
+)
+QWEN_IMAGE = dict(
+    patch_size=2,
+    in_channels=64,
+    out_channels=16,
+    num_layers=60,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=3584,
+    axes_dims_rope=[16, 56, 56],
+)
+ZIMAGE = dict(
+    all_patch_size=[2],
+    all_f_patch_size=[1],
+    in_channels=16,
+    dim=3840,
+    n_layers=30,
+    n_refiner_layers=2,
+    n_heads=30,
+    n_kv_heads=30,
+    qk_norm=True,
+    cap_feat_dim=2560,
+    axes_dims=[32, 48, 48],
+    axes_lens=[1024, 512, 512],
+)
+# Reward towers: open_clip ViT-H-14 (DFN5B CLIP, HPSv2.1) in transformers' CLIP classes of the same shapes.
+CLIP_VIT_H14_VISION = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=16,
+    patch_size=14,
+    image_size=224,
+    projection_dim=1024,
+    hidden_act="gelu",
+)
+CLIP_VIT_H14_TEXT = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    max_position_embeddings=77,
+    vocab_size=49408,
+    projection_dim=1024,
+    hidden_act="gelu",
+)
+
+
+def _tiny_autoencoder(latent_channels: int) -> dict:
+    """TAESD-shaped `AutoencoderTiny` config (taesdxl: 4 channels, taesd3/taef1: 16)."""
+    return dict(latent_channels=latent_channels, scaling_factor=1.0)
+
+
+@dataclass(frozen=True)
+class BackboneKind:
+    """How one family's backbone is called, and its autoencoders.
+
+    Args:
+        family: the project's family name (`families.get_family`).
+        model_class: the diffusers class of the backbone.
+        vae_class: the diffusers class of the full autoencoder.
+        spatial_factor: pixels per latent cell as the backbone sees the latent (16 for FLUX.2's 2x2-patchified
+            latents).
+        text_tokens: conditioning length the family's prompt encoder pads to (SD3: 77 CLIP + 128 T5 tokens).
+        real_score_passes: backbone batch multiplier of the real score: 2 for two-pass CFG, 1 for a guidance-distilled
+            backbone (FLUX.1 [dev] takes the guidance scale as an embedding).
+    """
+
+    family: str
+    model_class: str
+    vae_class: str
+    spatial_factor: int
+    text_tokens: int
+    real_score_passes: int = 2
+
+
+BACKBONE_KINDS = {
+    "sdxl": BackboneKind("sdxl", "UNet2DConditionModel", "AutoencoderKL", 8, 77),
+    "sd3": BackboneKind("sd3", "SD3Transformer2DModel", "AutoencoderKL", 8, 205),
+    "flux": BackboneKind("flux", "FluxTransformer2DModel", "AutoencoderKL", 8, 512, real_score_passes=1),
+    "flux2": BackboneKind("flux2", "Flux2Transformer2DModel", "AutoencoderKLFlux2", 16, 512),
+    "qwenimage": BackboneKind("qwenimage", "QwenImageTransformer2DModel", "AutoencoderKLQwenImage", 8, 512),
+    "zimage": BackboneKind("zimage", "ZImageTransformer2DModel", "AutoencoderKL", 8, 512),
+}
+
+
+def latent_shape(kind: BackboneKind, config: dict, batch_size: int, resolution: int) -> tuple[int, ...]:
+    """The latent the backbone denoises (before any token packing), for a square `resolution`."""
+    side = resolution // kind.spatial_factor
+    channels = config.get("in_channels", 16)
+    if kind.family in ("flux", "qwenimage"):
+        channels //= 4  # the config counts the 2x2-packed token width
+    return (batch_size, channels, side, side)
+
+
+def condition_for(kind: BackboneKind, config: dict, batch_size: int, dtype: torch.dtype) -> dict:
+    """Random prompt conditioning of the family's shapes (create inside [`fake_tensors`])."""
+    tokens = kind.text_tokens
+    if kind.family == "sdxl":
+        return {
+            "encoder_hidden_states": torch.randn(batch_size, tokens, config["cross_attention_dim"], dtype=dtype),
+            "text_embeds": torch.randn(batch_size, _sdxl_pooled_width(config), dtype=dtype),
+            "time_ids": torch.randn(batch_size, 6, dtype=dtype),
+        }
+    if kind.family == "sd3":
+        return {
+            "encoder_hidden_states": torch.randn(batch_size, tokens, config["joint_attention_dim"], dtype=dtype),
+            "pooled_projections": torch.randn(batch_size, config["pooled_projection_dim"], dtype=dtype),
+        }
+    if kind.family == "flux":
+        return {
+            "encoder_hidden_states": torch.randn(batch_size, tokens, config["joint_attention_dim"], dtype=dtype),
+            "pooled_projections": torch.randn(batch_size, config["pooled_projection_dim"], dtype=dtype),
+            "guidance": torch.full((batch_size,), 3.5),
+        }
+    if kind.family == "flux2":
+        return {"encoder_hidden_states": torch.randn(batch_size, tokens, config["joint_attention_dim"], dtype=dtype)}
+    if kind.family == "qwenimage":
+        return {
+            "encoder_hidden_states": torch.randn(batch_size, tokens, config["joint_attention_dim"], dtype=dtype),
+            "encoder_hidden_states_mask": torch.ones(batch_size, tokens, dtype=torch.long),
+        }
+    if kind.family == "zimage":
+        return {"prompt_embeds": torch.randn(batch_size, tokens, config["cap_feat_dim"], dtype=dtype)}
+    raise ValueError(f"No memory estimate for family {kind.family!r}; known: {sorted(BACKBONE_KINDS)}.")
+
+
+def _sdxl_pooled_width(config: dict) -> int:
+    # The added-conditioning projection takes the pooled text embedding and six time ids of this width each.
+    return config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+
+
+def concat_condition(condition: dict, times: int) -> dict:
+    """`condition` repeated `times` along the batch (the CFG batch of conditional and unconditional prompts)."""
+    return {key: torch.cat([value] * times) for key, value in condition.items()}
+
+
+def _pack_2x2(latents: torch.Tensor) -> torch.Tensor:
+    batch, channels, height, width = latents.shape
+    tokens = latents.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return tokens.reshape(batch, (height // 2) * (width // 2), channels * 4)
+
+
+def _unpack_2x2(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    batch, _, width4 = tokens.shape
+    channels = width4 // 4
+    latents = tokens.view(batch, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return latents.reshape(batch, channels, height, width)
+
+
+def call_backbone(kind: BackboneKind, model, latents: torch.Tensor, noise_level: torch.Tensor, condition: dict):
+    """The backbone's raw output in the latent layout, called as the family's stock pipeline calls it."""
+    batch, _, height, width = latents.shape
+    if kind.family == "sdxl":
+        added = {"text_embeds": condition["text_embeds"], "time_ids": condition["time_ids"]}
+        return model(latents, noise_level * 1000, condition["encoder_hidden_states"], added_cond_kwargs=added).sample
+    if kind.family == "sd3":
+        return model(
+            hidden_states=latents,
+            timestep=noise_level * 1000,
+            encoder_hidden_states=condition["encoder_hidden_states"],
+            pooled_projections=condition["pooled_projections"],
+        ).sample
+    if kind.family == "flux":
+        tokens = _pack_2x2(latents)
+        output = model(
+            hidden_states=tokens,
+            timestep=noise_level,
+            guidance=condition["guidance"],
+            pooled_projections=condition["pooled_projections"],
+            encoder_hidden_states=condition["encoder_hidden_states"],
+            txt_ids=torch.zeros(condition["encoder_hidden_states"].shape[1], 3),
+            img_ids=torch.zeros(tokens.shape[1], 3),
+            return_dict=False,
+        )[0]
+        return _unpack_2x2(output, height, width)
+    if kind.family == "flux2":
+        tokens = latents.flatten(2).transpose(1, 2)
+        output = model(
+            hidden_states=tokens,
+            timestep=noise_level,
+            guidance=None,
+            encoder_hidden_states=condition["encoder_hidden_states"],
+            txt_ids=torch.zeros(batch, condition["encoder_hidden_states"].shape[1], 4),
+            img_ids=torch.zeros(batch, tokens.shape[1], 4),
+            return_dict=False,
+        )[0]
+        return output.transpose(1, 2).reshape(latents.shape)
+    if kind.family == "qwenimage":
+        output = model(
+            hidden_states=_pack_2x2(latents),
+            timestep=noise_level,
+            encoder_hidden_states=condition["encoder_hidden_states"],
+            encoder_hidden_states_mask=condition["encoder_hidden_states_mask"],
+            img_shapes=[[(1, height // 2, width // 2)]] * batch,
+            return_dict=False,
+        )[0]
+        return _unpack_2x2(output, height, width)
+    if kind.family == "zimage":
+        output = model(
+            list(latents.unsqueeze(2).unbind(0)), 1 - noise_level, list(condition["prompt_embeds"].unbind(0))
+        )[0]
+        return torch.stack(output).squeeze(2)
+    raise ValueError(f"No memory estimate for family {kind.family!r}; known: {sorted(BACKBONE_KINDS)}.")
+
+
+def decode_latents(kind: BackboneKind, vae, latents: torch.Tensor, tiny: bool) -> torch.Tensor:
+    """Images in `[0, 1]` from the backbone's latents through the full autoencoder or a tiny one (with grad)."""
+    latents = latents.to(vae.dtype)
+    if kind.family == "flux2":
+        batch, channels, height, width = latents.shape  # unpatchify 2x2: (B, 4C, H, W) -> (B, C, 2H, 2W)
+        latents = latents.view(batch, channels // 4, 2, 2, height, width).permute(0, 1, 4, 2, 5, 3)
+        latents = latents.reshape(batch, channels // 4, height * 2, width * 2)
+    if tiny:
+        images = vae.decode(latents).sample
+    elif kind.family == "qwenimage":
+        images = vae.decode(latents.unsqueeze(2)).sample[:, :, 0]
+    else:
+        images = vae.decode(latents / vae.config.get("scaling_factor", 1.0)).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run to estimate
+# ----------------------------------------------------------------------------------------------------------------
+REWARD_DECODES = ("full", "full_checkpointed", "tiny", "none")
+QUANTIZATIONS = ("none", "int8", "nf4")
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """The memory features of a run (what `--max_memory_gib` chooses among).
+
+    Args:
+        gradient_checkpointing: checkpoint the backbone's blocks (the student and fake-score passes with grad).
+        reward_decode: `"full"` autoencoder with its graph kept, `"full_checkpointed"` (the autoencoder's own gradient
+            checkpointing; estimated only: the trainer does not enable it yet), `"tiny"` (a TAESD-shaped
+            `AutoencoderTiny`, `--reward_vae_model_name_or_path`), or `"none"` (stage 1, no reward).
+        reward_tower_checkpointing: checkpoint the reward towers' layers (estimated only: the rewards do not enable
+            it yet).
+        cache_reward_text_features: reward text features computed once per prompt and kept on the host, so the text
+            towers leave the device (estimated only: the rewards embed prompts every step today).
+        quantized_base: `"int8"` / `"nf4"` frozen backbone weights (estimated only, from weight arithmetic: the
+            trainer does not load a quantized base yet).
+    """
+
+    gradient_checkpointing: bool = True
+    reward_decode: str = "full"
+    reward_tower_checkpointing: bool = False
+    cache_reward_text_features: bool = False
+    quantized_base: str = "none"
+
+    def __post_init__(self):
+        if self.reward_decode not in REWARD_DECODES:
+            raise ValueError(f"reward_decode {self.reward_decode!r} is not one of {REWARD_DECODES}.")
+        if self.quantized_base not in QUANTIZATIONS:
+            raise ValueError(f"quantized_base {self.quantized_base!r} is not one of {QUANTIZATIONS}.")
+
+    @property
+    def estimated_only(self) -> list[str]:
+        """Options this estimate models that the trainer does not implement yet."""
+        names = []
+        if self.reward_decode == "full_checkpointed":
+            names.append("reward_decode=full_checkpointed")
+        if self.reward_tower_checkpointing:
+            names.append("reward_tower_checkpointing")
+        if self.cache_reward_text_features:
+            names.append("cache_reward_text_features")
+        if self.quantized_base != "none":
+            names.append(f"quantized_base={self.quantized_base}")
+        return names
+
+    def describe(self) -> str:
+        parts = ["ckpt" if self.gradient_checkpointing else "no ckpt", f"decode {self.reward_decode}"]
+        if self.reward_tower_checkpointing:
+            parts.append("tower ckpt")
+        if self.cache_reward_text_features:
+            parts.append("text features cached")
+        if self.quantized_base != "none":
+            parts.append(f"{self.quantized_base} base")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class IterationSpec:
+    """One DMDR iteration to estimate: the backbone, the recipe's shapes and the memory options.
+
+    `backbone_config` is the backbone's `config.json` (a published one from this module, or the teacher's own);
+    `vae_config` the full autoencoder's. Prompt embeddings are cached (`--cache_prompt_embeds`), so text encoders
+    are not on the device. Each of the `num_rewards` rewards is a CLIP-style pair of towers of
+    `reward_vision_config` / `reward_text_config` (default: ViT-H/14, the shape of DFN5B CLIP and HPSv2.1).
+    """
+
+    family: str
+    backbone_config: dict
+    vae_config: dict
+    resolution: int = 1024
+    batch_size: int = 1
+    num_student_steps: int = 4
+    update_ratio: int = 5
+    lora_rank: int = 64
+    lora_alpha: float = 128
+    fake_lora_rank: int = 32
+    fake_lora_alpha: float = 32
+    lora_target_modules: tuple[str, ...] | None = None
+    fake_score_lora_scale: float = 2.0
+    real_score_lora_scale: float = 0.5
+    use_8bit_adam: bool = True
+    num_rewards: int = 2
+    reward_vision_config: dict = field(default_factory=lambda: dict(CLIP_VIT_H14_VISION))
+    reward_text_config: dict = field(default_factory=lambda: dict(CLIP_VIT_H14_TEXT))
+    options: MemoryOptions = field(default_factory=MemoryOptions)
+
+    @property
+    def kind(self) -> BackboneKind:
+        if self.family not in BACKBONE_KINDS:
+            raise ValueError(f"No memory estimate for family {self.family!r}; known: {sorted(BACKBONE_KINDS)}.")
+        return BACKBONE_KINDS[self.family]
+
+    def with_options(self, **changes) -> "IterationSpec":
+        return replace(self, options=replace(self.options, **changes))
+
+
+@dataclass
+class IterationEstimate:
+    """Bytes (per GPU) and FLOPs of one DMDR iteration; see [`estimate_iteration`]."""
+
+    persistent: dict[str, int]
+    phases: dict[str, int]
+    flops: dict[str, int]
+    required_flops: int
+    required_generator_flops: int
+    options: dict
+    estimated_only: list[str]
+
+    @property
+    def persistent_bytes(self) -> int:
+        return sum(self.persistent.values())
+
+    @property
+    def activation_peak_bytes(self) -> int:
+        return max(self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+    @property
+    def margin_bytes(self) -> int:
+        return CUDA_CONTEXT_BYTES + int(ACTIVATION_MARGIN_FRACTION * self.activation_peak_bytes)
+
+    @property
+    def total_bytes(self) -> int:
+        """Persistent bytes + the largest phase peak + the margin: what the GPU must hold."""
+        return self.persistent_bytes + self.activation_peak_bytes + self.margin_bytes
+
+    @property
+    def total_flops(self) -> int:
+        return sum(self.flops.values())
+
+    @property
+    def flops_overhead(self) -> float:
+        """FLOPs counted over the FLOPs of the passes the algorithm needs (1.0: nothing wasted)."""
+        return self.total_flops / self.required_flops if self.required_flops else float("nan")
+
+    @property
+    def generator_flops_overhead(self) -> float:
+        """The same ratio for the generator update alone (a wasted CFG half shows here first)."""
+        required = self.required_generator_flops
+        return self.flops[GENERATOR_UPDATE] / required if required else float("nan")
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values.update(
+            persistent_bytes=self.persistent_bytes,
+            activation_peak_bytes=self.activation_peak_bytes,
+            margin_bytes=self.margin_bytes,
+            total_bytes=self.total_bytes,
+            total_flops=self.total_flops,
+            flops_overhead=self.flops_overhead,
+            generator_flops_overhead=self.generator_flops_overhead,
+        )
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "IterationEstimate":
+        names = ("persistent", "phases", "flops", "required_flops", "required_generator_flops", "options")
+        names += ("estimated_only",)
+        return cls(**{name: values[name] for name in names})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+def _meta(library: str, class_name: str, config: dict, dtype: torch.dtype) -> torch.nn.Module:
+    from diffusers.utils import logging as diffusers_logging
+
+    from .memory_plan import meta_model
+
+    verbosity = diffusers_logging.get_verbosity()
+    # Casting a meta model with `.to(dtype)` makes diffusers warn about modules kept in float32 (none here).
+    diffusers_logging.set_verbosity_error()
+    try:
+        return meta_model(library, class_name, config).to(dtype).requires_grad_(False).eval()
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+def build_backbone(spec: IterationSpec, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """The meta backbone in `dtype` with the `student` and `fake` LoRA adapters (float32, as the trainer keeps
+    trainable parameters), built through the project's own `add_lora_adapter`."""
+    from .adapters import FAKE_ADAPTER, STUDENT_ADAPTER, add_lora_adapter
+    from .families import get_family
+
+    family = get_family(spec.family)
+    backbone = _meta("diffusers", spec.kind.model_class, spec.backbone_config, dtype)
+    student_targets = list(spec.lora_target_modules or family.student_lora_targets)
+    fake_targets = list(spec.lora_target_modules or family.fake_lora_targets)
+    with torch.device("meta"):
+        add_lora_adapter(backbone, STUDENT_ADAPTER, spec.lora_rank, spec.lora_alpha, student_targets)
+        add_lora_adapter(backbone, FAKE_ADAPTER, spec.fake_lora_rank, spec.fake_lora_alpha, fake_targets)
+    for name, parameter in backbone.named_parameters():
+        if "lora_" in name:
+            parameter.data = parameter.data.float()
+            parameter.requires_grad_(True)
+    return backbone
+
+
+def build_reward_decoder(spec: IterationSpec, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module | None:
+    decode = spec.options.reward_decode
+    if decode == "none":
+        return None
+    if decode == "tiny":
+        channels = latent_shape(spec.kind, spec.backbone_config, 1, spec.resolution)[1]
+        if spec.family == "flux2":
+            channels //= 4  # the autoencoder's latent is the backbone's, unpatchified 2x2
+        return _meta("diffusers", "AutoencoderTiny", _tiny_autoencoder(channels), dtype)
+    vae = _meta("diffusers", spec.kind.vae_class, spec.vae_config, dtype)
+    if decode == "full_checkpointed":
+        vae.enable_gradient_checkpointing()
+    return vae
+
+
+def build_reward_towers(spec: IterationSpec, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """Per reward, its ViT-H/14 image tower and (unless features are cached) its text tower, frozen."""
+    if spec.options.reward_decode == "none":
+        return []
+    towers = []
+    for _ in range(spec.num_rewards):
+        vision = _meta("transformers", "CLIPVisionModelWithProjection", spec.reward_vision_config, dtype)
+        if spec.options.reward_tower_checkpointing:
+            vision.gradient_checkpointing_enable()
+            vision.train()
+        text = None
+        if not spec.options.cache_reward_text_features:
+            text = _meta("transformers", "CLIPTextModelWithProjection", spec.reward_text_config, dtype)
+        towers.append({"vision": vision, "text": text})
+    return towers
+
+
+def _module_bytes(module: torch.nn.Module, trainable: bool = False) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad == trainable) + sum(
+        b.numel() * b.element_size() for b in module.buffers()
+    )
+
+
+def quantized_linear_bytes(shape: tuple[int, int], scheme: str) -> int:
+    """Bytes of one frozen linear weight of `shape` (out, in) quantized by `scheme`.
+
+    - `int8` (bitsandbytes LLM.int8 / torchao int8 weight-only): one byte per weight plus a float32 scale per row;
+    - `nf4` (bitsandbytes NF4 with double quantization): half a byte per weight, an 8-bit absmax per 64-weight block
+      and a float32 scale per 256 blocks.
+    """
+    rows, columns = shape
+    count = rows * columns
+    if scheme == "int8":
+        return count + 4 * rows
+    if scheme == "nf4":
+        blocks = math.ceil(count / 64)
+        return math.ceil(count / 2) + blocks + 4 * math.ceil(blocks / 256)
+    raise ValueError(f"Unknown quantization {scheme!r}; use one of {QUANTIZATIONS[1:]}.")
+
+
+def frozen_backbone_bytes(backbone: torch.nn.Module, scheme: str) -> tuple[int, int]:
+    """The frozen base's bytes under `scheme`, and the largest linear weight's bf16 bytes (a quantized weight is
+    dequantized layer by layer during a pass: a transient only a quantized base has). Only `nn.Linear` weights are
+    quantized, as diffusers' bitsandbytes and torchao backends do; norms, biases, embeddings and convolutions stay."""
+    modules = dict(backbone.named_modules())
+    frozen = sum(b.numel() * b.element_size() for b in backbone.buffers())
+    largest = 0
+    for name, parameter in backbone.named_parameters():
+        if parameter.requires_grad:
+            continue
+        owner = modules[name.rpartition(".")[0]]
+        if scheme != "none" and isinstance(owner, torch.nn.Linear) and name.endswith(".weight"):
+            frozen += quantized_linear_bytes(tuple(parameter.shape), scheme)
+            largest = max(largest, parameter.numel() * 2)
+        else:
+            frozen += parameter.numel() * parameter.element_size()
+    return frozen, largest
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The iteration
+# ----------------------------------------------------------------------------------------------------------------
+SIMULATION = "backward simulation"
+FAKE_UPDATE = "fake-score update"
+GENERATOR_UPDATE = "generator update"
+# The passes one iteration needs (DESIGN.md section 3), in the order they run.
+REQUIRED_PASSES = ("simulation", "fake_update", "student", "real_score", "fake_score", "reward")
+
+
+def estimate_iteration(
+    spec: IterationSpec, passes: tuple[str, ...] = REQUIRED_PASSES, count_flops: bool = True, device: str = "fake"
+) -> IterationEstimate:
+    """Persistent bytes, per-phase activation peaks and FLOPs of one DMDR iteration of `spec` at real size.
+
+    One iteration is what the trainer does per generator update: `update_ratio` times a backward simulation and a
+    fake-score update, then one generator update. Their memory is the same each time, so the simulation and the
+    fake-score update run once and their FLOPs count `update_ratio` times. `passes` lists the passes to run (default:
+    the ones the algorithm needs; a pass named twice runs twice, which the FLOPs overhead then shows).
+    `count_flops=False` skips the FLOP counter and the unit passes (faster; the FLOPs fields are then 0).
+
+    `device="cuda"` runs the same iteration for real on a GPU (weights uninitialised, `torch.cuda` peak statistics
+    instead of the counter, CUDA autocast): the check of the estimate where a GPU is lent
+    (`tests/test_memory_estimate.py::test_fake_estimate_matches_the_cuda_peak`).
+    """
+    from .adapters import FAKE_ADAPTER, STUDENT_ADAPTER, AdapterRouter
+    from .losses import dmd_loss, fake_score_loss
+
+    kind, options, dtype, batch = spec.kind, spec.options, torch.bfloat16, spec.batch_size
+    backbone = build_backbone(spec, dtype)
+    if options.gradient_checkpointing:
+        backbone.enable_gradient_checkpointing()
+        backbone.train()
+    decoder = build_reward_decoder(spec, dtype)
+    towers = build_reward_towers(spec, dtype)
+    persistent = _persistent_bytes(spec, backbone, decoder, towers)
+    student_parameters = [p for n, p in backbone.named_parameters() if f".{STUDENT_ADAPTER}." in n]
+    fake_parameters = [p for n, p in backbone.named_parameters() if f".{FAKE_ADAPTER}." in n]
+    on_gpu = device != "fake"
+    counter = CudaPeak() if on_gpu else AllocationCounter()
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else _autocast
+    phases, unit = {}, {}
+
+    with torch.device(device) if on_gpu else fake_tensors():
+        for module in [backbone, decoder, *(t for tower in towers for t in tower.values())]:
+            if module is not None:
+                module.to_empty(device=device) if on_gpu else materialize(module)
+        router = AdapterRouter(backbone)
+        student_optimizer = _optimizer(student_parameters, spec.use_8bit_adam)
+        fake_optimizer = _optimizer(fake_parameters, spec.use_8bit_adam)
+        shape = latent_shape(kind, dict(backbone.config), batch, spec.resolution)
+        condition = condition_for(kind, dict(backbone.config), batch, dtype)
+        uncondition = condition_for(kind, dict(backbone.config), batch, dtype)
+        reward_prompt_ids = torch.zeros(batch, 77, dtype=torch.long)
+
+        def backbone_x0(latents, noise_level, cond):
+            # One convention for every family: x0 = x_t - t v (epsilon or v backbones differ by elementwise ops on
+            # the latent, which cost nothing next to a pass).
+            output = call_backbone(kind, backbone, latents, noise_level, cond)
+            return latents - _expand(noise_level, latents) * output.to(latents.dtype)
+
+        def simulate():
+            # The student's N-step sampler without grad, re-noising each x0 to the next level with fresh noise.
+            with torch.no_grad():
+                router.route(STUDENT_ADAPTER, 1.0)
+                sample = torch.randn(shape, dtype=dtype)
+                for step in range(spec.num_student_steps):
+                    level = torch.full((batch,), 1.0 - step / spec.num_student_steps)
+                    clean = backbone_x0(sample, level, condition)
+                    sample = _renoise(clean, torch.randn_like(clean), level * 0.75)
+            return clean, sample
+
+        def fake_update(clean):
+            # Denoising loss of the fake score on the detached student sample, backward, one optimizer step.
+            router.route(FAKE_ADAPTER, spec.fake_score_lora_scale)
+            noise, level = torch.randn_like(clean), torch.full((batch,), 0.6)
+            output = call_backbone(kind, backbone, _renoise(clean, noise, level), level, condition)
+            fake_score_loss(output.float(), (noise - clean).float()).backward()
+            _step(fake_optimizer, fake_parameters)
+
+        def real_score(noisy, level):
+            with torch.no_grad():
+                router.route(FAKE_ADAPTER, spec.real_score_lora_scale)
+                if kind.real_score_passes == 1:
+                    return backbone_x0(noisy, level, condition)
+                x0_cond, x0_uncond = backbone_x0(
+                    torch.cat([noisy, noisy]), torch.cat([level, level]), _cat_conditions(condition, uncondition)
+                ).chunk(2)
+                return x0_uncond + 4.0 * (x0_cond - x0_uncond)
+
+        def fake_score(noisy, level):
+            with torch.no_grad():
+                router.route(FAKE_ADAPTER, spec.fake_score_lora_scale)
+                return backbone_x0(noisy, level, condition)
+
+        def iterate(counter, flop_counter, phases, unit):
+            def counted(name, run, *args):
+                before = flop_counter.get_total_flops()
+                result = run(*args)
+                unit[name] = unit.get(name, 0) + flop_counter.get_total_flops() - before
+                return result
+
+            with flop_counter, counter, autocast():
+                counter.reset_peak()
+                for _ in range(passes.count("simulation")):
+                    clean, student_input = counted("simulation", simulate)
+                phases[SIMULATION] = counter.peak
+
+                counter.reset_peak()
+                for _ in range(passes.count("fake_update")):
+                    counted("fake_update", fake_update, clean)
+                phases[FAKE_UPDATE] = counter.peak
+
+                counter.reset_peak()
+                router.route(STUDENT_ADAPTER, 1.0)
+                level = torch.full((batch,), 0.75)
+                x0_student = counted("student", backbone_x0, student_input, level, condition)
+                dmd_level = torch.full((batch,), 0.5)
+                noisy = _renoise(x0_student.detach(), torch.randn_like(x0_student), dmd_level)
+                x0_real = x0_fake = None
+                for _ in range(passes.count("real_score")):
+                    x0_real = counted("real_score", real_score, noisy, dmd_level)
+                for _ in range(passes.count("fake_score")):
+                    x0_fake = counted("fake_score", fake_score, noisy, dmd_level)
+                loss = dmd_loss(x0_student.float(), x0_real.float(), x0_fake.float())
+                del x0_real, x0_fake, noisy
+                if decoder is not None:
+                    for _ in range(passes.count("reward")):
+                        loss = loss + counted(
+                            "reward", _reward_loss, spec, decoder, towers, x0_student, reward_prompt_ids
+                        )
+
+                def generator_backward(loss):
+                    # Checkpointing recomputes the student's forward during backward: route to it again first.
+                    router.route(STUDENT_ADAPTER, 1.0)
+                    loss.backward()
+                    _step(student_optimizer, student_parameters)
+
+                counted("generator_backward", generator_backward, loss)
+                del x0_student, loss
+                phases[GENERATOR_UPDATE] = counter.peak
+
+        # Memory and FLOPs are counted in two runs of the same iteration: `FlopCounterMode` keeps tensors alive (its
+        # module tracking holds them until backward), which would inflate the memory peaks several-fold.
+        iterate(counter, _NoFlops(), phases, {})
+        if count_flops:
+            iterate(_NoCounter(), _flop_counter(), {}, unit)
+
+        reference = {"forward": 0, "forward_backward": 0, "reward": 0}
+        if count_flops:
+            with autocast():
+                reference = _reference_flops(
+                    spec, backbone, router, backbone_x0, shape, condition, decoder, towers, reward_prompt_ids
+                )
+
+    repeats = spec.update_ratio
+    flops = {
+        SIMULATION: repeats * unit.get("simulation", 0),
+        FAKE_UPDATE: repeats * unit.get("fake_update", 0),
+        GENERATOR_UPDATE: sum(v for k, v in unit.items() if k not in ("simulation", "fake_update")),
+    }
+    return IterationEstimate(
+        persistent=persistent,
+        phases=phases,
+        flops=flops,
+        required_flops=required_flops(spec, reference),
+        required_generator_flops=required_flops(spec, reference, generator_only=True),
+        options=asdict(options),
+        estimated_only=options.estimated_only,
+    )
+
+
+class _NoFlops(nullcontext):
+    def get_total_flops(self) -> int:
+        return 0
+
+
+class _NoCounter(nullcontext):
+    peak = 0
+
+    def reset_peak(self) -> None:
+        pass
+
+
+class CudaPeak:
+    """`AllocationCounter`'s interface over `torch.cuda`'s statistics: bytes allocated above what was allocated when
+    the context was entered (the weights), and the peak of each phase since `reset_peak()`."""
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        self.start = torch.cuda.memory_allocated()
+        self.reset_peak()
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def reset_peak(self) -> None:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+    @property
+    def peak(self) -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - self.start
+
+
+def _reward_loss(spec: IterationSpec, decoder, towers, latents, prompt_ids) -> torch.Tensor:
+    """Decode with grad, resize to the towers' 224 px, and hinge each tower's image-text cosine (the towers are
+    frozen; the gradient flows to the image only). Text features come from the text tower without grad each step,
+    as the rewards compute them today, unless they are cached."""
+    images = decode_latents(spec.kind, decoder, latents, tiny=spec.options.reward_decode == "tiny")
+    size = spec.reward_vision_config.get("image_size", 224)
+    pixels = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True)
+    pixels = ((pixels - 0.45) / 0.27).to(torch.bfloat16)
+    loss = torch.zeros(())
+    for tower in towers:
+        image_embeds = F.normalize(tower["vision"](pixel_values=pixels).image_embeds.float(), dim=-1)
+        if tower["text"] is not None:
+            with torch.no_grad():
+                text_embeds = tower["text"](input_ids=prompt_ids).text_embeds.float()
+        else:
+            text_embeds = torch.randn(latents.shape[0], image_embeds.shape[-1])
+        score = (image_embeds * F.normalize(text_embeds, dim=-1)).sum(-1)
+        loss = loss + torch.relu(0.7 - score).mean()
+    return loss
+
+
+def _reference_flops(spec, backbone, router, backbone_x0, shape, condition, decoder, towers, text_ids) -> dict:
+    from .adapters import FAKE_ADAPTER, STUDENT_ADAPTER
+
+    batch, reference = shape[0], {}
+    level = torch.full((batch,), 0.5)
+    with _flop_counter() as counter, torch.no_grad():
+        router.route(STUDENT_ADAPTER, 1.0)
+        backbone_x0(torch.randn(shape, dtype=torch.bfloat16), level, condition)
+    reference["forward"] = counter.get_total_flops()
+    with _flop_counter() as counter:
+        router.route(FAKE_ADAPTER, spec.fake_score_lora_scale)
+        backbone_x0(torch.randn(shape, dtype=torch.bfloat16), level, condition).float().mean().backward()
+    reference["forward_backward"] = counter.get_total_flops()
+    for parameter in backbone.parameters():
+        parameter.grad = None
+    reference["reward"] = 0
+    if decoder is not None:
+        latents = torch.randn(shape, dtype=torch.bfloat16).requires_grad_(True)
+        with _flop_counter() as counter:
+            _reward_loss(spec, decoder, towers, latents, text_ids).backward()
+        reference["reward"] = counter.get_total_flops()
+    return reference
+
+
+def required_flops(spec: IterationSpec, reference: dict[str, int], generator_only: bool = False) -> int:
+    """FLOPs of the passes the algorithm needs (DESIGN.md section 3), from unit costs counted apart.
+
+    `f`: one backbone forward at batch `B`; `fb`: one forward + backward of a LoRA route (including the recomputed
+    forward when checkpointing is on); `r`: the reward decode and towers forward + backward. Per generator update:
+    `update_ratio * (N f + fb)` for the simulations and fake-score updates, then `fb` for the student,
+    `real_score_passes * f` for the real score (two CFG branches, or one pass at a guidance embedding), `f` for the
+    fake score and `r`. Everything else (noise, losses, clipping, the optimizer) counts as overhead.
+    """
+    forward, forward_backward, reward = reference["forward"], reference["forward_backward"], reference["reward"]
+    generator = forward_backward + spec.kind.real_score_passes * forward + forward + reward
+    if generator_only:
+        return generator
+    return spec.update_ratio * (spec.num_student_steps * forward + forward_backward) + generator
+
+
+def _expand(noise_level: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return noise_level.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+def _renoise(clean: torch.Tensor, noise: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
+    level = _expand(noise_level, clean)
+    return (1 - level) * clean + level * noise
+
+
+def _cat_conditions(condition: dict, uncondition: dict) -> dict:
+    return {key: torch.cat([condition[key], uncondition[key]]) for key in condition}
+
+
+def _optimizer(parameters: list[torch.nn.Parameter], use_8bit_adam: bool):
+    """torch's AdamW with its states made before counting (their bytes are persistent, from the plan), so the
+    counter sees only the step's temporaries; `None` for 8-bit AdamW, whose fused kernel updates each tensor in
+    place (no temporaries beyond one block)."""
+    if use_8bit_adam or not parameters:
+        return None
+    optimizer = torch.optim.AdamW(parameters, lr=1e-6, foreach=True)
+    for parameter in parameters:
+        optimizer.state[parameter] = {
+            "step": torch.zeros((), dtype=torch.float32),
+            "exp_avg": torch.zeros_like(parameter),
+            "exp_avg_sq": torch.zeros_like(parameter),
+        }
+    return optimizer
+
+
+def _step(optimizer, parameters: list[torch.nn.Parameter]) -> None:
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    if optimizer is not None:
+        optimizer.step()
+    for parameter in parameters:
+        parameter.grad = None
+
+
+@contextmanager
+def _autocast():
+    # The trainer runs every pass under accelerate's autocast (bf16): CPU autocast plus CUDA's float32 policy.
+    with torch.autocast("cpu", dtype=torch.bfloat16), cuda_autocast_float32_norms():
+        yield
+
+
+def _persistent_bytes(spec: IterationSpec, backbone, decoder, towers) -> dict[str, int]:
+    """What stays on the device for the whole run: frozen weights, trainable parameters, optimizer states."""
+    from .adapters import FAKE_ADAPTER, STUDENT_ADAPTER
+
+    base, _ = frozen_backbone_bytes(backbone, spec.options.quantized_base)
+    persistent = {f"frozen {spec.kind.model_class}" + _quant_suffix(spec.options): base}
+    if decoder is not None:
+        persistent[f"reward decoder ({spec.options.reward_decode})"] = _module_bytes(decoder)
+    if towers:
+        persistent["reward image towers"] = sum(_module_bytes(t["vision"]) for t in towers)
+        text = sum(_module_bytes(t["text"]) for t in towers if t["text"] is not None)
+        if text:
+            persistent["reward text towers"] = text
+    all_shapes = []
+    for name, adapter in (("student", STUDENT_ADAPTER), ("fake score", FAKE_ADAPTER)):
+        shapes = [tuple(p.shape) for n, p in backbone.named_parameters() if f".{adapter}." in n]
+        all_shapes += shapes
+        states = adamw8bit_state_bytes(shapes) if spec.use_8bit_adam else adamw_state_bytes(shapes)
+        persistent[f"{name} LoRA (fp32) + optimizer states"] = 4 * sum(math.prod(s) for s in shapes) + states
+    if spec.use_8bit_adam:
+        persistent["AdamW8bit quantisation maps"] = adamw8bit_shared_bytes(all_shapes)
+    return persistent
+
+
+def persistent_bytes(spec: IterationSpec) -> dict[str, int]:
+    """The persistent part of the estimate alone (meta models, no fake run: seconds at any size)."""
+    backbone = build_backbone(spec)
+    return _persistent_bytes(spec, backbone, build_reward_decoder(spec), build_reward_towers(spec))
+
+
+def _quant_suffix(options: MemoryOptions) -> str:
+    return "" if options.quantized_base == "none" else f" ({options.quantized_base})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Calibration: the five H200 measurements (reference/gpu-floors.md, 2026-11-26, torch 2.11, bf16, 1024 px, batch 1)
+# ----------------------------------------------------------------------------------------------------------------
+H200_ACTIVATION_GIB = {
+    "sdxl-lora": 5.300,
+    "sdxl-lora-ckpt": 0.536,
+    "sdxl-vae-decode": 11.631,
+    "sdxl-vae-decode-ckpt": 6.594,
+    "sd35-large-lora-ckpt": 1.272,
+}
+CALIBRATION_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def calibration_case(name: str, depth_scale: int = 1) -> int:
+    """Activation peak in bytes of one H200 calibration case, measured as on the GPU: pure bf16 (no autocast), LoRA
+    adapters in bf16 added with `add_adapter`, forward + backward of a scalar loss.
+
+    `depth_scale > 1` divides the SDXL UNet's deepest transformer stack / SD3.5's layer count (a cheaper case; the
+    H200 figure then no longer applies).
+    """
+    from peft import LoraConfig
+
+    dtype = torch.bfloat16
+    if name.startswith("sdxl-lora"):
+        config = dict(SDXL_UNET, transformer_layers_per_block=[1, 2, max(1, 10 // depth_scale)])
+        model = _meta("diffusers", "UNet2DConditionModel", config, dtype)
+        model.add_adapter(LoraConfig(r=32, lora_alpha=32, target_modules=CALIBRATION_LORA_TARGETS))
+    elif name.startswith("sdxl-vae"):
+        model = _meta("diffusers", "AutoencoderKL", SDXL_VAE, dtype)
+    elif name.startswith("sd35"):
+        config = dict(SD35_LARGE, num_layers=max(1, SD35_LARGE["num_layers"] // depth_scale))
+        model = _meta("diffusers", "SD3Transformer2DModel", config, dtype)
+        model.add_adapter(LoraConfig(r=64, lora_alpha=128, target_modules=CALIBRATION_LORA_TARGETS))
+    else:
+        raise ValueError(f"Unknown calibration case {name!r}; known: {sorted(H200_ACTIVATION_GIB)}.")
+    if name.endswith("ckpt"):
+        model.train()
+        model.enable_gradient_checkpointing()
+    with fake_tensors():
+        materialize(model)
+        if name.startswith("sdxl-lora"):
+            latents, level = torch.randn(1, 4, 128, 128, dtype=dtype), torch.full((1,), 500.0)
+            text = torch.randn(1, 77, 2048, dtype=dtype)
+            added = {"text_embeds": torch.randn(1, 1280, dtype=dtype), "time_ids": torch.randn(1, 6, dtype=dtype)}
+
+            def run():
+                model(latents, level, text, added_cond_kwargs=added).sample.float().pow(2).mean().backward()
+
+        elif name.startswith("sdxl-vae"):
+            latents = torch.randn(1, 4, 128, 128, dtype=dtype).requires_grad_(True)
+
+            def run():
+                model.decode(latents).sample.float().mean().backward()
+
+        else:
+            latents, level = torch.randn(1, 16, 128, 128, dtype=dtype), torch.full((1,), 500.0)
+            text, pooled = torch.randn(1, 333, 4096, dtype=dtype), torch.randn(1, 2048, dtype=dtype)
+
+            def run():
+                output = model(
+                    hidden_states=latents, timestep=level, encoder_hidden_states=text, pooled_projections=pooled
+                ).sample
+                output.float().pow(2).mean().backward()
+
+        peak, _ = activation_peak(run)
+    return peak
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recipes at real size, and choosing options under a budget
+# ----------------------------------------------------------------------------------------------------------------
+QWEN_IMAGE_VAE: dict = {}  # AutoencoderKLQwenImage's defaults are the released Qwen-Image VAE
+FLUX2_VAE: dict = {}  # AutoencoderKLFlux2's defaults are the released FLUX.2 VAE
+
+PUBLISHED = {
+    "sdxl": (SDXL_UNET, SDXL_VAE),
+    "sd35-large": (SD35_LARGE, FLOW_VAE_16),
+    "flux1-dev": (FLUX1_DEV, FLOW_VAE_16),
+    "flux2-klein-4b": (FLUX2_KLEIN_4B, FLUX2_VAE),
+    "qwen-image": (QWEN_IMAGE, QWEN_IMAGE_VAE),
+    "z-image": (ZIMAGE, FLOW_VAE_16),
+}
+PUBLISHED_FAMILY = {
+    "sdxl": "sdxl",
+    "sd35-large": "sd3",
+    "flux1-dev": "flux",
+    "flux2-klein-4b": "flux2",
+    "qwen-image": "qwenimage",
+    "z-image": "zimage",
+}
+
+
+def published_spec(model: str, options: MemoryOptions | None = None, **recipe) -> IterationSpec:
+    """The iteration of a released model's recipe (`examples/train_dmdr/configs`) at its published shapes."""
+    backbone_config, vae_config = PUBLISHED[model]
+    defaults = dict(lora_rank=64, lora_alpha=64 if model == "sdxl" else 128)
+    return IterationSpec(
+        family=PUBLISHED_FAMILY[model],
+        backbone_config=backbone_config,
+        vae_config=vae_config,
+        options=options or MemoryOptions(),
+        **{**defaults, **recipe},
+    )
+
+
+# Candidate options from cheapest (no cost in speed or fidelity) to most expensive; `--max_memory_gib` takes the
+# first that fits. Checkpointing costs a recomputed forward; the checkpointed decode another decode; the tiny decoder
+# changes what the rewards see; a quantized base changes the teacher.
+CANDIDATE_OPTIONS = (
+    MemoryOptions(gradient_checkpointing=False, reward_decode="full"),
+    MemoryOptions(gradient_checkpointing=True, reward_decode="full"),
+    MemoryOptions(gradient_checkpointing=True, reward_decode="full_checkpointed"),
+    MemoryOptions(gradient_checkpointing=True, reward_decode="tiny"),
+    MemoryOptions(gradient_checkpointing=True, reward_decode="tiny", cache_reward_text_features=True),
+    MemoryOptions(
+        gradient_checkpointing=True, reward_decode="tiny", cache_reward_text_features=True, quantized_base="int8"
+    ),
+    MemoryOptions(
+        gradient_checkpointing=True, reward_decode="tiny", cache_reward_text_features=True, quantized_base="nf4"
+    ),
+)
+
+
+def options_estimate(
+    spec: IterationSpec, options: MemoryOptions, cache: dict | None = None, count_flops: bool = False
+) -> IterationEstimate:
+    """The estimate of `spec` under `options`. Quantization and text-feature caching change persistent bytes only
+    (plus a dequantized layer for a quantized base), so they reuse the fake run of the same activation options."""
+    activation_options = replace(options, quantized_base="none", cache_reward_text_features=False)
+    key = _cache_key(spec, activation_options)
+    if cache is not None and key in cache and (cache[key]["required_flops"] or not count_flops):
+        base = IterationEstimate.from_dict(cache[key])
+    else:
+        base = estimate_iteration(replace(spec, options=activation_options), count_flops=count_flops)
+        if cache is not None:
+            cache[key] = base.to_dict()
+    if activation_options == options:
+        return base
+    adjusted = replace(spec, options=options)
+    backbone = build_backbone(adjusted)
+    towers = build_reward_towers(adjusted)
+    decoder = build_reward_decoder(adjusted)
+    persistent = _persistent_bytes(adjusted, backbone, decoder, towers)
+    _, dequantized = frozen_backbone_bytes(backbone, options.quantized_base)
+    phases = {name: value + dequantized for name, value in base.phases.items()}
+    return IterationEstimate(
+        persistent,
+        phases,
+        base.flops,
+        base.required_flops,
+        base.required_generator_flops,
+        asdict(options),
+        options.estimated_only,
+    )
+
+
+def _cache_key(spec: IterationSpec, options: MemoryOptions) -> str:
+    import hashlib
+    import json
+
+    values = asdict(replace(spec, options=options))
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def candidate_options(spec: IterationSpec) -> list[MemoryOptions]:
+    """[`CANDIDATE_OPTIONS`] that apply to `spec`: a run without rewards has no decode or reward towers to change."""
+    if spec.options.reward_decode != "none":
+        return list(CANDIDATE_OPTIONS)
+    candidates = []
+    for options in CANDIDATE_OPTIONS:
+        options = replace(options, reward_decode="none", cache_reward_text_features=False)
+        if options not in candidates:
+            candidates.append(options)
+    return candidates
+
+
+def choose_memory_options(
+    spec: IterationSpec, max_memory_gib: float, cache: dict | None = None
+) -> tuple[MemoryOptions | None, str]:
+    """The cheapest of [`CANDIDATE_OPTIONS`] whose estimated total fits `max_memory_gib`, and a table of every
+    candidate's estimate (`None` when none fits: the table says what each would need)."""
+    rows, chosen = [], None
+    for options in candidate_options(spec):
+        estimate = options_estimate(spec, options, cache)
+        fits = estimate.total_bytes <= max_memory_gib * GIB
+        if fits and chosen is None:
+            chosen = options
+        only = f" [estimated only: {', '.join(options.estimated_only)}]" if options.estimated_only else ""
+        mark = "<- chosen" if chosen is options else ("fits" if fits else "")
+        rows.append(f"  {estimate.total_bytes / GIB:7.2f} GiB  {options.describe()}{only} {mark}".rstrip())
+        if chosen is not None:
+            break
+    header = f"Memory estimate per GPU (budget {max_memory_gib:g} GiB, margin included), cheapest options first:"
+    return chosen, "\n".join([header, *rows])
+
+
+def format_estimate(estimate: IterationEstimate) -> str:
+    """A per-phase table in GiB."""
+    lines = ["Memory estimate per GPU (fake-tensor run at real size; activations included):"]
+    for name, value in estimate.persistent.items():
+        lines.append(f"  {name:<48} {value / GIB:8.2f} GiB")
+    for name, value in estimate.phases.items():
+        lines.append(f"  peak of the {name:<36} {value / GIB:8.2f} GiB")
+    lines.append(f"  {'margin (CUDA context, fragmentation)':<48} {estimate.margin_bytes / GIB:8.2f} GiB")
+    lines.append(f"  {'total (peak phase: ' + estimate.peak_phase + ')':<48} {estimate.total_bytes / GIB:8.2f} GiB")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A run's configuration (preflight)
+# ----------------------------------------------------------------------------------------------------------------
+def options_of_config(config) -> MemoryOptions:
+    """The memory options a `DMDRConfig` runs with today."""
+    if not config.reward:
+        decode = "none"
+    else:
+        decode = "tiny" if config.reward_vae_model_name_or_path else "full"
+    return MemoryOptions(gradient_checkpointing=config.gradient_checkpointing, reward_decode=decode)
+
+
+def spec_from_config(config, family) -> IterationSpec:
+    """The iteration of a `DMDRConfig` run: the teacher's own backbone and VAE configs (read, no weights), the run's
+    resolution, per-process batch, steps, LoRA shapes, optimizer and options. Each reward is taken as a CLIP ViT-H/14
+    pair of towers (the shape of the built-in `clip` and `hpsv2.1` rewards)."""
+    from .families.base import read_component_config
+
+    if config.training_mode != "lora":
+        raise ValueError("--max_memory_gib estimates LoRA runs (the recipes' mode); drop it for --training_mode full.")
+    if family.name not in BACKBONE_KINDS:
+        raise ValueError(
+            f"--max_memory_gib has no estimate for {family.name} teachers yet (known: {sorted(BACKBONE_KINDS)})."
+        )
+    source, revision = config.pretrained_model_name_or_path, config.revision
+    targets = config.lora_target_modules.split(",") if config.lora_target_modules else None
+    return IterationSpec(
+        family=family.name,
+        backbone_config=_init_config(read_component_config(source, family.backbone_name, revision)),
+        vae_config=_init_config(read_component_config(source, "vae", revision)),
+        resolution=config.resolution,
+        batch_size=config.train_batch_size,
+        num_student_steps=config.num_student_steps,
+        update_ratio=config.update_ratio,
+        lora_rank=config.lora_rank,
+        lora_alpha=config.lora_alpha if config.lora_alpha is not None else config.lora_rank,
+        fake_lora_rank=config.fake_lora_rank,
+        fake_lora_alpha=config.fake_lora_alpha if config.fake_lora_alpha is not None else config.fake_lora_rank,
+        lora_target_modules=tuple(targets) if targets else None,
+        fake_score_lora_scale=config.fake_score_lora_scale,
+        real_score_lora_scale=config.real_score_lora_scale,
+        use_8bit_adam=config.use_8bit_adam,
+        num_rewards=len(config.reward),
+        options=options_of_config(config),
+    )
+
+
+def _init_config(config: dict) -> dict:
+    # `config.json` carries bookkeeping keys (`_class_name`, `_diffusers_version`, ...) that are not model arguments.
+    return {key: value for key, value in config.items() if not key.startswith("_")}
+
+
+def estimate_cache_path():
+    """Where estimates are kept between runs, keyed by configuration: `$XDG_CACHE_HOME/diffusers_dmdr/
+    memory_estimates.json` (`~/.cache` by default). A real-size estimate takes minutes on one core; a cached one is
+    read in milliseconds and is exactly the full estimate."""
+    import os
+    from pathlib import Path
+
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "diffusers_dmdr" / "memory_estimates.json"
+
+
+def check_memory_budget(config, family, cache_path=None) -> str:
+    """Preflight for `--max_memory_gib`: estimate the run as configured (before any weight loads); return the report
+    when it fits, else raise `ValueError` in one line naming the cheapest candidate options that would fit and the
+    estimate of each candidate tried. The configuration is never changed behind the user's back."""
+    import json
+    from pathlib import Path
+
+    path = Path(cache_path) if cache_path is not None else estimate_cache_path()
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    size = len(cache)
+    spec = spec_from_config(config, family)
+    budget = config.max_memory_gib
+    try:
+        estimate = options_estimate(spec, spec.options, cache)
+        if estimate.total_bytes <= budget * GIB:
+            return format_estimate(estimate) + f"\n  fits --max_memory_gib {budget:g}"
+        chosen, table = choose_memory_options(spec, budget, cache)
+    finally:
+        if len(cache) != size:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(cache))
+    tried = "; ".join(line.strip() for line in table.splitlines()[1:])
+    current = f"--max_memory_gib {budget:g}: this run needs an estimated {estimate.total_bytes / GIB:.1f} GiB per GPU"
+    if chosen is None:
+        raise ValueError(f"{current}, and no option this project can estimate fits ({tried}).")
+    raise ValueError(f"{current}; the cheapest options that fit are {chosen.describe()} ({tried}).")
