@@ -53,6 +53,8 @@ RUNS = {
         "export_full_pipeline": False,
         "lora_alpha": 2,
     },
+    # The released runs' bf16 time values (issue 25): the export must carry them (`time_dtype`).
+    "sd3-4step-bf16": {"family": "sd3", "training_mode": "lora", "num_student_steps": 4, "released_bf16_grid": True},
     "sd15-2step": {"family": "sd15", "training_mode": "lora", "num_student_steps": 2},
     # FLUX.1: a trained guidance embedding other than the stock default, which the export must carry.
     "flux-2step": {"family": "flux", "training_mode": "lora", "num_student_steps": 2, "guidance_embedding_scale": 2.5},
