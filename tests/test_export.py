@@ -54,6 +54,8 @@ RUNS = {
         "export_full_pipeline": False,
         "lora_alpha": 2,
     },
+    # The released runs' bf16 time values (issue 25): the export must carry them (`time_dtype`).
+    "sd3-4step-bf16": {"family": "sd3", "training_mode": "lora", "num_student_steps": 4, "released_bf16_grid": True},
     "sd15-2step": {"family": "sd15", "training_mode": "lora", "num_student_steps": 2},
     # FLUX.1: a trained guidance embedding other than the stock default, which the export must carry.
     "flux-2step": {"family": "flux", "training_mode": "lora", "num_student_steps": 2, "guidance_embedding_scale": 2.5},
@@ -292,9 +294,9 @@ def test_new_flow_families_stock_pipeline_lora_and_stock_scheduler_route(name, e
         **recipe["call_kwargs"],
     ).images
     trainer_latents = run.trainer.sample_latents(PROMPTS, generator=seeded(7))
-    # Z-Image's 4-step grid is integer in model units (exact); Qwen-Image's is not, and the stock scheduler feeds the
-    # model 1000 t unrounded (the recipe says so).
-    assert recipe["exact"] == (run.family == "zimage")
+    # Both 4-step grids are integer in model units, [1000, 900, 750, 500] (Qwen-Image's since issue 25: shift 3, no
+    # terminal stretch), so the stock scheduler's unrounded 1000 t is exact.
+    assert recipe["exact"]
     tolerance = 1e-4 if recipe["exact"] else 1e-2
     torch.testing.assert_close(unpacked(stock, latents), trainer_latents, rtol=tolerance, atol=tolerance)
     remote = DiffusionPipeline.from_pretrained(str(run.export_dir), trust_remote_code=True)
