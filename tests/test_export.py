@@ -360,7 +360,6 @@ def test_export_keeps_the_local_teacher_for_teacher_auto_from_another_folder(exp
     """The published recipe names the teacher `<local>/<name>`; the unpublished local-paths file lets
     `evaluate --teacher auto` find it from any working folder (issue 27.5)."""
     from diffusers_dmdr.evaluate import export_teacher
-    from diffusers_dmdr.export_layout import LOCAL_PATHS_FILE
 
     run = exported("sd3-1step")
     recipe = yaml.safe_load((run.export_dir / "dmdr_config.yaml").read_text(encoding="utf-8"))
