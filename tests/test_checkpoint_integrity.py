@@ -139,3 +139,47 @@ def test_a_bug_in_the_writer_is_not_called_a_full_disk(tmp_path):
     with pytest.raises(RuntimeError, match="shape mismatch"):
         save(tmp_path, 2, writer=buggy)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1"]
+
+
+def test_trainer_resumes_the_previous_checkpoint_when_the_newest_holds_nan(
+    tiny_teacher_dirs, prompt_file, tmp_path, caplog
+):
+    """In the trainer: checkpoint-2's student LoRA holds NaN (its marker matching, as if written so); `latest` resumes
+    checkpoint-1 with one warning naming the file, and the run's last healthy checkpoint is checkpoint-1's successor,
+    never the NaN one."""
+    from conftest import tiny_config
+    from safetensors.torch import load_file
+
+    from diffusers_dmdr.families import get_family
+    from diffusers_dmdr.trainer import DMDRTrainer
+
+    def make(**overrides):
+        config = tiny_config(
+            tiny_teacher_dirs["sdxl"],
+            prompt_file,
+            tmp_path,
+            max_train_steps=2,
+            cold_start_steps=2,
+            checkpointing_steps=1,
+            update_ratio=1,
+            **overrides,
+        )
+        return DMDRTrainer(config, get_family("sdxl").load_teacher(config.pretrained_model_name_or_path), ["a cat"])
+
+    make().train()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1", "checkpoint-2"]
+    newest = tmp_path / "checkpoint-2"
+    lora = load_file(newest / "student_lora.safetensors")
+    save_file(
+        {key: torch.full_like(value, float("nan")) for key, value in lora.items()}, newest / "student_lora.safetensors"
+    )
+    checkpointing.write_complete_marker(newest, 2)
+
+    resumed = make(resume_from_checkpoint="latest")
+    with caplog.at_level(logging.WARNING):
+        history = resumed.train()
+    assert "checkpoint-2: student_lora.safetensors holds NaN/inf values" in caplog.text
+    assert [row["step"] for row in history] == [2]
+    assert resumed.last_checkpoint == tmp_path / "checkpoint-2"
+    for value in load_file(tmp_path / "checkpoint-2" / "student_lora.safetensors").values():
+        assert torch.isfinite(value).all()

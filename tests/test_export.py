@@ -26,7 +26,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from diffusers_dmdr.adapters import STUDENT_ADAPTER
-from diffusers_dmdr.export import LORA_WEIGHT_NAME, export_checkpoint, export_from_trainer, export_pipeline
+from diffusers_dmdr.export import (
+    LOCAL_PATHS_FILE,
+    LORA_WEIGHT_NAME,
+    export_checkpoint,
+    export_from_trainer,
+    export_pipeline,
+)
 from diffusers_dmdr.families import get_family
 from diffusers_dmdr.lora_formats import KOHYA_LORA_WEIGHT_NAME
 from diffusers_dmdr.pipelines import DMDRScheduler, FewStepDMDRPipeline, pipeline_dmdr, scheduling_dmdr
@@ -357,7 +363,6 @@ def test_export_keeps_the_local_teacher_for_teacher_auto_from_another_folder(exp
     """The published recipe names the teacher `<local>/<name>`; the unpublished local-paths file lets
     `evaluate --teacher auto` find it from any working folder (issue 27.5)."""
     from diffusers_dmdr.evaluate import export_teacher
-    from diffusers_dmdr.export_layout import LOCAL_PATHS_FILE
 
     run = exported("sd3-1step")
     recipe = yaml.safe_load((run.export_dir / "dmdr_config.yaml").read_text(encoding="utf-8"))
@@ -776,8 +781,10 @@ def test_push_uploads_the_export_loads_from_the_hub_and_a_failed_upload_says_how
     local_files = folder_digest(folder)
     uploaded = hub.repos[run.hub_id]
     assert uploaded["private"] is True
-    # Everything of the export, nothing of the run: no checkpoints, no logs.
-    expected = {path for path in local_files if not path.startswith(("checkpoint-", "logs/"))}
+    # Everything of the export, nothing of the run: no checkpoints, no logs, not this machine's folders.
+    expected = {
+        path for path in local_files if not path.startswith(("checkpoint-", "logs/")) and path != LOCAL_PATHS_FILE
+    }
     assert set(uploaded["files"]) == expected
     assert {"README.md", LORA_WEIGHT_NAME, "samples.png", "model_index.json", "unet/config.json"} <= expected
     for path in expected:

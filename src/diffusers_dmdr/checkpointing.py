@@ -130,11 +130,32 @@ def unhealthy_weights_reason(folder: str | Path) -> str | None:
     return None
 
 
+# Checkpoints this process found sound (by their files' sizes and modification times): the preflight and the
+# trainer's resume check the same folder, and a full student's weights are worth reading once, not twice.
+_SOUND_CHECKPOINTS: dict[tuple[str, bool], tuple] = {}
+
+
+def _file_stamps(folder: Path) -> tuple:
+    return tuple(
+        (str(path.relative_to(folder)), path.stat().st_size, path.stat().st_mtime_ns)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    )
+
+
 def checkpoint_problem(folder: str | Path, check_weights: bool = False) -> str | None:
-    """`incomplete_reason`, then (with `check_weights`, for a resume) `unhealthy_weights_reason`."""
+    """`incomplete_reason`, then (with `check_weights`, for a resume) `unhealthy_weights_reason`; a folder found
+    sound earlier in this process, and unchanged since, is not read again."""
+    folder = Path(folder)
+    key = (str(folder.resolve()), check_weights)
+    stamps = _file_stamps(folder)
+    if _SOUND_CHECKPOINTS.get(key) == stamps:
+        return None
     reason = incomplete_reason(folder)
     if reason is None and check_weights:
         reason = unhealthy_weights_reason(folder)
+    if reason is None:
+        _SOUND_CHECKPOINTS[key] = stamps
     return reason
 
 
