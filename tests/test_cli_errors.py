@@ -265,3 +265,20 @@ def test_the_wheel_ships_the_recipes(tmp_path):
     (wheel,) = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "diffusers_dmdr/recipes/sdxl_4step.yaml" in names and "diffusers_dmdr/config.py" in names
+
+
+@pytest.mark.parametrize(
+    "flag, advice",
+    [
+        ("--pretrained_vae_model_name_or_path", "--reward_vae_model_name_or_path"),
+        ("--dataloader_num_workers", "no data loader"),
+        ("--lora_dropout", "without dropout"),
+        ("--cache_dir", "HF_HUB_CACHE"),
+    ],
+)
+def test_diffusers_script_flags_say_what_to_do(weightless_teacher, prompts, capsys, flag, advice):  # noqa: F811
+    for form in ([flag, "x"], [f"{flag}=x"]):
+        status, err = run_train(base_argv(weightless_teacher, prompts) + form, capsys)
+        assert status == 2
+        assert_one_line(err, f"{flag} is a flag of diffusers' training scripts that DMDR does not take")
+        assert advice in err

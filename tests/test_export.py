@@ -624,6 +624,9 @@ def test_export_entry_point_rebuilds_the_trainer_export(name, exported, tmp_path
     assert card.data.base_model == f"dmdr-tests/{run.family}-teacher"
     assert f"https://huggingface.co/dmdr-tests/{run.family}-teacher" in card.text
     assert "exported checkpoint | checkpoint-0" in card.text
+    # A mid-run checkpoint's card says how far the student trained, not the configured run length (issue 27).
+    configured = run.trainer.config.max_train_steps
+    assert f"| generator updates | 0 of the {configured} configured (exported mid-run;" in card.text
     with pytest.raises(FileNotFoundError, match="checkpoint"):
         export_checkpoint(tmp_path / "nowhere", tmp_path / "out")
 
