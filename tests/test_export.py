@@ -30,6 +30,7 @@ from diffusers_dmdr.families import get_family
 from diffusers_dmdr.lora_formats import KOHYA_LORA_WEIGHT_NAME
 from diffusers_dmdr.pipelines import DMDRScheduler, FewStepDMDRPipeline, pipeline_dmdr, scheduling_dmdr
 from diffusers_dmdr.trainer import DMDRTrainer
+from diffusers_dmdr.utils import CAPTION_HEIGHT
 
 
 TESTS_DIR = Path(__file__).parent
@@ -337,7 +338,7 @@ def test_full_pipeline_folder_layout_and_code(exported):
     assert metadata["unet.r"] == run.trainer.config.lora_rank
     assert metadata["unet.lora_alpha"] == run.trainer.config.lora_alpha
     image = Image.open(folder / "samples.png")
-    assert image.size == (64, 64 * len(PROMPTS))
+    assert image.size == (64, (64 + CAPTION_HEIGHT) * len(PROMPTS))  # each row under its prompt
 
 
 def test_export_layout_names_the_package_code_files_and_classes():

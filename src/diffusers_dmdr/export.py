@@ -495,7 +495,8 @@ def write_export(
             scheduler.save_pretrained(staging / "scheduler")
             _copy_code(staging)
         if sample_images is not None:
-            save_image_grid(sample_images, staging / SAMPLES_FILE, rows=len(config.validation_prompts))
+            prompts = config.validation_prompts
+            save_image_grid(sample_images, staging / SAMPLES_FILE, rows=len(prompts), row_captions=prompts)
         backbone = getattr(full_pipeline, family.backbone_name, None) if full_pipeline is not None else None
         info = ModelCardInfo(
             config,
