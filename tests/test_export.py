@@ -37,6 +37,7 @@ from diffusers_dmdr.families import get_family
 from diffusers_dmdr.lora_formats import KOHYA_LORA_WEIGHT_NAME
 from diffusers_dmdr.pipelines import DMDRScheduler, FewStepDMDRPipeline, pipeline_dmdr, scheduling_dmdr
 from diffusers_dmdr.trainer import DMDRTrainer
+from diffusers_dmdr.utils import CAPTION_HEIGHT
 
 
 TESTS_DIR = Path(__file__).parent
@@ -346,7 +347,7 @@ def test_full_pipeline_folder_layout_and_code(exported):
     assert metadata["unet.r"] == run.trainer.config.lora_rank
     assert metadata["unet.lora_alpha"] == run.trainer.config.lora_alpha
     image = Image.open(folder / "samples.png")
-    assert image.size == (64, 64 * len(PROMPTS))
+    assert image.size == (64, (64 + CAPTION_HEIGHT) * len(PROMPTS))  # each row under its prompt
 
 
 def test_export_layout_names_the_package_code_files_and_classes():
@@ -646,6 +647,9 @@ def test_export_entry_point_rebuilds_the_trainer_export(name, exported, tmp_path
     assert card.data.base_model == f"dmdr-tests/{run.family}-teacher"
     assert f"https://huggingface.co/dmdr-tests/{run.family}-teacher" in card.text
     assert "exported checkpoint | checkpoint-0" in card.text
+    # A mid-run checkpoint's card says how far the student trained, not the configured run length (issue 27).
+    configured = run.trainer.config.max_train_steps
+    assert f"| generator updates | 0 of the {configured} configured (exported mid-run;" in card.text
     with pytest.raises(FileNotFoundError, match="checkpoint"):
         export_checkpoint(tmp_path / "nowhere", tmp_path / "out")
 

@@ -14,6 +14,7 @@ from reward_fixtures import save_tiny_clip
 from diffusers_dmdr.evaluate import evaluate_pipeline, main, write_report
 from diffusers_dmdr.rewards import load_rewards
 from diffusers_dmdr.testing import build_tiny_pipeline, tiny_pipeline
+from diffusers_dmdr.utils import CAPTION_HEIGHT
 
 
 PROMPTS = ["a cat", "a dog on a red sofa", "a lighthouse", "an oil painting of a tree", "a bowl of fruit"]
@@ -151,8 +152,8 @@ def test_evaluate_scores_a_dmdr_export_and_its_teacher_in_one_run(tmp_path):
         table = (output_dir / "results.md").read_text()
         assert table.startswith("| reward | teacher | student | student - teacher |")
         assert "| sum_of_pixels_reward |" in table and "samples/s" in table
-        # Teacher row above student row, one column per prompt.
-        assert Image.open(output_dir / "samples.png").size == (2 * 64, 2 * 64)
+        # Teacher row above student row (each captioned), one column per prompt (named in the header).
+        assert Image.open(output_dir / "samples.png").size == (2 * 64, CAPTION_HEIGHT + 2 * (64 + CAPTION_HEIGHT))
         scores[name] = results["student"]["scores"]["sum_of_pixels_reward"]
     # The full export carries the teacher's weights; the LoRA export's student differs.
     assert scores["full"] != scores["lora"]

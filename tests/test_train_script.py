@@ -148,7 +148,9 @@ def test_two_processes_keep_identical_replicas_in_a_run_without_stage_flags(tiny
 
     prompts = ["a red cat", "a blue dog", "the number seven", "a green house"]
     assert yaml.safe_load(saved)["validation_prompts"] == prompts
-    assert Image.open(output_dir / "samples.png").size[1] == 64 * len(prompts)
+    from diffusers_dmdr.utils import CAPTION_HEIGHT
+
+    assert Image.open(output_dir / "samples.png").size[1] == (64 + CAPTION_HEIGHT) * len(prompts)
     assert "![samples](samples.png)" in (output_dir / "README.md").read_text()
 
 

@@ -43,6 +43,17 @@ LR_SCHEDULERS = (
 # `--report_to` trackers: accelerate's `LoggerType` values (asserted equal in `tests/test_config.py`); `all` (every
 # installed one) and `none` stand alone, the others may be joined by commas (`tensorboard,wandb`).
 TRACKERS = ("aim", "tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab")
+# Flags of diffusers' training scripts that this command line does not take, and what to do instead: a user who
+# types one gets the reason, not argparse's bare "unrecognized arguments".
+DIFFUSERS_SCRIPT_FLAGS = {
+    "--pretrained_vae_model_name_or_path": "DMDR distils in the teacher's own latent space, so the teacher's VAE "
+    "is used; --reward_vae_model_name_or_path sets a lighter decoder for the rewards, and another VAE for the "
+    "teacher means a teacher pipeline folder saved with it",
+    "--dataloader_num_workers": "prompts are drawn in the training process (no data loader, no images to load): "
+    "drop the flag",
+    "--lora_dropout": "the student LoRA trains without dropout, as the released recipes do: drop the flag",
+    "--cache_dir": "Hub downloads go to the Hugging Face cache: set HF_HUB_CACHE (or HF_HOME) to move it",
+}
 # `--help` sections: the first field of each, in the dataclass's field order (the docstring uses the same sections).
 OPTION_GROUPS = {
     "pretrained_model_name_or_path": "Teacher and student",
@@ -629,6 +640,13 @@ class DMDRConfig:
         """Parse `argv` (default: `sys.argv`), with `--config recipe.yaml` supplying values the flags override;
         `epilog` is printed at the end of `--help`, whose usage line names `prog`."""
         argv = join_negative_values(list(sys.argv[1:] if argv is None else argv))
+        for token in argv:
+            flag = token.split("=", 1)[0]
+            if flag in DIFFUSERS_SCRIPT_FLAGS:
+                raise ValueError(
+                    f"{flag} is a flag of diffusers' training scripts that DMDR does not take: "
+                    f"{DIFFUSERS_SCRIPT_FLAGS[flag]}."
+                )
         recipe_path = _recipe_path(argv)
         recipe = load_yaml_config(recipe_path) if recipe_path else {}
         # argparse sets a default only where the namespace has no value yet, and converts only its own string

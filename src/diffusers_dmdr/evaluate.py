@@ -181,7 +181,8 @@ def write_report(
     grid_rows: int | None = None,
 ) -> dict[str, Path]:
     """Write `results.json`, `results.md` and `samples.png` into `output_dir`; returns their paths. `grid_rows`
-    defaults to a near-square grid (a comparison passes 2: the teacher row, then the student row)."""
+    defaults to a near-square grid (a comparison passes 2: the teacher row, then the student row, captioned so, under
+    a header naming each column's prompt)."""
     from .utils import save_image_grid
 
     output_dir = Path(output_dir)
@@ -191,7 +192,13 @@ def write_report(
     paths["markdown"].write_text(result.to_markdown(), encoding="utf-8")
     if len(grid_images):
         rows = grid_rows or max(1, int(math.sqrt(len(grid_images))))
-        paths["grid"] = save_image_grid(grid_images, output_dir / "samples.png", rows=rows)
+        captions = {}
+        if isinstance(result, Comparison) and rows == 2:
+            columns = len(grid_images) // 2
+            captions["row_captions"] = [f"teacher {result.teacher.pipeline}", f"student {result.student.pipeline}"]
+            prompts = result.student.prompts[:columns]
+            captions["header"] = "prompts, left to right: " + " | ".join(prompts)
+        paths["grid"] = save_image_grid(grid_images, output_dir / "samples.png", rows=rows, **captions)
     return paths
 
 

@@ -140,6 +140,7 @@ def export_from_trainer(trainer) -> Path | None:
         hub_private=config.hub_private,
         hub_timeout=config.hub_timeout,
         checkpoint=config.output_dir,
+        trained_steps=trainer.state.global_step,
     )
 
 
@@ -253,6 +254,7 @@ def export_checkpoint(
         metrics=metrics,
         hub_model_id=hub_model_id,
         checkpoint_name=checkpoint_dir.name,
+        trained_steps=int(checkpoint_dir.name.split("-")[1]),
         push=push,
         hub_private=config.hub_private if hub_private is None else hub_private,
         hub_timeout=hub_timeout,
@@ -308,6 +310,7 @@ def assemble_export(
     hub_timeout: float,
     checkpoint: str | Path,
     checkpoint_name: str | None = None,
+    trained_steps: int | None = None,
 ) -> Path:
     """The one assemble step of both exports (end of training and `dmdr-export`): the fused full pipeline when the
     run asks for one (`student_backbone()` is built only then), the folder ([`write_export`]), and the push."""
@@ -327,6 +330,7 @@ def assemble_export(
         base_model=config.base_model,
         checkpoint_name=checkpoint_name,
         hub_timeout=hub_timeout if push else None,
+        trained_steps=trained_steps,
     )
     if push:
         push_to_hub(output_dir, hub_model_id, private=hub_private, checkpoint=checkpoint, timeout=hub_timeout)
@@ -453,6 +457,7 @@ def write_export(
     base_model: str | None = None,
     checkpoint_name: str | None = None,
     hub_timeout: float | None = None,
+    trained_steps: int | None = None,
 ) -> Path:
     """Write the export folder (see the module docstring) and return it. No Hub request is sent unless
     `hub_timeout` is given (an export about to be pushed may then read the teacher's card within that time).
@@ -474,6 +479,7 @@ def write_export(
         base_model: the teacher's Hub id, when the run loaded it from a local folder.
         checkpoint_name: the checkpoint exported, for the card.
         hub_timeout: seconds a Hub request may take; `None` sends none.
+        trained_steps: the generator updates behind the student, when fewer than `config.max_train_steps`.
     """
     output_dir = Path(output_dir)
     recover_interrupted_export(output_dir)
@@ -490,7 +496,8 @@ def write_export(
             scheduler.save_pretrained(staging / "scheduler")
             _copy_code(staging)
         if sample_images is not None:
-            save_image_grid(sample_images, staging / SAMPLES_FILE, rows=len(config.validation_prompts))
+            prompts = config.validation_prompts
+            save_image_grid(sample_images, staging / SAMPLES_FILE, rows=len(prompts), row_captions=prompts)
         backbone = getattr(full_pipeline, family.backbone_name, None) if full_pipeline is not None else None
         info = ModelCardInfo(
             config,
@@ -505,6 +512,7 @@ def write_export(
             metrics=metrics or {},
             checkpoint_name=checkpoint_name,
             backbone_class_name=type(backbone).__name__ if backbone is not None else None,
+            trained_steps=trained_steps,
         )
         if info.teacher_hub_id is None:
             logger.warning(

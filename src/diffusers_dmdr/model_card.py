@@ -68,6 +68,9 @@ class ModelCardInfo:
         backbone_class_name (`str`, *optional*):
             The class of the saved full student's backbone (`UNet2DConditionModel`, `SD3Transformer2DModel`, ...),
             for the stock-pipeline snippet of a full export.
+        trained_steps (`int`, *optional*):
+            The generator updates the exported student had when exported (a mid-run checkpoint: fewer than
+            `max_train_steps`); unset, the configured run length.
     """
 
     config: DMDRConfig
@@ -82,6 +85,12 @@ class ModelCardInfo:
     metrics: dict = field(default_factory=dict)
     checkpoint_name: str | None = None
     backbone_class_name: str | None = None
+    trained_steps: int | None = None
+
+    @property
+    def steps_trained(self) -> int:
+        """The generator updates behind the exported student."""
+        return self.config.max_train_steps if self.trained_steps is None else self.trained_steps
 
     @property
     def teacher_hub_id(self) -> str | None:
@@ -101,7 +110,7 @@ class ModelCardInfo:
         config = self.config
         weights = [parse_reward_spec(spec).weight for spec in config.reward or []]
         cold_start = config.max_train_steps // 2 if config.cold_start_steps is None else config.cold_start_steps
-        return any(weight > 0 for weight in weights) and config.max_train_steps > cold_start
+        return any(weight > 0 for weight in weights) and self.steps_trained > cold_start
 
     @property
     def snippet_dtype(self) -> str:

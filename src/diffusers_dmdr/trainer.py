@@ -606,7 +606,9 @@ class DMDRTrainer:
         if not self.accelerator.is_main_process:
             return None
         path = Path(self.config.output_dir) / "validation" / f"step-{self.state.global_step:06d}.png"
-        save_image_grid(images, path, rows=len(self.config.validation_prompts))
+        save_image_grid(
+            images, path, rows=len(self.config.validation_prompts), row_captions=self.config.validation_prompts
+        )
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.add_images("validation", images.numpy(), self.state.global_step, dataformats="NCHW")

@@ -29,21 +29,79 @@ def images_to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(image) for image in array]
 
 
-def image_grid(images: torch.Tensor, rows: int) -> Image.Image:
-    """Tile `(B, 3, H, W)` images in `[0, 1]` into a `rows x ceil(B / rows)` grid."""
+# Captions: a strip of this many pixels (two lines of Pillow's default font) above each captioned row, and above the
+# grid for a header; text that does not fit is cut with an ellipsis.
+CAPTION_HEIGHT = 26
+_CAPTION_LINES = 2
+
+
+def _fit_lines(text: str, width: int, draw, font) -> list[str]:
+    """`text` wrapped into at most `_CAPTION_LINES` lines of `width` pixels, the last one cut with "..." if needed."""
+    words, lines, current = text.split(), [], ""
+    for word in words:
+        candidate = f"{current} {word}".strip()
+        if draw.textlength(candidate, font=font) <= width or not current:
+            current = candidate
+        else:
+            lines.append(current)
+            current = word
+    lines.append(current)
+    if len(lines) > _CAPTION_LINES:
+        lines = lines[:_CAPTION_LINES]
+        lines[-1] += " ..."
+    fitted = []
+    for line in lines:
+        while line and draw.textlength(line, font=font) > width:
+            line = line[:-4].rstrip() + "..." if len(line) > 4 else ""
+        fitted.append(line)
+    return fitted
+
+
+def _caption(text: str, width: int) -> Image.Image:
+    from PIL import ImageDraw, ImageFont
+
+    strip = Image.new("RGB", (width, CAPTION_HEIGHT), color=(255, 255, 255))
+    draw, font = ImageDraw.Draw(strip), ImageFont.load_default()
+    for index, line in enumerate(_fit_lines(text, width - 4, draw, font)):
+        draw.text((2, 1 + index * (CAPTION_HEIGHT // _CAPTION_LINES)), line, fill=(0, 0, 0), font=font)
+    return strip
+
+
+def image_grid(
+    images: torch.Tensor, rows: int, row_captions: list[str] | None = None, header: str | None = None
+) -> Image.Image:
+    """Tile `(B, 3, H, W)` images in `[0, 1]` into a `rows x ceil(B / rows)` grid; `row_captions` (one per row: the
+    prompt of a validation row, "teacher" / "student" of a comparison) are written in a strip above each row and
+    `header` (what the columns are) above the grid, each `CAPTION_HEIGHT` pixels high."""
     pil_images = images_to_pil(images)
     columns = -(-len(pil_images) // rows)
     width, height = pil_images[0].size
-    grid = Image.new("RGB", (columns * width, rows * height), color=(255, 255, 255))
+    if row_captions is not None and len(row_captions) != rows:
+        raise ValueError(f"{len(row_captions)} row captions for a grid of {rows} rows.")
+    row_height = height + (CAPTION_HEIGHT if row_captions else 0)
+    top = CAPTION_HEIGHT if header else 0
+    grid = Image.new("RGB", (columns * width, top + rows * row_height), color=(255, 255, 255))
+    if header:
+        grid.paste(_caption(header, columns * width), (0, 0))
+    for row, caption in enumerate(row_captions or []):
+        grid.paste(_caption(caption, columns * width), (0, top + row * row_height))
+    offset = CAPTION_HEIGHT if row_captions else 0
     for index, image in enumerate(pil_images):
-        grid.paste(image, ((index % columns) * width, (index // columns) * height))
+        grid.paste(image, ((index % columns) * width, top + (index // columns) * row_height + offset))
     return grid
 
 
-def save_image_grid(images: torch.Tensor, path: str | Path, rows: int) -> Path:
+def save_image_grid(
+    images: torch.Tensor,
+    path: str | Path,
+    rows: int,
+    row_captions: list[str] | None = None,
+    header: str | None = None,
+) -> Path:
+    """[`image_grid`] saved to `path` (its folder created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, rows).save(path)
+    image_grid(images, rows, row_captions, header).save(path)
     return path
 
 

@@ -1,5 +1,6 @@
-"""Issue 27 item 7: every entry point ends the project's errors in one line (exit 1 or 2), the traceback behind
-`--debug` / `DMDR_DEBUG=1`; each bad value of the issue is refused before any weight loads.
+"""Issue 27 items 7 and 9: every entry point ends the project's errors in one line (exit 1 or 2), the traceback
+behind `--debug` / `DMDR_DEBUG=1`; each bad value of the issue is refused before any weight loads; what a user
+expects of the command lines (usage lines, named recipes, captioned grids).
 
 The teacher is the weightless folder of tests/test_preflight.py (configs only): a value that passed the checks would
 reach the loader and fail with a different message and a traceback.
@@ -265,3 +266,44 @@ def test_the_wheel_ships_the_recipes(tmp_path):
     (wheel,) = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "diffusers_dmdr/recipes/sdxl_4step.yaml" in names and "diffusers_dmdr/config.py" in names
+
+
+@pytest.mark.parametrize(
+    "flag, advice",
+    [
+        ("--pretrained_vae_model_name_or_path", "--reward_vae_model_name_or_path"),
+        ("--dataloader_num_workers", "no data loader"),
+        ("--lora_dropout", "without dropout"),
+        ("--cache_dir", "HF_HUB_CACHE"),
+    ],
+)
+def test_diffusers_script_flags_say_what_to_do(weightless_teacher, prompts, capsys, flag, advice):  # noqa: F811
+    for form in ([flag, "x"], [f"{flag}=x"]):
+        status, err = run_train(base_argv(weightless_teacher, prompts) + form, capsys)
+        assert status == 2
+        assert_one_line(err, f"{flag} is a flag of diffusers' training scripts that DMDR does not take")
+        assert advice in err
+
+
+def test_grids_carry_row_captions_and_a_header():
+    """Issue 27 item 9: which row is which prompt (validation, samples.png) or which pipeline (evaluate), in the
+    image itself; uncaptioned grids keep their size."""
+    import numpy as np
+    import torch
+
+    from diffusers_dmdr.utils import CAPTION_HEIGHT, image_grid
+
+    images = torch.full((4, 3, 64, 64), 0.5)
+    assert image_grid(images, rows=2).size == (128, 128)
+    captioned = image_grid(images, rows=2, row_captions=["a red cat", "a blue dog"], header="prompts: a | b")
+    assert captioned.size == (128, CAPTION_HEIGHT + 2 * (64 + CAPTION_HEIGHT))
+    pixels = np.asarray(captioned)
+    strips = [pixels[:CAPTION_HEIGHT], pixels[CAPTION_HEIGHT : 2 * CAPTION_HEIGHT]]
+    assert all((strip < 128).any() for strip in strips)  # dark text on the white strips
+    cell = pixels[2 * CAPTION_HEIGHT : 2 * CAPTION_HEIGHT + 64]
+    assert (cell == 128).all()  # the first row's images start right under its caption
+    with pytest.raises(ValueError, match="1 row captions for a grid of 2 rows"):
+        image_grid(images, rows=2, row_captions=["one"])
+    # A caption longer than the strip is cut, not spilled over the images.
+    long = image_grid(images[:1], rows=1, row_captions=["word " * 200])
+    assert long.size == (64, 64 + CAPTION_HEIGHT)
