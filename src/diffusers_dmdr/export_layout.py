@@ -9,4 +9,6 @@ from .pipelines.pipeline_dmdr import PIPELINE_CLASS, PIPELINE_MODULE, SCHEDULER_
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 SAMPLES_FILE = "samples.png"
+# Video students (Wan): the validation clips as an animated GIF grid.
+SAMPLES_VIDEO_FILE = "samples.gif"
 SUMMARY_FILE = "train_summary.json"

@@ -16,6 +16,7 @@ from .export_layout import (
     PIPELINE_CLASS,
     PIPELINE_MODULE,
     SAMPLES_FILE,
+    SAMPLES_VIDEO_FILE,
     SCHEDULER_CLASS,
     SCHEDULER_MODULE,
 )
@@ -162,7 +163,8 @@ def make_model_card(info: ModelCardInfo, existing_card: str | Path | None = None
     config, base_model = info.config, info.teacher_hub_id
     license_data = teacher_license(config.pretrained_model_name_or_path, base_model, config.revision, hub_timeout)
     prompts = config.validation_prompts or []
-    widget = [{"text": prompts[0], "output": {"url": SAMPLES_FILE}}] if info.has_samples and prompts else None
+    samples_file = SAMPLES_VIDEO_FILE if info.family.is_video else SAMPLES_FILE
+    widget = [{"text": prompts[0], "output": {"url": samples_file}}] if info.has_samples and prompts else None
     body = _card_body(info)
     # A new export gets fresh metadata; a previous export's card (re-export into the same folder) keeps the metadata
     # this export does not own, while everything below is set afresh. The Hub is never asked for a card here.
@@ -174,8 +176,12 @@ def make_model_card(info: ModelCardInfo, existing_card: str | Path | None = None
             license=license_data.get("license"), library_name="diffusers", base_model=base_model, widget=widget
         )
     tags = BASE_TAGS + list(info.family.card_tags) + (["lora"] if info.has_lora else [])
+    if info.family.is_video:
+        # Video students (Wan): the task tag is the family's "text-to-video".
+        tags = [tag for tag in tags if tag != "text-to-image"]
     populate_model_card(card, tags=[tag for tag in tags if tag not in (card.data.tags or [])])
-    owned = {"base_model": base_model, "widget": widget, "inference": True, "pipeline_tag": "text-to-image"}
+    pipeline_tag = "text-to-video" if info.family.is_video else "text-to-image"
+    owned = {"base_model": base_model, "widget": widget, "inference": True, "pipeline_tag": pipeline_tag}
     for key, value in {**owned, **license_data}.items():
         if value is not None:
             setattr(card.data, key, value)
@@ -241,10 +247,16 @@ def _card_context(info: ModelCardInfo) -> dict:
         "rewards": ", ".join(f"`{reward_text(spec)}`" for spec in config.reward),
         "eval_rewards": ", ".join(f"`{reward_text(spec)}`" for spec in config.eval_reward),
         "metrics": metric_rows,
+        # What the snippets call the result: the stock video pipelines return `frames`.
+        "out": (
+            {"name": "video", "attr": "frames", "task": "text-to-video"}
+            if family.is_video
+            else {"name": "image", "attr": "images", "task": "text-to-image"}
+        ),
         "files": {
             "lora": LORA_WEIGHT_NAME,
             "kohya": KOHYA_LORA_WEIGHT_NAME,
-            "samples": SAMPLES_FILE,
+            "samples": SAMPLES_VIDEO_FILE if family.is_video else SAMPLES_FILE,
             "pipeline_module": PIPELINE_MODULE,
             "pipeline_class": PIPELINE_CLASS,
             "scheduler_module": SCHEDULER_MODULE,

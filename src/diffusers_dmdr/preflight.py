@@ -49,6 +49,7 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
         )
     family = get_family(detected)
     family.check_teacher(model_index, config.pretrained_model_name_or_path, config.revision)
+    family.check_run_config(config)  # e.g. Wan's frame count against its VAE's temporal factor
 
     # 2. Resolution against the VAE's spatial factor. Non-square training is wired through the UNet families' size
     # conditioning only; the flow transformers' grids (dynamic shift) and packing assume a square image.
