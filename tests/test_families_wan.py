@@ -173,5 +173,5 @@ def test_two_expert_wan_22_a14b_is_refused_naming_the_supported_checkpoints(wan_
     index = json.loads((folder / "model_index.json").read_text())
     index.update(transformer_2=["diffusers", "WanTransformer3DModel"], boundary_ratio=0.875)
     (folder / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=r"two-expert Wan 2\.2 A14B .* Wan2\.1-T2V-1\.3B-Diffusers"):
+    with pytest.raises(ValueError, match=r"two-expert Wan 2\.2 A14B .*/Wan2\.1-T2V-1\.3B-Diffusers"):
         check_run_inputs(wan_config(str(folder), prompt_file, tmp_path))
