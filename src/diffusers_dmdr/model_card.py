@@ -208,9 +208,17 @@ def _card_context(info: ModelCardInfo) -> dict:
     config, family, scheduler = info.config, info.family, info.scheduler
     timesteps = list(scheduler.config.training_timesteps)
     recipe, no_recipe_reason = stock_scheduler_recipe(scheduler)
+    if recipe is not None and not _stock_call_takes(family, recipe.get("call_kwargs", {})):
+        # WanPipeline asks its scheduler for `num_inference_steps` only: no stock scheduler gets the trained grid.
+        recipe = None
+        no_recipe_reason = f"`{family.pipeline_class_name}` passes its scheduler no explicit grid"
     size = ""
     if config.image_size != (family.default_resolution,) * 2:
         size = f", height={config.image_size[0]}, width={config.image_size[1]}"
+    if family.is_video:
+        # The stock video pipelines default to their own size and length (Wan: 480 x 832, 81 frames).
+        frames = family.export_call_defaults(config, None)["num_frames"]
+        size = f", height={config.image_size[0]}, width={config.image_size[1]}, num_frames={frames}"
     recipe_kwargs = {}
     if recipe is not None:
         # Guidance off (or FLUX.1's trained embedding) and the trained prompt length: the call defaults
@@ -263,6 +271,14 @@ def _card_context(info: ModelCardInfo) -> dict:
             "scheduler_class": SCHEDULER_CLASS,
         },
     }
+
+
+def _stock_call_takes(family: ModelFamily, call_kwargs: dict) -> bool:
+    """Whether the family's stock pipeline accepts every call argument of a stock-scheduler recipe."""
+    import inspect
+
+    parameters = inspect.signature(family.pipeline_class().__call__).parameters
+    return all(name in parameters for name in call_kwargs)
 
 
 def _keyword_text(kwargs: dict) -> str:
