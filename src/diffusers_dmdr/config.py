@@ -25,7 +25,7 @@ from transformers.hf_argparser import HfArg, string_to_bool
 
 # The `--family` choices. `diffusers_dmdr.families.FAMILIES` holds the same names without `auto`; the config sits
 # below the families (it must not import torch or diffusers), so `tests/test_config.py` asserts that the two agree.
-FAMILY_NAMES = ("auto", "sdxl", "sd15", "sd3", "flux", "flux2", "zimage", "qwenimage")
+FAMILY_NAMES = ("auto", "sdxl", "sd15", "sd3", "flux", "flux2", "zimage", "qwenimage", "wan")
 # The errors that config validation and the preflight checks raise for a bad input: `train.py` prints them as one
 # message and exits with status 2. Any other exception is a bug and keeps its traceback.
 USER_INPUT_ERRORS = (ValueError, FileNotFoundError, ImportError)
