@@ -135,10 +135,9 @@ def test_accumulating_two_micro_batches_equals_one_batch_of_two(wan_dirs, prompt
                 torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["2.1", "2.2-ti2v"])
 def test_resume_continues_exactly_with_a_cached_prompt_and_a_video_reward(variant, wan_dirs, prompt_file, tmp_path):
-    """Slow (two Wan trainers and three checkpoints): a run resumed from its checkpoint continues bit for bit, through
+    """A run resumed from its checkpoint continues bit for bit, through
     the prompt cache (holding the empty negative prompt), a per-frame reward in stage 2 and TTUR."""
 
     def trainer_for(output_dir, **overrides):
