@@ -175,3 +175,57 @@ def test_two_expert_wan_22_a14b_is_refused_naming_the_supported_checkpoints(wan_
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"two-expert Wan 2\.2 A14B .*/Wan2\.1-T2V-1\.3B-Diffusers"):
         check_run_inputs(wan_config(str(folder), prompt_file, tmp_path))
+
+
+# Values the Wan recipes take from the released SD3.5-Large script (their headers say which, and what is not).
+RELEASED_SD35_KEYS = (
+    "mixed_precision",
+    "use_8bit_adam",
+    "training_mode",
+    "backward_simulation",
+    "flow_x0_noise_level",
+    "lora_rank",
+    "lora_alpha",
+    "fake_lora_rank",
+    "fake_lora_alpha",
+    "fake_score_lora_scale",
+    "real_score_lora_scale",
+    "dynamic_steps",
+    "update_ratio",
+    "guidance_scale_jitter",
+    "cold_start_steps",
+    "max_train_steps",
+    "learning_rate",
+    "learning_rate_fake",
+)
+WAN_RECIPES = {
+    "wan21_t2v_1.3b_4step": ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", (480, 832), 81),
+    "wan22_ti2v_5b_4step": ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", (704, 1280), 121),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WAN_RECIPES))
+def test_wan_recipes_take_the_released_sd35_values_they_name(name):
+    from pathlib import Path
+
+    import yaml
+
+    from diffusers_dmdr import DMDRConfig
+    from diffusers_dmdr.families.wan import check_num_frames
+
+    root = Path(__file__).resolve().parents[1]
+    released = yaml.safe_load((root / "tests" / "data" / "released_recipes.yaml").read_text())["sd35_large_4step"]
+    recipe = root / "examples" / "train_dmdr" / "configs" / f"{name}.yaml"
+    config = DMDRConfig.parse_args(["--config", str(recipe), "--train_prompts", "prompts.txt"])
+    teacher, size, frames = WAN_RECIPES[name]
+    assert (config.family, config.pretrained_model_name_or_path, config.num_student_steps) == ("wan", teacher, 4)
+    assert (config.image_size, config.num_frames, config.student_timesteps) == (size, frames, None)
+    check_num_frames(config.num_frames, 4)
+    assert all(-frames <= index < frames for index in config.reward_frames)
+    assert {key: getattr(config, key) for key in RELEASED_SD35_KEYS} == {key: released[key] for key in RELEASED_SD35_KEYS}
+    stage2 = {key: value for key, value in released["stage2"].items() if key != "train_batch_size"}
+    assert {key: getattr(config, f"stage2_{key}") for key in stage2} == stage2
+    # One clip per GPU (a clip is several images' tokens), and the header says what is extrapolated.
+    assert config.train_batch_size == config.stage2_train_batch_size == 1
+    header = recipe.read_text(encoding="utf-8")
+    assert "EXTRAPOLATED" in header and "GPU:" in header and "memory plan" in header

@@ -54,8 +54,8 @@ def test_family_facts_agree_with_diffusers_and_the_stock_route(name):
     if family.default_guidance_embedding is not None:
         assert route.call_defaults["guidance_scale"] == family.default_guidance_embedding
         assert family.default_guidance_embedding == stock_call_default(family.pipeline_class_name, "guidance_scale")
-    # Non-square training is wired through the UNet families' size conditioning only.
-    assert family.supports_non_square == (family.backbone_name == "unet")
+    # Non-square training is wired through the UNet families' size conditioning, and Wan's video latents.
+    assert family.supports_non_square == (family.backbone_name == "unet" or family.is_video)
 
 
 def test_the_registry_holds_the_constants_once():

@@ -308,3 +308,22 @@ def test_comfyui_lora_uses_the_original_wan_keys_and_loads_like_the_diffusers_fi
         ).frames  # fmt: skip
     torch.testing.assert_close(loaded["comfy"], loaded["diffusers"], rtol=1e-4, atol=1e-5)
     assert Path(run.export_dir / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_non_square_clips_train_and_export_at_the_trained_size(wan_dirs, prompt_file, tmp_path):
+    """Wan samples 480 x 832: `--resolution 32 --width 64` trains on (C, F, 4, 8) latents, and the exported pipeline's
+    call defaults give back the trainer's samples at that size."""
+    trainer = make_trainer(wan_dirs["2.1"], prompt_file, tmp_path, width=64)
+    assert trainer.latent_shape == (16, 2, 4, 8)
+    perturb_student(trainer)
+    expected = trainer.sample_latents(PROMPTS, generator=seeded(5))
+    pipeline = FewStepDMDRPipeline(
+        vae=trainer.vae,
+        text_encoder=trainer.pipeline.text_encoder,
+        tokenizer=trainer.pipeline.tokenizer,
+        scheduler=trainer.scheduler,
+        transformer=trainer.student_model,
+        call_defaults=get_family("wan").export_call_defaults(trainer.config, trainer.pipeline),
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(student_latents(pipeline, 5), expected, rtol=1e-4, atol=1e-4)

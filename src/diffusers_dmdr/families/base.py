@@ -178,7 +178,8 @@ class ModelFamily(ABC):
     default_guidance_embedding: float | None = None
     # How the default student grid is made: one of `GRID_RULES`.
     grid_rule: str = "shifted-flow"
-    # Non-square training (`--width`): wired through the UNet families' size conditioning only.
+    # Non-square training (`--width`): wired through the UNet families' size conditioning, and Wan (static grid, no
+    # packing: its stock pipeline samples 480 x 832).
     supports_non_square: bool = False
     # Video families (Wan): 5-D `(B, C, F, H, W)` latents from `--num_frames`, decoded to `(B, 3, F, H, W)` videos.
     is_video: bool = False

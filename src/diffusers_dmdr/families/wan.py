@@ -79,6 +79,8 @@ class WanFamily(ModelFamily):
     # Every released DMDR script on a flow model samples the student by Euler ODE.
     default_backward_simulation = "ode"
     default_resolution = 480
+    # The released models sample 480 x 832 (Wan 2.1) and 704 x 1280 (Wan 2.2 TI2V-5B): `--resolution H --width W`.
+    supports_non_square = True
     # The transformer's (1, 2, 2) patches: sizes divisible by the VAE factor x 2 (the stock `check_inputs`' 16).
     latent_patch_size = 2
     grid_rule = "teacher-scheduler"
