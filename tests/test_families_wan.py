@@ -10,25 +10,16 @@ from conftest import tiny_config
 
 from diffusers_dmdr import testing
 from diffusers_dmdr.families import detect_family, get_family, read_teacher_config
-from diffusers_dmdr.families.base import student_scheduler_for
 from diffusers_dmdr.method.denoisers import Denoiser
 from diffusers_dmdr.pipelines.scheduling_dmdr import DMDRScheduler, shifted_flow_grid
 
 
 PROMPTS = ["a red cat", "a blue dog in the snow"]
+# The tiny teachers of `wan_dirs` (conftest.py): Wan 2.1 T2V's layout and Wan 2.2 TI2V-5B's.
 VARIANTS = ["2.1", "2.2-ti2v"]
 # The smallest size each tiny variant's stock pipeline takes (VAE factor x 2x2 patches), and a short clip.
 SIZES = {"2.1": 32, "2.2-ti2v": 64}
 NUM_FRAMES = 5
-
-
-@pytest.fixture(scope="session")
-def wan_dirs(tmp_path_factory) -> dict[str, str]:
-    """Saved tiny Wan teachers: Wan 2.1 T2V's layout and Wan 2.2 TI2V-5B's."""
-    root = tmp_path_factory.mktemp("wan")
-    return {
-        variant: str(testing.build_tiny_pipeline("wan", root / variant, variant=variant)) for variant in VARIANTS
-    }
 
 
 def wan_config(teacher_dir, prompt_file, output_dir, variant="2.1", **overrides):
@@ -222,7 +213,9 @@ def test_wan_recipes_take_the_released_sd35_values_they_name(name):
     assert (config.image_size, config.num_frames, config.student_timesteps) == (size, frames, None)
     check_num_frames(config.num_frames, 4)
     assert all(-frames <= index < frames for index in config.reward_frames)
-    assert {key: getattr(config, key) for key in RELEASED_SD35_KEYS} == {key: released[key] for key in RELEASED_SD35_KEYS}
+    assert {key: getattr(config, key) for key in RELEASED_SD35_KEYS} == {
+        key: released[key] for key in RELEASED_SD35_KEYS
+    }
     stage2 = {key: value for key, value in released["stage2"].items() if key != "train_batch_size"}
     assert {key: getattr(config, f"stage2_{key}") for key in stage2} == stage2
     # One clip per GPU (a clip is several images' tokens), and the header says what is extrapolated.

@@ -75,4 +75,7 @@ def test_video_families_take_frames_and_image_families_do_not():
     from diffusers_dmdr.families.wan import WAN_DEFAULT_NUM_FRAMES
 
     assert stock_call_default("WanPipeline", "num_frames") == WAN_DEFAULT_NUM_FRAMES
-    assert stock_call_default("WanPipeline", "guidance_scale") > STOCK_ROUTES["WanPipeline"].call_defaults["guidance_scale"]
+    assert (
+        stock_call_default("WanPipeline", "guidance_scale")
+        > STOCK_ROUTES["WanPipeline"].call_defaults["guidance_scale"]
+    )

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from test_families_wan import NUM_FRAMES, wan_dirs  # noqa: F401  (the fixture)
+from test_families_wan import NUM_FRAMES
 from test_train_script import lora_b_norm, run_training, tiny_args
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from test_families_wan import NUM_FRAMES, PROMPTS, SIZES, wan_config, wan_dirs  # noqa: F401  (the fixture)
+from test_families_wan import NUM_FRAMES, PROMPTS, SIZES, wan_config
 
 from diffusers_dmdr.adapters import FAKE_ADAPTER, STUDENT_ADAPTER
 from diffusers_dmdr.export import export_from_trainer
@@ -292,7 +292,10 @@ def test_comfyui_lora_uses_the_original_wan_keys_and_loads_like_the_diffusers_fi
         f"diffusion_model.{wan_native_module(module)}" for module in modules
     }
     assert "diffusion_model.blocks.0.self_attn.q.lora_down.weight" in comfy
-    assert "diffusion_model.blocks.1.cross_attn.o.alpha" in comfy and "diffusion_model.blocks.0.ffn.2.lora_up.weight" in comfy
+    assert (
+        "diffusion_model.blocks.1.cross_attn.o.alpha" in comfy
+        and "diffusion_model.blocks.0.ffn.2.lora_up.weight" in comfy
+    )
     assert len(comfy) == 3 * len(modules)
     with pytest.raises(ValueError, match="no original Wan key"):
         wan_native_module("blocks.0.norm2")

@@ -43,7 +43,9 @@ KOHYA_LORA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 UNET_STYLE, TRANSFORMER_STYLE, WAN_STYLE = "lora_unet", "transformer", "wan"
 COMFY_LORA_FORMS = (UNET_STYLE, TRANSFORMER_STYLE, WAN_STYLE)
 # diffusers' Wan module names -> the original Wan checkpoint's (ComfyUI's `comfy/ldm/wan/model.py` names).
-_WAN_MODULE = re.compile(r"^blocks\.(?P<block>\d+)\.(?P<layer>attn1|attn2|ffn)\.(?P<proj>to_q|to_k|to_v|to_out\.0|net\.0\.proj|net\.2)$")
+_WAN_MODULE = re.compile(
+    r"^blocks\.(?P<block>\d+)\.(?P<layer>attn1|attn2|ffn)\.(?P<proj>to_q|to_k|to_v|to_out\.0|net\.0\.proj|net\.2)$"
+)
 _WAN_LAYERS = {"attn1": "self_attn", "attn2": "cross_attn", "ffn": "ffn"}
 _WAN_PROJECTIONS = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o", "net.0.proj": "0", "net.2": "2"}
 
@@ -59,6 +61,8 @@ def wan_native_module(module: str) -> str:
             "layers of the blocks only); train with the Wan family's default LoRA targets."
         )
     return f"blocks.{match['block']}.{_WAN_LAYERS[match['layer']]}.{_WAN_PROJECTIONS[match['proj']]}"
+
+
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)\.weight$")
 
 
