@@ -128,6 +128,7 @@ def test_the_grid_is_the_teacher_schedulers_static_shift_at_every_size(wan_dirs,
         ({"num_frames": 10}, r"--num_frames 10: .* temporal factor 4; use 9 or 13\."),
         ({"num_frames": 80}, r"use 77 or 81\."),
         ({"resolution": 40}, r"--resolution 40 is not divisible by 16 .*; use e\.g\. 32 or 48\."),
+        ({"reward_vae_model_name_or_path": "madebyollin/taesd"}, r"cannot decode Wan's video latents"),
     ],
 )
 def test_bad_frame_counts_and_sizes_are_refused_before_any_weight_loads(

@@ -107,6 +107,11 @@ class WanFamily(ModelFamily):
 
     def check_run_config(self, config) -> None:
         check_num_frames(self.num_frames_of(config), self.temporal_factor(config.pretrained_model_name_or_path))
+        if config.reward_vae_model_name_or_path:
+            raise ValueError(
+                f"--reward_vae_model_name_or_path {config.reward_vae_model_name_or_path}: a tiny image autoencoder "
+                "cannot decode Wan's video latents; drop it (the rewards use the Wan VAE's decode)."
+            )
 
     def vae_scale_factor(self, source: str, revision: str | None = None) -> int:
         return int(read_component_config(source, "vae", revision).get("scale_factor_spatial", 8))
