@@ -189,9 +189,10 @@ def exported(wan_dirs, prompt_file, tmp_path_factory):
             )
             perturb_student(trainer)
             trainer.history = [{"step": 1, "loss_dmd": 0.25}]
-            trainer.save_checkpoint()
+            checkpoint = trainer.save_checkpoint()
             runs[key] = SimpleNamespace(
                 trainer=trainer,
+                checkpoint=checkpoint,
                 export_dir=export_from_trainer(trainer),
                 teacher_dir=wan_dirs[variant],
                 variant=variant,
@@ -330,3 +331,31 @@ def test_non_square_clips_train_and_export_at_the_trained_size(wan_dirs, prompt_
     )
     pipeline.set_progress_bar_config(disable=True)
     torch.testing.assert_close(student_latents(pipeline, 5), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_dmdr_export_of_a_checkpoint_rebuilds_the_trainer_export(exported, tmp_path):
+    """The export entry point (`export_checkpoint`) on a Wan checkpoint: the same files, the same LoRAs in both
+    formats, and a GIF sampled by the exported pipeline equal to the trainer's up to 8-bit rounding."""
+    import numpy as np
+
+    from diffusers_dmdr.export import export_checkpoint
+
+    run = exported("2.1", False)
+    folder = export_checkpoint(run.checkpoint, tmp_path / "standalone", base_model="dmdr-tests/wan-teacher")
+    produced = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+    reference = {str(p.relative_to(run.export_dir)) for p in run.export_dir.rglob("*") if p.is_file()}
+    assert produced == {p for p in reference if not p.startswith("checkpoint-")}
+    assert {"samples.gif", KOHYA_LORA_WEIGHT_NAME, "pytorch_lora_weights.safetensors"} <= produced
+    for name in (KOHYA_LORA_WEIGHT_NAME, "pytorch_lora_weights.safetensors"):
+        expected, actual = load_file(run.export_dir / name), load_file(folder / name)
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=1e-6, atol=1e-6)
+    for frame in range(NUM_FRAMES):
+        frames = []
+        for path in (folder / "samples.gif", run.export_dir / "samples.gif"):
+            gif = Image.open(path)
+            gif.seek(frame)
+            frames.append(np.asarray(gif.convert("RGB"), dtype=np.int16))
+        # GIF palettes quantise colours: compare the mean difference, not the worst pixel.
+        assert np.abs(frames[0] - frames[1]).mean() <= 2.0
