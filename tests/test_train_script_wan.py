@@ -1,5 +1,10 @@
 """`accelerate launch examples/train_dmdr/train.py` end to end on the tiny Wan 2.1 teacher (subprocesses, CPU): one
-process in `make test`, and 2-process DDP against one process of the same global batch in `make test-slow`."""
+process, and 2-process DDP against one process of the same global batch.
+
+Both are in `make test-slow` (a launch is ~30 s, three launches ~100 s, and `make test` ran 11 minutes on the shared
+machine): the script path they take is the one tests/test_train_script_flux.py runs in `make test` for a flow
+transformer family, and the Wan family code (training, resume, accumulation, rewards, export, loading routes) runs
+in-process in `make test` (tests/test_wan_training.py, tests/test_families_wan.py)."""
 
 import json
 
@@ -24,6 +29,7 @@ def wan_args(teacher: str, prompt_file: str, output_dir, batch_size: int = 2) ->
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_wan_lora_through_accelerate_launch(wan_dirs, prompt_file, tmp_path):
     """DMD, then DMD + a per-frame reward on the first and last frames; the export is a WanPipeline student with a
     GIF sample, and `family: auto` finds Wan from the folder."""
