@@ -274,7 +274,8 @@ def test_the_export_has_a_video_sample_and_a_video_card(exported):
     card = (run.export_dir / "README.md").read_text()
     assert "pipeline_tag: text-to-video" in card and "text-to-video student" in card
     assert "![samples](samples.gif)" in card and ".frames[0]" in card and ".images[0]" not in card
-    assert "passes its scheduler no explicit grid" in card
+    assert "passes its scheduler no explicit grid" in card and "diffusion_model.blocks.N.self_attn.q" in card
+    assert "height=32, width=32, num_frames=5).frames[0]" in card
     model_index = json.loads((exported("2.1", True).export_dir / "model_index.json").read_text())
     assert model_index["call_defaults"] == {"height": 32, "width": 32, "num_frames": NUM_FRAMES}
 
@@ -359,3 +360,36 @@ def test_dmdr_export_of_a_checkpoint_rebuilds_the_trainer_export(exported, tmp_p
             frames.append(np.asarray(gif.convert("RGB"), dtype=np.int16))
         # GIF palettes quantise colours: compare the mean difference, not the worst pixel.
         assert np.abs(frames[0] - frames[1]).mean() <= 2.0
+
+
+WAN_SNIPPET_RUNNER = """
+import json, re, sys
+from pathlib import Path
+
+readme, repo_id, folder, teacher = sys.argv[1:5]
+results = []
+for route, code in enumerate(re.findall(r"```python\\n(.*?)```", Path(readme).read_text(), flags=re.S), start=1):
+    namespace = {}
+    exec(code.replace(f'"{repo_id}"', repr(folder)).replace('"<teacher-hub-id>"', repr(teacher)), namespace)
+    pipe = namespace["pipe"]
+    results.append({"route": route, "pipeline": type(pipe).__name__, "module": type(pipe).__module__,
+                    "video_shape": list(namespace["video"].shape)})
+print("RESULTS" + json.dumps(results))
+"""
+
+
+@pytest.mark.slow
+def test_the_wan_card_snippets_run_in_a_fresh_process(exported, tmp_path):
+    """Routes 1 (the package) and 2 (diffusers with the folder's code) of a LoRA-only Wan card load the teacher, the
+    LoRA and the scheduler, and return a clip of the trained size and length (route 3 names no stock scheduler).
+    Slow (a ~20 s fresh Python); the same loads run in-process in `test_every_route_gives_back_the_trainers_samples`."""
+    from test_export import run_python, subprocess_env
+
+    run = exported("2.1", False)
+    args = [str(run.export_dir / "README.md"), "dmdr-tests/wan-2.1", str(run.export_dir), str(run.teacher_dir)]
+    results = json.loads(run_python(WAN_SNIPPET_RUNNER, args, subprocess_env(tmp_path)).stdout.split("RESULTS", 1)[1])
+    assert [entry["route"] for entry in results] == [1, 2]
+    assert {entry["pipeline"] for entry in results} == {"FewStepDMDRPipeline"}
+    assert results[0]["module"] == "diffusers_dmdr.pipelines.pipeline_dmdr"
+    assert results[1]["module"].startswith("diffusers_modules")
+    assert all(entry["video_shape"] == [NUM_FRAMES, SIZES["2.1"], SIZES["2.1"], 3] for entry in results)
