@@ -393,3 +393,9 @@ def test_the_wan_card_snippets_run_in_a_fresh_process(exported, tmp_path):
     assert results[0]["module"] == "diffusers_dmdr.pipelines.pipeline_dmdr"
     assert results[1]["module"].startswith("diffusers_modules")
     assert all(entry["video_shape"] == [NUM_FRAMES, SIZES["2.1"], SIZES["2.1"], 3] for entry in results)
+
+
+def test_validation_writes_an_animated_grid(wan_dirs, prompt_file, tmp_path):
+    trainer = make_trainer(wan_dirs["2.1"], prompt_file, tmp_path, validation_prompts=PROMPTS, num_validation_images=1)
+    path = trainer.log_validation()
+    assert path.suffix == ".gif" and Image.open(path).n_frames == NUM_FRAMES
