@@ -143,6 +143,16 @@ STOCK_ROUTES: dict[str, StockRoute] = {
         grid_argument="sigmas",
         call_defaults={"true_cfg_scale": 1.0},
     ),
+    # Wan text-to-video: CFG is on for guidance_scale > 1 (stock default 5.0), so 1 is the trained setting; the stock
+    # pipeline asks the scheduler for its own grid. The export adds the trained size and frame count to
+    # `call_defaults` and Wan 2.2 TI2V-5B's `expand_timesteps` to `stock_init_kwargs`. The output is `frames`.
+    "WanPipeline": StockRoute(
+        family="wan",
+        backbone_class="WanTransformer3DModel",
+        backbone="transformer",
+        vae_class="AutoencoderKLWan",
+        call_defaults={"guidance_scale": 1.0, "max_sequence_length": 512},
+    ),
 }
 
 
@@ -167,10 +177,13 @@ class FewStepDMDRPipelineOutput(BaseOutput):
     Args:
         images (`list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`):
             The generated images (or latents with `output_type="latent"`), `batch_size * num_images_per_prompt` of
-            them.
+            them. For video families (Wan) the videos, as the stock pipeline's `frames`.
+        frames (`np.ndarray`, `torch.Tensor` or `list[list[PIL.Image.Image]]`, *optional*):
+            Video families only: the same videos under the stock video pipelines' name (`None` for images).
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    frames: typing.Any = None
 
 
 class FewStepDMDRPipeline(DiffusionPipeline):
@@ -209,7 +222,14 @@ class FewStepDMDRPipeline(DiffusionPipeline):
             when not given.
         call_defaults (`dict`, *optional*):
             Call arguments this student was trained with, over the route's own defaults (saved in
-            `model_index.json`): FLUX.1 [dev]'s trained `guidance_scale` embedding, the prompt length.
+            `model_index.json`): FLUX.1 [dev]'s trained `guidance_scale` embedding, the prompt length, Wan's size and
+            frame count.
+        stock_init_kwargs (`dict`, *optional*):
+            Constructor arguments of the stock pipeline that depend on the teacher checkpoint, over the route's
+            `init_kwargs` (Wan 2.2 TI2V-5B's `expand_timesteps=True`).
+        expand_timesteps (`bool`, *optional*):
+            Wan 2.2 TI2V-5B's `WanPipeline` flag (per-token timesteps), read from the teacher's `model_index.json`
+            when this class loads a teacher folder; `True` adds it to `stock_init_kwargs`.
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->unet->transformer->vae"
@@ -229,6 +249,8 @@ class FewStepDMDRPipeline(DiffusionPipeline):
         tokenizer_3=None,
         stock_pipeline: str | None = None,
         call_defaults: dict | None = None,
+        stock_init_kwargs: dict | None = None,
+        expand_timesteps: bool | None = None,
     ):
         super().__init__()
         # With only text encoders and tokenizers, the pipeline encodes prompts (`encode_prompt`) and nothing else:
@@ -264,6 +286,11 @@ class FewStepDMDRPipeline(DiffusionPipeline):
         self.register_modules(**components)
         # Per-export call defaults over the route's (the trained guidance embedding, the prompt length, ...).
         self.register_to_config(stock_pipeline=stock_pipeline, call_defaults=dict(call_defaults or {}))
+        if expand_timesteps:
+            stock_init_kwargs = {**(stock_init_kwargs or {}), "expand_timesteps": True}
+        if stock_init_kwargs:
+            # Only when set, so that the image families' saved configs stay as they were.
+            self.register_to_config(stock_init_kwargs=dict(stock_init_kwargs))
 
     # ------------------------------------------------------------------------------------------------------------
     # Loading and saving
@@ -339,11 +366,12 @@ class FewStepDMDRPipeline(DiffusionPipeline):
         pipeline_class = getattr(diffusers, self.config.stock_pipeline)
         parameters = inspect.signature(pipeline_class.__init__).parameters
         kwargs = {}
+        init_kwargs = {**self.route.init_kwargs, **(self.config.get("stock_init_kwargs") or {})}
         for name, parameter in parameters.items():
             if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
                 continue
-            if name in self.route.init_kwargs:
-                kwargs[name] = self.route.init_kwargs[name]
+            if name in init_kwargs:
+                kwargs[name] = init_kwargs[name]
             elif name in self.components:
                 kwargs[name] = self.components[name]
             elif parameter.default is inspect.Parameter.empty:
@@ -489,9 +517,12 @@ class FewStepDMDRPipeline(DiffusionPipeline):
         finally:
             self.scheduler.set_noise_generator(None)
         self.maybe_free_model_hooks()
+        # The stock video pipelines (Wan) return `frames`.
+        videos = getattr(output, "frames", None)
+        images = output.images if videos is None else videos
         if not return_dict:
-            return (output.images,)
-        return FewStepDMDRPipelineOutput(images=output.images)
+            return (images,)
+        return FewStepDMDRPipelineOutput(images=images, frames=videos)
 
     def _trained_grid_kwargs(self, grid_argument: str) -> dict:
         trained = [float(timestep) for timestep in self.scheduler.config.training_timesteps]

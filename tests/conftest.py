@@ -52,6 +52,17 @@ def tiny_teacher_dirs(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def wan_dirs(tmp_path_factory) -> dict[str, str]:
+    """Saved tiny Wan teachers (video; built only by the Wan tests): Wan 2.1 T2V's layout and Wan 2.2 TI2V-5B's."""
+    from diffusers_dmdr.testing import build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("wan")
+    return {
+        variant: str(build_tiny_pipeline("wan", root / variant, variant=variant)) for variant in ("2.1", "2.2-ti2v")
+    }
+
+
+@pytest.fixture(scope="session")
 def prompt_file(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
     path.write_text("a red cat\na blue dog\nthe number seven\n\na green house\n", encoding="utf-8")

@@ -11,7 +11,7 @@ import pytest
 
 from diffusers_dmdr.families import FAMILIES, FAMILY_BY_PIPELINE, get_family
 from diffusers_dmdr.families.base import GRID_RULES
-from diffusers_dmdr.lora_formats import COMFY_LORA_FORMS, TRANSFORMER_STYLE, UNET_STYLE
+from diffusers_dmdr.lora_formats import COMFY_LORA_FORMS, TRANSFORMER_STYLE, UNET_STYLE, WAN_STYLE
 from diffusers_dmdr.pipelines.pipeline_dmdr import STOCK_ROUTES
 
 
@@ -39,7 +39,9 @@ def test_family_facts_agree_with_diffusers_and_the_stock_route(name):
     # Card tags, LoRA key form, grid rule.
     assert family.card_tags and all(isinstance(tag, str) and tag for tag in family.card_tags)
     assert family.comfy_lora_style in COMFY_LORA_FORMS
-    assert family.comfy_lora_style == (UNET_STYLE if family.backbone_name == "unet" else TRANSFORMER_STYLE)
+    # Wan LoRAs keep the original Wan checkpoint's module names (ComfyUI's `diffusion_model.blocks.N...` keys).
+    expected_style = WAN_STYLE if name == "wan" else TRANSFORMER_STYLE
+    assert family.comfy_lora_style == (UNET_STYLE if family.backbone_name == "unet" else expected_style)
     assert family.grid_rule in GRID_RULES
     assert (family.grid_rule == "ddpm-trailing") == (not family.is_flow)
     assert family.grid_uses_teacher_scheduler == (family.grid_rule == "teacher-scheduler")
@@ -52,8 +54,8 @@ def test_family_facts_agree_with_diffusers_and_the_stock_route(name):
     if family.default_guidance_embedding is not None:
         assert route.call_defaults["guidance_scale"] == family.default_guidance_embedding
         assert family.default_guidance_embedding == stock_call_default(family.pipeline_class_name, "guidance_scale")
-    # Non-square training is wired through the UNet families' size conditioning only.
-    assert family.supports_non_square == (family.backbone_name == "unet")
+    # Non-square training is wired through the UNet families' size conditioning, and Wan's video latents.
+    assert family.supports_non_square == (family.backbone_name == "unet" or family.is_video)
 
 
 def test_the_registry_holds_the_constants_once():
@@ -61,5 +63,19 @@ def test_the_registry_holds_the_constants_once():
     assert get_family("sd3").max_prompt_tokens == 128
     assert stock_call_default("StableDiffusion3Pipeline", "max_sequence_length") == 256
     assert get_family("flux").default_guidance_embedding == 3.5
-    assert [get_family(name).default_guidance_embedding for name in FAMILIES if name != "flux"] == [None] * 6
+    others = [name for name in FAMILIES if name != "flux"]
+    assert [get_family(name).default_guidance_embedding for name in others] == [None] * len(others)
     assert len({get_family(name).card_tags for name in FAMILIES}) == len(FAMILIES)
+
+
+def test_video_families_take_frames_and_image_families_do_not():
+    """Only Wan is a video family; the stock route names the stock pipeline's video output and the family's frame
+    default is the stock call's."""
+    assert [name for name in FAMILIES if get_family(name).is_video] == ["wan"]
+    from diffusers_dmdr.families.wan import WAN_DEFAULT_NUM_FRAMES
+
+    assert stock_call_default("WanPipeline", "num_frames") == WAN_DEFAULT_NUM_FRAMES
+    assert (
+        stock_call_default("WanPipeline", "guidance_scale")
+        > STOCK_ROUTES["WanPipeline"].call_defaults["guidance_scale"]
+    )

@@ -74,8 +74,8 @@ def test_folder_without_model_index(tmp_path, prompts):
 
 
 def test_unsupported_family(weightless_teacher, prompts):
-    (weightless_teacher / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
-    with pytest.raises(ValueError, match="'WanPipeline' pipeline, which diffusers-dmdr does not support"):
+    (weightless_teacher / "model_index.json").write_text(json.dumps({"_class_name": "WanImageToVideoPipeline"}))
+    with pytest.raises(ValueError, match="'WanImageToVideoPipeline' pipeline, which diffusers-dmdr does not support"):
         check_run_inputs(config_for(weightless_teacher, prompts))
 
 

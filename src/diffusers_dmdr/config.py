@@ -25,7 +25,7 @@ from transformers.hf_argparser import HfArg, string_to_bool
 
 # The `--family` choices. `diffusers_dmdr.families.FAMILIES` holds the same names without `auto`; the config sits
 # below the families (it must not import torch or diffusers), so `tests/test_config.py` asserts that the two agree.
-FAMILY_NAMES = ("auto", "sdxl", "sd15", "sd3", "flux", "flux2", "zimage", "qwenimage")
+FAMILY_NAMES = ("auto", "sdxl", "sd15", "sd3", "flux", "flux2", "zimage", "qwenimage", "wan")
 # The errors that config validation and the preflight checks raise for a bad input: `train.py` prints them as one
 # message and exits with status 2. Any other exception is a bug and keeps its traceback.
 USER_INPUT_ERRORS = (ValueError, FileNotFoundError, ImportError)
@@ -335,6 +335,16 @@ class DMDRConfig:
         help="Training width in pixels for non-square images (e.g. `--resolution 32 --width 64`); defaults to "
         "`resolution`.",
     )
+    num_frames: int | None = HfArg(
+        default=None,
+        help="Video frames per training sample (video teachers: wan; default 81, the stock WanPipeline's). "
+        "`num_frames - 1` must be divisible by the VAE's temporal factor (4): 81, 49, 33, 17, ...",
+    )
+    reward_frames: list[int] | None = HfArg(
+        default=None,
+        help="Video teachers: the decoded frames an image reward scores (indices, negative from the end, e.g. "
+        "`0 40 -1`); the reward is the mean over them. Default: every frame. Whole-clip rewards see every frame.",
+    )
     max_train_steps: int = HfArg(default=3000, help="Generator updates to train for (both stages).")
     train_batch_size: int = HfArg(
         default=1,
@@ -544,6 +554,10 @@ class DMDRConfig:
                 f"--fake_guidance_scale must be a non-negative number (FLUX.1 [dev]: 1 is unguided), got "
                 f"{self.fake_guidance_scale}."
             )
+        if self.num_frames is not None and self.num_frames < 1:
+            problems.append(f"--num_frames must be at least 1, got {self.num_frames}.")
+        if self.reward_frames is not None and not self.reward_frames:
+            problems.append("--reward_frames needs at least one frame index (or drop it for every frame).")
         if self.resolution < 8:
             problems.append(f"--resolution must be a positive multiple of the VAE factor, got {self.resolution}.")
         if self.width is not None and self.width < 8:

@@ -4,7 +4,8 @@ The export folder (the run's `output_dir` at the end of training; any folder fro
 
 ```
 README.md                          model card: metadata, samples, loading snippets, sampler, recipe
-samples.png                        the validation prompts sampled by the student (when there are any)
+samples.png                        the validation prompts sampled by the student (when there are any; video
+                                   students: samples.gif, an animated grid of the clips)
 pytorch_lora_weights.safetensors   the student LoRA in diffusers format (LoRA mode)
 pytorch_lora_weights_kohya.safetensors
                                    the same LoRA in ComfyUI / Forge / Automatic1111 keys (LoRA mode)
@@ -59,6 +60,7 @@ from .export_layout import (  # noqa: F401  (the file names are part of this mod
     PIPELINE_CLASS,
     PIPELINE_MODULE,
     SAMPLES_FILE,
+    SAMPLES_VIDEO_FILE,
     SCHEDULER_CLASS,
     SCHEDULER_MODULE,
     SUMMARY_FILE,
@@ -66,7 +68,7 @@ from .export_layout import (  # noqa: F401  (the file names are part of this mod
 from .families import ModelFamily, detect_family, get_family, read_teacher_config
 from .families.base import TeacherComponents, run_student_scheduler
 from .hub import UPLOAD_IGNORE_PATTERNS, HubUploadError, hub_id_of, push_to_hub  # noqa: F401  (this module's API)
-from .lora_formats import KOHYA_LORA_WEIGHT_NAME, UNET_STYLE, peft_to_comfy_lora
+from .lora_formats import KOHYA_LORA_WEIGHT_NAME, UNET_STYLE, WAN_STYLE, peft_to_comfy_lora
 from .method.denoisers import Denoiser
 from .method.simulation import sample_student
 from .model_card import BASE_MODEL_PLACEHOLDER, ModelCardInfo, make_model_card
@@ -75,6 +77,7 @@ from .pipelines.pipeline_dmdr import FewStepDMDRPipeline
 from .pipelines.scheduling_dmdr import DMDRScheduler
 from .preflight import check_output_dir
 from .utils import redact_local_paths, redact_local_paths_in, resolve_dtype, save_image_grid
+from .video_io import save_video_grid
 
 
 logger = logging.getLogger(__name__)
@@ -348,7 +351,7 @@ def sample_student_latents(
     # The conditioning size the trainer encodes with (SDXL's micro-conditioning holds height and width).
     condition = family.encode_prompts(teacher.pipeline, prompts, config.conditioning_size, device)
     condition = family.with_guidance_embedding(condition, config.guidance_embedding_scale)
-    shape = family.latent_shape(teacher.backbone, teacher.pipeline.vae_scale_factor, *config.image_size)
+    shape = family.run_latent_shape(teacher.backbone, teacher.pipeline, config)
     noise = randn_tensor((len(prompts), *shape), generator=generator, device=device, dtype=torch.float32)
     student = Denoiser(partial(family.call_backbone, teacher.backbone), scheduler)
     predictions = sample_student(
@@ -396,7 +399,9 @@ def _full_student_pipeline(stock_pipeline, family, scheduler, backbone, config, 
     # the prompt length.
     height, width = config.image_size
     call_defaults = {"height": height, "width": width, **family.export_call_defaults(config, stock_pipeline)}
-    pipeline = FewStepDMDRPipeline(**components, call_defaults=call_defaults)
+    # Checkpoint-dependent constructor flags of the stock pipeline (Wan 2.2 TI2V-5B's `expand_timesteps`).
+    init_kwargs = family.export_init_kwargs(stock_pipeline)
+    pipeline = FewStepDMDRPipeline(**components, call_defaults=call_defaults, stock_init_kwargs=init_kwargs or None)
     if weights.is_lora:
         # Fused in float32 before any cast, so the saved weights lose nothing to the adapter arithmetic.
         pipeline.backbone.fuse_lora(adapter_names=[STUDENT_ADAPTER])
@@ -495,7 +500,10 @@ def write_export(
         else:
             scheduler.save_pretrained(staging / "scheduler")
             _copy_code(staging)
-        if sample_images is not None:
+        if sample_images is not None and sample_images.ndim == 5:
+            # Video students: the clips as an animated GIF grid (`video_io.py`).
+            save_video_grid(sample_images, staging / SAMPLES_VIDEO_FILE, rows=len(config.validation_prompts))
+        elif sample_images is not None:
             prompts = config.validation_prompts
             save_image_grid(sample_images, staging / SAMPLES_FILE, rows=len(prompts), row_captions=prompts)
         backbone = getattr(full_pipeline, family.backbone_name, None) if full_pipeline is not None else None
@@ -556,6 +564,7 @@ def export_entries(folder: Path) -> set[str]:
     names = {
         "README.md",
         SAMPLES_FILE,
+        SAMPLES_VIDEO_FILE,
         CONFIG_FILE,
         LOCAL_PATHS_FILE,
         LORA_WEIGHT_NAME,
@@ -695,7 +704,7 @@ def save_comfy_lora(output_dir: Path, family: ModelFamily, weights: StudentWeigh
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(weights.lora_config["r"]),
         "ss_network_alpha": str(
-            weights.lora_config["lora_alpha"] if style == UNET_STYLE else weights.lora_config["r"]
+            weights.lora_config["lora_alpha"] if style in (UNET_STYLE, WAN_STYLE) else weights.lora_config["r"]
         ),
     }
     path = output_dir / KOHYA_LORA_WEIGHT_NAME

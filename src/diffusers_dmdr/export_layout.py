@@ -9,6 +9,8 @@ from .pipelines.pipeline_dmdr import PIPELINE_CLASS, PIPELINE_MODULE, SCHEDULER_
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 SAMPLES_FILE = "samples.png"
+# Video students (Wan): the validation clips as an animated GIF grid.
+SAMPLES_VIDEO_FILE = "samples.gif"
 SUMMARY_FILE = "train_summary.json"
 # The unredacted local paths of an export (its teacher folder), for use on this machine (`evaluate --teacher auto`);
 # the published recipe names them `<local>/<name>`, and a push never uploads this file (`hub.UPLOAD_IGNORE_PATTERNS`).

@@ -19,7 +19,15 @@ map, read from their source:
   in it (an `.alpha` tensor) and `load_lora_adapter` does not rename `lora_down`/`lora_up` for this model. Folding the
   scale is the one form both load at the trained strength without the diffusers file's JSON metadata.
 
-Both forms hold every module of the PEFT state dict (a test checks the count and that loading it back through
+- **Wan**: the original Wan checkpoint's module paths under ComfyUI's `diffusion_model.` prefix,
+  `diffusion_model.blocks.N.self_attn.q.lora_down.weight` / `.lora_up.weight` / `.alpha` (`attn1` -> `self_attn`,
+  `attn2` -> `cross_attn`, `to_q/k/v/out.0` -> `q/k/v/o`, `ffn.net.0.proj` -> `ffn.0`, `ffn.net.2` -> `ffn.2`).
+  ComfyUI's `model_lora_keys_unet` maps every native weight `diffusion_model.<path>.weight` from the LoRA key
+  `diffusion_model.<path>` ("generic lora format") and its `load_lora` applies `alpha / rank`; diffusers reads the same
+  file through `_convert_non_diffusers_wan_lora_to_diffusers` (`WanLoraLoaderMixin.lora_state_dict`), which maps
+  these paths back and folds `alpha / rank` into the weights.
+
+Every form holds every module of the PEFT state dict (a test checks the count and that loading it back through
 diffusers gives the PEFT file's output).
 """
 
@@ -32,8 +40,29 @@ import torch
 KOHYA_LORA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 # The key forms of a ComfyUI-format file (see the module docstring); each family names its own
 # (`ModelFamily.comfy_lora_style`).
-UNET_STYLE, TRANSFORMER_STYLE = "lora_unet", "transformer"
-COMFY_LORA_FORMS = (UNET_STYLE, TRANSFORMER_STYLE)
+UNET_STYLE, TRANSFORMER_STYLE, WAN_STYLE = "lora_unet", "transformer", "wan"
+COMFY_LORA_FORMS = (UNET_STYLE, TRANSFORMER_STYLE, WAN_STYLE)
+# diffusers' Wan module names -> the original Wan checkpoint's (ComfyUI's `comfy/ldm/wan/model.py` names).
+_WAN_MODULE = re.compile(
+    r"^blocks\.(?P<block>\d+)\.(?P<layer>attn1|attn2|ffn)\.(?P<proj>to_q|to_k|to_v|to_out\.0|net\.0\.proj|net\.2)$"
+)
+_WAN_LAYERS = {"attn1": "self_attn", "attn2": "cross_attn", "ffn": "ffn"}
+_WAN_PROJECTIONS = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o", "net.0.proj": "0", "net.2": "2"}
+
+
+def wan_native_module(module: str) -> str:
+    """The original Wan path of a diffusers `WanTransformer3DModel` module (`blocks.0.attn1.to_q` ->
+    `blocks.0.self_attn.q`, `blocks.0.ffn.net.0.proj` -> `blocks.0.ffn.0`); `ValueError` for a module that the
+    original key form has no name for."""
+    match = _WAN_MODULE.match(module)
+    if match is None or (match["layer"] == "ffn") != match["proj"].startswith("net."):
+        raise ValueError(
+            f"{module!r} has no original Wan key (ComfyUI format: the attention projections and the feed-forward "
+            "layers of the blocks only); train with the Wan family's default LoRA targets."
+        )
+    return f"blocks.{match['block']}.{_WAN_LAYERS[match['layer']]}.{_WAN_PROJECTIONS[match['proj']]}"
+
+
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)\.weight$")
 
 
@@ -53,7 +82,8 @@ def peft_to_comfy_lora(
     $D$ = `lora_down`, $U$ = `lora_up` and $\alpha_k$ = the `.alpha` tensor (scale 1 when absent). So:
 
     - `style="lora_unet"`: $D = A$, $U = B$, $\alpha_k = s\,r$ (= `lora_alpha` without rsLoRA);
-    - `style="transformer"`: keys `lora_A` ($= A$) and `lora_B` ($= s\,B$), no `.alpha`.
+    - `style="transformer"`: keys `lora_A` ($= A$) and `lora_B` ($= s\,B$), no `.alpha`;
+    - `style="wan"`: `diffusion_model.<original Wan path>` keys ([`wan_native_module`]), as `"lora_unet"`.
 
     Args:
         peft_state_dict (`dict[str, torch.Tensor]`):
@@ -74,8 +104,8 @@ def peft_to_comfy_lora(
         `ValueError`: a key that is not a LoRA A/B weight, a module missing its A or B, per-module patterns, or an
         unknown style.
     """
-    if style not in (UNET_STYLE, TRANSFORMER_STYLE):
-        raise ValueError(f"Unknown ComfyUI LoRA style {style!r}; expected {UNET_STYLE!r} or {TRANSFORMER_STYLE!r}.")
+    if style not in COMFY_LORA_FORMS:
+        raise ValueError(f"Unknown ComfyUI LoRA style {style!r}; expected one of {COMFY_LORA_FORMS}.")
     if lora_config.get("rank_pattern") or lora_config.get("alpha_pattern"):
         raise ValueError("Per-module LoRA ranks or alphas (rank_pattern / alpha_pattern) are not supported here.")
     modules: dict[str, dict[str, torch.Tensor]] = {}
@@ -93,8 +123,11 @@ def peft_to_comfy_lora(
     converted = {}
     for module, parts in modules.items():
         down, up = parts["A"], parts["B"]
-        if style == UNET_STYLE:
-            name = "lora_unet_" + module.replace(".", "_")
+        if style in (UNET_STYLE, WAN_STYLE):
+            if style == UNET_STYLE:
+                name = "lora_unet_" + module.replace(".", "_")
+            else:
+                name = "diffusion_model." + wan_native_module(module)
             converted[f"{name}.lora_down.weight"] = down.detach().clone().contiguous()
             converted[f"{name}.lora_up.weight"] = up.detach().clone().contiguous()
             converted[f"{name}.alpha"] = torch.tensor(scale * down.shape[0], dtype=torch.float32)

@@ -16,6 +16,7 @@ from .export_layout import (
     PIPELINE_CLASS,
     PIPELINE_MODULE,
     SAMPLES_FILE,
+    SAMPLES_VIDEO_FILE,
     SCHEDULER_CLASS,
     SCHEDULER_MODULE,
 )
@@ -171,7 +172,8 @@ def make_model_card(info: ModelCardInfo, existing_card: str | Path | None = None
     config, base_model = info.config, info.teacher_hub_id
     license_data = teacher_license(config.pretrained_model_name_or_path, base_model, config.revision, hub_timeout)
     prompts = config.validation_prompts or []
-    widget = [{"text": prompts[0], "output": {"url": SAMPLES_FILE}}] if info.has_samples and prompts else None
+    samples_file = SAMPLES_VIDEO_FILE if info.family.is_video else SAMPLES_FILE
+    widget = [{"text": prompts[0], "output": {"url": samples_file}}] if info.has_samples and prompts else None
     body = _card_body(info)
     # A new export gets fresh metadata; a previous export's card (re-export into the same folder) keeps the metadata
     # this export does not own, while everything below is set afresh. The Hub is never asked for a card here.
@@ -183,8 +185,12 @@ def make_model_card(info: ModelCardInfo, existing_card: str | Path | None = None
             license=license_data.get("license"), library_name="diffusers", base_model=base_model, widget=widget
         )
     tags = BASE_TAGS + list(info.family.card_tags) + (["lora"] if info.has_lora else [])
+    if info.family.is_video:
+        # Video students (Wan): the task tag is the family's "text-to-video".
+        tags = [tag for tag in tags if tag != "text-to-image"]
     populate_model_card(card, tags=[tag for tag in tags if tag not in (card.data.tags or [])])
-    owned = {"base_model": base_model, "widget": widget, "inference": True, "pipeline_tag": "text-to-image"}
+    pipeline_tag = "text-to-video" if info.family.is_video else "text-to-image"
+    owned = {"base_model": base_model, "widget": widget, "inference": True, "pipeline_tag": pipeline_tag}
     for key, value in {**owned, **license_data}.items():
         if value is not None:
             setattr(card.data, key, value)
@@ -211,9 +217,17 @@ def _card_context(info: ModelCardInfo) -> dict:
     config, family, scheduler = info.config, info.family, info.scheduler
     timesteps = list(scheduler.config.training_timesteps)
     recipe, no_recipe_reason = stock_scheduler_recipe(scheduler)
+    if recipe is not None and not _stock_call_takes(family, recipe.get("call_kwargs", {})):
+        # WanPipeline asks its scheduler for `num_inference_steps` only: no stock scheduler gets the trained grid.
+        recipe = None
+        no_recipe_reason = f"`{family.pipeline_class_name}` passes its scheduler no explicit grid"
     size = ""
     if config.image_size != (family.default_resolution,) * 2:
         size = f", height={config.image_size[0]}, width={config.image_size[1]}"
+    if family.is_video:
+        # The stock video pipelines default to their own size and length (Wan: 480 x 832, 81 frames).
+        frames = family.export_call_defaults(config, None)["num_frames"]
+        size = f", height={config.image_size[0]}, width={config.image_size[1]}, num_frames={frames}"
     recipe_kwargs = {}
     if recipe is not None:
         # Guidance off (or FLUX.1's trained embedding) and the trained prompt length: the call defaults
@@ -250,16 +264,30 @@ def _card_context(info: ModelCardInfo) -> dict:
         "rewards": ", ".join(f"`{reward_text(spec)}`" for spec in config.reward),
         "eval_rewards": ", ".join(f"`{reward_text(spec)}`" for spec in config.eval_reward),
         "metrics": metric_rows,
+        # What the snippets call the result: the stock video pipelines return `frames`.
+        "out": (
+            {"name": "video", "attr": "frames", "task": "text-to-video"}
+            if family.is_video
+            else {"name": "image", "attr": "images", "task": "text-to-image"}
+        ),
         "files": {
             "lora": LORA_WEIGHT_NAME,
             "kohya": KOHYA_LORA_WEIGHT_NAME,
-            "samples": SAMPLES_FILE,
+            "samples": SAMPLES_VIDEO_FILE if family.is_video else SAMPLES_FILE,
             "pipeline_module": PIPELINE_MODULE,
             "pipeline_class": PIPELINE_CLASS,
             "scheduler_module": SCHEDULER_MODULE,
             "scheduler_class": SCHEDULER_CLASS,
         },
     }
+
+
+def _stock_call_takes(family: ModelFamily, call_kwargs: dict) -> bool:
+    """Whether the family's stock pipeline accepts every call argument of a stock-scheduler recipe."""
+    import inspect
+
+    parameters = inspect.signature(family.pipeline_class().__call__).parameters
+    return all(name in parameters for name in call_kwargs)
 
 
 def _keyword_text(kwargs: dict) -> str:

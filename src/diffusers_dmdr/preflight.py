@@ -56,12 +56,13 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
         )
     family = get_family(detected)
     family.check_teacher(model_index, config.pretrained_model_name_or_path, config.revision)
+    family.check_run_config(config)  # e.g. Wan's frame count against its VAE's temporal factor
 
     # 2. Resolution against the VAE's spatial factor. Non-square training is wired through the UNet families' size
     # conditioning only; the flow transformers' grids (dynamic shift) and packing assume a square image.
     if config.width not in (None, config.resolution) and not family.supports_non_square:
         raise ValueError(
-            f"--width {config.width} (non-square training) is supported for SDXL and SD1.5 teachers; this teacher is "
+            f"--width {config.width} (non-square training) is supported for SDXL, SD1.5 and Wan teachers; this teacher is "
             f"a {family.name} pipeline: drop --width."
         )
     factor = family.vae_scale_factor(config.pretrained_model_name_or_path, config.revision)

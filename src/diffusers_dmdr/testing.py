@@ -10,8 +10,8 @@ python -m diffusers_dmdr.testing build-tiny --family sdxl --output /tmp/tiny-sdx
 ```
 
 writes a pipeline folder that `DiffusionPipeline.from_pretrained(folder)` loads like any SDXL, SD3, FLUX.1 [dev],
-FLUX.2 [klein], Z-Image or Qwen-Image checkpoint (FLUX builders in `testing_flux.py`, the shared encoders and
-autoencoder in `testing_blocks.py`).
+FLUX.2 [klein], Z-Image, Qwen-Image or Wan checkpoint (FLUX builders in `testing_flux.py`, Wan in `testing_wan.py`
+(`--wan_variant 2.2-ti2v` for Wan 2.2 TI2V-5B's layout), the shared encoders and autoencoder in `testing_blocks.py`).
 """
 
 import argparse
@@ -393,6 +393,10 @@ def tiny_pipeline(family: str, seed: int = 0, **kwargs):
         return ZImagePipeline(**tiny_zimage_components(seed, **kwargs))
     if family == "qwenimage":
         return QwenImagePipeline(**tiny_qwenimage_components(seed, **kwargs))
+    if family == "wan":
+        from .testing_wan import tiny_wan_pipeline
+
+        return tiny_wan_pipeline(seed, **kwargs)
     raise ValueError(f"Unknown tiny family {family!r}; choose one of {TINY_FAMILIES}.")
 
 
@@ -435,9 +439,16 @@ def _build_tiny(argv: list[str]) -> None:
     build.add_argument("--output", required=True, help="folder to write the pipeline to")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--prediction_type", choices=("epsilon", "v_prediction"), default=None)
+    build.add_argument(
+        "--wan_variant", choices=("2.1", "2.2-ti2v"), default=None, help="wan only: Wan 2.1 T2V or Wan 2.2 TI2V-5B"
+    )
     args = parser.parse_args(argv)
     kwargs = {} if args.prediction_type is None else {"prediction_type": args.prediction_type}
-    if get_family(args.family).is_flow and kwargs:
+    if args.wan_variant is not None:
+        if args.family != "wan":
+            parser.error(f"--wan_variant applies to --family wan, not {args.family}.")
+        kwargs["variant"] = args.wan_variant
+    if get_family(args.family).is_flow and args.prediction_type is not None:
         parser.error(f"--prediction_type applies to the DDPM families (sdxl, sd15); {args.family} is flow matching.")
     path = build_tiny_pipeline(args.family, args.output, seed=args.seed, **kwargs)
     print(f"wrote a tiny {args.family} pipeline to {path}")  # noqa: T201

@@ -158,9 +158,8 @@ class DMDRTrainer:
 
         # 2. Student grid and sampler.
         self.scheduler = run_student_scheduler(teacher, config)
-        self.latent_shape = self.family.latent_shape(
-            teacher.backbone, self.pipeline.vae_scale_factor, config.image_size[0], config.image_size[1]
-        )
+        # `(C, H, W)`, or `(C, F, H, W)` for video families.
+        self.latent_shape = self.family.run_latent_shape(teacher.backbone, self.pipeline, config)
 
         # 3. What trains: one module over one frozen base (student adapter or full copy; fake adapter).
         module = build_training_module(teacher, config, self.weight_dtype).to(device)
@@ -196,7 +195,9 @@ class DMDRTrainer:
         self.resumed_history: list[dict] = []
         self.last_checkpoint: Path | None = None
 
-        # 6. The method: what each iteration computes, through the training module's routes.
+        # 6. The method: what each iteration computes, through the training module's routes. Video families score
+        #    decoded clips: image rewards per frame on `--reward_frames`, clip rewards whole (`rewards/video.py`).
+        rewards, eval_rewards = self._rewards_for_family(rewards), self._rewards_for_family(eval_rewards)
         routes = Routes(
             student=self.student_denoiser,
             guidance=self.guidance_denoiser,
@@ -206,8 +207,8 @@ class DMDRTrainer:
             uncondition=self.empty_condition,
             initial_noise=self.initial_noise,
             decode=self.decode_for_rewards,
-            rewards=list(rewards or []),
-            eval_rewards=list(eval_rewards or []),
+            rewards=rewards,
+            eval_rewards=eval_rewards,
             autocast=self.accelerator.autocast,
             fake_condition=self.fake_condition,
         )
@@ -238,7 +239,15 @@ class DMDRTrainer:
 
     @rewards.setter
     def rewards(self, rewards: list) -> None:
-        self.objective.routes.rewards = list(rewards)
+        self.objective.routes.rewards = self._rewards_for_family(rewards)
+
+    def _rewards_for_family(self, rewards: list | None) -> list:
+        rewards = list(rewards or [])
+        if not self.family.is_video:
+            return rewards
+        from .rewards.video import video_rewards
+
+        return video_rewards(rewards, self.config.reward_frames)
 
     @property
     def unwrapped(self) -> DMDRTrainingModule:
@@ -605,10 +614,17 @@ class DMDRTrainer:
         images = self.decode(self.sample_latents(prompts, generator=generator)).float().cpu()
         if not self.accelerator.is_main_process:
             return None
-        path = Path(self.config.output_dir) / "validation" / f"step-{self.state.global_step:06d}.png"
-        save_image_grid(
-            images, path, rows=len(self.config.validation_prompts), row_captions=self.config.validation_prompts
-        )
+        rows = len(self.config.validation_prompts)
+        if images.ndim == 5:
+            # Video families: the clips as an animated GIF grid; the trackers get each clip's first frame.
+            from .video_io import save_video_grid
+
+            path = Path(self.config.output_dir) / "validation" / f"step-{self.state.global_step:06d}.gif"
+            save_video_grid(images, path, rows=rows)
+            images = images[:, :, 0]
+        else:
+            path = Path(self.config.output_dir) / "validation" / f"step-{self.state.global_step:06d}.png"
+            save_image_grid(images, path, rows=rows, row_captions=self.config.validation_prompts)
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.add_images("validation", images.numpy(), self.state.global_step, dataformats="NCHW")

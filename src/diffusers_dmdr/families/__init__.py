@@ -24,6 +24,7 @@ from .flux import Flux2KleinFamily, FluxFamily
 from .qwenimage import QwenImageFamily
 from .sd3 import SD3Family
 from .sdxl import SD15Family, SDXLFamily
+from .wan import WanFamily
 from .zimage import ZImageFamily
 
 
@@ -35,6 +36,7 @@ FAMILIES: dict[str, type[ModelFamily]] = {
     "flux2": Flux2KleinFamily,
     "zimage": ZImageFamily,
     "qwenimage": QwenImageFamily,
+    "wan": WanFamily,
 }
 FAMILY_BY_PIPELINE = {family.pipeline_class_name: name for name, family in FAMILIES.items()}
 
@@ -69,6 +71,7 @@ __all__ = [
     "SD3Family",
     "SDXLFamily",
     "TeacherComponents",
+    "WanFamily",
     "ZImageFamily",
     "detect_family",
     "get_family",

@@ -74,7 +74,7 @@ def run_student_scheduler(teacher: TeacherComponents, config) -> DMDRScheduler:
     """The student's sampler of a run (`config`: a `DMDRConfig`): its grid from [`student_grid_for`] in the scheduler
     [`student_scheduler_for`] builds. The trainer and the export both ask this one function."""
     timesteps, grid_origin = student_grid_for(
-        teacher.family, config, teacher.pipeline.scheduler.config, teacher.pipeline.vae_scale_factor
+        teacher.family, config, teacher.pipeline.scheduler.config, teacher.family.spatial_vae_factor(teacher.pipeline)
     )
     return student_scheduler_for(
         teacher, timesteps, config.backward_simulation, config.shift, config.flow_x0_noise_level, grid_origin
@@ -187,8 +187,11 @@ class ModelFamily(ABC):
     default_guidance_embedding: float | None = None
     # How the default student grid is made: one of `GRID_RULES`.
     grid_rule: str = "shifted-flow"
-    # Non-square training (`--width`): wired through the UNet families' size conditioning only.
+    # Non-square training (`--width`): wired through the UNet families' size conditioning, and Wan (static grid, no
+    # packing: its stock pipeline samples 480 x 832).
     supports_non_square: bool = False
+    # Video families (Wan): 5-D `(B, C, F, H, W)` latents from `--num_frames`, decoded to `(B, 3, F, H, W)` videos.
+    is_video: bool = False
 
     @property
     def stock_route(self) -> StockRoute:
@@ -219,6 +222,15 @@ class ModelFamily(ABC):
         """Refuse, before any weight loads, a teacher of this pipeline class that the family cannot distil (e.g. an
         already step-distilled variant); the message names the checkpoint to use instead. Default: accept."""
         return None
+
+    def check_run_config(self, config) -> None:
+        """Refuse, before any weight loads, run settings this family cannot train (`config`: a `DMDRConfig`).
+        Default: `--num_frames` belongs to the video families."""
+        if getattr(config, "num_frames", None) is not None:
+            raise ValueError(
+                f"--num_frames {config.num_frames} applies to video teachers (wan); this teacher is a {self.name} "
+                "image pipeline: drop --num_frames."
+            )
 
     def student_grid(
         self, num_steps: int, shift: float | None, scheduler_config: dict, resolution: int, vae_scale_factor: int
@@ -282,6 +294,20 @@ class ModelFamily(ABC):
         image of `height` x `width` pixels (square when `width` is not given)."""
         width = height if width is None else width
         return (self.latent_channels(backbone), height // vae_scale_factor, width // vae_scale_factor)
+
+    def spatial_vae_factor(self, pipeline) -> int:
+        """The loaded pipeline's spatial VAE factor (`vae_scale_factor`; Wan names it `vae_scale_factor_spatial`)."""
+        return pipeline.vae_scale_factor
+
+    def run_latent_shape(self, backbone, pipeline, config) -> tuple[int, ...]:
+        """The shape (without batch) of the latents the trainer noises for the run `config`: [`latent_shape`] at its
+        image size; video families add the frame axis."""
+        return self.latent_shape(backbone, self.spatial_vae_factor(pipeline), *config.image_size)
+
+    def export_init_kwargs(self, pipeline) -> dict:
+        """Constructor arguments of the stock pipeline that depend on the teacher checkpoint (stored in the export's
+        `FewStepDMDRPipeline` config, over the stock route's `init_kwargs`). Default: none."""
+        return {}
 
     def step_noise(self, sample: torch.Tensor, generator) -> torch.Tensor:
         """Fresh re-noising noise for the student's sampler, drawn in the layout of the latents the stock pipeline

@@ -411,7 +411,11 @@ def _check_passes_gradients(reward: FrozenReward, device: torch.device) -> None:
             "and cannot be trained on; use it for evaluation or give it weight 0 as a monitor."
         )
     prompts = list(getattr(reward.reward, "example_prompts", PROBE_PROMPTS))[:2]
-    probe = torch.rand(len(prompts), 3, PROBE_IMAGE_SIZE, PROBE_IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    # A reward on whole clips (`input_kind = "video"`, see `rewards/video.py`) is probed with 2-frame clips.
+    frames = (2,) if getattr(reward.reward, "input_kind", "image") == "video" else ()
+    probe = torch.rand(
+        len(prompts), 3, *frames, PROBE_IMAGE_SIZE, PROBE_IMAGE_SIZE, generator=torch.Generator().manual_seed(0)
+    )
     probe = probe.to(device).requires_grad_(True)
     # The probe must not shift the global RNG streams (a reward may draw from them, as the relative one does):
     # exact resume and seeded runs depend on them.
