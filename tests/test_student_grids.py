@@ -37,6 +37,14 @@ RELEASED_SCHEDULERS = {
     "flux2": {"_class_name": "FlowMatchEulerDiscreteScheduler", **FLUX_SCHEDULER_CONFIG},
     "zimage": {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "num_train_timesteps": 1000},
     "qwenimage": QWENIMAGE_RELEASED_SCHEDULER,
+    # Wan 2.1 T2V 1.3B's scheduler: UniPC on flow sigmas at the 480p shift.
+    "wan": {
+        "_class_name": "UniPCMultistepScheduler",
+        "flow_shift": 3.0,
+        "prediction_type": "flow_prediction",
+        "use_flow_sigmas": True,
+        "num_train_timesteps": 1000,
+    },
 }
 
 
@@ -73,6 +81,8 @@ def rule_grid(name: str, num_steps: int) -> list[float]:
         return shifted_flow_grid(num_steps, 3.0)
     if rule == "shifted-linear":
         return shifted_linear_flow_grid(num_steps, 3.0)
+    if name == "wan":  # the SD3 shift rule at the teacher scheduler's own static `flow_shift`
+        return shifted_flow_grid(num_steps, RELEASED_SCHEDULERS["wan"]["flow_shift"])
     return teacher_scheduler_rule(name, num_steps)
 
 

@@ -775,7 +775,7 @@ def estimate_iteration(
     (`tests/test_memory_estimate.py::test_fake_estimate_matches_the_cuda_peak`).
     """
     from .adapters import FAKE_ADAPTER, STUDENT_ADAPTER, AdapterRouter
-    from .losses import dmd_loss, fake_score_loss
+    from .method.losses import dmd_loss, fake_score_loss
 
     kind, options, dtype, batch = spec.kind, spec.options, torch.bfloat16, spec.batch_size
     backbone = build_backbone(spec, dtype)
