@@ -518,7 +518,7 @@ class DMDRConfig:
             value = getattr(self, name)
             if value is not None and (not math.isfinite(value) or value <= 0):
                 problems.append(
-                    f"--{name} must be a positive finite number, got {value}; leave it unset to keep the stage-1 value."
+                    f"--{name} must be positive and finite, got {value}; leave it unset to keep the stage-1 value."
                 )
         if self.shift is not None and (not math.isfinite(self.shift) or self.shift <= 0):
             problems.append(
@@ -764,13 +764,16 @@ _document_fields(DMDRConfig)
 
 
 def recipe_folder() -> Path | None:
-    """Where the shipped recipes are: `diffusers_dmdr/recipes/` in an installed wheel (setup.py packages
-    `examples/train_dmdr/configs/` under that name), that folder itself in a checkout."""
-    package = Path(__file__).resolve().parent
-    for folder in (package / "recipes", package.parents[1] / "examples" / "train_dmdr" / "configs"):
-        if folder.is_dir():
-            return folder
-    return None
+    """Where the shipped recipes are: the data package `diffusers_dmdr.recipes`, which setup.py builds from
+    `examples/train_dmdr/configs/` (found through the import system, so an editable install finds that folder)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("diffusers_dmdr.recipes")
+    except ImportError:
+        return None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(locations[0]) if locations else None
 
 
 def recipe_names() -> list[str]:
