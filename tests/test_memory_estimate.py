@@ -263,3 +263,35 @@ def test_fake_estimate_matches_the_cuda_peak(model, tolerance):
         assert abs(fake.phases[phase] / measured - 1) <= tolerance, (phase, fake.phases[phase], measured)
     assert fake.persistent == real.persistent
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preflight: --max_memory_gib
+# ----------------------------------------------------------------------------------------------------------------
+def test_max_memory_gib_in_preflight_fits_or_refuses_in_one_line(
+    tiny_teacher_dirs, prompt_file, tmp_path, monkeypatch
+):
+    """The tiny SDXL teacher's run, estimated from its own configs before any weight loads: a large budget passes
+    and caches the estimate; a budget below the CUDA context alone is refused in one line that names the estimate."""
+    from conftest import tiny_config
+
+    from diffusers_dmdr.memory_estimate import estimate_cache_path
+    from diffusers_dmdr.preflight import check_run_inputs
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    teacher = tiny_teacher_dirs["sdxl"]
+    config = tiny_config(teacher, prompt_file, tmp_path / "out", mixed_precision="bf16", max_memory_gib=1000)
+    check_run_inputs(config)
+    assert estimate_cache_path().is_file()
+    small = tiny_config(teacher, prompt_file, tmp_path / "out", mixed_precision="bf16", max_memory_gib=0.1)
+    with pytest.raises(ValueError) as raised:
+        check_run_inputs(small)
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("--max_memory_gib 0.1: this run needs an estimated")
+    assert "no option this project can estimate fits" in message
+
+
+def test_max_memory_gib_must_be_positive(prompt_file, tmp_path):
+    from conftest import tiny_config
+
+    with pytest.raises(ValueError, match="--max_memory_gib must be positive"):
+        tiny_config("unused", prompt_file, tmp_path, max_memory_gib=0)

@@ -174,6 +174,9 @@ class DMDRConfig:
     memory_plan_num_processes (`int`, *optional*): the process count for which preflight's memory plan reports the
         per-process bytes under FSDP2 sharding (default: the launch's `WORLD_SIZE`, 1 without a launcher). The plan
         counts weights, gradients and optimizer states exactly from the component configs; activations are not in it.
+    max_memory_gib (`float`, *optional*): GPU memory per process the run must fit in. Preflight then estimates a whole
+        iteration, activations included (`memory_estimate.check_memory_budget`: fake tensors, no weights), and refuses
+        a run over it, naming the cheapest options that would fit.
     """
 
     # > Teacher and student
@@ -372,6 +375,10 @@ class DMDRConfig:
             "launch's WORLD_SIZE."
         },
     )
+    max_memory_gib: float | None = field(
+        default=None,
+        metadata={"help": "GPU memory per process the run must fit in; preflight estimates the whole iteration."},
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
         default=None, metadata={"help": "Precision of frozen weights and autocast; default: accelerate's config."}
     )
@@ -496,6 +503,8 @@ class DMDRConfig:
             problems.append(f"--resolution must be a positive multiple of the VAE factor, got {self.resolution}.")
         if self.width is not None and self.width < 8:
             problems.append(f"--width must be a positive multiple of the VAE factor, got {self.width}.")
+        if self.max_memory_gib is not None and not self.max_memory_gib > 0:
+            problems.append(f"--max_memory_gib must be positive, got {self.max_memory_gib}.")
         if self.memory_plan_num_processes is not None and self.memory_plan_num_processes < 1:
             problems.append(f"--memory_plan_num_processes must be at least 1, got {self.memory_plan_num_processes}.")
         if self.max_consecutive_nonfinite_steps < 1:

@@ -10,6 +10,7 @@ from .config import DMDRConfig
 from .data import load_prompts
 from .families import ModelFamily, detect_family, get_family, read_teacher_config
 from .families.base import read_component_config, read_scheduler_config, student_grid_for
+from .memory_estimate import check_memory_budget
 from .memory_plan import MemoryPlan, memory_plan_for
 from .pipelines.scheduling_dmdr import DMDRScheduler
 
@@ -130,6 +131,9 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
     )
     # 8. Memory plan: exact weight, gradient and optimizer bytes from the component configs (meta device, no weights).
     memory_plan = memory_plan_for(config, family, model_index)
+    # 9. With --max_memory_gib: a whole iteration, activations included, estimated on fake tensors against the budget.
+    if config.max_memory_gib is not None:
+        logger.info(check_memory_budget(config, family))
     return RunPlan(family, list(timesteps), prompts, reward_specs, eval_specs, memory_plan)
 
 
