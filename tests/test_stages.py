@@ -59,5 +59,5 @@ def test_prompt_stream_continues_across_a_batch_change():
 
 
 def test_stage_two_fields_validate():
-    with pytest.raises(ValueError, match="--stage2_learning_rate must be a positive"):
+    with pytest.raises(ValueError, match="--stage2_learning_rate must be positive"):
         config(stage2_learning_rate=0.0)
