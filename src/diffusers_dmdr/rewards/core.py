@@ -20,6 +20,7 @@ from .classifier import ClassifierReward
 from .clip import CLIPReward, HPSReward, HPSv2Reward, PickScoreReward
 from .imports import ENTRY_POINT_GROUP, entry_point_reward, resolve_reward_import_path
 from .relative import RelativeReward
+from .scores import RemoteReward, ScoreReward, is_score_reward
 from .weights import check_model_reference
 
 
@@ -33,6 +34,7 @@ REWARD_REGISTRY: dict[str, Callable[..., Callable]] = {
     "aesthetic": AestheticReward,
     "classifier": ClassifierReward,
     "relative": RelativeReward,
+    "remote": RemoteReward,
 }
 # The paper's hinge threshold (DMDR §4.1); rewards may declare their own `default_hinge`.
 DEFAULT_HINGE = 0.7
@@ -427,8 +429,8 @@ def _display_names(specs: list[RewardSpec]) -> list[str]:
 def _check_passes_gradients(reward: FrozenReward, device: torch.device) -> None:
     if reward.differentiable is False:
         raise ValueError(
-            f"Reward {reward.name!r} declares differentiable = False, so it cannot pass gradients to the generator "
-            "and cannot be trained on; use it for evaluation or give it weight 0 as a monitor."
+            f"Reward {reward.name!r} declares differentiable = False, so reward back-propagation cannot train on it: "
+            "train with a policy-gradient objective (--rl grpo or --rl dpo), or give it weight 0 as a monitor."
         )
     prompts = list(getattr(reward.reward, "example_prompts", PROBE_PROMPTS))[:2]
     probe = torch.rand(len(prompts), 3, PROBE_IMAGE_SIZE, PROBE_IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
@@ -478,6 +480,9 @@ def load_rewards(
         factory = resolve_reward_factory(spec.name)
         options = {key: value for key, value in spec.options.items() if key not in RUNTIME_OPTIONS}
         reward = factory if _is_reward_function(factory) else factory(**options)
+        if is_score_reward(reward) and not isinstance(reward, nn.Module):
+            # A scorer of decoded images (uint8 / PIL in, floats out) joins the tensor protocol here.
+            reward = ScoreReward(reward, name=name)
         if not callable(reward):
             raise ValueError(f"Reward {spec.name!r} built a {type(reward).__name__}, which is not callable.")
         offload = spec.options.get("offload", False)
