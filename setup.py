@@ -14,6 +14,8 @@ INSTALL_REQUIRES = [
     "peft>=0.17",
     "datasets>=4.0",
     "huggingface_hub>=1.0,<3",
+    # The model card template (torch already depends on it).
+    "Jinja2>=3.1,<4",
     "safetensors>=0.4",
     "pyyaml",
     "tqdm",
@@ -46,6 +48,7 @@ setup(
     },
     package_dir={"": "src", "diffusers_dmdr.pipelines": "pipelines"},
     packages=find_packages("src") + ["diffusers_dmdr.pipelines"],
+    package_data={"diffusers_dmdr": ["templates/*.jinja"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

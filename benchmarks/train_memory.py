@@ -3,16 +3,17 @@
 
 One measured iteration is what the trainer runs per generator step: `update_ratio` times (backward simulation of
 the student without grad, one fake-score update), then one generator update (student forward with grad, real score
-with CFG and fake score without grad, DMD loss, optionally a differentiable reward decode). It is built from the
-project's own pieces (`adapters.build_training_backbones`, `DMDRTrainingModule`, `optimization.make_optimizer`,
-`denoisers.Denoiser`, `simulation.backward_simulation`, `losses`, `DMDRScheduler`) on random-init real architectures, and compares
+with CFG and fake score without grad, DMD loss, optionally a differentiable reward decode). The losses are the
+trainer's own objective (`method.objective.DMDRObjective`, through the same `Routes`), stepped per role on one
+optimizer as the trainer steps it (`optimization.make_optimizer`, `step_role`), on random-init real architectures
+(`adapters.build_training_backbones`, `DMDRTrainingModule`), and it compares
 
 - `shared`: the project's layout, one frozen base under the student and fake LoRA adapters;
 - `naive`: separate teacher, fake-score and student copies of the backbone (deep copies) in the same run;
 
 with gradient checkpointing on/off, 8-bit AdamW, and a tiny (TAESD-shaped) vs full (AutoencoderKL) reward decode.
 Text encoders are not run: conditioning tensors are random, of the real shapes. The reward is a differentiable
-image statistic through `losses.reward_loss`, so the decode is measured but no reward tower is.
+image statistic (hinge 0.7, from the first generator step on), so the decode is measured but no reward tower is.
 
 Each configuration runs in its own process: on CUDA the peak is `torch.cuda.max_memory_allocated`; on the CPU it is
 the peak RSS (`resource.getrusage`) above the process's RSS when it started (forked after the imports).
@@ -33,8 +34,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -231,11 +232,14 @@ class Run:
 
         from diffusers import AutoencoderKL, AutoencoderTiny, SD3Transformer2DModel, UNet2DConditionModel
 
+        from diffusers_dmdr import DMDRConfig
         from diffusers_dmdr.adapters import FAKE_ADAPTER, STUDENT_ADAPTER, add_lora_adapter, build_training_backbones
-        from diffusers_dmdr.denoisers import Denoiser
         from diffusers_dmdr.families import get_family
+        from diffusers_dmdr.method.denoisers import Denoiser
+        from diffusers_dmdr.method.objective import DMDRObjective, Routes
         from diffusers_dmdr.optimization import make_optimizer
         from diffusers_dmdr.pipelines.scheduling_dmdr import DMDRScheduler
+        from diffusers_dmdr.rewards import LoadedReward
         from diffusers_dmdr.training_module import GUIDANCE_ROLE, STUDENT_ROLE, DMDRTrainingModule
 
         self.spec, self.row, self.device, self.args = spec, row, device, args
@@ -250,7 +254,6 @@ class Run:
             backbone, _ = build_training_backbones(base, "lora", self.dtype, student_lora, fake_lora, seed=0)
             module = DMDRTrainingModule(backbone, call)
             self.student_module = self.fake_module = self.real_module = module
-            self.real_role, self.real_scale = GUIDANCE_ROLE, 0.5  # the DynaDG multiplier at step 0
         else:
             student_base, fake_base = copy.deepcopy(base), copy.deepcopy(base)
             for backbone, adapter, lora in (
@@ -265,12 +268,10 @@ class Run:
             self.student_module = DMDRTrainingModule(student_base, call)
             self.fake_module = DMDRTrainingModule(fake_base, call)
             self.real_module = DMDRTrainingModule(base, call)  # the teacher: no adapter at all
-            self.real_role, self.real_scale = GUIDANCE_ROLE, 0.0
         self.modules = list({id(m): m for m in (self.student_module, self.fake_module, self.real_module)}.values())
         if row.gradient_checkpointing:
             self.student_module.backbone.enable_gradient_checkpointing()
             self.fake_module.backbone.enable_gradient_checkpointing()
-        self.roles = (STUDENT_ROLE, GUIDANCE_ROLE)
         self.reward_vae = None
         if row.reward_decode == "tiny":
             self.reward_vae = random_module(AutoencoderTiny, spec.taesd, device, self.dtype)
@@ -280,9 +281,10 @@ class Run:
             STUDENT_ROLE: self.student_module.parameters_of(STUDENT_ROLE),
             GUIDANCE_ROLE: self.fake_module.parameters_of(GUIDANCE_ROLE),
         }
+        self.learning_rates = {role: 1e-6 for role in self.groups}
         self.optimizer = make_optimizer(
             self.groups,
-            {role: 1e-6 for role in self.groups},
+            self.learning_rates,
             {role: 0.0 for role in self.groups},
             betas=(0.9, 0.999),
             eps=1e-8,
@@ -295,13 +297,46 @@ class Run:
             grid_shift=5.0 if self.family.is_flow else None,
             deterministic=self.family.default_backward_simulation == "ode",
         )
-        self.student_denoiser = Denoiser(partial(self.student_module, STUDENT_ROLE), self.scheduler)
-        self.fake_denoiser = Denoiser(partial(self.fake_module, GUIDANCE_ROLE, lora_scale=2.0), self.scheduler)
-        self.real_denoiser = Denoiser(
-            partial(self.real_module, self.real_role, lora_scale=self.real_scale), self.scheduler
-        )
         channels = spec.backbone["in_channels"]
         self.latent_shape = (args.batch_size, channels, spec.resolution // 8, spec.resolution // 8)
+        # The trainer's defaults (fake multiplier 2, CFG 7, DynaRS / DynaDG at their first step), rewards from step 0.
+        config = DMDRConfig(
+            pretrained_model_name_or_path=spec.name,
+            train_prompts="benchmark",
+            update_ratio=args.update_ratio,
+            cold_start_steps=0,
+            dynamic_steps=1,
+            guidance_scale_jitter=0.0,
+        )
+        generator = torch.Generator(device).manual_seed(0)
+
+        def guidance(lora_scale: float) -> Denoiser:
+            if row.layout == "naive" and lora_scale != config.fake_score_lora_scale:
+                # The naive layout's real score is its teacher copy (no adapter, so no DynaDG multiplier).
+                return Denoiser(partial(self.real_module, GUIDANCE_ROLE, lora_scale=0.0), self.scheduler)
+            return Denoiser(partial(self.fake_module, GUIDANCE_ROLE, lora_scale=lora_scale), self.scheduler)
+
+        def brightness(images, prompts):
+            return images.mean(dim=(1, 2, 3))
+
+        self.objective = DMDRObjective(
+            config,
+            Routes(
+                student=Denoiser(partial(self.student_module, STUDENT_ROLE), self.scheduler),
+                guidance=guidance,
+                student_parameters=lambda: self.groups[STUDENT_ROLE],
+                real_score_x0=self.family.real_score_x0,
+                encode=lambda prompts: conditions(spec, len(prompts), device, self.dtype, generator),
+                uncondition=conditions(spec, 1, device, self.dtype, generator),
+                initial_noise=lambda size, generators: randn_tensor(
+                    (size, *self.latent_shape[1:]), generator=generators, device=device
+                ),
+                decode=lambda latents: self.family.decode(self.reward_vae, latents),
+                rewards=[] if self.reward_vae is None else [LoadedReward("brightness", brightness, 1.0, 0.7)],
+                eval_rewards=[],
+                autocast=self.autocast,
+            ),
+        )
 
     def autocast(self):
         if self.device.type == "cuda":
@@ -319,62 +354,32 @@ class Run:
             seen[(tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))] = tensor
         return sum(t.numel() * t.element_size() for t in seen.values())
 
-    def _step(self, loss, module, role: str, scale: float) -> None:
-        # Checkpointing recomputes the forward during backward with the adapters routed as they are now.
-        module.route(role, scale)
+    def _update(self, role: str, batches: list, loss_fn) -> torch.Tensor:
+        """One optimizer step of `role`, as the trainer's: the objective's loss, backward through the role's route
+        (checkpointing recomputes the forward with the adapters routed as they are now), clip, `step_role`."""
+        from diffusers_dmdr.optimization import step_role
+        from diffusers_dmdr.training_module import STUDENT_ROLE
+
+        module = self.student_module if role == STUDENT_ROLE else self.fake_module
+        self.objective.before_update(role, 0)
+        (batch,) = batches
+        module.train()
+        loss, _ = loss_fn(batch, 0)
+        module.route(role, self.objective.lora_scale_of(role))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.groups[role], 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        torch.nn.utils.clip_grad_norm_(self.groups[role], self.objective.config.max_grad_norm)
+        step_role(self.optimizer, role, self.learning_rates)
+        return loss
 
     def iteration(self, seed: int) -> None:
         """`update_ratio` x (backward simulation + fake-score update), then one generator update, as the trainer."""
-        from diffusers_dmdr.denoisers import guided_x0
-        from diffusers_dmdr.losses import dmd_loss, fake_score_loss, reward_loss
-        from diffusers_dmdr.schedules import sample_renoise_levels
-        from diffusers_dmdr.simulation import backward_simulation
         from diffusers_dmdr.training_module import GUIDANCE_ROLE, STUDENT_ROLE
 
-        rng = np.random.default_rng(seed)
-        generator = torch.Generator(self.device).manual_seed(seed)
-        batch = self.latent_shape[0]
-        condition = conditions(self.spec, batch, self.device, self.dtype, generator)
-        uncondition = conditions(self.spec, batch, self.device, self.dtype, generator)
-        mode = self.family.default_backward_simulation
-
-        def randn(shape):
-            return torch.randn(shape, generator=generator, device=self.device)
-
-        for _ in range(self.args.update_ratio):
-            step_index = torch.from_numpy(rng.integers(0, len(self.scheduler.noise_levels), size=batch))
-            with self.autocast():
-                simulation = backward_simulation(
-                    lambda sample, level: self.student_denoiser(sample, level, condition),
-                    randn(self.latent_shape), self.scheduler, mode, generator, step_index,
-                )  # fmt: skip
-            level = sample_renoise_levels(batch, 4.0, 1.5, rng).to(self.device)
-            noise = randn(self.latent_shape)
-            noisy = self.scheduler.add_noise_at(simulation.clean_sample, noise, level)
-            target = self.scheduler.training_target(simulation.clean_sample, noise, level)
-            self.fake_module.train()
-            with self.autocast():
-                prediction = self.fake_denoiser.predict(noisy, level, condition)
-            self._step(fake_score_loss(prediction, target), self.fake_module, GUIDANCE_ROLE, 2.0)
-
-        self.student_module.train()
-        with self.autocast():
-            x0_student = self.student_denoiser(simulation.student_input, simulation.noise_level, condition)
-        level = sample_renoise_levels(batch, 4.0, 1.5, rng).to(self.device)
-        noisy_student = self.scheduler.add_noise_at(x0_student.detach(), randn(self.latent_shape), level)
-        with torch.no_grad(), self.autocast():
-            x0_real = guided_x0(self.real_denoiser, noisy_student, level, condition, uncondition, 7.0)
-            x0_fake = self.fake_denoiser(noisy_student, level, condition)
-        loss = dmd_loss(x0_student, x0_real, x0_fake)
-        if self.reward_vae is not None:
-            with self.autocast():
-                images = self.family.decode(self.reward_vae, x0_student)
-            loss = loss + reward_loss(images.mean(dim=(1, 2, 3)))
-        self._step(loss, self.student_module, STUDENT_ROLE, 1.0)
+        prompts = ["a benchmark prompt"] * self.latent_shape[0]
+        for index in range(self.args.update_ratio):
+            batches = self.objective.rollout(seed * self.args.update_ratio + index, 0, prompts, 0, 1)
+            self._update(GUIDANCE_ROLE, batches, self.objective.fake_score_loss)
+        loss = self._update(STUDENT_ROLE, batches, self.objective.generator_loss)
         if not torch.isfinite(loss):
             raise RuntimeError(f"{self.row.name}: the generator loss is {loss.item()}")
 
@@ -422,15 +427,8 @@ def preload_modules(use_8bit_adam: bool) -> None:
     from diffusers import AutoencoderKL, AutoencoderTiny, SD3Transformer2DModel, UNet2DConditionModel  # noqa: F401
     from peft.tuners.lora import LoraModel  # noqa: F401
 
-    from diffusers_dmdr import (  # noqa: F401
-        adapters,
-        denoisers,
-        losses,
-        optimization,
-        schedules,
-        simulation,
-        training_module,  # noqa: F401
-    )
+    from diffusers_dmdr import adapters, optimization, training_module  # noqa: F401
+    from diffusers_dmdr.method import objective  # noqa: F401
 
     if use_8bit_adam:
         import bitsandbytes  # noqa: F401

@@ -273,12 +273,9 @@ class FewStepDMDRPipeline(DiffusionPipeline):
         # this file leaves the entry alone: diffusers then asks for `trust_remote_code`.)
         installed = bool(__package__) and not __package__.startswith("diffusers_modules")
         if list(config.get("scheduler") or []) == [SCHEDULER_MODULE, SCHEDULER_CLASS] and installed:
-            try:
-                scheduler_module = importlib.import_module(f".{SCHEDULER_MODULE}", __package__)
-            except ImportError:
-                scheduler_module = None
-            if scheduler_module is not None:
-                config["scheduler"] = [scheduler_module.__name__, SCHEDULER_CLASS]
+            # Installed, the scheduler module ships beside this one: failing to import it is a broken install.
+            scheduler_module = importlib.import_module(f".{SCHEDULER_MODULE}", __package__)
+            config["scheduler"] = [scheduler_module.__name__, SCHEDULER_CLASS]
         return outputs
 
     def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):

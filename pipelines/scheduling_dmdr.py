@@ -77,11 +77,23 @@ def _is_flow_config(config: dict) -> bool:
     return "use_dynamic_shifting" in config and "shift" in config and "beta_start" not in config
 
 
-def _shifted_flow_grid(num_steps: int, shift: float, num_train_timesteps: int) -> list[float]:
-    """The default flow student grid: `t_k = shift s / (1 + (shift - 1) s)` at `s = 1, ..., 1/num_steps`, model units."""
-    uniform = np.linspace(1.0, 0.0, num_steps + 1)[:-1]
-    shifted = shift * uniform / (1.0 + (shift - 1.0) * uniform)
-    return [float(level * num_train_timesteps) for level in shifted]
+def ddpm_student_grid(num_steps: int, num_train_timesteps: int = 1000) -> list[float]:
+    """The default DDPM student grid: evenly spaced, trailing, ending at the last training timestep (4 steps give
+    `[999, 749, 499, 249]`)."""
+    spacing = num_train_timesteps // num_steps
+    return [float(num_train_timesteps - 1 - index * spacing) for index in range(num_steps)]
+
+
+def shifted_flow_grid(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> list[float]:
+    r"""The default flow student grid (the released SD3 scripts' rule), in model units.
+
+    `s = linspace(1, 0.001, N + 1)[:N]` warped as `shift s / (1 + (shift - 1) s)`: SD3-Medium (shift 3) 4 steps give
+    noise levels `[1.0, 0.9001, 0.7504, 0.5010]`, SD3.5-Large (shift 5) `[1.0, 0.9376, 0.8336, 0.6259]`. The trainer's
+    default grid and the one a `FlowMatch*` config gives in [`DMDRScheduler.from_config`] are this function's.
+    """
+    unshifted = np.linspace(1.0, 0.001, num_steps + 1)[:num_steps]
+    warped = shift * unshifted / (1.0 + (shift - 1.0) * unshifted)
+    return [float(level * num_train_timesteps) for level in warped]
 
 
 class DMDRScheduler(SchedulerMixin, ConfigMixin):
@@ -203,7 +215,7 @@ class DMDRScheduler(SchedulerMixin, ConfigMixin):
         """Build from a config dict, including another scheduler's.
 
         A `FlowMatch*` config (the teacher's scheduler of a flow family) gives a flow scheduler whose default grid is
-        the 4-step grid shifted by that config's `shift`; DDPM configs carry their betas, `trained_betas` and
+        the 4-step [`shifted_flow_grid`] at that config's `shift` (the grid the trainer trains on); DDPM configs carry their betas, `trained_betas` and
         `rescale_betas_zero_snr` over.
         """
         if config is not None and not isinstance(config, dict) and hasattr(config, "config"):
@@ -213,7 +225,7 @@ class DMDRScheduler(SchedulerMixin, ConfigMixin):
             kwargs["prediction_type"] = "flow"
             if "training_timesteps" not in config and "training_timesteps" not in kwargs:
                 shift = float(config.get("shift", 1.0))
-                kwargs["training_timesteps"] = _shifted_flow_grid(4, shift, config.get("num_train_timesteps", 1000))
+                kwargs["training_timesteps"] = shifted_flow_grid(4, shift, config.get("num_train_timesteps", 1000))
                 kwargs.setdefault("grid_shift", shift)
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 

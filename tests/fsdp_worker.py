@@ -1,8 +1,23 @@
-"""Worker of tests/test_fsdp.py, started by `torch.distributed.run --nproc_per_node 2`: the same DMDR run twice in one
-2-process gloo world, once data parallel (DDP, the unsharded reference) and once sharded with FSDP2 by the policy of
-the shipped FSDP2 config, then a sharded checkpoint round trip. Rank 0 writes what it saw as JSON."""
+"""Worker of tests/test_fsdp.py, started on 2 CPU processes (gloo) by
+
+    ACCELERATE_USE_CPU=true accelerate launch --config_file examples/train_dmdr/accelerate_configs/fsdp2.yaml \
+        --num_processes 2 --mixed_precision no tests/fsdp_worker.py TEACHER PROMPTS OUTPUT MODE [--with_ddp]
+
+(or the two-node files, one process per "node"), so the shipped FSDP2 settings (wrap policy, state-dict type,
+resharding, and the file's bf16 when `--mixed_precision` is not overridden) reach the processes exactly as a GPU launch
+of that file passes them (the `FSDP_*` environment); tests/accelerate_fsdp.py switches accelerate onto its FSDP2 path,
+which only accelerators take by themselves. MODE is `lora` or `full` (the student).
+
+Runs, in one 2-process world (batch 1 per process, global batch 2):
+- `ddp` (`--with_ddp`): data parallel, the unsharded reference, and an exact resume from its step-1 checkpoint;
+- `fsdp2`: accelerate's FSDP2 `prepare`; a sharded checkpoint is written by `save_state` after step 1; the gathered
+  student is exported by `export_from_trainer` (what train.py runs at the end); frozen-base and gradient facts;
+- `fsdp2_resumed`: a new run resumed by `load_state` from that sharded checkpoint, for the second step.
+Rank 0 writes `results.json` (losses, facts) and each run's gathered weights as safetensors.
+"""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,7 +29,8 @@ torch.set_num_threads(1)
 
 PROMPTS = ["a red cat", "a blue dog", "the number seven", "a green house"]
 # Per process: batch 1 (global batch 2). Large Adam epsilon: updates proportional to the gradients, so runs whose
-# gradients agree to rounding agree in their weights too.
+# gradients agree to rounding agree in their weights too. A checkpoint after every step: the FSDP2 run's step-1
+# checkpoint is the one the resumed run starts from.
 COMMON = dict(
     max_train_steps=2,
     cold_start_steps=2,
@@ -23,116 +39,135 @@ COMMON = dict(
     adam_epsilon=1.0,
     learning_rate=0.5,
     learning_rate_fake=0.5,
+    checkpointing_steps=1,
 )
 
 
-def summarise(history, student, fake) -> dict:
-    return {
-        "losses": [[r["loss_dmd"], r["loss_fake"]] for r in history],
-        "student": {k: v.double().sum().item() for k, v in student.items()},
-        "fake": {k: v.double().sum().item() for k, v in fake.items()},
-    }
+def weights_of(trainer, full_state=None) -> dict[str, dict[str, torch.Tensor]]:
+    """The student's weights (as the export reads them) and the fake adapter's: copies of the full tensors, on the CPU
+    (state dicts hold views of the live parameters)."""
+    module_state = full_state if full_state is not None else trainer.training_module.state_dict()
+    fake = {k: v.detach().float().cpu().clone() for k, v in module_state.items() if ".fake." in k}
+    student = {k: v.detach().float().cpu().clone() for k, v in trainer.student_state_dict().items()}
+    return {"student": student, "fake": fake}
 
 
-def main(teacher_dir: str, prompt_file: str, output: str) -> None:
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
+def losses_of(history) -> list[list[float]]:
+    return [[row["loss_dmd"], row["loss_fake"]] for row in history]
+
+
+def main(teacher_dir: str, prompt_file: str, output: str, mode: str, *flags: str) -> None:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate_fsdp import check_fsdp2_switch, fsdp2_accelerator
     from conftest import tiny_config
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from safetensors.torch import save_file
 
+    from diffusers_dmdr.export import export_from_trainer
     from diffusers_dmdr.families import get_family
-    from diffusers_dmdr.sharding import gather_full_state_dict, shard_training_module
-    from diffusers_dmdr.trainer import DMDRTrainer
+    from diffusers_dmdr.sharding import gather_full_state_dict
+    from diffusers_dmdr.trainer import DMDRTrainer, weight_dtype_of
     from diffusers_dmdr.training_module import GUIDANCE_ROLE, STUDENT_ROLE
 
-    class FSDP2Accelerator(Accelerator):
-        """accelerate takes its FSDP path on accelerators only: shard here, with the shipped config's policy."""
-
-        def prepare(self, module, optimizer):
-            shard_training_module(module)
-            # fully_shard replaced the parameters: point the (still empty) optimizer groups at the sharded ones.
-            for group in optimizer.param_groups:
-                group["params"] = module.parameters_of(group["role"])
-            return module, optimizer
-
-    prompts, common = PROMPTS, COMMON
-    results = {}
+    output = Path(output)
+    # The launch's --mixed_precision (the shipped file says bf16; the equality tests launch with `no`). The teacher
+    # loads in the training dtype, as train.py loads it.
+    mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    weight_dtype = weight_dtype_of(mixed_precision)
+    common = {**COMMON, "training_mode": mode}
     # One module, two roles: each backward leaves the other role's parameters unused (as `create_accelerator` says).
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
-    for name, accelerator_class in (("ddp", Accelerator), ("fsdp2", FSDP2Accelerator)):
-        out = Path(output) / name
-        config = tiny_config(teacher_dir, prompt_file, out, **common)
-        teacher = get_family("sdxl").load_teacher(teacher_dir)
-        base_before = {n: p.detach().clone() for n, p in teacher.backbone.named_parameters()}
-        trainer = DMDRTrainer(
-            config, teacher, prompts, accelerator=accelerator_class(cpu=True, kwargs_handlers=handlers)
-        )
-        # accelerate's save_state has no FSDP path on CPU: the sharded round trip is checked below with torch DCP.
-        trainer.save_checkpoint = lambda: None
-        history = trainer.train()
-        full_state = gather_full_state_dict(trainer.accelerator, trainer.model) if trainer.sharded else None
-        student = trainer.student_state_dict()
-        fake = {k: v for k, v in (full_state or trainer.training_module.state_dict()).items() if ".fake." in k}
-        row = {
+    results = {}
+
+    def make_trainer(name, accelerator, **overrides):
+        config = tiny_config(teacher_dir, prompt_file, output / name, **{**common, **overrides})
+        teacher = get_family("sdxl").load_teacher(teacher_dir, dtype=weight_dtype)
+        return DMDRTrainer(config, teacher, PROMPTS, accelerator=accelerator)
+
+    def record(name, trainer, row, full_state=None):
+        for network, tensors in weights_of(trainer, full_state).items():
+            if trainer.accelerator.is_main_process:
+                save_file(tensors, output / f"{name}_{network}.safetensors")
+        results[name] = {
             "num_processes": trainer.accelerator.num_processes,
             "sharded": trainer.sharded,
-            **summarise(history, student, fake),
+            "distributed_type": str(trainer.accelerator.distributed_type),
+            "losses": losses_of(trainer.history),
+            **row,
         }
-        if not trainer.sharded:
-            # Exact resume under DDP: 1 step, a real checkpoint, then resume `latest` for the second step.
-            resume_dir = Path(output) / "resume"
-            for overrides in ({"max_train_steps": 1, "cold_start_steps": 1}, {"resume_from_checkpoint": "latest"}):
-                config = tiny_config(teacher_dir, prompt_file, resume_dir, **{**common, **overrides})
-                teacher = get_family("sdxl").load_teacher(teacher_dir)
-                resumed = DMDRTrainer(
-                    config, teacher, prompts, accelerator=accelerator_class(cpu=True, kwargs_handlers=handlers)
-                )
-                resumed.train()
-            fake = {k: v for k, v in resumed.training_module.state_dict().items() if ".fake." in k}
-            row["resumed"] = summarise(resumed.history, resumed.student_state_dict(), fake)
-        if trainer.sharded:
-            module = trainer.training_module
-            # PEFT keeps a wrapped layer's frozen weight as `<layer>.base_layer.weight`.
-            base_after = {
-                k.removeprefix("backbone.").replace(".base_layer", ""): v
-                for k, v in full_state.items()
-                if k.startswith("backbone.") and "lora_" not in k
-            }
-            # The gathered full state lives on rank 0 only (cpu_offload).
-            changed = [n for n, b in base_before.items() if base_after and not torch.equal(base_after[n], b)]
-            row["frozen_base_changed"] = changed
-            # FSDP2 shards per parameter: a backward leaves the frozen base without gradients and gives the LoRA
-            # weights sharded gradients only.
-            batch = trainer._simulate(trainer._micro_batches(0, trainer._draws(0)), trainer._draws(0))[0]
-            output_fake = trainer.guidance_denoiser(2.0).predict(
-                batch.simulation.clean_sample, torch.tensor([0.5]), batch.condition
-            )
-            trainer._backward(output_fake.square().mean(), GUIDANCE_ROLE, 2.0, last=True)
-            row["frozen_grads"] = sum(p.grad is not None for p in module.frozen_parameters())
-            row["fake_grad_shapes_local_vs_full"] = [
-                [list(p.grad.to_local().shape), list(p.shape)] for p in module.parameters_of(GUIDANCE_ROLE)[:4]
-            ]
-            row["student_grads"] = sum(p.grad is not None for p in module.parameters_of(STUDENT_ROLE))
-            trainer.optimizer.zero_grad(set_to_none=True)
-            # Sharded checkpoint round trip: save, perturb the trainable weights, load, compare.
-            checkpoint = str(Path(output) / "dcp")
-            saved = {k: v.full_tensor().clone() for k, v in get_model_state_dict(module).items()}
-            dcp.save({"model": get_model_state_dict(module)}, checkpoint_id=checkpoint)
-            with torch.no_grad():
-                for role in (STUDENT_ROLE, GUIDANCE_ROLE):
-                    for parameter in module.parameters_of(role):
-                        parameter.add_(1.0)
-            state = {"model": get_model_state_dict(module)}
-            dcp.load(state, checkpoint_id=checkpoint)
-            set_model_state_dict(module, state["model"])
-            restored = {k: v.full_tensor() for k, v in get_model_state_dict(module).items()}
-            row["checkpoint_round_trip_exact"] = all(torch.equal(restored[k], saved[k]) for k in saved)
-        results[name] = row
-    if dist.get_rank() == 0:
-        Path(output, "results.json").write_text(json.dumps(results), encoding="utf-8")
+
+    if "--with_ddp" in flags:
+        # Before the switch: accelerate's state is process-wide, and the FSDP runs below keep it switched.
+        trainer = make_trainer("ddp", Accelerator(cpu=True, kwargs_handlers=handlers))
+        trainer.train()
+        record("ddp", trainer, {})
+        # Exact resume under DDP: a new run from the step-1 checkpoint for the second step.
+        resumed = make_trainer(
+            "ddp", Accelerator(cpu=True, kwargs_handlers=handlers), resume_from_checkpoint="checkpoint-1"
+        )
+        resumed.train()
+        record("ddp_resumed", resumed, {"start_step": 1})
+
+    # accelerate's own FSDP2 path with the launch's (the shipped file's) settings.
+    accelerator = fsdp2_accelerator(kwargs_handlers=handlers)
+    teacher = get_family("sdxl").load_teacher(teacher_dir, dtype=weight_dtype)
+    base_before = {n: p.detach().clone() for n, p in teacher.backbone.named_parameters()}
+    config = tiny_config(teacher_dir, prompt_file, output / "fsdp2", **common)
+    trainer = DMDRTrainer(config, teacher, PROMPTS, accelerator=accelerator)
+    row = {"switch": check_fsdp2_switch(accelerator, trainer.model)}
+    trainer.train()
+    full_state = gather_full_state_dict(accelerator, trainer.model)
+    row["checkpoints"] = sorted(p.name for p in (output / "fsdp2").glob("checkpoint-*"))
+    row["checkpoint_files"] = sorted(
+        str(p.relative_to(output / "fsdp2" / "checkpoint-1")) for p in (output / "fsdp2" / "checkpoint-1").rglob("*")
+    )
+    if accelerator.is_main_process:
+        # PEFT keeps a wrapped layer's frozen weight as `<layer>.base_layer.weight`.
+        base_after = {
+            k.removeprefix("backbone.").replace(".base_layer", ""): v
+            for k, v in full_state.items()
+            if k.startswith("backbone.") and "lora_" not in k
+        }
+        row["frozen_base_changed"] = [n for n, b in base_before.items() if not torch.equal(base_after[n], b)]
+        row["frozen_base_compared"] = len(base_before)
+    module = trainer.training_module
+    # FSDP2 shards per parameter: a backward leaves the frozen base without gradients and gives the fake score
+    # sharded gradients only.
+    batch = trainer.rollout(0)[0]
+    output_fake = trainer.guidance_denoiser(2.0).predict(
+        batch.simulation.clean_sample, torch.tensor([0.5]), batch.condition
+    )
+    trainer._backward(output_fake.square().mean(), GUIDANCE_ROLE, 2.0, last=True)
+    row["frozen_grads"] = sum(p.grad is not None for p in module.frozen_parameters())
+    row["fake_grad_shapes_local_vs_full"] = [
+        [list(p.grad.to_local().shape), list(p.shape)] for p in module.parameters_of(GUIDANCE_ROLE)[:4]
+    ]
+    row["dtypes"] = {
+        name: sorted({str(p.dtype) for p in params})
+        for name, params in (
+            ("frozen", module.frozen_parameters()),
+            ("student", module.parameters_of(STUDENT_ROLE)),
+            ("fake", module.parameters_of(GUIDANCE_ROLE)),
+        )
+    }
+    row["student_grads"] = sum(p.grad is not None for p in module.parameters_of(STUDENT_ROLE))
+    trainer.optimizer.zero_grad(set_to_none=True)
+    # The end of train.py: every process takes part in gathering the student; rank 0 writes the folder.
+    export_dir = export_from_trainer(trainer)
+    row["export_dir"] = None if export_dir is None else str(export_dir)
+    record("fsdp2", trainer, row, full_state)
+
+    # A new run resumed from the sharded step-1 checkpoint (accelerate's `load_state`), for the second step.
+    checkpoint = output / "fsdp2" / "checkpoint-1"
+    resumed = make_trainer(
+        "fsdp2_resumed", fsdp2_accelerator(kwargs_handlers=handlers), resume_from_checkpoint=str(checkpoint)
+    )
+    resumed.train()
+    record("fsdp2_resumed", resumed, {"start_step": 1}, gather_full_state_dict(resumed.accelerator, resumed.model))
+
+    if trainer.accelerator.is_main_process:
+        (output / "results.json").write_text(json.dumps(results), encoding="utf-8")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:])

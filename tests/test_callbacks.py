@@ -41,13 +41,21 @@ def test_check_and_run_callbacks():
         check_callbacks([object()])
     with pytest.raises(ValueError, match="Unknown trainer callback event"):
         run_callbacks([], "on_epoch_end", trainer=None)
-    only = OnlyCheckpoints()
-    recorder = Recorder()
+    calls, only = [], OnlyCheckpoints()
+
+    class StepsOnly:
+        def __init__(self, name):
+            self.name = name
+
+        def on_step_end(self, trainer, step, logs):
+            calls.append((self.name, step))
+
     assert check_callbacks(None) == []
     # A callback without the event is skipped; the others run in order.
-    run_callbacks(check_callbacks([only]), "on_step_end", None, step=1, logs={})
-    run_callbacks([only, only], "on_checkpoint", None, step=3, path=None)
-    assert only.steps == [3, 3] and recorder.events == []
+    run_callbacks(check_callbacks([StepsOnly("a"), only, StepsOnly("b")]), "on_step_end", None, step=1, logs={})
+    assert calls == [("a", 1), ("b", 1)] and only.steps == []
+    run_callbacks([only, StepsOnly("c"), only], "on_checkpoint", None, step=3, path=None)
+    assert only.steps == [3, 3] and calls == [("a", 1), ("b", 1)]
 
 
 def test_trainer_calls_the_callbacks_at_steps_and_checkpoints(tiny_teacher_dirs, prompt_file, tmp_path):

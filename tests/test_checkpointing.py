@@ -200,7 +200,6 @@ def test_trainer_resumes_latest_after_a_save_killed_after_its_first_file(
 ):
     """In the trainer: the save of step 2 dies after writing its first weight file; with a limit of 1 the step-1
     checkpoint remains, `latest` resumes it (counters from JSON, no pickle) and the summary covers every step."""
-    from diffusers_dmdr import trainer as trainer_module
     from diffusers_dmdr.families import get_family
     from diffusers_dmdr.trainer import DMDRTrainer
 
@@ -218,7 +217,7 @@ def test_trainer_resumes_latest_after_a_save_killed_after_its_first_file(
         )
         return DMDRTrainer(config, get_family("sdxl").load_teacher(config.pretrained_model_name_or_path), ["a cat"])
 
-    real_save_file, calls = trainer_module.save_file, []
+    real_save_file, calls = checkpointing.save_file, []
 
     def dying_save_file(tensors, path):
         calls.append(path)
@@ -226,7 +225,7 @@ def test_trainer_resumes_latest_after_a_save_killed_after_its_first_file(
             raise Interrupted
         return real_save_file(tensors, path)
 
-    monkeypatch.setattr(trainer_module, "save_file", dying_save_file)
+    monkeypatch.setattr(checkpointing, "save_file", dying_save_file)
     with pytest.raises(Interrupted):
         make().train()
     monkeypatch.undo()

@@ -141,7 +141,7 @@ def test_recipe_matches_the_released_script(name):
             mismatches[f"stage2.{key}"] = (getattr(config, f"stage2_{key}"), value)
     assert mismatches == {}, f"recipe value != released value: {mismatches}"
     # Stage 2 as the released runs: at the cold start the overrides take over.
-    from diffusers_dmdr.stages import stage_values
+    from diffusers_dmdr.method.stages import stage_values
 
     late = stage_values(config, config.cold_start_steps)
     assert (late.learning_rate, late.learning_rate_fake, late.train_batch_size) == (
@@ -221,9 +221,11 @@ def test_stage2_mapping_in_yaml_and_flags(tmp_path):
 def test_help_groups_options_and_lists_the_builtin_rewards():
     from diffusers_dmdr.evaluate import parse_args as evaluate_parse_args
     from diffusers_dmdr.rewards import REWARD_REGISTRY
+    from diffusers_dmdr.train import parse_and_check
 
-    parser = build_argument_parser()
-    train_help = parser.format_help()
+    with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as help_output:
+        parse_and_check(["--help"])
+    train_help = help_output.getvalue()
     # Sections of the help text: a title at column 0 ending in ":", then its options.
     groups, title = {}, None
     for row in train_help.splitlines():
@@ -257,3 +259,22 @@ def test_every_config_field_is_documented_in_the_class_docstring():
             documented.update(match.group(1).split(", "))
     missing = [f.name for f in dataclasses.fields(DMDRConfig) if f.name not in documented]
     assert missing == [], f"fields without an entry in the DMDRConfig docstring: {missing}"
+
+
+def test_family_choices_are_the_registered_families():
+    """`--family` offers `auto` and exactly the families the package implements (the config cannot import them)."""
+    from diffusers_dmdr.config import FAMILY_NAMES
+    from diffusers_dmdr.families import FAMILIES
+
+    assert FAMILY_NAMES[0] == "auto" and set(FAMILY_NAMES[1:]) == set(FAMILIES)
+    assert build_argument_parser()._option_string_actions["--family"].choices == FAMILY_NAMES
+
+
+def test_a_parsed_config_saves_and_reloads(tmp_path):
+    """What train.py writes to `dmdr_config.yaml` (flags' reward lists included) reads back to the same values."""
+    config = DMDRConfig.parse_args(
+        REQUIRED + ["--reward", "clip:0.3", "--eval_reward", "aesthetic", "--allow_tf32", "on"]
+    )
+    config.save_yaml(tmp_path / "saved.yaml")
+    reloaded = DMDRConfig.from_yaml(tmp_path / "saved.yaml")
+    assert reloaded.to_dict() == config.to_dict() and reloaded.reward == ["clip:0.3"] and reloaded.allow_tf32

@@ -19,7 +19,6 @@ from diffusers_dmdr.digits import (
     all_prompts,
     build_testbed,
     eval_pair_prompts,
-    evaluate_digits,
     evaluate_pairs,
     frechet_distance,
     frechet_distance_from_moments,
@@ -32,7 +31,6 @@ from diffusers_dmdr.digits import (
     parse_pair,
     per_prompt_diversity,
     predict_pairs,
-    sample_digits,
     sample_pairs,
     sample_real_pairs,
     split_indices,
@@ -220,9 +218,6 @@ def test_sample_pairs_is_seeded_per_sample(tiny_testbed):
     assert [parse_pair(prompt) for prompt in whole.prompts] == list(HELD_OUT_PAIRS[:6])
     assert whole.nfe_per_sample == 4 and whole.samples_per_second > 0
     torch.testing.assert_close(whole.images, chunked.images, atol=1e-5, rtol=0)
-    # The single-digit sampler still works on the same pipeline (square images).
-    digits = sample_digits(pipeline, num_per_digit=1, num_inference_steps=1, guidance_scale=None, progress=False)
-    assert digits.images.shape == (10, 3, 32, 32) and digits.digits.tolist() == list(range(10))
 
 
 # ---------------------------------------------------------------------------------------------- reward
@@ -382,15 +377,18 @@ def test_diversity_on_known_points():
     assert mean_pairwise_distance(torch.zeros(5, 3)) == 0.0
 
 
-def test_evaluate_digits_and_eval_classifier_round_trip(tiny_testbed):
+def test_evaluate_pairs_and_eval_classifier_round_trip(tiny_testbed):
     classifier = load_eval_classifier(tiny_testbed.eval_weights)
     assert isinstance(classifier, EvalDigitNet) and not classifier.training
-    images, digits = torch.rand(20, 3, 32, 32), torch.arange(10).repeat(2)
-    prompts = [f"the number {digit}" for digit in digits.tolist()]
-    metrics = evaluate_digits(classifier, images, digits, prompts, real_images=images)
+    images, pairs = (
+        torch.rand(20, 3, 32, 64),
+        torch.stack([torch.arange(10), torch.arange(10).flip(0)], 1).repeat(2, 1),
+    )
+    prompts = [f"a {left} to the left of a {right}" for left, right in pairs.tolist()]
+    metrics = evaluate_pairs(classifier, images, pairs, prompts, real_images=images)
     assert metrics["fd"] == pytest.approx(0.0, abs=1e-6)
     assert metrics["precision"] == metrics["recall"] == 1.0
-    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["diversity"] > 0
+    assert 0.0 <= metrics["pair_accuracy"] <= metrics["accuracy"] <= 1.0 and metrics["diversity"] > 0
 
 
 def test_reward_loads_through_the_trainers_reward_spec(tiny_testbed):

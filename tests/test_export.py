@@ -618,7 +618,8 @@ PUSH_SCRIPT = textwrap.dedent(
     import json, sys
     import torch
     from diffusers import DiffusionPipeline
-    from diffusers_dmdr.export import HubUploadError, main, push_to_hub
+    from diffusers_dmdr.export import HubUploadError, push_to_hub
+    from diffusers_dmdr.export_cli import main
     from diffusers_dmdr.pipelines import FewStepDMDRPipeline
 
     folder, repo_id = sys.argv[1], sys.argv[2]
@@ -720,3 +721,12 @@ def test_flux_exports_store_the_teachers_grid_its_mu_and_the_call_defaults(name,
     remote.set_progress_bar_config(disable=True)
     assert type(remote).__name__ == "FewStepDMDRPipeline" and remote.config.call_defaults == expected
     torch.testing.assert_close(student_images(remote), student_images(pipeline), rtol=0, atol=1e-6)
+
+
+def test_a_corrupt_model_index_in_the_export_folder_is_an_error_not_an_empty_index(tmp_path):
+    """Read as empty, its component folders would survive a re-export as stale files of the new export."""
+    from diffusers_dmdr.export import export_entries
+
+    (tmp_path / "model_index.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="model_index.json is not valid JSON"):
+        export_entries(tmp_path)

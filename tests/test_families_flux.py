@@ -118,11 +118,11 @@ def test_flux_real_score_is_one_pass_at_the_guidance_embedding(tiny_teacher_dirs
         return original(backbone, sample, timestep, condition)
 
     original, module.call_backbone = module.call_backbone, counting_call
-    draws = trainer._draws(0)
-    batch = trainer._simulate(trainer._micro_batches(0, draws), draws)[0]
+    batch = trainer.rollout(0)[0]
+    draws = batch.draws
     calls.clear()
     x0_student = torch.randn(2, *trainer.latent_shape)
-    trainer._dmd_loss(x0_student, batch, draws, None)
+    trainer.objective.dmd_loss(x0_student, batch, global_step=0)
     # One pass for the real score (guidance embedding = the drawn, jittered scale) and one for the fake score (the
     # fixed embedding); no unconditional branch, so no doubled batch.
     assert [size for size, _ in calls] == [2, 2]
@@ -149,10 +149,9 @@ def test_flux2_real_score_is_two_pass_cfg(tiny_teacher_dirs, prompt_file, tmp_pa
         return original(backbone, sample, timestep, condition)
 
     module.call_backbone = counting_call
-    draws = trainer._draws(0)
-    batch = trainer._simulate(trainer._micro_batches(0, draws), draws)[0]
+    batch = trainer.rollout(0)[0]
     sizes.clear()
-    trainer._dmd_loss(torch.randn(2, *trainer.latent_shape), batch, draws, None)
+    trainer.objective.dmd_loss(torch.randn(2, *trainer.latent_shape), batch, global_step=0)
     # Conditional and empty-prompt branches in one batched call, then the fake score.
     assert sizes == [4, 2]
 

@@ -6,10 +6,10 @@ import torch
 from conftest import tiny_config
 
 from diffusers_dmdr import testing
-from diffusers_dmdr.denoisers import Denoiser
 from diffusers_dmdr.families import detect_family, get_family, read_teacher_config
 from diffusers_dmdr.families.base import student_grid_for, student_scheduler_for
 from diffusers_dmdr.families.qwenimage import pack_latents, unpack_latents
+from diffusers_dmdr.method.denoisers import Denoiser
 from diffusers_dmdr.pipelines.scheduling_dmdr import DMDRScheduler
 
 

@@ -23,7 +23,8 @@ EXPORT_SCRIPT = textwrap.dedent(
     run_dir, export_dir = sys.argv[1], sys.argv[2]
     hub = FakeHub().__enter__()
     os.environ["HF_ENDPOINT"] = hub.endpoint
-    from diffusers_dmdr.export import HubUploadError, main, push_to_hub
+    from diffusers_dmdr.export import HubUploadError, push_to_hub
+    from diffusers_dmdr.export_cli import main
 
     results = {}
     main(["--checkpoint", run_dir, "--output_dir", export_dir + "/local"])
@@ -103,3 +104,22 @@ def test_export_survives_a_broken_hub_and_a_local_export_sends_nothing(tiny_teac
     assert f"dmdr-export --checkpoint {checkpoint} --output_dir {hang_dir} --push_to_hub" in stderr
     assert "did not finish within 2 s (--hub_timeout)" in stderr
     assert "hf_dmdrTestToken0123456789" not in result.stdout + stderr
+
+
+def test_the_teachers_card_is_read_at_its_pinned_revision(tmp_path, monkeypatch):
+    """A pinned teacher's licence comes from its card at that revision, not from `main`."""
+    import huggingface_hub
+
+    from diffusers_dmdr.hub import remote_model_card_data
+
+    downloads = []
+
+    def fake_download(repo_id, filename, revision=None, **kwargs):
+        downloads.append((repo_id, filename, revision))
+        card = tmp_path / f"{revision}.md"
+        card.write_text(f"---\nlicense: {'openrail++' if revision == 'v1.0' else 'other'}\n---\n# teacher\n")
+        return str(card)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert remote_model_card_data("org/teacher", "v1.0", timeout=20).get("license") == "openrail++"
+    assert downloads == [("org/teacher", "README.md", "v1.0")]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffusers_dmdr.lora_formats import COMFY_LORA_STYLES, lora_scale, peft_to_comfy_lora
+from diffusers_dmdr.lora_formats import COMFY_LORA_FORMS, lora_scale, peft_to_comfy_lora
 
 
 def peft_lora(modules: dict[str, tuple[int, ...]], rank: int, prefix: str = "unet") -> dict[str, torch.Tensor]:
@@ -90,7 +90,9 @@ def test_bad_input_is_refused_with_the_reason():
 
 
 def test_every_family_has_a_comfy_lora_style():
-    """A new family must say which key form its ComfyUI file uses (`lora_formats.COMFY_LORA_STYLES`)."""
-    from diffusers_dmdr.families import FAMILIES
+    """A new family must say which key form its ComfyUI file uses (its `comfy_lora_style`)."""
+    from diffusers_dmdr.families import FAMILIES, get_family
 
-    assert set(FAMILIES) <= set(COMFY_LORA_STYLES)
+    assert {name: get_family(name).comfy_lora_style in COMFY_LORA_FORMS for name in FAMILIES} == dict.fromkeys(
+        FAMILIES, True
+    )

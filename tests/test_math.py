@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers_dmdr import schedules
-from diffusers_dmdr.denoisers import apply_guidance, guided_x0
-from diffusers_dmdr.losses import anchor_loss, dmd_loss, fake_score_loss, reward_loss, reward_tilt_weights
-from diffusers_dmdr.pipelines.scheduling_dmdr import DMDRScheduler
+from diffusers_dmdr.method import schedules
+from diffusers_dmdr.method.denoisers import apply_guidance, guided_x0
+from diffusers_dmdr.method.losses import anchor_loss, dmd_loss, fake_score_loss, reward_loss, reward_tilt_weights
+from diffusers_dmdr.pipelines.scheduling_dmdr import DMDRScheduler, ddpm_student_grid, shifted_flow_grid
 
 
 def test_dmd_loss_gradient_is_normalised_direction_over_numel():
@@ -102,10 +102,10 @@ def test_real_scale_at_most_one_means_no_cfg_and_no_jitter():
 
 
 def test_student_grids_match_released_recipes():
-    assert schedules.ddpm_student_timesteps(4) == [999, 749, 499, 249]
-    sd3_medium = [t / 1000 for t in schedules.flow_student_timesteps(4, shift=3.0)]
+    assert ddpm_student_grid(4) == [999, 749, 499, 249]
+    sd3_medium = [t / 1000 for t in shifted_flow_grid(4, shift=3.0)]
     np.testing.assert_allclose(sd3_medium, [1.0, 0.9001, 0.7504, 0.5010], atol=1e-4)
-    sd35_large = [t / 1000 for t in schedules.flow_student_timesteps(4, shift=5.0)]
+    sd35_large = [t / 1000 for t in shifted_flow_grid(4, shift=5.0)]
     np.testing.assert_allclose(sd35_large, [1.0, 0.9376, 0.8336, 0.6259], atol=1e-4)
 
 
@@ -139,7 +139,7 @@ def test_flow_model_timestep_is_round_of_sigma_times_1000():
     torch.testing.assert_close(scheduler.timesteps, torch.tensor([1000.0, 900.0]))
     torch.testing.assert_close(scheduler.noise_levels, torch.tensor([1.0, 0.9001]))
     # SD3.5-Large's shift-5 grid reaches the transformer as 1000, 938, 834, 626 (paper-digest §1.3).
-    grid = schedules.flow_student_timesteps(4, shift=5.0)
+    grid = shifted_flow_grid(4, shift=5.0)
     sd35 = DMDRScheduler(prediction_type="flow", training_timesteps=grid)
     assert sd35.timesteps.tolist() == [1000.0, 938.0, 834.0, 626.0]
     x0, noise = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)

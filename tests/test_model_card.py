@@ -164,3 +164,21 @@ def test_setup_py_names_the_source_repository():
     }
     assert keywords["url"] == "https://github.com/diffusers-dmdr/diffusers-dmdr"
     assert keywords["project_urls"]["Source"] == keywords["url"]
+
+
+def test_the_card_template_ships_in_the_package():
+    """The card is rendered from a template inside the package; setup.py's package_data puts it in the wheel."""
+    import ast
+    from fnmatch import fnmatch
+    from importlib import resources
+    from pathlib import Path
+
+    from diffusers_dmdr.model_card import CARD_TEMPLATE
+
+    assert (resources.files("diffusers_dmdr") / "templates" / CARD_TEMPLATE).is_file()
+    tree = ast.parse((Path(__file__).parents[1] / "setup.py").read_text(encoding="utf-8"))
+    call = next(
+        node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup"
+    )
+    package_data = next(ast.literal_eval(k.value) for k in call.keywords if k.arg == "package_data")
+    assert any(fnmatch(f"templates/{CARD_TEMPLATE}", pattern) for pattern in package_data["diffusers_dmdr"])

@@ -156,6 +156,20 @@ def test_reward_only_training_needs_a_reward(weightless_teacher, prompts):
         check_run_inputs(config_for(weightless_teacher, prompts, reward_tilt=True))
 
 
+def test_a_bug_in_the_preflight_keeps_its_traceback(weightless_teacher, prompts, monkeypatch):
+    """Only the project's own input checks become one line: a ValueError from a builtin is a bug and propagates."""
+    train = load_train_script()
+
+    def buggy_preflight(config):
+        return int("not a number")  # a builtin's ValueError, as a bug would raise it
+
+    monkeypatch.setattr(train, "check_run_inputs", buggy_preflight)
+    argv = ["--pretrained_model_name_or_path", str(weightless_teacher), "--train_prompts", str(prompts)]
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        train.parse_and_check(argv)
+    assert not train.is_checked_input_error(ValueError("constructed, never raised"))
+
+
 def test_bad_input_in_the_script_is_one_message_and_exit_status_2(weightless_teacher, prompts, capsys):
     train = load_train_script()
     argv = ["--pretrained_model_name_or_path", str(weightless_teacher), "--train_prompts", str(prompts)]

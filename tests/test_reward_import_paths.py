@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from diffusers_dmdr import DMDRConfig
-from diffusers_dmdr.rewards import load_rewards, validate_reward_specs
+from diffusers_dmdr.preflight import check_run_inputs
+from diffusers_dmdr.rewards import check_recipe_import_paths, load_rewards, validate_reward_specs
 from diffusers_dmdr.rewards.core import reward_import_paths
 
 
@@ -29,11 +30,11 @@ def test_a_recipe_cannot_run_a_command(tmp_path, spec):
     marker = tmp_path / "payload_ran"
     spec = {key: value.format(marker=marker) if isinstance(value, str) else value for key, value in spec.items()}
     recipe = write_recipe(tmp_path, [spec])
-    # Without the opt-in the recipe is refused before anything is imported ...
+    # Without the opt-in the recipe is refused before anything is imported: first thing in the preflight ...
     with pytest.raises(ValueError, match="pass --allow_reward_import_paths on the command line"):
-        DMDRConfig.parse_args(["--config", recipe])
+        check_run_inputs(DMDRConfig.parse_args(["--config", recipe]))
     with pytest.raises(ValueError, match="--allow_reward_import_paths"):
-        DMDRConfig.from_yaml(recipe)
+        check_recipe_import_paths(DMDRConfig.from_yaml(recipe))
     # ... and with it, the path is checked before it is called: a command is no reward.
     config = DMDRConfig.parse_args(["--config", recipe, "--allow_reward_import_paths"])
     with pytest.raises(ValueError, match="nothing was called"):

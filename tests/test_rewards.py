@@ -7,7 +7,7 @@ import torch
 from reward_fixtures import TINY_CLIP_CROP, image_to_tensor, reference_image, save_tiny_clip
 from safetensors.torch import load_file, save_file
 
-from diffusers_dmdr.losses import reward_loss
+from diffusers_dmdr.method.losses import reward_loss
 from diffusers_dmdr.rewards import (
     REWARD_REGISTRY,
     CLIPReward,

@@ -19,7 +19,7 @@ from diffusers import (
 
 from diffusers_dmdr.families import get_family
 from diffusers_dmdr.families.base import TeacherComponents, student_scheduler_for
-from diffusers_dmdr.pipelines.scheduling_dmdr import DMDRScheduler
+from diffusers_dmdr.pipelines.scheduling_dmdr import DMDRScheduler, shifted_flow_grid
 
 
 SDXL_GRID = [999.0, 749.0, 499.0, 249.0]
@@ -154,11 +154,14 @@ def test_another_mu_keeps_the_trained_grid_and_says_so(caplog):
 # ------------------------------------------------------------------------------------------------------------------
 # Configs shared with the stock flow schedulers
 # ------------------------------------------------------------------------------------------------------------------
-def test_from_a_flow_match_config_builds_a_flow_scheduler_on_the_shifted_grid():
+def test_from_a_flow_match_config_builds_a_flow_scheduler_on_the_grid_the_trainer_trains_on():
     teacher = FlowMatchEulerDiscreteScheduler(shift=3.0)
     scheduler = DMDRScheduler.from_config(teacher.config)
     assert scheduler.config.prediction_type == "flow" and scheduler.alphas_cumprod is None
-    assert scheduler.config.training_timesteps == pytest.approx([1000.0, 900.0, 750.0, 500.0])
+    # One rule: the SD3 family's default 4-step grid at shift 3 (the released scripts' `linspace(1, 0.001)` warp).
+    sd3_grid = get_family("sd3").default_student_timesteps(4, 3.0)
+    assert scheduler.config.training_timesteps == sd3_grid == shifted_flow_grid(4, 3.0)
+    assert scheduler.config.training_timesteps == pytest.approx([1000.0, 900.1, 750.4, 501.0], abs=0.05)
     assert scheduler.config.grid_shift == 3.0
     # A DDPM config stays a DDPM scheduler and keeps its betas.
     ddpm = DMDRScheduler.from_config(DDPMScheduler(beta_schedule="linear").config)
@@ -212,7 +215,9 @@ def test_lcm_recipe_reproduces_the_ddpm_sampler_without_warnings(prediction_type
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_flow_recipes_reproduce_the_flow_sampler(deterministic):
     teacher = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    scheduler = DMDRScheduler.from_config(teacher.config, deterministic=deterministic)
+    # An integer grid (model units): the stock schedulers feed the model `1000 t` unrounded, exact only there.
+    integer_grid = [1000.0, 900.0, 750.0, 500.0]
+    scheduler = DMDRScheduler.from_config(teacher.config, deterministic=deterministic, training_timesteps=integer_grid)
     stock, recipe = stock_from_recipe(scheduler, teacher.config)
     assert recipe["exact"] and "generator" in recipe["note"] if not deterministic else recipe["note"] == ""
     outputs = [torch.randn(1, 4, 8, 8, generator=seeded(i)) for i in range(4)]

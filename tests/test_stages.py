@@ -5,7 +5,7 @@ import pytest
 
 from diffusers_dmdr import DMDRConfig
 from diffusers_dmdr.data import PromptSampler
-from diffusers_dmdr.stages import stage_two_start_iteration, stage_values
+from diffusers_dmdr.method.stages import stage_two_start_iteration, stage_values
 
 
 def config(**overrides):
@@ -32,9 +32,16 @@ def test_stage_values_switch_at_the_cold_start():
     assert (partial.learning_rate, partial.learning_rate_fake, partial.train_batch_size) == (1e-7, 2e-8, 4)
 
 
-def test_stage_two_starts_at_ratio_times_cold_start():
-    # Iterations 0..4 belong to generator step 0 (ratio 5), so step 2 starts at iteration 10.
-    assert stage_two_start_iteration(2, 5) == 10
+@pytest.mark.parametrize(("cold_start_steps", "update_ratio"), [(2, 5), (0, 3), (3, 1), (1, 2)])
+def test_stage_two_starts_at_the_first_iteration_of_the_cold_start_step(cold_start_steps, update_ratio):
+    """The prompt sampler switches batch size at an iteration, the learning rates at a generator step: both must
+    agree under the trainer's TTUR counting (a generator step after every `update_ratio`-th iteration)."""
+    run = config(cold_start_steps=cold_start_steps)
+    global_step, iteration = 0, 0
+    while stage_values(run, global_step).stage == 1:
+        iteration += 1
+        global_step += iteration % update_ratio == 0
+    assert stage_two_start_iteration(cold_start_steps, update_ratio) == iteration
 
 
 def test_prompt_stream_continues_across_a_batch_change():

@@ -5,6 +5,7 @@ import torch
 from conftest import tiny_config
 
 from diffusers_dmdr.adapters import FAKE_ADAPTER, STUDENT_ADAPTER
+from diffusers_dmdr.checkpointing import list_checkpoints
 from diffusers_dmdr.families import get_family
 from diffusers_dmdr.rewards import LoadedReward
 from diffusers_dmdr.trainer import DMDRTrainer, NonFiniteLossError
@@ -203,8 +204,10 @@ def test_nonfinite_losses_skip_steps_then_abort_without_checkpoint(tiny_teacher_
     student_before = lora_weights(trainer.student_model, STUDENT_ADAPTER)
     with pytest.raises(NonFiniteLossError, match="non-finite generator losses in a row"):
         trainer.train()
-    assert trainer.state.nonfinite_total == 2
-    # The first skipped step was still counted as a generator step and checkpointed with finite, unchanged weights.
+    assert trainer.state.nonfinite_total == 2 and trainer.state.global_step == 1
+    # The first skipped step was counted as a generator step; the checkpoint due after it waits for a healthy step,
+    # the second step aborts instead, so no checkpoint was written (and no final one).
+    assert list_checkpoints(tmp_path) == [] and trainer.last_checkpoint is None
     for name, value in lora_weights(trainer.student_model, STUDENT_ADAPTER).items():
         assert torch.equal(value, student_before[name])
         assert torch.isfinite(value).all()
@@ -231,15 +234,15 @@ def test_reward_only_with_anchor_skips_dmd_and_the_fake_score(tiny_teacher_dirs,
 
 
 def test_reward_tilt_weights_stage_one_dmd_per_sample(tiny_teacher_dirs, prompt_file, tmp_path, monkeypatch):
-    import diffusers_dmdr.trainer as trainer_module
+    import diffusers_dmdr.method.objective as objective_module
 
-    seen, original = [], trainer_module.reward_tilt_weights
+    seen, original = [], objective_module.reward_tilt_weights
 
     def recording_weights(rewards, temperature):
         seen.append((rewards.clone(), temperature))
         return original(rewards, temperature)
 
-    monkeypatch.setattr(trainer_module, "reward_tilt_weights", recording_weights)
+    monkeypatch.setattr(objective_module, "reward_tilt_weights", recording_weights)
     trainer = make_trainer(
         tiny_teacher_dirs["sdxl"],
         prompt_file,

@@ -59,9 +59,10 @@ def test_routing_matches_peft_public_api_and_keeps_requires_grad():
     )
 
 
-def test_shipped_accelerate_configs_load_and_fsdp2_wraps_the_units_shard_training_module_wraps(monkeypatch):
-    """The CPU FSDP2 test shards with `shard_training_module`; accelerate, given the shipped fsdp2.yaml, must pick the
-    very same units, or the CPU test would check another layout than the GPU runs use."""
+def test_shipped_accelerate_configs_load_and_fsdp2_wraps_the_backbone_blocks(monkeypatch):
+    """accelerate, given the shipped fsdp2.yaml, makes every block the backbone lists in `_no_split_modules` an FSDP2
+    unit (tests/test_fsdp.py runs the same file through accelerate's `prepare`). No DeepSpeed config is shipped: see
+    tests/test_engines.py."""
     from pathlib import Path
 
     from accelerate.commands.config.config_args import load_config_from_file
@@ -69,7 +70,6 @@ def test_shipped_accelerate_configs_load_and_fsdp2_wraps_the_units_shard_trainin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
     from accelerate.utils.other import get_module_children_bottom_up
 
-    from diffusers_dmdr.sharding import sharding_units
     from diffusers_dmdr.training_module import DMDRTrainingModule
 
     folder = Path(__file__).parents[1] / "examples" / "train_dmdr" / "accelerate_configs"
@@ -78,14 +78,23 @@ def test_shipped_accelerate_configs_load_and_fsdp2_wraps_the_units_shard_trainin
         "single_gpu": "DistributedType.NO",
         "multi_gpu_ddp": "DistributedType.MULTI_GPU",
         "fsdp2": "DistributedType.FSDP",
-        "deepspeed_zero2": "DistributedType.DEEPSPEED",
+        "two_nodes_fsdp2_node0": "DistributedType.FSDP",
+        "two_nodes_fsdp2_node1": "DistributedType.FSDP",
     }
+    assert not list(folder.glob("*deepspeed*"))
     fsdp_config = load_config_from_file(str(folder / "fsdp2.yaml")).fsdp_config
     assert fsdp_config["fsdp_version"] == 2 and "fsdp_transformer_layer_cls_to_wrap" not in fsdp_config
+    # The two-node files shard as fsdp2.yaml does, over 2 machines, one with each rank.
+    for rank in (0, 1):
+        node = load_config_from_file(str(folder / f"two_nodes_fsdp2_node{rank}.yaml"))
+        assert node.fsdp_config == fsdp_config and node.mixed_precision == "bf16"
+        assert (node.num_machines, node.machine_rank, node.num_processes) == (2, rank, 16)
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy=fsdp_config["fsdp_auto_wrap_policy"])
     module = DMDRTrainingModule(tiny_backbone(), call_backbone=None)
     policy = fsdp2_prepare_auto_wrap_policy(plugin, module)
     accelerate_units = {id(m) for m in get_module_children_bottom_up(module)[:-1] if policy(m)}
-    assert accelerate_units and accelerate_units == {id(m) for m in sharding_units(module)}
+    blocks = set(module._no_split_modules)
+    expected = {id(m) for m in module.modules() if m is not module and type(m).__name__ in blocks}
+    assert accelerate_units and accelerate_units == expected

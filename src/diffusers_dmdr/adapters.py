@@ -144,10 +144,6 @@ def _cast_if_needed(module: torch.nn.Module, dtype: torch.dtype) -> None:
         module.to(dtype)
 
 
-def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [parameter for parameter in model.parameters() if parameter.requires_grad]
-
-
 def build_training_backbones(
     base: torch.nn.Module,
     training_mode: str,

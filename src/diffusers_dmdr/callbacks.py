@@ -17,7 +17,7 @@ DMDRTrainer(config, teacher, prompts, rewards, callbacks=[PrintLoss()]).train()
 ```
 
 Callbacks observe: a callback that samples from the student must leave it as it found it (train mode, same RNG
-streams of the trainer, which draws from its own generators; see `draws.py`).
+streams of the trainer, which draws from its own generators; see `method/draws.py`).
 """
 
 from collections.abc import Sequence

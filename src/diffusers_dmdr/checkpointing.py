@@ -15,6 +15,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from safetensors.torch import save_file
+
+from .adapters import FAKE_ADAPTER, STUDENT_ADAPTER, adapter_state_dict, load_adapter_state_dict
+
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +110,7 @@ def atomic_checkpoint_save(
     r"""Write `output_dir/checkpoint-{step}` atomically, then prune to `limit` complete checkpoints.
 
     1. the main process clears a stale `.checkpoint-{step}.tmp`; 2. every process calls `write_files(tmp)` (under
-    FSDP/DeepSpeed each rank writes its shard into the same folder); 3. the main process calls
+    FSDP each rank writes its shard into the same folder); 3. the main process calls
     `finalize_files(tmp)` (config, counters), writes the completeness marker, renames the folder to
     `checkpoint-{step}` and only then deletes the oldest complete checkpoints and leftover temporary folders.
 
@@ -269,3 +273,44 @@ def load_weights_file(path: str | Path) -> dict:
         raise CheckpointError(
             f"{path} is missing or corrupt ({type(error).__name__}: {error}); resume from an earlier checkpoint."
         ) from error
+
+
+def register_weight_hooks(accelerator, module, sharded: bool, student_state_dict: Callable[[], dict]) -> None:
+    """Have `accelerator.save_state` / `load_state` write and read the training module's trainable weights as
+    safetensors (the student's LoRA or full backbone, the fake-score LoRA), never as a pickle.
+
+    FSDP (`sharded`) keeps its own sharded format: the hooks leave them alone. Unsharded runs write
+    from the main process; `student_state_dict()` gives the student's weights in the export's format.
+    """
+
+    def check(model) -> None:
+        if accelerator.unwrap_model(model) is not module:
+            raise ValueError(f"Unexpected model {type(model).__name__} in the checkpoint.")
+
+    def save_hook(models, weights, output_dir) -> None:
+        if sharded or not accelerator.is_main_process:
+            return
+        for model in models:
+            check(model)
+            student_file = STUDENT_FULL_FILE if module.is_full else STUDENT_LORA_FILE
+            save_file(student_state_dict(), Path(output_dir) / student_file)
+            save_file(adapter_state_dict(module.backbone, FAKE_ADAPTER), Path(output_dir) / FAKE_LORA_FILE)
+        # Every model was written above: accelerate must not save it a second time.
+        weights.clear()
+
+    def load_hook(models, input_dir) -> None:
+        if sharded:
+            return
+        while models:
+            check(models.pop())
+            if module.is_full:
+                module.student_backbone.load_state_dict(
+                    load_weights_file(Path(input_dir) / STUDENT_FULL_FILE), strict=True
+                )
+            else:
+                student_weights = load_weights_file(Path(input_dir) / STUDENT_LORA_FILE)
+                load_adapter_state_dict(module.backbone, STUDENT_ADAPTER, student_weights)
+            load_adapter_state_dict(module.backbone, FAKE_ADAPTER, load_weights_file(Path(input_dir) / FAKE_LORA_FILE))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

@@ -24,9 +24,7 @@ from pathlib import Path
 import torch
 
 from .rewards import LoadedReward, load_rewards, parse_reward_spec, validate_reward_specs
-
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from .utils import DTYPES, resolve_dtype
 
 
 @dataclass
@@ -284,7 +282,7 @@ def update_model_card(card_path: str | Path, result: "EvaluationResult | Compari
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from .config import reward_names_epilog
+    from .rewards import reward_names_epilog
 
     parser = argparse.ArgumentParser(
         prog="python -m diffusers_dmdr.evaluate",
@@ -362,7 +360,7 @@ def main(argv: list[str] | None = None) -> "EvaluationResult | Comparison":
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {str(error).replace('--train_prompts', '--prompts')}") from error
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = resolve_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
 
     teacher = export_teacher(args.pipeline) if args.teacher == "auto" else args.teacher
 

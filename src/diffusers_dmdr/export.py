@@ -15,7 +15,8 @@ model_index.json, unet/ or transformer/, vae/, text_encoder*/, tokenizer*/
 ```
 
 Checkpoints and logs may sit in the same folder; they are never uploaded. The card is built in `model_card.py`, the
-push is `hub.push_to_hub`, and the command line (`dmdr-export`, `python -m diffusers_dmdr.export`) is `export_cli.py`.
+push is `hub.push_to_hub`, and the command line (`dmdr-export`, `python -m diffusers_dmdr.export_cli`) is
+`export_cli.py`.
 """
 
 import copy
@@ -24,11 +25,14 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import yaml
+from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file, save_file
 
 from .adapters import (
@@ -50,19 +54,19 @@ from .export_layout import (  # noqa: F401  (the file names are part of this mod
     SUMMARY_FILE,
 )
 from .families import ModelFamily, detect_family, get_family, read_teacher_config
-from .families.base import student_grid_for, student_scheduler_for
+from .families.base import TeacherComponents, run_student_scheduler
 from .hub import UPLOAD_IGNORE_PATTERNS, HubUploadError, hub_id_of, push_to_hub  # noqa: F401  (this module's API)
-from .lora_formats import COMFY_LORA_STYLES, KOHYA_LORA_WEIGHT_NAME, UNET_STYLE, peft_to_comfy_lora
+from .lora_formats import KOHYA_LORA_WEIGHT_NAME, UNET_STYLE, peft_to_comfy_lora
+from .method.denoisers import Denoiser
+from .method.simulation import sample_student
 from .model_card import BASE_MODEL_PLACEHOLDER, ModelCardInfo, make_model_card
 from .pipelines import pipeline_dmdr, scheduling_dmdr
 from .pipelines.pipeline_dmdr import FewStepDMDRPipeline
 from .pipelines.scheduling_dmdr import DMDRScheduler
-from .utils import redact_local_paths, redact_local_paths_in, save_image_grid
+from .utils import redact_local_paths, redact_local_paths_in, resolve_dtype, save_image_grid
 
 
 logger = logging.getLogger(__name__)
-
-EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -86,7 +90,7 @@ def export_from_trainer(trainer) -> Path | None:
 
     Reuses the trainer's components (text encoders, tokenizers, VAE, the frozen base): the teacher is not loaded a
     second time. The sample grid comes from the trainer's own sampler ([`DMDRTrainer.sample_latents`]) with the
-    validation prompts and seed. Call it on every process: under FSDP and DeepSpeed the student's weights are gathered
+    validation prompts and seed. Call it on every process: under FSDP the student's weights are gathered
     collectively and every process takes part in sampling; the main process writes the folder.
 
     Args:
@@ -109,34 +113,23 @@ def export_from_trainer(trainer) -> Path | None:
         weights = StudentWeights(lora_state_dict=student_state, lora_config=lora_config)
     else:
         weights = StudentWeights(full_state_dict=student_state)
-    full_pipeline = None
-    if config.training_mode == "full" or config.export_full_pipeline:
-        backbone = _student_backbone_from_trainer(trainer, weights)
-        pipeline = _assemble_pipeline(trainer.pipeline, trainer.family, trainer.scheduler, backbone, config)
-        full_pipeline = _finalise_full_pipeline(pipeline, config, weights)
     metrics = {key: value for key, value in (trainer.history[-1] if trainer.history else {}).items() if key != "step"}
-    output_dir = write_export(
+    return assemble_export(
         config.output_dir,
         config,
         trainer.family,
         trainer.scheduler,
         weights,
-        full_pipeline=full_pipeline,
+        trainer.pipeline,
+        lambda: _student_backbone_from_trainer(trainer, weights),
         sample_images=sample_images,
         metrics=metrics,
         hub_model_id=config.hub_model_id,
-        base_model=config.base_model,
-        hub_timeout=config.hub_timeout if config.push_to_hub else None,
+        push=config.push_to_hub,
+        hub_private=config.hub_private,
+        hub_timeout=config.hub_timeout,
+        checkpoint=config.output_dir,
     )
-    if config.push_to_hub:
-        push_to_hub(
-            output_dir,
-            config.hub_model_id,
-            private=config.hub_private,
-            checkpoint=config.output_dir,
-            timeout=config.hub_timeout,
-        )
-    return output_dir
 
 
 def _student_backbone_from_trainer(trainer, weights: StudentWeights) -> torch.nn.Module:
@@ -209,35 +202,23 @@ def export_checkpoint(
         raise ValueError("--push_to_hub needs --hub_model_id org/name (the run's config has none).")
     family = _family_of(config)
     if config.training_mode == "lora":
-        lora_state_dict = load_file(checkpoint_dir / STUDENT_LORA_FILE)
-        weights = StudentWeights(lora_state_dict=lora_state_dict)
+        weights = StudentWeights(lora_state_dict=load_file(checkpoint_dir / STUDENT_LORA_FILE))
     else:
         weights = StudentWeights(full_state_dict=load_file(checkpoint_dir / STUDENT_FULL_FILE))
     teacher = family.load_teacher(config.pretrained_model_name_or_path, config.revision, config.variant)
-    scheduler = _student_scheduler(config, teacher)
-    pipeline = _assemble_pipeline(
-        teacher.pipeline, family, scheduler, _student_backbone(teacher, config, weights), config
-    )
+    scheduler = run_student_scheduler(teacher, config)
+    backbone = _apply_student_weights(teacher.backbone, family, config, weights)
     if weights.is_lora:
-        weights.lora_config = pipeline.backbone.peft_config[STUDENT_ADAPTER].to_dict()
-
+        weights.lora_config = backbone.peft_config[STUDENT_ADAPTER].to_dict()
     sample_images = None
     prompts = _sample_prompts(config)
     if prompts:
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        pipeline.set_progress_bar_config(disable=True)
-        pipeline.to(device)
-        sample_images = pipeline(
-            prompts,
-            height=config.image_size[0],
-            width=config.image_size[1],
-            generator=torch.Generator("cpu").manual_seed(config.seed),
-            output_type="pt",
-        ).images.cpu()
-        pipeline.to("cpu")
-    full_pipeline = None
-    if config.training_mode == "full" or config.export_full_pipeline:
-        full_pipeline = _finalise_full_pipeline(pipeline, config, weights)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        teacher.pipeline.to(device)
+        generator = torch.Generator("cpu").manual_seed(config.seed)
+        latents = sample_student_latents(teacher, scheduler, config, prompts, generator)
+        sample_images = family.decode(teacher.vae, latents).float().cpu()
+        teacher.pipeline.to("cpu")
     # The run's summary holds the last logs; they describe this checkpoint only if it is the final one.
     summary_file = checkpoint_dir.parent / SUMMARY_FILE
     metrics = {}
@@ -245,6 +226,47 @@ def export_checkpoint(
         summary = json.loads(summary_file.read_text(encoding="utf-8"))
         if summary.get("global_step") == int(checkpoint_dir.name.split("-")[1]) and summary.get("history"):
             metrics = {key: value for key, value in summary["history"][-1].items() if key != "step"}
+    return assemble_export(
+        output_dir,
+        config,
+        family,
+        scheduler,
+        weights,
+        teacher.pipeline,
+        lambda: backbone,
+        sample_images=sample_images,
+        metrics=metrics,
+        hub_model_id=hub_model_id,
+        checkpoint_name=checkpoint_dir.name,
+        push=push,
+        hub_private=config.hub_private if hub_private is None else hub_private,
+        hub_timeout=hub_timeout,
+        checkpoint=checkpoint_dir,
+    )
+
+
+def assemble_export(
+    output_dir: str | Path,
+    config: DMDRConfig,
+    family: ModelFamily,
+    scheduler: DMDRScheduler,
+    weights: StudentWeights,
+    stock_pipeline,
+    student_backbone: Callable[[], torch.nn.Module],
+    sample_images: torch.Tensor | None,
+    metrics: dict,
+    hub_model_id: str | None,
+    push: bool,
+    hub_private: bool,
+    hub_timeout: float,
+    checkpoint: str | Path,
+    checkpoint_name: str | None = None,
+) -> Path:
+    """The one assemble step of both exports (end of training and `dmdr-export`): the fused full pipeline when the
+    run asks for one (`student_backbone()` is built only then), the folder ([`write_export`]), and the push."""
+    full_pipeline = None
+    if config.training_mode == "full" or config.export_full_pipeline:
+        full_pipeline = _full_student_pipeline(stock_pipeline, family, scheduler, student_backbone(), config, weights)
     output_dir = write_export(
         output_dir,
         config,
@@ -256,13 +278,37 @@ def export_checkpoint(
         metrics=metrics,
         hub_model_id=hub_model_id,
         base_model=config.base_model,
-        checkpoint_name=checkpoint_dir.name,
+        checkpoint_name=checkpoint_name,
         hub_timeout=hub_timeout if push else None,
     )
     if push:
-        private = config.hub_private if hub_private is None else hub_private
-        push_to_hub(output_dir, hub_model_id, private=private, checkpoint=checkpoint_dir, timeout=hub_timeout)
+        push_to_hub(output_dir, hub_model_id, private=hub_private, checkpoint=checkpoint, timeout=hub_timeout)
     return output_dir
+
+
+@torch.no_grad()
+def sample_student_latents(
+    teacher: TeacherComponents, scheduler: DMDRScheduler, config: DMDRConfig, prompts: list[str], generator
+) -> torch.Tensor:
+    """The trainer's N-step sampler ([`~simulation.sample_student`], as [`DMDRTrainer.sample_latents`] runs it) on a
+    loaded teacher whose backbone carries the student: prompts encoded as the trainer encodes them, the initial noise
+    and the re-noising draws taken from `generator` in the trainer's layout."""
+    family, device = teacher.family, teacher.backbone.device
+    # The conditioning size the trainer encodes with (SDXL's micro-conditioning holds height and width).
+    condition = family.encode_prompts(teacher.pipeline, prompts, config.conditioning_size, device)
+    condition = family.with_guidance_embedding(condition, config.guidance_embedding_scale)
+    shape = family.latent_shape(teacher.backbone, teacher.pipeline.vae_scale_factor, *config.image_size)
+    noise = randn_tensor((len(prompts), *shape), generator=generator, device=device, dtype=torch.float32)
+    student = Denoiser(partial(family.call_backbone, teacher.backbone), scheduler)
+    predictions = sample_student(
+        lambda sample, level: student(sample, level, condition),
+        noise,
+        scheduler,
+        deterministic=scheduler.config.deterministic,
+        generator=generator,
+        noise_fn=family.step_noise,
+    )
+    return predictions[-1].float()
 
 
 def export_pipeline(pipeline: FewStepDMDRPipeline, output_dir: str | Path) -> Path:
@@ -279,11 +325,6 @@ def export_pipeline(pipeline: FewStepDMDRPipeline, output_dir: str | Path) -> Pa
 # ----------------------------------------------------------------------------------------------------------------
 # Building the student pipeline
 # ----------------------------------------------------------------------------------------------------------------
-def _student_backbone(teacher, config: DMDRConfig, weights: StudentWeights) -> torch.nn.Module:
-    """The teacher's backbone carrying the student: the `student` adapter (LoRA mode) or the full weights."""
-    return _apply_student_weights(teacher.backbone, teacher.family, config, weights)
-
-
 def _apply_student_weights(backbone, family: ModelFamily, config: DMDRConfig, weights: StudentWeights):
     if weights.is_lora:
         targets = parse_target_modules(config.lora_target_modules, family.student_lora_targets)
@@ -294,34 +335,21 @@ def _apply_student_weights(backbone, family: ModelFamily, config: DMDRConfig, we
     return backbone.eval()
 
 
-def _assemble_pipeline(stock_pipeline, family: ModelFamily, scheduler, backbone, config) -> FewStepDMDRPipeline:
+def _full_student_pipeline(stock_pipeline, family, scheduler, backbone, config, weights) -> FewStepDMDRPipeline:
+    """The student's `FewStepDMDRPipeline` from the teacher's components, its LoRA fused, in the run's precision."""
     expected_components, _ = FewStepDMDRPipeline._get_signature_keys(FewStepDMDRPipeline)
     components = {name: module for name, module in stock_pipeline.components.items() if name in expected_components}
     components.update({"scheduler": scheduler, family.backbone_name: backbone})
     # Run-dependent call defaults (FLUX.1's trained guidance embedding, the prompt length) travel with the export.
     call_defaults = family.export_call_defaults(config, stock_pipeline)
-    return FewStepDMDRPipeline(**components, call_defaults=call_defaults or None)
-
-
-def _finalise_full_pipeline(
-    pipeline: FewStepDMDRPipeline, config: DMDRConfig, weights: StudentWeights
-) -> FewStepDMDRPipeline:
+    pipeline = FewStepDMDRPipeline(**components, call_defaults=call_defaults or None)
     if weights.is_lora:
         # Fused in float32 before any cast, so the saved weights lose nothing to the adapter arithmetic.
         pipeline.backbone.fuse_lora(adapter_names=[STUDENT_ADAPTER])
         pipeline.backbone.unload_lora()
-    dtype = EXPORT_DTYPES.get(config.mixed_precision, torch.float32)
+    dtype = resolve_dtype(config.mixed_precision or "no")
     # The teacher is loaded in float32: cast only when the run used another precision.
     return pipeline if dtype == torch.float32 else pipeline.to(dtype=dtype)
-
-
-def _student_scheduler(config: DMDRConfig, teacher) -> DMDRScheduler:
-    timesteps, grid_origin = student_grid_for(
-        teacher.family, config, teacher.pipeline.scheduler.config, teacher.pipeline.vae_scale_factor
-    )
-    return student_scheduler_for(
-        teacher, timesteps, config.backward_simulation, config.shift, config.flow_x0_noise_level, grid_origin
-    )
 
 
 def _family_of(config: DMDRConfig) -> ModelFamily:
@@ -454,8 +482,12 @@ def export_entries(folder: Path) -> set[str]:
     if index_file.is_file():
         try:
             model_index = json.loads(index_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            model_index = {}
+        except ValueError as error:
+            # Its component folders cannot be told apart from the run's own files: replacing would leave them stale.
+            raise ValueError(
+                f"{index_file} is not valid JSON ({error}): the export cannot tell which folders belong to the "
+                "previous export. Fix or delete that file (and the pipeline folders it named), then export again."
+            ) from error
         names |= {name for name, value in model_index.items() if not name.startswith("_") and isinstance(value, list)}
     protected = {name for name in names if name.startswith(("checkpoint-", ".checkpoint-")) or name in ("logs",)}
     return {name for name in names - protected if (folder / name).exists()}
@@ -505,11 +537,11 @@ def save_comfy_lora(output_dir: Path, family: ModelFamily, weights: StudentWeigh
     """`pytorch_lora_weights_kohya.safetensors`: the same LoRA in the keys ComfyUI, Forge and Automatic1111 read
     (see `lora_formats.py`), with kohya's `ss_network_*` metadata. `None`, with a warning, for a family whose key form
     is not known (the diffusers file is still written)."""
-    style = COMFY_LORA_STYLES.get(family.name)
+    style = family.comfy_lora_style
     if style is None:
         logger.warning(
-            f"No ComfyUI / kohya LoRA key form is known for the {family.name!r} family (lora_formats.COMFY_LORA_STYLES);"
-            f" only {LORA_WEIGHT_NAME} is written."
+            f"No ComfyUI / kohya LoRA key form is known for the {family.name!r} family (its `comfy_lora_style`); only "
+            f"{LORA_WEIGHT_NAME} is written."
         )
         return None
     state_dict = peft_to_comfy_lora(weights.lora_state_dict, weights.lora_config, style, prefix=family.backbone_name)
@@ -531,14 +563,3 @@ def _copy_code(folder: Path) -> None:
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(pipeline_dmdr.__file__, folder / f"{PIPELINE_MODULE}.py")
     shutil.copyfile(scheduling_dmdr.__file__, folder / "scheduler" / f"{SCHEDULER_MODULE}.py")
-
-
-def main(argv: list[str] | None = None) -> None:
-    """The `dmdr-export` command line (see `export_cli.py`)."""
-    from .export_cli import main as cli_main
-
-    cli_main(argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -2,7 +2,7 @@
 
 ```
 dmdr-export --checkpoint output_dir/checkpoint-3000 --output_dir export [--push_to_hub --hub_model_id org/name]
-python -m diffusers_dmdr.export_cli ...      (also `python -m diffusers_dmdr.export ...`)
+python -m diffusers_dmdr.export_cli ...
 ```
 """
 
@@ -10,14 +10,14 @@ import argparse
 import logging
 import sys
 
-from .config import _parse_bool as parse_bool
+from .config import parse_bool
 from .export import export_checkpoint
 from .hub import HubUploadError
 
 
 def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m diffusers_dmdr.export",
+        prog="dmdr-export",
         description="Export a DMDR checkpoint as a Hub-ready folder (and optionally push it).",
     )
     parser.add_argument("--checkpoint", required=True, help="a checkpoint-N folder, or a run's output_dir (latest)")

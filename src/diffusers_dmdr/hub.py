@@ -111,11 +111,16 @@ def cached_model_card_data(repo_id: str, revision: str | None = None) -> dict:
 
 
 def remote_model_card_data(repo_id: str, revision: str | None, timeout: float) -> dict:
-    """The metadata of `repo_id`'s model card from the Hub, within `timeout`; `{}` (with a warning) on any failure."""
-    from huggingface_hub import ModelCard
+    """The metadata of `repo_id`'s model card at `revision` (the pinned teacher's, `main` when `None`) from the Hub,
+    within `timeout`; `{}` (with a warning) on any failure."""
+    from huggingface_hub import ModelCard, hf_hub_download
+
+    def load_card():
+        # `ModelCard.load` takes no revision: download the card at the pinned one, then read it.
+        return ModelCard.load(hf_hub_download(repo_id, "README.md", revision=revision))
 
     try:
-        card = call_with_deadline(lambda: ModelCard.load(repo_id), timeout, f"reading the model card of {repo_id}")
+        card = call_with_deadline(load_card, timeout, f"reading the model card of {repo_id}")
     except Exception as error:  # a missing card, a dead or misbehaving Hub: the export's card just has no licence
         logger.warning(
             f"Could not read the model card of {repo_id} ({type(error).__name__}); the card has no license."

@@ -30,17 +30,10 @@ import torch
 
 
 KOHYA_LORA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
-# Per family: which key form its ComfyUI-format file uses (see the module docstring).
+# The key forms of a ComfyUI-format file (see the module docstring); each family names its own
+# (`ModelFamily.comfy_lora_style`).
 UNET_STYLE, TRANSFORMER_STYLE = "lora_unet", "transformer"
-COMFY_LORA_STYLES = {
-    "sdxl": UNET_STYLE,
-    "sd15": UNET_STYLE,
-    "sd3": TRANSFORMER_STYLE,
-    "flux": TRANSFORMER_STYLE,
-    "flux2": TRANSFORMER_STYLE,
-    "zimage": TRANSFORMER_STYLE,
-    "qwenimage": TRANSFORMER_STYLE,
-}
+COMFY_LORA_FORMS = (UNET_STYLE, TRANSFORMER_STYLE)
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)\.weight$")
 
 
@@ -70,7 +63,7 @@ def peft_to_comfy_lora(
             The `LoraConfig` as a dict (`r`, `lora_alpha`, optionally `use_rslora`); per-module `rank_pattern` or
             `alpha_pattern` are refused (the student LoRA has one rank and alpha).
         style (`str`):
-            `"lora_unet"` or `"transformer"` (see [`COMFY_LORA_STYLES`]).
+            `"lora_unet"` or `"transformer"` (the family's `comfy_lora_style`).
         prefix (`str`, *optional*):
             The backbone's name (`unet`, `transformer`) the PEFT keys may start with.
 

@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .families.base import ModelFamily, read_component_config
+from .families.base import TEXT_ENCODER_NAMES, ModelFamily, read_component_config
+from .utils import resolve_dtype
 
 
 GIB = 1024**3
@@ -36,8 +37,6 @@ GIB = 1024**3
 BNB_MIN_8BIT_SIZE = 4096
 BNB_BLOCKSIZE = 256
 BNB_QMAP_BYTES = 2 * 256 * 4
-TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -392,9 +391,9 @@ def training_dtype_for(mixed_precision: str | None, environ: dict | None = None)
 
     environ = os.environ if environ is None else environ
     value = mixed_precision or environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if value not in DTYPES:
-        raise ValueError(f"mixed precision {value!r} is not one of {sorted(DTYPES)} (--mixed_precision).")
-    return DTYPES[value]
+    if value not in ("no", "fp16", "bf16"):
+        raise ValueError(f"mixed precision {value!r} is not one of ['bf16', 'fp16', 'no'] (--mixed_precision).")
+    return resolve_dtype(value)
 
 
 def memory_plan_for(config, family: ModelFamily, model_index: dict) -> MemoryPlan | None:

@@ -7,6 +7,7 @@ cache, and from the Hub only for an export about to be pushed).
 
 import logging
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 from .config import DMDRConfig
@@ -21,7 +22,6 @@ from .export_layout import (
 from .families import ModelFamily
 from .hub import cached_model_card_data, hub_id_of, remote_model_card_data
 from .lora_formats import KOHYA_LORA_WEIGHT_NAME
-from .pipelines.pipeline_dmdr import STOCK_ROUTES
 from .pipelines.scheduling_dmdr import DMDRScheduler
 from .rewards import parse_reward_spec
 
@@ -29,17 +29,9 @@ from .rewards import parse_reward_spec
 logger = logging.getLogger(__name__)
 
 PAPER_URL = "https://huggingface.co/papers/2511.13649"
+CARD_TEMPLATE = "model_card.md.jinja"
 # Tags every export carries, besides the family's and `lora` in LoRA mode.
 BASE_TAGS = ["text-to-image", "diffusers", "diffusers-training", "dmdr", "distillation", "few-step"]
-FAMILY_TAGS = {
-    "sdxl": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"],
-    "sd15": ["stable-diffusion", "stable-diffusion-diffusers"],
-    "sd3": ["sd3", "sd3-diffusers"],
-    "flux": ["flux", "flux-diffusers"],
-    "flux2": ["flux2", "flux2-klein"],
-    "zimage": ["z-image", "z-image-diffusers"],
-    "qwenimage": ["qwen-image", "qwen-image-diffusers"],
-}
 DEFAULT_SNIPPET_PROMPT = "a photo of a red fox in the snow"
 # What the snippets load as the teacher when it was a local folder and no `--base_model` named its Hub id.
 BASE_MODEL_PLACEHOLDER = "<teacher-hub-id>"
@@ -181,7 +173,7 @@ def make_model_card(info: ModelCardInfo, existing_card: str | Path | None = None
         card.data = ModelCardData(
             license=license_data.get("license"), library_name="diffusers", base_model=base_model, widget=widget
         )
-    tags = BASE_TAGS + FAMILY_TAGS[info.family.name] + (["lora"] if info.has_lora else [])
+    tags = BASE_TAGS + list(info.family.card_tags) + (["lora"] if info.has_lora else [])
     populate_model_card(card, tags=[tag for tag in tags if tag not in (card.data.tags or [])])
     owned = {"base_model": base_model, "widget": widget, "inference": True, "pipeline_tag": "text-to-image"}
     for key, value in {**owned, **license_data}.items():
@@ -193,208 +185,77 @@ def make_model_card(info: ModelCardInfo, existing_card: str | Path | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Body
+# Body: rendered from templates/model_card.md.jinja
 # ----------------------------------------------------------------------------------------------------------------
 def _card_body(info: ModelCardInfo) -> str:
-    config, scheduler = info.config, info.scheduler
-    repo_id, base_model, has_lora = info.repo_id, info.teacher_name, info.has_lora
-    has_full_pipeline, has_samples, metrics = info.has_full_pipeline, info.has_samples, info.metrics
+    import jinja2
+
+    template_text = (resources.files(__package__) / "templates" / CARD_TEMPLATE).read_text(encoding="utf-8")
+    environment = jinja2.Environment(
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined
+    )
+    return environment.from_string(template_text).render(**_card_context(info))
+
+
+def _card_context(info: ModelCardInfo) -> dict:
+    """What the template prints, computed: everything that is arithmetic or a lookup, no prose."""
+    config, family, scheduler = info.config, info.family, info.scheduler
     timesteps = list(scheduler.config.training_timesteps)
-    num_steps = len(timesteps)
-    if num_steps == 1:
-        sampler_rule = "The single step maps pure noise to the clean prediction."
-    elif scheduler.config.deterministic:
-        sampler_rule = (
-            "Between steps the clean prediction is re-noised deterministically (the ODE sampler: Euler for flow "
-            "models, DDIM for DDPM models); the last step returns the clean prediction."
-        )
-    else:
-        sampler_rule = (
-            "Between steps the clean prediction is re-noised with fresh Gaussian noise (the DMD sampler); the last "
-            "step returns the clean prediction."
-        )
-    if info.teacher_hub_id:
-        base_link = f"[`{base_model}`](https://huggingface.co/{base_model})"
-    else:
-        local_name = Path(config.pretrained_model_name_or_path).name
-        base_link = (
-            f"a local copy of a teacher (`{local_name}`; its Hub id was not given: re-export with "
-            "`dmdr-export --base_model org/name` to fill `base_model` and the snippets)"
-        )
-    if info.rewards_trained:
-        method = (
-            f"[DMDR]({PAPER_URL}) (distribution matching distillation jointly with reinforcement learning from "
-            "differentiable rewards)"
-        )
-    else:
-        method = (
-            f"DMD (distribution matching distillation, the [DMDR]({PAPER_URL}) recipe without reward losses: this "
-            "run trained on no reward)"
-        )
-    sections = [
-        f"# {repo_id.split('/')[-1]}\n",
-        f"A **{num_steps}-step** text-to-image student distilled from {base_link} with {method}, trained with "
-        "[diffusers-dmdr](https://pypi.org/project/diffusers-dmdr/). It samples in "
-        f"{num_steps} step{'s' if num_steps > 1 else ''} without classifier-free guidance.\n",
-    ]
-    if has_samples:
-        prompt_list = "\n".join(f"- {prompt}" for prompt in config.validation_prompts)
-        sections.append(
-            f"## Samples\n\n![samples]({SAMPLES_FILE})\n\nOne row per prompt, {config.num_validation_images} "
-            f"images each, {num_steps} step{'s' if num_steps > 1 else ''}, seed {config.seed}, "
-            "{}x{}:\n\n".format(*config.image_size)
-            + f"{prompt_list}\n"
-        )
-    sections.append(_usage_section(info))
-    if info.has_comfy_lora:
-        sections.append(_comfy_section(info))
-    schedule_rows = "\n".join(
-        f"| {index} | {timestep:g} | {timestep / scheduler.config.num_train_timesteps:.4f} |"
-        for index, timestep in enumerate(timesteps)
-    )
-    sections.append(
-        "## Sampler\n\n"
-        f"The student was trained with, and samples with, this {num_steps}-step grid "
-        f"(`prediction_type={scheduler.config.prediction_type}`, {scheduler.config.num_train_timesteps} teacher "
-        "timesteps). The first step always starts from pure noise.\n\n"
-        "| step | timestep (model units) | noise level |\n|---|---|---|\n"
-        f"{schedule_rows}\n\n"
-        f"{sampler_rule} `DMDRScheduler` (in `scheduler/`) stores this grid in its config. Another "
-        "`num_inference_steps` works with a warning: the grid is then interpolated linearly between the trained "
-        "first and last timesteps, which the student was not trained for.\n"
-    )
-    sections.append(_recipe_section(info))
-    if metrics:
-        rows = "\n".join(
-            f"| `{name}` | {value:.4g} |"
-            for name, value in sorted(metrics.items())
-            if isinstance(value, int | float) and name.startswith(("reward/", "heldout_reward/", "loss", "monitor/"))
-        )
-        if rows:
-            sections.append(
-                "## Training metrics\n\nLogged at the last generator step (training prompts, not a benchmark):\n\n"
-                f"| metric | value |\n|---|---|\n{rows}\n"
-            )
-    files = [
-        f"- `{LORA_WEIGHT_NAME}`: the student LoRA in diffusers format (`load_lora_weights`)." if has_lora else "",
-        f"- `{KOHYA_LORA_WEIGHT_NAME}`: the same LoRA in kohya keys, for ComfyUI, Forge and Automatic1111."
-        if info.has_comfy_lora
-        else "",
-        "- `model_index.json` and the component folders: the full student pipeline (safetensors)."
-        if has_full_pipeline
-        else "",
-        f"- `{PIPELINE_MODULE}.py`, `scheduler/{SCHEDULER_MODULE}.py`: the sampler code, loaded with "
-        "`trust_remote_code=True` or from the `diffusers-dmdr` package.",
-        f"- `{SAMPLES_FILE}`: the sample grid above." if has_samples else "",
-    ]
-    sections.append("## Files\n\n" + "\n".join(line for line in files if line) + "\n")
-    sections.append(
-        "## Limitations\n\n"
-        f"- This is a derivative of {base_link}: its license and use restrictions apply, and it inherits the "
-        "teacher's biases.\n"
-        "- Few-step students trade some sample diversity for speed; rewards can be over-optimised (reward "
-        "hacking), so check samples beyond the training prompts.\n"
-        "- Classifier-free guidance, negative prompts and step counts other than the trained one are outside "
-        "what was trained.\n"
-    )
-    return "\n".join(sections)
-
-
-def _snippet(imports: list[str], body: str, gpu_dtype: str) -> str:
-    """A runnable snippet: `torch` and `imports`, the device and dtype choice, then `body` (which defines `image`)."""
-    device_line = f'device, dtype = ("cuda", {gpu_dtype}) if torch.cuda.is_available() else ("cpu", torch.float32)\n'
-    return "import torch\n" + "".join(line + "\n" for line in imports) + "\n" + device_line + body
-
-
-def _load_lora_lines(pipe: str, info: ModelCardInfo) -> str:
-    """Load the diffusers LoRA file onto `pipe`'s backbone and fuse it. The LoRA covers the backbone only:
-    `load_lora_adapter` on it (rather than the pipeline's `load_lora_weights`) skips the notice about text encoders
-    without LoRA keys."""
-    name = info.family.backbone_name
-    return (
-        f'{pipe}.{name}.load_lora_adapter("{info.repo_id}", weight_name="{LORA_WEIGHT_NAME}", prefix="{name}")\n'
-        f"{pipe}.{name}.fuse_lora()\n"
-    )
-
-
-def _usage_section(info: ModelCardInfo) -> str:
-    config, family, repo_id, base_model = info.config, info.family, info.repo_id, info.teacher_name
-    prompt = (config.validation_prompts or [DEFAULT_SNIPPET_PROMPT])[0]
+    recipe, no_recipe_reason = stock_scheduler_recipe(scheduler)
     size = ""
     if config.image_size != (family.default_resolution,) * 2:
         size = f", height={config.image_size[0]}, width={config.image_size[1]}"
-    call = f'image = pipe("{prompt}"{size}).images[0]\n'
-    if info.has_full_pipeline:
-        route_package = _snippet(
-            ["from diffusers_dmdr.pipelines import FewStepDMDRPipeline"],
-            f'pipe = FewStepDMDRPipeline.from_pretrained("{repo_id}", dtype=dtype).to(device)\n' + call,
-            info.snippet_dtype,
-        )
-        route_remote = _snippet(
-            ["from diffusers import DiffusionPipeline"],
-            f'pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True, dtype=dtype)\n'
-            "pipe = pipe.to(device)\n" + call,
-            info.snippet_dtype,
-        )
-    else:
-        # No full pipeline in the repo: the student is the base model plus the LoRA, sampled by FewStepDMDRPipeline.
-        # The teacher's folder loads straight into FewStepDMDRPipeline (`from_pipe` casts every model and warns).
-        student = (
-            f'scheduler = DMDRScheduler.from_pretrained("{repo_id}", subfolder="scheduler")\n'
-            f'pipe = FewStepDMDRPipeline.from_pretrained("{base_model}", scheduler=scheduler, dtype=dtype)\n'
-            + _load_lora_lines("pipe", info)
-            + "pipe = pipe.to(device)\n"
-        )
-        route_package = _snippet(
-            ["from diffusers_dmdr.pipelines import DMDRScheduler, FewStepDMDRPipeline"],
-            student + call,
-            info.snippet_dtype,
-        )
-        route_remote = _snippet(
-            ["from diffusers.utils import get_class_from_dynamic_module"],
-            "FewStepDMDRPipeline = get_class_from_dynamic_module(\n"
-            f'    "{repo_id}", "{PIPELINE_MODULE}.py", class_name="{PIPELINE_CLASS}", trust_remote_code=True\n'
-            ")\n"
-            "DMDRScheduler = get_class_from_dynamic_module(\n"
-            f'    "{repo_id}", "{SCHEDULER_MODULE}.py", subfolder="scheduler", class_name="{SCHEDULER_CLASS}",\n'
-            "    trust_remote_code=True,\n"
-            ")\n" + student + call,
-            info.snippet_dtype,
-        )
-    recipe, no_recipe_reason = stock_scheduler_recipe(info.scheduler)
-    lines = [
-        "## How to use\n",
-        "The trained sampler is `FewStepDMDRPipeline` with `DMDRScheduler`: same timesteps, same re-noising rule, no "
-        "guidance (the defaults), so a seed gives the images the training produced. Three ways to load it:\n",
-        "### 1. With the `diffusers-dmdr` package (`pip install diffusers-dmdr`), no remote code\n",
-        f"```python\n{route_package}```\n",
-        "### 2. With diffusers only, running this repository's code\n",
-        f"`{PIPELINE_MODULE}.py` and `scheduler/{SCHEDULER_MODULE}.py` are plain diffusers code; read them first, "
-        "and pin `revision=` to a commit you checked.\n",
-        f"```python\n{route_remote}```\n",
-        "### 3. A stock diffusers pipeline and scheduler\n",
-    ]
-    if recipe is None:
-        lines.append(
-            f"No stock diffusers scheduler follows this student's sampler ({no_recipe_reason}): use 1 or 2.\n"
-        )
-    else:
-        # The scheduler's recipe says whether the stock route is exact, and what differs.
-        note = recipe.get("note")
-        lines.append(
-            "No custom code: this stock scheduler "
-            + (
-                "reproduces the trained sampler up to float rounding"
-                if recipe.get("exact")
-                else "follows the trained grid with its own update rule, close to the trained sampler but not bit "
-                "for bit"
-            )
-            + (f" ({note})" if note else "")
-            + ".\n"
-        )
+    recipe_kwargs = {}
     if recipe is not None:
-        lines.append(f"```python\n{_plain_route(info, recipe, prompt, size)}```\n")
-    return "\n".join(lines)
+        # Guidance off (or FLUX.1's trained embedding) and the trained prompt length: the call defaults
+        # FewStepDMDRPipeline gives this stock pipeline; the prompt by name (Flux2KleinPipeline takes an image first).
+        call_defaults = {**family.stock_route.call_defaults, **family.export_call_defaults(config, None)}
+        recipe_kwargs = {
+            "from_config": _keyword_text(recipe.get("from_config_kwargs", {})),
+            "call": _keyword_text({**recipe.get("call_kwargs", {}), **call_defaults}),
+        }
+    metric_rows = [
+        (name, value)
+        for name, value in sorted(info.metrics.items())
+        if isinstance(value, int | float) and name.startswith(("reward/", "heldout_reward/", "loss", "monitor/"))
+    ]
+    return {
+        "info": info,
+        "config": config,
+        "family": family,
+        "scheduler": scheduler,
+        "paper_url": PAPER_URL,
+        "local_name": Path(config.pretrained_model_name_or_path).name,
+        "timesteps": timesteps,
+        "num_steps": len(timesteps),
+        "prompt": (config.validation_prompts or [DEFAULT_SNIPPET_PROMPT])[0],
+        "size": size,
+        "backbone": family.backbone_name,
+        "backbone_class": info.backbone_class_name or family.backbone_class_name,
+        "stock": family.pipeline_class_name,
+        "recipe": recipe,
+        "scheduler_class": recipe["class_name"] if recipe else None,
+        "recipe_kwargs": recipe_kwargs,
+        "no_recipe_reason": no_recipe_reason,
+        "comfy": _comfy_settings(scheduler, family) if info.has_comfy_lora else None,
+        "rewards": ", ".join(f"`{reward_text(spec)}`" for spec in config.reward),
+        "eval_rewards": ", ".join(f"`{reward_text(spec)}`" for spec in config.eval_reward),
+        "metrics": metric_rows,
+        "files": {
+            "lora": LORA_WEIGHT_NAME,
+            "kohya": KOHYA_LORA_WEIGHT_NAME,
+            "samples": SAMPLES_FILE,
+            "pipeline_module": PIPELINE_MODULE,
+            "pipeline_class": PIPELINE_CLASS,
+            "scheduler_module": SCHEDULER_MODULE,
+            "scheduler_class": SCHEDULER_CLASS,
+        },
+    }
+
+
+def _keyword_text(kwargs: dict) -> str:
+    """`, key=value` for each keyword, values as Python literals (the snippets' call arguments)."""
+    return "".join(f", {key}={value!r}" for key, value in kwargs.items())
 
 
 def stock_scheduler_recipe(scheduler: DMDRScheduler) -> tuple[dict | None, str | None]:
@@ -406,46 +267,18 @@ def stock_scheduler_recipe(scheduler: DMDRScheduler) -> tuple[dict | None, str |
     return None, recipe.get("note") or "the trained sampler is not one a stock scheduler runs"
 
 
-def _plain_route(info: ModelCardInfo, recipe: dict, prompt: str, size: str) -> str:
-    family, repo_id, base_model = info.family, info.repo_id, info.teacher_name
-    stock_class, scheduler_class = family.pipeline_class_name, recipe["class_name"]
-    config_kwargs = "".join(f", {key}={value!r}" for key, value in recipe.get("from_config_kwargs", {}).items())
-    set_scheduler = f"pipe.scheduler = {scheduler_class}.from_config(pipe.scheduler.config{config_kwargs})\n"
-    call_kwargs = "".join(f", {key}={value!r}" for key, value in recipe.get("call_kwargs", {}).items())
-    # Guidance off (or FLUX.1's trained embedding) and the trained prompt length: the call defaults
-    # FewStepDMDRPipeline gives this stock pipeline; the prompt by name (Flux2KleinPipeline takes an image first).
-    defaults = {**STOCK_ROUTES[stock_class].call_defaults, **family.export_call_defaults(info.config, None)}
-    call_defaults = "".join(f", {key}={value!r}" for key, value in defaults.items())
-    call = f'image = pipe(prompt="{prompt}"{call_kwargs}{call_defaults}{size})'
-    if info.has_lora:
-        imports = [f"from diffusers import {scheduler_class}, {stock_class}"]
-        load = f'pipe = {stock_class}.from_pretrained("{base_model}", dtype=dtype)\n' + _load_lora_lines("pipe", info)
-    else:
-        name = family.backbone_name
-        backbone_class = info.backbone_class_name or STOCK_ROUTES[stock_class].backbone_class
-        imports = [f"from diffusers import {backbone_class}, {scheduler_class}, {stock_class}"]
-        load = (
-            f'{name} = {backbone_class}.from_pretrained("{repo_id}", subfolder="{name}", dtype=dtype)\n'
-            f'pipe = {stock_class}.from_pretrained("{base_model}", {name}={name}, dtype=dtype)\n'
-        )
-    body = load + set_scheduler + "pipe = pipe.to(device)\n" + call + ".images[0]\n"
-    return _snippet(imports, body, info.snippet_dtype)
-
-
 def grid_shift(scheduler: DMDRScheduler) -> float | None:
     """The shift a flow grid was built with (informative config key `grid_shift`, formerly `shift`)."""
     config = scheduler.config
     return config.get("grid_shift", config.get("shift"))
 
 
-def _comfy_section(info: ModelCardInfo) -> str:
-    """Which file each tool takes, and the sampler settings closest to the trained one."""
-    scheduler, family = info.scheduler, info.family
+def _comfy_settings(scheduler: DMDRScheduler, family: ModelFamily) -> dict:
+    """The ComfyUI sampler and schedule closest to the trained sampler."""
     timesteps = [int(round(t)) for t in scheduler.config.training_timesteps]
     num_steps = len(timesteps)
-    stochastic = not scheduler.config.deterministic and num_steps > 1
     # ComfyUI's `lcm` sampler re-noises the clean prediction with fresh noise (the DMD sampler); `euler` is the ODE.
-    sampler = "lcm" if stochastic else "euler"
+    sampler = "lcm" if not scheduler.config.deterministic and num_steps > 1 else "euler"
     trailing = [round(1000 - 1000 * index / num_steps) - 1 for index in range(num_steps)]
     if num_steps == 1:
         schedule = "any scheduler (the one step starts from pure noise)"
@@ -460,75 +293,7 @@ def _comfy_section(info: ModelCardInfo) -> str:
         schedule = f"scheduler `sgm_uniform` (its {num_steps} timesteps are within 1 of the trained {timesteps})"
     else:
         schedule = f"a scheduler as close as possible to the trained timesteps {timesteps} (none matches exactly)"
-    lines = [
-        "## ComfyUI / Automatic1111\n",
-        f"`{KOHYA_LORA_WEIGHT_NAME}` holds the same LoRA with the keys these tools read"
-        + (" (`lora_unet_*`, with `.alpha`)" if not family.is_flow else " (`transformer.*`, scale folded in)")
-        + f"; `{LORA_WEIGHT_NAME}` is for diffusers (`load_lora_weights`). Load it on the teacher "
-        f"({info.teacher_name}) at strength 1.0.\n",
-        f"- **ComfyUI**: copy it to `models/loras/`, add *LoraLoaderModelOnly* after the checkpoint loader; KSampler "
-        f"with {num_steps} step{'s' if num_steps > 1 else ''}, cfg 1.0, sampler `{sampler}`, {schedule}.",
-    ]
-    if family.is_flow:
-        lines.append(
-            "- **Forge** reads the same file (ComfyUI's loader); Automatic1111 does not run this model family."
-        )
-    else:
-        lines.append(
-            "- **Automatic1111 / Forge**: copy it to `models/Lora/` and add "
-            f"`<lora:{KOHYA_LORA_WEIGHT_NAME.removesuffix('.safetensors')}:1>` to the prompt; sampler "
-            f"{'LCM' if sampler == 'lcm' else 'Euler'}, {num_steps} steps, CFG scale 1."
-        )
-    lines.append(
-        "\nThese tools sample with their own schedulers: close to the trained sampler, not bit for bit, and their "
-        "seeds do not reproduce the images above.\n"
-    )
-    return "\n".join(lines)
-
-
-def _recipe_section(info: ModelCardInfo) -> str:
-    config, family, has_lora, checkpoint_name = info.config, info.family, info.has_lora, info.checkpoint_name
-    rewards = ", ".join(f"`{reward_text(spec)}`" for spec in config.reward) or "none (DMD only)"
-    eval_rewards = ", ".join(f"`{reward_text(spec)}`" for spec in config.eval_reward) or "none"
-    adapter = (
-        f"LoRA rank {config.lora_rank}, alpha {config.lora_alpha}" if has_lora else "full fine-tuning of the backbone"
-    )
-    rows = [
-        ("teacher", f"`{config.pretrained_model_name_or_path}` ({family.name})"),
-        ("student", adapter),
-        ("student steps", str(config.num_student_steps)),
-        ("resolution", "{}x{}".format(*config.image_size)),
-        ("generator updates", f"{config.max_train_steps} (stage 1, DMD only: {config.cold_start_steps})"),
-        ("rewards (stage 2, `name:weight:options`)", rewards),
-        ("held-out rewards (logged only)", eval_rewards),
-        ("reward-tilted DMD in stage 1", str(config.reward_tilt)),
-        (
-            "DynaDG / DynaRS",
-            f"real-score LoRA scale {config.real_score_lora_scale} -> 0, re-noising Beta({config.renoise_beta_alpha}, "
-            f"{config.renoise_beta_beta}) -> Beta(1, 1), over {config.dynamic_steps} steps",
-        ),
-        ("fake score", f"LoRA rank {config.fake_lora_rank}, scale {config.fake_score_lora_scale}"),
-        ("fake-score updates per generator update", str(config.update_ratio)),
-        ("real-score CFG", f"{config.real_guidance_scale} +- {config.guidance_scale_jitter}"),
-        ("learning rates (student / fake)", f"{config.learning_rate:g} / {config.learning_rate_fake:g}"),
-        ("batch size per process", str(config.train_batch_size)),
-        ("mixed precision", str(config.mixed_precision or "no")),
-        ("seed", str(config.seed)),
-    ]
-    if checkpoint_name:
-        rows.append(("exported checkpoint", checkpoint_name))
-    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    if info.rewards_trained:
-        stages = (
-            "Stage 1 distils the teacher with DMD (with the DynaDG and DynaRS cold-start schedules); stage 2 adds the "
-            "reward losses to DMD, which keeps regularising the student towards the teacher's distribution."
-        )
-    else:
-        stages = (
-            "The student was distilled with DMD alone (with the DynaDG and DynaRS cold-start schedules): no reward "
-            "loss was applied in this run."
-        )
-    return f"## Training recipe\n\n{stages}\n\n| setting | value |\n|---|---|\n{table}\n"
+    return {"sampler": sampler, "schedule": schedule}
 
 
 def reward_text(spec) -> str:

@@ -3,29 +3,19 @@
 Two-time-scale updates (TTUR) on one optimizer: the fake score steps every iteration and the student every
 `update_ratio`-th. A step for one role leaves the other group untouched because that group holds no gradients
 (`zero_grad(set_to_none=True)` after every step; AdamW and bitsandbytes' AdamW8bit skip parameters whose gradient is
-`None`, so their moments and step counts stay the role's own). Engines that keep gradients in flat buffers
-(DeepSpeed ZeRO) see zeros instead of `None`: `step_role` therefore also sets the other group's learning rate to 0
-for that step, so its weights cannot move; their Adam moments do see a zero-gradient step there (see the README).
+`None`, so their moments and step counts stay the role's own). `step_role` also sets the other group's learning rate
+to 0 for that step, so its weights cannot move whatever its gradients. That alone is not enough: engines that keep
+gradients in flat buffers (DeepSpeed ZeRO) hand the idle group zeros instead of `None`, and its Adam moments and step
+count advance (the student's first update falls to 0.52x its learning rate at TTUR 5), which is why DeepSpeed is
+refused (`sharding.check_engine_supported`; tests/test_engines.py measures both).
 
 Learning rates are a pure function of the progress counters (`iteration` for the fake score, `global_step` for the
 student), so a resumed run recomputes them and no scheduler state is checkpointed.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-
-
-@dataclass(frozen=True)
-class RoleSchedule:
-    """Base learning rate and diffusers LR-schedule multiplier of one parameter group."""
-
-    learning_rate: float
-    multiplier: Callable[[int], float]
-
-    def learning_rate_at(self, step: int) -> float:
-        return self.learning_rate * self.multiplier(step)
 
 
 def lr_multiplier(name: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -65,10 +55,6 @@ def make_optimizer(
         if params
     ]
     return optimizer_class(param_groups, betas=betas, eps=eps)
-
-
-def groups_of(optimizer: torch.optim.Optimizer, role: str) -> list[dict]:
-    return [group for group in optimizer.param_groups if group.get("role") == role]
 
 
 def set_learning_rates(optimizer: torch.optim.Optimizer, learning_rates: dict[str, float]) -> None:

@@ -12,6 +12,7 @@ from .families import ModelFamily, detect_family, get_family, read_teacher_confi
 from .families.base import read_component_config, read_scheduler_config, student_grid_for
 from .memory_plan import MemoryPlan, memory_plan_for
 from .pipelines.scheduling_dmdr import DMDRScheduler
+from .sharding import check_engine_supported
 
 
 logger = logging.getLogger(__name__)
@@ -32,9 +33,12 @@ class RunPlan:
 
 def check_run_inputs(config: DMDRConfig) -> RunPlan:
     """Validate everything about `config` that can be checked before any weight is loaded."""
-    from .rewards import parse_reward_spec, validate_reward_specs
+    from .rewards import check_recipe_import_paths, parse_reward_spec, validate_reward_specs
     from .rewards.core import reward_import_paths
 
+    # The engine the launch asked for (DeepSpeed is refused: see sharding.py).
+    check_engine_supported()
+    check_recipe_import_paths(config)  # first: the other checks import what the rewards name
     # 1. Teacher: the folder or Hub id exists and is a supported family.
     model_index = read_teacher_config(config.pretrained_model_name_or_path, config.revision)
     detected = detect_family(model_index, config.pretrained_model_name_or_path)
@@ -48,7 +52,7 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
 
     # 2. Resolution against the VAE's spatial factor. Non-square training is wired through the UNet families' size
     # conditioning only; the flow transformers' grids (dynamic shift) and packing assume a square image.
-    if config.width not in (None, config.resolution) and family.name not in ("sdxl", "sd15"):
+    if config.width not in (None, config.resolution) and not family.supports_non_square:
         raise ValueError(
             f"--width {config.width} (non-square training) is supported for SDXL and SD1.5 teachers; this teacher is "
             f"a {family.name} pipeline: drop --width."

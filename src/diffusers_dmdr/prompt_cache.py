@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .families.base import TEXT_ENCODER_NAMES
+
 
 DEFAULT_CACHE_DIR = Path("~/.cache/diffusers_dmdr/prompt_embeds")
 # Bump when the cached content changes meaning, so old files are never read.
@@ -89,7 +91,7 @@ def cache_key(
 
 
 def _text_encoder_names(pipeline) -> list[str]:
-    return [name for name in ("text_encoder", "text_encoder_2", "text_encoder_3") if getattr(pipeline, name, None)]
+    return [name for name in TEXT_ENCODER_NAMES if getattr(pipeline, name, None)]
 
 
 class PromptEncoder:

@@ -1,37 +1,39 @@
-"""FSDP2 sharding of the training module, as the shipped accelerate config does it, and gathering its full state.
+"""The engines a run may use, and gathering the full state of a sharded (FSDP2) run.
 
-The shipped `accelerate_configs/fsdp2.yaml` uses accelerate's `TRANSFORMER_BASED_WRAP` with no class list, so
-accelerate wraps every submodule whose class is in the root's `_no_split_modules`; [`DMDRTrainingModule`] exposes the
-backbone's own list (SDXL: transformer, ResNet and up blocks; SD3: joint transformer blocks). `shard_training_module`
-applies the same policy with torch's `fully_shard` directly, for runs where accelerate does not take its FSDP path
-(it takes it only on accelerators; the CPU test shards with gloo through this function).
+FSDP2 comes from accelerate (`accelerate_configs/fsdp2.yaml`): its `TRANSFORMER_BASED_WRAP` with no class list wraps
+every submodule whose class is in the root's `_no_split_modules`, and [`DMDRTrainingModule`] exposes the backbone's
+own list (SDXL: transformer, ResNet and up blocks; SD3: joint transformer blocks), so one file serves every family.
+FSDP2 shards and reduces per parameter, so the frozen base never gets a gradient (tests/test_fsdp.py checks it);
+FSDP1's flat parameters, where one trainable tensor in a unit made the whole unit carry gradients, were the reason to
+wrap LoRA layers separately there.
 
-Mixed frozen and trainable parameters cost no gradient memory under FSDP2: it shards and reduces per parameter, so
-the frozen base never gets a gradient (the test checks it); FSDP1's flat parameters, where one trainable tensor in a
-unit made the whole unit carry gradients, were the reason to wrap LoRA layers separately there.
+DeepSpeed is refused (`check_engine_supported`): one optimizer holds both roles' parameter groups (one module, one
+`prepare`), and ZeRO's flat gradient buffers hand the idle group zeros instead of `None`, so its Adam moments and
+step count advance on the other role's updates (with TTUR 5 the student's first update is 0.52x its learning rate,
+tests/test_engines.py). accelerate supports one DeepSpeed engine per model only experimentally; FSDP2 shards as much
+and keeps each role's optimizer state its own.
 """
 
+import os
+
 import torch
+from accelerate.utils import DistributedType
 
 
-def sharding_units(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """Submodules that become their own FSDP2 unit, innermost first (the root is sharded last, on its own)."""
-    names = set(getattr(module, "_no_split_modules", None) or [])
-    units = [child for child in module.modules() if child is not module and type(child).__name__ in names]
-    # Bottom-up: a nested unit must be sharded before the unit that contains it.
-    depth = {id(m): name.count(".") for name, m in module.named_modules()}
-    return sorted(units, key=lambda m: -depth[id(m)])
+DEEPSPEED_REFUSED = (
+    "DeepSpeed is not supported: its ZeRO optimizer steps both networks' parameter groups on every update, which "
+    "advances the idle network's Adam state (the student would train at about half its learning rate); launch with "
+    "examples/train_dmdr/accelerate_configs/fsdp2.yaml (FSDP2 shards weights, gradients and optimizer state) or "
+    "multi_gpu_ddp.yaml instead."
+)
 
 
-def shard_training_module(module: torch.nn.Module, mp_policy=None, mesh=None) -> torch.nn.Module:
-    """Shard `module` in place with FSDP2 (`fully_shard`), one unit per `sharding_units` entry plus the root."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    kwargs = {"mp_policy": mp_policy or MixedPrecisionPolicy(), "mesh": mesh}
-    for unit in sharding_units(module):
-        fully_shard(unit, **kwargs)
-    fully_shard(module, **kwargs)
-    return module
+def check_engine_supported(distributed_type: DistributedType | None = None) -> None:
+    """Refuse DeepSpeed, from the launch environment (`accelerate launch` sets `ACCELERATE_USE_DEEPSPEED` before the
+    script runs, so this holds before any weight or engine loads) or from an accelerator's `distributed_type`."""
+    launched_with_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if launched_with_deepspeed or distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError(DEEPSPEED_REFUSED)
 
 
 def is_fsdp2(model: torch.nn.Module) -> bool:
@@ -43,7 +45,7 @@ def is_fsdp2(model: torch.nn.Module) -> bool:
 def gather_full_state_dict(accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The full (unsharded) state dict of a sharded model on the CPU of the main process; every process must call it.
 
-    FSDP2 through torch's public `get_model_state_dict`; DeepSpeed through accelerate's `get_state_dict`.
+    FSDP2 through torch's public `get_model_state_dict`; other engines through accelerate's `get_state_dict`.
     """
     if is_fsdp2(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -61,7 +63,7 @@ def local_shard(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def student_weights_from_module_state(module_state: dict[str, torch.Tensor], full: bool) -> dict[str, torch.Tensor]:
-    """The student's weights from a full state dict of [`DMDRTrainingModule`] (as gathered by FSDP / DeepSpeed).
+    """The student's weights from a full state dict of [`DMDRTrainingModule`] (as gathered from FSDP2's shards).
 
     Full mode: the `student_backbone.` entries without that prefix. LoRA mode: the `student` adapter's entries in PEFT
     format (the `backbone.` prefix and the adapter name removed: `...to_q.lora_A.student.weight` ->

@@ -9,7 +9,7 @@ applies, and the teachers' dynamic-shift scheduler configs.
 
 import torch
 
-from .testing import tiny_clip_text_encoder, tiny_clip_tokenizer, tiny_t5_encoder, tiny_t5_tokenizer, tiny_vae
+from .testing_blocks import tiny_clip_text_encoder, tiny_clip_tokenizer, tiny_t5_encoder, tiny_t5_tokenizer, tiny_vae
 
 
 # The released FLUX.1 [dev] / FLUX.2 [klein] scheduler configs: exponential time shift by image sequence length.

@@ -8,6 +8,7 @@ Installed as the `dmdr-train` console script; `examples/train_dmdr/train.py` is 
 Flow: parse -> check inputs (no weights yet) -> load the teacher and rewards -> DMDRTrainer(...).train() -> export.
 """
 
+import linecache
 import logging
 import sys
 from pathlib import Path
@@ -16,23 +17,46 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
+import diffusers_dmdr
+import diffusers_dmdr.pipelines
 from diffusers_dmdr import DMDRConfig
 from diffusers_dmdr.config import USER_INPUT_ERRORS
 from diffusers_dmdr.preflight import check_run_inputs
-from diffusers_dmdr.rewards import load_rewards
+from diffusers_dmdr.rewards import load_rewards, reward_names_epilog
 from diffusers_dmdr.trainer import DMDRTrainer, create_accelerator, weight_dtype_of
 
 
 logger = get_logger(__name__)
+# Where the project's own code lives (the pipelines ship from their own folder in a checkout).
+PACKAGE_DIRS = tuple(Path(module.__file__).resolve().parent for module in (diffusers_dmdr, diffusers_dmdr.pipelines))
+
+
+def is_checked_input_error(error: BaseException) -> bool:
+    """A bad input the project itself reported: one of `USER_INPUT_ERRORS` raised by a `raise` statement of this
+    package (the config's validation, the preflight checks). The same types raised inside a library or a builtin
+    (`int("x")`, a numpy shape error) mean a bug, which keeps its traceback."""
+    if not isinstance(error, USER_INPUT_ERRORS) or error.__traceback__ is None:
+        return False
+    frame = error.__traceback__
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    filename = frame.tb_frame.f_code.co_filename
+    line = linecache.getline(filename, frame.tb_lineno).lstrip()
+    return any(Path(filename).resolve().is_relative_to(folder) for folder in PACKAGE_DIRS) and line.startswith(
+        "raise "
+    )
 
 
 def parse_and_check(argv: list[str] | None = None):
-    """Parse the command line and check every input before any weight loads. A bad input prints one message that
-    names the fix (no traceback) and exits with status 2, like an argparse error."""
+    """Parse the command line and check every input before any weight loads. A bad input (one of the project's
+    `USER_INPUT_ERRORS`) prints one message that names the fix (no traceback) and exits with status 2, like an
+    argparse error."""
     try:
-        config = DMDRConfig.parse_args(argv)
+        config = DMDRConfig.parse_args(argv, epilog=reward_names_epilog())
         plan = check_run_inputs(config)
     except USER_INPUT_ERRORS as error:
+        if not is_checked_input_error(error):
+            raise
         print(f"train.py: error: {error}", file=sys.stderr)  # noqa: T201
         raise SystemExit(2) from None
     return config, plan

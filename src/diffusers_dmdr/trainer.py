@@ -1,8 +1,9 @@
-"""DMDRTrainer: orchestration of a DMDR run (accelerate, the optimizer, the loop, TTUR, logging, checkpoints).
+"""DMDRTrainer: orchestration of a run (accelerate, processes, accumulation, per-role optimizer steps, TTUR, guards,
+checkpoints, validation, logging).
 
-The trainer holds no formula: noise math lives in the scheduler, losses in `losses.py`, schedules in
-`schedules.py`, the sampler in `simulation.py`. What trains is one [`DMDRTrainingModule`] with one optimizer (a
-parameter group per role), prepared by one `accelerator.prepare` call, so DDP, FSDP2 and DeepSpeed all see one model.
+The trainer holds no formula: what an iteration computes is the objective's (`method/objective.py`), which sees the
+training module only through its routes. What trains is one [`DMDRTrainingModule`] with one optimizer (a parameter
+group per role), prepared by one `accelerator.prepare` call, so DDP and FSDP2 see one model.
 """
 
 import json
@@ -17,55 +18,47 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
 from diffusers.utils.torch_utils import randn_tensor
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import schedules
-from .adapters import (
-    FAKE_ADAPTER,
-    STUDENT_ADAPTER,
-    adapter_state_dict,
-    build_training_backbones,
-    load_adapter_state_dict,
-    parse_target_modules,
-    swapped_weights,
-)
+from .adapters import STUDENT_ADAPTER, adapter_state_dict
 from .callbacks import check_callbacks, run_callbacks
 from .checkpointing import (
     CONFIG_FILE,
-    FAKE_LORA_FILE,
-    STUDENT_FULL_FILE,
-    STUDENT_LORA_FILE,
     atomic_checkpoint_save,
     load_accelerator_state_safely,
     load_trainer_state,
-    load_weights_file,
+    register_weight_hooks,
     resolve_checkpoint,
     save_trainer_state,
 )
 from .config import DMDRConfig
 from .data import PromptSampler
-from .denoisers import Denoiser
-from .draws import IterationDraws, draw_iteration
 from .families import TeacherComponents
-from .families.base import repeat_condition, student_grid_for, student_scheduler_for
+from .families.base import run_student_scheduler
 from .guards import DivergenceError, DivergenceGuard, resume_advice, trainable_weight_norm
-from .losses import anchor_loss, dmd_loss, fake_score_loss, reward_tilt_weights
-from .optimization import RoleSchedule, lr_multiplier, make_optimizer, only_role, set_learning_rates, step_role
+from .method.denoisers import Denoiser
+from .method.objective import MicroBatch, Routes, make_objective
+from .method.simulation import sample_student
+from .method.stages import stage_two_start_iteration, stage_values
+from .optimization import lr_multiplier, make_optimizer, only_role, set_learning_rates, step_role
 from .prompt_cache import PromptEncoder
-from .rewards import compute_reward_loss, set_reward_step
-from .sharding import gather_full_state_dict, is_fsdp2, local_shard, student_weights_from_module_state
-from .simulation import SimulationOutput, backward_simulation, sample_student
-from .stages import stage_two_start_iteration, stage_values
-from .training_module import GUIDANCE_ROLE, STUDENT_ROLE, DMDRTrainingModule
-from .utils import log_prompt_truncation_once
+from .sharding import (
+    check_engine_supported,
+    gather_full_state_dict,
+    is_fsdp2,
+    local_shard,
+    student_weights_from_module_state,
+)
+from .training_module import GUIDANCE_ROLE, STUDENT_ROLE, DMDRTrainingModule, build_training_module
+from .utils import log_prompt_truncation_once, resolve_dtype
 
 
 logger = get_logger(__name__)
 
-WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-# Engines that keep their own (sharded) checkpoint format and gather weights collectively.
-SHARDED_ENGINES = (DistributedType.FSDP, DistributedType.DEEPSPEED)
+# Engines that keep their own (sharded) checkpoint format and gather weights collectively (DeepSpeed is refused).
+SHARDED_ENGINES = (DistributedType.FSDP,)
+# The objective the trainer runs (`method.objective.OBJECTIVES`): DMD with ReFL-style reward back-propagation.
+OBJECTIVE = "refl"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -74,7 +67,7 @@ class NonFiniteLossError(RuntimeError):
 
 def weight_dtype_of(mixed_precision: str | None) -> torch.dtype:
     """The dtype of every frozen tensor for a mixed-precision mode (`fp16`, `bf16`; anything else: float32)."""
-    return WEIGHT_DTYPES.get(mixed_precision or "no", torch.float32)
+    return resolve_dtype(mixed_precision or "no")
 
 
 @dataclass
@@ -94,18 +87,6 @@ class TrainingState:
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self, key, int(value))
-
-
-@dataclass
-class MicroBatch:
-    """One micro-batch of an iteration: its prompts and conditioning, its samples' generators, the `rows` of the
-    iteration's draws it owns, and its backward simulation (filled before the updates)."""
-
-    prompts: list[str]
-    condition: dict
-    generators: list[torch.Generator]
-    rows: slice
-    simulation: SimulationOutput | None = None
 
 
 def create_accelerator(config: DMDRConfig) -> Accelerator:
@@ -151,16 +132,14 @@ class DMDRTrainer:
     ):
         self.config = config
         self.callbacks = check_callbacks(callbacks)
+        check_engine_supported(getattr(accelerator, "distributed_type", None))
         self.accelerator = accelerator or create_accelerator(config)
         self.teacher = teacher
         self.family = teacher.family
         self.pipeline = teacher.pipeline
         # A prompt longer than the tokenizer's limit is reported once, not echoed at every step.
         log_prompt_truncation_once(type(self.pipeline).__module__)
-        self.rewards = list(rewards or [])
-        self.eval_rewards = list(eval_rewards or [])
         self.state = TrainingState()
-        self.mode = config.backward_simulation or self.family.default_backward_simulation
         device = self.accelerator.device
         self.weight_dtype = weight_dtype_of(self.accelerator.mixed_precision)
         self.micro_batches = config.gradient_accumulation_steps
@@ -178,43 +157,22 @@ class DMDRTrainer:
             self.reward_vae = reward_vae.requires_grad_(False).eval().to(device, self.weight_dtype)
 
         # 2. Student grid and sampler.
-        timesteps, grid_origin = student_grid_for(
-            self.family, config, self.pipeline.scheduler.config, self.pipeline.vae_scale_factor
-        )
-        self.scheduler = student_scheduler_for(
-            teacher, timesteps, config.backward_simulation, config.shift, config.flow_x0_noise_level, grid_origin
-        )
+        self.scheduler = run_student_scheduler(teacher, config)
         self.latent_shape = self.family.latent_shape(
             teacher.backbone, self.pipeline.vae_scale_factor, config.image_size[0], config.image_size[1]
         )
 
         # 3. What trains: one module over one frozen base (student adapter or full copy; fake adapter).
-        student_targets = parse_target_modules(config.lora_target_modules, self.family.student_lora_targets)
-        fake_targets = parse_target_modules(config.fake_lora_target_modules, self.family.fake_lora_targets)
-        student_backbone = None
-        if config.training_mode == "full" and teacher.backbone.dtype != torch.float32:
-            # The trainable copy is read in float32 from the checkpoint, not upcast from the low-precision base.
-            student_backbone = self.family.load_backbone(
-                teacher.source, config.revision, config.variant, torch.float32
-            )
-        backbone, student_backbone = build_training_backbones(
-            teacher.backbone,
-            config.training_mode,
-            self.weight_dtype,
-            student_lora={"rank": config.lora_rank, "alpha": config.lora_alpha, "target_modules": student_targets},
-            fake_lora={"rank": config.fake_lora_rank, "alpha": config.fake_lora_alpha, "target_modules": fake_targets},
-            seed=config.seed,
-            student_backbone=student_backbone,
-            init=config.init_lora_weights,
-            student_init_path=config.student_init_path,
-        )
-        module = DMDRTrainingModule(backbone, self.family.call_backbone, student_backbone).to(device)
-        if config.gradient_checkpointing:
-            module.enable_gradient_checkpointing()
+        module = build_training_module(teacher, config, self.weight_dtype).to(device)
         self.training_module = module
 
         # 4. One optimizer (a parameter group per role) and one prepare call.
-        self.role_schedules = self._role_schedules()
+        # The student's LR schedule runs over generator steps, the fake score's over iterations (fake updates).
+        schedule, ratio = config.lr_scheduler, config.update_ratio
+        self.lr_multipliers = {
+            STUDENT_ROLE: lr_multiplier(schedule, config.lr_warmup_steps, config.max_train_steps),
+            GUIDANCE_ROLE: lr_multiplier(schedule, config.lr_warmup_steps * ratio, config.max_train_steps * ratio),
+        }
         optimizer = make_optimizer(
             {role: module.parameters_of(role) for role in (STUDENT_ROLE, GUIDANCE_ROLE)},
             self._learning_rates(),
@@ -225,21 +183,11 @@ class DMDRTrainer:
         )
         self.model, self.optimizer = self.accelerator.prepare(module, optimizer)
         self.sharded = self.accelerator.distributed_type in SHARDED_ENGINES or is_fsdp2(self.model)
-        self.accelerator.register_save_state_pre_hook(self._save_model_hook)
-        self.accelerator.register_load_state_pre_hook(self._load_model_hook)
+        register_weight_hooks(self.accelerator, module, self.sharded, self.student_state_dict)
         # `self.state` is saved as JSON by `save_checkpoint`, never registered with accelerate (which pickles it).
         self.student_denoiser = Denoiser(partial(self.model, STUDENT_ROLE), self.scheduler)
 
-        # 5. Prompts: a resumable sampler over the effective batch, and the encoder (cached or live).
-        self.prompt_sampler = PromptSampler(
-            prompts,
-            config.train_batch_size * self.micro_batches,
-            config.seed,
-            self.accelerator.process_index,
-            self.accelerator.num_processes,
-            stage2_batch_size=stage_values(config, config.cold_start_steps).train_batch_size * self.micro_batches,
-            stage2_start_iteration=stage_two_start_iteration(config.cold_start_steps, config.update_ratio),
-        )
+        # 5. Prompts: the encoder (cached or live), and a resumable sampler over the effective batch (below).
         self.prompt_encoder = PromptEncoder.from_config(config, teacher, self.accelerator, prompts)
         # The real score's unconditional branch: the family's negative prompt (empty, or Qwen-Image's " ").
         self.empty_condition = self.encode([self.family.negative_prompt])
@@ -247,34 +195,49 @@ class DMDRTrainer:
         # Logs of the steps before a resume (from the checkpoint), so that train_summary.json covers the whole run.
         self.resumed_history: list[dict] = []
         self.last_checkpoint: Path | None = None
-        # Set by `train()` when --anchor_loss_weight > 0: the student's weights as the run starts.
-        self.anchor_weights: list[torch.Tensor] | None = None
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Setup helpers
-    # ------------------------------------------------------------------------------------------------------------
-    def _role_schedules(self) -> dict[str, RoleSchedule]:
-        """The student's schedule runs over generator steps, the fake score's over iterations (fake updates)."""
-        config, ratio = self.config, self.config.update_ratio
-        return {
-            STUDENT_ROLE: RoleSchedule(
-                config.learning_rate,
-                lr_multiplier(config.lr_scheduler, config.lr_warmup_steps, config.max_train_steps),
-            ),
-            GUIDANCE_ROLE: RoleSchedule(
-                config.learning_rate_fake,
-                lr_multiplier(config.lr_scheduler, config.lr_warmup_steps * ratio, config.max_train_steps * ratio),
-            ),
-        }
+        # 6. The method: what each iteration computes, through the training module's routes.
+        routes = Routes(
+            student=self.student_denoiser,
+            guidance=self.guidance_denoiser,
+            student_parameters=lambda: self.unwrapped.parameters_of(STUDENT_ROLE),
+            real_score_x0=self.family.real_score_x0,
+            encode=self.encode,
+            uncondition=self.empty_condition,
+            initial_noise=self.initial_noise,
+            decode=self.decode_for_rewards,
+            rewards=list(rewards or []),
+            eval_rewards=list(eval_rewards or []),
+            autocast=self.accelerator.autocast,
+        )
+        self.objective = make_objective(OBJECTIVE, config, routes)
+        # The prompt stream switches to the stage-2 batch at the first iteration of stage 2 (TTUR: the objective's ratio).
+        self.prompt_sampler = PromptSampler(
+            prompts,
+            config.train_batch_size * self.micro_batches,
+            config.seed,
+            self.accelerator.process_index,
+            self.accelerator.num_processes,
+            stage2_batch_size=stage_values(config, config.cold_start_steps).train_batch_size * self.micro_batches,
+            stage2_start_iteration=stage_two_start_iteration(config.cold_start_steps, self.objective.update_ratio),
+        )
 
     def _learning_rates(self) -> dict[str, float]:
         # The base rates are those of the current stage (`--stage2_*` from the cold start on), times the schedule.
         stage = stage_values(self.config, self.state.global_step)
         return {
-            STUDENT_ROLE: stage.learning_rate * self.role_schedules[STUDENT_ROLE].multiplier(self.state.global_step),
-            GUIDANCE_ROLE: stage.learning_rate_fake
-            * self.role_schedules[GUIDANCE_ROLE].multiplier(self.state.iteration),
+            STUDENT_ROLE: stage.learning_rate * self.lr_multipliers[STUDENT_ROLE](self.state.global_step),
+            GUIDANCE_ROLE: stage.learning_rate_fake * self.lr_multipliers[GUIDANCE_ROLE](self.state.iteration),
         }
+
+    @property
+    def rewards(self) -> list:
+        """The trained rewards, as the objective reads them (assigning replaces them for the next steps)."""
+        return self.objective.routes.rewards
+
+    @rewards.setter
+    def rewards(self, rewards: list) -> None:
+        self.objective.routes.rewards = list(rewards)
 
     @property
     def unwrapped(self) -> DMDRTrainingModule:
@@ -295,9 +258,6 @@ class DMDRTrainer:
         """The guidance network at fake-adapter multiplier `lora_scale` (0: the teacher) as an x0 denoiser."""
         return Denoiser(partial(self.model, GUIDANCE_ROLE, lora_scale=lora_scale), self.scheduler)
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Sampling
-    # ------------------------------------------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> dict:
         # Guidance-distilled families (FLUX.1) condition the student and the fake score on a fixed guidance embedding.
         condition = self.prompt_encoder.encode(prompts)
@@ -333,17 +293,13 @@ class DMDRTrainer:
         """Differentiable decode on the reward path (the tiny autoencoder when one is given)."""
         return self.family.decode(self.reward_vae, latents)
 
-    # ------------------------------------------------------------------------------------------------------------
-    # The loop
-    # ------------------------------------------------------------------------------------------------------------
     def train(self) -> list[dict]:
         """Run until `max_train_steps` generator updates; returns the per-step logs."""
         config = self.config
         if config.resume_from_checkpoint:
             self.load_checkpoint(config.resume_from_checkpoint)
-        # The anchor is the student as this run starts (after any resume), frozen.
-        if config.anchor_loss_weight > 0:
-            self.anchor_weights = [p.detach().clone() for p in self.unwrapped.parameters_of(STUDENT_ROLE)]
+        # A frozen reference (the anchor) is the student as this run starts, after any resume.
+        self.objective.begin_run()
         if self.accelerator.is_main_process and self.accelerator.log_with:
             tracker_config = {
                 k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in asdict(config).items()
@@ -360,17 +316,16 @@ class DMDRTrainer:
         guard, checkpoint_pending = DivergenceGuard.from_config(config), False
         guard.start(self._weight_norms())
         while self.state.global_step < config.max_train_steps:
-            draws = self._draws(self.state.iteration)
-            micro_batches = self._simulate(self._micro_batches(self.state.iteration, draws), draws)
-            # With DMD switched off (reward-only ablations) the fake score has no reader: skip its update.
-            if config.dmd_loss_weight > 0:
-                fake_loss = self._fake_score_update(micro_batches, draws)
-                if fake_loss is not None:
-                    fake_losses.append(fake_loss)
+            batches = self.rollout(self.state.iteration)
+            if GUIDANCE_ROLE in self.objective.trained_roles:
+                fake_logs = self._update(GUIDANCE_ROLE, batches, self.objective.fake_score_loss)
+                if not fake_logs["step_skipped"]:
+                    fake_losses.append(fake_logs["loss_fake"])
             self.state.iteration += 1
-            if self.state.iteration % config.update_ratio:
+            # TTUR: the generator updates after every `update_ratio`-th iteration, on that iteration's batches.
+            if self.state.iteration % self.objective.update_ratio:
                 continue
-            logs = self._generator_update(micro_batches, draws)
+            logs = self._update(STUDENT_ROLE, batches, self.objective.generator_loss)
             logs["loss_fake"] = float(np.mean(fake_losses)) if fake_losses else float("nan")
             logs = self._mean_over_processes(logs)
             fake_losses = []
@@ -408,179 +363,29 @@ class DMDRTrainer:
             tracker.finish()
         return self.history
 
-    def _draws(self, iteration: int) -> IterationDraws:
-        """Every random number of `iteration` on this process (see `draws.py`)."""
-        config = self.config
-        rows = self.prompt_sampler.batch_size_at(iteration)  # the stage's batch x micro-batches
-        return draw_iteration(
-            config.seed,
-            iteration,
-            first_row=self.accelerator.process_index * rows,
-            rows=rows,
-            num_student_steps=len(self.scheduler.noise_levels),
-            renoise_beta=schedules.renoise_beta_params(
-                self.state.global_step, config.dynamic_steps, config.renoise_beta_alpha, config.renoise_beta_beta
-            ),
-            guidance_scale=config.real_guidance_scale,
-            guidance_scale_jitter=config.guidance_scale_jitter,
-        )
-
-    def _micro_batches(self, iteration: int, draws: IterationDraws) -> list[MicroBatch]:
+    def rollout(self, iteration: int) -> list[MicroBatch]:
+        """The objective's training inputs of `iteration` on this process, split into the micro-batches."""
         prompts = self.prompt_sampler.batch(iteration)
-        size = len(prompts) // self.micro_batches
-        batches = []
-        for index in range(self.micro_batches):
-            rows = slice(index * size, (index + 1) * size)
-            batches.append(MicroBatch(prompts[rows], self.encode(prompts[rows]), draws.generators[rows], rows))
-        return batches
+        first_row = self.accelerator.process_index * len(prompts)
+        return self.objective.rollout(iteration, self.state.global_step, prompts, first_row, self.micro_batches)
 
-    def _simulate(self, micro_batches: list[MicroBatch], draws: IterationDraws) -> list[MicroBatch]:
-        for batch in micro_batches:
-            with self.accelerator.autocast():
-                batch.simulation = backward_simulation(
-                    lambda sample, level, condition=batch.condition: self.student_denoiser(sample, level, condition),
-                    self.initial_noise(len(batch.prompts), batch.generators),
-                    self.scheduler,
-                    self.mode,
-                    batch.generators,
-                    torch.from_numpy(draws.step_index[batch.rows]),
-                )
-        return micro_batches
-
-    def _noise_like(self, tensor: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        return randn_tensor(tensor.shape, generator=generators, device=tensor.device, dtype=tensor.dtype)
-
-    def _fake_score_update(self, micro_batches: list[MicroBatch], draws: IterationDraws) -> float | None:
-        """Denoising loss of the fake score on the detached student samples at DynaRS noise levels, accumulated over
-        the micro-batches; one update of the fake-score group."""
-        scale, losses = self.config.fake_score_lora_scale, []
-        for index, batch in enumerate(micro_batches):
-            clean_sample = batch.simulation.clean_sample
-            noise_level = draws.fake_noise_levels[batch.rows].to(clean_sample.device)
-            noise = self._noise_like(clean_sample, batch.generators)
-            noisy_sample = self.scheduler.add_noise_at(clean_sample, noise, noise_level)
-            target = self.scheduler.training_target(clean_sample, noise, noise_level)
+    def _update(self, role: str, batches: list[MicroBatch], loss_fn) -> dict:
+        """One optimizer step of `role`: its loss accumulated over the micro-batches, then clipped and stepped.
+        Returns the logs averaged over the micro-batches and `step_skipped` (1.0 after a non-finite loss or
+        gradient: then the logs are those of the last micro-batch computed)."""
+        self.objective.before_update(role, self.state.global_step)
+        scale, rows = self.objective.lora_scale_of(role), []
+        for index, batch in enumerate(batches):
             self.model.train()
-            with self.accelerator.autocast():
-                prediction = self.guidance_denoiser(scale).predict(noisy_sample, noise_level, batch.condition)
-            loss = fake_score_loss(prediction, target)
-            if not self._backward(loss, GUIDANCE_ROLE, scale, last=index + 1 == len(micro_batches)):
-                return None
-            losses.append(loss.item())
-        return float(np.mean(losses)) if self._step(GUIDANCE_ROLE) else None
-
-    def _generator_update(self, micro_batches: list[MicroBatch], draws: IterationDraws) -> dict:
-        """DMD (plus rewards in stage 2) on the student's one-step predictions, accumulated over the micro-batches;
-        one update of the student group."""
-        set_reward_step(self.rewards + self.eval_rewards, self.state.global_step)
-        logs_per_batch = []
-        for index, batch in enumerate(micro_batches):
-            loss, logs = self._generator_loss(batch, draws)
-            logs_per_batch.append(logs)
-            if not self._backward(loss, STUDENT_ROLE, 1.0, last=index + 1 == len(micro_batches)):
-                break
-        else:
-            stepped = self._step(STUDENT_ROLE)
-            logs = {key: float(np.mean([row[key] for row in logs_per_batch])) for key in logs_per_batch[0]}
-            return {**logs, "step_skipped": float(not stepped)}
-        return {**logs_per_batch[-1], "step_skipped": 1.0}
-
-    def _generator_loss(self, batch: MicroBatch, draws: IterationDraws) -> tuple[torch.Tensor, dict]:
-        config, logs, simulation = self.config, {}, batch.simulation
-        in_stage_two = self.state.global_step >= config.cold_start_steps
-        # The anchor swaps weights in place, so it must run before the student's graph is built.
-        x0_anchor = None if self.anchor_weights is None else self._anchor_x0(simulation, batch.condition)
-        self.model.train()
-        with self.accelerator.autocast():
-            x0_student = self.student_denoiser(simulation.student_input, simulation.noise_level, batch.condition)
-        loss = torch.zeros((), device=x0_student.device)
-        if config.dmd_loss_weight > 0:
-            sample_weights = None
-            if config.reward_tilt and not in_stage_two:
-                sample_weights = self._reward_tilt(simulation.final_sample, batch.prompts)
-            loss_dmd = self._dmd_loss(x0_student, batch, draws, sample_weights)
-            loss = loss + config.dmd_loss_weight * loss_dmd
-            logs.update(loss_dmd=loss_dmd.item(), real_guidance_scale=draws.guidance_scale)
-        if x0_anchor is not None:
-            loss_anchor = anchor_loss(x0_student, x0_anchor)
-            loss = loss + config.anchor_loss_weight * loss_anchor
-            logs["loss_anchor"] = loss_anchor.item()
-        images = None
-        if in_stage_two and self.rewards:
-            with self.accelerator.autocast():
-                images = self.decode_for_rewards(x0_student)
-                loss_rl, scores = compute_reward_loss(self.rewards, images, batch.prompts)
-            loss = loss + loss_rl
-            logs["loss_rl"] = loss_rl.item()
-            logs.update({f"reward/{name}": score.item() for name, score in scores.items()})
-        if self.eval_rewards:
-            logs.update(self._monitor(x0_student.detach(), images, batch, draws))
-        logs["loss"] = loss.item()
-        return loss, logs
-
-    def _dmd_loss(self, x0_student, batch: MicroBatch, draws: IterationDraws, sample_weights) -> torch.Tensor:
-        """Re-noise the student's x0 at a DynaRS level, query the real score (DynaDG scale, jittered CFG) and the fake
-        score without gradient, and form the normalised DMD surrogate."""
-        config, batch_size = self.config, x0_student.shape[0]
-        noise_level = draws.dmd_noise_levels[batch.rows].to(x0_student.device)
-        noise = self._noise_like(x0_student, batch.generators)
-        noisy_student = self.scheduler.add_noise_at(x0_student.detach(), noise, noise_level)
-        real_scale = schedules.real_score_lora_scale(
-            self.state.global_step, config.dynamic_steps, config.real_score_lora_scale
-        )
-        uncondition = repeat_condition(self.empty_condition, batch_size)
-        with torch.no_grad(), self.accelerator.autocast():
-            # Two-pass CFG by the family's stock rule (Qwen-Image rescales the guided velocity per token), or one pass
-            # at a guidance embedding for guidance-distilled families (FLUX.1 [dev]).
-            x0_real = self.family.real_score_x0(
-                self.guidance_denoiser(real_scale),
-                noisy_student,
-                noise_level,
-                batch.condition,
-                uncondition,
-                draws.guidance_scale,
-            )
-            x0_fake = self.guidance_denoiser(config.fake_score_lora_scale)(noisy_student, noise_level, batch.condition)
-        return dmd_loss(x0_student, x0_real, x0_fake, sample_weights=sample_weights)
-
-    @torch.no_grad()
-    def _reward_tilt(self, final_sample: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """RT-DM weights from the rewards of the full few-step samples (no reward gradient); normalised over the
-        micro-batch."""
-        with self.accelerator.autocast():
-            images = self.decode_for_rewards(final_sample)
-            weighted_scores = sum(reward.weight * reward.fn(images, prompts).float() for reward in self.rewards)
-        return reward_tilt_weights(weighted_scores, self.config.reward_tilt_temperature)
-
-    @torch.no_grad()
-    def _anchor_x0(self, simulation, condition) -> torch.Tensor:
-        """The reference student's x0 on the generator's input: the student with its start-of-run weights."""
-        with (
-            swapped_weights(self.unwrapped.parameters_of(STUDENT_ROLE), self.anchor_weights),
-            self.accelerator.autocast(),
-        ):
-            return self.student_denoiser(simulation.student_input, simulation.noise_level, condition)
-
-    @torch.no_grad()
-    def _monitor(self, x0_student, images, batch: MicroBatch, draws: IterationDraws) -> dict:
-        """Reward-hacking monitor: held-out rewards (never trained on) and the frozen teacher's denoising loss on the
-        student's samples, which rises when rewards pull samples off the teacher's manifold."""
-        with self.accelerator.autocast():
-            images = self.decode_for_rewards(x0_student) if images is None else images.detach()
-            _, held_out = compute_reward_loss(self.eval_rewards, images, batch.prompts)
-        logs = {f"heldout_reward/{name}": score.item() for name, score in held_out.items()}
-        logs["monitor/teacher_denoising_loss"] = self._teacher_denoising_loss(x0_student, batch, draws)
-        return logs
-
-    @torch.no_grad()
-    def _teacher_denoising_loss(self, x0_student, batch: MicroBatch, draws: IterationDraws) -> float:
-        """Denoising loss of the frozen teacher on student samples, at uniform noise levels in [0.02, 0.98]."""
-        noise_level = draws.monitor_noise_levels[batch.rows].to(x0_student.device)
-        noise = self._noise_like(x0_student, batch.generators)
-        noisy = self.scheduler.add_noise_at(x0_student, noise, noise_level)
-        with self.accelerator.autocast():
-            prediction = self.guidance_denoiser(0.0).predict(noisy, noise_level, batch.condition)
-        return fake_score_loss(prediction, self.scheduler.training_target(x0_student, noise, noise_level)).item()
+            loss, logs = loss_fn(batch, self.state.global_step)
+            rows.append(logs)
+            if not self._backward(loss, role, scale, last=index + 1 == len(batches)):
+                return {**logs, "step_skipped": 1.0}
+        stepped = self._step(role)
+        return {
+            **{key: float(np.mean([row[key] for row in rows])) for key in rows[0]},
+            "step_skipped": float(not stepped),
+        }
 
     def _mean_over_processes(self, logs: dict) -> dict:
         """Logged values averaged over the processes: the losses of the global batch, the same on every process (so
@@ -593,20 +398,12 @@ class DMDRTrainer:
         return dict(zip(keys, means, strict=True))
 
     def _schedule_logs(self) -> dict:
-        step, config = self.state.global_step, self.config
-        alpha, beta = schedules.renoise_beta_params(
-            step, config.dynamic_steps, config.renoise_beta_alpha, config.renoise_beta_beta
-        )
-        learning_rates = self._learning_rates()
+        step, learning_rates = self.state.global_step, self._learning_rates()
         return {
-            "dg_real_lora_scale": schedules.real_score_lora_scale(
-                step, config.dynamic_steps, config.real_score_lora_scale
-            ),
-            "rs_beta_a": alpha,
-            "rs_beta_b": beta,
+            **self.objective.schedule_logs(step),
             "lr": learning_rates[STUDENT_ROLE],
             "lr_fake": learning_rates[GUIDANCE_ROLE],
-            "stage": 2.0 if step >= config.cold_start_steps else 1.0,
+            "stage": float(stage_values(self.config, step).stage),
         }
 
     def _weight_norms(self) -> dict[str, float]:
@@ -664,9 +461,6 @@ class DMDRTrainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Updates and non-finite guards
-    # ------------------------------------------------------------------------------------------------------------
     def _all_finite(self, value: torch.Tensor) -> bool:
         """True when `value` is finite on every process (all processes must agree to skip a step together)."""
         flag = torch.tensor(float(torch.isfinite(value.detach()).all()), device=self.accelerator.device)
@@ -677,8 +471,8 @@ class DMDRTrainer:
     def _backward(self, loss: torch.Tensor, role: str, lora_scale: float, last: bool) -> bool:
         """Accumulate `loss / micro_batches` into `role`'s gradients; False (and gradients cleared) when non-finite.
 
-        Gradients are synchronised across processes on the last micro-batch only. Under DeepSpeed the engine steps
-        inside this last backward, so `role`'s learning rates are set first.
+        Gradients are synchronised across processes on the last micro-batch only. Only `role`'s group has a nonzero
+        learning rate from here to its step (`optimization.step_role`).
         """
         if not self._all_finite(loss):
             self._record_nonfinite(role, "loss")
@@ -699,16 +493,16 @@ class DMDRTrainer:
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm of sharded gradients is a replicated DTensor
             grad_norm = grad_norm.full_tensor()
         if grad_norm is not None and not self._all_finite(torch.as_tensor(grad_norm)):
-            self._record_nonfinite(STUDENT_ROLE_NAMES[role], "gradient")
+            self._record_nonfinite(role, "gradient")
             self.optimizer.zero_grad(set_to_none=True)
             return False
         step_role(self.optimizer, role, self._learning_rates())
-        setattr(self.state, f"{STUDENT_ROLE_NAMES[role]}_nonfinite_in_a_row", 0)
+        setattr(self.state, f"{NONFINITE_COUNTER_NAMES[role]}_nonfinite_in_a_row", 0)
         return True
 
     def _record_nonfinite(self, role: str, what: str) -> None:
         """Count a skipped update of `role`; abort after too many of that role in a row."""
-        role = STUDENT_ROLE_NAMES.get(role, role)
+        role = NONFINITE_COUNTER_NAMES[role]
         in_a_row = getattr(self.state, f"{role}_nonfinite_in_a_row") + 1
         setattr(self.state, f"{role}_nonfinite_in_a_row", in_a_row)
         self.state.nonfinite_total += 1
@@ -723,9 +517,6 @@ class DMDRTrainer:
                 f"instead of fp16, check the rewards for NaN. {resume_advice(self.last_checkpoint)}"
             )
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Checkpoints and the weights the export needs
-    # ------------------------------------------------------------------------------------------------------------
     def _assert_finite_weights(self) -> None:
         """Refuse to checkpoint NaN/inf weights; sharded engines check each shard and agree across processes."""
         for role, name in ((STUDENT_ROLE, "student"), (GUIDANCE_ROLE, "fake score")):
@@ -736,7 +527,7 @@ class DMDRTrainer:
 
     def save_checkpoint(self) -> Path:
         """Write `output_dir/checkpoint-{step}` atomically (see `checkpointing.atomic_checkpoint_save`); all processes
-        must call it (under FSDP/DeepSpeed each writes its shard into the same temporary folder). The trainer's
+        must call it (under FSDP each writes its shard into the same temporary folder). The trainer's
         counters and history go in as JSON."""
         self._assert_finite_weights()
 
@@ -770,44 +561,10 @@ class DMDRTrainer:
         self.last_checkpoint = path
         logger.info(f"Resumed from {path} at generator step {self.state.global_step}")
 
-    def _save_model_hook(self, models, weights, output_dir) -> None:
-        # FSDP and DeepSpeed have already written their own (sharded) format; the safetensors files are the format of
-        # unsharded runs, written by the main process.
-        if self.sharded or not self.accelerator.is_main_process:
-            return
-        for model in models:
-            if self.accelerator.unwrap_model(model) is not self.training_module:
-                raise ValueError(f"Unexpected model {type(model).__name__} in the checkpoint.")
-            student_file = STUDENT_LORA_FILE if self.config.training_mode == "lora" else STUDENT_FULL_FILE
-            save_file(self.student_state_dict(), Path(output_dir) / student_file)
-            save_file(
-                adapter_state_dict(self.training_module.backbone, FAKE_ADAPTER), Path(output_dir) / FAKE_LORA_FILE
-            )
-        # Every model was written above: accelerate must not save it a second time.
-        while weights:
-            weights.pop()
-
-    def _load_model_hook(self, models, input_dir) -> None:
-        if self.sharded:
-            return
-        while models:
-            if self.accelerator.unwrap_model(models.pop()) is not self.training_module:
-                raise ValueError("Unexpected model in the checkpoint.")
-            module = self.training_module
-            if module.is_full:
-                module.student_backbone.load_state_dict(
-                    load_weights_file(Path(input_dir) / STUDENT_FULL_FILE), strict=True
-                )
-            else:
-                load_adapter_state_dict(
-                    module.backbone, STUDENT_ADAPTER, load_weights_file(Path(input_dir) / STUDENT_LORA_FILE)
-                )
-            load_adapter_state_dict(module.backbone, FAKE_ADAPTER, load_weights_file(Path(input_dir) / FAKE_LORA_FILE))
-
     def student_state_dict(self) -> dict[str, torch.Tensor]:
         """The student's weights: PEFT-format LoRA (LoRA mode) or the full backbone state dict, whatever the engine.
 
-        Under FSDP and DeepSpeed the full state dict is gathered, so every process must call this.
+        Under FSDP the full state dict is gathered, so every process must call this.
         """
         if self.sharded:
             return student_weights_from_module_state(
@@ -818,9 +575,6 @@ class DMDRTrainer:
             return {k: v.detach().contiguous() for k, v in module.student_backbone.state_dict().items()}
         return adapter_state_dict(module.backbone, STUDENT_ADAPTER)
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Validation
-    # ------------------------------------------------------------------------------------------------------------
     def log_validation(self) -> Path | None:
         """Sample the validation prompts with fixed seeds, save a PNG grid and log it to the trackers.
 
@@ -850,4 +604,4 @@ class DMDRTrainer:
 
 
 # The non-finite counters of `TrainingState` speak of the generator and the fake score.
-STUDENT_ROLE_NAMES = {STUDENT_ROLE: "generator", GUIDANCE_ROLE: "fake"}
+NONFINITE_COUNTER_NAMES = {STUDENT_ROLE: "generator", GUIDANCE_ROLE: "fake"}

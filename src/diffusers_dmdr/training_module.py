@@ -1,7 +1,6 @@
-"""DMDRTrainingModule: the one `nn.Module` that trains, so every engine (DDP, FSDP2, DeepSpeed) wraps one model.
+"""DMDRTrainingModule: the one `nn.Module` that trains, so every engine (DDP, FSDP2) wraps one model.
 
-accelerate prepares one model per call under FSDP2 and one per Accelerator under DeepSpeed, and torch's FSDP2
-refuses a parameter seen by two sharded groups. So the student and the guidance network are not two modules sharing
+accelerate prepares one model per call under FSDP2, and torch's FSDP2 refuses a parameter seen by two sharded groups. So the student and the guidance network are not two modules sharing
 tensors: they are two *routes* through one module that stores the frozen base once.
 
 Routes (`forward(role, ...)`):
@@ -14,7 +13,7 @@ Every call goes through `forward`, so the engine's hooks (DDP's reducer, FSDP2's
 
 import torch
 
-from .adapters import FAKE_ADAPTER, STUDENT_ADAPTER, AdapterRouter
+from .adapters import FAKE_ADAPTER, STUDENT_ADAPTER, AdapterRouter, build_training_backbones, parse_target_modules
 
 
 STUDENT_ROLE = "student"
@@ -79,3 +78,30 @@ class DMDRTrainingModule(torch.nn.Module):
         self.backbone.enable_gradient_checkpointing()
         if self.is_full:
             self.student_backbone.enable_gradient_checkpointing()
+
+
+def build_training_module(teacher, config, weight_dtype: torch.dtype) -> DMDRTrainingModule:
+    """The training module of a run: the teacher's backbone as the frozen base in `weight_dtype` with the `fake`
+    adapter, and the student as a `student` adapter (LoRA mode) or a float32 copy (full mode), per `config`."""
+    family = teacher.family
+    student_targets = parse_target_modules(config.lora_target_modules, family.student_lora_targets)
+    fake_targets = parse_target_modules(config.fake_lora_target_modules, family.fake_lora_targets)
+    student_backbone = None
+    if config.training_mode == "full" and teacher.backbone.dtype != torch.float32:
+        # The trainable copy is read in float32 from the checkpoint, not upcast from the low-precision base.
+        student_backbone = family.load_backbone(teacher.source, config.revision, config.variant, torch.float32)
+    backbone, student_backbone = build_training_backbones(
+        teacher.backbone,
+        config.training_mode,
+        weight_dtype,
+        student_lora={"rank": config.lora_rank, "alpha": config.lora_alpha, "target_modules": student_targets},
+        fake_lora={"rank": config.fake_lora_rank, "alpha": config.fake_lora_alpha, "target_modules": fake_targets},
+        seed=config.seed,
+        student_backbone=student_backbone,
+        init=config.init_lora_weights,
+        student_init_path=config.student_init_path,
+    )
+    module = DMDRTrainingModule(backbone, family.call_backbone, student_backbone)
+    if config.gradient_checkpointing:
+        module.enable_gradient_checkpointing()
+    return module

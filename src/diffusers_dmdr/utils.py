@@ -9,6 +9,20 @@ import torch
 from PIL import Image
 
 
+# The package's one table of dtype names (`--mixed_precision`, evaluate's `--dtype`, a reward's `precision=`); torch's
+# long names and accelerate's `no` (full precision) are aliases.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_ALIASES = {"no": "fp32", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`"bf16"` (or `"bfloat16"`) -> `torch.bfloat16`; `ValueError` naming the choices for anything else."""
+    key = DTYPE_ALIASES.get(name, name)
+    if key not in DTYPES:
+        raise ValueError(f"Unknown dtype {name!r}; use one of {sorted(DTYPES)} (or {sorted(DTYPE_ALIASES)}).")
+    return DTYPES[key]
+
+
 def images_to_pil(images: torch.Tensor) -> list[Image.Image]:
     """`(B, 3, H, W)` images in `[0, 1]` to PIL images."""
     array = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)

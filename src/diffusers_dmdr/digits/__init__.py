@@ -15,7 +15,6 @@ from .build import (
     build_testbed,
     default_cache_dir,
     load_eval_classifier,
-    load_real_digits,
     load_real_pairs,
     teacher_budget_curve,
 )
@@ -33,7 +32,6 @@ from .data import (
     write_prompts_file,
 )
 from .metrics import (
-    evaluate_digits,
     evaluate_pairs,
     frechet_distance,
     frechet_distance_from_moments,
@@ -58,7 +56,7 @@ from .pairs import (
     train_pair_prompts,
 )
 from .reward import DigitClassifierReward, DigitPairReward, load_reward_classifier
-from .sampling import DigitSamples, sample_digits, sample_images, sample_pairs
+from .sampling import DigitSamples, sample_images, sample_pairs
 
 
 __all__ = [
@@ -87,7 +85,6 @@ __all__ = [
     "default_cache_dir",
     "digit_prompt",
     "eval_pair_prompts",
-    "evaluate_digits",
     "evaluate_pairs",
     "extract_features",
     "frechet_distance",
@@ -96,7 +93,6 @@ __all__ = [
     "load_digit_images",
     "load_digit_splits",
     "load_eval_classifier",
-    "load_real_digits",
     "load_real_pairs",
     "load_reward_classifier",
     "mean_pairwise_distance",
@@ -108,7 +104,6 @@ __all__ = [
     "per_prompt_diversity",
     "predict_digits",
     "predict_pairs",
-    "sample_digits",
     "sample_images",
     "sample_pairs",
     "sample_real_pairs",

@@ -188,11 +188,6 @@ def load_eval_classifier(path: str | Path) -> EvalDigitNet:
     return classifier.eval().requires_grad_(False)
 
 
-def load_real_digits(resolution: int = DIGITS_RESOLUTION, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The held-out `real` split `(images, labels)` of single digits."""
-    return load_digit_splits(resolution, seed)["real"]
-
-
 def real_pairs(
     split: tuple[torch.Tensor, torch.Tensor],
     pairs=HELD_OUT_PAIRS,

@@ -103,41 +103,6 @@ def per_prompt_diversity(features: torch.Tensor, prompts: Sequence[str]) -> floa
     return sum(values) / len(values)
 
 
-def evaluate_digits(
-    eval_classifier: EvalDigitNet,
-    images: torch.Tensor,
-    digits: torch.Tensor,
-    prompts: Sequence[str],
-    real_images: torch.Tensor,
-    k: int = 3,
-) -> dict[str, float]:
-    """Every testbed metric of generated digits against held-out real digits.
-
-    Args:
-        eval_classifier ([`EvalDigitNet`]): the evaluation classifier (features and predictions).
-        images (`torch.Tensor`): generated images of shape `(N, 3, H, W)` in [0, 1].
-        digits (`torch.Tensor`): the prompted digits, shape `(N,)`.
-        prompts (`Sequence[str]`): the `N` prompts (groups for diversity).
-        real_images (`torch.Tensor`): real images of shape `(M, 3, H, W)` in [0, 1] (the `real` split).
-        k (`int`, *optional*, defaults to 3): neighbourhood size for precision and recall.
-
-    Returns:
-        `dict[str, float]`: `accuracy` (fraction classified as the prompted digit), `fd`, `precision`, `recall` and
-        `diversity` (per-prompt mean pairwise feature distance; NaN when no prompt has two samples).
-    """
-    fake_features = extract_features(eval_classifier, images)
-    real_features = extract_features(eval_classifier, real_images)
-    precision, recall = knn_precision_recall(real_features, fake_features, k=k)
-    has_repeated_prompt = len(set(prompts)) < len(prompts)
-    return {
-        "accuracy": float((predict_digits(eval_classifier, images) == digits).double().mean()),
-        "fd": frechet_distance(real_features, fake_features),
-        "precision": precision,
-        "recall": recall,
-        "diversity": per_prompt_diversity(fake_features, prompts) if has_repeated_prompt else float("nan"),
-    }
-
-
 @torch.no_grad()
 def pair_features(eval_classifier: EvalDigitNet, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Features `(N, 2 * feature_dim)` (float64) of pair images `(N, 3, H, 2H)`: the left half's, then the right's."""

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import DIGITS_RESOLUTION, NUM_DIGITS, PROMPT_TEMPLATES, digit_prompt
 from .pairs import HELD_OUT_PAIRS, PAIR_HEIGHT, PAIR_TEMPLATES, PAIR_WIDTH, pair_prompt
 
 
@@ -53,68 +52,6 @@ def load_pipeline(pipeline_or_path, trust_remote_code: bool = False):
     return DiffusionPipeline.from_pretrained(str(pipeline_or_path), trust_remote_code=trust_remote_code)
 
 
-def sample_prompts(num_per_digit: int, template_index: int | None = None) -> tuple[list[str], torch.Tensor]:
-    """Digit-major prompts: `num_per_digit` per digit, cycling through the phrasings unless `template_index` is set."""
-    prompts, digits = [], []
-    for digit in range(NUM_DIGITS):
-        for index in range(num_per_digit):
-            prompts.append(
-                digit_prompt(digit, index % len(PROMPT_TEMPLATES) if template_index is None else template_index)
-            )
-            digits.append(digit)
-    return prompts, torch.tensor(digits)
-
-
-def sample_digits(
-    pipeline,
-    num_per_digit: int = 10,
-    num_inference_steps: int = 25,
-    guidance_scale: float | None = 5.0,
-    resolution: int = DIGITS_RESOLUTION,
-    seed: int = 0,
-    batch_size: int = 100,
-    template_index: int | None = None,
-    trust_remote_code: bool = False,
-    progress: bool = True,
-    **pipeline_kwargs,
-) -> DigitSamples:
-    """Generate `num_per_digit` images of every digit with `pipeline` and fixed per-sample seeds.
-
-    Args:
-        pipeline (`DiffusionPipeline`, `str` or `Path`): a pipeline, or a folder / Hub id to load it from.
-        num_per_digit (`int`, *optional*, defaults to 10): samples per digit (`N = 10 * num_per_digit`).
-        num_inference_steps (`int`, *optional*, defaults to 25): sampler steps.
-        guidance_scale (`float`, *optional*, defaults to 5.0): classifier-free guidance scale; `None` passes none
-            to the pipeline (for pipelines without the argument). A scale above 1 counts 2 NFE per step.
-        resolution (`int`, *optional*, defaults to 32): image height and width.
-        seed (`int`, *optional*, defaults to 0): sample `i` uses `torch.Generator().manual_seed(seed + i)`.
-        batch_size (`int`, *optional*, defaults to 100): samples per pipeline call.
-        template_index (`int`, *optional*): use only this phrasing; by default cycle through all of them.
-        trust_remote_code (`bool`, *optional*, defaults to `False`): passed to `from_pretrained` for a path.
-        progress (`bool`, *optional*, defaults to `True`): show a tqdm bar over batches (the pipeline's own bar is
-            switched off).
-        pipeline_kwargs: more arguments for the pipeline call.
-
-    Returns:
-        [`DigitSamples`]: images in [0, 1], prompts, digits, wall-clock seconds and NFE per sample.
-    """
-    prompts, digits = sample_prompts(num_per_digit, template_index)
-    return sample_images(
-        pipeline,
-        prompts,
-        digits,
-        height=resolution,
-        width=resolution,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        seed=seed,
-        batch_size=batch_size,
-        trust_remote_code=trust_remote_code,
-        progress=progress,
-        **pipeline_kwargs,
-    )
-
-
 def sample_images(
     pipeline,
     prompts: list[str],
@@ -137,7 +74,18 @@ def sample_images(
         prompts (`list[str]`): the `N` prompts.
         labels (`torch.Tensor`): what each prompt asks for (digits `(N,)` or pairs `(N, 2)`), kept in the result.
         height (`int`), width (`int`): image size in pixels.
-        Others: as for [`sample_digits`]; `desc` names the progress bar.
+        num_inference_steps (`int`, *optional*, defaults to 25): sampler steps.
+        guidance_scale (`float`, *optional*, defaults to 5.0): classifier-free guidance scale; `None` passes none
+            to the pipeline (for pipelines without the argument). A scale above 1 counts 2 NFE per step.
+        seed (`int`, *optional*, defaults to 0): sample `i` uses `torch.Generator().manual_seed(seed + i)`.
+        batch_size (`int`, *optional*, defaults to 100): samples per pipeline call.
+        trust_remote_code (`bool`, *optional*, defaults to `False`): passed to `from_pretrained` for a path.
+        progress (`bool`, *optional*, defaults to `True`): show a tqdm bar over batches, named `desc` (the
+            pipeline's own bar is switched off).
+        pipeline_kwargs: more arguments for the pipeline call.
+
+    Returns:
+        [`DigitSamples`]: images in [0, 1], prompts, labels, wall-clock seconds and NFE per sample.
     """
     pipeline = load_pipeline(pipeline, trust_remote_code=trust_remote_code)
     pipeline.set_progress_bar_config(disable=True)

@@ -2,6 +2,20 @@
 
 A family is detected from the teacher's `model_index.json` before any weight is loaded, so an unsupported model
 fails at once with a message naming the supported pipelines.
+
+This package is the family registry: each family's facts are plain class attributes of its class, declared once in
+its `families/<name>.py` next to its behaviour, and everything else reads them there (the config's `--family`
+choices are the keys of `FAMILIES`):
+
+- `name`, `pipeline_class_name`, `backbone_name`: the family key, its stock diffusers pipeline, the backbone component;
+- `stock_route` / `backbone_class_name`: how `FewStepDMDRPipeline` drives the stock pipeline, read from
+  `pipelines/pipeline_dmdr.py` (which ships standalone in exports, so it states them itself; a test ties the two);
+- `card_tags` (model card), `comfy_lora_style` (the kohya / ComfyUI LoRA keys), `max_prompt_tokens` (SD3 128, the
+  others the stock default), `default_guidance_embedding` (FLUX.1 [dev]'s 3.5), `grid_rule` (how the default student
+  grid is made: the scheduler's `ddpm_student_grid` / `shifted_flow_grid`, or the teacher scheduler's own schedule),
+  `supports_non_square` (preflight), `default_resolution`, the LoRA targets and the default backward simulation.
+
+`tests/test_family_registry.py` checks every family's facts against diffusers and the pipeline file.
 """
 
 from .base import ModelFamily, TeacherComponents, read_teacher_config

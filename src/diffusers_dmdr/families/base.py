@@ -7,7 +7,16 @@ from pathlib import Path
 
 import torch
 
+from ..method.denoisers import guided_x0
+from ..pipelines.pipeline_dmdr import STOCK_ROUTES, StockRoute
 from ..pipelines.scheduling_dmdr import DMDRScheduler
+
+
+# The pipeline components that hold text encoders, in every family's naming (the stock pipelines').
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
+# How a family's default student grid is made (`ModelFamily.grid_rule`): the scheduler's `ddpm_student_grid`, its
+# `shifted_flow_grid`, or the teacher scheduler's own schedule at the training resolution.
+GRID_RULES = ("ddpm-trailing", "shifted-flow", "teacher-scheduler")
 
 
 @dataclass
@@ -57,6 +66,17 @@ def student_scheduler_for(
         trained_betas=teacher_config.get("trained_betas"),
         rescale_betas_zero_snr=bool(teacher_config.get("rescale_betas_zero_snr", False)),
         **common,
+    )
+
+
+def run_student_scheduler(teacher: TeacherComponents, config) -> DMDRScheduler:
+    """The student's sampler of a run (`config`: a `DMDRConfig`): its grid from [`student_grid_for`] in the scheduler
+    [`student_scheduler_for`] builds. The trainer and the export both ask this one function."""
+    timesteps, grid_origin = student_grid_for(
+        teacher.family, config, teacher.pipeline.scheduler.config, teacher.pipeline.vae_scale_factor
+    )
+    return student_scheduler_for(
+        teacher, timesteps, config.backward_simulation, config.shift, config.flow_x0_noise_level, grid_origin
     )
 
 
@@ -129,28 +149,6 @@ def read_component_config(pretrained_model_name_or_path: str, subfolder: str, re
     return json.loads(Path(file).read_text(encoding="utf-8"))
 
 
-def concat_conditions(first: dict, second: dict) -> dict:
-    """Batch-concatenate two conditioning dicts of the same structure (conditional + unconditional for CFG)."""
-    merged = {}
-    for key, value in first.items():
-        if isinstance(value, dict):
-            merged[key] = concat_conditions(value, second[key])
-        else:
-            merged[key] = torch.cat([value, second[key]])
-    return merged
-
-
-def repeat_condition(condition: dict, batch_size: int) -> dict:
-    """Expand a batch-1 conditioning dict (the empty prompt) to `batch_size`."""
-    repeated = {}
-    for key, value in condition.items():
-        if isinstance(value, dict):
-            repeated[key] = repeat_condition(value, batch_size)
-        else:
-            repeated[key] = value.expand(batch_size, *value.shape[1:])
-    return repeated
-
-
 class ModelFamily(ABC):
     """Base class: one subclass per diffusers pipeline class."""
 
@@ -164,13 +162,40 @@ class ModelFamily(ABC):
     # LoRA targets of the student and of the fake score (released recipes).
     student_lora_targets: tuple[str, ...] = ()
     fake_lora_targets: tuple[str, ...] = ()
-    # The default grid is computed by the teacher's own scheduler (`student_grid` reads its config).
-    grid_uses_teacher_scheduler: bool = False
     # Side of the latent patches the trainer's latents are cut into inside `call_backbone` (the resolution must be a
     # multiple of the VAE factor times it, as the stock pipeline requires); 1 where the backbone takes any size.
     latent_patch_size: int = 1
     # The real score's unconditional branch: the negative prompt the stock pipeline's CFG uses by default.
     negative_prompt: str = ""
+    # -- facts read by the config, preflight, the model card, the LoRA formats and the export -----------------------
+    # Model card tags besides the common ones.
+    card_tags: tuple[str, ...] = ()
+    # Key form of the ComfyUI / kohya LoRA file (`lora_formats.UNET_STYLE` or `TRANSFORMER_STYLE`); None: not written.
+    comfy_lora_style: str | None = None
+    # Prompt tokens the trainer encodes with (and the export passes as `max_sequence_length`); None: the stock default.
+    max_prompt_tokens: int | None = None
+    # The guidance embedding a guidance-distilled teacher samples at by default (FLUX.1 [dev]); None: no embedding.
+    default_guidance_embedding: float | None = None
+    # How the default student grid is made: one of `GRID_RULES`.
+    grid_rule: str = "shifted-flow"
+    # Non-square training (`--width`): wired through the UNet families' size conditioning only.
+    supports_non_square: bool = False
+
+    @property
+    def stock_route(self) -> StockRoute:
+        """How `FewStepDMDRPipeline` drives this family's stock pipeline: read from `pipelines/pipeline_dmdr.py`,
+        which states it again because it ships standalone in exports (a test checks the two agree)."""
+        return STOCK_ROUTES[self.pipeline_class_name]
+
+    @property
+    def grid_uses_teacher_scheduler(self) -> bool:
+        """The default grid is computed by the teacher's own scheduler (`student_grid` reads its config)."""
+        return self.grid_rule == "teacher-scheduler"
+
+    @property
+    def backbone_class_name(self) -> str:
+        """The diffusers class of the teacher's backbone (`UNet2DConditionModel`, `SD3Transformer2DModel`, ...)."""
+        return self.stock_route.backbone_class
 
     # -- configuration, before weights -----------------------------------------------------------------------------
     def vae_scale_factor(self, source: str, revision: str | None = None) -> int:
@@ -227,11 +252,7 @@ class ModelFamily(ABC):
         )
 
     def text_encoders(self, pipeline) -> list[torch.nn.Module]:
-        return [
-            getattr(pipeline, name)
-            for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
-            if getattr(pipeline, name, None) is not None
-        ]
+        return [getattr(pipeline, name) for name in TEXT_ENCODER_NAMES if getattr(pipeline, name, None) is not None]
 
     # -- per-step work -------------------------------------------------------------------------------------------
     @abstractmethod
@@ -277,8 +298,6 @@ class ModelFamily(ABC):
         """The real score's `x0` at guidance `scale`: two-pass classifier-free guidance against `uncondition` (the
         family's negative prompt, as its stock pipeline's CFG uses by default); families whose stock CFG differs
         override it."""
-        from ..denoisers import guided_x0
-
         return guided_x0(denoiser, sample, noise_level, condition, uncondition, scale)
 
     def config_latent_channels(self, backbone_config: dict, vae_config: dict) -> tuple[int | None, int]:

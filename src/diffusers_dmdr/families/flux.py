@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..schedules import flow_student_timesteps
+from ..lora_formats import TRANSFORMER_STYLE
+from ..pipelines.scheduling_dmdr import shifted_flow_grid
 from .base import ModelFamily
 
 
@@ -60,10 +61,6 @@ FLUX2_LORA_TARGETS = (
     "to_qkv_mlp_proj",
     *(f"single_transformer_blocks.{index}.attn.to_out" for index in range(24)),
 )
-# The stock pipelines' default text length (T5 for FLUX.1, Qwen3 for FLUX.2).
-FLUX_MAX_SEQUENCE_LENGTH = 512
-# `FluxPipeline.__call__`'s default `guidance_scale`: the embedding FLUX.1 [dev] samples at by default.
-FLUX_DEFAULT_GUIDANCE_EMBEDDING = 3.5
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,7 +146,10 @@ class DynamicShiftFlowFamily(ModelFamily):
     default_backward_simulation = "ode"
     default_resolution = 1024
     latent_patch_size = 2
-    grid_uses_teacher_scheduler = True
+    grid_rule = "teacher-scheduler"
+    comfy_lora_style = TRANSFORMER_STYLE
+    # The stock pipelines' default text length (T5 for FLUX.1, Qwen3 for FLUX.2).
+    max_prompt_tokens = 512
 
     @abstractmethod
     def dynamic_shift_mu(
@@ -165,12 +165,12 @@ class DynamicShiftFlowFamily(ModelFamily):
         released tokenizers allow 512 or more; tiny test tokenizers less). The exported pipeline passes the same value
         as `max_sequence_length`, so training and inference encode prompts alike."""
         tokenizer = getattr(pipeline, self.text_tokenizer_name)
-        return int(min(FLUX_MAX_SEQUENCE_LENGTH, tokenizer.model_max_length))
+        return int(min(self.max_prompt_tokens, tokenizer.model_max_length))
 
     def export_call_defaults(self, config, pipeline) -> dict:
         # The prompt length the trainer encoded with (the stock pipelines default to 512); without the pipeline (the
         # model card), the stock default.
-        length = FLUX_MAX_SEQUENCE_LENGTH if pipeline is None else self.max_sequence_length(pipeline)
+        length = self.max_prompt_tokens if pipeline is None else self.max_sequence_length(pipeline)
         return {"max_sequence_length": length}
 
     def default_student_timesteps(self, num_steps: int, shift: float | None) -> list[float]:
@@ -181,7 +181,7 @@ class DynamicShiftFlowFamily(ModelFamily):
                 f"The {self.name} default grid follows the teacher's scheduler at the training resolution "
                 "(`student_grid`); without those, give an explicit `shift`."
             )
-        return flow_student_timesteps(num_steps, shift)
+        return shifted_flow_grid(num_steps, shift)
 
     def student_grid(
         self, num_steps: int, shift: float | None, scheduler_config: dict, resolution: int, vae_scale_factor: int
@@ -189,7 +189,7 @@ class DynamicShiftFlowFamily(ModelFamily):
         """An explicit `shift` gives the SD3-style static grid; otherwise the teacher scheduler's own `num_steps`-step
         timesteps at `resolution` (what the stock pipeline would sample with), recorded with its `mu` (`grid_mu`)."""
         if shift is not None:
-            return flow_student_timesteps(num_steps, shift), {}
+            return shifted_flow_grid(num_steps, shift), {}
         mu = self.dynamic_shift_mu(resolution, num_steps, scheduler_config, vae_scale_factor)
         return teacher_scheduler_timesteps(scheduler_config, num_steps, mu), {"grid_mu": mu}
 
@@ -205,6 +205,9 @@ class FluxFamily(DynamicShiftFlowFamily):
     pipeline_class_name = "FluxPipeline"
     student_lora_targets = FLUX_LORA_TARGETS
     fake_lora_targets = FLUX_LORA_TARGETS
+    card_tags = ("flux", "flux-diffusers")
+    # `FluxPipeline.__call__`'s default `guidance_scale`: the embedding FLUX.1 [dev] samples at by default.
+    default_guidance_embedding = 3.5
     text_tokenizer_name = "tokenizer_2"
 
     def dynamic_shift_mu(
@@ -308,6 +311,7 @@ class Flux2KleinFamily(DynamicShiftFlowFamily):
     pipeline_class_name = "Flux2KleinPipeline"
     student_lora_targets = FLUX2_LORA_TARGETS
     fake_lora_targets = FLUX2_LORA_TARGETS
+    card_tags = ("flux2", "flux2-klein")
 
     def dynamic_shift_mu(
         self, resolution: int, num_steps: int, scheduler_config: dict, vae_scale_factor: int = 8

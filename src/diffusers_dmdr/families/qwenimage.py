@@ -20,6 +20,8 @@ import sys
 import numpy as np
 import torch
 
+from ..lora_formats import TRANSFORMER_STYLE
+from ..method.denoisers import guided_x0
 from .base import ModelFamily, read_component_config
 from .flow_grid import image_sequence_length, static_shift_config, stock_flow_grid
 
@@ -27,8 +29,6 @@ from .flow_grid import image_sequence_length, static_shift_config, stock_flow_gr
 # diffusers' own Qwen-Image LoRA example (examples/dreambooth/train_dreambooth_lora_qwen_image.py, `--lora_layers`
 # default): the image-stream attention projections of every block.
 QWENIMAGE_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
-# The stock `__call__`'s `max_sequence_length` default; conditioning is padded to it so batches concatenate.
-QWENIMAGE_MAX_SEQUENCE_LENGTH = 512
 # The negative prompt the real score's unconditional branch uses (the stock docstring's "empty" negative prompt).
 QWENIMAGE_NEGATIVE_PROMPT = " "
 # Qwen-Image's released `scheduler_config.json` (used only when no teacher config is at hand).
@@ -82,17 +82,19 @@ class QwenImageFamily(ModelFamily):
     default_resolution = 1024
     # The stock pipeline requires height and width divisible by the VAE factor x 2 (2x2 patches).
     latent_patch_size = 2
-    grid_uses_teacher_scheduler = True
+    grid_rule = "teacher-scheduler"
     student_lora_targets = QWENIMAGE_LORA_TARGETS
     fake_lora_targets = QWENIMAGE_LORA_TARGETS
+    card_tags = ("qwen-image", "qwen-image-diffusers")
+    comfy_lora_style = TRANSFORMER_STYLE
+    # The stock `__call__`'s `max_sequence_length` default; conditioning is padded to it so batches concatenate.
+    max_prompt_tokens = 512
     negative_prompt = QWENIMAGE_NEGATIVE_PROMPT
 
     def real_score_x0(
         self, denoiser, sample: torch.Tensor, noise_level: torch.Tensor, condition: dict, uncondition: dict, scale
     ) -> torch.Tensor:
         """Two-pass CFG combined as the stock pipeline combines it (per-token norm rescale), then `x0`."""
-        from ..denoisers import guided_x0
-
         return guided_x0(
             denoiser, sample, noise_level, condition, uncondition, scale, combine_predictions=rescaled_true_cfg
         )
@@ -141,12 +143,12 @@ class QwenImageFamily(ModelFamily):
     def encode_prompts(self, pipeline, prompts: list[str], resolution: int, device: torch.device) -> dict:
         with torch.no_grad():
             prompt_embeds, prompt_embeds_mask = pipeline.encode_prompt(
-                prompt=list(prompts), device=device, max_sequence_length=QWENIMAGE_MAX_SEQUENCE_LENGTH
+                prompt=list(prompts), device=device, max_sequence_length=self.max_prompt_tokens
             )
         batch_size, length, width = prompt_embeds.shape
-        padded = prompt_embeds.new_zeros(batch_size, QWENIMAGE_MAX_SEQUENCE_LENGTH, width)
+        padded = prompt_embeds.new_zeros(batch_size, self.max_prompt_tokens, width)
         padded[:, :length] = prompt_embeds
-        mask = torch.zeros(batch_size, QWENIMAGE_MAX_SEQUENCE_LENGTH, dtype=torch.long, device=prompt_embeds.device)
+        mask = torch.zeros(batch_size, self.max_prompt_tokens, dtype=torch.long, device=prompt_embeds.device)
         # The stock encoder returns no mask when no prompt of the batch is padded.
         mask[:, :length] = 1 if prompt_embeds_mask is None else prompt_embeds_mask
         return {"encoder_hidden_states": padded, "encoder_hidden_states_mask": mask}

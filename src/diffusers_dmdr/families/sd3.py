@@ -2,7 +2,8 @@
 
 import torch
 
-from ..schedules import flow_student_timesteps
+from ..lora_formats import TRANSFORMER_STYLE
+from ..pipelines.scheduling_dmdr import shifted_flow_grid
 from .base import ModelFamily
 
 
@@ -10,8 +11,6 @@ from .base import ModelFamily
 SD3_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 # SD3-Medium's training shift; SD3.5-Large recipes set 5.0.
 SD3_DEFAULT_SHIFT = 3.0
-# The released scripts cap T5 prompts at 128 tokens.
-SD3_MAX_SEQUENCE_LENGTH = 128
 
 
 class SD3Family(ModelFamily):
@@ -23,9 +22,14 @@ class SD3Family(ModelFamily):
     default_resolution = 1024
     student_lora_targets = SD3_LORA_TARGETS
     fake_lora_targets = SD3_LORA_TARGETS
+    card_tags = ("sd3", "sd3-diffusers")
+    comfy_lora_style = TRANSFORMER_STYLE
+    # The released scripts cap T5 prompts at 128 tokens (the stock pipeline pads to 256).
+    max_prompt_tokens = 128
+    grid_rule = "shifted-flow"
 
     def default_student_timesteps(self, num_steps: int, shift: float | None) -> list[float]:
-        return flow_student_timesteps(num_steps, SD3_DEFAULT_SHIFT if shift is None else shift)
+        return shifted_flow_grid(num_steps, SD3_DEFAULT_SHIFT if shift is None else shift)
 
     def encode_prompts(self, pipeline, prompts: list[str], resolution: int, device: torch.device) -> dict:
         with torch.no_grad():
@@ -36,7 +40,7 @@ class SD3Family(ModelFamily):
                 device=device,
                 num_images_per_prompt=1,
                 do_classifier_free_guidance=False,
-                max_sequence_length=SD3_MAX_SEQUENCE_LENGTH,
+                max_sequence_length=self.max_prompt_tokens,
             )
         return {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_prompt_embeds}
 

@@ -2,7 +2,8 @@
 
 import torch
 
-from ..schedules import ddpm_student_timesteps
+from ..lora_formats import UNET_STYLE
+from ..pipelines.scheduling_dmdr import ddpm_student_grid
 from .base import ModelFamily
 
 
@@ -36,11 +37,15 @@ class SDXLFamily(ModelFamily):
     default_resolution = 1024
     student_lora_targets = UNET_LORA_TARGETS
     fake_lora_targets = UNET_LORA_TARGETS
+    card_tags = ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")
+    comfy_lora_style = UNET_STYLE
+    grid_rule = "ddpm-trailing"
+    supports_non_square = True
 
     def default_student_timesteps(self, num_steps: int, shift: float | None) -> list[float]:
         if num_steps == 1:
             return [SDXL_ONE_STEP_TIMESTEP]
-        return ddpm_student_timesteps(num_steps)
+        return ddpm_student_grid(num_steps)
 
     def encode_prompts(self, pipeline, prompts: list[str], resolution: int, device: torch.device) -> dict:
         with torch.no_grad():
@@ -66,9 +71,10 @@ class SD15Family(SDXLFamily):
     name = "sd15"
     pipeline_class_name = "StableDiffusionPipeline"
     default_resolution = 512
+    card_tags = ("stable-diffusion", "stable-diffusion-diffusers")
 
     def default_student_timesteps(self, num_steps: int, shift: float | None) -> list[float]:
-        return ddpm_student_timesteps(num_steps)
+        return ddpm_student_grid(num_steps)
 
     def encode_prompts(self, pipeline, prompts: list[str], resolution: int, device: torch.device) -> dict:
         with torch.no_grad():

@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from ..lora_formats import TRANSFORMER_STYLE
 from .base import ModelFamily
 from .flow_grid import image_sequence_length, static_shift_config, stock_flow_grid
 
@@ -20,8 +21,6 @@ from .flow_grid import image_sequence_length, static_shift_config, stock_flow_gr
 # diffusers' own Z-Image LoRA example (examples/dreambooth/train_dreambooth_lora_z_image.py, `--lora_layers` default):
 # the attention projections of every block.
 ZIMAGE_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
-# The stock pipeline's `max_sequence_length` default; conditioning is padded to it so batches concatenate.
-ZIMAGE_MAX_SEQUENCE_LENGTH = 512
 
 
 def pad_prompt_embeds(embeds: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,9 +48,13 @@ class ZImageFamily(ModelFamily):
     default_resolution = 1024
     # The stock pipeline requires height and width divisible by the VAE factor x 2 (2x2 patches).
     latent_patch_size = 2
-    grid_uses_teacher_scheduler = True
+    grid_rule = "teacher-scheduler"
     student_lora_targets = ZIMAGE_LORA_TARGETS
     fake_lora_targets = ZIMAGE_LORA_TARGETS
+    card_tags = ("z-image", "z-image-diffusers")
+    comfy_lora_style = TRANSFORMER_STYLE
+    # The stock pipeline's `max_sequence_length` default; conditioning is padded to it so batches concatenate.
+    max_prompt_tokens = 512
     # `ZImagePipeline.encode_prompt` uses `""` for every prompt when no negative prompt is given.
     negative_prompt = ""
 
@@ -82,9 +85,9 @@ class ZImageFamily(ModelFamily):
                 prompt=list(prompts),
                 device=device,
                 do_classifier_free_guidance=False,
-                max_sequence_length=ZIMAGE_MAX_SEQUENCE_LENGTH,
+                max_sequence_length=self.max_prompt_tokens,
             )
-        padded, mask = pad_prompt_embeds(prompt_embeds, ZIMAGE_MAX_SEQUENCE_LENGTH)
+        padded, mask = pad_prompt_embeds(prompt_embeds, self.max_prompt_tokens)
         return {"prompt_embeds": padded, "prompt_embeds_mask": mask}
 
     def call_backbone(self, backbone, sample: torch.Tensor, timestep: torch.Tensor, condition: dict) -> torch.Tensor:

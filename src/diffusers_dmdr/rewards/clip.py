@@ -333,3 +333,7 @@ class HPSv2Reward(HPSReward):
     """HPS v2 (the first release, `HPS_v2_compressed.pt`); same architecture and score as `HPSReward` (v2.1)."""
 
     default_filename = "HPS_v2_compressed.pt"
+
+
+# The text-image rewards by registry name (`rewards.REWARD_REGISTRY` includes them; `RelativeReward` wraps one).
+TEXT_IMAGE_REWARDS = {"clip": CLIPReward, "hpsv2.1": HPSReward, "hpsv2": HPSv2Reward, "pickscore": PickScoreReward}

@@ -5,32 +5,30 @@ generator's graph, `prompts` a list of `B` strings, `scores` a `(B,)` tensor tha
 never sees a model class: it gets `LoadedReward`s from `load_rewards` and one loss from `compute_reward_loss`.
 """
 
-import inspect
 import logging
 import math
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..losses import reward_loss
+from ..method.losses import reward_loss
+from ..utils import DTYPE_ALIASES, DTYPES, resolve_dtype
 from .aesthetic import AestheticReward
 from .classifier import ClassifierReward
-from .clip import CLIPReward, HPSReward, HPSv2Reward, PickScoreReward
-from .imports import ENTRY_POINT_GROUP, entry_point_reward, resolve_reward_import_path
+from .clip import TEXT_IMAGE_REWARDS
+from .imports import resolve_reward_import_path
+from .options import RUNTIME_OPTIONS, check_reward_options, is_reward_factory_function
 from .relative import RelativeReward
 from .scores import RemoteReward, ScoreReward, is_score_reward
-from .weights import check_model_reference
 
 
 logger = logging.getLogger(__name__)
 
 REWARD_REGISTRY: dict[str, Callable[..., Callable]] = {
-    "clip": CLIPReward,
-    "hpsv2.1": HPSReward,
-    "hpsv2": HPSv2Reward,
-    "pickscore": PickScoreReward,
+    **TEXT_IMAGE_REWARDS,
     "aesthetic": AestheticReward,
     "classifier": ClassifierReward,
     "relative": RelativeReward,
@@ -42,16 +40,6 @@ SPEC_SYNTAX = (
     "name[:weight][:key=value]..., e.g. 'clip:0.3', 'hpsv2.1:0.3:prompt_prefix=Realistic photo ', "
     "'clip:0.3:hinge=none:model=/path/to/clip' or 'my_pkg.rewards.MyReward:1.0'"
 )
-# Options that `load_rewards` applies around any reward instead of passing them to its constructor.
-PRECISIONS = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
-RUNTIME_OPTIONS = ("precision", "offload", "prompt_prefix")
 # A random probe batch checks at load time that a training reward returns `(B,)` scores with a gradient.
 PROBE_IMAGE_SIZE = 64
 PROBE_PROMPTS = ("a photo of a cat", "an oil painting of a lighthouse")
@@ -295,8 +283,8 @@ def parse_reward_spec(spec: "str | dict | RewardSpec") -> RewardSpec:
 
 
 def resolve_reward_factory(name: str) -> Callable:
-    """The registered class for `name`, a reward an installed package registered under the `diffusers_dmdr.rewards`
-    entry-point group, or the reward class / function that the dotted import path `name` points to.
+    """The registered class for `name`, or the reward class / function that the dotted import path `name` points
+    to.
 
     An import path is checked before anything is called: it must be a reward class or a Python function
     `(images, prompts) -> scores` (`rewards.imports`), so `os.system` and the like are refused.
@@ -307,9 +295,6 @@ def resolve_reward_factory(name: str) -> Callable:
     """
     if name in REWARD_REGISTRY:
         return REWARD_REGISTRY[name]
-    registered = entry_point_reward(name)
-    if registered is not None:
-        return registered
     if "." not in name or name.startswith(".") or name.endswith("."):
         raise ValueError(
             f"Unknown reward {name!r}. Use one of {sorted(REWARD_REGISTRY)} or a dotted import path "
@@ -330,65 +315,23 @@ def reward_import_paths(spec: "str | dict | RewardSpec") -> list[str]:
     paths = []
     factory = REWARD_REGISTRY.get(spec.name)
     if factory is None:
-        from importlib.metadata import entry_points
-
-        if spec.name not in {entry.name for entry in entry_points(group=ENTRY_POINT_GROUP)}:
-            paths.append(spec.name)
+        paths.append(spec.name)
     for key in getattr(factory, "import_path_options", ()):
         if isinstance(spec.options.get(key), str):
             paths.append(spec.options[key])
     return [path for path in paths if path.split(".", 1)[0] != __name__.split(".", 1)[0]]
 
 
-def _is_reward_function(factory: Callable) -> bool:
-    """A non-class callable with two required positional parameters is a reward itself, not a factory."""
-    if inspect.isclass(factory):
-        return False
-    try:
-        parameters = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return sum(p.kind in positional and p.default is inspect.Parameter.empty for p in parameters) >= 2
-
-
 def _check_runtime_options(spec: RewardSpec) -> None:
     precision = spec.options.get("precision")
-    if precision is not None and precision not in PRECISIONS:
-        raise ValueError(f"Reward {spec.name!r}: precision must be one of {sorted(PRECISIONS)}, got {precision!r}.")
+    if precision is not None and not (
+        isinstance(precision, str) and (precision in DTYPES or precision in DTYPE_ALIASES)
+    ):
+        raise ValueError(f"Reward {spec.name!r}: precision must be one of {sorted(DTYPES)}, got {precision!r}.")
     if not isinstance(spec.options.get("offload", False), bool):
         raise ValueError(f"Reward {spec.name!r}: offload must be true or false, got {spec.options['offload']!r}.")
     if not isinstance(spec.options.get("prompt_prefix", ""), str):
         raise ValueError(f"Reward {spec.name!r}: prompt_prefix must be a string.")
-
-
-def check_reward_options(name: str, factory: Callable, options: dict) -> None:
-    """Check constructor options without loading weights: accepted names, existing local paths and installed
-    packages (a reward's `check_requirements(options)`). Raises `ValueError` naming the fix."""
-    if _is_reward_function(factory):
-        if options:
-            raise ValueError(f"Reward {name!r} is a reward function and takes no options; got {sorted(options)}.")
-        return
-    try:
-        parameters = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        parameters = None
-    if parameters is not None and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        unknown = sorted(set(options) - set(parameters))
-        if unknown:
-            raise ValueError(
-                f"Unknown option(s) {unknown} for reward {name!r}; it accepts {sorted(parameters)} plus "
-                f"{list(RUNTIME_OPTIONS)}."
-            )
-    for key in getattr(factory, "path_options", ("model",)):
-        if isinstance(options.get(key), str):
-            check_model_reference(options[key], key)
-    check_requirements = getattr(factory, "check_requirements", None)
-    if check_requirements is not None:
-        try:
-            check_requirements(options)
-        except ImportError as error:
-            raise ValueError(f"Reward {name!r}: {error}") from error
 
 
 def validate_reward_specs(specs: Iterable["RewardSpec | str | dict"]) -> None:
@@ -479,7 +422,7 @@ def load_rewards(
     for spec, name in zip(specs, _display_names(specs), strict=True):
         factory = resolve_reward_factory(spec.name)
         options = {key: value for key, value in spec.options.items() if key not in RUNTIME_OPTIONS}
-        reward = factory if _is_reward_function(factory) else factory(**options)
+        reward = factory if is_reward_factory_function(factory) else factory(**options)
         if is_score_reward(reward) and not isinstance(reward, nn.Module):
             # A scorer of decoded images (uint8 / PIL in, floats out) joins the tensor protocol here.
             reward = ScoreReward(reward, name=name)
@@ -487,7 +430,7 @@ def load_rewards(
             raise ValueError(f"Reward {spec.name!r} built a {type(reward).__name__}, which is not callable.")
         offload = spec.options.get("offload", False)
         if isinstance(reward, nn.Module):
-            reward_dtype = PRECISIONS[spec.options["precision"]] if "precision" in spec.options else dtype
+            reward_dtype = resolve_dtype(spec.options["precision"]) if "precision" in spec.options else dtype
             reward.to(device=torch.device("cpu") if offload else device, dtype=reward_dtype)
         frozen_reward = FrozenReward(reward, name, spec.options.get("prompt_prefix", ""), offload)
         if for_training:
@@ -531,3 +474,31 @@ def compute_reward_loss(
             total_loss = total_loss + reward.weight * reward_loss(scores, reward.hinge)
         mean_scores[reward.name] = scores.detach().mean()
     return total_loss, mean_scores
+
+
+def check_recipe_import_paths(config) -> None:
+    """Refuse the import paths to user code in the reward lists a recipe file supplied (`config.recipe_reward_lists`)
+    unless the command line opted in (`--allow_reward_import_paths`). Nothing is imported; the preflight runs this
+    before any other reward check, since those resolve (import) the paths."""
+    if config.allow_reward_import_paths:
+        return
+    for key, recipe in config.recipe_reward_lists.items():
+        for spec in getattr(config, key):
+            paths = reward_import_paths(spec)
+            if paths:
+                raise ValueError(
+                    f"{recipe}: `{key}` names the import path {paths[0]!r}; importing it would run code from a recipe "
+                    "file. If you trust this recipe, pass --allow_reward_import_paths on the command line; otherwise "
+                    f"use a registered reward {sorted(REWARD_REGISTRY)}."
+                )
+
+
+def reward_names_epilog() -> str:
+    """The built-in reward names with one line each, from the registry (what `--reward` accepts besides a dotted
+    import path): the epilog of the train and evaluate `--help`."""
+    lines = ["built-in rewards (--reward NAME[:WEIGHT][:key=value...], or a dotted import path):"]
+    for name, factory in sorted(REWARD_REGISTRY.items()):
+        paragraph = " ".join(line.strip() for line in (factory.__doc__ or "").strip().split("\n\n")[0].splitlines())
+        summary = re.split(r"(?<=\.)\s", paragraph, maxsplit=1)[0]
+        lines.append(f"  {name:<12} {summary}")
+    return "\n".join(lines)

@@ -3,8 +3,7 @@
 An import path can name any attribute of any importable module, `os.system` included; calling it with a spec's
 options would run whatever a recipe file says. So an import path must resolve to a reward class (an `nn.Module`
 subclass, or a class whose instances are called as `(images, prompts)`) or a plain Python reward function
-`(images, prompts) -> scores`, and it is checked before it is called. Packages can also register rewards under the
-`diffusers_dmdr.rewards` entry-point group, which need no import path at all.
+`(images, prompts) -> scores`, and it is checked before it is called.
 """
 
 import importlib
@@ -12,19 +11,6 @@ import inspect
 from collections.abc import Callable
 
 from torch import nn
-
-
-ENTRY_POINT_GROUP = "diffusers_dmdr.rewards"
-
-
-def entry_point_reward(name: str) -> Callable | None:
-    """The reward an installed package registered as `name` under `ENTRY_POINT_GROUP`, or None."""
-    from importlib.metadata import entry_points
-
-    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-        if entry_point.name == name:
-            return entry_point.load()
-    return None
 
 
 def import_attribute(path: str, what: str):

@@ -61,15 +61,6 @@ class ImagePreprocessing:
         if self.crop_offset_rounding not in ("floor", "round"):
             raise ValueError(f"crop_offset_rounding must be 'floor' or 'round', got {self.crop_offset_rounding!r}.")
 
-    @property
-    def output_size(self) -> tuple[int, int]:
-        """`(height, width)` of the pixel values this preprocessing produces."""
-        if self.crop_size is not None:
-            return tuple(self.crop_size)
-        if isinstance(self.size, int):
-            raise ValueError("A shortest-edge resize without a crop has no fixed output size.")
-        return tuple(self.size)
-
     def resized_shape(self, height: int, width: int) -> tuple[int, int]:
         """Shape after the resize step, with the reference libraries' `int()` truncation of the long edge."""
         if not isinstance(self.size, int):

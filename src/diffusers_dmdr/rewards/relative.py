@@ -11,12 +11,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from .clip import TextImageReward
+from .clip import TEXT_IMAGE_REWARDS, TextImageReward
+from .options import check_reward_options
 
 
 # Control words of the released SRPO-style DMDR code (one of each is drawn per batch).
 DEFAULT_POSITIVE_CONTROLS = ("Natural-lighting", "Detailed", "Realistic")
 DEFAULT_NEGATIVE_CONTROLS = ("Painting", "CG Render", "Oil")
+
+
+def _text_image_reward(name: str) -> type[TextImageReward]:
+    """The wrapped reward's class: a text-image reward by name (never an import path: it needs the text tower)."""
+    if name not in TEXT_IMAGE_REWARDS:
+        raise ValueError(
+            f"Unknown reward {name!r} for the relative reward; it wraps one of {sorted(TEXT_IMAGE_REWARDS)}."
+        )
+    return TEXT_IMAGE_REWARDS[name]
 
 
 def _as_words(controls: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -64,9 +74,7 @@ class RelativeReward(nn.Module):
     ):
         super().__init__()
         if isinstance(reward, str):
-            from .core import resolve_reward_factory
-
-            reward = resolve_reward_factory(reward)(**reward_options)
+            reward = _text_image_reward(reward)(**reward_options)
         elif reward_options:
             raise ValueError(f"Options {sorted(reward_options)} apply to a reward given by name, not an instance.")
         if not isinstance(reward, TextImageReward):
@@ -88,13 +96,11 @@ class RelativeReward(nn.Module):
     @classmethod
     def check_requirements(cls, options: dict) -> None:
         """Validate the wrapped reward's name and options, without loading weights."""
-        from .core import check_reward_options, resolve_reward_factory
-
         own = ("reward", "k", "positive", "negative", "separator", "control_sampling", "seed")
         name = options.get("reward", "hpsv2.1")
         if isinstance(name, str):
             inner_options = {key: value for key, value in options.items() if key not in own}
-            check_reward_options(name, resolve_reward_factory(name), inner_options)
+            check_reward_options(name, _text_image_reward(name), inner_options)
         for key in ("positive", "negative"):
             if key in options:
                 _as_words(options[key])

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from .pipelines.scheduling_dmdr import DMDRScheduler
+from ..pipelines.scheduling_dmdr import DMDRScheduler
 
 
 class Denoiser:
@@ -34,6 +34,28 @@ class Denoiser:
         return self.scheduler.predict_x0(model_output, sample, noise_level.to(sample.device))
 
 
+def concat_conditions(first: dict, second: dict) -> dict:
+    """Batch-concatenate two conditioning dicts of the same structure (conditional + unconditional for CFG)."""
+    merged = {}
+    for key, value in first.items():
+        if isinstance(value, dict):
+            merged[key] = concat_conditions(value, second[key])
+        else:
+            merged[key] = torch.cat([value, second[key]])
+    return merged
+
+
+def repeat_condition(condition: dict, batch_size: int) -> dict:
+    """Expand a batch-1 conditioning dict (the empty prompt) to `batch_size`."""
+    repeated = {}
+    for key, value in condition.items():
+        if isinstance(value, dict):
+            repeated[key] = repeat_condition(value, batch_size)
+        else:
+            repeated[key] = value.expand(batch_size, *value.shape[1:])
+    return repeated
+
+
 def apply_guidance(x0_cond: torch.Tensor, x0_uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     """Classifier-free guidance `x0_uncond + w (x0_cond - x0_uncond)`; equal to guidance on eps or v, because x0 is
     affine in the model output at a fixed `(x_t, t)`."""
@@ -55,8 +77,6 @@ def guided_x0(
     family's stock pipeline does (Qwen-Image rescales the guided velocity per token) and `x0` is taken from the result;
     without it, guidance is the plain [`apply_guidance`] on `x0`.
     """
-    from .families.base import concat_conditions
-
     # A scale <= 1 is "no CFG" (DMDR's convention), not an extrapolation towards the unconditional branch.
     if guidance_scale <= 1.0:
         return denoiser(sample, noise_level, condition)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .pipelines.scheduling_dmdr import DMDRScheduler
+from ..pipelines.scheduling_dmdr import DMDRScheduler
 
 
 @dataclass

@@ -33,6 +33,17 @@ class IterationDraws:
     monitor_noise_levels: torch.Tensor
     guidance_scale: float
 
+    def rows(self, rows: slice) -> "IterationDraws":
+        """The draws of the samples `rows` (a micro-batch); the iteration's CFG scale is shared."""
+        return IterationDraws(
+            self.generators[rows],
+            self.step_index[rows],
+            self.fake_noise_levels[rows],
+            self.dmd_noise_levels[rows],
+            self.monitor_noise_levels[rows],
+            self.guidance_scale,
+        )
+
 
 def draw_iteration(
     seed: int,

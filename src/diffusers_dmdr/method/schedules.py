@@ -1,4 +1,5 @@
-"""Progress-dependent schedules and samplers of DMDR: student grids, DynaRS, DynaDG, CFG jitter.
+"""Progress-dependent schedules and samplers of DMDR: DynaRS, DynaDG, CFG jitter (student grids: the scheduler's
+`ddpm_student_grid` and `shifted_flow_grid`).
 
 Pure functions. Random draws take an explicit `numpy.random.Generator` so that a run is a function of its seed and
 step counter (exact resume needs no RNG state in the checkpoint).
@@ -52,20 +53,3 @@ def sample_guidance_scale(scale: float, jitter: float, rng: np.random.Generator)
     if scale <= 1.0:
         return 1.0
     return float(scale + rng.uniform(-jitter, jitter)) if jitter > 0 else float(scale)
-
-
-def ddpm_student_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[float]:
-    """Evenly spaced trailing grid ending at the last training timestep: 4 steps give `[999, 749, 499, 249]`."""
-    spacing = num_train_timesteps // num_steps
-    return [float(num_train_timesteps - 1 - i * spacing) for i in range(num_steps)]
-
-
-def flow_student_timesteps(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> list[float]:
-    r"""Shift-warped flow grid of the released SD3 scripts, in model units.
-
-    `s = linspace(1, 0.001, N + 1)[:N]` warped as `shift s / (1 + (shift - 1) s)`: SD3-Medium (shift 3) 4 steps give
-    noise levels `[1.0, 0.9001, 0.7504, 0.5010]`, SD3.5-Large (shift 5) `[1.0, 0.9376, 0.8336, 0.6259]`.
-    """
-    unshifted = np.linspace(1.0, 0.001, num_steps + 1)[:num_steps]
-    warped = shift * unshifted / (1.0 + (shift - 1.0) * unshifted)
-    return [float(level * num_train_timesteps) for level in warped]
