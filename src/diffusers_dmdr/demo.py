@@ -43,7 +43,7 @@ from .digits import (
 )
 from .digits.build import evaluate_real_reference, load_real_pairs_from
 from .digits.pairs import ALL_PAIRS
-from .digits.recipe import write_recipe
+from .digits.recipe import rl_overrides, write_recipe
 from .digits.report import (
     evaluate_row,
     format_table,
@@ -119,6 +119,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--training_seed", type=int, default=None, help="the trainer's seed, written into the recipe (default: 0)"
     )
+    parser.add_argument(
+        "--rl",
+        choices=("refl", "grpo", "dpo"),
+        default="refl",
+        help="stage 2's RL: reward back-propagation through the torch pair classifier (refl), or GRPO / DPO on a "
+        "scikit-learn pair scorer without gradients (docs/rl.md)",
+    )
+    parser.add_argument(
+        "--rl_regularizer", choices=("dmd", "kl", "none"), default="dmd", help="GRPO / DPO: the stage-2 regulariser"
+    )
     args, extra_train_args = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.num_threads)
@@ -155,7 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     recipe = output_dir / "digits_recipe.yaml"
     if not args.skip_training:
         stage("training", "DMD cold start, then DMD + reward (ETA on the trainer's bar)")
-        overrides = None if args.training_seed is None else {"seed": args.training_seed}
+        overrides = rl_overrides(args.rl, args.rl_regularizer)
+        if args.training_seed is not None:
+            overrides["seed"] = args.training_seed
         recipe = write_recipe(testbed, output_dir, student_dir, overrides)
         command = trainer_command(recipe, extra_train_args)
         logger.info("Training: %s", " ".join(command))
@@ -176,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     teacher_samples = sample_pairs(testbed.teacher_dir, HELD_OUT_PAIRS, **teacher_sampling, **common)
     student_samples = sample_pairs(student_dir, HELD_OUT_PAIRS, **student_sampling, **common)
     teacher_name = f"teacher ({args.teacher_steps} steps, CFG {args.teacher_guidance_scale:g})"
-    student_name = f"DMDR student ({student_steps} steps)"
+    variant = "" if args.rl == "refl" else f", {args.rl.upper()} + {args.rl_regularizer.upper()}"
+    student_name = f"DMDR student ({student_steps} steps{variant})"
     rows = {
         teacher_name: evaluate_row(
             teacher_samples, testbed, real_images, args.teacher_steps, args.teacher_guidance_scale
