@@ -196,3 +196,21 @@ def test_grpo_accumulation_equals_one_batch(tiny_teacher_dirs, prompt_file, tmp_
     assert any(weights_one[name].abs().max() > 0 for name in weights_one)
     for name in weights_one:
         torch.testing.assert_close(weights_two[name], weights_one[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("rl", "reward", "message"),
+    [
+        ("refl", "diffusers_dmdr.digits.scorer.DigitPairScorer:1.0", "train on it with --rl grpo or --rl dpo"),
+        ("grpo", None, "give at least one --reward"),
+    ],
+)
+def test_preflight_refuses_what_the_objective_cannot_train(
+    tiny_teacher_dirs, prompt_file, tmp_path, rl, reward, message
+):
+    from diffusers_dmdr.preflight import check_run_inputs
+
+    rewards = [] if reward is None else [reward]
+    config = tiny_config(tiny_teacher_dirs["sdxl"], prompt_file, tmp_path, rl=rl, train_batch_size=4, reward=rewards)
+    with pytest.raises(ValueError, match=message):
+        check_run_inputs(config)
