@@ -18,9 +18,9 @@ stage 2 replace the reward-gradient term with a policy objective on the student'
   (Wallace et al. 2023) compares the student's x0 errors on both, noised at the winner's drawn student level with
   one shared noise, with those of the reference (the stage-1 student).
 - **regulariser** (`rl_regularizer`): `dmd` adds DMDR's DMD loss on the same student prediction (the DMDR authors'
-  proposal: the DMD loss in place of GRPO's KL, Jiang et al. 2025, arXiv 2511.13649; Z-Image's RL stages after its
+  proposal: the DMD loss in place of GRPO's KL, DMDR, arXiv 2511.13649; Z-Image's RL stages after its
   step distillation used distribution matching the same way); `kl` adds Flow-GRPO's KL between the student's and the
-  reference's transitions (GRPO) or relies on DPO's own reference term (DPO); `none` is the bare RL objective. The
+  reference's transitions (GRPO only: DPO's reference is built into its loss); `none` is the bare RL objective. The
   fake score keeps training in every arm, so the arms run the same number of rollouts and generator steps.
 
 Total loss in stage 2: `dmd_loss_weight * L_DMD [dmd] + rl_weight * L_RL + rl_kl_weight * KL [kl, GRPO]`.
