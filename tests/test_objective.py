@@ -9,7 +9,10 @@ from conftest import tiny_config
 from diffusers_dmdr import trainer as trainer_module
 from diffusers_dmdr.adapters import FAKE_ADAPTER, STUDENT_ADAPTER
 from diffusers_dmdr.families import get_family
-from diffusers_dmdr.method.objective import OBJECTIVES, DMDRObjective, Objective, make_objective
+from diffusers_dmdr.method import registry
+from diffusers_dmdr.method.objective import DMDRObjective, Objective
+from diffusers_dmdr.method.registry import OBJECTIVES, make_objective
+from diffusers_dmdr.method.rl import DPOObjective, GRPOObjective
 
 
 PROMPTS = ["a red cat", "a blue dog", "the number seven"]
@@ -42,9 +45,10 @@ def lora_weights(model, adapter_name):
 
 
 def test_a_registered_objective_runs_in_the_trainers_loop(tiny_teacher_dirs, prompt_file, tmp_path, monkeypatch):
-    monkeypatch.setitem(OBJECTIVES, ShrinkObjective.name, ShrinkObjective)
-    monkeypatch.setattr(trainer_module, "OBJECTIVE", ShrinkObjective.name)
+    monkeypatch.setitem(registry.OBJECTIVES, ShrinkObjective.name, ShrinkObjective)
     config = tiny_config(tiny_teacher_dirs["sdxl"], prompt_file, tmp_path, update_ratio=3)
+    # The trainer runs the objective `--rl` names (the flag's choices are the shipped objectives; set after checks).
+    config.rl = ShrinkObjective.name
     trainer = trainer_module.DMDRTrainer(
         config, get_family("sdxl").load_teacher(config.pretrained_model_name_or_path), PROMPTS
     )
@@ -67,6 +71,6 @@ def test_a_registered_objective_runs_in_the_trainers_loop(tiny_teacher_dirs, pro
 
 
 def test_objectives_by_name():
-    assert OBJECTIVES["refl"] is DMDRObjective
-    with pytest.raises(ValueError, match="Unknown training objective 'grpo'; the objectives are refl"):
-        make_objective("grpo", config=None, routes=None)
+    assert OBJECTIVES == {"refl": DMDRObjective, "grpo": GRPOObjective, "dpo": DPOObjective}
+    with pytest.raises(ValueError, match="Unknown training objective 'ppo'; the objectives are dpo, grpo, refl"):
+        make_objective("ppo", config=None, routes=None)

@@ -19,7 +19,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from safetensors.torch import save_file
+import torch
+from safetensors.torch import load_file, save_file
 
 from .adapters import FAKE_ADAPTER, STUDENT_ADAPTER, adapter_state_dict, load_adapter_state_dict
 
@@ -356,6 +357,27 @@ def read_run_facts(folder: str | Path) -> dict:
         return {}
     run = payload.get("run") if isinstance(payload, dict) else None
     return run if isinstance(run, dict) else {}
+
+
+def objective_state_file(folder: str | Path, process_index: int) -> Path:
+    return Path(folder) / f"objective_state_{process_index}.safetensors"
+
+
+def save_objective_state(folder: str | Path, process_index: int, state: dict[str, torch.Tensor]) -> None:
+    """The objective's tensors (e.g. GRPO's frozen reference) as this process holds them; nothing when empty."""
+    if state:
+        save_file(
+            {key: value.detach().contiguous().cpu() for key, value in state.items()},
+            objective_state_file(folder, process_index),
+        )
+
+
+def load_objective_state(folder: str | Path, process_index: int) -> dict[str, torch.Tensor]:
+    """Read back `save_objective_state`'s tensors (empty when the objective saved none)."""
+    path = objective_state_file(folder, process_index)
+    if not path.is_file():
+        return {}
+    return load_file(path)
 
 
 def load_accelerator_state_safely(accelerator, folder: str | Path) -> None:

@@ -302,6 +302,45 @@ class DMDRConfig:
         help="Weight of an L2 anchor between the student's x0 and that of the student as it was when this run started "
         "(e.g. resumed from the stage-1 checkpoint): the KL-style regulariser DMDR compares DMD against.",
     )
+    rl: Literal["refl", "grpo", "dpo"] = HfArg(
+        default="refl",
+        help="The RL algorithm of stage 2 (`method/registry.py`): `refl` back-propagates differentiable rewards (the "
+        "paper's default); `grpo` (group-relative policy optimisation on the student's own stochastic sampler) and "
+        "`dpo` (Diffusion-DPO on the best and worst of each group) need only scores, so any reward works, including "
+        "ones without gradients (`remote`, scikit-learn models, OCR, judges). docs/rl.md says which to pick.",
+    )
+    rl_weight: float = HfArg(
+        default=1.0, help="GRPO / DPO: the weight lambda of the RL loss in `L_DMD + lambda L_RL`."
+    )
+    rl_group_size: int = HfArg(
+        default=4,
+        help="GRPO / DPO: rollouts per prompt (a group: one prompt, G noises). --train_batch_size (rows per "
+        "micro-batch) must be a multiple of G, so groups are never split across micro-batches or processes.",
+    )
+    rl_regularizer: Literal["dmd", "kl", "none"] = HfArg(
+        default="dmd",
+        help="GRPO / DPO: what keeps the student near the data in stage 2: `dmd` (DMDR: the DMD loss), `kl` (GRPO "
+        "only: Flow-GRPO's KL to the stage-1 student, weight --rl_kl_weight) or `none`.",
+    )
+    rl_kl_weight: float = HfArg(
+        default=0.04, help="GRPO with --rl_regularizer kl: the KL weight (Flow-GRPO's beta, 0.04)."
+    )
+    rl_clip_range: float = HfArg(
+        default=1e-4, help="GRPO: the PPO clip range on the per-element log-probability ratio (Flow-GRPO: 1e-4)."
+    )
+    rl_advantage_clip: float = HfArg(
+        default=5.0, help="GRPO: advantages are clamped to [-c, c] (Flow-GRPO, DanceGRPO: 5)."
+    )
+    rl_noise_level: float = HfArg(
+        default=0.7,
+        help="GRPO / DPO with an `ode` student: the share of fresh noise per step, eta in (0, 1] (coefficients-"
+        "preserving sampling; Flow-GRPO's default 0.7). `sde` students explore with their own sampler (eta = 1).",
+    )
+    rl_dpo_beta: float = HfArg(
+        default=100.0,
+        help="DPO: the inverse temperature beta of Diffusion-DPO on per-element mean x0 errors (docs/rl.md says how "
+        "it was chosen).",
+    )
     train_prompts: str = HfArg(
         default=None,
         help="A .txt (one prompt per line), .json/.jsonl/.csv/.parquet file, or a Hub dataset id.",
@@ -578,6 +617,8 @@ class DMDRConfig:
             problems.append("--dmd_loss_weight and --anchor_loss_weight must be non-negative.")
         if not math.isfinite(self.reward_tilt_strength) or self.reward_tilt_strength < 0:
             problems.append(f"--reward_tilt_strength must be a non-negative number, got {self.reward_tilt_strength}.")
+        if self.rl != "refl":
+            problems += self._rl_problems()
         for name in ("learning_rate", "learning_rate_fake"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
@@ -614,6 +655,34 @@ class DMDRConfig:
                 "the paper finishes the annealing within the cold start (set --dynamic_steps <= --cold_start_steps).",
                 stacklevel=2,
             )
+
+    def _rl_problems(self) -> list[str]:
+        """What GRPO and DPO need beyond the rest of the config."""
+        problems = []
+        if self.rl_group_size < 2:
+            problems.append(
+                f"--rl_group_size must be at least 2 (a group compares its rollouts), got {self.rl_group_size}."
+            )
+        for name in ("train_batch_size", "stage2_train_batch_size"):
+            value = getattr(self, name)
+            if value is not None and self.rl_group_size >= 2 and value % self.rl_group_size:
+                problems.append(
+                    f"--{name} {value} (rows per micro-batch) is not a multiple of --rl_group_size "
+                    f"{self.rl_group_size}: --rl {self.rl} keeps each group of rollouts whole within a micro-batch."
+                )
+        if self.num_student_steps < 2:
+            problems.append(
+                f"--rl {self.rl} needs at least 2 student steps: a 1-step sampler has no stochastic transition."
+            )
+        if self.rl == "dpo" and self.rl_regularizer == "kl":
+            problems.append("--rl dpo has its reference built in: use --rl_regularizer dmd or none.")
+        for name in ("rl_weight", "rl_kl_weight", "rl_clip_range", "rl_advantage_clip", "rl_dpo_beta"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                problems.append(f"--{name} must be a positive finite number, got {value}.")
+        if not 0 < self.rl_noise_level <= 1:
+            problems.append(f"--rl_noise_level must be in (0, 1], got {self.rl_noise_level}.")
+        return problems
 
     def to_dict(self) -> dict:
         """The run's values (the recipe provenance left out)."""

@@ -44,7 +44,7 @@ from .digits import (
 )
 from .digits.build import evaluate_real_reference, load_real_pairs_from
 from .digits.pairs import ALL_PAIRS
-from .digits.recipe import write_recipe
+from .digits.recipe import rl_overrides, write_recipe
 from .digits.report import (
     evaluate_row,
     format_table,
@@ -131,6 +131,16 @@ def build_argument_parser() -> argparse.ArgumentParser:
         help="generator updates of the training run (default: the digits recipe's 500); a shorter run finishes "
         "sooner with a smaller gain",
     )
+    parser.add_argument(
+        "--rl",
+        choices=("refl", "grpo", "dpo"),
+        default="refl",
+        help="stage 2's RL: reward back-propagation through the torch pair classifier (refl), or GRPO / DPO on a "
+        "scikit-learn pair scorer without gradients (docs/rl.md)",
+    )
+    parser.add_argument(
+        "--rl_regularizer", choices=("dmd", "kl", "none"), default="dmd", help="GRPO / DPO: the stage-2 regulariser"
+    )
     parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     return parser
 
@@ -179,7 +189,9 @@ def _demo(argv: list[str]) -> None:
     recipe = output_dir / "digits_recipe.yaml"
     if not args.skip_training:
         stage("training", "DMD cold start, then DMD + reward (ETA on the trainer's bar)")
-        overrides = None if args.training_seed is None else {"seed": args.training_seed}
+        overrides = rl_overrides(args.rl, args.rl_regularizer)
+        if args.training_seed is not None:
+            overrides["seed"] = args.training_seed
         recipe = write_recipe(testbed, output_dir, student_dir, overrides)
         command = trainer_command(recipe, extra_train_args)
         logger.info("Training: %s", " ".join(command))
@@ -203,7 +215,8 @@ def _demo(argv: list[str]) -> None:
     teacher_samples = sample_pairs(testbed.teacher_dir, HELD_OUT_PAIRS, **teacher_sampling, **common)
     student_samples = sample_pairs(student_dir, HELD_OUT_PAIRS, **student_sampling, **common)
     teacher_name = f"teacher ({args.teacher_steps} steps, CFG {args.teacher_guidance_scale:g})"
-    student_name = f"DMDR student ({student_steps} steps)"
+    variant = "" if args.rl == "refl" else f", {args.rl.upper()} + {args.rl_regularizer.upper()}"
+    student_name = f"DMDR student ({student_steps} steps{variant})"
     rows = {
         teacher_name: evaluate_row(
             teacher_samples, testbed, real_images, args.teacher_steps, args.teacher_guidance_scale

@@ -35,8 +35,9 @@ class RunPlan:
 
 def check_run_inputs(config: DMDRConfig) -> RunPlan:
     """Validate everything about `config` that can be checked before any weight is loaded."""
-    from .rewards import check_recipe_import_paths, parse_reward_spec, validate_reward_specs
+    from .rewards import check_recipe_import_paths, parse_reward_spec, resolve_reward_factory, validate_reward_specs
     from .rewards.core import reward_import_paths
+    from .rewards.scores import is_score_reward
 
     # The engine the launch asked for (DeepSpeed is refused: see sharding.py).
     check_engine_supported()
@@ -105,6 +106,15 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
         if imported:
             logger.warning(f"--allow_reward_import_paths: importing user code {imported} for the rewards.")
     validate_reward_specs(reward_specs + eval_specs)
+    if config.rl != "refl" and not reward_specs:
+        raise ValueError(f"--rl {config.rl} trains on rewards: give at least one --reward.")
+    if config.rl == "refl":
+        for spec in reward_specs:
+            if is_score_reward(resolve_reward_factory(spec.name)):
+                raise ValueError(
+                    f"Reward {spec.name!r} has no gradients (differentiable = False) and --rl refl back-propagates "
+                    "rewards: train on it with --rl grpo or --rl dpo."
+                )
     if config.reward_tilt and not reward_specs:
         raise ValueError("--reward_tilt weights DMD by a reward: give at least one --reward.")
     if config.reward_tilt and config.train_batch_size < 2:

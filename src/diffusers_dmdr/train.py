@@ -87,8 +87,9 @@ def _train(argv: list[str]) -> None:
     teacher = plan.family.load_teacher(
         config.pretrained_model_name_or_path, config.revision, config.variant, weight_dtype
     )
-    # Frozen reward models run in the frozen weights' dtype (a spec's `precision=` overrides it).
-    rewards = load_rewards(plan.reward_specs, accelerator.device, dtype=weight_dtype)
+    # Frozen reward models run in the frozen weights' dtype (a spec's `precision=` overrides it). Reward
+    # back-propagation probes each reward's gradient; GRPO and DPO only need scores.
+    rewards = load_rewards(plan.reward_specs, accelerator.device, dtype=weight_dtype, for_training=config.rl == "refl")
     eval_rewards = load_rewards(plan.eval_reward_specs, accelerator.device, dtype=weight_dtype, for_training=False)
     reward_vae = None
     if config.reward_vae_model_name_or_path:

@@ -26,9 +26,11 @@ from .checkpointing import (
     CONFIG_FILE,
     atomic_checkpoint_save,
     load_accelerator_state_safely,
+    load_objective_state,
     load_trainer_state,
     register_weight_hooks,
     resolve_checkpoint,
+    save_objective_state,
     save_trainer_state,
 )
 from .config import DMDRConfig, report_to_trackers
@@ -37,7 +39,8 @@ from .families import TeacherComponents
 from .families.base import run_student_scheduler
 from .guards import DivergenceError, DivergenceGuard, resume_advice, trainable_weight_norm
 from .method.denoisers import Denoiser
-from .method.objective import MicroBatch, Routes, make_objective
+from .method.objective import MicroBatch, Routes
+from .method.registry import make_objective
 from .method.simulation import sample_student
 from .method.stages import stage_two_start_iteration, stage_values
 from .optimization import lr_multiplier, make_optimizer, only_role, set_learning_rates, step_role
@@ -57,8 +60,6 @@ logger = get_logger(__name__)
 
 # Engines that keep their own (sharded) checkpoint format and gather weights collectively (DeepSpeed is refused).
 SHARDED_ENGINES = (DistributedType.FSDP,)
-# The objective the trainer runs (`method.objective.OBJECTIVES`): DMD with ReFL-style reward back-propagation.
-OBJECTIVE = "refl"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -212,7 +213,8 @@ class DMDRTrainer:
             autocast=self.accelerator.autocast,
             fake_condition=self.fake_condition,
         )
-        self.objective = make_objective(OBJECTIVE, config, routes)
+        # The objective `--rl` names (`method.registry.OBJECTIVES`): DMDR with ReFL, GRPO or DPO in stage 2.
+        self.objective = make_objective(config.rl, config, routes)
         # The prompt stream switches to the stage-2 batch at the first iteration of stage 2 (TTUR: the objective's ratio).
         self.prompt_sampler = PromptSampler(
             prompts,
@@ -555,7 +557,7 @@ class DMDRTrainer:
         path = atomic_checkpoint_save(
             self.config.output_dir,
             self.state.global_step,
-            lambda folder: self.accelerator.save_state(str(folder)),
+            self._write_state,
             finalize,
             limit=self.config.checkpoints_total_limit,
             is_main_process=self.accelerator.is_main_process,
@@ -574,6 +576,11 @@ class DMDRTrainer:
             "num_processes": self.accelerator.num_processes,
         }
 
+    def _write_state(self, folder: Path) -> None:
+        """Every process: the engine's state, and the objective's (e.g. a frozen reference; this process's shards)."""
+        self.accelerator.save_state(str(folder))
+        save_objective_state(folder, self.accelerator.process_index, self.objective.state_dict())
+
     def load_checkpoint(self, checkpoint: str) -> None:
         path = resolve_checkpoint(self.config.output_dir, checkpoint, check_weights=True)
         if path is None:
@@ -582,6 +589,7 @@ class DMDRTrainer:
         counters, history = load_trainer_state(path)
         load_accelerator_state_safely(self.accelerator, path)
         self.state.load_state_dict(counters)
+        self.objective.load_state_dict(load_objective_state(path, self.accelerator.process_index))
         self.resumed_history = history
         self.last_checkpoint = path
         logger.info(f"Resumed from {path} at generator step {self.state.global_step}")

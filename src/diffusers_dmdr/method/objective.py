@@ -13,10 +13,10 @@ values to log. It knows nothing of accelerate, optimizers, checkpoints or loggin
 [`DMDRObjective`] (`"refl"`) is DMDR as the paper trains it: DMD with DynaRS / DynaDG, reward back-propagation in
 stage 2 (hinge, linear or relative rewards), RT-DM tilting in stage 1, the optional L2 anchor, the monitors.
 
-Further objectives plug in as subclasses in [`OBJECTIVES`]. GRPO and DPO (next issues) return from `rollout` groups
-of G samples per prompt with their log-probabilities, train the student only (`trained_roles`, `update_ratio = 1`)
-and compare against a frozen reference, the stage-1 student, kept as the anchor is here (`begin_run`,
-`adapters.swapped_weights`). Several optimizer steps on one rollout is what the trainer's loop lacks for them.
+Further objectives plug in as subclasses, registered in `method.registry.OBJECTIVES`: GRPO and DPO (`method/rl.py`)
+keep DMDR's stage 1 and, in stage 2, return grouped, scored rollouts from `rollout` and carry a frozen reference (the
+stage-1 student) in `state_dict`, which the trainer saves with every checkpoint. Several optimizer steps on one
+rollout is what the trainer's loop does not offer: each rollout gets one generator update (on-policy).
 """
 
 from abc import ABC, abstractmethod
@@ -96,6 +96,14 @@ class Objective(ABC):
         """Progress-dependent values to log after generator step `global_step`."""
         return {}
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors the objective must carry across a resume (e.g. a frozen reference); saved with each checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore `state_dict()` from a checkpoint (called before `begin_run`)."""
+        return None
+
     @abstractmethod
     def rollout(
         self, iteration: int, global_step: int, prompts: list[str], first_row: int, micro_batches: int
@@ -156,19 +164,7 @@ class DMDRObjective(Objective):
         self, iteration: int, global_step: int, prompts: list[str], first_row: int, micro_batches: int
     ) -> list[MicroBatch]:
         """Every sample's backward simulation, from the iteration's draws (`draws.py`)."""
-        config = self.config
-        draws = draw_iteration(
-            config.seed,
-            iteration,
-            first_row=first_row,
-            rows=len(prompts),
-            num_student_steps=len(self.scheduler.noise_levels),
-            renoise_beta=schedules.renoise_beta_params(
-                global_step, config.dynamic_steps, config.renoise_beta_alpha, config.renoise_beta_beta
-            ),
-            guidance_scale=config.real_guidance_scale,
-            guidance_scale_jitter=config.guidance_scale_jitter,
-        )
+        draws = self.draws(iteration, global_step, first_row, len(prompts))
         size, batches = len(prompts) // micro_batches, []
         for index in range(micro_batches):
             rows = slice(index * size, (index + 1) * size)
@@ -184,6 +180,22 @@ class DMDRObjective(Objective):
                 )
             batches.append(MicroBatch(prompts[rows], condition, batch_draws, simulation))
         return batches
+
+    def draws(self, iteration: int, global_step: int, first_row: int, rows: int) -> IterationDraws:
+        """Every random number of `iteration` for the rows `first_row ..` of its global batch (`draws.py`)."""
+        config = self.config
+        return draw_iteration(
+            config.seed,
+            iteration,
+            first_row=first_row,
+            rows=rows,
+            num_student_steps=len(self.scheduler.noise_levels),
+            renoise_beta=schedules.renoise_beta_params(
+                global_step, config.dynamic_steps, config.renoise_beta_alpha, config.renoise_beta_beta
+            ),
+            guidance_scale=config.real_guidance_scale,
+            guidance_scale_jitter=config.guidance_scale_jitter,
+        )
 
     def fake_score_loss(self, batch: MicroBatch, global_step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Denoising loss of the fake score on the detached student sample at the DynaRS levels."""
@@ -304,14 +316,3 @@ class DMDRObjective(Objective):
         logs = {f"heldout_reward/{name}": score.item() for name, score in held_out.items()}
         teacher_loss = self._denoising_loss(x0_student, batch.draws.monitor_noise_levels, batch, lora_scale=0.0)
         return {**logs, "monitor/teacher_denoising_loss": teacher_loss.item()}
-
-
-# The objectives by name (the trainer runs one; GRPO and DPO join here).
-OBJECTIVES: dict[str, type[Objective]] = {DMDRObjective.name: DMDRObjective}
-
-
-def make_objective(name: str, config, routes: Routes) -> Objective:
-    """The objective registered as `name`, built for `config` and `routes`."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"Unknown training objective {name!r}; the objectives are {', '.join(sorted(OBJECTIVES))}.")
-    return OBJECTIVES[name](config, routes)

@@ -22,6 +22,7 @@ from .clip import TEXT_IMAGE_REWARDS
 from .imports import resolve_reward_import_path
 from .options import RUNTIME_OPTIONS, check_reward_options, is_reward_factory_function
 from .relative import RelativeReward
+from .scores import RemoteReward, ScoreReward, is_score_reward
 
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ REWARD_REGISTRY: dict[str, Callable[..., Callable]] = {
     "aesthetic": AestheticReward,
     "classifier": ClassifierReward,
     "relative": RelativeReward,
+    "remote": RemoteReward,
 }
 # The paper's hinge threshold (DMDR §4.1); rewards may declare their own `default_hinge`.
 DEFAULT_HINGE = 0.7
@@ -407,8 +409,8 @@ def _display_names(specs: list[RewardSpec]) -> list[str]:
 def _check_passes_gradients(reward: FrozenReward, device: torch.device) -> None:
     if reward.differentiable is False:
         raise ValueError(
-            f"Reward {reward.name!r} declares differentiable = False, so it cannot pass gradients to the generator "
-            "and cannot be trained on; use it for evaluation or give it weight 0 as a monitor."
+            f"Reward {reward.name!r} declares differentiable = False, so reward back-propagation cannot train on it: "
+            "train with a policy-gradient objective (--rl grpo or --rl dpo), or give it weight 0 as a monitor."
         )
     prompts = list(getattr(reward.reward, "example_prompts", PROBE_PROMPTS))[:2]
     # A reward on whole clips (`input_kind = "video"`, see `rewards/video.py`) is probed with 2-frame clips.
@@ -463,6 +465,9 @@ def load_rewards(
         spec = with_class_default_hinge(spec, factory)
         options = {key: value for key, value in spec.options.items() if key not in RUNTIME_OPTIONS}
         reward = factory if is_reward_factory_function(factory) else factory(**options)
+        if is_score_reward(reward) and not isinstance(reward, nn.Module):
+            # A scorer of decoded images (uint8 / PIL in, floats out) joins the tensor protocol here.
+            reward = ScoreReward(reward, name=name)
         if not callable(reward):
             raise ValueError(f"Reward {spec.name!r} built a {type(reward).__name__}, which is not callable.")
         offload = spec.options.get("offload", False)

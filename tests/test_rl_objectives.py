@@ -1,0 +1,216 @@
+"""GRPO and DPO objectives (`--rl grpo`, `--rl dpo`) in the trainer on a tiny teacher: stage 2 on rewards without
+gradients, the regulariser arms, zero gradient from a reward that ignores the image, exact resume mid-stage-2."""
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from diffusers_dmdr.adapters import FAKE_ADAPTER, STUDENT_ADAPTER
+from diffusers_dmdr.families import get_family
+from diffusers_dmdr.rewards import LoadedReward
+from diffusers_dmdr.rewards.core import FrozenReward
+from diffusers_dmdr.rewards.scores import ScoreReward, score_reward
+from diffusers_dmdr.trainer import DMDRTrainer
+from diffusers_dmdr.training_module import STUDENT_ROLE
+
+
+PROMPTS = ["a red cat", "a blue dog", "the number seven"]
+
+
+@score_reward
+def brightness(images, prompts):
+    """A reward without gradients: the mean of each uint8 image."""
+    return [float(image.mean()) / 255.0 for image in images]
+
+
+@score_reward
+def prompt_length(images, prompts):
+    """Reads the prompt only: the same score for every image of a group."""
+    return [float(len(prompt)) for prompt in prompts]
+
+
+def score(fn, weight=1.0):
+    return LoadedReward(name=fn.__name__, fn=FrozenReward(ScoreReward(fn), fn.__name__), weight=weight, hinge=None)
+
+
+def make_trainer(teacher_dir, prompt_file, output_dir, rewards, **overrides):
+    values = dict(rl="grpo", rl_group_size=2, train_batch_size=4, max_train_steps=3, cold_start_steps=1)
+    config = tiny_config(teacher_dir, prompt_file, output_dir, **{**values, **overrides})
+    teacher = get_family("sdxl").load_teacher(config.pretrained_model_name_or_path)
+    return DMDRTrainer(config, teacher, PROMPTS, rewards=rewards)
+
+
+def lora_weights(model, adapter_name):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if f".{adapter_name}." in n}
+
+
+@pytest.mark.parametrize(
+    ("rl", "regularizer", "simulation"),
+    [
+        ("grpo", "dmd", "sde"),
+        ("grpo", "dmd", "ode"),
+        ("grpo", "kl", "sde"),
+        ("grpo", "none", "sde"),
+        ("dpo", "dmd", "sde"),
+    ],
+)
+def test_stage_two_trains_on_a_reward_without_gradients(
+    tiny_teacher_dirs, prompt_file, tmp_path, rl, regularizer, simulation
+):
+    # `ode` students explore with the coefficients-preserving sampler at --rl_noise_level.
+    trainer = make_trainer(
+        tiny_teacher_dirs["sdxl"],
+        prompt_file,
+        tmp_path,
+        [score(brightness)],
+        rl=rl,
+        rl_regularizer=regularizer,
+        backward_simulation=simulation,
+    )
+    assert trainer.objective.eta == (1.0 if simulation == "sde" else 0.7)
+    student_before = lora_weights(trainer.student_model, STUDENT_ADAPTER)
+    history = trainer.train()
+    stage_one, stage_two = history[0], history[1:]
+    # Stage 1 is DMDR's cold start, unchanged; stage 2 logs what RL is tuned by.
+    assert "loss_dmd" in stage_one and "rl/reward_mean" not in stage_one
+    for row in stage_two:
+        assert 0.0 <= row["rl/reward_mean"] <= 1.0 and row["rl/reward_group_std"] >= 0.0
+        assert row["reward/brightness"] == pytest.approx(row["rl/reward_mean"])
+        assert ("loss_dmd" in row) == (regularizer == "dmd")
+        assert ("rl/kl_reference" in row) == (regularizer == "kl")
+        if rl == "grpo":
+            # One generator update per rollout: the PPO ratio is 1 (up to float rounding) and nothing is clipped.
+            assert row["rl/ratio_mean"] == pytest.approx(1.0, abs=1e-5) and row["rl/clip_fraction"] == 0.0
+            assert row["rl/advantage_abs_mean"] > 0.0
+        else:
+            assert 0.0 <= row["rl/implicit_accuracy"] <= 1.0 and row["rl/pair_reward_gap"] >= 0.0
+    if regularizer == "kl":
+        # The reference is the student as stage 2 began: no KL at the first stage-2 step, some once it moved.
+        assert stage_two[0]["rl/kl_reference"] == 0.0 and stage_two[1]["rl/kl_reference"] > 0.0
+    moved = lora_weights(trainer.student_model, STUDENT_ADAPTER)
+    assert any(not torch.equal(moved[name], student_before[name]) for name in moved)
+
+
+def _stage_two_gradient(trainer):
+    """The student's gradient from one stage-2 generator loss (DMD off) on the trainer's first rollout."""
+    trainer.objective.before_update(STUDENT_ROLE, 0)
+    (batch,) = trainer.objective.rollout(
+        trainer.config.update_ratio - 1, 0, trainer.prompt_sampler.batch(0), first_row=0, micro_batches=1
+    )
+    loss, logs = trainer.objective.generator_loss(batch, 0)
+    parameters = [p for p in trainer.unwrapped.parameters_of(STUDENT_ROLE)]
+    return torch.autograd.grad(loss, parameters, allow_unused=True), logs
+
+
+def test_a_reward_that_ignores_the_image_gives_zero_grpo_gradient(tiny_teacher_dirs, prompt_file, tmp_path):
+    common = dict(cold_start_steps=0, rl_regularizer="none")
+    ignoring = make_trainer(tiny_teacher_dirs["sdxl"], prompt_file, tmp_path / "a", [score(prompt_length)], **common)
+    grads, logs = _stage_two_gradient(ignoring)
+    assert logs["rl/groups_without_signal"] == 1.0 and logs["rl/advantage_abs_mean"] == 0.0
+    assert all(grad is None or torch.count_nonzero(grad) == 0 for grad in grads)
+    reading = make_trainer(tiny_teacher_dirs["sdxl"], prompt_file, tmp_path / "b", [score(brightness)], **common)
+    grads, _ = _stage_two_gradient(reading)
+    assert any(grad is not None and torch.count_nonzero(grad) > 0 for grad in grads)
+
+
+@pytest.mark.parametrize(("rl", "regularizer"), [("grpo", "kl"), ("dpo", "dmd")])
+def test_resume_mid_stage_two_continues_exactly(tiny_teacher_dirs, prompt_file, tmp_path, rl, regularizer):
+    """The groups' randomness comes from (seed, iteration, row) and the stage-1 reference is saved with each
+    checkpoint, so a run resumed in stage 2 repeats the uninterrupted one bit for bit."""
+    common = dict(rl=rl, rl_regularizer=regularizer, max_train_steps=4, checkpointing_steps=3)
+    rewards = [score(brightness)]
+    uninterrupted = make_trainer(tiny_teacher_dirs["sdxl"], prompt_file, tmp_path / "a", rewards, **common)
+    history_a = uninterrupted.train()
+    first = make_trainer(
+        tiny_teacher_dirs["sdxl"], prompt_file, tmp_path / "b", rewards, **{**common, "max_train_steps": 3}
+    )
+    first.train()
+    assert (tmp_path / "b" / "checkpoint-3" / "objective_state_0.safetensors").is_file()
+    second = make_trainer(
+        tiny_teacher_dirs["sdxl"], prompt_file, tmp_path / "b", rewards, **common, resume_from_checkpoint="latest"
+    )
+    history_b = second.train()
+    assert history_b[0]["step"] == 4
+    for key in ("loss", "loss_rl", "loss_fake", "rl/reward_mean"):
+        assert history_a[3][key] == history_b[0][key], key
+    for adapter, model_a, model_b in (
+        (STUDENT_ADAPTER, uninterrupted.student_model, second.student_model),
+        (FAKE_ADAPTER, uninterrupted.guidance_model, second.guidance_model),
+    ):
+        weights_a, weights_b = lora_weights(model_a, adapter), lora_weights(model_b, adapter)
+        for name in weights_a:
+            assert torch.equal(weights_a[name], weights_b[name]), name
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(rl_group_size=3), "not a multiple of --rl_group_size"),
+        (dict(rl_group_size=1), "at least 2"),
+        (dict(rl="dpo", rl_regularizer="kl"), "reference built in"),
+        (dict(num_student_steps=1, student_timesteps=[999]), "at least 2 student steps"),
+        (dict(rl_noise_level=0.0), "rl_noise_level"),
+    ],
+)
+def test_bad_rl_settings_fail_in_one_line(tmp_path, prompt_file, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config("teacher", prompt_file, tmp_path, **{"rl": "grpo", "train_batch_size": 4, **overrides})
+
+
+@pytest.mark.parametrize("name", ["sd35_large_4step_grpo", "flux1_dev_4step_grpo"])
+def test_grpo_recipes_load_and_their_rewards_validate(name):
+    from pathlib import Path
+
+    from diffusers_dmdr import DMDRConfig
+    from diffusers_dmdr.rewards import validate_reward_specs
+
+    recipe = Path(__file__).parents[1] / "examples" / "train_dmdr" / "configs" / f"{name}.yaml"
+    config = DMDRConfig.parse_args(["--config", str(recipe), "--train_prompts", "prompts.txt"])
+    assert config.rl == "grpo" and config.rl_regularizer == "dmd" and config.backward_simulation == "ode"
+    assert config.stage2_train_batch_size % config.rl_group_size == 0
+    validate_reward_specs(config.reward)
+
+
+def test_grpo_accumulation_equals_one_batch(tiny_teacher_dirs, prompt_file, tmp_path):
+    """Groups stay whole within micro-batches, so two accumulated micro-batches of 2 rows (one group each) make the
+    same update as one batch of 4 (the same holds for processes: a process holds whole groups)."""
+    # Large Adam epsilon: updates proportional to the gradients, so float rounding is not magnified (test_scale.py).
+    common = dict(max_train_steps=2, rl_group_size=2, adam_epsilon=1.0, learning_rate=0.5, learning_rate_fake=0.5)
+    one = make_trainer(
+        tiny_teacher_dirs["sdxl"], prompt_file, tmp_path / "a", [score(brightness)], train_batch_size=4, **common
+    )
+    two = make_trainer(
+        tiny_teacher_dirs["sdxl"],
+        prompt_file,
+        tmp_path / "b",
+        [score(brightness)],
+        train_batch_size=2,
+        gradient_accumulation_steps=2,
+        **common,
+    )
+    history_one, history_two = one.train(), two.train()
+    for key in ("loss", "loss_dmd", "loss_fake", "rl/reward_mean", "rl/advantage_abs_mean"):
+        assert history_two[-1][key] == pytest.approx(history_one[-1][key], rel=1e-4, abs=1e-7), key
+    weights_one = lora_weights(one.student_model, STUDENT_ADAPTER)
+    weights_two = lora_weights(two.student_model, STUDENT_ADAPTER)
+    assert any(weights_one[name].abs().max() > 0 for name in weights_one)
+    for name in weights_one:
+        torch.testing.assert_close(weights_two[name], weights_one[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("rl", "reward", "message"),
+    [
+        ("refl", "diffusers_dmdr.digits.scorer.DigitPairScorer:1.0", "train on it with --rl grpo or --rl dpo"),
+        ("grpo", None, "give at least one --reward"),
+    ],
+)
+def test_preflight_refuses_what_the_objective_cannot_train(
+    tiny_teacher_dirs, prompt_file, tmp_path, rl, reward, message
+):
+    from diffusers_dmdr.preflight import check_run_inputs
+
+    rewards = [] if reward is None else [reward]
+    config = tiny_config(tiny_teacher_dirs["sdxl"], prompt_file, tmp_path, rl=rl, train_batch_size=4, reward=rewards)
+    with pytest.raises(ValueError, match=message):
+        check_run_inputs(config)
