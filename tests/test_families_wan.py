@@ -146,11 +146,12 @@ def test_bad_frame_counts_and_sizes_are_refused_before_any_weight_loads(
         check_run_inputs(wan_config(wan_dirs["2.1"], prompt_file, tmp_path, **overrides))
 
 
-def test_num_frames_is_refused_for_an_image_teacher(tiny_teacher_dirs, prompt_file, tmp_path):
+@pytest.mark.parametrize(("flag", "value"), [("num_frames", 9), ("reward_frames", [0, -1])])
+def test_video_flags_are_refused_for_an_image_teacher(flag, value, tiny_teacher_dirs, prompt_file, tmp_path):
     from diffusers_dmdr.preflight import check_run_inputs
 
-    config = tiny_config(tiny_teacher_dirs["sd3"], prompt_file, tmp_path, num_frames=9)
-    with pytest.raises(ValueError, match="--num_frames 9 applies to video teachers"):
+    config = tiny_config(tiny_teacher_dirs["sd3"], prompt_file, tmp_path, **{flag: value})
+    with pytest.raises(ValueError, match=f"--{flag} .* applies to video teachers"):
         check_run_inputs(config)
 
 

@@ -225,12 +225,13 @@ class ModelFamily(ABC):
 
     def check_run_config(self, config) -> None:
         """Refuse, before any weight loads, run settings this family cannot train (`config`: a `DMDRConfig`).
-        Default: `--num_frames` belongs to the video families."""
-        if getattr(config, "num_frames", None) is not None:
-            raise ValueError(
-                f"--num_frames {config.num_frames} applies to video teachers (wan); this teacher is a {self.name} "
-                "image pipeline: drop --num_frames."
-            )
+        Default: `--num_frames` and `--reward_frames` belong to the video families."""
+        for flag in ("num_frames", "reward_frames"):
+            if getattr(config, flag, None) is not None:
+                raise ValueError(
+                    f"--{flag} {getattr(config, flag)} applies to video teachers (wan); this teacher is a {self.name} "
+                    f"image pipeline: drop --{flag}."
+                )
 
     def student_grid(
         self, num_steps: int, shift: float | None, scheduler_config: dict, resolution: int, vae_scale_factor: int
