@@ -37,38 +37,13 @@ from pathlib import Path
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from diffusers_dmdr.memory_estimate import SDXL_UNET, SDXL_VAE
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Architectures (published configs; /work/shared/reference/gpu-floors.md) and reduced CPU variants
 # ----------------------------------------------------------------------------------------------------------------
-SDXL_UNET = dict(
-    act_fn="silu",
-    addition_embed_type="text_time",
-    addition_embed_type_num_heads=64,
-    addition_time_embed_dim=256,
-    attention_head_dim=[5, 10, 20],
-    block_out_channels=[320, 640, 1280],
-    cross_attention_dim=2048,
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    in_channels=4,
-    layers_per_block=2,
-    norm_num_groups=32,
-    out_channels=4,
-    projection_class_embeddings_input_dim=2816,
-    sample_size=128,
-    transformer_layers_per_block=[1, 2, 10],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    use_linear_projection=True,
-)
-SDXL_VAE = dict(
-    block_out_channels=[128, 256, 512, 512],
-    latent_channels=4,
-    layers_per_block=2,
-    sample_size=1024,
-    down_block_types=["DownEncoderBlock2D"] * 4,
-    up_block_types=["UpDecoderBlock2D"] * 4,
-    scaling_factor=0.13025,
-)
+# SDXL_UNET and SDXL_VAE: the published shapes the iteration estimator also builds (one copy, in the library).
 SD35_LARGE_TRANSFORMER = dict(
     attention_head_dim=64,
     caption_projection_dim=2432,
