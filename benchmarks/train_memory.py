@@ -37,27 +37,14 @@ from pathlib import Path
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from diffusers_dmdr.memory_estimate import SDXL_UNET, SDXL_VAE
+from diffusers_dmdr.memory_estimate import SD35_LARGE, SDXL_UNET, SDXL_VAE
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Architectures (published configs; /work/shared/reference/gpu-floors.md) and reduced CPU variants
 # ----------------------------------------------------------------------------------------------------------------
-# SDXL_UNET and SDXL_VAE: the published shapes the iteration estimator also builds (one copy, in the library).
-SD35_LARGE_TRANSFORMER = dict(
-    attention_head_dim=64,
-    caption_projection_dim=2432,
-    in_channels=16,
-    joint_attention_dim=4096,
-    num_attention_heads=38,
-    num_layers=38,
-    out_channels=16,
-    patch_size=2,
-    pooled_projection_dim=2048,
-    pos_embed_max_size=192,
-    qk_norm="rms_norm",
-    sample_size=128,
-)
+# SDXL_UNET, SDXL_VAE and SD3.5-Large's transformer: the published shapes the iteration estimator also builds (one
+# copy, in the library).
 SD35_VAE = dict(
     SDXL_VAE, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
     use_post_quant_conv=False,
@@ -105,7 +92,7 @@ def _reduced_sdxl() -> dict:
 MODELS = {
     "sdxl": ModelSpec("sdxl", "sdxl", SDXL_UNET, SDXL_VAE, dict(TAESD, latent_channels=4), 1024, 77, "SDXL UNet"),
     "sd35-large": ModelSpec(
-        "sd35-large", "sd3", SD35_LARGE_TRANSFORMER, SD35_VAE, dict(TAESD, latent_channels=16), 1024, 333,
+        "sd35-large", "sd3", SD35_LARGE, SD35_VAE, dict(TAESD, latent_channels=16), 1024, 333,
         "SD3.5-Large transformer",
     ),
     "sdxl-cpu": ModelSpec(
@@ -113,7 +100,7 @@ MODELS = {
         "SDXL UNet at half width (block_out_channels 160/320/640), transformer depth 1/2/2 (SDXL: 1/2/10)",
     ),
     "sd35-cpu": ModelSpec(
-        "sd35-cpu", "sd3", dict(SD35_LARGE_TRANSFORMER, num_layers=2, num_attention_heads=12, caption_projection_dim=768),
+        "sd35-cpu", "sd3", dict(SD35_LARGE, num_layers=2, num_attention_heads=12, caption_projection_dim=768),
         SD35_VAE, dict(TAESD, latent_channels=16), 256, 77,
         "SD3.5-Large transformer with 2 of 38 layers and 12 of 38 heads (width 768)",
     ),
@@ -477,7 +464,7 @@ def real_model_plans() -> str:
             "text_encoder_2": meta_text(transformers.CLIPTextModelWithProjection, transformers.CLIPTextConfig, CLIP_G),
             "text_encoder_3": meta_text(transformers.T5EncoderModel, transformers.T5Config, T5_XXL),
             "vae": meta(AutoencoderKL, SD35_VAE),
-            "transformer": meta(SD3Transformer2DModel, SD35_LARGE_TRANSFORMER),
+            "transformer": meta(SD3Transformer2DModel, SD35_LARGE),
         }
 
     cases = [

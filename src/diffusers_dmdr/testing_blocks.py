@@ -67,22 +67,23 @@ def tiny_clip_text_encoder(with_projection: bool, seed: int = 0, hidden_size: in
     return model_cls(config).eval()
 
 
+# The tiny T5 encoder's shape and special tokens over the tiny T5 vocabulary (also Wan's UMT5, testing_wan.py).
+TINY_T5_SHAPE = dict(
+    vocab_size=128,
+    d_kv=8,
+    d_ff=37,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    pad_token_id=0,
+    eos_token_id=1,
+)
+
+
 def tiny_t5_encoder(seed: int = 0, d_model: int = 32):
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(
-        vocab_size=128,
-        d_model=d_model,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        dropout_rate=0.0,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
+    config = T5Config(**TINY_T5_SHAPE, d_model=d_model, dropout_rate=0.0, decoder_start_token_id=0)
     torch.manual_seed(seed)
     return T5EncoderModel(config).eval()
 

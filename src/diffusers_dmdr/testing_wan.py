@@ -8,7 +8,7 @@ pixels, spatial factor 16, `expand_timesteps=True`, `flow_shift` 5.0).
 
 import torch
 
-from .testing_blocks import tiny_t5_tokenizer
+from .testing_blocks import TINY_T5_SHAPE, tiny_t5_tokenizer
 
 
 WAN_VARIANTS = ("2.1", "2.2-ti2v")
@@ -18,17 +18,7 @@ def tiny_umt5_encoder(seed: int = 0, d_model: int = 32):
     """A 2-layer `UMT5EncoderModel` (Wan's text encoder class) over the tiny T5 vocabulary."""
     from transformers import UMT5Config, UMT5EncoderModel
 
-    config = UMT5Config(
-        vocab_size=128,
-        d_model=d_model,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
+    config = UMT5Config(**TINY_T5_SHAPE, d_model=d_model)
     torch.manual_seed(seed)
     return UMT5EncoderModel(config).eval()
 
