@@ -194,7 +194,9 @@ def test_new_flow_family_launch(family, mode, tiny_teacher_dirs, prompt_file, tm
         assert summary["student_timesteps"] == [1000.0, 900.0, 750.0, 500.0]
         assert lora_b_norm(output_dir / "checkpoint-2" / "student_lora.safetensors") > 0
     else:
-        assert scheduler_config["grid_mu"] > 0
+        # Qwen-Image's grid: the stock sigmas at a static shift 3, no dynamic `mu`, no terminal stretch (issue 25).
+        assert scheduler_config["grid_mu"] is None
+        assert summary["student_timesteps"] == [1000.0, 900.0, 750.0, 500.0]
         student = load_file(output_dir / "checkpoint-2" / "student.safetensors")
         assert not any("lora" in key for key in student)
     assert lora_b_norm(output_dir / "checkpoint-2" / "fake_lora.safetensors") > 0
