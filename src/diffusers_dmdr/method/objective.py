@@ -111,6 +111,9 @@ class Objective(ABC):
         """The inputs of `iteration`: `prompts` are this process's rows `first_row ..` of the global batch."""
 
     def fake_score_loss(self, batch: MicroBatch, global_step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The fake score's loss on `batch` and its logs. The trainer calls it only for objectives whose
+        `trained_roles` include the guidance network; one that trains the student alone keeps this default, which
+        says so if it is ever called."""
         raise NotImplementedError(f"The {self.name!r} objective trains no fake score.")
 
     @abstractmethod
