@@ -253,10 +253,15 @@ class ModelFamily(ABC):
         revision: str | None = None,
         variant: str | None = None,
         dtype: torch.dtype = torch.float32,
+        quantization_config=None,
     ) -> TeacherComponents:
         """Load the teacher pipeline on the CPU directly in `dtype` (the training dtype: no float32 copy is made);
-        the trainer places it."""
-        pipeline = self.pipeline_class().from_pretrained(source, revision=revision, variant=variant, dtype=dtype)
+        the trainer places it. `quantization_config`: diffusers' `PipelineQuantizationConfig` (`--base_quantization`,
+        see `adapters.teacher_quantization_config`)."""
+        quantization = {} if quantization_config is None else {"quantization_config": quantization_config}
+        pipeline = self.pipeline_class().from_pretrained(
+            source, revision=revision, variant=variant, dtype=dtype, **quantization
+        )
         pipeline.set_progress_bar_config(disable=True)
         backbone = getattr(pipeline, self.backbone_name)
         return TeacherComponents(family=self, pipeline=pipeline, backbone=backbone, vae=pipeline.vae, source=source)
