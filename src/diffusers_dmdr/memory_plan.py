@@ -338,8 +338,9 @@ def _quantized_base_component(
 ) -> FrozenComponent:
     """The frozen base under `scheme`: `nn.Linear` weights quantized, everything else in `dtype`
     ([`frozen_backbone_bytes`], the arithmetic the activation estimate uses too). Not sharded."""
-    # Cast the meta model first: the function counts unquantized tensors at their own element size.
-    quantized_bytes, _ = frozen_backbone_bytes(backbone.to(dtype), scheme)
+    # The (meta) base is cast and frozen in place first, as the trainer holds it: the function counts unquantized
+    # tensors at their own element size, and frozen tensors only.
+    quantized_bytes, _ = frozen_backbone_bytes(backbone.to(dtype).requires_grad_(False), scheme)
     dtype_name = str(dtype).removeprefix("torch.")
     return replace(
         base,
