@@ -341,3 +341,26 @@ def test_resuming_with_another_base_quantization_is_refused(tiny_teacher_dirs, p
     with pytest.raises(ValueError, match="--base_quantization none differs from the checkpoint's --base_quantization"):
         check_resume_recipe(current, checkpoint, "sdxl", [999.0])
     assert json.loads(json.dumps(recorded.to_dict()))["base_quantization"] == "torchao_int8"
+
+
+def test_importing_the_package_first_drops_torchao_import_notices():
+    """With torchao installed, `import diffusers_dmdr` before diffusers / peft keeps their torchao import quiet (the
+    notices of `quiet_imports.TORCHAO_NOTICES`); imported the other way round, the notices print (negative control:
+    if torchao stops printing them, the filters may be dropped)."""
+    import os
+    import subprocess
+    import sys
+
+    libraries = "from diffusers import UNet2DConditionModel\nimport peft.tuners.lora\nimport torchao\n"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    outputs = {}
+    for name, code in (("quiet", "import diffusers_dmdr\n" + libraries), ("control", libraries)):
+        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[name] = result.stderr
+    markers = ("is an Enum subclass and is now natively supported", "Unable to import `torchao` Tensor objects")
+    if torch.version.cuda is None:
+        markers += ("Failed to load ",)
+    for marker in markers:
+        assert marker not in outputs["quiet"], outputs["quiet"]
+        assert marker in outputs["control"], f"torchao no longer logs {marker!r}: see quiet_imports.TORCHAO_NOTICES"
