@@ -319,6 +319,7 @@ class PickScoreReward(CLIPReward):
                 f"processor= the tokenizer is read from the model's folder: give processor=<a CLIP-H tokenizer folder> "
                 f"or save the tokenizer there (PickScore uses {PICKSCORE_PROCESSOR}'s)."
             )
+        check_cached_when_offline("pickscore", "model", model)
         check_cached_when_offline("pickscore", "processor", processor)
 
 
