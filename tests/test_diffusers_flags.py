@@ -121,6 +121,21 @@ def test_a_vae_of_the_teachers_latent_space_passes_with_its_variant(vae_teacher,
     assert check_run_inputs(config).family.name == "sdxl"
 
 
+def test_a_key_a_vae_config_omits_has_the_class_default(vae_teacher, prompts):  # noqa: F811
+    """Configs saved by older diffusers omit `scaling_factor`: AutoencoderKL's default 0.18215 is SD1.5's, not
+    SDXL's 0.13025 (the teacher's)."""
+    old = write_vae_folder(vae_teacher.parent / "old")
+    config_file = old / "config.json"
+    config_file.write_text(
+        json.dumps({k: v for k, v in json.loads(config_file.read_text()).items() if k != "scaling_factor"})
+    )
+    with pytest.raises(ValueError, match=r"scaling_factor 0.18215 \(teacher's VAE: 0.13025\)"):
+        check_run_inputs(config_for(vae_teacher, prompts, pretrained_vae_model_name_or_path=str(old)))
+    teacher_config = vae_teacher / "vae" / "config.json"
+    teacher_config.write_text(json.dumps({**json.loads(teacher_config.read_text()), "scaling_factor": 0.18215}))
+    check_run_inputs(config_for(vae_teacher, prompts, pretrained_vae_model_name_or_path=str(old)))
+
+
 def test_a_hub_vae_not_in_the_offline_cache_is_one_line(vae_teacher, prompts, capsys, tmp_path):  # noqa: F811
     argv = base_argv(vae_teacher, prompts) + ["--pretrained_vae_model_name_or_path", "madebyollin/sdxl-vae-fp16-fix"]
     status, err = run_train(argv + ["--cache_dir", str(tmp_path / "empty-cache")], capsys)

@@ -372,15 +372,18 @@ def check_teacher_vae(config: DMDRConfig, family: ModelFamily) -> None:
             f"{flag} {name} is a {vae_class} but the teacher's VAE is a {teacher_class}: give a VAE of the teacher's "
             "class and latent space."
         )
+    # A key a config leaves out has the class's default (configs saved by older diffusers omit `scaling_factor`).
+    defaults = _init_defaults(vae_class)
+    vae_config, teacher_vae = {**defaults, **vae_config}, {**defaults, **teacher_vae}
     differences = [
         f"{key} {vae_config.get(key)} (teacher's VAE: {teacher_vae.get(key)})"
         for key in VAE_LATENT_SPACE_KEYS
-        if (key in vae_config or key in teacher_vae) and vae_config.get(key) != teacher_vae.get(key)
+        if vae_config.get(key) != teacher_vae.get(key)
     ]
     if len(vae_config.get("block_out_channels", [])) != len(teacher_vae.get("block_out_channels", [])):
         differences.append(
             f"spatial factor {2 ** (len(vae_config.get('block_out_channels', [0])) - 1)} (teacher's VAE: "
-            f"{family.vae_scale_factor(config.pretrained_model_name_or_path, config.revision)})"
+            f"{2 ** (len(teacher_vae.get('block_out_channels', [0])) - 1)})"
         )
     if differences:
         raise ValueError(
@@ -402,6 +405,20 @@ def check_teacher_vae(config: DMDRConfig, family: ModelFamily) -> None:
                 else "save it with `save_pretrained(folder)` (only safetensors are loaded)"
             )
             raise FileNotFoundError(f"{flag} {name} has no {weights[0]}: {fix}.")
+
+
+def _init_defaults(class_name: str | None) -> dict:
+    """The keyword defaults of a diffusers class's `__init__` (its config values when a config omits them); `{}` for
+    a name diffusers does not have."""
+    import inspect
+
+    import diffusers
+
+    model_class = getattr(diffusers, str(class_name), None)
+    if not isinstance(model_class, type):
+        return {}
+    parameters = inspect.signature(model_class.__init__).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 def check_output_dir(output_dir: str) -> None:
