@@ -342,3 +342,24 @@ def test_build_tiny_writes_a_reward_that_clip_loads(tmp_path, capsys):
     with pytest.raises(SystemExit):
         tiny_builders.main(["build-tiny", "--reward", "clip", "--family", "sdxl", "--output", str(tmp_path / "x")])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_cache_dir_reaches_a_hub_prompt_dataset(monkeypatch, tmp_path):
+    """A Hub prompt dataset is read through `--cache_dir` too (as diffusers' scripts pass it to `load_dataset`)."""
+    import datasets
+
+    from diffusers_dmdr.data import load_prompts
+
+    seen = {}
+
+    def load_dataset(*args, **kwargs):
+        seen.update(kwargs)
+        return datasets.Dataset.from_dict({"prompt": ["a cat"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with using_hub_cache_dir(str(tmp_path / "hf")):
+        assert load_prompts("dmdr-tests/prompts") == ["a cat"]
+    assert seen["cache_dir"] == str(tmp_path / "hf")
+    seen.clear()
+    load_prompts("dmdr-tests/prompts")
+    assert "cache_dir" not in seen

@@ -129,7 +129,7 @@ class DMDRConfig:
     cache_dir: str | None = HfArg(
         default=None,
         help="Hugging Face cache folder of every Hub read the run and its export make (teacher, VAE, rewards, reward "
-        "autoencoder); default: the Hugging Face cache (HF_HUB_CACHE).",
+        "autoencoder, a Hub prompt dataset); default: the Hugging Face cache (HF_HUB_CACHE).",
     )
     family: Literal[FAMILY_NAMES] = HfArg(
         default="auto",
