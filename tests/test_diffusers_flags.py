@@ -121,6 +121,15 @@ def test_a_vae_of_the_teachers_latent_space_passes_with_its_variant(vae_teacher,
     assert check_run_inputs(config).family.name == "sdxl"
 
 
+def test_a_relative_vae_folder_is_recorded_absolute(vae_teacher, prompts, monkeypatch):  # noqa: F811
+    """As the teacher's: `dmdr-export` and `evaluate` reload the run's VAE from any folder."""
+    write_vae_folder(vae_teacher.parent / "fp16-fix")
+    monkeypatch.chdir(vae_teacher.parent)
+    config = config_for(vae_teacher, prompts, pretrained_vae_model_name_or_path="fp16-fix")
+    check_run_inputs(config)
+    assert config.pretrained_vae_model_name_or_path == str(vae_teacher.parent.resolve() / "fp16-fix")
+
+
 def test_a_key_a_vae_config_omits_has_the_class_default(vae_teacher, prompts):  # noqa: F811
     """Configs saved by older diffusers omit `scaling_factor`: AutoencoderKL's default 0.18215 is SD1.5's, not
     SDXL's 0.13025 (the teacher's)."""

@@ -56,6 +56,13 @@ def _check_run_inputs(config: DMDRConfig) -> RunPlan:
     local_teacher = Path(config.pretrained_model_name_or_path).expanduser()
     if local_teacher.is_dir():
         config.pretrained_model_name_or_path = str(local_teacher.resolve())
+    if (
+        config.pretrained_vae_model_name_or_path
+        and Path(config.pretrained_vae_model_name_or_path).expanduser().is_dir()
+    ):
+        config.pretrained_vae_model_name_or_path = str(
+            Path(config.pretrained_vae_model_name_or_path).expanduser().resolve()
+        )
     # 1. Teacher: the folder or Hub id exists and is a supported family.
     model_index = read_teacher_config(config.pretrained_model_name_or_path, config.revision)
     detected = detect_family(model_index, config.pretrained_model_name_or_path)
