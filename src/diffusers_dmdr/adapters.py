@@ -40,8 +40,10 @@ def add_lora_adapter(
     alpha: float | None,
     target_modules: list[str],
     init: str = "gaussian",
+    dropout: float = 0.0,
 ) -> None:
-    """Add a LoRA adapter (B initialised to zero, so the model is unchanged until trained) and make it active."""
+    """Add a LoRA adapter (B initialised to zero, so the model is unchanged until trained) and make it active;
+    `dropout` is PEFT's `lora_dropout` on the adapter's input (active in train mode only)."""
     from peft import LoraConfig
 
     if init not in LORA_INITS:
@@ -51,7 +53,7 @@ def add_lora_adapter(
         lora_alpha=rank if alpha is None else alpha,
         target_modules=list(target_modules),
         init_lora_weights=LORA_INITS[init],
-        lora_dropout=0.0,
+        lora_dropout=dropout,
     )
     with warnings.catch_warnings():
         # The shared base carries two adapters on purpose (student and fake score).
@@ -234,18 +236,12 @@ def keep_frozen_base_out_of_ddp_broadcast(root: torch.nn.Module, backbone: torch
 
 
 def load_training_teacher(family, config, weight_dtype: torch.dtype):
-    """The run's teacher ([`TeacherComponents`]), in `weight_dtype`, with its backbone quantized as
-    `config.base_quantization` asks (diffusers' `PipelineQuantizationConfig`, backbone only)."""
+    """The run's teacher ([`TeacherComponents`], `family.load_run_teacher`), in `weight_dtype`, with its backbone
+    quantized as `config.base_quantization` asks (diffusers' `PipelineQuantizationConfig`, backbone only)."""
     quantization = teacher_quantization_config(config.base_quantization, family.backbone_name, weight_dtype)
     if quantization is None:
-        return family.load_teacher(config.pretrained_model_name_or_path, config.revision, config.variant, weight_dtype)
-    return family.load_teacher(
-        config.pretrained_model_name_or_path,
-        config.revision,
-        config.variant,
-        weight_dtype,
-        quantization_config=quantization,
-    )
+        return family.load_run_teacher(config, weight_dtype)
+    return family.load_run_teacher(config, weight_dtype, quantization_config=quantization)
 
 
 def _cast_if_needed(module: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -275,7 +271,8 @@ def build_training_backbones(
             diffusers backend (`--base_quantization`; LoRA mode only, never cast).
         training_mode: `lora` or `full`.
         weight_dtype: dtype of every frozen tensor.
-        student_lora, fake_lora: `add_lora_adapter` keyword arguments (`rank`, `alpha`, `target_modules`).
+        student_lora, fake_lora: `add_lora_adapter` keyword arguments (`rank`, `alpha`, `target_modules`, optionally
+            `dropout`).
         seed: seeds the LoRA A initialisation, so that a run is a function of its seed alone.
         student_backbone: full mode only: the student's own copy of the backbone, ideally loaded in float32 from the
             checkpoint (a copy of `base` is made when it is not given).
