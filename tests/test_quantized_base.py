@@ -364,3 +364,25 @@ def test_importing_the_package_first_drops_torchao_import_notices():
     for marker in markers:
         assert marker not in outputs["quiet"], outputs["quiet"]
         assert marker in outputs["control"], f"torchao no longer logs {marker!r}: see quiet_imports.TORCHAO_NOTICES"
+
+
+@pytest.mark.slow
+def test_train_command_with_an_int8_base_on_two_data_parallel_processes(tiny_teacher_dirs, prompt_file, tmp_path):
+    """`accelerate launch train.py --base_quantization torchao_int8` on 2 gloo processes: the teacher loads int8
+    through `load_training_teacher`, DDP wraps the module (the frozen base skipped in its broadcast), the replicas
+    stay identical, and the export is a LoRA for the stock teacher."""
+    from test_train_script import run_training, tiny_args
+
+    output_dir = tmp_path / "run"
+    args = tiny_args(tiny_teacher_dirs["sdxl"], prompt_file, output_dir, steps=2)
+    run_training(args + ["--base_quantization", "torchao_int8", "--checkpointing_steps", "1"], processes=2)
+    summary = json.loads((output_dir / "train_summary.json").read_text())
+    assert summary["num_processes"] == 2, "the launch fell back to a single process"
+    assert summary["replicas_identical"], summary["replica_checksums"]
+    assert all(math.isfinite(row["loss_dmd"]) for row in summary["history"])
+    assert "base_quantization: torchao_int8" in (output_dir / "dmdr_config.yaml").read_text()
+    assert (output_dir / "pytorch_lora_weights.safetensors").is_file()
+    assert sorted(p.name for p in (output_dir / "checkpoint-2").glob("*.safetensors")) == [
+        "fake_lora.safetensors",
+        "student_lora.safetensors",
+    ]
