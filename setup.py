@@ -25,13 +25,16 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "bnb": ["bitsandbytes>=0.50"],
+    # `--base_quantization torchao_int8`: the frozen base in int8 through diffusers' TorchAoConfig (runs on the CPU
+    # too); diffusers' torchao backend needs torchao >= 0.15. The bitsandbytes schemes use the `bnb` extra (CUDA).
+    "quant": ["torchao>=0.15"],
     # open_clip needs torchvision: install the torchvision build that matches your torch (README, "Rewards").
     "rewards": ["open_clip_torch>=3.0"],
     "demo": ["scikit-learn>=1.3", "matplotlib>=3.7", "scipy"],
     "quality": ["ruff>=0.6"],
     "test": ["pytest>=8", "pytest-timeout"],
 }
-EXTRAS["dev"] = sorted({req for key in ("bnb", "demo", "quality", "test") for req in EXTRAS[key]})
+EXTRAS["dev"] = sorted({req for key in ("bnb", "demo", "quant", "quality", "test") for req in EXTRAS[key]})
 
 setup(
     name="diffusers-dmdr",

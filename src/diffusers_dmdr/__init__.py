@@ -4,11 +4,12 @@ DMDR (https://huggingface.co/papers/2511.13649) runs Distribution Matching Disti
 learning from differentiable rewards, with two cold-start schedules (DynaDG, DynaRS).
 """
 
-from .quiet_imports import import_bitsandbytes_offline
+from .quiet_imports import import_bitsandbytes_offline, quiet_torchao_notices
 
 
-# Before anything imports peft or diffusers' models (which import bitsandbytes): see quiet_imports.py.
+# Before anything imports peft or diffusers' models (which import bitsandbytes and torchao): see quiet_imports.py.
 import_bitsandbytes_offline()
+quiet_torchao_notices()
 
 from .config import DMDRConfig  # noqa: E402
 

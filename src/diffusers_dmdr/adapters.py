@@ -4,6 +4,9 @@ One backbone carries two named adapters, `student` and `fake` (full mode: `fake`
 copy). An [`AdapterRouter`] activates one adapter at a multiplier per forward pass: the student is the `student`
 adapter at 1, the fake score the `fake` adapter at `lambda_f`, the real score the `fake` adapter at the DynaDG
 multiplier, and at multiplier 0 every adapter is off, which is the teacher exactly.
+
+With `--base_quantization` the shared base is loaded quantized through diffusers' own backends (bitsandbytes, torchao)
+and the adapters sit on PEFT's quantized LoRA layers in float32 (QLoRA): the teacher is then the quantized base.
 """
 
 import copy
@@ -140,6 +143,107 @@ def load_adapter_state_dict(model: torch.nn.Module, adapter_name: str, state_dic
         )
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# --base_quantization: the frozen base loaded quantized (QLoRA-style)
+# ----------------------------------------------------------------------------------------------------------------
+# `--base_quantization` -> the weight scheme `memory_plan.frozen_backbone_bytes` counts (`int8`, `nf4`).
+BASE_QUANTIZATION_SCHEMES = {"none": "none", "bnb_int8": "int8", "bnb_nf4": "nf4", "torchao_int8": "int8"}
+# The backends that need bitsandbytes' CUDA kernels (diffusers' bitsandbytes quantizer refuses a machine without a GPU).
+BNB_QUANTIZATIONS = ("bnb_int8", "bnb_nf4")
+
+
+def backbone_quantization_config(base_quantization: str, weight_dtype: torch.dtype):
+    """diffusers' quantization config of the frozen backbone for `--base_quantization` (`None` for `none`).
+
+    - `bnb_int8`: bitsandbytes LLM.int8 (`BitsAndBytesConfig(load_in_8bit=True)`);
+    - `bnb_nf4`: bitsandbytes NF4 with double quantization, computing in `weight_dtype` (the QLoRA recipe);
+    - `torchao_int8`: torchao int8 weight-only (`TorchAoConfig(Int8WeightOnlyConfig())`): per-row int8 weights,
+      dequantized in the matmul; it runs on the CPU too.
+
+    Each quantizes the backbone's `nn.Linear` weights only (convolutions, norms, embeddings and biases stay in
+    `weight_dtype`), which is what `memory_plan.frozen_backbone_bytes` counts.
+    """
+    if base_quantization == "none":
+        return None
+    from diffusers import BitsAndBytesConfig, TorchAoConfig
+
+    if base_quantization == "bnb_int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if base_quantization == "bnb_nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=weight_dtype,
+        )
+    if base_quantization == "torchao_int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig())
+    raise ValueError(f"--base_quantization {base_quantization!r} is not one of {sorted(BASE_QUANTIZATION_SCHEMES)}.")
+
+
+def teacher_quantization_config(base_quantization: str, backbone_name: str, weight_dtype: torch.dtype):
+    """The `quantization_config=` of the teacher pipeline's `from_pretrained`: only the backbone (`unet` or
+    `transformer`) is quantized; text encoders and the VAE load as they would without it. `None` for `none`."""
+    config = backbone_quantization_config(base_quantization, weight_dtype)
+    if config is None:
+        return None
+    from diffusers import PipelineQuantizationConfig
+
+    return PipelineQuantizationConfig(quant_mapping={backbone_name: config})
+
+
+def is_quantized_model(module: torch.nn.Module) -> bool:
+    """Whether `module` was loaded through one of diffusers' quantization backends (`ModelMixin.is_quantized`)."""
+    return bool(getattr(module, "is_quantized", False))
+
+
+def check_base_quantization_matches(backbone: torch.nn.Module, base_quantization: str) -> None:
+    """The loaded teacher's backbone is quantized exactly when the run asks for `--base_quantization`: a teacher
+    loaded without it would silently train against the full-precision base (and the reverse)."""
+    quantized = is_quantized_model(backbone)
+    if base_quantization != "none" and not quantized:
+        raise ValueError(
+            f"--base_quantization {base_quantization}: the teacher's backbone was loaded unquantized; load it with "
+            "`family.load_teacher(..., quantization_config=teacher_quantization_config(...))` "
+            "(`adapters.load_training_teacher` does), or set base_quantization none."
+        )
+    if base_quantization == "none" and quantized:
+        raise ValueError(
+            "The teacher's backbone is quantized but --base_quantization is none: set --base_quantization to its "
+            "scheme, or load the teacher unquantized."
+        )
+
+
+def keep_frozen_base_out_of_ddp_broadcast(root: torch.nn.Module, backbone: torch.nn.Module, prefix: str) -> list[str]:
+    """Have DDP skip the frozen base of `backbone` (reached as `prefix` from `root`, the module DDP wraps) when it
+    broadcasts rank 0's parameters and buffers at construction; returns the names it skips.
+
+    torchao's quantized weights cannot go through that broadcast (`Int8Tensor` implements no `aten.view`: DDP fails
+    before the first step), and the frozen base needs none: every process loads it from the same checkpoint and it
+    never gets a gradient. The trainable adapters are still broadcast and all-reduced. DDP reads the names from the
+    module's `_ddp_params_and_buffers_to_ignore`, which its own static `_set_params_and_buffers_to_ignore_for_model`
+    sets (a private hook, kept to this function; `tests/test_quantized_base.py` wraps a quantized base in a real
+    DDP to fail loudly if DDP stops honouring it).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = [f"{prefix}.{name}" for name, parameter in backbone.named_parameters() if not parameter.requires_grad]
+    names += [f"{prefix}.{name}" for name, _ in backbone.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(root, names)
+    return names
+
+
+def load_training_teacher(family, config, weight_dtype: torch.dtype):
+    """The run's teacher ([`TeacherComponents`], `family.load_run_teacher`), in `weight_dtype`, with its backbone
+    quantized as `config.base_quantization` asks (diffusers' `PipelineQuantizationConfig`, backbone only)."""
+    quantization = teacher_quantization_config(config.base_quantization, family.backbone_name, weight_dtype)
+    if quantization is None:
+        return family.load_run_teacher(config, weight_dtype)
+    return family.load_run_teacher(config, weight_dtype, quantization_config=quantization)
+
+
 def _cast_if_needed(module: torch.nn.Module, dtype: torch.dtype) -> None:
     # Casting only when needed keeps diffusers from warning about a no-op `.to(dtype)`.
     if next(module.parameters()).dtype != dtype:
@@ -163,7 +267,8 @@ def build_training_backbones(
     `backbone` carries the `fake` adapter and `student_backbone` is the trainable float32 student.
 
     Args:
-        base: the teacher's backbone, loaded in `weight_dtype` (cast here only if it is not).
+        base: the teacher's backbone, loaded in `weight_dtype` (cast here only if it is not), or quantized through a
+            diffusers backend (`--base_quantization`; LoRA mode only, never cast).
         training_mode: `lora` or `full`.
         weight_dtype: dtype of every frozen tensor.
         student_lora, fake_lora: `add_lora_adapter` keyword arguments (`rank`, `alpha`, `target_modules`, optionally
@@ -178,12 +283,21 @@ def build_training_backbones(
         `(backbone, student_backbone)`: trainable parameters in float32, frozen ones in `weight_dtype`.
     """
     base.requires_grad_(False)
+    quantized = is_quantized_model(base)
+    if quantized and training_mode == "full":
+        raise ValueError(
+            "A quantized base (--base_quantization) trains LoRA students only: in --training_mode full the student "
+            "is a trainable copy of the base, which cannot be quantized. Use --training_mode lora, or "
+            "--base_quantization none."
+        )
     if training_mode == "full":
         if student_backbone is None:
             student_backbone = copy.deepcopy(base)
         _cast_if_needed(student_backbone, torch.float32)
         student_backbone.requires_grad_(True)
-    _cast_if_needed(base, weight_dtype)
+    if not quantized:
+        # A quantized model refuses `.to(dtype)`: it was loaded in `weight_dtype` (its non-quantized tensors).
+        _cast_if_needed(base, weight_dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if training_mode != "full":

@@ -427,14 +427,16 @@ def register_weight_hooks(accelerator, module, sharded: bool, student_state_dict
             raise ValueError(f"Unexpected model {type(model).__name__} in the checkpoint.")
 
     def save_hook(models, weights, output_dir) -> None:
-        if sharded or not accelerator.is_main_process:
+        if sharded:
             return
-        for model in models:
-            check(model)
-            student_file = STUDENT_FULL_FILE if module.is_full else STUDENT_LORA_FILE
-            save_file(student_state_dict(), Path(output_dir) / student_file)
-            save_file(adapter_state_dict(module.backbone, FAKE_ADAPTER), Path(output_dir) / FAKE_LORA_FILE)
-        # Every model was written above: accelerate must not save it a second time.
+        if accelerator.is_main_process:
+            for model in models:
+                check(model)
+                student_file = STUDENT_FULL_FILE if module.is_full else STUDENT_LORA_FILE
+                save_file(student_state_dict(), Path(output_dir) / student_file)
+                save_file(adapter_state_dict(module.backbone, FAKE_ADAPTER), Path(output_dir) / FAKE_LORA_FILE)
+        # Every model was written above: accelerate must not save it a second time, nor walk its whole state dict on
+        # the other processes (which fails on a quantized base's tensors, --base_quantization).
         weights.clear()
 
     def load_hook(models, input_dir) -> None:

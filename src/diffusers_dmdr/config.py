@@ -423,6 +423,15 @@ class DMDRConfig:
         help="Bitsandbytes AdamW8bit for both networks (the released T2I scripts).",
     )
     gradient_checkpointing: bool = HfArg(default=False, help="Trade compute for activation memory.")
+    base_quantization: Literal["none", "bnb_int8", "bnb_nf4", "torchao_int8"] = HfArg(
+        default="none",
+        help="Load the frozen base (the teacher, under the student and fake-score LoRAs) quantized through diffusers' "
+        "own backends, QLoRA-style: `bnb_int8` / `bnb_nf4` (bitsandbytes, CUDA only; `pip install "
+        "diffusers-dmdr[bnb]`), `torchao_int8` (torchao int8 weight-only, also on the CPU; `pip install "
+        "diffusers-dmdr[quant]`). Only `nn.Linear` weights of the backbone are quantized; the LoRA adapters train in "
+        "float32, so the exported LoRA applies to the stock, unquantized teacher. The teacher is then the quantized "
+        "base (see docs/benchmarks.md, 'Quantized base on the digits testbed'). LoRA mode only, not with FSDP2.",
+    )
     memory_plan_num_processes: int | None = HfArg(
         default=None,
         help="The process count for which preflight's memory plan reports the per-process bytes under FSDP2 sharding "

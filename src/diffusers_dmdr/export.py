@@ -41,6 +41,7 @@ from .adapters import (
     FAKE_ADAPTER,
     STUDENT_ADAPTER,
     add_lora_adapter,
+    is_quantized_model,
     load_adapter_state_dict,
     parse_target_modules,
 )
@@ -156,7 +157,8 @@ def _student_backbone_from_trainer(trainer, weights: StudentWeights) -> torch.nn
     the gathered student weights are applied to it.
     """
     module = trainer.training_module
-    if trainer.sharded:
+    # A quantized base (--base_quantization) is not the stock model: the export fuses into the unquantized backbone.
+    if trainer.sharded or is_quantized_model(module.backbone):
         config = trainer.config
         with using_hub_cache_dir(config.cache_dir):
             backbone = trainer.family.load_backbone(

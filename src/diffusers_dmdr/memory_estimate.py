@@ -41,7 +41,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .memory_plan import GIB, adamw8bit_shared_bytes, adamw8bit_state_bytes, adamw_state_bytes
+# The frozen base's (quantized) weight bytes are exact arithmetic on shapes: they live in memory_plan.
+from .memory_plan import (
+    GIB,
+    QUANTIZATIONS,
+    adamw8bit_shared_bytes,
+    adamw8bit_state_bytes,
+    adamw_state_bytes,
+    frozen_backbone_bytes,
+    quantized_linear_bytes,  # noqa: F401  (part of this module's API)
+)
 
 
 # What fake tensors cannot see, added to every total: the CUDA context and cuBLAS/cuDNN workspaces (~0.5 GiB on an
@@ -473,7 +482,6 @@ def decode_latents(kind: BackboneKind, vae, latents: torch.Tensor, tiny: bool) -
 # The run to estimate
 # ----------------------------------------------------------------------------------------------------------------
 REWARD_DECODES = ("full", "full_checkpointed", "tiny", "none")
-QUANTIZATIONS = ("none", "int8", "nf4")
 
 
 @dataclass(frozen=True)
@@ -711,42 +719,6 @@ def _module_bytes(module: torch.nn.Module, trainable: bool = False) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad == trainable) + sum(
         b.numel() * b.element_size() for b in module.buffers()
     )
-
-
-def quantized_linear_bytes(shape: tuple[int, int], scheme: str) -> int:
-    """Bytes of one frozen linear weight of `shape` (out, in) quantized by `scheme`.
-
-    - `int8` (bitsandbytes LLM.int8 / torchao int8 weight-only): one byte per weight plus a float32 scale per row;
-    - `nf4` (bitsandbytes NF4 with double quantization): half a byte per weight, an 8-bit absmax per 64-weight block
-      and a float32 scale per 256 blocks.
-    """
-    rows, columns = shape
-    count = rows * columns
-    if scheme == "int8":
-        return count + 4 * rows
-    if scheme == "nf4":
-        blocks = math.ceil(count / 64)
-        return math.ceil(count / 2) + blocks + 4 * math.ceil(blocks / 256)
-    raise ValueError(f"Unknown quantization {scheme!r}; use one of {QUANTIZATIONS[1:]}.")
-
-
-def frozen_backbone_bytes(backbone: torch.nn.Module, scheme: str) -> tuple[int, int]:
-    """The frozen base's bytes under `scheme`, and the largest linear weight's bf16 bytes (a quantized weight is
-    dequantized layer by layer during a pass: a transient only a quantized base has). Only `nn.Linear` weights are
-    quantized, as diffusers' bitsandbytes and torchao backends do; norms, biases, embeddings and convolutions stay."""
-    modules = dict(backbone.named_modules())
-    frozen = sum(b.numel() * b.element_size() for b in backbone.buffers())
-    largest = 0
-    for name, parameter in backbone.named_parameters():
-        if parameter.requires_grad:
-            continue
-        owner = modules[name.rpartition(".")[0]]
-        if scheme != "none" and isinstance(owner, torch.nn.Linear) and name.endswith(".weight"):
-            frozen += quantized_linear_bytes(tuple(parameter.shape), scheme)
-            largest = max(largest, parameter.numel() * 2)
-        else:
-            frozen += parameter.numel() * parameter.element_size()
-    return frozen, largest
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ The arithmetic, per tensor of `n` elements (floating tensors are counted in the 
 buffers in their own dtype):
 
 - frozen weights: `n * itemsize(training dtype)` (text encoders, VAE, the shared backbone base; an fp16 VAE whose
-  config asks for `force_upcast` stays float32, as the trainer keeps it);
+  config asks for `force_upcast` stays float32, as the trainer keeps it); a quantized base (`--base_quantization`)
+  counts its `nn.Linear` weights as `quantized_linear_bytes` does (int8: `n` plus a float32 scale per
+  row; NF4: `n / 2` plus the block constants) and is never sharded;
 - trainable parameters and their gradients: `4 n` bytes each (float32 whatever the frozen dtype);
 - `torch.optim.AdamW`: `exp_avg` and `exp_avg_sq` in float32 plus a float32 `step` scalar per tensor: `8 n + 4`;
 - `bitsandbytes.optim.AdamW8bit` (bitsandbytes >= 0.50): a tensor with `n >= 4096` (its `min_8bit_size`) keeps two
@@ -24,7 +26,7 @@ buffers in their own dtype):
 """
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -75,6 +77,46 @@ def adamw8bit_shared_bytes(shapes: list[tuple[int, ...]], num_processes: int = 1
     """The two 256-entry float32 quantisation maps one AdamW8bit optimizer shares between its quantised tensors."""
     quantised = any(shard_numel(shape, num_processes) >= BNB_MIN_8BIT_SIZE for shape in shapes)
     return BNB_QMAP_BYTES if quantised else 0
+
+
+# The frozen base's weight schemes (`--base_quantization` maps onto them: `adapters.BASE_QUANTIZATION_SCHEMES`).
+QUANTIZATIONS = ("none", "int8", "nf4")
+
+
+def quantized_linear_bytes(shape: tuple[int, int], scheme: str) -> int:
+    """Bytes of one frozen linear weight of `shape` (out, in) quantized by `scheme`.
+
+    - `int8` (bitsandbytes LLM.int8 / torchao int8 weight-only): one byte per weight plus a float32 scale per row;
+    - `nf4` (bitsandbytes NF4 with double quantization): half a byte per weight, an 8-bit absmax per 64-weight block
+      and a float32 scale per 256 blocks.
+    """
+    rows, columns = shape
+    count = rows * columns
+    if scheme == "int8":
+        return count + 4 * rows
+    if scheme == "nf4":
+        blocks = math.ceil(count / 64)
+        return math.ceil(count / 2) + blocks + 4 * math.ceil(blocks / 256)
+    raise ValueError(f"Unknown quantization {scheme!r}; use one of {QUANTIZATIONS[1:]}.")
+
+
+def frozen_backbone_bytes(backbone: torch.nn.Module, scheme: str) -> tuple[int, int]:
+    """The frozen base's bytes under `scheme`, and the largest linear weight's bf16 bytes (a quantized weight is
+    dequantized layer by layer during a pass: a transient only a quantized base has). Only `nn.Linear` weights are
+    quantized, as diffusers' bitsandbytes and torchao backends do; norms, biases, embeddings and convolutions stay."""
+    modules = dict(backbone.named_modules())
+    frozen = sum(b.numel() * b.element_size() for b in backbone.buffers())
+    largest = 0
+    for name, parameter in backbone.named_parameters():
+        if parameter.requires_grad:
+            continue
+        owner = modules[name.rpartition(".")[0]]
+        if scheme != "none" and isinstance(owner, torch.nn.Linear) and name.endswith(".weight"):
+            frozen += quantized_linear_bytes(tuple(parameter.shape), scheme)
+            largest = max(largest, parameter.numel() * 2)
+        else:
+            frozen += parameter.numel() * parameter.element_size()
+    return frozen, largest
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -292,6 +334,23 @@ def _frozen_component(name, module, dtype: torch.dtype, num_processes: int, shar
     )
 
 
+def _quantized_base_component(
+    base: FrozenComponent, backbone: torch.nn.Module, dtype: torch.dtype, scheme: str
+) -> FrozenComponent:
+    """The frozen base under `scheme`: `nn.Linear` weights quantized, everything else in `dtype`
+    ([`frozen_backbone_bytes`], the arithmetic the activation estimate uses too). Not sharded."""
+    # The (meta) base is cast and frozen in place first, as the trainer holds it: the function counts unquantized
+    # tensors at their own element size, and frozen tensors only.
+    quantized_bytes, _ = frozen_backbone_bytes(backbone.to(dtype).requires_grad_(False), scheme)
+    dtype_name = str(dtype).removeprefix("torch.")
+    return replace(
+        base,
+        dtype=f"{scheme} + {dtype_name}",
+        bytes=quantized_bytes,
+        bytes_per_process_fsdp=quantized_bytes,
+    )
+
+
 def _trainable_network(name, shapes: list[tuple[int, ...]], use_8bit_adam: bool, num_processes: int, buffer_bytes=0):
     state_bytes = adamw8bit_state_bytes if use_8bit_adam else adamw_state_bytes
     return TrainableNetwork(
@@ -324,11 +383,15 @@ def plan_from_components(
     num_processes: int = 1,
     text_encoders_on_device: bool = True,
     reward_vae: torch.nn.Module | None = None,
+    base_quantization: str = "none",
 ) -> MemoryPlan:
     """The plan for meta-device (or real) `components` keyed by pipeline name (`text_encoder`, `vae`, `unet`, ...).
 
     The backbone (`components[family.backbone_name]`) gets the `student` and `fake` LoRA adapters added in place
-    (`student_lora` / `fake_lora`: `add_lora_adapter` keyword arguments), so pass meta models.
+    (`student_lora` / `fake_lora`: `add_lora_adapter` keyword arguments), so pass meta models. `base_quantization`:
+    the frozen base's weight scheme (`none`, `int8`, `nf4`: `adapters.BASE_QUANTIZATION_SCHEMES` of the run's
+    `--base_quantization`), counted by [`frozen_backbone_bytes`]; a quantized base is not sharded
+    (the preflight refuses it under FSDP2).
     """
     from .adapters import FAKE_ADAPTER, STUDENT_ADAPTER, add_lora_adapter
 
@@ -359,9 +422,10 @@ def plan_from_components(
         b.numel() * (4 if b.dtype.is_floating_point else b.dtype.itemsize) for b in backbone.buffers()
     )
     base_role = "frozen base of teacher + fake score" if training_mode == "full" else "shared base"
-    frozen.append(
-        _frozen_component(f"{family.backbone_name} ({base_role})", backbone, training_dtype, num_processes, True)
-    )
+    base = _frozen_component(f"{family.backbone_name} ({base_role})", backbone, training_dtype, num_processes, True)
+    if base_quantization != "none":
+        base = _quantized_base_component(base, backbone, training_dtype, base_quantization)
+    frozen.append(base)
     with torch.device("meta"):
         if training_mode != "full":
             add_lora_adapter(backbone, STUDENT_ADAPTER, **student_lora)
@@ -427,7 +491,7 @@ def memory_plan_for(config, family: ModelFamily, model_index: dict) -> MemoryPla
     """
     import os
 
-    from .adapters import parse_target_modules
+    from .adapters import BASE_QUANTIZATION_SCHEMES, parse_target_modules
 
     source, revision = config.pretrained_model_name_or_path, config.revision
     components = meta_components(source, model_index, family, revision)
@@ -450,6 +514,7 @@ def memory_plan_for(config, family: ModelFamily, model_index: dict) -> MemoryPla
         num_processes=num_processes,
         text_encoders_on_device=not (config.cache_prompt_embeds or config.offload_text_encoders),
         reward_vae=reward_vae,
+        base_quantization=BASE_QUANTIZATION_SCHEMES[getattr(config, "base_quantization", "none")],
     )
 
 

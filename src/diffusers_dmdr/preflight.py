@@ -159,6 +159,7 @@ def _check_run_inputs(config: DMDRConfig) -> RunPlan:
                 f"--report_to {config.report_to} needs {tracker}: `pip install {tracker}`, or pass --report_to none."
             )
     check_mixed_precision(config.mixed_precision)
+    check_base_quantization(config)
     if config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise ImportError(
             "--use_8bit_adam needs bitsandbytes: `pip install diffusers-dmdr[bnb]`, or drop --use_8bit_adam."
@@ -230,6 +231,67 @@ def check_mixed_precision(mixed_precision: str | None) -> None:
             "--mixed_precision fp16 needs a GPU and this run is on the CPU (the SDXL recipes set it): pass "
             "--mixed_precision no (or bf16)."
         )
+
+
+def _on_cuda() -> bool:
+    """The run will be on a CUDA GPU: one is visible and the launch did not ask for the CPU."""
+    import torch
+
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return not on_cpu and torch.cuda.is_available()
+
+
+def check_base_quantization(config: DMDRConfig) -> None:
+    """`--base_quantization`: what a quantized frozen base can and cannot do, refused before any weight loads.
+
+    - LoRA mode only: in full mode the student is a trainable copy of the base;
+    - not with FSDP2: accelerate's `fully_shard` would have to shard bitsandbytes' and torchao's quantized tensor
+      types, which this project has not verified (train on one GPU, or data parallel, instead);
+    - bitsandbytes needs CUDA (diffusers' bitsandbytes quantizer refuses a machine without a GPU); torchao runs on
+      the CPU too;
+    - the backend's package is installed (`diffusers-dmdr[bnb]` / `diffusers-dmdr[quant]`).
+    """
+    scheme = config.base_quantization
+    if scheme == "none":
+        return
+    if config.training_mode == "full":
+        raise ValueError(
+            f"--base_quantization {scheme} needs --training_mode lora: in full mode the student is a trainable copy "
+            "of the base, which cannot be quantized. Use --training_mode lora, or --base_quantization none."
+        )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ValueError(
+            f"--base_quantization {scheme} is not supported under FSDP2 (sharding quantized weights is unverified "
+            "here): launch on one GPU or with data parallel (multi_gpu_ddp.yaml), or use --base_quantization none."
+        )
+    if scheme.startswith("bnb_"):
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ImportError(
+                f"--base_quantization {scheme} needs bitsandbytes: `pip install diffusers-dmdr[bnb]`, or use "
+                "--base_quantization torchao_int8."
+            )
+        if not _on_cuda():
+            raise ValueError(
+                f"--base_quantization {scheme} needs a CUDA GPU (bitsandbytes quantization) and this run is on the "
+                "CPU: use --base_quantization torchao_int8, or none."
+            )
+    elif scheme == "torchao_int8" and not _torchao_usable():
+        raise ImportError(
+            "--base_quantization torchao_int8 needs torchao >= 0.15: `pip install diffusers-dmdr[quant]`, or use "
+            "--base_quantization none."
+        )
+
+
+def _torchao_usable() -> bool:
+    """torchao is installed at a version diffusers' `TorchAoConfig` accepts (>= 0.15; read from the metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        return Version(version("torchao")) >= Version("0.15")
+    except PackageNotFoundError:
+        return False
 
 
 def check_reward_vae(name_or_path: str, revision: str | None) -> None:
@@ -461,6 +523,8 @@ STRUCTURAL_FIELDS = (
     "fake_lora_target_modules",
     "num_student_steps",
     "use_8bit_adam",
+    # In LoRA mode the student is base + LoRA: another base (quantized or not) is another student.
+    "base_quantization",
 )
 # Fields a resume may change, with a warning: the run continues, but not as the uninterrupted run would.
 SCHEDULE_FIELDS = (

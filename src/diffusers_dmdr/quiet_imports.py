@@ -72,3 +72,31 @@ def import_bitsandbytes_offline() -> bool:
         for logger, notice_filter in filters:
             logger.removeFilter(notice_filter)
     return True
+
+
+# torchao (the `quant` extra, `--base_quantization torchao_int8`) is imported by diffusers and peft whenever it is
+# installed, and on a CPU-only torch that import logs five lines that concern nothing this project does: its wheel's
+# CUDA kernels (`_C_mxfp8`, `_C_cutlass_90a`) cannot load without CUDA (int8 weight-only needs none of them); torch
+# 2.13 tells libraries that registering enums with pytree is deprecated; diffusers cannot register torchao's old
+# tensor classes for `torch.load` of pickled torchao checkpoints, which this project never loads (safetensors only).
+# (logger, start of the message, drop only on a CPU-only torch build)
+TORCHAO_NOTICES = (
+    ("torchao", "Failed to load ", True),
+    ("torch.utils._pytree", "%s is an Enum subclass and is now natively supported", False),
+    ("diffusers.quantizers.torchao.torchao_quantizer", "Unable to import `torchao` Tensor objects", False),
+)
+
+
+def quiet_torchao_notices() -> bool:
+    """Drop the import notices of `TORCHAO_NOTICES` (filters on those loggers, matching those messages only); returns
+    whether filters were added. A no-op when torchao is not installed or already imported; the CUDA-kernel notice is
+    kept on a CUDA build of torch, where a kernel that fails to load is worth reading."""
+    if "torchao" in sys.modules or not _installed("torchao"):
+        return False
+    import torch
+
+    cpu_only = torch.version.cuda is None
+    for name, prefix, only_without_cuda in TORCHAO_NOTICES:
+        if cpu_only or not only_without_cuda:
+            logging.getLogger(name).addFilter(_DropNotice(prefix))
+    return True

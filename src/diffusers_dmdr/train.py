@@ -17,6 +17,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
 from diffusers_dmdr import DMDRConfig
+from diffusers_dmdr.adapters import load_training_teacher
 from diffusers_dmdr.cli import DEBUG_HELP, is_checked_input_error, one_line, run_entry_point
 from diffusers_dmdr.config import USER_INPUT_ERRORS
 from diffusers_dmdr.export import recover_interrupted_export
@@ -90,7 +91,8 @@ def _train_checked(config: DMDRConfig, plan) -> None:
 
     # Loaded once, directly in the training dtype; the export reuses these components.
     weight_dtype = weight_dtype_of(accelerator.mixed_precision)
-    teacher = plan.family.load_run_teacher(config, weight_dtype)
+    # `--base_quantization`: the backbone loads quantized (diffusers' backends); see adapters.load_training_teacher.
+    teacher = load_training_teacher(plan.family, config, weight_dtype)
     # Frozen reward models run in the frozen weights' dtype (a spec's `precision=` overrides it). Reward
     # back-propagation probes each reward's gradient; GRPO and DPO only need scores.
     rewards = load_rewards(plan.reward_specs, accelerator.device, dtype=weight_dtype, for_training=config.rl == "refl")

@@ -13,7 +13,16 @@ Every call goes through `forward`, so the engine's hooks (DDP's reducer, FSDP2's
 
 import torch
 
-from .adapters import FAKE_ADAPTER, STUDENT_ADAPTER, AdapterRouter, build_training_backbones, parse_target_modules
+from .adapters import (
+    FAKE_ADAPTER,
+    STUDENT_ADAPTER,
+    AdapterRouter,
+    build_training_backbones,
+    check_base_quantization_matches,
+    is_quantized_model,
+    keep_frozen_base_out_of_ddp_broadcast,
+    parse_target_modules,
+)
 
 
 STUDENT_ROLE = "student"
@@ -39,6 +48,9 @@ class DMDRTrainingModule(torch.nn.Module):
         # accelerate's FSDP2 transformer wrap policy reads `_no_split_modules` from the root it is given: the backbone's
         # own blocks become the sharded units (one config for every family).
         self._no_split_modules = list(getattr(backbone, "_no_split_modules", None) or [])
+        if is_quantized_model(backbone):
+            # DDP cannot broadcast quantized tensors, and the frozen base needs no broadcast (adapters.py).
+            keep_frozen_base_out_of_ddp_broadcast(self, backbone, "backbone")
 
     @property
     def is_full(self) -> bool:
@@ -84,6 +96,7 @@ def build_training_module(teacher, config, weight_dtype: torch.dtype) -> DMDRTra
     """The training module of a run: the teacher's backbone as the frozen base in `weight_dtype` with the `fake`
     adapter, and the student as a `student` adapter (LoRA mode) or a float32 copy (full mode), per `config`."""
     family = teacher.family
+    check_base_quantization_matches(teacher.backbone, getattr(config, "base_quantization", "none"))
     student_targets = parse_target_modules(config.lora_target_modules, family.student_lora_targets)
     fake_targets = parse_target_modules(config.fake_lora_target_modules, family.fake_lora_targets)
     student_backbone = None

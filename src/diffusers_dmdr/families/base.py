@@ -311,11 +311,15 @@ class ModelFamily(ABC):
         variant: str | None = None,
         dtype: torch.dtype = torch.float32,
         vae: str | None = None,
+        quantization_config=None,
     ) -> TeacherComponents:
         """Load the teacher pipeline on the CPU directly in `dtype` (the training dtype: no float32 copy is made);
         the trainer places it. `vae` (`--pretrained_vae_model_name_or_path`) replaces the teacher's VAE, loaded at
-        the same `revision` and `variant`, as diffusers' SDXL training scripts do."""
+        the same `revision` and `variant`, as diffusers' SDXL training scripts do. `quantization_config`: diffusers'
+        `PipelineQuantizationConfig` (`--base_quantization`, see `adapters.teacher_quantization_config`)."""
         components = {} if vae is None else {"vae": load_vae(vae, revision, variant, dtype)}
+        if quantization_config is not None:
+            components["quantization_config"] = quantization_config
         pipeline = self.pipeline_class().from_pretrained(
             source, revision=revision, variant=variant, dtype=dtype, **components, **hub_cache_kwargs()
         )
@@ -335,17 +339,23 @@ class ModelFamily(ABC):
             source, subfolder=self.backbone_name, revision=revision, variant=variant, dtype=dtype, **hub_cache_kwargs()
         )
 
-    def load_run_teacher(self, config, dtype: torch.dtype = torch.float32) -> TeacherComponents:
+    def load_run_teacher(
+        self, config, dtype: torch.dtype = torch.float32, quantization_config=None
+    ) -> TeacherComponents:
         """The teacher of the run `config` (a `DMDRConfig`): its folder or Hub id, revision and variant, its
         `--pretrained_vae_model_name_or_path`, read through its `--cache_dir`. Training and the export both load it
-        here, so the exported pipeline ships the VAE the samples were decoded with."""
+        here, so the exported pipeline ships the VAE the samples were decoded with. `quantization_config`: training
+        only (`adapters.load_training_teacher`, `--base_quantization`); the export loads the stock, unquantized
+        backbone."""
         from ..hub_cache import using_hub_cache_dir
 
         # `vae` only when set: a family that overrides `load_teacher` without it still loads its own teacher.
-        vae = {"vae": config.pretrained_vae_model_name_or_path} if config.pretrained_vae_model_name_or_path else {}
+        options = {"vae": config.pretrained_vae_model_name_or_path} if config.pretrained_vae_model_name_or_path else {}
+        if quantization_config is not None:
+            options["quantization_config"] = quantization_config
         with using_hub_cache_dir(config.cache_dir):
             return self.load_teacher(
-                config.pretrained_model_name_or_path, config.revision, config.variant, dtype, **vae
+                config.pretrained_model_name_or_path, config.revision, config.variant, dtype, **options
             )
 
     def text_encoders(self, pipeline) -> list[torch.nn.Module]:

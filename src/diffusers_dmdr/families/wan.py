@@ -137,8 +137,12 @@ class WanFamily(ModelFamily):
         return shifted_flow_grid(num_steps, teacher_flow_shift(scheduler_config) if shift is None else shift), {}
 
     # -- loading --------------------------------------------------------------------------------------------------
-    def load_teacher(self, source, revision=None, variant=None, dtype=torch.float32, vae=None):
-        teacher = super().load_teacher(source, revision=revision, variant=variant, dtype=dtype, vae=vae)
+    def load_teacher(
+        self, source, revision=None, variant=None, dtype=torch.float32, vae=None, quantization_config=None
+    ):
+        teacher = super().load_teacher(
+            source, revision=revision, variant=variant, dtype=dtype, vae=vae, quantization_config=quantization_config
+        )
         # A folder saved without `model_index.json` checks (an in-memory pipeline) is refused here too.
         pipeline = teacher.pipeline
         if getattr(pipeline, "transformer_2", None) is not None or pipeline.config.get("boundary_ratio") is not None:
