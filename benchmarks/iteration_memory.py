@@ -35,9 +35,11 @@ def rows():
     from diffusers_dmdr.memory_estimate import MemoryOptions as O
 
     ckpt_full, ckpt_tiny = O(reward_decode="full"), O(reward_decode="tiny")
+    full_ckpt_cached = O(reward_decode="full_checkpointed", cache_reward_text_features=True)
     return [
         ("sdxl-full", "sdxl", ckpt_full, 16, "SDXL 4-step LoRA, DFN5B + HPSv2.1, full VAE decode"),
         ("sdxl-full-ckpt", "sdxl", O(reward_decode="full_checkpointed"), 16, "same, checkpointed VAE decode"),
+        ("sdxl-full-ckpt-cached", "sdxl", full_ckpt_cached, 16, "same, checkpointed decode, text features cached"),
         ("sdxl-tiny", "sdxl", ckpt_tiny, 12, "same with a tiny autoencoder for the reward decode"),
         (
             "sdxl-tiny-cached",
@@ -47,6 +49,7 @@ def rows():
             "same, reward text features cached",
         ),
         ("sd35-full", "sd35-large", ckpt_full, 32, "SD3.5-Large 4-step LoRA, bf16 base"),
+        ("sd35-full-ckpt-cached", "sd35-large", full_ckpt_cached, 32, "SD3.5-Large, bf16 base, checkpointed decode"),
         ("sd35-tiny", "sd35-large", ckpt_tiny, 32, "SD3.5-Large, bf16 base, tiny decode"),
         (
             "sd35-tiny-int8",
@@ -72,6 +75,7 @@ def rows():
             "FLUX.1 [dev], quantized base (NF4)",
         ),
         ("klein-full", "flux2-klein-4b", ckpt_full, 16, "FLUX.2 [klein] base 4B"),
+        ("klein-full-ckpt-cached", "flux2-klein-4b", full_ckpt_cached, 16, "FLUX.2 [klein] 4B, checkpointed decode"),
         ("klein-tiny", "flux2-klein-4b", ckpt_tiny, 16, "FLUX.2 [klein] base 4B, tiny decode"),
         (
             "qwen-tiny-int8",
@@ -88,6 +92,7 @@ def rows():
             "Qwen-Image 20B 4-step LoRA, NF4 base",
         ),
         ("zimage-full", "z-image", ckpt_full, 24, "Z-Image 6B"),
+        ("zimage-full-ckpt-cached", "z-image", full_ckpt_cached, 24, "Z-Image 6B, checkpointed decode"),
         ("zimage-tiny", "z-image", ckpt_tiny, 24, "Z-Image 6B, tiny decode"),
     ]
 

@@ -274,6 +274,19 @@ class DMDRConfig:
         default=None,
         help="Hub revision of that autoencoder (the teacher's `revision` is not used).",
     )
+    reward_vae_gradient_checkpointing: bool = HfArg(
+        default=False,
+        help="Checkpoint the reward decoder's blocks (diffusers' `enable_gradient_checkpointing` of the autoencoder): "
+        "the reward backward recomputes the decode instead of keeping its activations (SDXL's full VAE at 1024 px: "
+        "about 5 GiB less, one more decode of compute). Autoencoders without diffusers checkpointing support "
+        "(Qwen-Image's, Wan's) are refused.",
+    )
+    cache_reward_text_features: bool = HfArg(
+        default=False,
+        help="Embed each training prompt once with every CLIP-style reward (clip, hpsv2, hpsv2.1, pickscore), keep the "
+        "normalised text features on the host and delete the rewards' text towers (ViT-H/14: 0.66 GiB each in "
+        "bf16). Rewards without a text tower, or whose prompts change per step (relative), are left as they are.",
+    )
     reward_tilt: bool = HfArg(
         default=False,
         help="In stage 1, weight each sample's DMD direction by its reward (RT-DM, paper v4): the weighted sum of the "

@@ -474,23 +474,35 @@ def decode_latents(kind: BackboneKind, vae, latents: torch.Tensor, tiny: bool) -
 # ----------------------------------------------------------------------------------------------------------------
 REWARD_DECODES = ("full", "full_checkpointed", "tiny", "none")
 QUANTIZATIONS = ("none", "int8", "nf4")
+# The config's `base_quantization` values for the estimate's schemes (the GPU backends; `torchao_int8` is the
+# CPU-capable int8 of the same storage arithmetic), and back.
+BASE_QUANTIZATION_FLAGS = {"int8": "bnb_int8", "nf4": "bnb_nf4"}
+QUANTIZATION_OF_BASE = {"none": "none", "bnb_int8": "int8", "torchao_int8": "int8", "bnb_nf4": "nf4"}
+# Bumped per reward decode whenever what the estimate models for it changes, so that cached estimates of the old
+# model are not reused: revision 2 decodes outside autocast (no float32 `group_norm`), as the trainer now does. The
+# tiny decoder has no normalisation layers, so its estimate did not change.
+DECODE_ESTIMATE_REVISION = {"full": 2, "full_checkpointed": 2}
 
 
 @dataclass(frozen=True)
 class MemoryOptions:
     """The memory features of a run (what `--max_memory_gib` chooses among).
 
+    Each option is a trainer flag ([`MemoryOptions.flags`]); the reward decode runs in the autoencoder's weight
+    dtype with autocast off, as `DMDRTrainer.decode_for_rewards` does.
+
     Args:
-        gradient_checkpointing: checkpoint the backbone's blocks (the student and fake-score passes with grad).
+        gradient_checkpointing: checkpoint the backbone's blocks (the student and fake-score passes with grad;
+            `--gradient_checkpointing`).
         reward_decode: `"full"` autoencoder with its graph kept, `"full_checkpointed"` (the autoencoder's own gradient
-            checkpointing; estimated only: the trainer does not enable it yet), `"tiny"` (a TAESD-shaped
-            `AutoencoderTiny`, `--reward_vae_model_name_or_path`), or `"none"` (stage 1, no reward).
+            checkpointing, `--reward_vae_gradient_checkpointing`), `"tiny"` (a TAESD-shaped `AutoencoderTiny`,
+            `--reward_vae_model_name_or_path`), or `"none"` (stage 1, no reward).
         reward_tower_checkpointing: checkpoint the reward towers' layers (estimated only: the rewards do not enable
-            it yet).
-        cache_reward_text_features: reward text features computed once per prompt and kept on the host, so the text
-            towers leave the device (estimated only: the rewards embed prompts every step today).
-        quantized_base: `"int8"` / `"nf4"` frozen backbone weights (estimated only, from weight arithmetic: the
-            trainer does not load a quantized base yet).
+            it; not among the candidates).
+        cache_reward_text_features: reward text features computed once per prompt and kept on the host, the text
+            towers deleted (`--cache_reward_text_features`).
+        quantized_base: `"int8"` / `"nf4"` frozen backbone weights (`--base_quantization bnb_int8` / `bnb_nf4`; the
+            bytes are the backend's storage arithmetic, activations those of the bf16 base plus one dequantized layer).
     """
 
     gradient_checkpointing: bool = True
@@ -507,17 +519,22 @@ class MemoryOptions:
 
     @property
     def estimated_only(self) -> list[str]:
-        """Options this estimate models that the trainer does not implement yet."""
-        names = []
+        """Options this estimate models that the trainer does not implement."""
+        return ["reward_tower_checkpointing"] if self.reward_tower_checkpointing else []
+
+    def flags(self) -> list[str]:
+        """The `dmdr-train` flags that run with these options (`--reward_vae_model_name_or_path` takes a TAESD-style
+        `AutoencoderTiny` of the family's latent space, e.g. `madebyollin/taesdxl` for SDXL)."""
+        flags = ["--gradient_checkpointing"] if self.gradient_checkpointing else []
         if self.reward_decode == "full_checkpointed":
-            names.append("reward_decode=full_checkpointed")
-        if self.reward_tower_checkpointing:
-            names.append("reward_tower_checkpointing")
+            flags.append("--reward_vae_gradient_checkpointing")
+        elif self.reward_decode == "tiny":
+            flags.append("--reward_vae_model_name_or_path <tiny autoencoder>")
         if self.cache_reward_text_features:
-            names.append("cache_reward_text_features")
+            flags.append("--cache_reward_text_features")
         if self.quantized_base != "none":
-            names.append(f"quantized_base={self.quantized_base}")
-        return names
+            flags.append(f"--base_quantization {BASE_QUANTIZATION_FLAGS[self.quantized_base]}")
+        return flags
 
     def describe(self) -> str:
         parts = ["ckpt" if self.gradient_checkpointing else "no ckpt", f"decode {self.reward_decode}"]
@@ -957,10 +974,14 @@ class CudaPeak:
 
 
 def _reward_loss(spec: IterationSpec, decoder, towers, latents, prompt_ids) -> torch.Tensor:
-    """Decode with grad, resize to the towers' 224 px, and hinge each tower's image-text cosine (the towers are
-    frozen; the gradient flows to the image only). Text features come from the text tower without grad each step,
-    as the rewards compute them today, unless they are cached."""
-    images = decode_latents(spec.kind, decoder, latents, tiny=spec.options.reward_decode == "tiny")
+    """Decode with grad (in the autoencoder's dtype, autocast off, as `DMDRTrainer.decode_for_rewards`), resize to
+    the towers' 224 px, and hinge each tower's image-text cosine (the towers are frozen, under autocast; the gradient
+    flows to the image only). Text features come from the text tower without grad each step unless they are cached
+    (`--cache_reward_text_features`)."""
+    # Autocast off for the decode: on fake tensors this also turns off the CUDA float32-norm emulation, which reads
+    # the CPU autocast state.
+    with torch.autocast(latents.device.type, enabled=False):
+        images = decode_latents(spec.kind, decoder, latents, tiny=spec.options.reward_decode == "tiny")
     size = spec.reward_vision_config.get("image_size", 224)
     pixels = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True)
     pixels = ((pixels - 0.45) / 0.27).to(torch.bfloat16)
@@ -1207,6 +1228,7 @@ CANDIDATE_OPTIONS = (
     MemoryOptions(gradient_checkpointing=False, reward_decode="full"),
     MemoryOptions(gradient_checkpointing=True, reward_decode="full"),
     MemoryOptions(gradient_checkpointing=True, reward_decode="full_checkpointed"),
+    MemoryOptions(gradient_checkpointing=True, reward_decode="full_checkpointed", cache_reward_text_features=True),
     MemoryOptions(gradient_checkpointing=True, reward_decode="tiny"),
     MemoryOptions(gradient_checkpointing=True, reward_decode="tiny", cache_reward_text_features=True),
     MemoryOptions(
@@ -1256,6 +1278,9 @@ def _cache_key(spec: IterationSpec, options: MemoryOptions) -> str:
     import json
 
     values = asdict(replace(spec, options=options))
+    revision = DECODE_ESTIMATE_REVISION.get(options.reward_decode)
+    if revision is not None:
+        values["decode_estimate_revision"] = revision
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -1283,8 +1308,9 @@ def choose_memory_options(
         if fits and chosen is None:
             chosen = options
         only = f" [estimated only: {', '.join(options.estimated_only)}]" if options.estimated_only else ""
+        flags = f" [{' '.join(options.flags())}]" if options.flags() else ""
         mark = "<- chosen" if chosen is options else ("fits" if fits else "")
-        rows.append(f"  {estimate.total_bytes / GIB:7.2f} GiB  {options.describe()}{only} {mark}".rstrip())
+        rows.append(f"  {estimate.total_bytes / GIB:7.2f} GiB  {options.describe()}{flags}{only} {mark}".rstrip())
         if chosen is not None:
             break
     header = f"Memory estimate per GPU (budget {max_memory_gib:g} GiB, margin included), cheapest options first:"
@@ -1310,9 +1336,18 @@ def options_of_config(config) -> MemoryOptions:
     """The memory options a `DMDRConfig` runs with today."""
     if not config.reward:
         decode = "none"
+    elif config.reward_vae_model_name_or_path:
+        decode = "tiny"
     else:
-        decode = "tiny" if config.reward_vae_model_name_or_path else "full"
-    return MemoryOptions(gradient_checkpointing=config.gradient_checkpointing, reward_decode=decode)
+        decode = "full_checkpointed" if config.reward_vae_gradient_checkpointing else "full"
+    # `base_quantization` arrives with the quantized-base loading (config.py); absent, the base is bf16.
+    quantization = QUANTIZATION_OF_BASE.get(getattr(config, "base_quantization", "none") or "none", "none")
+    return MemoryOptions(
+        gradient_checkpointing=config.gradient_checkpointing,
+        reward_decode=decode,
+        cache_reward_text_features=bool(config.reward) and config.cache_reward_text_features,
+        quantized_base=quantization,
+    )
 
 
 def spec_from_config(config, family) -> IterationSpec:
@@ -1391,4 +1426,6 @@ def check_memory_budget(config, family, cache_path=None) -> str:
     current = f"--max_memory_gib {budget:g}: this run needs an estimated {estimate.total_bytes / GIB:.1f} GiB per GPU"
     if chosen is None:
         raise ValueError(f"{current}, and no option this project can estimate fits ({tried}).")
-    raise ValueError(f"{current}; the cheapest options that fit are {chosen.describe()} ({tried}).")
+    raise ValueError(
+        f"{current}; the cheapest options that fit are {chosen.describe()}: set {' '.join(chosen.flags())} ({tried})."
+    )
