@@ -163,7 +163,14 @@ class OpenCLIPTowers(nn.Module):
 
     # What `encode_text` reads and `encode_image` does not: `open_clip.CLIP` keeps the text tower's parts on the model
     # itself, `CustomTextCLIP` in `text`.
-    text_tower_parts = ("text", "transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection")
+    text_tower_parts = (
+        "text",
+        "transformer",
+        "token_embedding",
+        "positional_embedding",
+        "ln_final",
+        "text_projection",
+    )
     text_tower_buffers = ("attn_mask",)
 
     def drop_text_tower(self) -> None:
