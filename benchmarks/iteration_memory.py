@@ -25,6 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "docs" / "iteration_memory.json"
+PUBLISHED_TABLE = ROOT / "src" / "diffusers_dmdr" / "published_estimates.json"
 DOCS = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- iteration-memory:begin -->", "<!-- iteration-memory:end -->"
 COMMAND = "python benchmarks/iteration_memory.py"
@@ -149,6 +150,56 @@ def run_calibration() -> None:
         }
         save_cache(cache)
         print(f"{case}: {estimate:.3f} GiB, H200 {measured:.3f} GiB, ratio {estimate / measured:.3f}", flush=True)
+
+
+# The scaled estimate's check: full estimates of the SDXL recipe at another resolution and batch, against the
+# 1024 px / batch 1 row scaled by pixels x batch (what the preflight prints for a published backbone, `fast_estimate`).
+FIT_CHECKS = {
+    "sdxl-tiny-768px": ("sdxl", "sdxl-tiny", dict(resolution=768)),
+    "sdxl-tiny-batch2": ("sdxl", "sdxl-tiny", dict(batch_size=2)),
+    "sdxl-full-ckpt-768px": ("sdxl", "sdxl-full-ckpt", dict(resolution=768)),
+}
+
+
+def write_published_table() -> None:
+    """The preflight's table (`memory_estimate.PUBLISHED_ESTIMATES_FILE`): every estimated row's phase peaks, keyed
+    by architecture and activation options (a quantized row's phases hold a dequantized layer: left out)."""
+    from dataclasses import replace
+
+    from diffusers_dmdr.memory_estimate import architecture_key, build_backbone, build_reward_decoder, published_spec
+
+    cache, table = load_cache(), {}
+    for row_id, model, options, _, _ in rows():
+        values = cache.get("rows", {}).get(row_id)
+        if values is None or options.quantized_base != "none":
+            continue
+        spec = published_spec(model, options=replace(options, cache_reward_text_features=False))
+        key = architecture_key(spec, build_backbone(spec), build_reward_decoder(spec))
+        table[key] = {"model": model, "row": row_id, "phases": values["phases"]}
+    PUBLISHED_TABLE.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+
+
+def run_fit_checks() -> None:
+    from dataclasses import replace
+
+    from diffusers_dmdr.memory_estimate import estimate_iteration, published_spec, scaled_estimate
+
+    cache = load_cache()
+    options = {row_id: row_options for row_id, _, row_options, _, _ in rows()}
+    for name, (model, row_id, changes) in FIT_CHECKS.items():
+        start = time.time()
+        spec = replace(published_spec(model, options=options[row_id]), **changes)
+        full = estimate_iteration(spec, count_flops=False)
+        scaled = scaled_estimate(spec)
+        cache.setdefault("fit_check", {})[name] = {
+            "full_total": full.total_bytes,
+            "scaled_total": scaled.total_bytes,
+            "full_phases": full.phases,
+            "scaled_phases": scaled.phases,
+            "seconds": time.time() - start,
+        }
+        save_cache(cache)
+        print(f"{name}: full {full.total_bytes / 2**30:.2f} GiB, scaled {scaled.total_bytes / 2**30:.2f}", flush=True)
 
 
 def gib(value: int) -> str:
@@ -284,6 +335,9 @@ def main(argv=None) -> int:
     parser.add_argument("--persistent", action="store_true", help="every row's persistent bytes only (seconds)")
     parser.add_argument("--render", action="store_true", help="only rewrite docs/benchmarks.md from the cache")
     parser.add_argument(
+        "--fit-check", action="store_true", help="full estimates at other sizes against the preflight's scaled ones"
+    )
+    parser.add_argument(
         "--no-flops", action="store_true", help="memory only: skip the FLOP counter and its unit passes (~2x faster)"
     )
     parser.add_argument("--cache", type=Path, default=CACHE, help="results file (default docs/iteration_memory.json)")
@@ -299,8 +353,12 @@ def main(argv=None) -> int:
         run_calibration()
     elif args.persistent:
         run_persistent()
+    elif args.fit_check:
+        run_fit_checks()
     elif not args.render:
         run_rows(args.rows, count_flops=not args.no_flops)
+    if not args.fit_check:
+        write_published_table()
     write_docs()
     return 0
 

@@ -1303,7 +1303,9 @@ def choose_memory_options(
     candidate's estimate (`None` when none fits: the table says what each would need)."""
     rows, chosen = [], None
     for options in candidate_options(spec):
-        estimate = options_estimate(spec, options, cache)
+        estimate, _ = fast_estimate(replace(spec, options=options), cache if cache is not None else {})
+        if estimate is None:
+            estimate = options_estimate(spec, options, cache)
         fits = estimate.total_bytes <= max_memory_gib * GIB
         if fits and chosen is None:
             chosen = options
@@ -1401,27 +1403,131 @@ def estimate_cache_path():
     return root / "diffusers_dmdr" / "memory_estimates.json"
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Fast estimates for the preflight: the cache, the published table, or a full run of a small model
+# ----------------------------------------------------------------------------------------------------------------
+# The published recipes' activation peaks (`benchmarks/iteration_memory.py` writes this file from its results): per
+# backbone class and frozen parameter count, autoencoder parameter count and activation options, the phase peaks of
+# one iteration at 1024 px, batch 1, two ViT-H/14 rewards.
+PUBLISHED_ESTIMATES_FILE = "published_estimates.json"
+PUBLISHED_PIXELS = 1024 * 1024
+# Backbones under this many parameters are estimated in full by the preflight (seconds); larger ones take 1-5 min.
+FULL_ESTIMATE_MAX_PARAMETERS = 100_000_000
+
+
+def published_estimates() -> dict:
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).with_name(PUBLISHED_ESTIMATES_FILE)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def architecture_key(spec: IterationSpec, backbone: torch.nn.Module, decoder: torch.nn.Module | None) -> str:
+    """What the published table is keyed by: the backbone class and parameter count, the reward decoder's parameter
+    count, the number of rewards and the activation options (quantization and text caching change persistent
+    bytes only)."""
+    backbone_parameters = sum(p.numel() for p in backbone.parameters() if not p.requires_grad)
+    decoder_parameters = sum(p.numel() for p in decoder.parameters()) if decoder is not None else 0
+    options = replace(spec.options, quantized_base="none", cache_reward_text_features=False)
+    return (
+        f"{spec.kind.model_class}:{backbone_parameters}|decoder:{decoder_parameters}|rewards:{spec.num_rewards}"
+        f"|{options.describe()}"
+    )
+
+
+def scaled_estimate(spec: IterationSpec, table: dict | None = None) -> IterationEstimate | None:
+    """The estimate of `spec` from the published table, or `None` when its architecture and options are not there:
+    persistent bytes exact (meta models, seconds), activation peaks of the published recipe at 1024 px, batch 1,
+    scaled by `batch * height * width / 1024**2` (activations of checkpointed passes and of the decode grow with the
+    pixels; `benchmarks/iteration_memory.py` measures the scaling's error against full estimates)."""
+    table = published_estimates() if table is None else table
+    backbone, decoder = build_backbone(spec), build_reward_decoder(spec)
+    entry = table.get(architecture_key(spec, backbone, decoder))
+    if entry is None:
+        return None
+    scale = spec.batch_size * spec.resolution * spec.resolution / PUBLISHED_PIXELS
+    _, dequantized = frozen_backbone_bytes(backbone, spec.options.quantized_base)
+    phases = {name: int(value * scale) + dequantized for name, value in entry["phases"].items()}
+    persistent = _persistent_bytes(spec, backbone, decoder, build_reward_towers(spec))
+    options = spec.options
+    return IterationEstimate(persistent, phases, {}, 0, 0, asdict(options), options.estimated_only)
+
+
+def fast_estimate(spec: IterationSpec, cache: dict, allow_full: bool = True) -> tuple[IterationEstimate | None, str]:
+    """The preflight's estimate of `spec`, without a minutes-long fake run of a large model: the cached full estimate
+    of this exact configuration; else the published table scaled to the run's pixels and batch; else, with
+    `allow_full`, a full estimate when the backbone is small (seconds). `(None, why)` when none applies. The string
+    says which was used."""
+    activation_options = replace(spec.options, quantized_base="none", cache_reward_text_features=False)
+    if _cache_key(spec, activation_options) in cache:
+        return options_estimate(spec, spec.options, cache), "full estimate of this configuration, cached"
+    scaled = scaled_estimate(spec)
+    if scaled is not None:
+        return scaled, "the published recipe's activations scaled to this run's pixels and batch"
+    if allow_full and sum(p.numel() for p in build_backbone(spec).parameters()) <= FULL_ESTIMATE_MAX_PARAMETERS:
+        return options_estimate(spec, spec.options, cache), "full estimate of this configuration"
+    return None, (
+        "activations not estimated: no cached or published estimate of this backbone and options "
+        "(--max_memory_gib N runs the full estimate once, 1-5 min at real size, and caches it)"
+    )
+
+
+def _load_cache(path) -> dict:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _save_cache(path, cache: dict) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cache))
+
+
+def describe_run_estimate(config, family, cache_path=None) -> str:
+    """Preflight without `--max_memory_gib`: the estimate of the run as configured, activations included, in seconds
+    ([`fast_estimate`] without a fake run: the cache or the published table), or one line saying why there is none
+    (a full-mode run, a family or backbone without an estimate)."""
+    from pathlib import Path
+
+    try:
+        spec = spec_from_config(config, family)
+    except (ValueError, OSError) as error:
+        return f"Memory estimate: none for this run ({str(error).replace('--max_memory_gib', 'the estimator')})"
+    path = Path(cache_path) if cache_path is not None else estimate_cache_path()
+    estimate, source = fast_estimate(spec, _load_cache(path), allow_full=False)
+    if estimate is None:
+        persistent = persistent_bytes(spec)
+        return (
+            f"Memory estimate per GPU: {sum(persistent.values()) / GIB:.2f} GiB of weights, trainable parameters "
+            f"and optimizer states; {source}."
+        )
+    return format_estimate(estimate) + f"\n  ({source}; options: {spec.options.describe()})"
+
+
 def check_memory_budget(config, family, cache_path=None) -> str:
     """Preflight for `--max_memory_gib`: estimate the run as configured (before any weight loads); return the report
     when it fits, else raise `ValueError` in one line naming the cheapest candidate options that would fit and the
     estimate of each candidate tried. The configuration is never changed behind the user's back."""
-    import json
     from pathlib import Path
 
     path = Path(cache_path) if cache_path is not None else estimate_cache_path()
-    cache = json.loads(path.read_text()) if path.is_file() else {}
+    cache = _load_cache(path)
     size = len(cache)
     spec = spec_from_config(config, family)
     budget = config.max_memory_gib
     try:
-        estimate = options_estimate(spec, spec.options, cache)
+        estimate, source = fast_estimate(spec, cache)
+        if estimate is None:
+            estimate, source = options_estimate(spec, spec.options, cache), "full estimate of this configuration"
         if estimate.total_bytes <= budget * GIB:
-            return format_estimate(estimate) + f"\n  fits --max_memory_gib {budget:g}"
+            return format_estimate(estimate) + f"\n  fits --max_memory_gib {budget:g} ({source})"
         chosen, table = choose_memory_options(spec, budget, cache)
     finally:
         if len(cache) != size:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(cache))
+            _save_cache(path, cache)
     tried = "; ".join(line.strip() for line in table.splitlines()[1:])
     current = f"--max_memory_gib {budget:g}: this run needs an estimated {estimate.total_bytes / GIB:.1f} GiB per GPU"
     if chosen is None:
