@@ -241,7 +241,7 @@ def test_choose_memory_options_takes_the_cheapest_that_fits_or_refuses():
     assert table.count("GiB") == len(CANDIDATE_OPTIONS) + 1 and "--base_quantization bnb_nf4]" in table
     assert "--reward_vae_gradient_checkpointing --cache_reward_text_features]" in table
     # Quantization and text caching reuse the fake run of the same activation options.
-    assert len(cache) == 4
+    assert len(cache) == 5
     # The smallest estimate as the budget: the first candidate reaching it is chosen (estimates come from the cache).
     from diffusers_dmdr.memory_estimate import options_estimate
 
@@ -249,7 +249,7 @@ def test_choose_memory_options_takes_the_cheapest_that_fits_or_refuses():
     budget = min(totals) / GIB
     chosen, table = choose_memory_options(spec, max_memory_gib=budget, cache=cache)
     first_fitting = next(i for i, total in enumerate(totals) if total <= min(totals))
-    assert chosen == CANDIDATE_OPTIONS[first_fitting] and len(cache) == 4
+    assert chosen == CANDIDATE_OPTIONS[first_fitting] and len(cache) == 5
 
 
 @pytest.mark.gpu

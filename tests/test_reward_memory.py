@@ -10,7 +10,7 @@ from diffusers_dmdr.families import get_family
 from diffusers_dmdr.memory_estimate import activation_peak, fake_tensors, materialize
 from diffusers_dmdr.rewards import LoadedReward, load_rewards
 from diffusers_dmdr.rewards.clip import cache_reward_text_features
-from diffusers_dmdr.trainer import DMDRTrainer, enable_reward_decode_checkpointing
+from diffusers_dmdr.trainer import DMDRTrainer, enable_reward_decode_checkpointing, reward_decode_tiling
 
 
 PROMPTS = ["a red cat", "a blue dog", "the number seven"]
@@ -136,6 +136,92 @@ def test_autoencoders_without_checkpointing_are_refused_clearly():
     vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False])
     with pytest.raises(ValueError, match="AutoencoderKLQwenImage has no gradient checkpointing"):
         enable_reward_decode_checkpointing(vae)
+
+
+# --- the tiled reward decode ---------------------------------------------------------------------------------------
+
+
+def test_tiled_reward_decode_takes_the_tiled_path_and_restores_the_vae():
+    """`reward_decode_tiling` drives diffusers' tiled decode through AutoencoderKL's tile attributes (the private part
+    this test guards): a 128 px image in 64 px tiles overlapping by a quarter is 3 x 3 decoder calls; afterwards the
+    VAE decodes whole again (validation and export decodes of a shared VAE)."""
+    vae = small_vae()
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    calls = []
+    vae.decoder.register_forward_hook(lambda module, args, output: calls.append(tuple(output.shape[-2:])))
+    whole = vae.decode(latents).sample
+    with reward_decode_tiling(vae, 64):
+        tiled = vae.decode(latents).sample
+    again = vae.decode(latents).sample
+    assert calls[0] == (128, 128) and len(calls) == 1 + 9 + 1 and calls[-1] == (128, 128)
+    assert tiled.shape == whole.shape and not torch.equal(tiled, whole) and torch.equal(again, whole)
+    assert not vae.use_tiling and vae.tile_sample_min_size == vae.config.sample_size
+    with reward_decode_tiling(vae, None):
+        assert torch.equal(vae.decode(latents).sample, whole)
+
+
+def test_tiled_checkpointed_decode_same_gradients_and_less_memory():
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    plain_vae, checkpointed_vae = small_vae(), small_vae()
+    enable_reward_decode_checkpointing(checkpointed_vae)
+    with reward_decode_tiling(plain_vae, 64):
+        reward, gradient = _reward_gradient(plain_vae, latents)
+    with reward_decode_tiling(checkpointed_vae, 64):
+        checkpointed_reward, checkpointed_gradient = _reward_gradient(checkpointed_vae, latents)
+    assert torch.equal(checkpointed_reward, reward)
+    torch.testing.assert_close(checkpointed_gradient, gradient, rtol=1e-6, atol=1e-9)
+
+    def peak(tile_size):
+        vae = small_vae(sample_size=512)
+        enable_reward_decode_checkpointing(vae)
+        with fake_tensors():
+            materialize(vae)
+            latents = torch.randn(1, 4, 64, 64).requires_grad_(True)
+
+            def run():
+                with reward_decode_tiling(vae, tile_size):
+                    vae.decode(latents).sample.float().mean().backward()
+
+            return activation_peak(run)[0]
+
+    assert peak(256) < 0.8 * peak(None)
+
+
+def test_tiling_refuses_autoencoders_it_does_not_drive():
+    from diffusers_dmdr.testing import tiny_autoencoder_tiny
+
+    with pytest.raises(ValueError, match="AutoencoderTiny is not a tiled autoencoder"):
+        with reward_decode_tiling(tiny_autoencoder_tiny(), 64):
+            pass
+
+
+def test_reward_vae_tile_size_in_the_trainer_and_preflight(tiny_teacher_dirs, prompt_file, tmp_path):
+    from conftest import tiny_config
+
+    from diffusers_dmdr.preflight import check_reward_vae_memory_options
+
+    trainer = make_trainer(tiny_teacher_dirs["sdxl"], prompt_file, tmp_path, reward_vae_tile_size=64)
+    calls = []
+    trainer.reward_vae.decoder.register_forward_hook(lambda module, args, output: calls.append(output.shape))
+    latents = torch.randn(1, 4, 16, 16)
+    trainer.decode_for_rewards(latents)
+    trainer.decode(latents)
+    assert len(calls) == 9 + 1  # the reward decode in tiles, the validation decode whole
+    with pytest.raises(ValueError, match="positive multiple of 64"):
+        check_reward_vae_memory_options(
+            tiny_config(tiny_teacher_dirs["sdxl"], prompt_file, tmp_path, reward_vae_tile_size=100)
+        )
+    qwen = tiny_config(tiny_teacher_dirs["qwenimage"], prompt_file, tmp_path, reward_vae_gradient_checkpointing=True)
+    with pytest.raises(ValueError, match="AutoencoderKLQwenImage has no gradient checkpointing"):
+        check_reward_vae_memory_options(qwen)
+    with pytest.raises(ValueError, match="not a tiled autoencoder"):
+        check_reward_vae_memory_options(replace_config(qwen, reward_vae_tile_size=512))
+
+
+def replace_config(config, **changes):
+    from dataclasses import replace
+
+    return replace(config, **changes)
 
 
 # --- cached reward text features ------------------------------------------------------------------------------------

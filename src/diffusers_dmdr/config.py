@@ -281,6 +281,14 @@ class DMDRConfig:
         "about 5 GiB less, one more decode of compute). Autoencoders without diffusers checkpointing support "
         "(Qwen-Image's, Wan's) are refused.",
     )
+    reward_vae_tile_size: int | None = HfArg(
+        default=None,
+        help="Decode the rewards' images in tiles of this many pixels (diffusers' tiled decode of the teacher's "
+        "AutoencoderKL / AutoencoderKLFlux2, tiles overlapping by a quarter and blended). With "
+        "--reward_vae_gradient_checkpointing the recomputed decode is one tile at a time: SDXL's VAE at 1024 px with "
+        "512 px tiles holds 3.0 GiB instead of 6.1. The images differ from an untiled decode where tiles blend. "
+        "Validation and export decodes stay untiled.",
+    )
     cache_reward_text_features: bool = HfArg(
         default=False,
         help="Embed each training prompt once with every CLIP-style reward (clip, hpsv2, hpsv2.1, pickscore), keep the "

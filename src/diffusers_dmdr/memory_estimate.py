@@ -473,6 +473,8 @@ def decode_latents(kind: BackboneKind, vae, latents: torch.Tensor, tiny: bool) -
 # The run to estimate
 # ----------------------------------------------------------------------------------------------------------------
 REWARD_DECODES = ("full", "full_checkpointed", "tiny", "none")
+# Autoencoders whose tiled decode the trainer drives (`trainer.reward_decode_tiling`): tile sizes are attributes.
+TILED_REWARD_VAES = ("AutoencoderKL", "AutoencoderKLFlux2")
 QUANTIZATIONS = ("none", "int8", "nf4")
 # The config's `base_quantization` values for the estimate's schemes (the GPU backends; `torchao_int8` is the
 # CPU-capable int8 of the same storage arithmetic), and back.
@@ -497,6 +499,8 @@ class MemoryOptions:
         reward_decode: `"full"` autoencoder with its graph kept, `"full_checkpointed"` (the autoencoder's own gradient
             checkpointing, `--reward_vae_gradient_checkpointing`), `"tiny"` (a TAESD-shaped `AutoencoderTiny`,
             `--reward_vae_model_name_or_path`), or `"none"` (stage 1, no reward).
+        reward_decode_tile_size: decode the full autoencoder in tiles of this many pixels
+            (`--reward_vae_tile_size`; with the checkpointed decode the recomputation is one tile at a time).
         reward_tower_checkpointing: checkpoint the reward towers' layers (estimated only: the rewards do not enable
             it; not among the candidates).
         cache_reward_text_features: reward text features computed once per prompt and kept on the host, the text
@@ -507,6 +511,7 @@ class MemoryOptions:
 
     gradient_checkpointing: bool = True
     reward_decode: str = "full"
+    reward_decode_tile_size: int | None = None
     reward_tower_checkpointing: bool = False
     cache_reward_text_features: bool = False
     quantized_base: str = "none"
@@ -528,7 +533,9 @@ class MemoryOptions:
         flags = ["--gradient_checkpointing"] if self.gradient_checkpointing else []
         if self.reward_decode == "full_checkpointed":
             flags.append("--reward_vae_gradient_checkpointing")
-        elif self.reward_decode == "tiny":
+        if self.reward_decode_tile_size is not None:
+            flags.append(f"--reward_vae_tile_size {self.reward_decode_tile_size}")
+        if self.reward_decode == "tiny":
             flags.append("--reward_vae_model_name_or_path <tiny autoencoder>")
         if self.cache_reward_text_features:
             flags.append("--cache_reward_text_features")
@@ -538,6 +545,8 @@ class MemoryOptions:
 
     def describe(self) -> str:
         parts = ["ckpt" if self.gradient_checkpointing else "no ckpt", f"decode {self.reward_decode}"]
+        if self.reward_decode_tile_size is not None:
+            parts.append(f"{self.reward_decode_tile_size} px tiles")
         if self.reward_tower_checkpointing:
             parts.append("tower ckpt")
         if self.cache_reward_text_features:
@@ -980,7 +989,10 @@ def _reward_loss(spec: IterationSpec, decoder, towers, latents, prompt_ids) -> t
     (`--cache_reward_text_features`)."""
     # Autocast off for the decode: on fake tensors this also turns off the CUDA float32-norm emulation, which reads
     # the CPU autocast state.
-    with torch.autocast(latents.device.type, enabled=False):
+    from .trainer import reward_decode_tiling
+
+    tile_size = spec.options.reward_decode_tile_size
+    with torch.autocast(latents.device.type, enabled=False), reward_decode_tiling(decoder, tile_size):
         images = decode_latents(spec.kind, decoder, latents, tiny=spec.options.reward_decode == "tiny")
     size = spec.reward_vision_config.get("image_size", 224)
     pixels = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True)
@@ -1229,6 +1241,12 @@ CANDIDATE_OPTIONS = (
     MemoryOptions(gradient_checkpointing=True, reward_decode="full"),
     MemoryOptions(gradient_checkpointing=True, reward_decode="full_checkpointed"),
     MemoryOptions(gradient_checkpointing=True, reward_decode="full_checkpointed", cache_reward_text_features=True),
+    MemoryOptions(
+        gradient_checkpointing=True,
+        reward_decode="full_checkpointed",
+        reward_decode_tile_size=512,
+        cache_reward_text_features=True,
+    ),
     MemoryOptions(gradient_checkpointing=True, reward_decode="tiny"),
     MemoryOptions(gradient_checkpointing=True, reward_decode="tiny", cache_reward_text_features=True),
     MemoryOptions(
@@ -1278,6 +1296,8 @@ def _cache_key(spec: IterationSpec, options: MemoryOptions) -> str:
     import json
 
     values = asdict(replace(spec, options=options))
+    if values["options"]["reward_decode_tile_size"] is None:
+        del values["options"]["reward_decode_tile_size"]  # the keys of estimates made before the option existed
     revision = DECODE_ESTIMATE_REVISION.get(options.reward_decode)
     if revision is not None:
         values["decode_estimate_revision"] = revision
@@ -1342,11 +1362,13 @@ def options_of_config(config) -> MemoryOptions:
         decode = "tiny"
     else:
         decode = "full_checkpointed" if config.reward_vae_gradient_checkpointing else "full"
+    tile_size = config.reward_vae_tile_size if decode.startswith("full") else None
     # `base_quantization` arrives with the quantized-base loading (config.py); absent, the base is bf16.
     quantization = QUANTIZATION_OF_BASE.get(getattr(config, "base_quantization", "none") or "none", "none")
     return MemoryOptions(
         gradient_checkpointing=config.gradient_checkpointing,
         reward_decode=decode,
+        reward_decode_tile_size=tile_size,
         cache_reward_text_features=bool(config.reward) and config.cache_reward_text_features,
         quantized_base=quantization,
     )

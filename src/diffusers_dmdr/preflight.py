@@ -128,8 +128,15 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
 
     if config.reward_vae_model_name_or_path:
         check_reward_vae(config.reward_vae_model_name_or_path, config.reward_vae_revision)
-    if config.reward_vae_gradient_checkpointing and not config.reward_vae_model_name_or_path:
-        check_reward_vae_checkpointing(config)
+    if (config.reward_vae_gradient_checkpointing or config.reward_vae_tile_size) and not (
+        config.reward_vae_model_name_or_path
+    ):
+        check_reward_vae_memory_options(config)
+    elif config.reward_vae_tile_size:
+        raise ValueError(
+            "--reward_vae_tile_size tiles the teacher's own VAE; a tiny reward autoencoder "
+            "(--reward_vae_model_name_or_path) is decoded whole: drop one of the two."
+        )
 
     # 4b. Student initialisation: the file kind fits the training mode, a LoRA fits the configured rank.
     if config.student_init_path:
@@ -192,18 +199,31 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
     return RunPlan(family, list(timesteps), prompts, reward_specs, eval_specs, memory_plan)
 
 
-def check_reward_vae_checkpointing(config) -> None:
-    """`--reward_vae_gradient_checkpointing` with the teacher's own VAE: its diffusers class must support gradient
-    checkpointing (Qwen-Image's and Wan's autoencoders do not), read from `vae/config.json` before any weight loads."""
+def check_reward_vae_memory_options(config) -> None:
+    """`--reward_vae_gradient_checkpointing` / `--reward_vae_tile_size` with the teacher's own VAE: its diffusers
+    class must support gradient checkpointing (Qwen-Image's and Wan's autoencoders do not) or a tiled decode this
+    project drives, read from `vae/config.json` before any weight loads."""
     import diffusers
 
     from .families.base import read_component_config
+    from .memory_estimate import TILED_REWARD_VAES
+
+    tile = config.reward_vae_tile_size
+    if tile is not None and (tile <= 0 or tile % 64):
+        raise ValueError(f"--reward_vae_tile_size must be a positive multiple of 64 pixels, got {tile}.")
 
     try:
         class_name = read_component_config(config.pretrained_model_name_or_path, "vae", config.revision)["_class_name"]
     except (OSError, KeyError, ValueError):
         return  # no readable VAE config: the teacher's own loading reports it
+    if tile is not None and class_name not in TILED_REWARD_VAES:
+        raise ValueError(
+            f"--reward_vae_tile_size: the teacher's {class_name} is not a tiled autoencoder this project drives "
+            f"({', '.join(TILED_REWARD_VAES)}); drop the flag."
+        )
     vae_class = getattr(diffusers, class_name, None)
+    if not config.reward_vae_gradient_checkpointing:
+        return
     if vae_class is not None and not getattr(vae_class, "_supports_gradient_checkpointing", False):
         raise ValueError(
             f"--reward_vae_gradient_checkpointing: the teacher's {class_name} has no gradient checkpointing in "

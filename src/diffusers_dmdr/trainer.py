@@ -7,7 +7,7 @@ group per role), prepared by one `accelerator.prepare` call, so DDP and FSDP2 se
 """
 
 import json
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -44,6 +44,7 @@ from .method.registry import make_objective
 from .method.simulation import sample_student
 from .method.stages import stage_two_start_iteration, stage_values
 from .optimization import lr_multiplier, make_optimizer, only_role, set_learning_rates, step_role
+from .memory_estimate import TILED_REWARD_VAES
 from .prompt_cache import PromptEncoder
 from .rewards.clip import cache_reward_text_features
 from .sharding import (
@@ -83,6 +84,34 @@ def enable_reward_decode_checkpointing(vae: torch.nn.Module) -> None:
             "drop the flag or decode the rewards with a tiny autoencoder (--reward_vae_model_name_or_path)."
         )
     vae.enable_gradient_checkpointing()
+
+
+@contextmanager
+def reward_decode_tiling(vae: torch.nn.Module, tile_size: int | None):
+    """diffusers' tiled decode with `tile_size`-pixel tiles for the duration of one reward decode (then the VAE's own
+    settings again, so validation and export decodes of a shared VAE are untouched). `None`: nothing changes.
+
+    `enable_tiling()` takes no size and the default tile is the VAE's `sample_size` (1024 px for SDXL's VAE, which
+    never tiles a 1024 px image), so the tile attributes `AutoencoderKL` / `AutoencoderKLFlux2` read in `decode` are
+    set here directly: the one place that relies on them (`tests/test_reward_memory.py` fails if they change).
+    """
+    if tile_size is None:
+        yield
+        return
+    names = ("use_tiling", "tile_sample_min_size", "tile_latent_min_size")
+    if type(vae).__name__ not in TILED_REWARD_VAES or not all(hasattr(vae, name) for name in names):
+        raise ValueError(
+            f"--reward_vae_tile_size: {type(vae).__name__} is not a tiled autoencoder this project drives "
+            f"({', '.join(TILED_REWARD_VAES)})."
+        )
+    saved = [getattr(vae, name) for name in names]
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = True, tile_size, tile_size // factor
+    try:
+        yield
+    finally:
+        for name, value in zip(names, saved, strict=True):
+            setattr(vae, name, value)
 
 
 @dataclass
@@ -337,7 +366,8 @@ class DMDRTrainer:
         autocast would run an upcast (`force_upcast`) VAE's convolutions in fp16 after all. A float32 run (no
         autocast) is unchanged bit for bit.
         """
-        with torch.autocast(latents.device.type, enabled=False):
+        tile_size = self.config.reward_vae_tile_size
+        with torch.autocast(latents.device.type, enabled=False), reward_decode_tiling(self.reward_vae, tile_size):
             return self.family.decode(self.reward_vae, latents)
 
     def train(self) -> list[dict]:
