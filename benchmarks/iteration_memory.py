@@ -37,7 +37,9 @@ def rows():
 
     ckpt_full, ckpt_tiny = O(reward_decode="full"), O(reward_decode="tiny")
     full_ckpt_cached = O(reward_decode="full_checkpointed", cache_reward_text_features=True)
-    full_ckpt_tiled = O(reward_decode="full_checkpointed", reward_decode_tile_size=512, cache_reward_text_features=True)
+    full_ckpt_tiled = O(
+        reward_decode="full_checkpointed", reward_decode_tile_size=512, cache_reward_text_features=True
+    )
     return [
         ("sdxl-full", "sdxl", ckpt_full, 16, "SDXL 4-step LoRA, DFN5B + HPSv2.1, full VAE decode"),
         ("sdxl-full-ckpt", "sdxl", O(reward_decode="full_checkpointed"), 16, "same, checkpointed VAE decode"),
@@ -79,7 +81,13 @@ def rows():
         ),
         ("klein-full", "flux2-klein-4b", ckpt_full, 16, "FLUX.2 [klein] base 4B"),
         ("klein-full-ckpt-cached", "flux2-klein-4b", full_ckpt_cached, 16, "FLUX.2 [klein] 4B, checkpointed decode"),
-        ("klein-full-ckpt-tiled", "flux2-klein-4b", full_ckpt_tiled, 16, "FLUX.2 [klein] 4B, checkpointed, 512 px tiles"),
+        (
+            "klein-full-ckpt-tiled",
+            "flux2-klein-4b",
+            full_ckpt_tiled,
+            16,
+            "FLUX.2 [klein] 4B, checkpointed, 512 px tiles",
+        ),
         ("klein-tiny", "flux2-klein-4b", ckpt_tiny, 16, "FLUX.2 [klein] base 4B, tiny decode"),
         (
             "qwen-tiny-int8",

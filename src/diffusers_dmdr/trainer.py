@@ -38,13 +38,13 @@ from .data import PromptSampler
 from .families import TeacherComponents
 from .families.base import run_student_scheduler
 from .guards import DivergenceError, DivergenceGuard, resume_advice, trainable_weight_norm
+from .memory_estimate import TILED_REWARD_VAES
 from .method.denoisers import Denoiser
 from .method.objective import MicroBatch, Routes
 from .method.registry import make_objective
 from .method.simulation import sample_student
 from .method.stages import stage_two_start_iteration, stage_values
 from .optimization import lr_multiplier, make_optimizer, only_role, set_learning_rates, step_role
-from .memory_estimate import TILED_REWARD_VAES
 from .prompt_cache import PromptEncoder
 from .rewards.clip import cache_reward_text_features
 from .sharding import (
