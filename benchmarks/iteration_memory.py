@@ -55,6 +55,7 @@ def rows():
         ),
         ("sd35-full", "sd35-large", ckpt_full, 32, "SD3.5-Large 4-step LoRA, bf16 base"),
         ("sd35-full-ckpt-cached", "sd35-large", full_ckpt_cached, 32, "SD3.5-Large, bf16 base, checkpointed decode"),
+        ("sd35-full-ckpt-tiled", "sd35-large", full_ckpt_tiled, 32, "SD3.5-Large, bf16, checkpointed, 512 px tiles"),
         ("sd35-tiny", "sd35-large", ckpt_tiny, 32, "SD3.5-Large, bf16 base, tiny decode"),
         (
             "sd35-tiny-int8",
@@ -105,6 +106,7 @@ def rows():
         ),
         ("zimage-full", "z-image", ckpt_full, 24, "Z-Image 6B"),
         ("zimage-full-ckpt-cached", "z-image", full_ckpt_cached, 24, "Z-Image 6B, checkpointed decode"),
+        ("zimage-full-ckpt-tiled", "z-image", full_ckpt_tiled, 24, "Z-Image 6B, checkpointed, 512 px tiles"),
         ("zimage-tiny", "z-image", ckpt_tiny, 24, "Z-Image 6B, tiny decode"),
     ]
 
@@ -242,18 +244,21 @@ def render() -> str:
         "",
         "Assumptions, all from the recipes (`examples/train_dmdr/configs`): 1024 px, batch 1 per GPU, 4 student "
         "steps, student LoRA rank 64 / fake rank 32 on the family's targets, bf16 frozen weights under bf16 "
-        "autocast (CUDA autocast's float32 `group_norm` / `layer_norm` emulated), 8-bit AdamW, gradient "
+        "autocast (CUDA autocast's float32 `group_norm` / `layer_norm` emulated) except the reward decode, which "
+        "runs in the autoencoder's bf16 with autocast off as the trainer does, 8-bit AdamW, gradient "
         "checkpointing of the backbone, cached prompt embeddings (text encoders off the GPU; the SDXL recipe "
         "does not set `--cache_prompt_embeds`: add it, its two encoders are another 1.6 GiB), two rewards "
         "(DFN5B CLIP and HPSv2.1, both open_clip ViT-H/14 at 224 px, built as transformers' CLIP classes of the "
         "same shapes) with their text towers on the GPU unless a row says the text features are cached. "
         "Conditioning lengths: SDXL 77 tokens, SD3.5 77 + 128, the others 512 (the families' padding).",
         "",
-        "Options marked *estimated only* are modelled here but not implemented by the trainer yet: the "
-        "quantized base (weight bytes of bitsandbytes-style int8 / NF4 `nn.Linear` weights plus one dequantized "
-        "layer; activations unchanged), cached reward text features, and the checkpointed full-VAE decode. "
-        "The tiny decoder is a TAESD-shaped `AutoencoderTiny` with the family's latent channels "
-        "(`--reward_vae_model_name_or_path`, implemented).",
+        "Every option is a trainer flag: `ckpt` `--gradient_checkpointing`; `decode full_checkpointed` "
+        "`--reward_vae_gradient_checkpointing`; `512 px tiles` `--reward_vae_tile_size 512`; `decode tiny` "
+        "`--reward_vae_model_name_or_path` (a TAESD-shaped `AutoencoderTiny` with the family's latent channels); "
+        "`text features cached` `--cache_reward_text_features` (text towers deleted after one pass over the "
+        "prompts); `int8 base` / `nf4 base` `--base_quantization bnb_int8` / `bnb_nf4` (the quantized frozen "
+        "base; its bytes are the backends' storage arithmetic for `nn.Linear` weights plus one dequantized layer, "
+        "activations those of the bf16 base).",
     ]
     calibration = cache.get("calibration", {})
     if calibration:
@@ -323,6 +328,24 @@ def render() -> str:
         details.append(f"- **{title}** ({options.describe()}): {persistent} GiB.")
     if details:
         lines += ["### Persistent bytes per row (GiB)", "", *details, ""]
+    fit = cache.get("fit_check", {})
+    if fit:
+        lines += [
+            "### The preflight's scaled estimate against full estimates",
+            "",
+            "Without `--max_memory_gib` the preflight prints, in seconds, the cached full estimate of the run's exact "
+            "configuration or else the published row of the same backbone, autoencoder, reward count and options "
+            "with its activation peaks scaled by `batch x pixels / 1024^2` and its persistent bytes exact "
+            "(`memory_estimate.fast_estimate`, table `src/diffusers_dmdr/published_estimates.json`). Its distance "
+            f"from the full estimate (`{COMMAND} --fit-check`):",
+            "",
+            "| run | full estimate (GiB) | scaled (GiB) | scaled / full |",
+            "|---|---|---|---|",
+        ]
+        for name, values in fit.items():
+            ratio = values["scaled_total"] / values["full_total"]
+            lines.append(f"| {name} | {gib(values['full_total'])} | {gib(values['scaled_total'])} | {ratio:.3f} |")
+        lines.append("")
     lines.append(END)
     return "\n".join(lines)
 

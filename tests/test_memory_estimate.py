@@ -316,8 +316,14 @@ def test_memory_options_name_the_trainer_flags():
         "--reward_vae_model_name_or_path <tiny autoencoder>",
         "--base_quantization bnb_int8",
     ]
-    # Every candidate the chooser can name is a real flag set (the towers' checkpointing is not a candidate).
+    # Every candidate the chooser can name is a real flag set (the towers' checkpointing is not a candidate), and one
+    # the trainer accepts for the family's autoencoder.
+    from diffusers_dmdr.memory_estimate import candidate_options
+
     assert all(not options.estimated_only for options in CANDIDATE_OPTIONS)
+    assert candidate_options(published_spec("sdxl")) == list(CANDIDATE_OPTIONS)
+    qwen = candidate_options(published_spec("qwen-image"))
+    assert qwen and all(options.reward_decode != "full_checkpointed" for options in qwen)
 
 
 def test_options_of_config_reads_the_memory_flags(prompt_file, tmp_path):

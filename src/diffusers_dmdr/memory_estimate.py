@@ -1305,9 +1305,20 @@ def _cache_key(spec: IterationSpec, options: MemoryOptions) -> str:
 
 
 def candidate_options(spec: IterationSpec) -> list[MemoryOptions]:
-    """[`CANDIDATE_OPTIONS`] that apply to `spec`: a run without rewards has no decode or reward towers to change."""
+    """[`CANDIDATE_OPTIONS`] that apply to `spec`: a run without rewards has no decode or reward towers to change; an
+    autoencoder without diffusers checkpointing (Qwen-Image's) or tiling this project drives gets no such candidate
+    (the trainer would refuse them)."""
     if spec.options.reward_decode != "none":
-        return list(CANDIDATE_OPTIONS)
+        import diffusers
+
+        vae_class = getattr(diffusers, spec.kind.vae_class)
+        checkpointing = getattr(vae_class, "_supports_gradient_checkpointing", False)
+        return [
+            options
+            for options in CANDIDATE_OPTIONS
+            if (checkpointing or options.reward_decode != "full_checkpointed")
+            and (options.reward_decode_tile_size is None or spec.kind.vae_class in TILED_REWARD_VAES)
+        ]
     candidates = []
     for options in CANDIDATE_OPTIONS:
         options = replace(options, reward_decode="none", cache_reward_text_features=False)
