@@ -8,9 +8,10 @@ from reward_fixtures import save_tiny_clip
 
 from diffusers_dmdr.families import get_family
 from diffusers_dmdr.memory_estimate import activation_peak, fake_tensors, materialize
+from diffusers_dmdr.reward_decode import enable_reward_decode_checkpointing, reward_decode_tiling
 from diffusers_dmdr.rewards import LoadedReward, load_rewards
 from diffusers_dmdr.rewards.clip import cache_reward_text_features
-from diffusers_dmdr.trainer import DMDRTrainer, enable_reward_decode_checkpointing, reward_decode_tiling
+from diffusers_dmdr.trainer import DMDRTrainer
 
 
 PROMPTS = ["a red cat", "a blue dog", "the number seven"]

@@ -473,8 +473,6 @@ def decode_latents(kind: BackboneKind, vae, latents: torch.Tensor, tiny: bool) -
 # The run to estimate
 # ----------------------------------------------------------------------------------------------------------------
 REWARD_DECODES = ("full", "full_checkpointed", "tiny", "none")
-# Autoencoders whose tiled decode the trainer drives (`trainer.reward_decode_tiling`): tile sizes are attributes.
-TILED_REWARD_VAES = ("AutoencoderKL", "AutoencoderKLFlux2")
 QUANTIZATIONS = ("none", "int8", "nf4")
 # The config's `base_quantization` values for the estimate's schemes (the GPU backends; `torchao_int8` is the
 # CPU-capable int8 of the same storage arithmetic), and back.
@@ -712,7 +710,9 @@ def build_reward_decoder(spec: IterationSpec, dtype: torch.dtype = torch.bfloat1
         return _meta("diffusers", "AutoencoderTiny", _tiny_autoencoder(channels), dtype)
     vae = _meta("diffusers", spec.kind.vae_class, spec.vae_config, dtype)
     if decode == "full_checkpointed":
-        vae.enable_gradient_checkpointing()
+        from .reward_decode import enable_reward_decode_checkpointing
+
+        enable_reward_decode_checkpointing(vae)
     return vae
 
 
@@ -989,7 +989,7 @@ def _reward_loss(spec: IterationSpec, decoder, towers, latents, prompt_ids) -> t
     (`--cache_reward_text_features`)."""
     # Autocast off for the decode: on fake tensors this also turns off the CUDA float32-norm emulation, which reads
     # the CPU autocast state.
-    from .trainer import reward_decode_tiling
+    from .reward_decode import reward_decode_tiling
 
     tile_size = spec.options.reward_decode_tile_size
     with torch.autocast(latents.device.type, enabled=False), reward_decode_tiling(decoder, tile_size):
@@ -1310,6 +1310,8 @@ def candidate_options(spec: IterationSpec) -> list[MemoryOptions]:
     (the trainer would refuse them)."""
     if spec.options.reward_decode != "none":
         import diffusers
+
+        from .reward_decode import TILED_REWARD_VAES
 
         vae_class = getattr(diffusers, spec.kind.vae_class)
         checkpointing = getattr(vae_class, "_supports_gradient_checkpointing", False)

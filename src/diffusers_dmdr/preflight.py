@@ -206,7 +206,7 @@ def check_reward_vae_memory_options(config) -> None:
     import diffusers
 
     from .families.base import read_component_config
-    from .memory_estimate import TILED_REWARD_VAES
+    from .reward_decode import TILED_REWARD_VAES
 
     tile = config.reward_vae_tile_size
     if tile is not None and (tile <= 0 or tile % 64):

@@ -7,7 +7,7 @@ group per role), prepared by one `accelerator.prepare` call, so DDP and FSDP2 se
 """
 
 import json
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -38,7 +38,6 @@ from .data import PromptSampler
 from .families import TeacherComponents
 from .families.base import run_student_scheduler
 from .guards import DivergenceError, DivergenceGuard, resume_advice, trainable_weight_norm
-from .memory_estimate import TILED_REWARD_VAES
 from .method.denoisers import Denoiser
 from .method.objective import MicroBatch, Routes
 from .method.registry import make_objective
@@ -46,6 +45,7 @@ from .method.simulation import sample_student
 from .method.stages import stage_two_start_iteration, stage_values
 from .optimization import lr_multiplier, make_optimizer, only_role, set_learning_rates, step_role
 from .prompt_cache import PromptEncoder
+from .reward_decode import enable_reward_decode_checkpointing, reward_decode_tiling
 from .rewards.clip import cache_reward_text_features
 from .sharding import (
     check_engine_supported,
@@ -71,47 +71,6 @@ class NonFiniteLossError(RuntimeError):
 def weight_dtype_of(mixed_precision: str | None) -> torch.dtype:
     """The dtype of every frozen tensor for a mixed-precision mode (`fp16`, `bf16`; anything else: float32)."""
     return resolve_dtype(mixed_precision or "no")
-
-
-def enable_reward_decode_checkpointing(vae: torch.nn.Module) -> None:
-    """diffusers' own gradient checkpointing of the reward decoder (`AutoencoderKL`'s decoder checkpoints its mid and
-    up blocks whenever grad is enabled, in eval mode too; `AutoencoderTiny` its whole layer stack), so the reward
-    backward recomputes the decode instead of keeping its activations. One clear error for an autoencoder class that
-    does not support it (preflight refuses those before any weight loads)."""
-    if not getattr(vae, "_supports_gradient_checkpointing", False):
-        raise ValueError(
-            f"--reward_vae_gradient_checkpointing: {type(vae).__name__} has no gradient checkpointing in diffusers; "
-            "drop the flag or decode the rewards with a tiny autoencoder (--reward_vae_model_name_or_path)."
-        )
-    vae.enable_gradient_checkpointing()
-
-
-@contextmanager
-def reward_decode_tiling(vae: torch.nn.Module, tile_size: int | None):
-    """diffusers' tiled decode with `tile_size`-pixel tiles for the duration of one reward decode (then the VAE's own
-    settings again, so validation and export decodes of a shared VAE are untouched). `None`: nothing changes.
-
-    `enable_tiling()` takes no size and the default tile is the VAE's `sample_size` (1024 px for SDXL's VAE, which
-    never tiles a 1024 px image), so the tile attributes `AutoencoderKL` / `AutoencoderKLFlux2` read in `decode` are
-    set here directly: the one place that relies on them (`tests/test_reward_memory.py` fails if they change).
-    """
-    if tile_size is None:
-        yield
-        return
-    names = ("use_tiling", "tile_sample_min_size", "tile_latent_min_size")
-    if type(vae).__name__ not in TILED_REWARD_VAES or not all(hasattr(vae, name) for name in names):
-        raise ValueError(
-            f"--reward_vae_tile_size: {type(vae).__name__} is not a tiled autoencoder this project drives "
-            f"({', '.join(TILED_REWARD_VAES)})."
-        )
-    saved = [getattr(vae, name) for name in names]
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = True, tile_size, tile_size // factor
-    try:
-        yield
-    finally:
-        for name, value in zip(names, saved, strict=True):
-            setattr(vae, name, value)
 
 
 @dataclass
