@@ -398,11 +398,14 @@ def test_scaled_estimate_from_the_published_table():
     spec = replace(small_spec(reward_decode="tiny"), resolution=1024)
     phases = {"backward simulation": 1000, "fake-score update": 2000, "generator update": 4000}
     table = {architecture_key(spec, build_backbone(spec), build_reward_decoder(spec)): {"phases": phases}}
-    half = scaled_estimate(replace(spec, resolution=512, batch_size=2), table)
-    assert half.phases == {name: value // 2 for name, value in phases.items()}
-    assert half.persistent == persistent_bytes(spec)
+    larger = scaled_estimate(replace(spec, batch_size=3), table)
+    assert larger.phases == {name: value * 3 for name, value in phases.items()}
+    assert larger.persistent == persistent_bytes(spec)
+    # A smaller run keeps the published peaks (an upper bound: part of each peak does not shrink with the pixels).
+    smaller = scaled_estimate(replace(spec, resolution=512), table)
+    assert smaller.phases == phases
     cached = scaled_estimate(replace(spec, options=replace(spec.options, cache_reward_text_features=True)), table)
-    assert cached.phases == phases and cached.persistent_bytes < half.persistent_bytes
+    assert cached.phases == phases and cached.persistent_bytes < larger.persistent_bytes
     assert scaled_estimate(small_spec(reward_decode="full"), table) is None
 
 
@@ -434,7 +437,7 @@ def test_preflight_prints_an_estimate_without_a_budget(tiny_teacher_dirs, prompt
     start = time.perf_counter()
     line = describe_run_estimate(config, family)
     assert time.perf_counter() - start < 10
-    assert "\n" not in line and "activations not estimated" in line and "GiB of weights" in line
+    assert "\n" not in line and "activations not estimated" in line
     check_memory_budget(replace(config, max_memory_gib=1000), family)  # fills the cache
     report = describe_run_estimate(config, family)
     assert "full estimate of this configuration, cached" in report and "peak of the generator update" in report
