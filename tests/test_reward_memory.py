@@ -4,7 +4,7 @@
 
 import pytest
 import torch
-from reward_fixtures import save_tiny_clip
+from reward_fixtures import save_tiny_clip, save_tiny_open_clip
 
 from diffusers_dmdr.families import get_family
 from diffusers_dmdr.memory_estimate import activation_peak, fake_tensors, materialize
@@ -284,3 +284,17 @@ def test_cache_reward_text_features_flag_in_the_trainer(tiny_teacher_dirs, promp
     make_trainer(tiny_teacher_dirs["sdxl"], prompt_file, tmp_path, rewards=rewards, cache_reward_text_features=True)
     clip = rewards[0].fn.reward
     assert sorted(clip.text_features) == sorted(PROMPTS) and clip.towers.model.text_model is None
+
+
+def test_open_clip_towers_cache_and_free_the_text_tower(tmp_path):
+    """The open_clip path (DFN5B CLIP, HPSv2.1): same scores from the cache, no text parameter or buffer left."""
+    pytest.importorskip("open_clip", reason="open_clip comes with pip install 'diffusers-dmdr[rewards]'")
+    folder = save_tiny_open_clip(tmp_path / "open-clip-tiny")
+    rewards = load_rewards([f"clip:model={folder}"], "cpu")
+    images = torch.rand(2, 3, 40, 52, generator=torch.Generator().manual_seed(0))
+    uncached = rewards[0].fn(images, PROMPTS[:2])
+    assert cache_reward_text_features(rewards, PROMPTS) == ["clip"]
+    model = rewards[0].fn.reward.towers.model
+    left = [name for name, _ in [*model.named_parameters(), *model.named_buffers()] if not name.startswith("visual.")]
+    assert set(left) <= {"logit_scale", "logit_bias"}, left
+    torch.testing.assert_close(rewards[0].fn(images, PROMPTS[:2]), uncached, rtol=0, atol=1e-6)

@@ -205,7 +205,12 @@ class DMDRTrainer:
         #    decoded clips: image rewards per frame on `--reward_frames`, clip rewards whole (`rewards/video.py`).
         if config.cache_reward_text_features:
             # Before the video wrappers: they score through the same reward objects.
-            cache_reward_text_features([*(rewards or []), *(eval_rewards or [])], prompts, self.accelerator.autocast)
+            all_rewards = [*(rewards or []), *(eval_rewards or [])]
+            cached = cache_reward_text_features(all_rewards, prompts, self.accelerator.autocast)
+            logger.info(
+                f"--cache_reward_text_features: text features of {len(set(prompts))} prompts cached for "
+                f"{cached or 'no reward'} (of {[reward.name for reward in all_rewards]}); their text towers are freed."
+            )
         rewards, eval_rewards = self._rewards_for_family(rewards), self._rewards_for_family(eval_rewards)
         routes = Routes(
             student=self.student_denoiser,
