@@ -1537,7 +1537,10 @@ def describe_run_estimate(config, family, cache_path=None) -> str:
     except (ValueError, OSError) as error:
         return f"Memory estimate: none for this run ({str(error).replace('--max_memory_gib', 'the estimator')})"
     path = Path(cache_path) if cache_path is not None else estimate_cache_path()
-    estimate, source = fast_estimate(spec, _load_cache(path), allow_full=False)
+    try:
+        estimate, source = fast_estimate(spec, _load_cache(path), allow_full=False)
+    except Exception as error:  # an informational print: a config the meta build rejects must not stop the run here
+        return f"Memory estimate: none for this run (its configs do not build on the meta device: {error})"
     if estimate is None:
         # The memory plan the preflight also prints has the exact persistent bytes.
         return f"Memory estimate per GPU, activations included: none yet; {source}."
