@@ -108,6 +108,8 @@ def rows():
         ("zimage-full-ckpt-cached", "z-image", full_ckpt_cached, 24, "Z-Image 6B, checkpointed decode"),
         ("zimage-full-ckpt-tiled", "z-image", full_ckpt_tiled, 24, "Z-Image 6B, checkpointed, 512 px tiles"),
         ("zimage-tiny", "z-image", ckpt_tiny, 24, "Z-Image 6B, tiny decode"),
+        ("wan21-full", "wan21-t2v-1.3b", ckpt_full, 80, "Wan 2.1 T2V 1.3B, 480 x 832 x 81, five scored frames"),
+        ("wan21-stage1", "wan21-t2v-1.3b", O(reward_decode="none"), 80, "Wan 2.1 T2V 1.3B, stage 1 (no reward)"),
     ]
 
 
@@ -179,7 +181,13 @@ def write_published_table() -> None:
     by architecture and activation options (a quantized row's phases hold a dequantized layer: left out)."""
     from dataclasses import replace
 
-    from diffusers_dmdr.memory_estimate import architecture_key, build_backbone, build_reward_decoder, published_spec
+    from diffusers_dmdr.memory_estimate import (
+        architecture_key,
+        build_backbone,
+        build_reward_decoder,
+        published_spec,
+        run_pixels,
+    )
 
     cache, table = load_cache(), {}
     for row_id, model, options, _, _ in rows():
@@ -188,7 +196,7 @@ def write_published_table() -> None:
             continue
         spec = published_spec(model, options=replace(options, cache_reward_text_features=False))
         key = architecture_key(spec, build_backbone(spec), build_reward_decoder(spec))
-        table[key] = {"model": model, "row": row_id, "phases": values["phases"]}
+        table[key] = {"model": model, "row": row_id, "phases": values["phases"], "pixels": run_pixels(spec)}
     PUBLISHED_TABLE.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
 
 

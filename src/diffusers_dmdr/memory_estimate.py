@@ -272,6 +272,22 @@ ZIMAGE = dict(
     axes_dims=[32, 48, 48],
     axes_lens=[1024, 512, 512],
 )
+# Wan 2.1 T2V 1.3B (its default autoencoder, `AutoencoderKLWan()`, is the released Wan 2.1 VAE).
+WAN21_1_3B = dict(
+    patch_size=[1, 2, 2],
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+)
+WAN21_VAE: dict = {}
 # Reward towers: open_clip ViT-H-14 (DFN5B CLIP, HPSv2.1) in transformers' CLIP classes of the same shapes.
 CLIP_VIT_H14_VISION = dict(
     hidden_size=1280,
@@ -313,6 +329,7 @@ class BackboneKind:
         text_tokens: conditioning length the family's prompt encoder pads to (SD3: 77 CLIP + 128 T5 tokens).
         real_score_passes: backbone batch multiplier of the real score: 2 for two-pass CFG, 1 for a guidance-distilled
             backbone (FLUX.1 [dev] takes the guidance scale as an embedding).
+        video: the backbone denoises `(B, C, F, H, W)` clips (Wan); the rewards score decoded frames.
     """
 
     family: str
@@ -321,6 +338,7 @@ class BackboneKind:
     spatial_factor: int
     text_tokens: int
     real_score_passes: int = 2
+    video: bool = False
 
 
 BACKBONE_KINDS = {
@@ -330,16 +348,22 @@ BACKBONE_KINDS = {
     "flux2": BackboneKind("flux2", "Flux2Transformer2DModel", "AutoencoderKLFlux2", 16, 512),
     "qwenimage": BackboneKind("qwenimage", "QwenImageTransformer2DModel", "AutoencoderKLQwenImage", 8, 512),
     "zimage": BackboneKind("zimage", "ZImageTransformer2DModel", "AutoencoderKL", 8, 512),
+    "wan": BackboneKind("wan", "WanTransformer3DModel", "AutoencoderKLWan", 8, 512, video=True),
 }
 
 
-def latent_shape(kind: BackboneKind, config: dict, batch_size: int, resolution: int) -> tuple[int, ...]:
-    """The latent the backbone denoises (before any token packing), for a square `resolution`."""
-    side = resolution // kind.spatial_factor
+def latent_shape(
+    kind: BackboneKind, config: dict, batch_size: int, resolution: int, width: int | None = None, num_frames: int = 1
+) -> tuple[int, ...]:
+    """The latent the backbone denoises (before any token packing), for `resolution` x `width` (square by default);
+    video families get `(num_frames - 1) / 4 + 1` latent frames (the causal VAE's temporal factor 4)."""
+    height, width = resolution // kind.spatial_factor, (width or resolution) // kind.spatial_factor
     channels = config.get("in_channels", 16)
     if kind.family in ("flux", "qwenimage"):
         channels //= 4  # the config counts the 2x2-packed token width
-    return (batch_size, channels, side, side)
+    if kind.video:
+        return (batch_size, channels, (num_frames - 1) // 4 + 1, height, width)
+    return (batch_size, channels, height, width)
 
 
 def condition_for(kind: BackboneKind, config: dict, batch_size: int, dtype: torch.dtype) -> dict:
@@ -371,6 +395,8 @@ def condition_for(kind: BackboneKind, config: dict, batch_size: int, dtype: torc
         }
     if kind.family == "zimage":
         return {"prompt_embeds": torch.randn(batch_size, tokens, config["cap_feat_dim"], dtype=dtype)}
+    if kind.family == "wan":
+        return {"encoder_hidden_states": torch.randn(batch_size, tokens, config["text_dim"], dtype=dtype)}
     raise ValueError(f"No memory estimate for family {kind.family!r}; known: {sorted(BACKBONE_KINDS)}.")
 
 
@@ -399,6 +425,13 @@ def _unpack_2x2(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 def call_backbone(kind: BackboneKind, model, latents: torch.Tensor, noise_level: torch.Tensor, condition: dict):
     """The backbone's raw output in the latent layout, called as the family's stock pipeline calls it."""
+    if kind.family == "wan":
+        return model(
+            hidden_states=latents,
+            timestep=noise_level * 1000,
+            encoder_hidden_states=condition["encoder_hidden_states"],
+            return_dict=False,
+        )[0]
     batch, _, height, width = latents.shape
     if kind.family == "sdxl":
         added = {"text_embeds": condition["text_embeds"], "time_ids": condition["time_ids"]}
@@ -460,8 +493,8 @@ def decode_latents(kind: BackboneKind, vae, latents: torch.Tensor, tiny: bool) -
         batch, channels, height, width = latents.shape  # unpatchify 2x2: (B, 4C, H, W) -> (B, C, 2H, 2W)
         latents = latents.view(batch, channels // 4, 2, 2, height, width).permute(0, 1, 4, 2, 5, 3)
         latents = latents.reshape(batch, channels // 4, height * 2, width * 2)
-    if tiny:
-        images = vae.decode(latents).sample
+    if tiny or kind.video:
+        images = vae.decode(latents).sample  # Wan: the whole clip, `(B, 3, frames, H, W)`
     elif kind.family == "qwenimage":
         images = vae.decode(latents.unsqueeze(2)).sample[:, :, 0]
     else:
@@ -580,6 +613,9 @@ class IterationSpec:
     real_score_lora_scale: float = 0.5
     use_8bit_adam: bool = True
     num_rewards: int = 2
+    width: int | None = None
+    num_frames: int | None = None
+    reward_frames: tuple[int, ...] | None = None
     reward_vision_config: dict = field(default_factory=lambda: dict(CLIP_VIT_H14_VISION))
     reward_text_config: dict = field(default_factory=lambda: dict(CLIP_VIT_H14_TEXT))
     options: MemoryOptions = field(default_factory=MemoryOptions)
@@ -704,7 +740,9 @@ def build_reward_decoder(spec: IterationSpec, dtype: torch.dtype = torch.bfloat1
     if decode == "none":
         return None
     if decode == "tiny":
-        channels = latent_shape(spec.kind, spec.backbone_config, 1, spec.resolution)[1]
+        channels = latent_shape(spec.kind, spec.backbone_config, 1, spec.resolution, spec.width, spec.num_frames or 1)[
+            1
+        ]
         if spec.family == "flux2":
             channels //= 4  # the autoencoder's latent is the backbone's, unpatchified 2x2
         return _meta("diffusers", "AutoencoderTiny", _tiny_autoencoder(channels), dtype)
@@ -825,7 +863,7 @@ def estimate_iteration(
         router = AdapterRouter(backbone)
         student_optimizer = _optimizer(student_parameters, spec.use_8bit_adam)
         fake_optimizer = _optimizer(fake_parameters, spec.use_8bit_adam)
-        shape = latent_shape(kind, dict(backbone.config), batch, spec.resolution)
+        shape = latent_shape(kind, dict(backbone.config), batch, spec.resolution, spec.width, spec.num_frames or 1)
         condition = condition_for(kind, dict(backbone.config), batch, dtype)
         uncondition = condition_for(kind, dict(backbone.config), batch, dtype)
         reward_prompt_ids = torch.zeros(batch, 77, dtype=torch.long)
@@ -994,6 +1032,11 @@ def _reward_loss(spec: IterationSpec, decoder, towers, latents, prompt_ids) -> t
     tile_size = spec.options.reward_decode_tile_size
     with torch.autocast(latents.device.type, enabled=False), reward_decode_tiling(decoder, tile_size):
         images = decode_latents(spec.kind, decoder, latents, tiny=spec.options.reward_decode == "tiny")
+    if images.ndim == 5:
+        # Video: the image rewards score the `reward_frames` of each clip (`rewards/video.py`), one batch of frames.
+        frames = list(spec.reward_frames or range(images.shape[2]))
+        images = images[:, :, frames].transpose(1, 2).flatten(0, 1)
+        prompt_ids = prompt_ids.repeat_interleave(len(frames), dim=0)
     size = spec.reward_vision_config.get("image_size", 224)
     pixels = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True)
     pixels = ((pixels - 0.45) / 0.27).to(torch.bfloat16)
@@ -1004,7 +1047,7 @@ def _reward_loss(spec: IterationSpec, decoder, towers, latents, prompt_ids) -> t
             with torch.no_grad():
                 text_embeds = tower["text"](input_ids=prompt_ids).text_embeds.float()
         else:
-            text_embeds = torch.randn(latents.shape[0], image_embeds.shape[-1])
+            text_embeds = torch.randn(image_embeds.shape[0], image_embeds.shape[-1])
         score = (image_embeds * F.normalize(text_embeds, dim=-1)).sum(-1)
         loss = loss + torch.relu(0.7 - score).mean()
     return loss
@@ -1209,6 +1252,7 @@ PUBLISHED = {
     "flux2-klein-4b": (FLUX2_KLEIN_4B, FLUX2_VAE),
     "qwen-image": (QWEN_IMAGE, QWEN_IMAGE_VAE),
     "z-image": (ZIMAGE, FLOW_VAE_16),
+    "wan21-t2v-1.3b": (WAN21_1_3B, WAN21_VAE),
 }
 PUBLISHED_FAMILY = {
     "sdxl": "sdxl",
@@ -1217,13 +1261,17 @@ PUBLISHED_FAMILY = {
     "flux2-klein-4b": "flux2",
     "qwen-image": "qwenimage",
     "z-image": "zimage",
+    "wan21-t2v-1.3b": "wan",
 }
+# The video recipes' clip (`examples/train_dmdr/configs/wan21_t2v_1.3b_4step.yaml`): 480 x 832 x 81 frames, five
+# scored frames.
+PUBLISHED_VIDEO = {"wan21-t2v-1.3b": dict(resolution=480, width=832, num_frames=81, reward_frames=(0, 20, 40, 60, 80))}
 
 
 def published_spec(model: str, options: MemoryOptions | None = None, **recipe) -> IterationSpec:
     """The iteration of a released model's recipe (`examples/train_dmdr/configs`) at its published shapes."""
     backbone_config, vae_config = PUBLISHED[model]
-    defaults = dict(lora_rank=64, lora_alpha=64 if model == "sdxl" else 128)
+    defaults = dict(lora_rank=64, lora_alpha=64 if model == "sdxl" else 128, **PUBLISHED_VIDEO.get(model, {}))
     return IterationSpec(
         family=PUBLISHED_FAMILY[model],
         backbone_config=backbone_config,
@@ -1296,8 +1344,12 @@ def _cache_key(spec: IterationSpec, options: MemoryOptions) -> str:
     import json
 
     values = asdict(replace(spec, options=options))
+    # Fields added after estimates were cached leave the key as it was while they keep their default.
     if values["options"]["reward_decode_tile_size"] is None:
-        del values["options"]["reward_decode_tile_size"]  # the keys of estimates made before the option existed
+        del values["options"]["reward_decode_tile_size"]
+    for name in ("width", "num_frames", "reward_frames"):
+        if values[name] is None:
+            del values[name]
     revision = DECODE_ESTIMATE_REVISION.get(options.reward_decode)
     if revision is not None:
         values["decode_estimate_revision"] = revision
@@ -1320,6 +1372,8 @@ def candidate_options(spec: IterationSpec) -> list[MemoryOptions]:
             for options in CANDIDATE_OPTIONS
             if (checkpointing or options.reward_decode != "full_checkpointed")
             and (options.reward_decode_tile_size is None or spec.kind.vae_class in TILED_REWARD_VAES)
+            # Video families have no tiny image autoencoder (the family refuses one).
+            and not (spec.kind.video and options.reward_decode == "tiny")
         ]
     candidates = []
     for options in CANDIDATE_OPTIONS:
@@ -1401,11 +1455,17 @@ def spec_from_config(config, family) -> IterationSpec:
         )
     source, revision = config.pretrained_model_name_or_path, config.revision
     targets = config.lora_target_modules.split(",") if config.lora_target_modules else None
+    vae_config = _init_config(read_component_config(source, "vae", revision))
+    if family.name == "wan" and vae_config.get("scale_factor_spatial", 8) != 8:
+        raise ValueError("--max_memory_gib estimates Wan 2.1 clips (8x spatial VAE); Wan 2.2's is not modelled yet.")
     return IterationSpec(
         family=family.name,
         backbone_config=_init_config(read_component_config(source, family.backbone_name, revision)),
-        vae_config=_init_config(read_component_config(source, "vae", revision)),
+        vae_config=vae_config,
         resolution=config.resolution,
+        width=config.image_size[1] if config.image_size[1] != config.resolution else None,
+        num_frames=family.num_frames_of(config) if family.is_video else None,
+        reward_frames=tuple(config.reward_frames) if family.is_video and config.reward_frames else None,
         batch_size=config.train_batch_size,
         num_student_steps=config.num_student_steps,
         update_ratio=config.update_ratio,
@@ -1450,6 +1510,11 @@ PUBLISHED_PIXELS = 1024 * 1024
 FULL_ESTIMATE_MAX_PARAMETERS = 100_000_000
 
 
+def run_pixels(spec: IterationSpec) -> int:
+    """Pixels one sample of the run decodes: height x width (x frames for a clip)."""
+    return spec.resolution * (spec.width or spec.resolution) * (spec.num_frames or 1)
+
+
 def published_estimates() -> dict:
     import json
     from pathlib import Path
@@ -1473,8 +1538,8 @@ def architecture_key(spec: IterationSpec, backbone: torch.nn.Module, decoder: to
 
 def scaled_estimate(spec: IterationSpec, table: dict | None = None) -> IterationEstimate | None:
     """The estimate of `spec` from the published table, or `None` when its architecture and options are not there:
-    persistent bytes exact (meta models, seconds), activation peaks of the published recipe at 1024 px, batch 1,
-    scaled by `batch * height * width / 1024**2` when that is above 1 and kept as they are below it. Part of each peak
+    persistent bytes exact (meta models, seconds), activation peaks of the published recipe (1024 px or its clip,
+    batch 1) scaled by `batch * pixels / published pixels` when that is above 1 and kept as they are below it. Part of each peak
     does not grow with the pixels (the reward towers see 224 px; the conditioning), so the linear scaling
     over-estimates a larger run and would under-estimate a smaller one: never scaling down keeps it an upper bound
     (`benchmarks/iteration_memory.py --fit-check` measures its distance from full estimates)."""
@@ -1486,7 +1551,7 @@ def scaled_estimate(spec: IterationSpec, table: dict | None = None) -> Iteration
     if entry is None:
         return None
     backbone = build_backbone(spec)
-    scale = max(1.0, spec.batch_size * spec.resolution * spec.resolution / PUBLISHED_PIXELS)
+    scale = max(1.0, spec.batch_size * run_pixels(spec) / entry.get("pixels", PUBLISHED_PIXELS))
     _, dequantized = frozen_backbone_bytes(backbone, spec.options.quantized_base)
     phases = {name: int(value * scale) + dequantized for name, value in entry["phases"].items()}
     persistent = _persistent_bytes(spec, backbone, decoder, build_reward_towers(spec))
