@@ -452,3 +452,47 @@ def test_preflight_prints_an_estimate_without_a_budget(tiny_teacher_dirs, prompt
     assert "full estimate of this configuration, cached" in report and "peak of the generator update" in report
     full_mode = describe_run_estimate(replace(config, training_mode="full"), family)
     assert full_mode.startswith("Memory estimate: none for this run") and "--max_memory_gib" not in full_mode
+
+
+def test_a_wan_clip_iteration_is_estimated():
+    """Wan (5-D latents): the whole-clip decode with its graph dominates the generator update, as at real size; the
+    stage-1 iteration (no reward) holds far less."""
+    from diffusers_dmdr.memory_estimate import IterationSpec, latent_shape
+
+    spec = IterationSpec(
+        family="wan",
+        backbone_config=dict(
+            patch_size=[1, 2, 2],
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=16,
+            out_channels=16,
+            text_dim=32,
+            freq_dim=256,
+            ffn_dim=32,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        ),
+        vae_config=dict(
+            base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        ),
+        resolution=64,
+        width=96,
+        num_frames=9,
+        reward_frames=(0, 8),
+        num_student_steps=2,
+        lora_rank=4,
+        lora_alpha=4,
+        fake_lora_rank=4,
+        fake_lora_alpha=4,
+        reward_vision_config=dict(SMALL_VISION, projection_dim=32),
+        reward_text_config=dict(SMALL_TEXT, projection_dim=32, vocab_size=1000),
+        options=MemoryOptions(reward_decode="full"),
+    )
+    assert latent_shape(spec.kind, spec.backbone_config, 1, 64, 96, 9) == (1, 16, 3, 8, 12)
+    stage2 = estimate_iteration(spec, count_flops=False)
+    stage1 = estimate_iteration(spec.with_options(reward_decode="none"), count_flops=False)
+    assert stage2.peak_phase == GENERATOR_UPDATE
+    assert stage2.phases[GENERATOR_UPDATE] > 2 * stage1.phases[GENERATOR_UPDATE] > 0
