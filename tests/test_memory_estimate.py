@@ -378,9 +378,11 @@ def test_reward_decode_estimate_runs_outside_autocast():
     import json
     from dataclasses import asdict
 
-    def key_before_the_revision(spec):  # the key as it was before the decode revision and the tile option
+    def key_before_the_revision(spec):  # the key before the decode revision and the fields added with it
         values = asdict(spec)
         del values["options"]["reward_decode_tile_size"]
+        for name in ("width", "num_frames", "reward_frames"):
+            del values[name]
         return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     assert _cache_key(full, full.options) != key_before_the_revision(full)
