@@ -1,5 +1,5 @@
-"""Try the bad inputs of issue 27 items 1-6 and count how each ends: clear before any weight loads (one line, exit 2,
-or one warning and a safe fallback), clear after the teacher loads, a traceback, or silently accepted.
+"""Try the bad inputs of issue 27 items 1-6 and 9 and count how each ends: clear before any weight loads (one line,
+exit 2, or one warning and a safe fallback), clear after the teacher loads, a traceback, or silently accepted.
 
     python benchmarks/bad_inputs_harden_a.py [--output results.json]
 
@@ -73,7 +73,8 @@ def preflight_outcome(argv: list[str], expect_warning: str | None = None) -> tup
         except SystemExit as exit_info:
             # Progress bars (`datasets` reading the prompt file) share stderr: the message starts at "train.py:".
             text = stderr.getvalue()
-            text = text[text.find("train.py:") :].strip() if "train.py:" in text else text.strip()
+            start = max(text.find("train.py:"), text.find("dmdr-train:"))
+            text = text[start:].strip() if start >= 0 else text.strip()
             one_line = exit_info.code in (1, 2) and len(text.splitlines()) == 1
             return (BEFORE if one_line else TRACEBACK), text
         except Exception as error:  # noqa: BLE001 (a traceback is what this harness counts)
@@ -266,6 +267,55 @@ def cache_cases(root: Path, prompts: Path):
     return cases
 
 
+def diffusers_flag_cases(root: Path, prompts: Path):
+    """Item 9: bad values of the diffusers-script flags (`--pretrained_vae_model_name_or_path`, `--lora_dropout`,
+    `--cache_dir`, `--dataloader_num_workers`) and rewards that are not available offline."""
+    teacher = weightless_teacher(root / "vae-teacher")
+    teacher_vae = {"_class_name": "AutoencoderKL", "block_out_channels": [8, 8, 8, 8], "latent_channels": 4,
+                   "scaling_factor": 0.13025}  # fmt: skip
+    (teacher / "vae" / "config.json").write_text(json.dumps(teacher_vae))
+
+    def vae_folder(name, weights="diffusion_pytorch_model.safetensors", **changes):
+        folder = root / "vaes" / name
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({**teacher_vae, **changes}))
+        if weights:
+            (folder / weights).write_bytes(b"")
+        return folder
+
+    as_file = root / "a-file"
+    as_file.write_text("x")
+    no_tokenizer = root / "pickscore-weights-only"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text("{}")
+    vae_flag = "--pretrained_vae_model_name_or_path"
+    flags = [
+        ("VAE folder missing", [vae_flag, str(root / "missing")]),
+        ("VAE is a pipeline folder", [vae_flag, str(teacher)]),
+        ("VAE with 16 latent channels", [vae_flag, str(vae_folder("c16", latent_channels=16))]),
+        ("VAE with another scaling factor", [vae_flag, str(vae_folder("sf", scaling_factor=0.18215))]),
+        ("VAE with another spatial factor", [vae_flag, str(vae_folder("deep", block_out_channels=[8, 8, 8]))]),
+        ("VAE of another class", [vae_flag, str(vae_folder("tiny", _class_name="AutoencoderTiny"))]),
+        ("VAE without --variant fp16 files", [vae_flag, str(vae_folder("plain")), "--variant", "fp16"]),
+        ("VAE folder without safetensors", [vae_flag, str(vae_folder("bin", weights="diffusion_pytorch_model.bin"))]),
+        ("Hub VAE not in the offline cache", [vae_flag, "madebyollin/sdxl-vae-fp16-fix"]),
+        ("--lora_dropout 1", ["--lora_dropout", "1"]),
+        ("--lora_dropout -0.1", ["--lora_dropout", "-0.1"]),
+        ("--lora_dropout nan", ["--lora_dropout", "nan"]),
+        ("--lora_dropout 0.1 with --training_mode full", ["--lora_dropout", "0.1", "--training_mode", "full"]),
+        ("--cache_dir is a file", ["--cache_dir", str(as_file)]),
+        ("--dataloader_num_workers 4", ["--dataloader_num_workers", "4"]),
+        ("offline: pickscore (defaults not cached)", ["--reward", "pickscore"]),
+        ("offline: aesthetic (defaults not cached)", ["--reward", "aesthetic"]),
+        ("offline: clip:model=<Hub id not cached>", ["--reward", "clip:model=dmdr-tests/not-cached"]),
+        ("offline: pickscore local folder, no tokenizer", ["--reward", f"pickscore:model={no_tokenizer}"]),
+    ]
+    return [
+        (f"9 {name}", "test_diffusers_flags", *preflight_outcome(base_argv(teacher, prompts, root / "run9", *extra)))
+        for name, extra in flags
+    ]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", help="write the rows and totals as JSON here")
@@ -329,6 +379,7 @@ def main(argv=None) -> int:
         cases.append(("6 custom reward, no hinge given", "test_custom_reward_hinge", BEFORE if linear else SILENT,
                       f"hinge {reward.hinge}"))  # fmt: skip
 
+        cases += diffusers_flag_cases(root, prompts)
         cases += cache_cases(root, prompts)
 
     totals = {kind: sum(row[2] == kind for row in cases) for kind in (BEFORE, AFTER, TRACEBACK, SILENT)}

@@ -58,6 +58,8 @@ class StockRoute:
         vae_class: class name of the family's autoencoder.
         requires: components that must be present (told apart from families with the same backbone class).
         excludes: components that must be absent.
+        backbone_config: values the backbone's config must hold (tells SDXL's UNet from SD1.5's when no text encoder
+            is given, as in a pipeline that samples from precomputed prompt embeddings).
         guidance_argument: the call argument that switches classifier-free guidance on above `guidance_threshold`.
         guidance_threshold: guidance is on above this value (1 for most pipelines, 0 for Z-Image).
         grid_argument: how the trained grid reaches the scheduler: `"num_inference_steps"` (the pipeline asks the
@@ -72,6 +74,7 @@ class StockRoute:
     vae_class: str = "AutoencoderKL"
     requires: tuple[str, ...] = ()
     excludes: tuple[str, ...] = ()
+    backbone_config: dict = field(default_factory=dict)
     guidance_argument: str = "guidance_scale"
     guidance_threshold: float = 1.0
     grid_argument: str = "num_inference_steps"
@@ -88,6 +91,7 @@ STOCK_ROUTES: dict[str, StockRoute] = {
         backbone_class="UNet2DConditionModel",
         backbone="unet",
         requires=("text_encoder_2",),
+        backbone_config={"addition_embed_type": "text_time"},
         call_defaults={"guidance_scale": 0.0},
         init_kwargs={"add_watermarker": False},
     ),
@@ -96,6 +100,7 @@ STOCK_ROUTES: dict[str, StockRoute] = {
         backbone_class="UNet2DConditionModel",
         backbone="unet",
         excludes=("text_encoder_2",),
+        backbone_config={"addition_embed_type": None},
         call_defaults={"guidance_scale": 0.0},
         init_kwargs={"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
     ),
@@ -382,8 +387,16 @@ class FewStepDMDRPipeline(DiffusionPipeline):
 
     def encode_prompt(self, *args, **kwargs):
         """The stock pipeline's `encode_prompt` (same arguments and return values): prompts are encoded exactly as the
-        teacher and the trainer encode them."""
-        return self.stock_pipeline().encode_prompt(*args, **kwargs)
+        teacher and the trainer encode them, and as `__call__` encodes them: the call defaults the student was trained
+        with that are `encode_prompt` arguments (SD3's 128 T5 tokens) apply unless given."""
+        stock = self.stock_pipeline()
+        signature = inspect.signature(stock.encode_prompt)
+        given = signature.bind_partial(*args, **kwargs).arguments
+        defaults = {**self.route.call_defaults, **(self.config.get("call_defaults") or {})}
+        trained = {
+            name: value for name, value in defaults.items() if name in signature.parameters and name not in given
+        }
+        return stock.encode_prompt(*args, **kwargs, **trained)
 
     # ------------------------------------------------------------------------------------------------------------
     # Sampling
@@ -541,11 +554,18 @@ def _find_stock_pipeline(components: dict) -> str:
         return _find_stock_pipeline_by_text_encoders(components)
     backbone = components.get("transformer") if components.get("unet") is None else components.get("unet")
     backbone_class = type(backbone).__name__
+    backbone_config = getattr(backbone, "config", {})
+    # Without any text encoder (a pipeline fed precomputed prompt embeddings) the components cannot tell the families
+    # apart: the backbone's config does.
+    has_text_encoder = any(value is not None for key, value in components.items() if key.startswith("text_encoder"))
     for name, route in STOCK_ROUTES.items():
         if route.backbone_class != backbone_class or components.get(route.backbone) is None:
             continue
-        if all(components.get(c) is not None for c in route.requires) and all(
-            components.get(c) is None for c in route.excludes
+        if any(backbone_config.get(key) != value for key, value in route.backbone_config.items()):
+            continue
+        checked = [c for c in route.requires + route.excludes if has_text_encoder or not c.startswith("text_encoder")]
+        if all(components.get(c) is not None for c in route.requires if c in checked) and all(
+            components.get(c) is None for c in route.excludes if c in checked
         ):
             return name
     raise ValueError(

@@ -37,8 +37,10 @@ def add_lora_adapter(
     alpha: float | None,
     target_modules: list[str],
     init: str = "gaussian",
+    dropout: float = 0.0,
 ) -> None:
-    """Add a LoRA adapter (B initialised to zero, so the model is unchanged until trained) and make it active."""
+    """Add a LoRA adapter (B initialised to zero, so the model is unchanged until trained) and make it active;
+    `dropout` is PEFT's `lora_dropout` on the adapter's input (active in train mode only)."""
     from peft import LoraConfig
 
     if init not in LORA_INITS:
@@ -48,7 +50,7 @@ def add_lora_adapter(
         lora_alpha=rank if alpha is None else alpha,
         target_modules=list(target_modules),
         init_lora_weights=LORA_INITS[init],
-        lora_dropout=0.0,
+        lora_dropout=dropout,
     )
     with warnings.catch_warnings():
         # The shared base carries two adapters on purpose (student and fake score).
@@ -164,7 +166,8 @@ def build_training_backbones(
         base: the teacher's backbone, loaded in `weight_dtype` (cast here only if it is not).
         training_mode: `lora` or `full`.
         weight_dtype: dtype of every frozen tensor.
-        student_lora, fake_lora: `add_lora_adapter` keyword arguments (`rank`, `alpha`, `target_modules`).
+        student_lora, fake_lora: `add_lora_adapter` keyword arguments (`rank`, `alpha`, `target_modules`, optionally
+            `dropout`).
         seed: seeds the LoRA A initialisation, so that a run is a function of its seed alone.
         student_backbone: full mode only: the student's own copy of the backbone, ideally loaded in float32 from the
             checkpoint (a copy of `base` is made when it is not given).

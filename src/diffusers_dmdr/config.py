@@ -46,13 +46,8 @@ TRACKERS = ("aim", "tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "cle
 # Flags of diffusers' training scripts that this command line does not take, and what to do instead: a user who
 # types one gets the reason, not argparse's bare "unrecognized arguments".
 DIFFUSERS_SCRIPT_FLAGS = {
-    "--pretrained_vae_model_name_or_path": "DMDR distils in the teacher's own latent space, so the teacher's VAE "
-    "is used; --reward_vae_model_name_or_path sets a lighter decoder for the rewards, and another VAE for the "
-    "teacher means a teacher pipeline folder saved with it",
     "--dataloader_num_workers": "prompts are drawn in the training process (no data loader, no images to load): "
     "drop the flag",
-    "--lora_dropout": "the student LoRA trains without dropout, as the released recipes do: drop the flag",
-    "--cache_dir": "Hub downloads go to the Hugging Face cache: set HF_HUB_CACHE (or HF_HOME) to move it",
 }
 # `--help` sections: the first field of each, in the dataclass's field order (the docstring uses the same sections).
 OPTION_GROUPS = {
@@ -123,6 +118,19 @@ class DMDRConfig:
     )
     revision: str | None = HfArg(default=None, help="Hub revision (branch, tag or commit) of the teacher.")
     variant: str | None = HfArg(default=None, help="Weight variant of the teacher's files, e.g. `fp16`.")
+    pretrained_vae_model_name_or_path: str | None = HfArg(
+        default=None,
+        help="Another VAE for the teacher (a diffusers VAE folder or Hub id with `config.json` at its root, e.g. "
+        "madebyollin/sdxl-vae-fp16-fix, which decodes SDXL's latents safely in fp16): it decodes the validation "
+        "grids, the samples and (without `reward_vae_model_name_or_path`) the rewards' images, and the exported "
+        "pipeline ships it. It must be the teacher VAE's class with the same latent space (channels, spatial factor, "
+        "scaling and shift factors). As in diffusers' SDXL scripts, `revision` and `variant` apply to it too.",
+    )
+    cache_dir: str | None = HfArg(
+        default=None,
+        help="Hugging Face cache folder of every Hub read the run and its export make (teacher, VAE, rewards, reward "
+        "autoencoder, a Hub prompt dataset); default: the Hugging Face cache (HF_HUB_CACHE).",
+    )
     family: Literal[FAMILY_NAMES] = HfArg(
         default="auto",
         help="Model family: `sdxl`, `sd15`, `sd3`, `flux` (FLUX.1 [dev]), `flux2` (FLUX.2 [klein] base), `zimage` "
@@ -148,6 +156,12 @@ class DMDRConfig:
     )
     lora_rank: int = HfArg(default=64, help="Rank of the student LoRA.")
     lora_alpha: float | None = HfArg(default=128, help="Alpha of the student LoRA.")
+    lora_dropout: float = HfArg(
+        default=0.0,
+        help="Dropout on the student LoRA's input, in [0, 1) (PEFT's `lora_dropout`; the released recipes use none). "
+        "The fake-score LoRA never drops out: it must track the student's distribution, and dropout would add noise "
+        "to every DMD direction. Kept in the exported `adapter_config`.",
+    )
     lora_target_modules: str | None = HfArg(
         default=None,
         help="Comma-separated module names for the student LoRA; default per family.",
@@ -583,6 +597,13 @@ class DMDRConfig:
         if self.shift is not None and (not math.isfinite(self.shift) or self.shift <= 0):
             problems.append(
                 f"--shift must be a positive finite number (SD3-Medium 3, SD3.5-Large 5), got {self.shift}."
+            )
+        if not (math.isfinite(self.lora_dropout) and 0 <= self.lora_dropout < 1):
+            problems.append(f"--lora_dropout must be in [0, 1) (0: no dropout), got {self.lora_dropout}.")
+        elif self.lora_dropout > 0 and self.training_mode == "full":
+            problems.append(
+                "--lora_dropout applies to the student LoRA and --training_mode full trains no student LoRA: drop "
+                "--lora_dropout, or use --training_mode lora."
             )
         if self.lr_scheduler not in LR_SCHEDULERS:
             problems.append(f"--lr_scheduler must be one of {list(LR_SCHEDULERS)}, got {self.lr_scheduler!r}.")

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .hub_cache import hub_cache_kwargs
+
 
 LOCAL_FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -47,7 +49,7 @@ def load_prompts(
     else:
         column = prompt_column or "prompt"
         try:
-            dataset = datasets.load_dataset(source, config_name, split=split)
+            dataset = datasets.load_dataset(source, config_name, split=split, **hub_cache_kwargs())
         except Exception as error:
             raise ValueError(
                 f"--train_prompts {source} is neither a local file nor a loadable Hub dataset ({error}). "

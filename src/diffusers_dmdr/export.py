@@ -68,6 +68,7 @@ from .export_layout import (  # noqa: F401  (the file names are part of this mod
 from .families import ModelFamily, detect_family, get_family, read_teacher_config
 from .families.base import TeacherComponents, run_student_scheduler
 from .hub import UPLOAD_IGNORE_PATTERNS, HubUploadError, hub_id_of, push_to_hub  # noqa: F401  (this module's API)
+from .hub_cache import using_hub_cache_dir
 from .lora_formats import KOHYA_LORA_WEIGHT_NAME, UNET_STYLE, WAN_STYLE, peft_to_comfy_lora
 from .method.denoisers import Denoiser
 from .method.simulation import sample_student
@@ -157,7 +158,10 @@ def _student_backbone_from_trainer(trainer, weights: StudentWeights) -> torch.nn
     module = trainer.training_module
     if trainer.sharded:
         config = trainer.config
-        backbone = trainer.family.load_backbone(config.pretrained_model_name_or_path, config.revision, config.variant)
+        with using_hub_cache_dir(config.cache_dir):
+            backbone = trainer.family.load_backbone(
+                config.pretrained_model_name_or_path, config.revision, config.variant
+            )
         return _apply_student_weights(backbone, trainer.family, config, weights)
     if module.is_full:
         return copy.deepcopy(module.student_backbone).to("cpu", torch.float32).eval()
@@ -224,7 +228,7 @@ def export_checkpoint(
             raise ValueError(problems[0])
     family = _family_of(config)
     weights = _checkpoint_student_weights(checkpoint_dir, config)
-    teacher = family.load_teacher(config.pretrained_model_name_or_path, config.revision, config.variant)
+    teacher = family.load_run_teacher(config)
     scheduler = run_student_scheduler(teacher, config)
     backbone = _apply_student_weights(teacher.backbone, family, config, weights)
     if weights.is_lora:
@@ -277,7 +281,7 @@ def student_pipeline_from_checkpoint(checkpoint: str | Path) -> FewStepDMDRPipel
     config = DMDRConfig.from_yaml(checkpoint_dir / CONFIG_FILE, allow_reward_import_paths=True)
     family = _family_of(config)
     weights = _checkpoint_student_weights(checkpoint_dir, config)
-    teacher = family.load_teacher(config.pretrained_model_name_or_path, config.revision, config.variant)
+    teacher = family.load_run_teacher(config)
     scheduler = run_student_scheduler(teacher, config)
     backbone = _apply_student_weights(teacher.backbone, family, config, weights)
     if weights.is_lora:
@@ -382,7 +386,9 @@ def export_pipeline(pipeline: FewStepDMDRPipeline, output_dir: str | Path) -> Pa
 def _apply_student_weights(backbone, family: ModelFamily, config: DMDRConfig, weights: StudentWeights):
     if weights.is_lora:
         targets = parse_target_modules(config.lora_target_modules, family.student_lora_targets)
-        add_lora_adapter(backbone, STUDENT_ADAPTER, config.lora_rank, config.lora_alpha, targets)
+        add_lora_adapter(
+            backbone, STUDENT_ADAPTER, config.lora_rank, config.lora_alpha, targets, dropout=config.lora_dropout
+        )
         load_adapter_state_dict(backbone, STUDENT_ADAPTER, weights.lora_state_dict)
     else:
         backbone.load_state_dict(weights.full_state_dict, strict=True)
@@ -414,7 +420,8 @@ def _full_student_pipeline(stock_pipeline, family, scheduler, backbone, config, 
 def _family_of(config: DMDRConfig) -> ModelFamily:
     if config.family != "auto":
         return get_family(config.family)
-    model_index = read_teacher_config(config.pretrained_model_name_or_path, config.revision)
+    with using_hub_cache_dir(config.cache_dir):
+        model_index = read_teacher_config(config.pretrained_model_name_or_path, config.revision)
     return get_family(detect_family(model_index, config.pretrained_model_name_or_path))
 
 
@@ -528,7 +535,8 @@ def write_export(
                 f"Hub id: the card has no base_model and its snippets load the placeholder {BASE_MODEL_PLACEHOLDER!r}. "
                 "Re-export with --base_model org/name to fill them."
             )
-        card = make_model_card(info, existing_card=output_dir / "README.md", hub_timeout=hub_timeout)
+        with using_hub_cache_dir(config.cache_dir):  # the teacher's card (its licence) is read from the cache
+            card = make_model_card(info, existing_card=output_dir / "README.md", hub_timeout=hub_timeout)
         # What is published names no local folder: absolute paths become `<local>/<name>` in the recipe, and in the
         # card of an export about to be pushed (a local card keeps them; the run's checkpoints keep their own,
         # unredacted dmdr_config.yaml).

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .export_layout import LOCAL_PATHS_FILE
+from .hub_cache import hub_cache_kwargs
 
 
 logger = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ def cached_model_card_data(repo_id: str, revision: str | None = None) -> dict:
     """The metadata of `repo_id`'s README.md when it is in the local Hub cache; no request is sent."""
     from huggingface_hub import ModelCard, try_to_load_from_cache
 
-    cached = try_to_load_from_cache(repo_id, "README.md", revision=revision)
+    cached = try_to_load_from_cache(repo_id, "README.md", revision=revision, **hub_cache_kwargs())
     if not isinstance(cached, str):
         return {}
     try:
@@ -125,9 +126,11 @@ def remote_model_card_data(repo_id: str, revision: str | None, timeout: float) -
     within `timeout`; `{}` (with a warning) on any failure."""
     from huggingface_hub import ModelCard, hf_hub_download
 
+    cache = hub_cache_kwargs()  # read here: the deadline's worker thread does not see this context's cache folder
+
     def load_card():
         # `ModelCard.load` takes no revision: download the card at the pinned one, then read it.
-        return ModelCard.load(hf_hub_download(repo_id, "README.md", revision=revision))
+        return ModelCard.load(hf_hub_download(repo_id, "README.md", revision=revision, **cache))
 
     try:
         card = call_with_deadline(load_card, timeout, f"reading the model card of {repo_id}")

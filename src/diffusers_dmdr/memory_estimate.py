@@ -1445,7 +1445,7 @@ def spec_from_config(config, family) -> IterationSpec:
     """The iteration of a `DMDRConfig` run: the teacher's own backbone and VAE configs (read, no weights), the run's
     resolution, per-process batch, steps, LoRA shapes, optimizer and options. Each reward is taken as a CLIP ViT-H/14
     pair of towers (the shape of the built-in `clip` and `hpsv2.1` rewards)."""
-    from .families.base import read_component_config
+    from .families.base import read_component_config, read_vae_config
 
     if config.training_mode != "lora":
         raise ValueError("--max_memory_gib estimates LoRA runs (the recipes' mode); drop it for --training_mode full.")
@@ -1455,7 +1455,11 @@ def spec_from_config(config, family) -> IterationSpec:
         )
     source, revision = config.pretrained_model_name_or_path, config.revision
     targets = config.lora_target_modules.split(",") if config.lora_target_modules else None
-    vae_config = _init_config(read_component_config(source, "vae", revision))
+    # The VAE that decodes: `--pretrained_vae_model_name_or_path` when given (same class and latent space).
+    vae_path = getattr(config, "pretrained_vae_model_name_or_path", None)
+    vae_config = _init_config(
+        read_vae_config(vae_path, revision) if vae_path else read_component_config(source, "vae", revision)
+    )
     if family.name == "wan" and vae_config.get("scale_factor_spatial", 8) != 8:
         raise ValueError("--max_memory_gib estimates Wan 2.1 clips (8x spatial VAE); Wan 2.2's is not modelled yet.")
     return IterationSpec(

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .families.base import TEXT_ENCODER_NAMES, ModelFamily, read_component_config
+from .hub_cache import hub_cache_kwargs
 from .utils import resolve_dtype
 
 
@@ -463,7 +464,7 @@ def _root_config(pretrained_model_name_or_path: str) -> dict:
     from huggingface_hub import hf_hub_download
 
     try:
-        file = hf_hub_download(pretrained_model_name_or_path, "config.json")
+        file = hf_hub_download(pretrained_model_name_or_path, "config.json", **hub_cache_kwargs())
     except Exception as error:
         raise FileNotFoundError(
             f"--reward_vae_model_name_or_path {pretrained_model_name_or_path}: could not read its config.json "

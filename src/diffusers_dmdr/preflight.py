@@ -10,7 +10,8 @@ from pathlib import Path
 from .config import DMDRConfig, report_to_trackers
 from .data import load_prompts
 from .families import ModelFamily, detect_family, get_family, read_teacher_config
-from .families.base import read_component_config, read_scheduler_config, student_grid_for
+from .families.base import read_component_config, read_scheduler_config, read_vae_config, student_grid_for
+from .hub_cache import hub_cache_kwargs, using_hub_cache_dir
 from .memory_estimate import check_memory_budget, describe_run_estimate
 from .memory_plan import MemoryPlan, memory_plan_for
 from .pipelines.scheduling_dmdr import DMDRScheduler
@@ -34,7 +35,15 @@ class RunPlan:
 
 
 def check_run_inputs(config: DMDRConfig) -> RunPlan:
-    """Validate everything about `config` that can be checked before any weight is loaded."""
+    """Validate everything about `config` that can be checked before any weight is loaded; every Hub read goes
+    through `--cache_dir`."""
+    if config.cache_dir is not None and Path(config.cache_dir).expanduser().is_file():
+        raise ValueError(f"--cache_dir {config.cache_dir} is a file; give the Hugging Face cache folder.")
+    with using_hub_cache_dir(config.cache_dir):
+        return _check_run_inputs(config)
+
+
+def _check_run_inputs(config: DMDRConfig) -> RunPlan:
     from .rewards import check_recipe_import_paths, parse_reward_spec, resolve_reward_factory, validate_reward_specs
     from .rewards.core import reward_import_paths
     from .rewards.scores import is_score_reward
@@ -47,6 +56,13 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
     local_teacher = Path(config.pretrained_model_name_or_path).expanduser()
     if local_teacher.is_dir():
         config.pretrained_model_name_or_path = str(local_teacher.resolve())
+    if (
+        config.pretrained_vae_model_name_or_path
+        and Path(config.pretrained_vae_model_name_or_path).expanduser().is_dir()
+    ):
+        config.pretrained_vae_model_name_or_path = str(
+            Path(config.pretrained_vae_model_name_or_path).expanduser().resolve()
+        )
     # 1. Teacher: the folder or Hub id exists and is a supported family.
     model_index = read_teacher_config(config.pretrained_model_name_or_path, config.revision)
     detected = detect_family(model_index, config.pretrained_model_name_or_path)
@@ -79,6 +95,8 @@ def check_run_inputs(config: DMDRConfig) -> RunPlan:
 
     # 2b. The backbone denoises the VAE's latents alone (an inpainting UNet also takes a mask and a masked image).
     check_backbone_channels(config, family)
+    if config.pretrained_vae_model_name_or_path:
+        check_teacher_vae(config, family)
 
     # 3. Student grid: the scheduler validates range and order.
     scheduler_config = {}
@@ -271,7 +289,7 @@ def check_reward_vae(name_or_path: str, revision: str | None) -> None:
     from diffusers import AutoencoderTiny
 
     try:
-        AutoencoderTiny.load_config(name_or_path, revision=revision)
+        AutoencoderTiny.load_config(name_or_path, revision=revision, **hub_cache_kwargs())
     except Exception as error:
         raise FileNotFoundError(
             f"Could not read config.json of --reward_vae_model_name_or_path {name_or_path!r} (revision "
@@ -380,6 +398,80 @@ def check_backbone_channels(config: DMDRConfig, family: ModelFamily) -> None:
         )
 
 
+# VAE config keys that define its latent space: another VAE for the teacher must agree on each one it sets.
+VAE_LATENT_SPACE_KEYS = (
+    "latent_channels",
+    "z_dim",
+    "scaling_factor",
+    "shift_factor",
+    "latents_mean",
+    "latents_std",
+    "scale_factor_spatial",
+    "scale_factor_temporal",
+)
+
+
+def check_teacher_vae(config: DMDRConfig, family: ModelFamily) -> None:
+    """`--pretrained_vae_model_name_or_path` is a VAE of the teacher VAE's class with the same latent space (its
+    configs only), and a local folder holds safetensors weights for `--variant`, which applies to it too."""
+    flag, name = "--pretrained_vae_model_name_or_path", config.pretrained_vae_model_name_or_path
+    vae_config = read_vae_config(name, config.revision)
+    teacher_vae = read_component_config(config.pretrained_model_name_or_path, "vae", config.revision)
+    vae_class, teacher_class = vae_config.get("_class_name"), teacher_vae.get("_class_name")
+    if vae_class != teacher_class:
+        raise ValueError(
+            f"{flag} {name} is a {vae_class} but the teacher's VAE is a {teacher_class}: give a VAE of the teacher's "
+            "class and latent space."
+        )
+    # A key a config leaves out has the class's default (configs saved by older diffusers omit `scaling_factor`).
+    defaults = _init_defaults(vae_class)
+    vae_config, teacher_vae = {**defaults, **vae_config}, {**defaults, **teacher_vae}
+    differences = [
+        f"{key} {vae_config.get(key)} (teacher's VAE: {teacher_vae.get(key)})"
+        for key in VAE_LATENT_SPACE_KEYS
+        if vae_config.get(key) != teacher_vae.get(key)
+    ]
+    if len(vae_config.get("block_out_channels", [])) != len(teacher_vae.get("block_out_channels", [])):
+        differences.append(
+            f"spatial factor {2 ** (len(vae_config.get('block_out_channels', [0])) - 1)} (teacher's VAE: "
+            f"{2 ** (len(teacher_vae.get('block_out_channels', [0])) - 1)})"
+        )
+    if differences:
+        raise ValueError(
+            f"{flag} {name} has another latent space than the teacher's VAE: {'; '.join(differences)}. DMDR trains "
+            "in the teacher's latents, so the VAE must share them (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL)."
+        )
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        suffix = f".{config.variant}" if config.variant else ""
+        weights = [
+            f"diffusion_pytorch_model{suffix}.safetensors",
+            f"diffusion_pytorch_model.safetensors.index{suffix}.json",
+        ]
+        if not any((folder / file).is_file() for file in weights):
+            fix = (
+                f"--variant {config.variant} applies to the VAE too, as in diffusers' SDXL scripts: save the VAE with "
+                f"`save_pretrained(folder, variant={config.variant!r})`, or drop --variant"
+                if config.variant
+                else "save it with `save_pretrained(folder)` (only safetensors are loaded)"
+            )
+            raise FileNotFoundError(f"{flag} {name} has no {weights[0]}: {fix}.")
+
+
+def _init_defaults(class_name: str | None) -> dict:
+    """The keyword defaults of a diffusers class's `__init__` (its config values when a config omits them); `{}` for
+    a name diffusers does not have."""
+    import inspect
+
+    import diffusers
+
+    model_class = getattr(diffusers, str(class_name), None)
+    if not isinstance(model_class, type):
+        return {}
+    parameters = inspect.signature(model_class.__init__).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
 def check_output_dir(output_dir: str) -> None:
     """`--output_dir` is (or can be created as) a writable folder: probed by creating and removing a file."""
     check_writable_folder("--output_dir", output_dir, "choose a writable folder")
@@ -432,6 +524,8 @@ SCHEDULE_FIELDS = (
     "seed",
     "resolution",
     "width",
+    "lora_dropout",
+    "pretrained_vae_model_name_or_path",
 )
 
 

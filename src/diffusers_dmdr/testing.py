@@ -12,6 +12,13 @@ python -m diffusers_dmdr.testing build-tiny --family sdxl --output /tmp/tiny-sdx
 writes a pipeline folder that `DiffusionPipeline.from_pretrained(folder)` loads like any SDXL, SD3, FLUX.1 [dev],
 FLUX.2 [klein], Z-Image, Qwen-Image or Wan checkpoint (FLUX builders in `testing_flux.py`, Wan in `testing_wan.py`
 (`--wan_variant 2.2-ti2v` for Wan 2.2 TI2V-5B's layout), the shared encoders and autoencoder in `testing_blocks.py`).
+
+```
+python -m diffusers_dmdr.testing build-tiny --reward clip --output /tmp/tiny-clip
+```
+
+writes a tiny reward model for smoke tests: a transformers `CLIPModel` with its tokenizer and image processor
+(safetensors), which `--reward clip:model=/tmp/tiny-clip` (or `pickscore:model=/tmp/tiny-clip`) loads offline.
 """
 
 import argparse
@@ -421,6 +428,30 @@ def tiny_clip_model(seed: int = 0):
     return CLIPModel(config).eval(), tiny_clip_tokenizer()
 
 
+# What `build-tiny --reward` can write, and the reward spec that loads it (`{folder}`: the output folder).
+TINY_REWARDS = {"clip": "clip:model={folder}"}
+
+
+def build_tiny_reward(kind: str, output_dir: str | Path, seed: int = 0) -> Path:
+    """Save a tiny reward model to `output_dir` and return the folder. `kind="clip"`: a transformers `CLIPModel`
+    (safetensors), its tokenizer and a `preprocessor_config.json`: `clip:model=<folder>` and
+    `pickscore:model=<folder>` load it without the Hub."""
+    from transformers import CLIPImageProcessorPil
+
+    if kind not in TINY_REWARDS:
+        raise ValueError(f"Unknown tiny reward {kind!r}; choose one of {sorted(TINY_REWARDS)}.")
+    output_dir = Path(output_dir)
+    model, tokenizer = tiny_clip_model(seed)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    # Resize and crop to the vision tower's resolution, CLIP's mean and std (the processor's defaults).
+    size = model.config.vision_config.image_size
+    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
+        output_dir
+    )
+    return output_dir
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m diffusers_dmdr.testing build-tiny ...`; the project's errors end as one line."""
     from .cli import run_entry_point
@@ -434,15 +465,30 @@ def _build_tiny(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m diffusers_dmdr.testing", description=__doc__.split("\n")[0])
     parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build-tiny", help="write a tiny offline teacher pipeline folder")
-    build.add_argument("--family", choices=TINY_FAMILIES, required=True)
-    build.add_argument("--output", required=True, help="folder to write the pipeline to")
+    build = commands.add_parser("build-tiny", help="write a tiny offline teacher pipeline folder or reward model")
+    what = build.add_mutually_exclusive_group(required=True)
+    what.add_argument("--family", choices=TINY_FAMILIES, help="write a tiny teacher pipeline of this family")
+    what.add_argument(
+        "--reward",
+        choices=sorted(TINY_REWARDS),
+        help="write a tiny reward model instead (clip: a CLIPModel folder for --reward clip:model=<output>)",
+    )
+    build.add_argument("--output", required=True, help="folder to write the pipeline or reward model to")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--prediction_type", choices=("epsilon", "v_prediction"), default=None)
     build.add_argument(
         "--wan_variant", choices=("2.1", "2.2-ti2v"), default=None, help="wan only: Wan 2.1 T2V or Wan 2.2 TI2V-5B"
     )
     args = parser.parse_args(argv)
+    if Path(args.output).expanduser().is_file():
+        parser.error(f"--output {args.output} is a file; give a folder (it is created if missing).")
+    if args.reward is not None:
+        if args.prediction_type is not None or args.wan_variant is not None:
+            parser.error("--prediction_type and --wan_variant apply to teachers (--family), not to --reward.")
+        path = build_tiny_reward(args.reward, args.output, seed=args.seed)
+        spec = TINY_REWARDS[args.reward].format(folder=path)
+        print(f"wrote a tiny {args.reward} reward model to {path}; train with --reward {spec}")  # noqa: T201
+        return
     kwargs = {} if args.prediction_type is None else {"prediction_type": args.prediction_type}
     if args.wan_variant is not None:
         if args.family != "wan":

@@ -20,6 +20,7 @@ from diffusers_dmdr import DMDRConfig
 from diffusers_dmdr.cli import DEBUG_HELP, is_checked_input_error, one_line, run_entry_point
 from diffusers_dmdr.config import USER_INPUT_ERRORS
 from diffusers_dmdr.export import recover_interrupted_export
+from diffusers_dmdr.hub_cache import hub_cache_kwargs, using_hub_cache_dir
 from diffusers_dmdr.preflight import check_run_inputs
 from diffusers_dmdr.rewards import load_rewards, reward_names_epilog
 from diffusers_dmdr.trainer import DMDRTrainer, create_accelerator, weight_dtype_of
@@ -63,7 +64,12 @@ def default_validation_prompts(prompts: list[str], count: int = NUM_DEFAULT_VALI
 
 def _train(argv: list[str]) -> None:
     config, plan = parse_and_check(argv)
+    # Every Hub read from here on (teacher, VAE, rewards, reward autoencoder, the export) uses --cache_dir.
+    with using_hub_cache_dir(config.cache_dir):
+        _train_checked(config, plan)
 
+
+def _train_checked(config: DMDRConfig, plan) -> None:
     accelerator = create_accelerator(config)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if config.allow_tf32 and torch.cuda.is_available():
@@ -84,9 +90,7 @@ def _train(argv: list[str]) -> None:
 
     # Loaded once, directly in the training dtype; the export reuses these components.
     weight_dtype = weight_dtype_of(accelerator.mixed_precision)
-    teacher = plan.family.load_teacher(
-        config.pretrained_model_name_or_path, config.revision, config.variant, weight_dtype
-    )
+    teacher = plan.family.load_run_teacher(config, weight_dtype)
     # Frozen reward models run in the frozen weights' dtype (a spec's `precision=` overrides it). Reward
     # back-propagation probes each reward's gradient; GRPO and DPO only need scores.
     rewards = load_rewards(plan.reward_specs, accelerator.device, dtype=weight_dtype, for_training=config.rl == "refl")
@@ -96,7 +100,7 @@ def _train(argv: list[str]) -> None:
         from diffusers import AutoencoderTiny
 
         reward_vae = AutoencoderTiny.from_pretrained(
-            config.reward_vae_model_name_or_path, revision=config.reward_vae_revision
+            config.reward_vae_model_name_or_path, revision=config.reward_vae_revision, **hub_cache_kwargs()
         )
     trainer = DMDRTrainer(
         config, teacher, plan.prompts, rewards, eval_rewards, accelerator=accelerator, reward_vae=reward_vae

@@ -94,7 +94,12 @@ def build_training_module(teacher, config, weight_dtype: torch.dtype) -> DMDRTra
         teacher.backbone,
         config.training_mode,
         weight_dtype,
-        student_lora={"rank": config.lora_rank, "alpha": config.lora_alpha, "target_modules": student_targets},
+        student_lora={
+            "rank": config.lora_rank,
+            "alpha": config.lora_alpha,
+            "target_modules": student_targets,
+            "dropout": config.lora_dropout,
+        },
         fake_lora={"rank": config.fake_lora_rank, "alpha": config.fake_lora_alpha, "target_modules": fake_targets},
         seed=config.seed,
         student_backbone=student_backbone,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..hub_cache import hub_cache_kwargs
 from ..method.denoisers import guided_x0
 from ..pipelines.pipeline_dmdr import STOCK_ROUTES, StockRoute
 from ..pipelines.scheduling_dmdr import DMDRScheduler
@@ -100,7 +101,7 @@ def read_teacher_config(pretrained_model_name_or_path: str, revision: str | None
     from diffusers import DiffusionPipeline
 
     try:
-        return DiffusionPipeline.load_config(pretrained_model_name_or_path, revision=revision)
+        return DiffusionPipeline.load_config(pretrained_model_name_or_path, revision=revision, **hub_cache_kwargs())
     except Exception as error:
         raise FileNotFoundError(
             f"Could not read model_index.json of {pretrained_model_name_or_path!r} ({type(error).__name__}: {error}). "
@@ -140,7 +141,11 @@ def read_scheduler_config(pretrained_model_name_or_path: str, revision: str | No
     from huggingface_hub import hf_hub_download
 
     file = hf_hub_download(
-        pretrained_model_name_or_path, "scheduler_config.json", subfolder="scheduler", revision=revision
+        pretrained_model_name_or_path,
+        "scheduler_config.json",
+        subfolder="scheduler",
+        revision=revision,
+        **hub_cache_kwargs(),
     )
     return json.loads(Path(file).read_text(encoding="utf-8"))
 
@@ -154,8 +159,60 @@ def read_component_config(pretrained_model_name_or_path: str, subfolder: str, re
         return json.loads(config_file.read_text(encoding="utf-8"))
     from huggingface_hub import hf_hub_download
 
-    file = hf_hub_download(pretrained_model_name_or_path, "config.json", subfolder=subfolder, revision=revision)
+    file = hf_hub_download(
+        pretrained_model_name_or_path, "config.json", subfolder=subfolder, revision=revision, **hub_cache_kwargs()
+    )
     return json.loads(Path(file).read_text(encoding="utf-8"))
+
+
+def read_vae_config(name_or_path: str, revision: str | None = None) -> dict:
+    """The `config.json` at the root of a VAE folder or Hub repo (`--pretrained_vae_model_name_or_path`), no weights.
+
+    Raises `FileNotFoundError` naming the fix: a missing folder, a pipeline folder given instead of its `vae/`, a Hub
+    id that cannot be read (offline and not cached, wrong id or revision).
+    """
+    flag = "--pretrained_vae_model_name_or_path"
+    path = Path(name_or_path).expanduser()
+    if path.exists() or name_or_path.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise FileNotFoundError(f"{flag} {name_or_path} does not exist; give a VAE folder or a Hub id.")
+        if not (path / "config.json").is_file():
+            hint = (
+                f" (it is a pipeline folder: give {path / 'vae'})" if (path / "vae" / "config.json").is_file() else ""
+            )
+            raise FileNotFoundError(f"{flag} {name_or_path} has no config.json: it is not a VAE folder{hint}.")
+        return json.loads((path / "config.json").read_text(encoding="utf-8"))
+    from huggingface_hub import hf_hub_download
+
+    try:
+        file = hf_hub_download(name_or_path, "config.json", revision=revision, **hub_cache_kwargs())
+    except Exception as error:
+        reason = " ".join(str(error).split())[:300]
+        raise FileNotFoundError(
+            f"Could not read config.json of {flag} {name_or_path!r} (revision {revision or 'main'}, which --revision "
+            f"sets for the VAE too; {type(error).__name__}: {reason}). Check the id and your network (HF_HUB_OFFLINE, "
+            "--cache_dir), or give a local VAE folder."
+        ) from None
+    return json.loads(Path(file).read_text(encoding="utf-8"))
+
+
+def load_vae(
+    name_or_path: str, revision: str | None = None, variant: str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """Load `--pretrained_vae_model_name_or_path` as the class its `config.json` names, which must be a diffusers
+    model class (the preflight also checked it is the teacher VAE's class); safetensors weights only."""
+    import diffusers
+
+    class_name = read_vae_config(name_or_path, revision).get("_class_name")
+    vae_class = getattr(diffusers, str(class_name), None)
+    if not (isinstance(vae_class, type) and issubclass(vae_class, diffusers.ModelMixin)):
+        raise ValueError(
+            f"--pretrained_vae_model_name_or_path {name_or_path}: its config names {class_name!r}, which is not a "
+            "diffusers model class."
+        )
+    return vae_class.from_pretrained(
+        name_or_path, revision=revision, variant=variant, dtype=dtype, use_safetensors=True, **hub_cache_kwargs()
+    )
 
 
 class ModelFamily(ABC):
@@ -253,10 +310,15 @@ class ModelFamily(ABC):
         revision: str | None = None,
         variant: str | None = None,
         dtype: torch.dtype = torch.float32,
+        vae: str | None = None,
     ) -> TeacherComponents:
         """Load the teacher pipeline on the CPU directly in `dtype` (the training dtype: no float32 copy is made);
-        the trainer places it."""
-        pipeline = self.pipeline_class().from_pretrained(source, revision=revision, variant=variant, dtype=dtype)
+        the trainer places it. `vae` (`--pretrained_vae_model_name_or_path`) replaces the teacher's VAE, loaded at
+        the same `revision` and `variant`, as diffusers' SDXL training scripts do."""
+        components = {} if vae is None else {"vae": load_vae(vae, revision, variant, dtype)}
+        pipeline = self.pipeline_class().from_pretrained(
+            source, revision=revision, variant=variant, dtype=dtype, **components, **hub_cache_kwargs()
+        )
         pipeline.set_progress_bar_config(disable=True)
         backbone = getattr(pipeline, self.backbone_name)
         return TeacherComponents(family=self, pipeline=pipeline, backbone=backbone, vae=pipeline.vae, source=source)
@@ -270,8 +332,21 @@ class ModelFamily(ABC):
         class_name = read_component_config(source, self.backbone_name, revision)["_class_name"]
         backbone_class = getattr(diffusers, class_name)
         return backbone_class.from_pretrained(
-            source, subfolder=self.backbone_name, revision=revision, variant=variant, dtype=dtype
+            source, subfolder=self.backbone_name, revision=revision, variant=variant, dtype=dtype, **hub_cache_kwargs()
         )
+
+    def load_run_teacher(self, config, dtype: torch.dtype = torch.float32) -> TeacherComponents:
+        """The teacher of the run `config` (a `DMDRConfig`): its folder or Hub id, revision and variant, its
+        `--pretrained_vae_model_name_or_path`, read through its `--cache_dir`. Training and the export both load it
+        here, so the exported pipeline ships the VAE the samples were decoded with."""
+        from ..hub_cache import using_hub_cache_dir
+
+        # `vae` only when set: a family that overrides `load_teacher` without it still loads its own teacher.
+        vae = {"vae": config.pretrained_vae_model_name_or_path} if config.pretrained_vae_model_name_or_path else {}
+        with using_hub_cache_dir(config.cache_dir):
+            return self.load_teacher(
+                config.pretrained_model_name_or_path, config.revision, config.variant, dtype, **vae
+            )
 
     def text_encoders(self, pipeline) -> list[torch.nn.Module]:
         return [getattr(pipeline, name) for name in TEXT_ENCODER_NAMES if getattr(pipeline, name, None) is not None]

@@ -137,8 +137,8 @@ class WanFamily(ModelFamily):
         return shifted_flow_grid(num_steps, teacher_flow_shift(scheduler_config) if shift is None else shift), {}
 
     # -- loading --------------------------------------------------------------------------------------------------
-    def load_teacher(self, source, revision=None, variant=None, dtype=torch.float32):
-        teacher = super().load_teacher(source, revision=revision, variant=variant, dtype=dtype)
+    def load_teacher(self, source, revision=None, variant=None, dtype=torch.float32, vae=None):
+        teacher = super().load_teacher(source, revision=revision, variant=variant, dtype=dtype, vae=vae)
         # A folder saved without `model_index.json` checks (an in-memory pipeline) is refused here too.
         pipeline = teacher.pipeline
         if getattr(pipeline, "transformer_2", None) is not None or pipeline.config.get("boundary_ratio") is not None:

@@ -11,6 +11,7 @@ from .preprocessing import ImagePreprocessing
 from .weights import (
     RewardLoadError,
     from_pretrained_or_raise,
+    image_processor_dict,
     load_pretrained_model,
     load_state_dict_file,
     resolve_weight_file,
@@ -64,7 +65,6 @@ class AestheticReward(nn.Module):
     ):
         super().__init__()
         from transformers import AutoConfig, CLIPVisionModelWithProjection
-        from transformers.image_processing_base import ImageProcessingMixin
 
         self.head = aesthetic_head_from_state_dict(load_state_dict_file(resolve_weight_file(model, filename)))
         # Only the vision tower and its projection load (the text tower is a third of CLIP-L's weights); the
@@ -80,12 +80,8 @@ class AestheticReward(nn.Module):
                 f"The aesthetic head takes {self.head[0].in_features}-d embeddings but {clip_model!r} gives "
                 f"{self.vision_model.config.projection_dim}-d ones."
             )
-        try:
-            processor_dict, _ = ImageProcessingMixin.get_image_processor_dict(clip_model)
-        except OSError:
-            processor_dict = {}
         self.preprocessing = ImagePreprocessing.from_image_processor_dict(
-            processor_dict, default_size=self.vision_model.config.image_size
+            image_processor_dict(clip_model), default_size=self.vision_model.config.image_size
         )
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

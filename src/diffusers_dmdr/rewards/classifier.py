@@ -13,7 +13,13 @@ from torch import nn
 
 from .imports import resolve_module_class
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocessing
-from .weights import RewardLoadError, check_model_reference, load_pretrained_model, load_state_dict_file
+from .weights import (
+    RewardLoadError,
+    check_model_reference,
+    image_processor_dict,
+    load_pretrained_model,
+    load_state_dict_file,
+)
 
 
 def _read_labels(labels: str | list[str]) -> list[str]:
@@ -101,15 +107,11 @@ class ClassifierReward(nn.Module):
         self.check_requirements({"model": model, "module": module, "labels": labels, "checkpoint": checkpoint})
         if model is not None:
             from transformers import AutoModelForImageClassification
-            from transformers.image_processing_base import ImageProcessingMixin
 
             self.classifier = load_pretrained_model(AutoModelForImageClassification, model, "classifier reward model")
             id2label = self.classifier.config.id2label
             labels = [id2label[index] for index in range(len(id2label))] if labels is None else labels
-            try:
-                processor_dict, _ = ImageProcessingMixin.get_image_processor_dict(model)
-            except OSError:
-                processor_dict = {}
+            processor_dict = image_processor_dict(model)
             self.preprocessing = ImagePreprocessing.from_image_processor_dict(
                 processor_dict,
                 default_size=getattr(self.classifier.config, "image_size", image_size),

@@ -13,10 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..hub_cache import hub_cache_kwargs
 from .preprocessing import ImagePreprocessing
 from .weights import (
     RewardLoadError,
+    check_cached_when_offline,
     from_pretrained_or_raise,
+    image_processor_dict,
     import_open_clip,
     load_pretrained_model,
     load_state_dict_file,
@@ -50,18 +53,13 @@ class TransformersCLIPTowers(nn.Module):
         """Load a `CLIPModel` (safetensors preferred, `.bin` read with `weights_only`) and the tokenizer and image
         processor config from `processor_name_or_path` (defaults to the model's own folder or repository)."""
         from transformers import AutoTokenizer, CLIPModel
-        from transformers.image_processing_base import ImageProcessingMixin
 
         processor_name_or_path = processor_name_or_path or model_name_or_path
         model = load_pretrained_model(CLIPModel, model_name_or_path, "CLIP reward model")
         tokenizer = from_pretrained_or_raise(AutoTokenizer.from_pretrained, processor_name_or_path, "CLIP tokenizer")
-        try:
-            processor_dict, _ = ImageProcessingMixin.get_image_processor_dict(processor_name_or_path)
-        except OSError:
-            # No preprocessor_config.json: CLIP's defaults at the model's own resolution, as CLIPProcessor uses.
-            processor_dict = {}
+        # Without a preprocessor_config.json: CLIP's defaults at the model's own resolution, as CLIPProcessor uses.
         preprocessing = ImagePreprocessing.from_image_processor_dict(
-            processor_dict, default_size=model.config.vision_config.image_size
+            image_processor_dict(processor_name_or_path), default_size=model.config.vision_config.image_size
         )
         return cls(model, tokenizer, preprocessing)
 
@@ -132,8 +130,9 @@ class OpenCLIPTowers(nn.Module):
                 load_weights=checkpoint is None,
                 require_pretrained=False,
                 **activation_kwargs,
+                **hub_cache_kwargs(),
             )
-            tokenizer = open_clip.get_tokenizer(model_name)
+            tokenizer = open_clip.get_tokenizer(model_name, **hub_cache_kwargs())
         except Exception as error:
             raise RewardLoadError(
                 f"Could not build the open_clip model {model_name!r} ({type(error).__name__}: {error})."
@@ -300,6 +299,9 @@ class CLIPReward(TextImageReward):
             any other. `"quickgelu"` gives open_clip's registered DFN5B.
     """
 
+    # Model options that name a folder or Hub id (checked before any weight loads).
+    path_options = ("model", "processor")
+
     def __init__(
         self,
         model: str = DEFAULT_CLIP_MODEL,
@@ -330,31 +332,52 @@ class CLIPReward(TextImageReward):
             import_open_clip(f"The CLIP reward model {model!r}")
 
 
+# PickScore's checkpoint, and the CLIP-H model it was fine-tuned from, whose tokenizer and image processor it uses.
+PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+
 class PickScoreReward(CLIPReward):
     r"""PickScore (Kirstain et al., https://huggingface.co/papers/2305.01569): `logit_scale.exp() * cos`, about
     18-23 for typical images; a CLIP-H `CLIPModel` fine-tuned on Pick-a-Pic preferences.
 
     Args:
         model (`str`, defaults to `"yuvalkirstain/PickScore_v1"`): the PickScore `CLIPModel` folder or Hub id.
-        processor (`str`, defaults to `"laion/CLIP-ViT-H-14-laion2B-s32B-b79K"`):
-            The tokenizer and image processor, which PickScore takes from the CLIP-H model it was fine-tuned from;
-            `None` uses the model's own folder.
+        processor (`str`, *optional*):
+            Where the tokenizer and image processor live. Unset: the model's own folder when `model` is a local folder
+            (a local copy is used offline, whole), else `"laion/CLIP-ViT-H-14-laion2B-s32B-b79K"`, the CLIP-H model
+            PickScore was fine-tuned from (its published usage).
     """
 
     use_logit_scale = True
     # Scores live around 20, so a 0.7 hinge would never be active: the registry defaults PickScore to linear.
     default_hinge = None
 
-    def __init__(
-        self,
-        model: str = "yuvalkirstain/PickScore_v1",
-        processor: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-    ):
-        super().__init__(model=model, processor=processor, backend="transformers")
+    def __init__(self, model: str = PICKSCORE_MODEL, processor: str | None = None):
+        super().__init__(model=model, processor=self.resolve_processor(model, processor), backend="transformers")
+
+    @staticmethod
+    def resolve_processor(model: str, processor: str | None) -> str:
+        """`processor` as given, else the model's folder when it is local, else PickScore's CLIP-H processor."""
+        if processor is not None:
+            return processor
+        return model if Path(str(model)).expanduser().is_dir() else PICKSCORE_PROCESSOR
 
     @classmethod
     def check_requirements(cls, options: dict) -> None:
-        """transformers only: nothing to check beyond the paths."""
+        """Before any weight loads: a local model folder used as its own processor holds a tokenizer, and (offline)
+        the processor's Hub repository is cached."""
+        model = str(options.get("model", PICKSCORE_MODEL))
+        processor = cls.resolve_processor(model, options.get("processor"))
+        folder = Path(processor).expanduser()
+        if folder.is_dir() and not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+            raise ValueError(
+                f"Reward 'pickscore': {folder} has no tokenizer (tokenizer.json or vocab.json + merges.txt), and without "
+                f"processor= the tokenizer is read from the model's folder: give processor=<a CLIP-H tokenizer folder> "
+                f"or save the tokenizer there (PickScore uses {PICKSCORE_PROCESSOR}'s)."
+            )
+        check_cached_when_offline("pickscore", "model", model)
+        check_cached_when_offline("pickscore", "processor", processor)
 
 
 class HPSReward(TextImageReward):

@@ -4,7 +4,7 @@ which checks the options of the reward it wraps)."""
 import inspect
 from collections.abc import Callable
 
-from .weights import check_model_reference
+from .weights import check_cached_when_offline, check_model_reference
 
 
 # Options that `load_rewards` applies around any reward instead of passing them to its constructor.
@@ -41,7 +41,8 @@ def check_reward_options(name: str, factory: Callable, options: dict) -> None:
                 f"Unknown option(s) {unknown} for reward {name!r}; it accepts {sorted(parameters)} plus "
                 f"{list(RUNTIME_OPTIONS)}."
             )
-    for key in getattr(factory, "path_options", ("model",)):
+    path_options = getattr(factory, "path_options", ("model",))
+    for key in path_options:
         if isinstance(options.get(key), str):
             check_model_reference(options[key], key)
     check_requirements = getattr(factory, "check_requirements", None)
@@ -50,3 +51,9 @@ def check_reward_options(name: str, factory: Callable, options: dict) -> None:
             check_requirements(options)
         except ImportError as error:
             raise ValueError(f"Reward {name!r}: {error}") from error
+    # Offline, a Hub id (given, or the constructor's default) must already be in the cache.
+    for key in path_options:
+        default = parameters[key].default if parameters is not None and key in parameters else None
+        value = options.get(key, default)
+        if isinstance(value, str):
+            check_cached_when_offline(name, key, value)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ..hub_cache import hub_cache_dir, hub_cache_kwargs
+
 
 OPEN_CLIP_INSTALL_HINT = "pip install 'diffusers-dmdr[rewards]'"
 # Suffixes that mark a value as a weight file rather than a Hub repository id.
@@ -49,6 +51,49 @@ def check_model_reference(value: str, option: str) -> None:
         )
 
 
+def hub_repo_id(value: str) -> str | None:
+    """The Hub repository a model option names (`org/name`, or open_clip's `hf-hub:org/name`), or `None` for a local
+    path and for a bare name (an open_clip architecture such as `ViT-H-14`)."""
+    value = str(value)
+    if value.startswith("hf-hub:"):
+        return value.removeprefix("hf-hub:")
+    if looks_like_local_path(value) or "/" not in value:
+        return None
+    return value
+
+
+def check_cached_when_offline(reward: str, option: str, value: str) -> None:
+    """With `HF_HUB_OFFLINE=1`, a Hub repository a reward would load must already be in the Hugging Face cache (the
+    run's `--cache_dir` or the default one): checked without a request, before any weight loads, so that an offline
+    run fails in one line instead of after the teacher loads. Online, or for local paths, nothing is checked."""
+    from huggingface_hub import constants, snapshot_download
+
+    repo_id = hub_repo_id(value)
+    if repo_id is None or not constants.HF_HUB_OFFLINE:
+        return
+    try:
+        snapshot_download(repo_id, local_files_only=True, **hub_cache_kwargs())
+    except Exception:
+        cache = hub_cache_dir() or constants.HF_HUB_CACHE
+        raise ValueError(
+            f"Reward {reward!r}: {option}={value} is a Hub repository that is not in the Hugging Face cache ({cache}) "
+            f"and HF_HUB_OFFLINE=1 forbids downloading it: run `hf download {repo_id}` once online (with "
+            f"--cache-dir if the run passes --cache_dir), or give a local folder ({reward}:{option}=/path/to/folder)."
+        ) from None
+
+
+def image_processor_dict(name_or_path: str) -> dict:
+    """The `preprocessor_config.json` of a transformers model folder or Hub id as a dict; `{}` when there is none
+    (the caller's defaults apply, as the transformers processors' do)."""
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    try:
+        processor_dict, _ = ImageProcessingMixin.get_image_processor_dict(name_or_path, **hub_cache_kwargs())
+    except OSError:
+        return {}
+    return processor_dict
+
+
 def resolve_weight_file(model: str, filename: str | None) -> Path:
     r"""Local path of a single-file checkpoint: `model` itself if it is a file, `model/filename` if it is a folder,
     else `filename` downloaded from the Hub repository `model`.
@@ -70,7 +115,7 @@ def resolve_weight_file(model: str, filename: str | None) -> Path:
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(model, filename))
+        return Path(hf_hub_download(model, filename, **hub_cache_kwargs()))
     except Exception as error:
         raise RewardLoadError(
             f"Could not fetch {filename!r} from the Hub repository {model!r} ({type(error).__name__}: {error}). "
@@ -116,7 +161,7 @@ def from_pretrained_or_raise(load: Callable, name_or_path: str, what: str, **kwa
     """Call a `from_pretrained`-style `load(name_or_path, **kwargs)`, turning any failure into a `RewardLoadError`
     that names the reward component and the location."""
     try:
-        return load(name_or_path, **kwargs)
+        return load(name_or_path, **hub_cache_kwargs(), **kwargs)
     except Exception as error:
         raise RewardLoadError(
             f"Could not load the {what} from {name_or_path!r} ({type(error).__name__}: {error}). Check that the "
