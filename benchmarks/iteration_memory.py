@@ -222,6 +222,30 @@ def run_fit_checks() -> None:
         )
 
 
+def run_decode_tiling() -> None:
+    """The bare SDXL VAE decode + backward to the latent at 1024 px, checkpointed, whole and in 512 px tiles (the
+    figure that decided `--reward_vae_tile_size`)."""
+    from diffusers_dmdr.memory_estimate import SDXL_VAE, _meta, activation_peak, fake_tensors, materialize
+    from diffusers_dmdr.reward_decode import enable_reward_decode_checkpointing, reward_decode_tiling
+
+    cache = load_cache()
+    for tile_size in (None, 512):
+        vae = _meta("diffusers", "AutoencoderKL", SDXL_VAE, torch.bfloat16)
+        enable_reward_decode_checkpointing(vae)
+        with fake_tensors():
+            materialize(vae)
+            latents = torch.randn(1, 4, 128, 128, dtype=torch.bfloat16).requires_grad_(True)
+
+            def run(vae=vae, latents=latents, tile_size=tile_size):
+                with reward_decode_tiling(vae, tile_size):
+                    vae.decode(latents).sample.float().mean().backward()
+
+            peak, _ = activation_peak(run)
+        cache.setdefault("decode_tiling", {})[str(tile_size)] = peak
+        print(f"checkpointed SDXL decode, tiles {tile_size}: {peak / 2**30:.3f} GiB", flush=True)
+    save_cache(cache)
+
+
 def gib(value: int) -> str:
     return f"{value / 2**30:.2f}"
 
@@ -378,6 +402,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--fit-check", action="store_true", help="full estimates at other sizes against the preflight's scaled ones"
     )
+    parser.add_argument("--decode-tiling", action="store_true", help="the checkpointed SDXL decode, whole and tiled")
     parser.add_argument(
         "--no-flops", action="store_true", help="memory only: skip the FLOP counter and its unit passes (~2x faster)"
     )
@@ -396,9 +421,11 @@ def main(argv=None) -> int:
         run_persistent()
     elif args.fit_check:
         run_fit_checks()
+    elif args.decode_tiling:
+        run_decode_tiling()
     elif not args.render:
         run_rows(args.rows, count_flops=not args.no_flops)
-    if not args.fit_check:
+    if not (args.fit_check or args.decode_tiling):
         write_published_table()
     write_docs()
     return 0
