@@ -56,7 +56,7 @@ setup(
         "diffusers_dmdr.recipes": "examples/train_dmdr/configs",
     },
     packages=find_packages("src") + ["diffusers_dmdr.pipelines", "diffusers_dmdr.recipes"],
-    package_data={"diffusers_dmdr": ["templates/*.jinja"], "diffusers_dmdr.recipes": ["*.yaml"]},
+    package_data={"diffusers_dmdr": ["templates/*.jinja", "published_estimates.json"], "diffusers_dmdr.recipes": ["*.yaml"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

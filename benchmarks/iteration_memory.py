@@ -25,6 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "docs" / "iteration_memory.json"
+PUBLISHED_TABLE = ROOT / "src" / "diffusers_dmdr" / "published_estimates.json"
 DOCS = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- iteration-memory:begin -->", "<!-- iteration-memory:end -->"
 COMMAND = "python benchmarks/iteration_memory.py"
@@ -35,9 +36,15 @@ def rows():
     from diffusers_dmdr.memory_estimate import MemoryOptions as O
 
     ckpt_full, ckpt_tiny = O(reward_decode="full"), O(reward_decode="tiny")
+    full_ckpt_cached = O(reward_decode="full_checkpointed", cache_reward_text_features=True)
+    full_ckpt_tiled = O(
+        reward_decode="full_checkpointed", reward_decode_tile_size=512, cache_reward_text_features=True
+    )
     return [
         ("sdxl-full", "sdxl", ckpt_full, 16, "SDXL 4-step LoRA, DFN5B + HPSv2.1, full VAE decode"),
         ("sdxl-full-ckpt", "sdxl", O(reward_decode="full_checkpointed"), 16, "same, checkpointed VAE decode"),
+        ("sdxl-full-ckpt-cached", "sdxl", full_ckpt_cached, 16, "same, checkpointed decode, text features cached"),
+        ("sdxl-full-ckpt-tiled", "sdxl", full_ckpt_tiled, 16, "same, checkpointed decode in 512 px tiles"),
         ("sdxl-tiny", "sdxl", ckpt_tiny, 12, "same with a tiny autoencoder for the reward decode"),
         (
             "sdxl-tiny-cached",
@@ -47,6 +54,8 @@ def rows():
             "same, reward text features cached",
         ),
         ("sd35-full", "sd35-large", ckpt_full, 32, "SD3.5-Large 4-step LoRA, bf16 base"),
+        ("sd35-full-ckpt-cached", "sd35-large", full_ckpt_cached, 32, "SD3.5-Large, bf16 base, checkpointed decode"),
+        ("sd35-full-ckpt-tiled", "sd35-large", full_ckpt_tiled, 32, "SD3.5-Large, bf16, checkpointed, 512 px tiles"),
         ("sd35-tiny", "sd35-large", ckpt_tiny, 32, "SD3.5-Large, bf16 base, tiny decode"),
         (
             "sd35-tiny-int8",
@@ -72,6 +81,14 @@ def rows():
             "FLUX.1 [dev], quantized base (NF4)",
         ),
         ("klein-full", "flux2-klein-4b", ckpt_full, 16, "FLUX.2 [klein] base 4B"),
+        ("klein-full-ckpt-cached", "flux2-klein-4b", full_ckpt_cached, 16, "FLUX.2 [klein] 4B, checkpointed decode"),
+        (
+            "klein-full-ckpt-tiled",
+            "flux2-klein-4b",
+            full_ckpt_tiled,
+            16,
+            "FLUX.2 [klein] 4B, checkpointed, 512 px tiles",
+        ),
         ("klein-tiny", "flux2-klein-4b", ckpt_tiny, 16, "FLUX.2 [klein] base 4B, tiny decode"),
         (
             "qwen-tiny-int8",
@@ -88,7 +105,11 @@ def rows():
             "Qwen-Image 20B 4-step LoRA, NF4 base",
         ),
         ("zimage-full", "z-image", ckpt_full, 24, "Z-Image 6B"),
+        ("zimage-full-ckpt-cached", "z-image", full_ckpt_cached, 24, "Z-Image 6B, checkpointed decode"),
+        ("zimage-full-ckpt-tiled", "z-image", full_ckpt_tiled, 24, "Z-Image 6B, checkpointed, 512 px tiles"),
         ("zimage-tiny", "z-image", ckpt_tiny, 24, "Z-Image 6B, tiny decode"),
+        ("wan21-full", "wan21-t2v-1.3b", ckpt_full, 80, "Wan 2.1 T2V 1.3B, 480 x 832 x 81, five scored frames"),
+        ("wan21-stage1", "wan21-t2v-1.3b", O(reward_decode="none"), 80, "Wan 2.1 T2V 1.3B, stage 1 (no reward)"),
     ]
 
 
@@ -146,6 +167,85 @@ def run_calibration() -> None:
         print(f"{case}: {estimate:.3f} GiB, H200 {measured:.3f} GiB, ratio {estimate / measured:.3f}", flush=True)
 
 
+# The scaled estimate's check: full estimates of the SDXL recipe at another resolution and batch, against the
+# 1024 px / batch 1 row scaled by pixels x batch (what the preflight prints for a published backbone, `fast_estimate`).
+FIT_CHECKS = {
+    "sdxl-tiny-768px": ("sdxl", "sdxl-tiny", dict(resolution=768)),
+    "sdxl-tiny-batch2": ("sdxl", "sdxl-tiny", dict(batch_size=2)),
+    "sdxl-full-ckpt-768px": ("sdxl", "sdxl-full-ckpt", dict(resolution=768)),
+}
+
+
+def write_published_table() -> None:
+    """The preflight's table (`memory_estimate.PUBLISHED_ESTIMATES_FILE`): every estimated row's phase peaks, keyed
+    by architecture and activation options (a quantized row's phases hold a dequantized layer: left out)."""
+    from dataclasses import replace
+
+    from diffusers_dmdr.memory_estimate import (
+        architecture_key,
+        build_backbone,
+        build_reward_decoder,
+        published_spec,
+        run_pixels,
+    )
+
+    cache, table = load_cache(), {}
+    for row_id, model, options, _, _ in rows():
+        values = cache.get("rows", {}).get(row_id)
+        if values is None or options.quantized_base != "none":
+            continue
+        spec = published_spec(model, options=replace(options, cache_reward_text_features=False))
+        key = architecture_key(spec, build_backbone(spec), build_reward_decoder(spec))
+        table[key] = {"model": model, "row": row_id, "phases": values["phases"], "pixels": run_pixels(spec)}
+    PUBLISHED_TABLE.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+
+
+def run_fit_checks() -> None:
+    from dataclasses import replace
+
+    from diffusers_dmdr.memory_estimate import estimate_iteration, published_spec, scaled_estimate
+
+    cache = load_cache()
+    options = {row_id: row_options for row_id, _, row_options, _, _ in rows()}
+    for name, (model, row_id, changes) in FIT_CHECKS.items():
+        start = time.time()
+        spec = replace(published_spec(model, options=options[row_id]), **changes)
+        entry = cache.setdefault("fit_check", {}).setdefault(name, {})
+        if "full_total" not in entry:  # the full estimate is kept; the scaled one follows the current rule
+            full = estimate_iteration(spec, count_flops=False)
+            entry.update(full_total=full.total_bytes, full_phases=full.phases, seconds=time.time() - start)
+        scaled = scaled_estimate(spec)
+        entry.update(scaled_total=scaled.total_bytes, scaled_phases=scaled.phases)
+        save_cache(cache)
+        print(
+            f"{name}: full {entry['full_total'] / 2**30:.2f} GiB, scaled {scaled.total_bytes / 2**30:.2f}", flush=True
+        )
+
+
+def run_decode_tiling() -> None:
+    """The bare SDXL VAE decode + backward to the latent at 1024 px, checkpointed, whole and in 512 px tiles (the
+    figure that decided `--reward_vae_tile_size`)."""
+    from diffusers_dmdr.memory_estimate import SDXL_VAE, _meta, activation_peak, fake_tensors, materialize
+    from diffusers_dmdr.reward_decode import enable_reward_decode_checkpointing, reward_decode_tiling
+
+    cache = load_cache()
+    for tile_size in (None, 512):
+        vae = _meta("diffusers", "AutoencoderKL", SDXL_VAE, torch.bfloat16)
+        enable_reward_decode_checkpointing(vae)
+        with fake_tensors():
+            materialize(vae)
+            latents = torch.randn(1, 4, 128, 128, dtype=torch.bfloat16).requires_grad_(True)
+
+            def run(vae=vae, latents=latents, tile_size=tile_size):
+                with reward_decode_tiling(vae, tile_size):
+                    vae.decode(latents).sample.float().mean().backward()
+
+            peak, _ = activation_peak(run)
+        cache.setdefault("decode_tiling", {})[str(tile_size)] = peak
+        print(f"checkpointed SDXL decode, tiles {tile_size}: {peak / 2**30:.3f} GiB", flush=True)
+    save_cache(cache)
+
+
 def gib(value: int) -> str:
     return f"{value / 2**30:.2f}"
 
@@ -175,18 +275,21 @@ def render() -> str:
         "",
         "Assumptions, all from the recipes (`examples/train_dmdr/configs`): 1024 px, batch 1 per GPU, 4 student "
         "steps, student LoRA rank 64 / fake rank 32 on the family's targets, bf16 frozen weights under bf16 "
-        "autocast (CUDA autocast's float32 `group_norm` / `layer_norm` emulated), 8-bit AdamW, gradient "
+        "autocast (CUDA autocast's float32 `group_norm` / `layer_norm` emulated) except the reward decode, which "
+        "runs in the autoencoder's bf16 with autocast off as the trainer does, 8-bit AdamW, gradient "
         "checkpointing of the backbone, cached prompt embeddings (text encoders off the GPU; the SDXL recipe "
         "does not set `--cache_prompt_embeds`: add it, its two encoders are another 1.6 GiB), two rewards "
         "(DFN5B CLIP and HPSv2.1, both open_clip ViT-H/14 at 224 px, built as transformers' CLIP classes of the "
         "same shapes) with their text towers on the GPU unless a row says the text features are cached. "
         "Conditioning lengths: SDXL 77 tokens, SD3.5 77 + 128, the others 512 (the families' padding).",
         "",
-        "Options marked *estimated only* are modelled here but not implemented by the trainer yet: the "
-        "quantized base (weight bytes of bitsandbytes-style int8 / NF4 `nn.Linear` weights plus one dequantized "
-        "layer; activations unchanged), cached reward text features, and the checkpointed full-VAE decode. "
-        "The tiny decoder is a TAESD-shaped `AutoencoderTiny` with the family's latent channels "
-        "(`--reward_vae_model_name_or_path`, implemented).",
+        "Every option is a trainer flag: `ckpt` `--gradient_checkpointing`; `decode full_checkpointed` "
+        "`--reward_vae_gradient_checkpointing`; `512 px tiles` `--reward_vae_tile_size 512`; `decode tiny` "
+        "`--reward_vae_model_name_or_path` (a TAESD-shaped `AutoencoderTiny` with the family's latent channels); "
+        "`text features cached` `--cache_reward_text_features` (text towers deleted after one pass over the "
+        "prompts); `int8 base` / `nf4 base` `--base_quantization bnb_int8` / `bnb_nf4` (the quantized frozen "
+        "base; its bytes are the backends' storage arithmetic for `nn.Linear` weights plus one dequantized layer, "
+        "activations those of the bf16 base).",
     ]
     calibration = cache.get("calibration", {})
     if calibration:
@@ -256,6 +359,24 @@ def render() -> str:
         details.append(f"- **{title}** ({options.describe()}): {persistent} GiB.")
     if details:
         lines += ["### Persistent bytes per row (GiB)", "", *details, ""]
+    fit = cache.get("fit_check", {})
+    if fit:
+        lines += [
+            "### The preflight's scaled estimate against full estimates",
+            "",
+            "Without `--max_memory_gib` the preflight prints, in seconds, the cached full estimate of the run's exact "
+            "configuration or else the published row of the same backbone, autoencoder, reward count and options "
+            "with its activation peaks scaled by `batch x pixels / 1024^2` and its persistent bytes exact "
+            "(`memory_estimate.fast_estimate`, table `src/diffusers_dmdr/published_estimates.json`). Its distance "
+            f"from the full estimate (`{COMMAND} --fit-check`):",
+            "",
+            "| run | full estimate (GiB) | scaled (GiB) | scaled / full |",
+            "|---|---|---|---|",
+        ]
+        for name, values in fit.items():
+            ratio = values["scaled_total"] / values["full_total"]
+            lines.append(f"| {name} | {gib(values['full_total'])} | {gib(values['scaled_total'])} | {ratio:.3f} |")
+        lines.append("")
     lines.append(END)
     return "\n".join(lines)
 
@@ -279,6 +400,10 @@ def main(argv=None) -> int:
     parser.add_argument("--persistent", action="store_true", help="every row's persistent bytes only (seconds)")
     parser.add_argument("--render", action="store_true", help="only rewrite docs/benchmarks.md from the cache")
     parser.add_argument(
+        "--fit-check", action="store_true", help="full estimates at other sizes against the preflight's scaled ones"
+    )
+    parser.add_argument("--decode-tiling", action="store_true", help="the checkpointed SDXL decode, whole and tiled")
+    parser.add_argument(
         "--no-flops", action="store_true", help="memory only: skip the FLOP counter and its unit passes (~2x faster)"
     )
     parser.add_argument("--cache", type=Path, default=CACHE, help="results file (default docs/iteration_memory.json)")
@@ -294,8 +419,14 @@ def main(argv=None) -> int:
         run_calibration()
     elif args.persistent:
         run_persistent()
+    elif args.fit_check:
+        run_fit_checks()
+    elif args.decode_tiling:
+        run_decode_tiling()
     elif not args.render:
         run_rows(args.rows, count_flops=not args.no_flops)
+    if not (args.fit_check or args.decode_tiling):
+        write_published_table()
     write_docs()
     return 0
 

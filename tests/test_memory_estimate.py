@@ -18,11 +18,13 @@ from diffusers_dmdr.memory_estimate import (
     AllocationCounter,
     IterationEstimate,
     MemoryOptions,
+    activation_peak,
     calibration_case,
     choose_memory_options,
     estimate_iteration,
     fake_tensors,
     frozen_backbone_bytes,
+    materialize,
     published_spec,
     quantized_linear_bytes,
 )
@@ -235,10 +237,11 @@ def test_choose_memory_options_takes_the_cheapest_that_fits_or_refuses():
     spec = small_spec()
     none, table = choose_memory_options(spec, max_memory_gib=0.01, cache=cache)
     assert none is None and "<- chosen" not in table
-    # Every candidate is listed with its estimate, and the estimated-only features say so.
-    assert table.count("GiB") == len(CANDIDATE_OPTIONS) + 1 and "quantized_base=nf4]" in table
+    # Every candidate is listed with its estimate and the flags that run it.
+    assert table.count("GiB") == len(CANDIDATE_OPTIONS) + 1 and "--base_quantization bnb_nf4]" in table
+    assert "--reward_vae_gradient_checkpointing --cache_reward_text_features]" in table
     # Quantization and text caching reuse the fake run of the same activation options.
-    assert len(cache) == 4
+    assert len(cache) == 5
     # The smallest estimate as the budget: the first candidate reaching it is chosen (estimates come from the cache).
     from diffusers_dmdr.memory_estimate import options_estimate
 
@@ -246,7 +249,7 @@ def test_choose_memory_options_takes_the_cheapest_that_fits_or_refuses():
     budget = min(totals) / GIB
     chosen, table = choose_memory_options(spec, max_memory_gib=budget, cache=cache)
     first_fitting = next(i for i, total in enumerate(totals) if total <= min(totals))
-    assert chosen == CANDIDATE_OPTIONS[first_fitting] and len(cache) == 4
+    assert chosen == CANDIDATE_OPTIONS[first_fitting] and len(cache) == 5
 
 
 @pytest.mark.gpu
@@ -295,3 +298,203 @@ def test_max_memory_gib_must_be_positive(prompt_file, tmp_path):
 
     with pytest.raises(ValueError, match="--max_memory_gib must be positive"):
         tiny_config("unused", prompt_file, tmp_path, max_memory_gib=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The options are the trainer's flags; the preflight's fast estimate
+# ----------------------------------------------------------------------------------------------------------------
+def test_memory_options_name_the_trainer_flags():
+    options = MemoryOptions(reward_decode="full_checkpointed", cache_reward_text_features=True, quantized_base="nf4")
+    assert options.flags() == [
+        "--gradient_checkpointing",
+        "--reward_vae_gradient_checkpointing",
+        "--cache_reward_text_features",
+        "--base_quantization bnb_nf4",
+    ]
+    assert options.estimated_only == []
+    assert MemoryOptions(reward_decode="tiny", quantized_base="int8").flags()[1:] == [
+        "--reward_vae_model_name_or_path <tiny autoencoder>",
+        "--base_quantization bnb_int8",
+    ]
+    # Every candidate the chooser can name is a real flag set (the towers' checkpointing is not a candidate), and one
+    # the trainer accepts for the family's autoencoder.
+    from diffusers_dmdr.memory_estimate import candidate_options
+
+    assert all(not options.estimated_only for options in CANDIDATE_OPTIONS)
+    assert candidate_options(published_spec("sdxl")) == list(CANDIDATE_OPTIONS)
+    qwen = candidate_options(published_spec("qwen-image"))
+    assert qwen and all(options.reward_decode != "full_checkpointed" for options in qwen)
+
+
+def test_options_of_config_reads_the_memory_flags(prompt_file, tmp_path):
+    from conftest import tiny_config
+
+    from diffusers_dmdr.memory_estimate import options_of_config
+
+    config = tiny_config(
+        "unused",
+        prompt_file,
+        tmp_path,
+        reward=["clip"],
+        gradient_checkpointing=True,
+        reward_vae_gradient_checkpointing=True,
+        cache_reward_text_features=True,
+    )
+    assert options_of_config(config) == MemoryOptions(
+        gradient_checkpointing=True, reward_decode="full_checkpointed", cache_reward_text_features=True
+    )
+    # The quantized base's config values (the quant branch's `base_quantization`) map to the estimate's schemes.
+    for value, scheme in (("bnb_int8", "int8"), ("torchao_int8", "int8"), ("bnb_nf4", "nf4"), ("none", "none")):
+        object.__setattr__(config, "base_quantization", value)
+        assert options_of_config(config).quantized_base == scheme
+    assert options_of_config(replace(config, reward=[])).reward_decode == "none"
+
+
+def test_reward_decode_estimate_runs_outside_autocast():
+    """The decode is modelled as the trainer runs it (VAE dtype, autocast off): under the emulated CUDA autocast the
+    same decode's float32 group norms would hold more (the negative control), and the cached estimates of the old
+    model are not reused (the cache key's decode revision)."""
+    from diffusers_dmdr.memory_estimate import _autocast, _cache_key, build_reward_decoder, decode_latents
+
+    spec = small_spec(reward_decode="full")
+
+    def peak(under_autocast):
+        vae = build_reward_decoder(spec)
+        with fake_tensors():
+            materialize(vae)
+            latents = torch.randn(1, 4, 32, 32).requires_grad_(True)
+
+            def run():
+                with _autocast():
+                    with torch.autocast("cpu", enabled=under_autocast):
+                        decode_latents(spec.kind, vae, latents, tiny=False).mean().backward()
+
+            return activation_peak(run)[0]
+
+    assert peak(under_autocast=True) > 1.3 * peak(under_autocast=False)
+    full, tiny = small_spec(reward_decode="full"), small_spec(reward_decode="tiny")
+    assert _cache_key(full, full.options) != _cache_key(replace(full, vae_config={}), full.options)
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    def key_before_the_revision(spec):  # the key before the decode revision and the fields added with it
+        values = asdict(spec)
+        del values["options"]["reward_decode_tile_size"]
+        for name in ("width", "num_frames", "reward_frames"):
+            del values[name]
+        return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    assert _cache_key(full, full.options) != key_before_the_revision(full)
+    assert _cache_key(tiny, tiny.options) == key_before_the_revision(tiny)
+    # The published tiny-decoder estimates, made before either change, are still found.
+    from pathlib import Path
+
+    published = json.loads((Path(__file__).parents[1] / "docs" / "iteration_memory.json").read_text())["estimates"]
+    sdxl_tiny = published_spec("sdxl", options=MemoryOptions(reward_decode="tiny"))
+    assert _cache_key(sdxl_tiny, sdxl_tiny.options) in published
+
+
+def test_scaled_estimate_from_the_published_table():
+    """The preflight's table: an entry at 1024 px, batch 1 is scaled by pixels x batch; persistent bytes are exact;
+    a run whose architecture or options are not in the table gets none."""
+    from diffusers_dmdr.memory_estimate import (
+        architecture_key,
+        build_backbone,
+        build_reward_decoder,
+        persistent_bytes,
+        scaled_estimate,
+    )
+
+    spec = replace(small_spec(reward_decode="tiny"), resolution=1024)
+    phases = {"backward simulation": 1000, "fake-score update": 2000, "generator update": 4000}
+    table = {architecture_key(spec, build_backbone(spec), build_reward_decoder(spec)): {"phases": phases}}
+    larger = scaled_estimate(replace(spec, batch_size=3), table)
+    assert larger.phases == {name: value * 3 for name, value in phases.items()}
+    assert larger.persistent == persistent_bytes(spec)
+    # A smaller run keeps the published peaks (an upper bound: part of each peak does not shrink with the pixels).
+    smaller = scaled_estimate(replace(spec, resolution=512), table)
+    assert smaller.phases == phases
+    cached = scaled_estimate(replace(spec, options=replace(spec.options, cache_reward_text_features=True)), table)
+    assert cached.phases == phases and cached.persistent_bytes < larger.persistent_bytes
+    assert scaled_estimate(small_spec(reward_decode="full"), table) is None
+
+
+def test_published_table_covers_every_released_recipe_row():
+    from diffusers_dmdr.memory_estimate import published_estimates
+
+    table = published_estimates()
+    models = {entry["model"] for entry in table.values()}
+    assert {"sdxl", "sd35-large", "flux1-dev", "flux2-klein-4b", "z-image"} <= models
+    assert all(
+        set(entry["phases"]) == {"backward simulation", "fake-score update", "generator update"}
+        for entry in table.values()
+    )
+
+
+def test_preflight_prints_an_estimate_without_a_budget(tiny_teacher_dirs, prompt_file, tmp_path, monkeypatch):
+    """Without --max_memory_gib: the cached full estimate when there is one, else one line with the exact persistent
+    bytes saying why activations are not estimated (no fake run in the preflight)."""
+    import time
+
+    from conftest import tiny_config
+
+    from diffusers_dmdr.families import get_family
+    from diffusers_dmdr.memory_estimate import check_memory_budget, describe_run_estimate
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    config = tiny_config(tiny_teacher_dirs["sdxl"], prompt_file, tmp_path / "out", mixed_precision="bf16")
+    family = get_family("sdxl")
+    start = time.perf_counter()
+    line = describe_run_estimate(config, family)
+    assert time.perf_counter() - start < 10
+    assert "\n" not in line and "activations not estimated" in line
+    check_memory_budget(replace(config, max_memory_gib=1000), family)  # fills the cache
+    report = describe_run_estimate(config, family)
+    assert "full estimate of this configuration, cached" in report and "peak of the generator update" in report
+    full_mode = describe_run_estimate(replace(config, training_mode="full"), family)
+    assert full_mode.startswith("Memory estimate: none for this run") and "--max_memory_gib" not in full_mode
+
+
+def test_a_wan_clip_iteration_is_estimated():
+    """Wan (5-D latents): the whole-clip decode with its graph dominates the generator update, as at real size; the
+    stage-1 iteration (no reward) holds far less."""
+    from diffusers_dmdr.memory_estimate import IterationSpec, latent_shape
+
+    spec = IterationSpec(
+        family="wan",
+        backbone_config=dict(
+            patch_size=[1, 2, 2],
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=16,
+            out_channels=16,
+            text_dim=32,
+            freq_dim=256,
+            ffn_dim=32,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        ),
+        vae_config=dict(
+            base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        ),
+        resolution=64,
+        width=96,
+        num_frames=9,
+        reward_frames=(0, 8),
+        num_student_steps=2,
+        lora_rank=4,
+        lora_alpha=4,
+        fake_lora_rank=4,
+        fake_lora_alpha=4,
+        reward_vision_config=dict(SMALL_VISION, projection_dim=32),
+        reward_text_config=dict(SMALL_TEXT, projection_dim=32, vocab_size=1000),
+        options=MemoryOptions(reward_decode="full"),
+    )
+    assert latent_shape(spec.kind, spec.backbone_config, 1, 64, 96, 9) == (1, 16, 3, 8, 12)
+    stage2 = estimate_iteration(spec, count_flops=False)
+    stage1 = estimate_iteration(spec.with_options(reward_decode="none"), count_flops=False)
+    assert stage2.peak_phase == GENERATOR_UPDATE
+    assert stage2.phases[GENERATOR_UPDATE] > 2 * stage1.phases[GENERATOR_UPDATE] > 0

@@ -288,6 +288,27 @@ class DMDRConfig:
         default=None,
         help="Hub revision of that autoencoder (the teacher's `revision` is not used).",
     )
+    reward_vae_gradient_checkpointing: bool = HfArg(
+        default=False,
+        help="Checkpoint the reward decoder's blocks (diffusers' `enable_gradient_checkpointing` of the autoencoder): "
+        "the reward backward recomputes the decode instead of keeping its activations (SDXL's full VAE at 1024 px: "
+        "about 5 GiB less, one more decode of compute). Autoencoders without diffusers checkpointing support "
+        "(Qwen-Image's, Wan's) are refused.",
+    )
+    reward_vae_tile_size: int | None = HfArg(
+        default=None,
+        help="Decode the rewards' images in tiles of this many pixels (diffusers' tiled decode of the teacher's "
+        "AutoencoderKL / AutoencoderKLFlux2, tiles overlapping by a quarter and blended). With "
+        "--reward_vae_gradient_checkpointing the recomputed decode is one tile at a time: SDXL's VAE at 1024 px with "
+        "512 px tiles holds 3.0 GiB instead of 6.1. The images differ from an untiled decode where tiles blend. "
+        "Validation and export decodes stay untiled.",
+    )
+    cache_reward_text_features: bool = HfArg(
+        default=False,
+        help="Embed each training prompt once with every CLIP-style reward (clip, hpsv2, hpsv2.1, pickscore), keep the "
+        "normalised text features on the host and delete the rewards' text towers (ViT-H/14: 0.66 GiB each in "
+        "bf16). Rewards without a text tower, or whose prompts change per step (relative), are left as they are.",
+    )
     reward_tilt: bool = HfArg(
         default=False,
         help="In stage 1, weight each sample's DMD direction by its reward (RT-DM, paper v4): the weighted sum of the "

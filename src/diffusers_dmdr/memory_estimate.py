@@ -281,6 +281,22 @@ ZIMAGE = dict(
     axes_dims=[32, 48, 48],
     axes_lens=[1024, 512, 512],
 )
+# Wan 2.1 T2V 1.3B (its default autoencoder, `AutoencoderKLWan()`, is the released Wan 2.1 VAE).
+WAN21_1_3B = dict(
+    patch_size=[1, 2, 2],
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+)
+WAN21_VAE: dict = {}
 # Reward towers: open_clip ViT-H-14 (DFN5B CLIP, HPSv2.1) in transformers' CLIP classes of the same shapes.
 CLIP_VIT_H14_VISION = dict(
     hidden_size=1280,
@@ -322,6 +338,7 @@ class BackboneKind:
         text_tokens: conditioning length the family's prompt encoder pads to (SD3: 77 CLIP + 128 T5 tokens).
         real_score_passes: backbone batch multiplier of the real score: 2 for two-pass CFG, 1 for a guidance-distilled
             backbone (FLUX.1 [dev] takes the guidance scale as an embedding).
+        video: the backbone denoises `(B, C, F, H, W)` clips (Wan); the rewards score decoded frames.
     """
 
     family: str
@@ -330,6 +347,7 @@ class BackboneKind:
     spatial_factor: int
     text_tokens: int
     real_score_passes: int = 2
+    video: bool = False
 
 
 BACKBONE_KINDS = {
@@ -339,16 +357,22 @@ BACKBONE_KINDS = {
     "flux2": BackboneKind("flux2", "Flux2Transformer2DModel", "AutoencoderKLFlux2", 16, 512),
     "qwenimage": BackboneKind("qwenimage", "QwenImageTransformer2DModel", "AutoencoderKLQwenImage", 8, 512),
     "zimage": BackboneKind("zimage", "ZImageTransformer2DModel", "AutoencoderKL", 8, 512),
+    "wan": BackboneKind("wan", "WanTransformer3DModel", "AutoencoderKLWan", 8, 512, video=True),
 }
 
 
-def latent_shape(kind: BackboneKind, config: dict, batch_size: int, resolution: int) -> tuple[int, ...]:
-    """The latent the backbone denoises (before any token packing), for a square `resolution`."""
-    side = resolution // kind.spatial_factor
+def latent_shape(
+    kind: BackboneKind, config: dict, batch_size: int, resolution: int, width: int | None = None, num_frames: int = 1
+) -> tuple[int, ...]:
+    """The latent the backbone denoises (before any token packing), for `resolution` x `width` (square by default);
+    video families get `(num_frames - 1) / 4 + 1` latent frames (the causal VAE's temporal factor 4)."""
+    height, width = resolution // kind.spatial_factor, (width or resolution) // kind.spatial_factor
     channels = config.get("in_channels", 16)
     if kind.family in ("flux", "qwenimage"):
         channels //= 4  # the config counts the 2x2-packed token width
-    return (batch_size, channels, side, side)
+    if kind.video:
+        return (batch_size, channels, (num_frames - 1) // 4 + 1, height, width)
+    return (batch_size, channels, height, width)
 
 
 def condition_for(kind: BackboneKind, config: dict, batch_size: int, dtype: torch.dtype) -> dict:
@@ -380,6 +404,8 @@ def condition_for(kind: BackboneKind, config: dict, batch_size: int, dtype: torc
         }
     if kind.family == "zimage":
         return {"prompt_embeds": torch.randn(batch_size, tokens, config["cap_feat_dim"], dtype=dtype)}
+    if kind.family == "wan":
+        return {"encoder_hidden_states": torch.randn(batch_size, tokens, config["text_dim"], dtype=dtype)}
     raise ValueError(f"No memory estimate for family {kind.family!r}; known: {sorted(BACKBONE_KINDS)}.")
 
 
@@ -408,6 +434,13 @@ def _unpack_2x2(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 def call_backbone(kind: BackboneKind, model, latents: torch.Tensor, noise_level: torch.Tensor, condition: dict):
     """The backbone's raw output in the latent layout, called as the family's stock pipeline calls it."""
+    if kind.family == "wan":
+        return model(
+            hidden_states=latents,
+            timestep=noise_level * 1000,
+            encoder_hidden_states=condition["encoder_hidden_states"],
+            return_dict=False,
+        )[0]
     batch, _, height, width = latents.shape
     if kind.family == "sdxl":
         added = {"text_embeds": condition["text_embeds"], "time_ids": condition["time_ids"]}
@@ -469,8 +502,8 @@ def decode_latents(kind: BackboneKind, vae, latents: torch.Tensor, tiny: bool) -
         batch, channels, height, width = latents.shape  # unpatchify 2x2: (B, 4C, H, W) -> (B, C, 2H, 2W)
         latents = latents.view(batch, channels // 4, 2, 2, height, width).permute(0, 1, 4, 2, 5, 3)
         latents = latents.reshape(batch, channels // 4, height * 2, width * 2)
-    if tiny:
-        images = vae.decode(latents).sample
+    if tiny or kind.video:
+        images = vae.decode(latents).sample  # Wan: the whole clip, `(B, 3, frames, H, W)`
     elif kind.family == "qwenimage":
         images = vae.decode(latents.unsqueeze(2)).sample[:, :, 0]
     else:
@@ -482,27 +515,42 @@ def decode_latents(kind: BackboneKind, vae, latents: torch.Tensor, tiny: bool) -
 # The run to estimate
 # ----------------------------------------------------------------------------------------------------------------
 REWARD_DECODES = ("full", "full_checkpointed", "tiny", "none")
+# The config's `base_quantization` values for the estimate's schemes (the GPU backends; `torchao_int8` is the
+# CPU-capable int8 of the same storage arithmetic), and back.
+BASE_QUANTIZATION_FLAGS = {"int8": "bnb_int8", "nf4": "bnb_nf4"}
+QUANTIZATION_OF_BASE = {"none": "none", "bnb_int8": "int8", "torchao_int8": "int8", "bnb_nf4": "nf4"}
+# Bumped per reward decode whenever what the estimate models for it changes, so that cached estimates of the old
+# model are not reused: revision 2 decodes outside autocast (no float32 `group_norm`), as the trainer now does. The
+# tiny decoder has no normalisation layers, so its estimate did not change.
+DECODE_ESTIMATE_REVISION = {"full": 2, "full_checkpointed": 2}
 
 
 @dataclass(frozen=True)
 class MemoryOptions:
     """The memory features of a run (what `--max_memory_gib` chooses among).
 
+    Each option is a trainer flag ([`MemoryOptions.flags`]); the reward decode runs in the autoencoder's weight
+    dtype with autocast off, as `DMDRTrainer.decode_for_rewards` does.
+
     Args:
-        gradient_checkpointing: checkpoint the backbone's blocks (the student and fake-score passes with grad).
+        gradient_checkpointing: checkpoint the backbone's blocks (the student and fake-score passes with grad;
+            `--gradient_checkpointing`).
         reward_decode: `"full"` autoencoder with its graph kept, `"full_checkpointed"` (the autoencoder's own gradient
-            checkpointing; estimated only: the trainer does not enable it yet), `"tiny"` (a TAESD-shaped
-            `AutoencoderTiny`, `--reward_vae_model_name_or_path`), or `"none"` (stage 1, no reward).
+            checkpointing, `--reward_vae_gradient_checkpointing`), `"tiny"` (a TAESD-shaped `AutoencoderTiny`,
+            `--reward_vae_model_name_or_path`), or `"none"` (stage 1, no reward).
+        reward_decode_tile_size: decode the full autoencoder in tiles of this many pixels
+            (`--reward_vae_tile_size`; with the checkpointed decode the recomputation is one tile at a time).
         reward_tower_checkpointing: checkpoint the reward towers' layers (estimated only: the rewards do not enable
-            it yet).
-        cache_reward_text_features: reward text features computed once per prompt and kept on the host, so the text
-            towers leave the device (estimated only: the rewards embed prompts every step today).
-        quantized_base: `"int8"` / `"nf4"` frozen backbone weights (estimated only, from weight arithmetic: the
-            trainer does not load a quantized base yet).
+            it; not among the candidates).
+        cache_reward_text_features: reward text features computed once per prompt and kept on the host, the text
+            towers deleted (`--cache_reward_text_features`).
+        quantized_base: `"int8"` / `"nf4"` frozen backbone weights (`--base_quantization bnb_int8` / `bnb_nf4`; the
+            bytes are the backend's storage arithmetic, activations those of the bf16 base plus one dequantized layer).
     """
 
     gradient_checkpointing: bool = True
     reward_decode: str = "full"
+    reward_decode_tile_size: int | None = None
     reward_tower_checkpointing: bool = False
     cache_reward_text_features: bool = False
     quantized_base: str = "none"
@@ -515,20 +563,29 @@ class MemoryOptions:
 
     @property
     def estimated_only(self) -> list[str]:
-        """Options this estimate models that the trainer does not implement yet."""
-        names = []
+        """Options this estimate models that the trainer does not implement."""
+        return ["reward_tower_checkpointing"] if self.reward_tower_checkpointing else []
+
+    def flags(self) -> list[str]:
+        """The `dmdr-train` flags that run with these options (`--reward_vae_model_name_or_path` takes a TAESD-style
+        `AutoencoderTiny` of the family's latent space, e.g. `madebyollin/taesdxl` for SDXL)."""
+        flags = ["--gradient_checkpointing"] if self.gradient_checkpointing else []
         if self.reward_decode == "full_checkpointed":
-            names.append("reward_decode=full_checkpointed")
-        if self.reward_tower_checkpointing:
-            names.append("reward_tower_checkpointing")
+            flags.append("--reward_vae_gradient_checkpointing")
+        if self.reward_decode_tile_size is not None:
+            flags.append(f"--reward_vae_tile_size {self.reward_decode_tile_size}")
+        if self.reward_decode == "tiny":
+            flags.append("--reward_vae_model_name_or_path <tiny autoencoder>")
         if self.cache_reward_text_features:
-            names.append("cache_reward_text_features")
+            flags.append("--cache_reward_text_features")
         if self.quantized_base != "none":
-            names.append(f"quantized_base={self.quantized_base}")
-        return names
+            flags.append(f"--base_quantization {BASE_QUANTIZATION_FLAGS[self.quantized_base]}")
+        return flags
 
     def describe(self) -> str:
         parts = ["ckpt" if self.gradient_checkpointing else "no ckpt", f"decode {self.reward_decode}"]
+        if self.reward_decode_tile_size is not None:
+            parts.append(f"{self.reward_decode_tile_size} px tiles")
         if self.reward_tower_checkpointing:
             parts.append("tower ckpt")
         if self.cache_reward_text_features:
@@ -564,6 +621,9 @@ class IterationSpec:
     real_score_lora_scale: float = 0.5
     use_8bit_adam: bool = True
     num_rewards: int = 2
+    width: int | None = None
+    num_frames: int | None = None
+    reward_frames: tuple[int, ...] | None = None
     reward_vision_config: dict = field(default_factory=lambda: dict(CLIP_VIT_H14_VISION))
     reward_text_config: dict = field(default_factory=lambda: dict(CLIP_VIT_H14_TEXT))
     options: MemoryOptions = field(default_factory=MemoryOptions)
@@ -688,13 +748,17 @@ def build_reward_decoder(spec: IterationSpec, dtype: torch.dtype = torch.bfloat1
     if decode == "none":
         return None
     if decode == "tiny":
-        channels = latent_shape(spec.kind, spec.backbone_config, 1, spec.resolution)[1]
+        channels = latent_shape(spec.kind, spec.backbone_config, 1, spec.resolution, spec.width, spec.num_frames or 1)[
+            1
+        ]
         if spec.family == "flux2":
             channels //= 4  # the autoencoder's latent is the backbone's, unpatchified 2x2
         return _meta("diffusers", "AutoencoderTiny", _tiny_autoencoder(channels), dtype)
     vae = _meta("diffusers", spec.kind.vae_class, spec.vae_config, dtype)
     if decode == "full_checkpointed":
-        vae.enable_gradient_checkpointing()
+        from .reward_decode import enable_reward_decode_checkpointing
+
+        enable_reward_decode_checkpointing(vae)
     return vae
 
 
@@ -771,7 +835,7 @@ def estimate_iteration(
         router = AdapterRouter(backbone)
         student_optimizer = _optimizer(student_parameters, spec.use_8bit_adam)
         fake_optimizer = _optimizer(fake_parameters, spec.use_8bit_adam)
-        shape = latent_shape(kind, dict(backbone.config), batch, spec.resolution)
+        shape = latent_shape(kind, dict(backbone.config), batch, spec.resolution, spec.width, spec.num_frames or 1)
         condition = condition_for(kind, dict(backbone.config), batch, dtype)
         uncondition = condition_for(kind, dict(backbone.config), batch, dtype)
         reward_prompt_ids = torch.zeros(batch, 77, dtype=torch.long)
@@ -929,10 +993,22 @@ class CudaPeak:
 
 
 def _reward_loss(spec: IterationSpec, decoder, towers, latents, prompt_ids) -> torch.Tensor:
-    """Decode with grad, resize to the towers' 224 px, and hinge each tower's image-text cosine (the towers are
-    frozen; the gradient flows to the image only). Text features come from the text tower without grad each step,
-    as the rewards compute them today, unless they are cached."""
-    images = decode_latents(spec.kind, decoder, latents, tiny=spec.options.reward_decode == "tiny")
+    """Decode with grad (in the autoencoder's dtype, autocast off, as `DMDRTrainer.decode_for_rewards`), resize to
+    the towers' 224 px, and hinge each tower's image-text cosine (the towers are frozen, under autocast; the gradient
+    flows to the image only). Text features come from the text tower without grad each step unless they are cached
+    (`--cache_reward_text_features`)."""
+    # Autocast off for the decode: on fake tensors this also turns off the CUDA float32-norm emulation, which reads
+    # the CPU autocast state.
+    from .reward_decode import reward_decode_tiling
+
+    tile_size = spec.options.reward_decode_tile_size
+    with torch.autocast(latents.device.type, enabled=False), reward_decode_tiling(decoder, tile_size):
+        images = decode_latents(spec.kind, decoder, latents, tiny=spec.options.reward_decode == "tiny")
+    if images.ndim == 5:
+        # Video: the image rewards score the `reward_frames` of each clip (`rewards/video.py`), one batch of frames.
+        frames = list(spec.reward_frames or range(images.shape[2]))
+        images = images[:, :, frames].transpose(1, 2).flatten(0, 1)
+        prompt_ids = prompt_ids.repeat_interleave(len(frames), dim=0)
     size = spec.reward_vision_config.get("image_size", 224)
     pixels = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True)
     pixels = ((pixels - 0.45) / 0.27).to(torch.bfloat16)
@@ -943,7 +1019,7 @@ def _reward_loss(spec: IterationSpec, decoder, towers, latents, prompt_ids) -> t
             with torch.no_grad():
                 text_embeds = tower["text"](input_ids=prompt_ids).text_embeds.float()
         else:
-            text_embeds = torch.randn(latents.shape[0], image_embeds.shape[-1])
+            text_embeds = torch.randn(image_embeds.shape[0], image_embeds.shape[-1])
         score = (image_embeds * F.normalize(text_embeds, dim=-1)).sum(-1)
         loss = loss + torch.relu(0.7 - score).mean()
     return loss
@@ -1148,6 +1224,7 @@ PUBLISHED = {
     "flux2-klein-4b": (FLUX2_KLEIN_4B, FLUX2_VAE),
     "qwen-image": (QWEN_IMAGE, QWEN_IMAGE_VAE),
     "z-image": (ZIMAGE, FLOW_VAE_16),
+    "wan21-t2v-1.3b": (WAN21_1_3B, WAN21_VAE),
 }
 PUBLISHED_FAMILY = {
     "sdxl": "sdxl",
@@ -1156,13 +1233,17 @@ PUBLISHED_FAMILY = {
     "flux2-klein-4b": "flux2",
     "qwen-image": "qwenimage",
     "z-image": "zimage",
+    "wan21-t2v-1.3b": "wan",
 }
+# The video recipes' clip (`examples/train_dmdr/configs/wan21_t2v_1.3b_4step.yaml`): 480 x 832 x 81 frames, five
+# scored frames.
+PUBLISHED_VIDEO = {"wan21-t2v-1.3b": dict(resolution=480, width=832, num_frames=81, reward_frames=(0, 20, 40, 60, 80))}
 
 
 def published_spec(model: str, options: MemoryOptions | None = None, **recipe) -> IterationSpec:
     """The iteration of a released model's recipe (`examples/train_dmdr/configs`) at its published shapes."""
     backbone_config, vae_config = PUBLISHED[model]
-    defaults = dict(lora_rank=64, lora_alpha=64 if model == "sdxl" else 128)
+    defaults = dict(lora_rank=64, lora_alpha=64 if model == "sdxl" else 128, **PUBLISHED_VIDEO.get(model, {}))
     return IterationSpec(
         family=PUBLISHED_FAMILY[model],
         backbone_config=backbone_config,
@@ -1179,6 +1260,13 @@ CANDIDATE_OPTIONS = (
     MemoryOptions(gradient_checkpointing=False, reward_decode="full"),
     MemoryOptions(gradient_checkpointing=True, reward_decode="full"),
     MemoryOptions(gradient_checkpointing=True, reward_decode="full_checkpointed"),
+    MemoryOptions(gradient_checkpointing=True, reward_decode="full_checkpointed", cache_reward_text_features=True),
+    MemoryOptions(
+        gradient_checkpointing=True,
+        reward_decode="full_checkpointed",
+        reward_decode_tile_size=512,
+        cache_reward_text_features=True,
+    ),
     MemoryOptions(gradient_checkpointing=True, reward_decode="tiny"),
     MemoryOptions(gradient_checkpointing=True, reward_decode="tiny", cache_reward_text_features=True),
     MemoryOptions(
@@ -1228,13 +1316,37 @@ def _cache_key(spec: IterationSpec, options: MemoryOptions) -> str:
     import json
 
     values = asdict(replace(spec, options=options))
+    # Fields added after estimates were cached leave the key as it was while they keep their default.
+    if values["options"]["reward_decode_tile_size"] is None:
+        del values["options"]["reward_decode_tile_size"]
+    for name in ("width", "num_frames", "reward_frames"):
+        if values[name] is None:
+            del values[name]
+    revision = DECODE_ESTIMATE_REVISION.get(options.reward_decode)
+    if revision is not None:
+        values["decode_estimate_revision"] = revision
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def candidate_options(spec: IterationSpec) -> list[MemoryOptions]:
-    """[`CANDIDATE_OPTIONS`] that apply to `spec`: a run without rewards has no decode or reward towers to change."""
+    """[`CANDIDATE_OPTIONS`] that apply to `spec`: a run without rewards has no decode or reward towers to change; an
+    autoencoder without diffusers checkpointing (Qwen-Image's) or tiling this project drives gets no such candidate
+    (the trainer would refuse them)."""
     if spec.options.reward_decode != "none":
-        return list(CANDIDATE_OPTIONS)
+        import diffusers
+
+        from .reward_decode import TILED_REWARD_VAES
+
+        vae_class = getattr(diffusers, spec.kind.vae_class)
+        checkpointing = getattr(vae_class, "_supports_gradient_checkpointing", False)
+        return [
+            options
+            for options in CANDIDATE_OPTIONS
+            if (checkpointing or options.reward_decode != "full_checkpointed")
+            and (options.reward_decode_tile_size is None or spec.kind.vae_class in TILED_REWARD_VAES)
+            # Video families have no tiny image autoencoder (the family refuses one).
+            and not (spec.kind.video and options.reward_decode == "tiny")
+        ]
     candidates = []
     for options in CANDIDATE_OPTIONS:
         options = replace(options, reward_decode="none", cache_reward_text_features=False)
@@ -1250,13 +1362,16 @@ def choose_memory_options(
     candidate's estimate (`None` when none fits: the table says what each would need)."""
     rows, chosen = [], None
     for options in candidate_options(spec):
-        estimate = options_estimate(spec, options, cache)
+        estimate, _ = fast_estimate(replace(spec, options=options), cache if cache is not None else {})
+        if estimate is None:
+            estimate = options_estimate(spec, options, cache)
         fits = estimate.total_bytes <= max_memory_gib * GIB
         if fits and chosen is None:
             chosen = options
         only = f" [estimated only: {', '.join(options.estimated_only)}]" if options.estimated_only else ""
+        flags = f" [{' '.join(options.flags())}]" if options.flags() else ""
         mark = "<- chosen" if chosen is options else ("fits" if fits else "")
-        rows.append(f"  {estimate.total_bytes / GIB:7.2f} GiB  {options.describe()}{only} {mark}".rstrip())
+        rows.append(f"  {estimate.total_bytes / GIB:7.2f} GiB  {options.describe()}{flags}{only} {mark}".rstrip())
         if chosen is not None:
             break
     header = f"Memory estimate per GPU (budget {max_memory_gib:g} GiB, margin included), cheapest options first:"
@@ -1265,7 +1380,7 @@ def choose_memory_options(
 
 def format_estimate(estimate: IterationEstimate) -> str:
     """A per-phase table in GiB."""
-    lines = ["Memory estimate per GPU (fake-tensor run at real size; activations included):"]
+    lines = ["Memory estimate per GPU (fake tensors at real size, activations included):"]
     for name, value in estimate.persistent.items():
         lines.append(f"  {name:<48} {value / GIB:8.2f} GiB")
     for name, value in estimate.phases.items():
@@ -1282,16 +1397,27 @@ def options_of_config(config) -> MemoryOptions:
     """The memory options a `DMDRConfig` runs with today."""
     if not config.reward:
         decode = "none"
+    elif config.reward_vae_model_name_or_path:
+        decode = "tiny"
     else:
-        decode = "tiny" if config.reward_vae_model_name_or_path else "full"
-    return MemoryOptions(gradient_checkpointing=config.gradient_checkpointing, reward_decode=decode)
+        decode = "full_checkpointed" if config.reward_vae_gradient_checkpointing else "full"
+    tile_size = config.reward_vae_tile_size if decode.startswith("full") else None
+    # `base_quantization` arrives with the quantized-base loading (config.py); absent, the base is bf16.
+    quantization = QUANTIZATION_OF_BASE.get(getattr(config, "base_quantization", "none") or "none", "none")
+    return MemoryOptions(
+        gradient_checkpointing=config.gradient_checkpointing,
+        reward_decode=decode,
+        reward_decode_tile_size=tile_size,
+        cache_reward_text_features=bool(config.reward) and config.cache_reward_text_features,
+        quantized_base=quantization,
+    )
 
 
 def spec_from_config(config, family) -> IterationSpec:
     """The iteration of a `DMDRConfig` run: the teacher's own backbone and VAE configs (read, no weights), the run's
     resolution, per-process batch, steps, LoRA shapes, optimizer and options. Each reward is taken as a CLIP ViT-H/14
     pair of towers (the shape of the built-in `clip` and `hpsv2.1` rewards)."""
-    from .families.base import read_component_config
+    from .families.base import read_component_config, read_vae_config
 
     if config.training_mode != "lora":
         raise ValueError("--max_memory_gib estimates LoRA runs (the recipes' mode); drop it for --training_mode full.")
@@ -1301,11 +1427,21 @@ def spec_from_config(config, family) -> IterationSpec:
         )
     source, revision = config.pretrained_model_name_or_path, config.revision
     targets = config.lora_target_modules.split(",") if config.lora_target_modules else None
+    # The VAE that decodes: `--pretrained_vae_model_name_or_path` when given (same class and latent space).
+    vae_path = getattr(config, "pretrained_vae_model_name_or_path", None)
+    vae_config = _init_config(
+        read_vae_config(vae_path, revision) if vae_path else read_component_config(source, "vae", revision)
+    )
+    if family.name == "wan" and vae_config.get("scale_factor_spatial", 8) != 8:
+        raise ValueError("--max_memory_gib estimates Wan 2.1 clips (8x spatial VAE); Wan 2.2's is not modelled yet.")
     return IterationSpec(
         family=family.name,
         backbone_config=_init_config(read_component_config(source, family.backbone_name, revision)),
-        vae_config=_init_config(read_component_config(source, "vae", revision)),
+        vae_config=vae_config,
         resolution=config.resolution,
+        width=config.image_size[1] if config.image_size[1] != config.resolution else None,
+        num_frames=family.num_frames_of(config) if family.is_video else None,
+        reward_frames=tuple(config.reward_frames) if family.is_video and config.reward_frames else None,
         batch_size=config.train_batch_size,
         num_student_steps=config.num_student_steps,
         update_ratio=config.update_ratio,
@@ -1338,29 +1474,145 @@ def estimate_cache_path():
     return root / "diffusers_dmdr" / "memory_estimates.json"
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Fast estimates for the preflight: the cache, the published table, or a full run of a small model
+# ----------------------------------------------------------------------------------------------------------------
+# The published recipes' activation peaks (`benchmarks/iteration_memory.py` writes this file from its results): per
+# backbone class and frozen parameter count, autoencoder parameter count and activation options, the phase peaks of
+# one iteration at 1024 px, batch 1, two ViT-H/14 rewards.
+PUBLISHED_ESTIMATES_FILE = "published_estimates.json"
+PUBLISHED_PIXELS = 1024 * 1024
+# Backbones under this many parameters are estimated in full by the preflight (seconds); larger ones take 1-5 min.
+FULL_ESTIMATE_MAX_PARAMETERS = 100_000_000
+
+
+def run_pixels(spec: IterationSpec) -> int:
+    """Pixels one sample of the run decodes: height x width (x frames for a clip)."""
+    return spec.resolution * (spec.width or spec.resolution) * (spec.num_frames or 1)
+
+
+def published_estimates() -> dict:
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).with_name(PUBLISHED_ESTIMATES_FILE)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def architecture_key(spec: IterationSpec, backbone: torch.nn.Module, decoder: torch.nn.Module | None) -> str:
+    """What the published table is keyed by: the backbone class and parameter count, the reward decoder's parameter
+    count, the number of rewards and the activation options (quantization and text caching change persistent
+    bytes only)."""
+    backbone_parameters = sum(p.numel() for p in backbone.parameters() if not p.requires_grad)
+    decoder_parameters = sum(p.numel() for p in decoder.parameters()) if decoder is not None else 0
+    options = replace(spec.options, quantized_base="none", cache_reward_text_features=False)
+    return (
+        f"{spec.kind.model_class}:{backbone_parameters}|decoder:{decoder_parameters}|rewards:{spec.num_rewards}"
+        f"|{options.describe()}"
+    )
+
+
+def scaled_estimate(spec: IterationSpec, table: dict | None = None) -> IterationEstimate | None:
+    """The estimate of `spec` from the published table, or `None` when its architecture and options are not there:
+    persistent bytes exact (meta models, seconds), activation peaks of the published recipe (1024 px or its clip,
+    batch 1) scaled by `batch * pixels / published pixels` when that is above 1 and kept as they are below it. Part of each peak
+    does not grow with the pixels (the reward towers see 224 px; the conditioning), so the linear scaling
+    over-estimates a larger run and would under-estimate a smaller one: never scaling down keeps it an upper bound
+    (`benchmarks/iteration_memory.py --fit-check` measures its distance from full estimates)."""
+    table = published_estimates() if table is None else table
+    # The key needs the frozen parameter count only: the bare meta backbone, without the (slow to inject) adapters.
+    bare_backbone = _meta("diffusers", spec.kind.model_class, spec.backbone_config, torch.bfloat16)
+    decoder = build_reward_decoder(spec)
+    entry = table.get(architecture_key(spec, bare_backbone, decoder))
+    if entry is None:
+        return None
+    backbone = build_backbone(spec)
+    scale = max(1.0, spec.batch_size * run_pixels(spec) / entry.get("pixels", PUBLISHED_PIXELS))
+    _, dequantized = frozen_backbone_bytes(backbone, spec.options.quantized_base)
+    phases = {name: int(value * scale) + dequantized for name, value in entry["phases"].items()}
+    persistent = _persistent_bytes(spec, backbone, decoder, build_reward_towers(spec))
+    options = spec.options
+    return IterationEstimate(persistent, phases, {}, 0, 0, asdict(options), options.estimated_only)
+
+
+def fast_estimate(spec: IterationSpec, cache: dict, allow_full: bool = True) -> tuple[IterationEstimate | None, str]:
+    """The preflight's estimate of `spec`, without a minutes-long fake run of a large model: the cached full estimate
+    of this exact configuration; else the published table scaled to the run's pixels and batch; else, with
+    `allow_full`, a full estimate when the backbone is small (seconds). `(None, why)` when none applies. The string
+    says which was used."""
+    activation_options = replace(spec.options, quantized_base="none", cache_reward_text_features=False)
+    if _cache_key(spec, activation_options) in cache:
+        return options_estimate(spec, spec.options, cache), "full estimate of this configuration, cached"
+    scaled = scaled_estimate(spec)
+    if scaled is not None:
+        return scaled, "the published recipe's activations scaled to this run's pixels and batch"
+    if allow_full and sum(p.numel() for p in build_backbone(spec).parameters()) <= FULL_ESTIMATE_MAX_PARAMETERS:
+        return options_estimate(spec, spec.options, cache), "full estimate of this configuration"
+    return None, (
+        "activations not estimated: no cached or published estimate of this backbone and options "
+        "(--max_memory_gib N runs the full estimate once, 1-5 min at real size, and caches it)"
+    )
+
+
+def _load_cache(path) -> dict:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _save_cache(path, cache: dict) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cache))
+
+
+def describe_run_estimate(config, family, cache_path=None) -> str:
+    """Preflight without `--max_memory_gib`: the estimate of the run as configured, activations included, in seconds
+    ([`fast_estimate`] without a fake run: the cache or the published table), or one line saying why there is none
+    (a full-mode run, a family or backbone without an estimate)."""
+    from pathlib import Path
+
+    try:
+        spec = spec_from_config(config, family)
+    except (ValueError, OSError) as error:
+        return f"Memory estimate: none for this run ({str(error).replace('--max_memory_gib', 'the estimator')})"
+    path = Path(cache_path) if cache_path is not None else estimate_cache_path()
+    try:
+        estimate, source = fast_estimate(spec, _load_cache(path), allow_full=False)
+    except Exception as error:  # an informational print: a config the meta build rejects must not stop the run here
+        return f"Memory estimate: none for this run (its configs do not build on the meta device: {error})"
+    if estimate is None:
+        # The memory plan the preflight also prints has the exact persistent bytes.
+        return f"Memory estimate per GPU, activations included: none yet; {source}."
+    return format_estimate(estimate) + f"\n  ({source}; options: {spec.options.describe()})"
+
+
 def check_memory_budget(config, family, cache_path=None) -> str:
     """Preflight for `--max_memory_gib`: estimate the run as configured (before any weight loads); return the report
     when it fits, else raise `ValueError` in one line naming the cheapest candidate options that would fit and the
     estimate of each candidate tried. The configuration is never changed behind the user's back."""
-    import json
     from pathlib import Path
 
     path = Path(cache_path) if cache_path is not None else estimate_cache_path()
-    cache = json.loads(path.read_text()) if path.is_file() else {}
+    cache = _load_cache(path)
     size = len(cache)
     spec = spec_from_config(config, family)
     budget = config.max_memory_gib
     try:
-        estimate = options_estimate(spec, spec.options, cache)
+        estimate, source = fast_estimate(spec, cache)
+        if estimate is None:
+            estimate, source = options_estimate(spec, spec.options, cache), "full estimate of this configuration"
         if estimate.total_bytes <= budget * GIB:
-            return format_estimate(estimate) + f"\n  fits --max_memory_gib {budget:g}"
+            return format_estimate(estimate) + f"\n  fits --max_memory_gib {budget:g} ({source})"
         chosen, table = choose_memory_options(spec, budget, cache)
     finally:
         if len(cache) != size:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(cache))
+            _save_cache(path, cache)
     tried = "; ".join(line.strip() for line in table.splitlines()[1:])
     current = f"--max_memory_gib {budget:g}: this run needs an estimated {estimate.total_bytes / GIB:.1f} GiB per GPU"
     if chosen is None:
         raise ValueError(f"{current}, and no option this project can estimate fits ({tried}).")
-    raise ValueError(f"{current}; the cheapest options that fit are {chosen.describe()} ({tried}).")
+    raise ValueError(
+        f"{current}; the cheapest options that fit are {chosen.describe()}: set {' '.join(chosen.flags())} ({tried})."
+    )

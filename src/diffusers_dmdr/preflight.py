@@ -12,7 +12,7 @@ from .data import load_prompts
 from .families import ModelFamily, detect_family, get_family, read_teacher_config
 from .families.base import read_component_config, read_scheduler_config, read_vae_config, student_grid_for
 from .hub_cache import hub_cache_kwargs, using_hub_cache_dir
-from .memory_estimate import check_memory_budget
+from .memory_estimate import check_memory_budget, describe_run_estimate
 from .memory_plan import MemoryPlan, memory_plan_for
 from .pipelines.scheduling_dmdr import DMDRScheduler
 from .sharding import check_engine_supported
@@ -146,6 +146,15 @@ def _check_run_inputs(config: DMDRConfig) -> RunPlan:
 
     if config.reward_vae_model_name_or_path:
         check_reward_vae(config.reward_vae_model_name_or_path, config.reward_vae_revision)
+    if (config.reward_vae_gradient_checkpointing or config.reward_vae_tile_size) and not (
+        config.reward_vae_model_name_or_path
+    ):
+        check_reward_vae_memory_options(config)
+    elif config.reward_vae_tile_size:
+        raise ValueError(
+            "--reward_vae_tile_size tiles the teacher's own VAE; a tiny reward autoencoder "
+            "(--reward_vae_model_name_or_path) is decoded whole: drop one of the two."
+        )
 
     # 4b. Student initialisation: the file kind fits the training mode, a LoRA fits the configured rank.
     if config.student_init_path:
@@ -200,10 +209,45 @@ def _check_run_inputs(config: DMDRConfig) -> RunPlan:
     )
     # 8. Memory plan: exact weight, gradient and optimizer bytes from the component configs (meta device, no weights).
     memory_plan = memory_plan_for(config, family, model_index)
-    # 9. With --max_memory_gib: a whole iteration, activations included, estimated on fake tensors against the budget.
+    # 9. With --max_memory_gib: a whole iteration, activations included, estimated on fake tensors against the budget;
+    #    without it, the estimate printed when one is at hand in seconds (cached, or the published table scaled).
     if config.max_memory_gib is not None:
         logger.info(check_memory_budget(config, family))
+    else:
+        logger.info(describe_run_estimate(config, family))
     return RunPlan(family, list(timesteps), prompts, reward_specs, eval_specs, memory_plan)
+
+
+def check_reward_vae_memory_options(config) -> None:
+    """`--reward_vae_gradient_checkpointing` / `--reward_vae_tile_size` with the teacher's own VAE: its diffusers
+    class must support gradient checkpointing (Qwen-Image's and Wan's autoencoders do not) or a tiled decode this
+    project drives, read from `vae/config.json` before any weight loads."""
+    import diffusers
+
+    from .families.base import read_component_config
+    from .reward_decode import TILED_REWARD_VAES
+
+    tile = config.reward_vae_tile_size
+    if tile is not None and (tile <= 0 or tile % 64):
+        raise ValueError(f"--reward_vae_tile_size must be a positive multiple of 64 pixels, got {tile}.")
+
+    try:
+        class_name = read_component_config(config.pretrained_model_name_or_path, "vae", config.revision)["_class_name"]
+    except (OSError, KeyError, ValueError):
+        return  # no readable VAE config: the teacher's own loading reports it
+    if tile is not None and class_name not in TILED_REWARD_VAES:
+        raise ValueError(
+            f"--reward_vae_tile_size: the teacher's {class_name} is not a tiled autoencoder this project drives "
+            f"({', '.join(TILED_REWARD_VAES)}); drop the flag."
+        )
+    vae_class = getattr(diffusers, class_name, None)
+    if not config.reward_vae_gradient_checkpointing:
+        return
+    if vae_class is not None and not getattr(vae_class, "_supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"--reward_vae_gradient_checkpointing: the teacher's {class_name} has no gradient checkpointing in "
+            "diffusers; drop the flag or decode the rewards with a tiny autoencoder (--reward_vae_model_name_or_path)."
+        )
 
 
 def _tracker_installed(name: str) -> bool:

@@ -45,6 +45,8 @@ from .method.simulation import sample_student
 from .method.stages import stage_two_start_iteration, stage_values
 from .optimization import lr_multiplier, make_optimizer, only_role, set_learning_rates, step_role
 from .prompt_cache import PromptEncoder
+from .reward_decode import enable_reward_decode_checkpointing, reward_decode_tiling
+from .rewards.clip import cache_reward_text_features
 from .sharding import (
     check_engine_supported,
     gather_full_state_dict,
@@ -156,6 +158,9 @@ class DMDRTrainer:
         self.reward_vae = self.vae
         if reward_vae is not None:
             self.reward_vae = reward_vae.requires_grad_(False).eval().to(device, self.weight_dtype)
+        if config.reward_vae_gradient_checkpointing:
+            # Checkpointing acts only with grad enabled: validation and export decodes of a shared VAE are unchanged.
+            enable_reward_decode_checkpointing(self.reward_vae)
 
         # 2. Student grid and sampler.
         self.scheduler = run_student_scheduler(teacher, config)
@@ -198,6 +203,14 @@ class DMDRTrainer:
 
         # 6. The method: what each iteration computes, through the training module's routes. Video families score
         #    decoded clips: image rewards per frame on `--reward_frames`, clip rewards whole (`rewards/video.py`).
+        if config.cache_reward_text_features:
+            # Before the video wrappers: they score through the same reward objects.
+            all_rewards = [*(rewards or []), *(eval_rewards or [])]
+            cached = cache_reward_text_features(all_rewards, prompts, self.accelerator.autocast)
+            logger.info(
+                f"--cache_reward_text_features: text features of {len(set(prompts))} prompts cached for "
+                f"{cached or 'no reward'} (of {[reward.name for reward in all_rewards]}); their text towers are freed."
+            )
         rewards, eval_rewards = self._rewards_for_family(rewards), self._rewards_for_family(eval_rewards)
         routes = Routes(
             student=self.student_denoiser,
@@ -309,8 +322,17 @@ class DMDRTrainer:
         return self.family.decode(self.vae, latents)
 
     def decode_for_rewards(self, latents: torch.Tensor) -> torch.Tensor:
-        """Differentiable decode on the reward path (the tiny autoencoder when one is given)."""
-        return self.family.decode(self.reward_vae, latents)
+        """Differentiable decode on the reward path (the tiny autoencoder when one is given).
+
+        The decode runs in the autoencoder's own weight dtype with autocast off, although the objective calls it
+        inside the mixed-precision context: CUDA autocast computes `group_norm` in float32, which doubles the
+        normalised activations a full VAE keeps for the reward backward (+9 GiB on SDXL at 1024 px), and under fp16
+        autocast would run an upcast (`force_upcast`) VAE's convolutions in fp16 after all. A float32 run (no
+        autocast) is unchanged bit for bit.
+        """
+        tile_size = self.config.reward_vae_tile_size
+        with torch.autocast(latents.device.type, enabled=False), reward_decode_tiling(self.reward_vae, tile_size):
+            return self.family.decode(self.reward_vae, latents)
 
     def train(self) -> list[dict]:
         """Run until `max_train_steps` generator updates; returns the per-step logs."""

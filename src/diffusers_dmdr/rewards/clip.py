@@ -82,6 +82,11 @@ class TransformersCLIPTowers(nn.Module):
         ).pooler_output
         return F.normalize(text_embeds.float(), dim=-1)
 
+    def drop_text_tower(self) -> None:
+        """Delete the text encoder and its projection (the image path, `get_image_features`, never reads them)."""
+        self.model.text_model = None
+        self.model.text_projection = None
+
 
 class OpenCLIPTowers(nn.Module):
     r"""Image and text towers of an open_clip model (`open_clip.CLIP` or `CustomTextCLIP`).
@@ -155,6 +160,25 @@ class OpenCLIPTowers(nn.Module):
         tokens = self.tokenizer(prompts).to(device)
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
+    # What `encode_text` reads and `encode_image` does not: `open_clip.CLIP` keeps the text tower's parts on the model
+    # itself, `CustomTextCLIP` in `text`.
+    text_tower_parts = (
+        "text",
+        "transformer",
+        "token_embedding",
+        "positional_embedding",
+        "ln_final",
+        "text_projection",
+    )
+    text_tower_buffers = ("attn_mask",)
+
+    def drop_text_tower(self) -> None:
+        """Delete the text tower's modules, parameters and buffers (`encode_image` reads only `model.visual`)."""
+        model = self.model
+        for name in self.text_tower_parts + self.text_tower_buffers:
+            if name in model._modules or name in model._parameters or name in model._buffers:
+                setattr(model, name, None)
+
 
 OPEN_CLIP_ACTIVATIONS = ("config", "gelu", "quickgelu")
 
@@ -193,9 +217,42 @@ class TextImageReward(nn.Module):
         """L2-normalised float32 image embeddings `(B, D)` of images in [0, 1], with the graph."""
         return self.towers.embed_images(images)
 
+    # Prompt -> L2-normalised float32 text features on the host, once `cache_text_features` has run (then the text
+    # tower is gone and only these prompts can be scored).
+    text_features: dict[str, torch.Tensor] | None = None
+
     def embed_prompts(self, prompts: list[str], device: torch.device) -> torch.Tensor:
-        """L2-normalised float32 prompt embeddings `(B, D)` on `device`."""
-        return self.towers.embed_prompts(list(prompts), device)
+        """L2-normalised float32 prompt embeddings `(B, D)` on `device` (from the cache once there is one)."""
+        if self.text_features is None:
+            return self.towers.embed_prompts(list(prompts), device)
+        missing = [prompt for prompt in prompts if prompt not in self.text_features]
+        if missing:
+            raise KeyError(
+                f"{type(self).__name__}: the text features were cached for the training prompts and the text tower "
+                f"was freed (--cache_reward_text_features); {len(missing)} prompt(s) are not among them, e.g. "
+                f"{missing[0]!r}."
+            )
+        return torch.stack([self.text_features[prompt] for prompt in prompts]).to(device)
+
+    @torch.no_grad()
+    def cache_text_features(self, prompts: list[str], batch_size: int = 64) -> int:
+        """Embed every distinct prompt once, keep the features on the host, and delete the text tower.
+
+        Runs on the device the towers are on, in their dtype and under whatever autocast the caller has entered
+        (the trainer enters its mixed-precision context, as the per-step embedding does). Returns the number of
+        distinct prompts cached.
+        """
+        if self.text_features is not None:
+            raise RuntimeError(f"{type(self).__name__}: text features are already cached and the text tower is gone.")
+        device = next(self.towers.parameters()).device
+        distinct = list(dict.fromkeys(prompts))
+        features = {}
+        for start in range(0, len(distinct), batch_size):
+            chunk = distinct[start : start + batch_size]
+            features.update(zip(chunk, self.towers.embed_prompts(chunk, device).cpu().unbind(0), strict=True))
+        self.text_features = features
+        self.towers.drop_text_tower()
+        return len(distinct)
 
     def score_from_embeddings(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         """Row-wise similarity `(B,)` of matching image and text embeddings, times the logit scale if used."""
@@ -360,3 +417,30 @@ class HPSv2Reward(HPSReward):
 
 # The text-image rewards by registry name (`rewards.REWARD_REGISTRY` includes them; `RelativeReward` wraps one).
 TEXT_IMAGE_REWARDS = {"clip": CLIPReward, "hpsv2.1": HPSReward, "hpsv2": HPSv2Reward, "pickscore": PickScoreReward}
+
+
+def cache_reward_text_features(rewards: list, prompts: list[str], autocast=None) -> list[str]:
+    """`--cache_reward_text_features`: for every loaded reward that is a CLIP-style text-image reward
+    ([`TextImageReward`]: clip, hpsv2, hpsv2.1, pickscore), embed the prompts once (with the reward's `prompt_prefix`),
+    keep the features on the host and free its text tower. Others (no text tower, or prompts that change per step
+    like the relative reward's) are left as they are. Returns the display names of the rewards cached.
+
+    Args:
+        rewards (`list[LoadedReward]`): the run's rewards (the same reward object listed twice is cached once).
+        prompts (`list[str]`): every prompt the rewards will score.
+        autocast (`Callable`, *optional*): the mixed-precision context the per-step scoring runs under.
+    """
+    from contextlib import nullcontext
+
+    cached, seen = [], set()
+    for loaded in rewards:
+        frozen = loaded.fn
+        reward = getattr(frozen, "reward", None)
+        if not isinstance(reward, TextImageReward) or id(reward) in seen:
+            continue
+        seen.add(id(reward))
+        prefix = getattr(frozen, "prompt_prefix", "")
+        with autocast() if autocast is not None else nullcontext():
+            reward.cache_text_features([prefix + prompt for prompt in prompts])
+        cached.append(loaded.name)
+    return cached
