@@ -113,7 +113,7 @@ def test_table_ranks_arms_and_checks_the_issue_target(tmp_path, capsys):
     # The command line: the table and the raw figures go to --docs.
     rl_comparison.main(["--output_dir", str(tmp_path), "--collect_only", "--docs", str(tmp_path / "docs" / "t.md")])
     assert "DMD + GRPO" in (tmp_path / "docs" / "t.md").read_text()
-    raw = json.loads((tmp_path / "docs" / "results.json").read_text())
+    raw = json.loads((tmp_path / "docs" / "t.json").read_text())
     assert raw["grpo_dmd"]["1"]["pair_accuracy"] == 0.60
     assert "NOT met" not in capsys.readouterr().out
 

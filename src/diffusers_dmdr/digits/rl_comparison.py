@@ -271,7 +271,7 @@ def ranked_table(summaries: dict[str, ArmSummary]) -> str:
         )
         lines.append(
             f"| {rank} | {ARMS[summary.arm].label} | {seeds} | {_pm(accuracy)} | "
-            f"{100 * (accuracy[0] - teacher[0]):+.1f} | {per_seed} | {_pm(summary.stat('fd'), 2)} | "
+            f"{100 * (accuracy[0] - summary.stat('teacher_pair_accuracy')[0]):+.1f} | {per_seed} | {_pm(summary.stat('fd'), 2)} | "
             f"{summary.stat('fd')[0] / dmd_fd:.2f} | {_pm(summary.stat('precision'), 2)} | "
             f"{_pm(summary.stat('recall'), 2)} | {reward} | {fastest / 60:.1f} | {nfe} |"
         )
@@ -333,7 +333,11 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m diffusers_dmdr.digits.rl_comparison", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--output_dir", default="outputs/rl_comparison")
-    parser.add_argument("--docs", default=None, help="write the markdown table here (and results.json next to it)")
+    parser.add_argument(
+        "--docs",
+        default=None,
+        help="write the markdown table here (and the figures per run to the same name with .json)",
+    )
     parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=sorted(ARMS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (one torch thread each)")
@@ -369,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
             encoding="utf-8",
         )
         raw = {arm: {str(seed): run for seed, run in s.runs.items()} for arm, s in summaries.items()}
-        docs.with_name("results.json").write_text(json.dumps(raw, indent=1) + "\n", encoding="utf-8")
+        docs.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n", encoding="utf-8")
     print(text)  # noqa: T201
 
 
