@@ -14,7 +14,7 @@ UV_SPEC ?= uv==0.13.9
 LATEST_VENV ?= .venv-latest
 TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
 
-.PHONY: install test test-slow test-latest lock test-upstream quality style demo reproduce benchmark clean
+.PHONY: install test test-slow test-latest lock test-upstream quality style demo reproduce reproduce-rl benchmark clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -82,6 +82,15 @@ reproduce: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1 \
 		$(BIN)/python -m diffusers_dmdr.digits.reproduce --output_dir outputs/reproduce --docs docs/reproduction.md \
 		--num_threads 1
+	@if [ "$(RL)" = 1 ]; then $(MAKE) reproduce-rl; else echo "(make reproduce RL=1, or make reproduce-rl, adds issue 22's ReFL / GRPO / DPO table: 1.5-3 hours)"; fi
+
+# Optional, long part of the reproduction (issue 22, docs/rl.md): ReFL, GRPO (with DMD, Flow-GRPO's KL or nothing) and
+# DPO against DMD only, each the full demo recipe, three training seeds, two runs at once (5-10 min per run on a free
+# core: 1.5-3 hours). Finished runs in outputs/rl_comparison are reused; the ranked table goes to docs/rl_runs/.
+reproduce-rl: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1 \
+		$(BIN)/python -m diffusers_dmdr.digits.rl_comparison --output_dir outputs/rl_comparison \
+		--docs docs/rl_runs/table.md --archive docs/rl_runs --jobs 2
 
 # Training-memory benchmark (docs/benchmarks.md): the reduced CPU figures, or on a GPU
 # `$(BIN)/python benchmarks/train_memory.py --model sdxl --device cuda`; then the real-size fake-tensor estimate of a

@@ -91,6 +91,48 @@ def test_stage_two_trains_on_a_reward_without_gradients(
     assert any(not torch.equal(moved[name], student_before[name]) for name in moved)
 
 
+@pytest.mark.parametrize("regularizer", ["dmd", "kl"])
+def test_inner_epochs_move_the_ratio_and_the_clip_acts(tiny_teacher_dirs, prompt_file, tmp_path, regularizer):
+    """With one optimizer step per rollout the PPO ratio is 1 and nothing is clipped; with 2 inner epochs the second
+    step sees the rollout under the updated student: the ratio leaves 1 and part of the batch is clipped."""
+    calls = {}
+    for epochs in (1, 2):
+        trainer = make_trainer(
+            tiny_teacher_dirs["sdxl"],
+            prompt_file,
+            tmp_path / str(epochs),
+            [score(brightness)],
+            rl_regularizer=regularizer,
+            rl_inner_epochs=epochs,
+        )
+        loss_fn, calls[epochs] = trainer.objective.generator_loss, []
+
+        def recording(batch, global_step, loss_fn=loss_fn, record=calls[epochs]):
+            loss, logs = loss_fn(batch, global_step)
+            record.append((global_step, logs))
+            return loss, logs
+
+        trainer.objective.generator_loss = recording
+        history = trainer.train()
+        # Stage 1 (step 0) is one update; each stage-2 generator step is `epochs` optimizer steps on one rollout.
+        assert [step for step, _ in calls[epochs]] == [0] + [step for step in (1, 2) for _ in range(epochs)]
+        stage_two = [logs for step, logs in calls[epochs] if step > 0]
+        if epochs == 1:
+            for logs in stage_two:
+                assert logs["rl/ratio_mean"] == pytest.approx(1.0, abs=1e-5) and logs["rl/clip_fraction"] == 0.0
+        else:
+            first, second = stage_two[0::2], stage_two[1::2]
+            for logs in first:
+                assert logs["rl/ratio_mean"] == pytest.approx(1.0, abs=1e-5) and logs["rl/clip_fraction"] == 0.0
+            # Rollout and reward are shared by the epochs of a step; the student is not.
+            for a, b in zip(first, second, strict=True):
+                assert a["rl/reward_mean"] == b["rl/reward_mean"]
+                assert b["rl/clip_fraction"] > 0.0 and b["rl/approx_kl"] > 0.0
+            # The logged values of a generator step are the means over its inner epochs.
+            for row, a, b in zip(history[1:], first, second, strict=True):
+                assert row["rl/clip_fraction"] == pytest.approx((a["rl/clip_fraction"] + b["rl/clip_fraction"]) / 2)
+
+
 def _stage_two_gradient(trainer):
     """The student's gradient from one stage-2 generator loss (DMD off) on the trainer's first rollout."""
     trainer.objective.before_update(STUDENT_ROLE, 0)
@@ -113,11 +155,18 @@ def test_a_reward_that_ignores_the_image_gives_zero_grpo_gradient(tiny_teacher_d
     assert any(grad is not None and torch.count_nonzero(grad) > 0 for grad in grads)
 
 
-@pytest.mark.parametrize(("rl", "regularizer"), [("grpo", "kl"), ("dpo", "dmd")])
-def test_resume_mid_stage_two_continues_exactly(tiny_teacher_dirs, prompt_file, tmp_path, rl, regularizer):
+@pytest.mark.parametrize(
+    ("rl", "regularizer", "inner_epochs"), [("grpo", "kl", 1), ("dpo", "dmd", 1), ("grpo", "kl", 2)]
+)
+def test_resume_mid_stage_two_continues_exactly(
+    tiny_teacher_dirs, prompt_file, tmp_path, rl, regularizer, inner_epochs
+):
     """The groups' randomness comes from (seed, iteration, row) and the stage-1 reference is saved with each
-    checkpoint, so a run resumed in stage 2 repeats the uninterrupted one bit for bit."""
-    common = dict(rl=rl, rl_regularizer=regularizer, max_train_steps=4, checkpointing_steps=3)
+    checkpoint, so a run resumed in stage 2 repeats the uninterrupted one bit for bit (with inner epochs too: all the
+    optimizer steps on a rollout belong to one generator step, and checkpoints fall between generator steps)."""
+    common = dict(
+        rl=rl, rl_regularizer=regularizer, rl_inner_epochs=inner_epochs, max_train_steps=4, checkpointing_steps=3
+    )
     rewards = [score(brightness)]
     uninterrupted = make_trainer(tiny_teacher_dirs["sdxl"], prompt_file, tmp_path / "a", rewards, **common)
     history_a = uninterrupted.train()
@@ -150,6 +199,7 @@ def test_resume_mid_stage_two_continues_exactly(tiny_teacher_dirs, prompt_file, 
         (dict(rl="dpo", rl_regularizer="kl"), "reference built in"),
         (dict(num_student_steps=1, student_timesteps=[999]), "at least 2 student steps"),
         (dict(rl_noise_level=0.0), "rl_noise_level"),
+        (dict(rl_inner_epochs=0), "rl_inner_epochs must be at least 1"),
     ],
 )
 def test_bad_rl_settings_fail_in_one_line(tmp_path, prompt_file, overrides, message):

@@ -366,6 +366,13 @@ class DMDRConfig:
     rl_advantage_clip: float = HfArg(
         default=5.0, help="GRPO: advantages are clamped to [-c, c] (Flow-GRPO, DanceGRPO: 5)."
     )
+    rl_inner_epochs: int = HfArg(
+        default=1,
+        help="GRPO / DPO: generator optimizer steps on each stage-2 rollout batch (Flow-GRPO's `num_inner_epochs`). "
+        "With 1 the PPO ratio is 1 and the clip never acts; with 2 or more the later steps train the same rollouts "
+        "under the updated student, so the ratio moves off 1 and --rl_clip_range bounds it. A generator step "
+        "(--max_train_steps counts them) then makes this many optimizer steps of the student for one rollout.",
+    )
     rl_noise_level: float = HfArg(
         default=0.7,
         help="GRPO / DPO with an `ode` student: the share of fresh noise per step, eta in (0, 1] (coefficients-"
@@ -733,6 +740,8 @@ class DMDRConfig:
                 problems.append(f"--{name} must be a positive finite number, got {value}.")
         if not 0 < self.rl_noise_level <= 1:
             problems.append(f"--rl_noise_level must be in (0, 1], got {self.rl_noise_level}.")
+        if self.rl_inner_epochs < 1:
+            problems.append(f"--rl_inner_epochs must be at least 1, got {self.rl_inner_epochs}.")
         return problems
 
     def to_dict(self) -> dict:

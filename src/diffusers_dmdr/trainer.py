@@ -366,7 +366,7 @@ class DMDRTrainer:
             # TTUR: the generator updates after every `update_ratio`-th iteration, on that iteration's batches.
             if self.state.iteration % self.objective.update_ratio:
                 continue
-            logs = self._update(STUDENT_ROLE, batches, self.objective.generator_loss)
+            logs = self._generator_update(batches)
             logs["loss_fake"] = float(np.mean(fake_losses)) if fake_losses else float("nan")
             logs = self._mean_over_processes(logs)
             fake_losses = []
@@ -427,6 +427,20 @@ class DMDRTrainer:
             **{key: float(np.mean([row[key] for row in rows])) for key in rows[0]},
             "step_skipped": float(not stepped),
         }
+
+    def _generator_update(self, batches: list[MicroBatch]) -> dict:
+        """The student's update(s) on one iteration's batches: `objective.generator_updates_per_rollout` optimizer
+        steps (several are PPO-style inner epochs on the same rollouts), logs averaged over them; it stops at a
+        skipped step, whose logs it returns."""
+        count = self.objective.generator_updates_per_rollout(self.state.global_step)
+        rows = []
+        for _ in range(count):
+            rows.append(self._update(STUDENT_ROLE, batches, self.objective.generator_loss))
+            if rows[-1]["step_skipped"]:
+                return rows[-1]
+        if count == 1:
+            return rows[0]
+        return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
 
     def _mean_over_processes(self, logs: dict) -> dict:
         """Logged values averaged over the processes: the losses of the global batch, the same on every process (so

@@ -92,6 +92,11 @@ class Objective(ABC):
         """Called before the micro-batches of each update of `role`."""
         return None
 
+    def generator_updates_per_rollout(self, global_step: int) -> int:
+        """Optimizer steps of the student on the batches of generator step `global_step` (PPO-style inner epochs of
+        the RL objectives; 1 for everything else)."""
+        return 1
+
     def schedule_logs(self, global_step: int) -> dict[str, float]:
         """Progress-dependent values to log after generator step `global_step`."""
         return {}

@@ -13,7 +13,9 @@ stage 2 replace the reward-gradient term with a policy objective on the student'
 - **GRPO**: group-normalised, clipped advantages; each row trains one transition of its trajectory, the state at
   its drawn student step `i` (the iteration's `step_index`; a row drawn at the last step, which has no stochastic
   transition, trains DMD only), through the PPO-clipped ratio of the transition's Gaussian log-probability (Flow-GRPO,
-  Liu et al. 2025, arXiv 2505.05470; DanceGRPO, Xue et al. 2025, arXiv 2505.07818).
+  Liu et al. 2025, arXiv 2505.05470; DanceGRPO, Xue et al. 2025, arXiv 2505.07818). `rl_inner_epochs` > 1 makes
+  several optimizer steps on one rollout (Flow-GRPO's `num_inner_epochs`): the ratio is taken against the
+  log-probability of the student that drew the rollout, so from the second step on it moves off 1 and is clipped.
 - **DPO**: the best and the worst of each group (ranked by reward) form an on-policy pair; the Diffusion-DPO loss
   (Wallace et al. 2023) compares the student's x0 errors on both, noised at the winner's drawn student level with
   one shared noise, with those of the reference (the stage-1 student).
@@ -159,6 +161,11 @@ class RolloutObjective(DMDRObjective):
         """The stage-1 student's x0 (its weights swapped in for one forward pass)."""
         with swapped_weights(self.routes.student_parameters(), self.reference_weights), self.routes.autocast():
             return self.routes.student(sample, noise_level, condition)
+
+    def generator_updates_per_rollout(self, global_step: int) -> int:
+        """`rl_inner_epochs` optimizer steps per stage-2 rollout (Flow-GRPO's inner epochs): the later ones see the
+        rollouts' log-probabilities under an updated student, so the PPO ratio moves off 1 and the clip acts."""
+        return self.config.rl_inner_epochs if global_step >= self.config.cold_start_steps else 1
 
     # ------------------------------------------------------------------------------------------------------------
     # Rollout
@@ -315,7 +322,7 @@ class GRPOObjective(RolloutObjective):
                 )
                 kl = gaussian_kl(mean, reference_mean, std).mean() * share
         loss = loss + config.rl_weight * loss_rl
-        logs.update({"loss_rl": float(loss_rl), **{f"rl/{key}": value for key, value in stats.items()}})
+        logs.update({"loss_rl": loss_rl.detach().item(), **{f"rl/{key}": value for key, value in stats.items()}})
         if self.regularizer == "kl":
             loss = loss + config.rl_kl_weight * kl
             logs["rl/kl_reference"] = kl.item()
