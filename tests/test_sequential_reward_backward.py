@@ -179,3 +179,91 @@ def test_the_objectives_student_gradient_is_unchanged(tiny_teacher_dirs, prompt_
             torch.testing.assert_close(split_grad, joint_grad, rtol=1e-5, atol=1e-7)
     for key in ("loss_rl", "reward/clip", "reward/clip_2", "loss_dmd"):
         assert split_logs[key] == pytest.approx(joint_logs[key], rel=1e-6, abs=1e-7), key
+
+
+# --- the memory estimate: offloaded towers, one at a time ----------------------------------------------------------
+def small_spec(num_rewards: int, **options):
+    """SDXL's published spec with small CLIP towers (a ViT-H/14's layout at width 64) and the tiny decoder, 256 px."""
+    from dataclasses import replace
+
+    from diffusers_dmdr.memory_estimate import MemoryOptions, published_spec
+
+    vision = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, patch_size=14)
+    text = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+    return replace(
+        published_spec("sdxl", resolution=256),
+        num_rewards=num_rewards,
+        reward_vision_config=dict(vision, image_size=224, projection_dim=32),
+        reward_text_config=dict(text, max_position_embeddings=77, projection_dim=32, vocab_size=1000),
+        options=MemoryOptions(reward_decode="tiny", **options),
+    )
+
+
+def reward_phase_peak(spec) -> int:
+    """The counted peak of the estimate's reward decode + towers with their backward (`memory_estimate._reward_loss`)."""
+    from diffusers_dmdr.memory_estimate import (
+        _autocast,
+        _reward_loss,
+        activation_peak,
+        build_reward_decoder,
+        build_reward_towers,
+        fake_tensors,
+        materialize,
+    )
+
+    decoder, towers = build_reward_decoder(spec), build_reward_towers(spec)
+    with fake_tensors():
+        for module in [decoder, *(t for tower in towers for t in tower.values() if t is not None)]:
+            materialize(module)
+        latents = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16).requires_grad_(True)
+        prompt_ids = torch.zeros(1, 77, dtype=torch.long)
+
+        def run():
+            with _autocast():
+                _reward_loss(spec, decoder, towers, latents, prompt_ids).backward()
+
+        return activation_peak(run)[0]
+
+
+def test_the_estimate_streams_one_tower_at_a_time():
+    from diffusers_dmdr.memory_estimate import build_reward_towers, persistent_bytes
+
+    one_tower = sum(p.numel() * p.element_size() for p in build_reward_towers(small_spec(1))[0]["vision"].parameters())
+    joint = {n: reward_phase_peak(small_spec(n)) for n in (1, 3)}
+    sequential = {n: reward_phase_peak(small_spec(n, sequential_reward_backward=True)) for n in (1, 3)}
+    # Joint: every tower's activations are alive at the backward, so two more towers add two towers' activations.
+    tower_activations = (joint[3] - joint[1]) / 2
+    assert tower_activations > 0.2 * one_tower
+    # Sequential: one tower's streamed weights (counted: offloaded weights are copied in) and activations at a time,
+    # so more towers add next to nothing.
+    assert sequential[1] > joint[1] + 0.9 * one_tower
+    assert sequential[3] - sequential[1] < 0.1 * tower_activations
+    # The towers leave the persistent bytes.
+    assert "reward image towers" in persistent_bytes(small_spec(3))
+    assert "reward image towers" not in persistent_bytes(small_spec(3, sequential_reward_backward=True))
+    assert "reward text towers" not in persistent_bytes(small_spec(3, sequential_reward_backward=True))
+
+
+def test_the_option_is_a_chooser_candidate_with_its_flags(tmp_path):
+    from diffusers_dmdr.memory_estimate import CANDIDATE_OPTIONS, MemoryOptions, options_of_config
+
+    options = MemoryOptions(reward_decode="tiny", cache_reward_text_features=True, sequential_reward_backward=True)
+    position = CANDIDATE_OPTIONS.index(options)
+    assert CANDIDATE_OPTIONS[position - 1] == replace_options(options, sequential_reward_backward=False)
+    assert "--sequential_reward_backward" in options.flags() and "sequential backward" in options.describe()
+    config = DMDRConfig(
+        pretrained_model_name_or_path="teacher",
+        train_prompts="prompts.txt",
+        reward=["clip:offload=true", "hpsv2.1:offload=true"],
+        sequential_reward_backward=True,
+    )
+    assert options_of_config(config).sequential_reward_backward
+    # A reward left on the device: estimated as the joint backward (an over-estimate, never an under-estimate).
+    config.reward = ["clip:offload=true", "hpsv2.1"]
+    assert not options_of_config(config).sequential_reward_backward
+
+
+def replace_options(options, **changes):
+    from dataclasses import replace
+
+    return replace(options, **changes)
