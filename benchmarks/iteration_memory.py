@@ -186,8 +186,6 @@ FIT_CHECKS = {
 def write_published_table() -> None:
     """The preflight's table (`memory_estimate.PUBLISHED_ESTIMATES_FILE`): every estimated row's phase peaks, keyed
     by architecture and activation options (a quantized row's phases hold a dequantized layer: left out)."""
-    from dataclasses import replace
-
     from diffusers_dmdr.memory_estimate import (
         architecture_key,
         build_backbone,
@@ -201,7 +199,8 @@ def write_published_table() -> None:
         values = cache.get("rows", {}).get(row_id)
         if values is None or options.quantized_base != "none":
             continue
-        spec = published_spec(model, options=replace(options, cache_reward_text_features=False))
+        # The key holds the activation options (`architecture_key`: text caching only where the towers stream).
+        spec = published_spec(model, options=options)
         key = architecture_key(spec, build_backbone(spec), build_reward_decoder(spec))
         table[key] = {"model": model, "row": row_id, "phases": values["phases"], "pixels": run_pixels(spec)}
     PUBLISHED_TABLE.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")

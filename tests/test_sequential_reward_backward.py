@@ -267,3 +267,33 @@ def replace_options(options, **changes):
     from dataclasses import replace
 
     return replace(options, **changes)
+
+
+def test_fp16_autocast_from_accelerates_own_config_is_refused_at_the_reward_step():
+    """`--mixed_precision` unset takes accelerate's config, which the DMDR config cannot see: the objective checks
+    the autocast it runs under."""
+    from diffusers_dmdr.method.objective import _refuse_fp16_autocast
+
+    with torch.autocast("cpu", dtype=torch.float16), pytest.raises(ValueError, match="use mixed precision bf16"):
+        _refuse_fp16_autocast("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _refuse_fp16_autocast("cpu")
+    _refuse_fp16_autocast("cpu")
+
+
+def test_the_preflight_finds_the_published_sdxl_row():
+    """The preflight's table has the SDXL row (tiny decode, cached text features, offloaded towers) under its own
+    key: the same total as the full estimate at 1024 px, batch 1, and no towers in the persistent bytes."""
+    import json
+    from pathlib import Path
+
+    from diffusers_dmdr.memory_estimate import GIB, MemoryOptions, published_spec, scaled_estimate
+
+    options = MemoryOptions(reward_decode="tiny", cache_reward_text_features=True, sequential_reward_backward=True)
+    scaled = scaled_estimate(published_spec("sdxl", options=options))
+    assert scaled is not None and not any("tower" in name for name in scaled.persistent)
+    rows = json.loads((Path(__file__).parents[1] / "docs" / "iteration_memory.json").read_text())["rows"]
+    assert scaled.total_bytes == rows["sdxl-tiny-cached-offload-seq"]["total_bytes"] <= 12 * GIB
+    # Without cached text features the towers stream their text towers too: not the same activation run.
+    uncached = replace_options(options, cache_reward_text_features=False)
+    assert scaled_estimate(published_spec("sdxl", options=uncached)) is None
