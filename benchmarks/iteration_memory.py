@@ -53,6 +53,13 @@ def rows():
             12,
             "same, reward text features cached",
         ),
+        (
+            "sdxl-tiny-cached-offload-seq",
+            "sdxl",
+            O(reward_decode="tiny", cache_reward_text_features=True, sequential_reward_backward=True),
+            12,
+            "same, reward towers offloaded, sequential reward backward",
+        ),
         ("sd35-full", "sd35-large", ckpt_full, 32, "SD3.5-Large 4-step LoRA, bf16 base"),
         ("sd35-full-ckpt-cached", "sd35-large", full_ckpt_cached, 32, "SD3.5-Large, bf16 base, checkpointed decode"),
         ("sd35-full-ckpt-tiled", "sd35-large", full_ckpt_tiled, 32, "SD3.5-Large, bf16, checkpointed, 512 px tiles"),
@@ -179,8 +186,6 @@ FIT_CHECKS = {
 def write_published_table() -> None:
     """The preflight's table (`memory_estimate.PUBLISHED_ESTIMATES_FILE`): every estimated row's phase peaks, keyed
     by architecture and activation options (a quantized row's phases hold a dequantized layer: left out)."""
-    from dataclasses import replace
-
     from diffusers_dmdr.memory_estimate import (
         architecture_key,
         build_backbone,
@@ -194,7 +199,8 @@ def write_published_table() -> None:
         values = cache.get("rows", {}).get(row_id)
         if values is None or options.quantized_base != "none":
             continue
-        spec = published_spec(model, options=replace(options, cache_reward_text_features=False))
+        # The key holds the activation options (`architecture_key`: text caching only where the towers stream).
+        spec = published_spec(model, options=options)
         key = architecture_key(spec, build_backbone(spec), build_reward_decoder(spec))
         table[key] = {"model": model, "row": row_id, "phases": values["phases"], "pixels": run_pixels(spec)}
     PUBLISHED_TABLE.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
@@ -287,7 +293,10 @@ def render() -> str:
         "`--reward_vae_gradient_checkpointing`; `512 px tiles` `--reward_vae_tile_size 512`; `decode tiny` "
         "`--reward_vae_model_name_or_path` (a TAESD-shaped `AutoencoderTiny` with the family's latent channels); "
         "`text features cached` `--cache_reward_text_features` (text towers deleted after one pass over the "
-        "prompts); `int8 base` / `nf4 base` `--base_quantization bnb_int8` / `bnb_nf4` (the quantized frozen "
+        "prompts); `towers offloaded, sequential backward` each reward's `offload=true` (weights on the host, "
+        "streamed per call) with `--sequential_reward_backward` (each reward's backward right after it scores, so "
+        "one tower's streamed weights and activations are on the GPU at a time; the host-to-device copies are "
+        "counted); `int8 base` / `nf4 base` `--base_quantization bnb_int8` / `bnb_nf4` (the quantized frozen "
         "base; its bytes are the backends' storage arithmetic for `nn.Linear` weights plus one dequantized layer, "
         "activations those of the bf16 base).",
     ]

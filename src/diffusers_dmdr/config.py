@@ -309,6 +309,13 @@ class DMDRConfig:
         "normalised text features on the host and delete the rewards' text towers (ViT-H/14: 0.66 GiB each in "
         "bf16). Rewards without a text tower, or whose prompts change per step (relative), are left as they are.",
     )
+    sequential_reward_backward: bool = HfArg(
+        default=False,
+        help="Back-propagate each reward's loss to the decoded images as soon as it is scored, then the images' "
+        "gradient through the student once: one reward tower's activations on the device at a time (with a reward's "
+        "`offload=true`, also one tower's weights) instead of all of them at the generator's backward. Same gradients. "
+        "Not with fp16 autocast (the towers' backward would run without the loss scaler): use bf16.",
+    )
     reward_tilt: bool = HfArg(
         default=False,
         help="In stage 1, weight each sample's DMD direction by its reward (RT-DM, paper v4): the weighted sum of the "
@@ -673,6 +680,12 @@ class DMDRConfig:
             )
         if self.dmd_loss_weight < 0 or self.anchor_loss_weight < 0:
             problems.append("--dmd_loss_weight and --anchor_loss_weight must be non-negative.")
+        if self.sequential_reward_backward and self.mixed_precision == "fp16":
+            problems.append(
+                "--sequential_reward_backward runs the reward towers' backward outside fp16's loss scaling, where "
+                "their small gradients underflow: use --mixed_precision bf16 (or no), or drop "
+                "--sequential_reward_backward."
+            )
         if not math.isfinite(self.reward_tilt_strength) or self.reward_tilt_strength < 0:
             problems.append(f"--reward_tilt_strength must be a non-negative number, got {self.reward_tilt_strength}.")
         if self.rl != "refl":

@@ -546,6 +546,10 @@ class MemoryOptions:
             towers deleted (`--cache_reward_text_features`).
         quantized_base: `"int8"` / `"nf4"` frozen backbone weights (`--base_quantization bnb_int8` / `bnb_nf4`; the
             bytes are the backend's storage arithmetic, activations those of the bf16 base plus one dequantized layer).
+        sequential_reward_backward: every reward offloaded (the reward option `offload=true`: weights on the host,
+            streamed per call) and each reward's backward run as soon as it is scored
+            (`--sequential_reward_backward`): the towers leave the persistent bytes, and the generator update holds
+            one tower's streamed weights and activations at a time.
     """
 
     gradient_checkpointing: bool = True
@@ -554,6 +558,7 @@ class MemoryOptions:
     reward_tower_checkpointing: bool = False
     cache_reward_text_features: bool = False
     quantized_base: str = "none"
+    sequential_reward_backward: bool = False
 
     def __post_init__(self):
         if self.reward_decode not in REWARD_DECODES:
@@ -578,6 +583,8 @@ class MemoryOptions:
             flags.append("--reward_vae_model_name_or_path <tiny autoencoder>")
         if self.cache_reward_text_features:
             flags.append("--cache_reward_text_features")
+        if self.sequential_reward_backward:
+            flags += ["--sequential_reward_backward", "<each --reward with :offload=true>"]
         if self.quantized_base != "none":
             flags.append(f"--base_quantization {BASE_QUANTIZATION_FLAGS[self.quantized_base]}")
         return flags
@@ -590,6 +597,8 @@ class MemoryOptions:
             parts.append("tower ckpt")
         if self.cache_reward_text_features:
             parts.append("text features cached")
+        if self.sequential_reward_backward:
+            parts.append("towers offloaded, sequential backward")
         if self.quantized_base != "none":
             parts.append(f"{self.quantized_base} base")
         return ", ".join(parts)
@@ -1009,20 +1018,59 @@ def _reward_loss(spec: IterationSpec, decoder, towers, latents, prompt_ids) -> t
         frames = list(spec.reward_frames or range(images.shape[2]))
         images = images[:, :, frames].transpose(1, 2).flatten(0, 1)
         prompt_ids = prompt_ids.repeat_interleave(len(frames), dim=0)
-    size = spec.reward_vision_config.get("image_size", 224)
-    pixels = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True)
-    pixels = ((pixels - 0.45) / 0.27).to(torch.bfloat16)
+    if spec.options.sequential_reward_backward:
+        return _sequential_tower_losses(spec, towers, images, prompt_ids)
+    pixels = _tower_pixels(spec, images)
     loss = torch.zeros(())
     for tower in towers:
-        image_embeds = F.normalize(tower["vision"](pixel_values=pixels).image_embeds.float(), dim=-1)
-        if tower["text"] is not None:
-            with torch.no_grad():
-                text_embeds = tower["text"](input_ids=prompt_ids).text_embeds.float()
-        else:
-            text_embeds = torch.randn(image_embeds.shape[0], image_embeds.shape[-1])
-        score = (image_embeds * F.normalize(text_embeds, dim=-1)).sum(-1)
-        loss = loss + torch.relu(0.7 - score).mean()
+        loss = loss + _tower_loss(tower, pixels, prompt_ids)
     return loss
+
+
+def _tower_pixels(spec: IterationSpec, images: torch.Tensor) -> torch.Tensor:
+    size = spec.reward_vision_config.get("image_size", 224)
+    pixels = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True)
+    return ((pixels - 0.45) / 0.27).to(torch.bfloat16)
+
+
+def _tower_loss(tower: dict, pixels: torch.Tensor, prompt_ids: torch.Tensor, call=None) -> torch.Tensor:
+    """One reward's hinged image-text cosine; `call(module, **inputs)` runs a tower (default: with its own
+    weights)."""
+    call = call or (lambda module, **inputs: module(**inputs))
+    image_embeds = F.normalize(call(tower["vision"], pixel_values=pixels).image_embeds.float(), dim=-1)
+    if tower["text"] is not None:
+        with torch.no_grad():
+            text_embeds = call(tower["text"], input_ids=prompt_ids).text_embeds.float()
+    else:
+        text_embeds = torch.randn(image_embeds.shape[0], image_embeds.shape[-1])
+    score = (image_embeds * F.normalize(text_embeds, dim=-1)).sum(-1)
+    return torch.relu(0.7 - score).mean()
+
+
+def _sequential_tower_losses(spec: IterationSpec, towers, images, prompt_ids) -> torch.Tensor:
+    """`rewards.compute_reward_loss_sequentially` with offloaded towers: each reward's weights (its image tower, and
+    its text tower unless the text features are cached) are streamed to the device at once, as
+    `FrozenReward(offload=True)` does (copies, counted); it scores a leaf cut from the images and its loss is
+    back-propagated to the leaf right away, which frees the copies and activations before the next reward; the
+    images' surrogate carries the summed gradient through the decode in the generator's backward."""
+    leaf = images.detach().requires_grad_()
+    for tower in towers:
+        modules = [module for module in tower.values() if module is not None]
+        streamed = {
+            module: {name: tensor.clone() for name, tensor in [*module.named_parameters(), *module.named_buffers()]}
+            for module in modules
+        }
+
+        def streamed_call(module, streamed=streamed, **inputs):
+            return torch.func.functional_call(module, streamed[module], (), inputs)
+
+        loss = _tower_loss(tower, _tower_pixels(spec, leaf), prompt_ids, streamed_call)
+        del streamed, streamed_call  # from here the graph alone holds the copies
+        loss.backward()
+    if leaf.grad is None:  # no tower
+        return torch.zeros(())
+    surrogate = (images.float() * leaf.grad.float()).sum()
+    return surrogate - surrogate.detach()
 
 
 def _reference_flops(spec, backbone, router, backbone_x0, shape, condition, decoder, towers, text_ids) -> dict:
@@ -1117,7 +1165,8 @@ def _persistent_bytes(spec: IterationSpec, backbone, decoder, towers) -> dict[st
     persistent = {f"frozen {spec.kind.model_class}" + _quant_suffix(spec.options): base}
     if decoder is not None:
         persistent[f"reward decoder ({spec.options.reward_decode})"] = _module_bytes(decoder)
-    if towers:
+    # Offloaded towers (`sequential_reward_backward`) live on the host; the generator update streams them.
+    if towers and not spec.options.sequential_reward_backward:
         persistent["reward image towers"] = sum(_module_bytes(t["vision"]) for t in towers)
         text = sum(_module_bytes(t["text"]) for t in towers if t["text"] is not None)
         if text:
@@ -1270,6 +1319,12 @@ CANDIDATE_OPTIONS = (
     MemoryOptions(gradient_checkpointing=True, reward_decode="tiny"),
     MemoryOptions(gradient_checkpointing=True, reward_decode="tiny", cache_reward_text_features=True),
     MemoryOptions(
+        gradient_checkpointing=True,
+        reward_decode="tiny",
+        cache_reward_text_features=True,
+        sequential_reward_backward=True,
+    ),
+    MemoryOptions(
         gradient_checkpointing=True, reward_decode="tiny", cache_reward_text_features=True, quantized_base="int8"
     ),
     MemoryOptions(
@@ -1278,12 +1333,20 @@ CANDIDATE_OPTIONS = (
 )
 
 
+def _activation_options(options: MemoryOptions) -> MemoryOptions:
+    """The options that change the activation peaks: quantization changes persistent bytes only (plus one dequantized
+    layer, added after), and so does text-feature caching, except for offloaded towers, whose text tower is streamed
+    in with the image tower (a cached run streams the image tower alone)."""
+    cached_text = options.cache_reward_text_features and options.sequential_reward_backward
+    return replace(options, quantized_base="none", cache_reward_text_features=cached_text)
+
+
 def options_estimate(
     spec: IterationSpec, options: MemoryOptions, cache: dict | None = None, count_flops: bool = False
 ) -> IterationEstimate:
     """The estimate of `spec` under `options`. Quantization and text-feature caching change persistent bytes only
     (plus a dequantized layer for a quantized base), so they reuse the fake run of the same activation options."""
-    activation_options = replace(options, quantized_base="none", cache_reward_text_features=False)
+    activation_options = _activation_options(options)
     key = _cache_key(spec, activation_options)
     if cache is not None and key in cache and (cache[key]["required_flops"] or not count_flops):
         base = IterationEstimate.from_dict(cache[key])
@@ -1319,6 +1382,8 @@ def _cache_key(spec: IterationSpec, options: MemoryOptions) -> str:
     # Fields added after estimates were cached leave the key as it was while they keep their default.
     if values["options"]["reward_decode_tile_size"] is None:
         del values["options"]["reward_decode_tile_size"]
+    if not values["options"]["sequential_reward_backward"]:
+        del values["options"]["sequential_reward_backward"]
     for name in ("width", "num_frames", "reward_frames"):
         if values[name] is None:
             del values[name]
@@ -1349,7 +1414,9 @@ def candidate_options(spec: IterationSpec) -> list[MemoryOptions]:
         ]
     candidates = []
     for options in CANDIDATE_OPTIONS:
-        options = replace(options, reward_decode="none", cache_reward_text_features=False)
+        options = replace(
+            options, reward_decode="none", cache_reward_text_features=False, sequential_reward_backward=False
+        )
         if options not in candidates:
             candidates.append(options)
     return candidates
@@ -1395,6 +1462,8 @@ def format_estimate(estimate: IterationEstimate) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 def options_of_config(config) -> MemoryOptions:
     """The memory options a `DMDRConfig` runs with today."""
+    from .rewards import parse_reward_spec
+
     if not config.reward:
         decode = "none"
     elif config.reward_vae_model_name_or_path:
@@ -1410,6 +1479,11 @@ def options_of_config(config) -> MemoryOptions:
         reward_decode_tile_size=tile_size,
         cache_reward_text_features=bool(config.reward) and config.cache_reward_text_features,
         quantized_base=quantization,
+        # Modelled with every reward offloaded; sequential backward with towers on the device is estimated (an
+        # over-estimate) as the joint backward.
+        sequential_reward_backward=bool(config.reward)
+        and getattr(config, "sequential_reward_backward", False)
+        and all(parse_reward_spec(spec).options.get("offload", False) for spec in config.reward),
     )
 
 
@@ -1505,7 +1579,7 @@ def architecture_key(spec: IterationSpec, backbone: torch.nn.Module, decoder: to
     bytes only)."""
     backbone_parameters = sum(p.numel() for p in backbone.parameters() if not p.requires_grad)
     decoder_parameters = sum(p.numel() for p in decoder.parameters()) if decoder is not None else 0
-    options = replace(spec.options, quantized_base="none", cache_reward_text_features=False)
+    options = _activation_options(spec.options)
     return (
         f"{spec.kind.model_class}:{backbone_parameters}|decoder:{decoder_parameters}|rewards:{spec.num_rewards}"
         f"|{options.describe()}"
@@ -1540,7 +1614,7 @@ def fast_estimate(spec: IterationSpec, cache: dict, allow_full: bool = True) -> 
     of this exact configuration; else the published table scaled to the run's pixels and batch; else, with
     `allow_full`, a full estimate when the backbone is small (seconds). `(None, why)` when none applies. The string
     says which was used."""
-    activation_options = replace(spec.options, quantized_base="none", cache_reward_text_features=False)
+    activation_options = _activation_options(spec.options)
     if _cache_key(spec, activation_options) in cache:
         return options_estimate(spec, spec.options, cache), "full estimate of this configuration, cached"
     scaled = scaled_estimate(spec)

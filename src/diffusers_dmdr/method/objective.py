@@ -28,7 +28,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..adapters import swapped_weights
-from ..rewards import compute_reward_loss, set_reward_step
+from ..rewards import compute_reward_loss, compute_reward_loss_sequentially, set_reward_step
 from ..training_module import GUIDANCE_ROLE, STUDENT_ROLE
 from . import schedules
 from .denoisers import Denoiser, repeat_condition
@@ -237,7 +237,17 @@ class DMDRObjective(Objective):
             loss = loss + config.anchor_loss_weight * loss_anchor
             logs["loss_anchor"] = loss_anchor.item()
         images = None
-        if in_stage_two and routes.rewards:
+        if in_stage_two and routes.rewards and config.sequential_reward_backward:
+            with routes.autocast():
+                images = routes.decode(x0_student)
+                _refuse_fp16_autocast(images.device.type)
+            # Each reward's backward runs now, freeing its tower before the next; the trainer's backward carries
+            # the summed image gradient through the decode and the student.
+            loss_rl, scores = compute_reward_loss_sequentially(routes.rewards, images, batch.prompts, routes.autocast)
+            loss = loss + loss_rl
+            logs["loss_rl"] = loss_rl.item()
+            logs.update({f"reward/{name}": score.item() for name, score in scores.items()})
+        elif in_stage_two and routes.rewards:
             with routes.autocast():
                 images = routes.decode(x0_student)
                 loss_rl, scores = compute_reward_loss(routes.rewards, images, batch.prompts)
@@ -324,3 +334,13 @@ class DMDRObjective(Objective):
         logs = {f"heldout_reward/{name}": score.item() for name, score in held_out.items()}
         teacher_loss = self._denoising_loss(x0_student, batch.draws.monitor_noise_levels, batch, lora_scale=0.0)
         return {**logs, "monitor/teacher_denoising_loss": teacher_loss.item()}
+
+
+def _refuse_fp16_autocast(device_type: str) -> None:
+    """`--sequential_reward_backward` runs the reward towers' backward outside the fp16 loss scaler (the config
+    refuses `--mixed_precision fp16`; this catches fp16 from accelerate's own config)."""
+    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16:
+        raise ValueError(
+            "--sequential_reward_backward runs the reward towers' backward outside fp16's loss scaling, where their "
+            "small gradients underflow: use mixed precision bf16 (or no), or drop --sequential_reward_backward."
+        )

@@ -9,6 +9,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -516,6 +517,56 @@ def compute_reward_loss(
             total_loss = total_loss + reward.weight * reward_loss(scores, reward.hinge)
         mean_scores[reward.name] = scores.detach().mean()
     return total_loss, mean_scores
+
+
+def compute_reward_loss_sequentially(
+    rewards: list[LoadedReward],
+    images: torch.Tensor,
+    prompts: list[str],
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""[`compute_reward_loss`] with each reward's backward run at once, so that one reward tower at a time holds its
+    activations (and, with `offload=True`, its streamed weights) on the device (`--sequential_reward_backward`).
+
+    The images are cut from their graph at a leaf; each trained reward scores the leaf under `autocast` and its
+    weighted loss is back-propagated to the leaf right away, which frees that tower's graph before the next reward
+    runs. The returned loss is the surrogate `sum(images * leaf.grad)` shifted to the value of the summed losses: its
+    gradient through `images` is `leaf.grad`, the gradient `compute_reward_loss`'s loss would send there (the chain
+    rule, split at the images), and it is linear in it, so a later division (gradient accumulation) or loss scaling
+    applies to it as it would to the summed losses. The towers' own backward runs here, unscaled: under fp16 a loss
+    scaler does not protect it (the objective refuses fp16 autocast).
+
+    Args:
+        rewards (`list[LoadedReward]`): from `load_rewards`.
+        images (`torch.Tensor` of shape `(B, 3, H, W)`): decoded student images in [0, 1], with the graph.
+        prompts (`list[str]` of length `B`): their prompts.
+        autocast (`Callable`, defaults to no context): the mixed-precision context of the rewards' forward passes
+            (their backward passes run outside it, as the trainer's do).
+
+    Returns:
+        `(total_loss, mean_scores)` as [`compute_reward_loss`]: the loss's value is the summed weighted losses; its
+        graph reaches the images only, the towers' graphs are already freed. Rewards of weight 0 are scored without
+        a graph, for monitoring only.
+    """
+    leaf = images.detach().requires_grad_()
+    total_value = torch.zeros((), device=images.device, dtype=torch.float32)
+    mean_scores = {}
+    for reward in rewards:
+        if reward.weight == 0:
+            with torch.no_grad(), autocast():
+                scores = reward.fn(leaf, prompts)
+        else:
+            with autocast():
+                scores = reward.fn(leaf, prompts)
+                weighted_loss = reward.weight * reward_loss(scores, reward.hinge)
+            if weighted_loss.requires_grad:  # a reward without a gradient path adds its value only, as it would there
+                weighted_loss.backward()
+            total_value = total_value + weighted_loss.detach()
+        mean_scores[reward.name] = scores.detach().mean()
+    if leaf.grad is None:  # no trained reward (or none whose scores depend on the images): a constant loss
+        return total_value, mean_scores
+    surrogate = (images.float() * leaf.grad.float()).sum()
+    return surrogate - surrogate.detach() + total_value, mean_scores
 
 
 def check_recipe_import_paths(config) -> None:
