@@ -40,6 +40,10 @@ def rows():
     full_ckpt_tiled = O(
         reward_decode="full_checkpointed", reward_decode_tile_size=512, cache_reward_text_features=True
     )
+    # The quantized-base rows: tiny decode and cached reward text features under an int8 or NF4 frozen base.
+    tiny_cached_int8, tiny_cached_nf4 = (
+        O(reward_decode="tiny", cache_reward_text_features=True, quantized_base=scheme) for scheme in ("int8", "nf4")
+    )
     return [
         ("sdxl-full", "sdxl", ckpt_full, 16, "SDXL 4-step LoRA, DFN5B + HPSv2.1, full VAE decode"),
         ("sdxl-full-ckpt", "sdxl", O(reward_decode="full_checkpointed"), 16, "same, checkpointed VAE decode"),
@@ -67,14 +71,14 @@ def rows():
         (
             "sd35-tiny-int8",
             "sd35-large",
-            O(reward_decode="tiny", cache_reward_text_features=True, quantized_base="int8"),
+            tiny_cached_int8,
             24,
             "SD3.5-Large, quantized base (int8)",
         ),
         (
             "sd35-tiny-nf4",
             "sd35-large",
-            O(reward_decode="tiny", cache_reward_text_features=True, quantized_base="nf4"),
+            tiny_cached_nf4,
             24,
             "SD3.5-Large, quantized base (NF4)",
         ),
@@ -83,7 +87,7 @@ def rows():
         (
             "flux1-tiny-nf4",
             "flux1-dev",
-            O(reward_decode="tiny", cache_reward_text_features=True, quantized_base="nf4"),
+            tiny_cached_nf4,
             24,
             "FLUX.1 [dev], quantized base (NF4)",
         ),
@@ -100,14 +104,14 @@ def rows():
         (
             "qwen-tiny-int8",
             "qwen-image",
-            O(reward_decode="tiny", cache_reward_text_features=True, quantized_base="int8"),
+            tiny_cached_int8,
             32,
             "Qwen-Image 20B 4-step LoRA, int8 base",
         ),
         (
             "qwen-tiny-nf4",
             "qwen-image",
-            O(reward_decode="tiny", cache_reward_text_features=True, quantized_base="nf4"),
+            tiny_cached_nf4,
             32,
             "Qwen-Image 20B 4-step LoRA, NF4 base",
         ),
