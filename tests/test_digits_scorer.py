@@ -31,6 +31,27 @@ def test_scorer_reads_held_out_real_pairs_and_rejects_swapped_prompts(real_pairs
     assert sum(right) / len(right) > sum(wrong) / len(wrong) + 0.5
 
 
+def test_log_probability_mode_is_the_log_of_the_pair_read_right(real_pairs):
+    images, pairs = real_pairs
+    prompts = [pair_prompt(left, right, index) for index, (left, right) in enumerate(pairs)]
+    swapped = [pair_prompt(right, left, index) for index, (left, right) in enumerate(pairs)]
+    scorer = DigitPairScorer(mode="log_probability")
+    halves = scorer.read_halves(images)
+    rows = torch.arange(len(pairs))
+    pairs_tensor = torch.tensor(pairs)
+    prompted = (
+        torch.from_numpy(halves[rows, 0, pairs_tensor[:, 0]]),
+        torch.from_numpy(halves[rows, 1, pairs_tensor[:, 1]]),
+    )
+    expected = sum(torch.log(half.clamp_min(1e-12)) for half in prompted)
+    right = torch.tensor(scorer(images, prompts), dtype=torch.float64)
+    wrong = torch.tensor(scorer(images, swapped), dtype=torch.float64)
+    torch.testing.assert_close(right, expected)
+    # Nats, at most 0, finite even where the classifier rules a half out; a swapped prompt costs many nats.
+    assert bool((right <= 0).all()) and bool(torch.isfinite(wrong).all())
+    assert right.mean() > wrong.mean() + 5.0
+
+
 def test_scorer_is_a_reward_without_gradients(real_pairs):
     images, pairs = real_pairs
     spec = "diffusers_dmdr.digits.scorer.DigitPairScorer:1.0:mode=correct"

@@ -45,17 +45,19 @@ def lora_weights(model, adapter_name):
 
 
 @pytest.mark.parametrize(
-    ("rl", "regularizer", "simulation"),
+    ("rl", "regularizer", "simulation", "transitions"),
     [
-        ("grpo", "dmd", "sde"),
-        ("grpo", "dmd", "ode"),
-        ("grpo", "kl", "sde"),
-        ("grpo", "none", "sde"),
-        ("dpo", "dmd", "sde"),
+        ("grpo", "dmd", "sde", "drawn"),
+        ("grpo", "dmd", "ode", "drawn"),
+        ("grpo", "kl", "sde", "drawn"),
+        ("grpo", "none", "sde", "drawn"),
+        ("grpo", "dmd", "sde", "all"),
+        ("grpo", "kl", "ode", "all"),
+        ("dpo", "dmd", "sde", "drawn"),
     ],
 )
 def test_stage_two_trains_on_a_reward_without_gradients(
-    tiny_teacher_dirs, prompt_file, tmp_path, rl, regularizer, simulation
+    tiny_teacher_dirs, prompt_file, tmp_path, rl, regularizer, simulation, transitions
 ):
     # `ode` students explore with the coefficients-preserving sampler at --rl_noise_level.
     trainer = make_trainer(
@@ -66,6 +68,7 @@ def test_stage_two_trains_on_a_reward_without_gradients(
         rl=rl,
         rl_regularizer=regularizer,
         backward_simulation=simulation,
+        rl_transitions=transitions,
     )
     assert trainer.objective.eta == (1.0 if simulation == "sde" else 0.7)
     student_before = lora_weights(trainer.student_model, STUDENT_ADAPTER)
@@ -82,6 +85,13 @@ def test_stage_two_trains_on_a_reward_without_gradients(
             # One generator update per rollout: the PPO ratio is 1 (up to float rounding) and nothing is clipped.
             assert row["rl/ratio_mean"] == pytest.approx(1.0, abs=1e-5) and row["rl/clip_fraction"] == 0.0
             assert row["rl/advantage_abs_mean"] > 0.0
+            # `all`: every stochastic transition of the 4 rows (N - 1 each); `drawn`: one per row not drawn at the
+            # last step.
+            rows, transitions_per_row = 4, trainer.config.num_student_steps - 1
+            if transitions == "all":
+                assert row["rl/transitions"] == rows * transitions_per_row
+            else:
+                assert 0 <= row["rl/transitions"] <= rows
         else:
             assert 0.0 <= row["rl/implicit_accuracy"] <= 1.0 and row["rl/pair_reward_gap"] >= 0.0
     if regularizer == "kl":
@@ -144,8 +154,11 @@ def _stage_two_gradient(trainer):
     return torch.autograd.grad(loss, parameters, allow_unused=True), logs
 
 
-def test_a_reward_that_ignores_the_image_gives_zero_grpo_gradient(tiny_teacher_dirs, prompt_file, tmp_path):
-    common = dict(cold_start_steps=0, rl_regularizer="none")
+@pytest.mark.parametrize("transitions", ["drawn", "all"])
+def test_a_reward_that_ignores_the_image_gives_zero_grpo_gradient(
+    tiny_teacher_dirs, prompt_file, tmp_path, transitions
+):
+    common = dict(cold_start_steps=0, rl_regularizer="none", rl_transitions=transitions)
     ignoring = make_trainer(tiny_teacher_dirs["sdxl"], prompt_file, tmp_path / "a", [score(prompt_length)], **common)
     grads, logs = _stage_two_gradient(ignoring)
     assert logs["rl/groups_without_signal"] == 1.0 and logs["rl/advantage_abs_mean"] == 0.0
@@ -155,17 +168,69 @@ def test_a_reward_that_ignores_the_image_gives_zero_grpo_gradient(tiny_teacher_d
     assert any(grad is not None and torch.count_nonzero(grad) > 0 for grad in grads)
 
 
+def test_every_transition_loss_is_the_mean_of_the_per_step_policy_losses(tiny_teacher_dirs, prompt_file, tmp_path):
+    """`--rl_transitions all` runs the student once on every state of the trajectories (step-major, each carrying its
+    row's advantage): its gradient equals the mean over student steps of the PPO loss computed one step at a time."""
+    from diffusers_dmdr.method.policy import gaussian_log_prob, group_advantages, ppo_clipped_loss
+
+    trainer = make_trainer(
+        tiny_teacher_dirs["sdxl"],
+        prompt_file,
+        tmp_path,
+        [score(brightness)],
+        cold_start_steps=0,
+        rl_regularizer="none",
+        rl_transitions="all",
+    )
+    objective, config = trainer.objective, trainer.config
+    objective.before_update(STUDENT_ROLE, 0)
+    (batch,) = objective.rollout(config.update_ratio - 1, 0, trainer.prompt_sampler.batch(0), 0, micro_batches=1)
+    parameters = list(trainer.unwrapped.parameters_of(STUDENT_ROLE))
+    advantages = group_advantages(batch.rollout.rewards, config.rl_group_size, config.rl_advantage_clip)
+
+    def per_step_gradient(advantages):
+        states, predictions = batch.rollout.states, batch.rollout.predictions
+        levels = objective.scheduler.noise_levels
+        total = 0.0
+        for step in range(states.shape[0] - 1):
+            level = levels[step].expand(len(batch.prompts))
+            x0 = trainer.objective.routes.student(states[step], level, batch.condition)
+            mean, std = objective.transition(x0, states[step], step, level)
+            old_mean, _ = objective.transition(predictions[step], states[step], step, level)
+            log_prob = gaussian_log_prob(states[step + 1], mean, std)
+            old_log_prob = gaussian_log_prob(states[step + 1], old_mean, std)
+            total = total + ppo_clipped_loss(log_prob, old_log_prob, advantages, config.rl_clip_range)[0]
+        return torch.autograd.grad(total / (states.shape[0] - 1), parameters, allow_unused=True)
+
+    loss, stats, _ = objective.every_transition_terms(batch, advantages)
+    assert stats["transitions"] == len(batch.prompts) * (config.num_student_steps - 1)
+    assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    batched = torch.autograd.grad(loss, parameters, allow_unused=True)
+    expected = per_step_gradient(advantages)
+    flat = lambda grads: torch.cat([g.flatten() for g in grads if g is not None])  # noqa: E731
+    torch.testing.assert_close(flat(batched), flat(expected), rtol=1e-4, atol=1e-7)
+    # Negative control: the advantages paired with other rows give another gradient.
+    other = per_step_gradient(advantages.roll(1))
+    assert not torch.allclose(flat(batched), flat(other), rtol=1e-3, atol=1e-6)
+
+
 @pytest.mark.parametrize(
-    ("rl", "regularizer", "inner_epochs"), [("grpo", "kl", 1), ("dpo", "dmd", 1), ("grpo", "kl", 2)]
+    ("rl", "regularizer", "inner_epochs", "transitions"),
+    [("grpo", "kl", 1, "drawn"), ("dpo", "dmd", 1, "drawn"), ("grpo", "kl", 2, "drawn"), ("grpo", "kl", 1, "all")],
 )
 def test_resume_mid_stage_two_continues_exactly(
-    tiny_teacher_dirs, prompt_file, tmp_path, rl, regularizer, inner_epochs
+    tiny_teacher_dirs, prompt_file, tmp_path, rl, regularizer, inner_epochs, transitions
 ):
     """The groups' randomness comes from (seed, iteration, row) and the stage-1 reference is saved with each
     checkpoint, so a run resumed in stage 2 repeats the uninterrupted one bit for bit (with inner epochs too: all the
     optimizer steps on a rollout belong to one generator step, and checkpoints fall between generator steps)."""
     common = dict(
-        rl=rl, rl_regularizer=regularizer, rl_inner_epochs=inner_epochs, max_train_steps=4, checkpointing_steps=3
+        rl=rl,
+        rl_regularizer=regularizer,
+        rl_inner_epochs=inner_epochs,
+        rl_transitions=transitions,
+        max_train_steps=4,
+        checkpointing_steps=3,
     )
     rewards = [score(brightness)]
     uninterrupted = make_trainer(tiny_teacher_dirs["sdxl"], prompt_file, tmp_path / "a", rewards, **common)
@@ -197,6 +262,7 @@ def test_resume_mid_stage_two_continues_exactly(
         (dict(rl_group_size=3), "not a multiple of --rl_group_size"),
         (dict(rl_group_size=1), "at least 2"),
         (dict(rl="dpo", rl_regularizer="kl"), "reference built in"),
+        (dict(rl="dpo", rl_transitions="all"), "is GRPO's"),
         (dict(num_student_steps=1, student_timesteps=[999]), "at least 2 student steps"),
         (dict(rl_noise_level=0.0), "rl_noise_level"),
         (dict(rl_inner_epochs=0), "rl_inner_epochs must be at least 1"),

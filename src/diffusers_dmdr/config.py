@@ -380,6 +380,14 @@ class DMDRConfig:
         "under the updated student, so the ratio moves off 1 and --rl_clip_range bounds it. A generator step "
         "(--max_train_steps counts them) then makes this many optimizer steps of the student for one rollout.",
     )
+    rl_transitions: Literal["drawn", "all"] = HfArg(
+        default="drawn",
+        help="GRPO: which transitions of each rollout the policy loss trains. `drawn`: one per row, at the row's "
+        "drawn student step (the step its DMD term trains; a row drawn at the last step, which has no stochastic "
+        "transition, trains DMD only). `all`: every stochastic transition of every row (Flow-GRPO trains the whole "
+        "trajectory): N - 1 times the policy signal per rollout, for N - 1 more student forward+backward passes per "
+        "row, whose graphs are held together (enable gradient checkpointing at scale).",
+    )
     rl_noise_level: float = HfArg(
         default=0.7,
         help="GRPO / DPO with an `ode` student: the share of fresh noise per step, eta in (0, 1] (coefficients-"
@@ -747,6 +755,10 @@ class DMDRConfig:
             )
         if self.rl == "dpo" and self.rl_regularizer == "kl":
             problems.append("--rl dpo has its reference built in: use --rl_regularizer dmd or none.")
+        if self.rl == "dpo" and self.rl_transitions != "drawn":
+            problems.append(
+                "--rl_transitions all is GRPO's (DPO compares x0 errors of a pair, not transitions): drop it for --rl dpo."
+            )
         for name in ("rl_weight", "rl_kl_weight", "rl_clip_range", "rl_advantage_clip", "rl_dpo_beta"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:

@@ -25,7 +25,7 @@ from .pairs import parse_pair
 # scikit-learn's digits are 8 x 8 with values 0-16.
 NATIVE_SIDE = 8
 NATIVE_MAX = 16.0
-SCORER_MODES = ("probability", "correct")
+SCORER_MODES = ("probability", "log_probability", "correct")
 
 
 def pool_to_native(grey: np.ndarray) -> np.ndarray:
@@ -43,8 +43,12 @@ class DigitPairScorer:
 
     Args:
         mode (`str`, defaults to `"probability"`): `"probability"`, the mean over the two halves of the classifier's
-            probability of the prompted digit (in [0, 1]); `"correct"`, 1 when both halves are read as the prompted
-            digits, else 0 (the pair's 0/1 correctness: sparse, so groups often carry no signal).
+            probability of the prompted digit (in [0, 1]); `"log_probability"`, the classifier's log-probability of the
+            prompted pair, `log p(left digit | left half) + log p(right digit | right half)` in nats (at most 0: the
+            quantity the torch reward of the ReFL recipe computes, here from a model without gradients; one wrong half
+            costs far more than under the mean probability, which is what held-out pair accuracy counts);
+            `"correct"`, 1 when both halves are read as the prompted digits, else 0 (the pair's 0/1 correctness: sparse,
+            so groups often carry no signal).
         regularisation (`float`, defaults to 1.0): the inverse regularisation strength `C` of the logistic regression.
         seed (`int`, defaults to 0): the solver's seed.
     """
@@ -84,5 +88,8 @@ class DigitPairScorer:
         prompted = np.stack([probabilities[rows, 0, pairs[:, 0]], probabilities[rows, 1, pairs[:, 1]]], axis=1)
         if self.mode == "probability":
             return prompted.mean(axis=1).tolist()
+        if self.mode == "log_probability":
+            # The floor keeps a half the classifier rules out finite (log 1e-12 = -27.6 nats).
+            return np.log(np.maximum(prompted, 1e-12)).sum(axis=1).tolist()
         read = probabilities.argmax(axis=-1)
         return (read == pairs).all(axis=1).astype(np.float64).tolist()

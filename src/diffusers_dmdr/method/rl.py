@@ -267,18 +267,92 @@ class GRPOObjective(RolloutObjective):
     def needs_reference(self) -> bool:
         return self.regularizer == "kl"
 
-    def generator_loss(self, batch: MicroBatch, global_step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        if not isinstance(batch, RLMicroBatch):
-            return super().generator_loss(batch, global_step)
-        config, routes, simulation, rollout = self.config, self.routes, batch.simulation, batch.rollout
+    def drawn_transition_terms(
+        self,
+        batch: RLMicroBatch,
+        x0_student: torch.Tensor,
+        reference_x0: torch.Tensor | None,
+        advantages: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+        """`--rl_transitions drawn`: the PPO loss (a mean over the micro-batch's rows) and the KL of each row's one
+        transition, at its drawn step, from the prediction the DMD term also trains (`x0_student`)."""
+        simulation, rollout = batch.simulation, batch.rollout
         device = rollout.states.device
         rows = torch.arange(len(batch.prompts), device=device)
         # Rows drawn at the last step have no stochastic transition: they train DMD only.
         step_index = simulation.step_index.to(device)
         moves = step_index < rollout.states.shape[0] - 1
         next_state = rollout.states[torch.where(moves, step_index + 1, step_index), rows]
+        loss_rl = 0.0 * x0_student.sum()  # keeps the graph when no row moves
+        stats = {"ratio_mean": 1.0, "clip_fraction": 0.0, "approx_kl": 0.0, "transitions": 0.0}
+        kl = torch.zeros((), device=x0_student.device)
+        if not moves.any():
+            return loss_rl, stats, kl
+        index = rows[moves]
+        level = simulation.noise_level.to(device)[index]
+        with torch.no_grad():
+            # The log-probability under the sampler that drew the rollout: the student before this update.
+            old_mean, std = self.transition(
+                rollout.predictions[step_index[index], index],
+                simulation.student_input[index],
+                step_index[index],
+                level,
+            )
+            old_log_prob = gaussian_log_prob(next_state[index], old_mean, std)
+        mean, std = self.transition(x0_student[index], simulation.student_input[index], step_index[index], level)
+        log_prob = gaussian_log_prob(next_state[index], mean, std)
+        loss_ppo, ppo_stats = ppo_clipped_loss(log_prob, old_log_prob, advantages[index], self.config.rl_clip_range)
+        # A mean over every row of the micro-batch (rows at the last step contribute 0): the same scale whatever the
+        # draw.
+        share = index.numel() / len(rows)
+        stats = {key: value.item() for key, value in ppo_stats.items()}
+        stats["transitions"] = float(index.numel())
+        if reference_x0 is not None:
+            reference_mean, _ = self.transition(
+                reference_x0[index], simulation.student_input[index], step_index[index], level
+            )
+            kl = gaussian_kl(mean, reference_mean, std).mean() * share
+        return loss_ppo * share, stats, kl
+
+    def every_transition_terms(
+        self, batch: RLMicroBatch, advantages: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+        """`--rl_transitions all`: the PPO loss and the KL averaged over every stochastic transition of every row
+        (Flow-GRPO trains the whole trajectory; the mean keeps lambda on the per-transition scale of `drawn`). The
+        student runs once on all `(N - 1) * B` states, step-major; each transition carries its row's advantage."""
+        routes, rollout = self.routes, batch.rollout
+        device = rollout.states.device
+        transitions, size = rollout.states.shape[0] - 1, len(batch.prompts)
+        step_index = torch.arange(transitions, device=device).repeat_interleave(size)
+        rows = torch.arange(size, device=device).repeat(transitions)
+        state = rollout.states[:-1].flatten(0, 1)
+        next_state = rollout.states[1:].flatten(0, 1)
+        level = self.scheduler.noise_levels.to(device)[step_index]
+        condition = take_rows(batch.condition, rows)
+        with torch.no_grad():
+            old_mean, std = self.transition(rollout.predictions[:-1].flatten(0, 1), state, step_index, level)
+            old_log_prob = gaussian_log_prob(next_state, old_mean, std)
+            # Before the student's graph is built: the reference's weights are swapped in place.
+            reference_x0 = self.reference_x0(state, level, condition) if self.regularizer == "kl" else None
+        with routes.autocast():
+            x0 = routes.student(state, level, condition)
+        mean, std = self.transition(x0, state, step_index, level)
+        log_prob = gaussian_log_prob(next_state, mean, std)
+        loss_ppo, ppo_stats = ppo_clipped_loss(log_prob, old_log_prob, advantages[rows], self.config.rl_clip_range)
+        stats = {key: value.item() for key, value in ppo_stats.items()}
+        stats["transitions"] = float(rows.numel())
+        kl = torch.zeros((), device=x0.device)
+        if reference_x0 is not None:
+            reference_mean, _ = self.transition(reference_x0, state, step_index, level)
+            kl = gaussian_kl(mean, reference_mean, std).mean()
+        return loss_ppo, stats, kl
+
+    def generator_loss(self, batch: MicroBatch, global_step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        if not isinstance(batch, RLMicroBatch):
+            return super().generator_loss(batch, global_step)
+        config, routes, simulation, rollout = self.config, self.routes, batch.simulation, batch.rollout
         reference_x0 = None
-        if self.regularizer == "kl":
+        if self.regularizer == "kl" and config.rl_transitions == "drawn":
             reference_x0 = self.reference_x0(simulation.student_input, simulation.noise_level, batch.condition)
         with routes.autocast():
             x0_student = routes.student(simulation.student_input, simulation.noise_level, batch.condition)
@@ -293,34 +367,10 @@ class GRPOObjective(RolloutObjective):
         logs.update(
             {"rl/advantage_abs_mean": advantages.abs().mean().item(), "rl/advantage_max": advantages.max().item()}
         )
-        loss_rl = 0.0 * x0_student.sum()  # keeps the graph when no row moves
-        stats = {"ratio_mean": 1.0, "clip_fraction": 0.0, "approx_kl": 0.0}
-        kl = torch.zeros((), device=x0_student.device)
-        if moves.any():
-            index = rows[moves]
-            level = simulation.noise_level.to(device)[index]
-            with torch.no_grad():
-                # The log-probability under the sampler that drew the rollout: the student before this update.
-                old_mean, std = self.transition(
-                    rollout.predictions[step_index[index], index],
-                    simulation.student_input[index],
-                    step_index[index],
-                    level,
-                )
-                old_log_prob = gaussian_log_prob(next_state[index], old_mean, std)
-            mean, std = self.transition(x0_student[index], simulation.student_input[index], step_index[index], level)
-            log_prob = gaussian_log_prob(next_state[index], mean, std)
-            loss_ppo, ppo_stats = ppo_clipped_loss(log_prob, old_log_prob, advantages[index], config.rl_clip_range)
-            # A mean over every row of the micro-batch (rows at the last step contribute 0): the same scale whatever
-            # the draw.
-            share = index.numel() / len(rows)
-            loss_rl = loss_ppo * share
-            stats = {key: value.item() for key, value in ppo_stats.items()}
-            if reference_x0 is not None:
-                reference_mean, _ = self.transition(
-                    reference_x0[index], simulation.student_input[index], step_index[index], level
-                )
-                kl = gaussian_kl(mean, reference_mean, std).mean() * share
+        if config.rl_transitions == "all":
+            loss_rl, stats, kl = self.every_transition_terms(batch, advantages)
+        else:
+            loss_rl, stats, kl = self.drawn_transition_terms(batch, x0_student, reference_x0, advantages)
         loss = loss + config.rl_weight * loss_rl
         logs.update({"loss_rl": loss_rl.detach().item(), **{f"rl/{key}": value for key, value in stats.items()}})
         if self.regularizer == "kl":
