@@ -20,7 +20,7 @@ def config_of(arm: str, seed: int) -> dict:
         values.update(rl_overrides(options["--rl"], options["--rl_regularizer"]))
     for flag, value in options.items():
         if flag not in ("--rl", "--rl_regularizer"):
-            values[flag[2:]] = int(value) if value.isdigit() else float(value)
+            values[flag[2:]] = int(value) if value.isdigit() else value if value.isalpha() else float(value)
     return values
 
 
@@ -68,6 +68,9 @@ def test_demo_command_selects_the_arm_and_the_seed(tmp_path):
         ("grpo_none", 16, 0, 0, 16),
         ("dpo_dmd", 8, 24, 8, 16),
         ("grpo_dmd_ie2", 32, 96, 0, 16),
+        # Every transition: 3 more student passes per row (4 steps); the KL arm's reference runs on those states.
+        ("grpo_dmd_all", 64, 48, 0, 16),
+        ("grpo_kl_all", 64, 0, 48, 16),
     ],
 )
 def test_cost_per_generator_update(arm, student_grad, guidance, reference, reward_images):

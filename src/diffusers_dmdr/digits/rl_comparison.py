@@ -15,7 +15,8 @@ in its own folder `<output_dir>/<arm>_seed<s>/`. The arms:
 - `dpo_dmd`: Diffusion-DPO on the best and worst of each group, regularised by DMD;
 - the sweeps (`--arms` names them; not run by default): `grpo_dmd_w10`, `grpo_dmd_w30` (the GRPO weight lambda),
   `grpo_kl_w0.4`, `grpo_kl_w4` (the KL weight), `grpo_dmd_ie2` (2 inner epochs per rollout),
-  `grpo_dmd_ie2_clip1e-2` (the same with the clip range at 1e-2).
+  `grpo_dmd_ie2_clip1e-2` (the same with the clip range at 1e-2), `grpo_dmd_all`, `grpo_dmd_all_w10`, `grpo_kl_all`,
+  `grpo_none_all` (`--rl_transitions all`: every stochastic transition of each rollout trains).
 
 A run whose folder already holds `metrics.json` is reused (`--force` reruns it); `--collect_only` only reads the
 folders. The table ranks the arms by mean held-out pair accuracy, with the spread over seeds, FD against the DMD-only
@@ -64,6 +65,21 @@ ARMS = {
     "grpo_kl_w4": RLArm("GRPO + KL, weight 4", (*GRPO, "--rl_regularizer", "kl", "--rl_kl_weight", "4"), True),
     "grpo_dmd_ie2": RLArm(
         "DMD + GRPO, 2 inner epochs", (*GRPO, "--rl_regularizer", "dmd", "--rl_inner_epochs", "2"), True
+    ),
+    # Every stochastic transition of each rollout trains (Flow-GRPO's whole trajectory), not only the drawn one.
+    "grpo_dmd_all": RLArm(
+        "DMD + GRPO, every transition", (*GRPO, "--rl_regularizer", "dmd", "--rl_transitions", "all"), True
+    ),
+    "grpo_dmd_all_w10": RLArm(
+        "DMD + GRPO, every transition, lambda 10",
+        (*GRPO, "--rl_regularizer", "dmd", "--rl_transitions", "all", "--rl_weight", "10"),
+        True,
+    ),
+    "grpo_kl_all": RLArm(
+        "GRPO + KL, every transition", (*GRPO, "--rl_regularizer", "kl", "--rl_transitions", "all"), True
+    ),
+    "grpo_none_all": RLArm(
+        "GRPO alone, every transition", (*GRPO, "--rl_regularizer", "none", "--rl_transitions", "all"), True
     ),
     # The clip range scaled to the ratio's per-step change on this testbed (~4e-3 rms after one step, docs/rl.md).
     "grpo_dmd_ie2_clip1e-2": RLArm(
@@ -129,7 +145,8 @@ def run_arm(arm: str, seed: int, output_dir: Path, force: bool = False) -> Path:
 def nfe_per_update(recipe: dict) -> dict[str, float]:
     """Network evaluations of one generator update of stage 2, from a run's resolved config.
 
-    `student_grad`: student forward+backward passes; `guidance`: real-score (with CFG: 2 each) and fake-score forwards
+    `student_grad`: student forward+backward passes (with `--rl_transitions all`, the drawn-step pass of the DMD term
+    plus one per stochastic transition); `guidance`: real-score (with CFG: 2 each) and fake-score forwards
     of the DMD term; `reference`: forwards of the frozen stage-1 student (KL, DPO); `fake_train`: fake-score
     forward+backward passes (TTUR); `sampling`: student forwards without gradient, at most (rollouts or DMDR's
     backward simulation, one per iteration, each up to `N` steps); `reward_images`: images decoded and scored.
@@ -144,8 +161,13 @@ def nfe_per_update(recipe: dict) -> dict[str, float]:
     cfg = 2 if recipe.get("real_guidance_scale", 1.0) != 1.0 else 1
     no_reward = recipe["cold_start_steps"] >= recipe["max_train_steps"]
     reference = trained if (rl == "dpo" or (rl == "grpo" and regularizer == "kl")) else 0
+    # `--rl_transitions all`: one more student pass over every stochastic transition (N - 1 per row); its KL arm
+    # runs the reference there instead of at the drawn step.
+    every_transition = rows * (steps - 1) if rl == "grpo" and recipe.get("rl_transitions") == "all" else 0
+    if every_transition and reference:
+        reference = every_transition
     return {
-        "student_grad": epochs * trained,
+        "student_grad": epochs * (trained + every_transition),
         "guidance": epochs * trained * (cfg + 1) if dmd else 0,
         "reference": epochs * reference,
         "fake_train": ratio * rows,
