@@ -57,6 +57,22 @@ def test_demo_command_selects_the_arm_and_the_seed(tmp_path):
     assert set(rl_comparison.DEFAULT_ARMS) == {"dmd_only", "refl", "grpo_dmd", "grpo_kl", "grpo_none", "dpo_dmd"}
 
 
+def test_longer_runs_and_shared_trainer_flags_reach_every_arm(tmp_path, capsys):
+    flags = ("--rl_weight", "10")
+    command = rl_comparison.demo_command("grpo_dmd", 1, tmp_path, max_train_steps=1000, train_args=flags)
+    joined = " ".join(command)
+    assert " --max_train_steps 1000 " in joined and " --rl_weight 10 " in joined
+    # The arm's own flags first, the shared ones after.
+    assert joined.index("--rl_regularizer dmd") < joined.index("--rl_weight 10")
+    # The DMD-only arm's cold start spans the longer run: it stays DMD only.
+    dmd_only = rl_comparison.demo_command("dmd_only", 0, tmp_path, max_train_steps=1000)
+    assert dmd_only[dmd_only.index("--cold_start_steps") + 1] == "1000"
+    assert dmd_only[dmd_only.index("--max_train_steps") + 1] == "1000"
+    with pytest.raises(SystemExit):
+        rl_comparison.main(["--output_dir", str(tmp_path), "--max_train_steps", "60", "--collect_only"])
+    assert "--max_train_steps must exceed the recipe's cold start (60 steps), got 60" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("arm", "student_grad", "guidance", "reference", "reward_images"),
     [

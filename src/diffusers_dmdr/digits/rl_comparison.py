@@ -27,6 +27,7 @@ held-out accuracy falls is reward hacking), wall time and network evaluations pe
 
 import argparse
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -102,14 +103,26 @@ def run_folder(output_dir: Path, arm: str, seed: int) -> Path:
     return Path(output_dir) / f"{arm}_seed{seed}"
 
 
-def demo_command(arm: str, seed: int, output_dir: Path) -> list[str]:
-    """The `python -m diffusers_dmdr.demo` command of one arm and training seed (one torch thread)."""
+def demo_command(
+    arm: str, seed: int, output_dir: Path, max_train_steps: int | None = None, train_args: tuple[str, ...] = ()
+) -> list[str]:
+    """The `python -m diffusers_dmdr.demo` command of one arm and training seed (one torch thread).
+
+    `max_train_steps` (default: the recipe's 500) lengthens stage 2 for every arm (the DMD-only arm's cold start
+    spans the whole run); `train_args` are trainer flags every arm gets (e.g. `--rl_weight 10`), after the arm's own.
+    """
     folder = run_folder(output_dir, arm, seed)
+    arm_args = list(ARMS[arm].demo_args)
+    if max_train_steps is not None:
+        if arm_args[:1] == ["--cold_start_steps"]:
+            arm_args[1] = str(max_train_steps)
+        arm_args += ["--max_train_steps", str(max_train_steps)]
     return [
         sys.executable,
         "-m",
         "diffusers_dmdr.demo",
-        *ARMS[arm].demo_args,
+        *arm_args,
+        *train_args,
         "--training_seed",
         str(seed),
         "--num_threads",
@@ -119,13 +132,20 @@ def demo_command(arm: str, seed: int, output_dir: Path) -> list[str]:
     ]
 
 
-def run_arm(arm: str, seed: int, output_dir: Path, force: bool = False) -> Path:
+def run_arm(
+    arm: str,
+    seed: int,
+    output_dir: Path,
+    force: bool = False,
+    max_train_steps: int | None = None,
+    train_args: tuple[str, ...] = (),
+) -> Path:
     """Run one arm and seed unless its `metrics.json` exists; the demo's log goes to `run.log` in its folder."""
     folder = run_folder(output_dir, arm, seed)
     if (folder / "metrics.json").is_file() and not force:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    command = demo_command(arm, seed, output_dir)
+    command = demo_command(arm, seed, output_dir, max_train_steps, train_args)
     begin = time.perf_counter()
     with open(folder / "run.log", "w", encoding="utf-8") as log:
         log.write(" ".join(command) + "\n")
@@ -230,6 +250,8 @@ def read_run(folder: Path) -> dict:
         "train_seconds": metrics["seconds"].get("training"),
         "total_seconds": metrics["seconds"].get("total"),
         "seed": recipe["seed"],
+        "max_train_steps": recipe["max_train_steps"],
+        "rl_weight": recipe.get("rl_weight") if recipe.get("rl", "refl") != "refl" else None,
         "nfe_per_update": nfe_per_update(recipe),
         "reward_start": None,
         "reward_end": None,
@@ -304,8 +326,13 @@ def ranked_table(summaries: dict[str, ArmSummary]) -> str:
             f"{summary.stat('fd')[0] / dmd_fd:.2f} | {_pm(summary.stat('precision'), 2)} | "
             f"{_pm(summary.stat('recall'), 2)} | {reward} | {fastest / 60:.1f} | {nfe} |"
         )
+    lengths = sorted({run.get("max_train_steps") for s in summaries.values() for run in s.runs.values()} - {None})
+    weights = sorted({run.get("rl_weight") for s in summaries.values() for run in s.runs.values()} - {None})
     note = (
-        f"\nTeacher (50 steps, CFG 3, same evaluation noise): held-out pair accuracy {teacher[0]:.3f}. "
+        f"\nRuns of {' / '.join(map(str, lengths))} generator steps (the first "
+        f"{DIGITS_RECIPE['cold_start_steps']} the DMD cold start); GRPO / DPO weight lambda "
+        f"{' / '.join(f'{weight:g}' for weight in weights) or '-'}. "
+        f"Teacher (50 steps, CFG 3, same evaluation noise): held-out pair accuracy {teacher[0]:.3f}. "
         "Spreads are the sample standard deviation over seeds (0 for one seed). Training minutes are wall time on a "
         "shared machine (one torch thread per run).\n"
     )
@@ -369,6 +396,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=sorted(ARMS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--max_train_steps",
+        type=int,
+        default=None,
+        help="generator steps of every arm (default: the recipe's 500); the DMD-only arm's cold start spans them all",
+    )
+    parser.add_argument(
+        "--train_args",
+        default="",
+        help='trainer flags every arm gets after its own, as one string (e.g. "--rl_weight 10 --rl_kl_weight 0.4")',
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (one torch thread each)")
     parser.add_argument("--force", action="store_true", help="rerun arms whose folder already holds metrics.json")
     parser.add_argument("--collect_only", action="store_true", help="only read the finished runs and write the table")
@@ -379,10 +417,20 @@ def main(argv: list[str] | None = None) -> None:
     output_dir = Path(args.output_dir)
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.max_train_steps is not None and args.max_train_steps <= DIGITS_RECIPE["cold_start_steps"]:
+        parser.error(
+            f"--max_train_steps must exceed the recipe's cold start ({DIGITS_RECIPE['cold_start_steps']} steps), "
+            f"got {args.max_train_steps}"
+        )
+    train_args = tuple(shlex.split(args.train_args))
     if not args.collect_only:
         plan = [(arm, seed) for seed in args.seeds for arm in args.arms]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            for future in [pool.submit(run_arm, arm, seed, output_dir, args.force) for arm, seed in plan]:
+            runs = [
+                pool.submit(run_arm, arm, seed, output_dir, args.force, args.max_train_steps, train_args)
+                for arm, seed in plan
+            ]
+            for future in runs:
                 future.result()
     summaries = collect(output_dir, args.arms)
     if args.archive:
