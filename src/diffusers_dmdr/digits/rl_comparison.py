@@ -16,7 +16,9 @@ in its own folder `<output_dir>/<arm>_seed<s>/`. The arms:
 - the sweeps (`--arms` names them; not run by default): `grpo_dmd_w10`, `grpo_dmd_w30` (the GRPO weight lambda),
   `grpo_kl_w0.4`, `grpo_kl_w4` (the KL weight), `grpo_dmd_ie2` (2 inner epochs per rollout),
   `grpo_dmd_ie2_clip1e-2` (the same with the clip range at 1e-2), `grpo_dmd_all`, `grpo_dmd_all_w10`, `grpo_kl_all`,
-  `grpo_none_all` (`--rl_transitions all`: every stochastic transition of each rollout trains).
+  `grpo_none_all` (`--rl_transitions all`: every stochastic transition of each rollout trains), `grpo_dmd_g8`,
+  `grpo_dmd_b32`, `grpo_dmd_b32_w10` (more rollouts per update), `grpo_dmd_logp` (the scorer's pair log-probability
+  as the reward).
 
 A run whose folder already holds `metrics.json` is reused (`--force` reruns it); `--collect_only` only reads the
 folders. The table ranks the arms by mean held-out pair accuracy, with the spread over seeds, FD against the DMD-only
@@ -39,7 +41,7 @@ from pathlib import Path
 import yaml
 
 from .claims import ACCURACY_GAIN_TARGET, FD_RATIO_LIMIT
-from .recipe import DIGITS_RECIPE
+from .recipe import DIGITS_RECIPE, SCORER_CLASS
 from .reproduce_report import mean_std
 
 
@@ -81,6 +83,22 @@ ARMS = {
     ),
     "grpo_none_all": RLArm(
         "GRPO alone, every transition", (*GRPO, "--rl_regularizer", "none", "--rl_transitions", "all"), True
+    ),
+    # More rollouts per update: groups of 8 (2 prompts x 8 noises), or a batch of 32 (8 groups of 4).
+    "grpo_dmd_g8": RLArm("DMD + GRPO, groups of 8", (*GRPO, "--rl_regularizer", "dmd", "--rl_group_size", "8"), True),
+    "grpo_dmd_b32": RLArm(
+        "DMD + GRPO, batch 32 (8 groups)", (*GRPO, "--rl_regularizer", "dmd", "--train_batch_size", "32"), True
+    ),
+    "grpo_dmd_b32_w10": RLArm(
+        "DMD + GRPO, batch 32, lambda 10",
+        (*GRPO, "--rl_regularizer", "dmd", "--train_batch_size", "32", "--rl_weight", "10"),
+        True,
+    ),
+    # A sharper reward: the scorer's log-probability of the pair (what the torch reward of ReFL computes).
+    "grpo_dmd_logp": RLArm(
+        "DMD + GRPO, reward: the scorer's pair log-probability",
+        (*GRPO, "--rl_regularizer", "dmd", "--reward", f"{SCORER_CLASS}:1.0:mode=log_probability"),
+        True,
     ),
     # The clip range scaled to the ratio's per-step change on this testbed (~4e-3 rms after one step, docs/rl.md).
     "grpo_dmd_ie2_clip1e-2": RLArm(
