@@ -150,3 +150,39 @@ def test_bad_arguments_fail_in_one_line(tmp_path, capsys):
     assert raised.value.code == 2 and "--jobs must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no finished run"):
         rl_comparison.main(["--output_dir", str(tmp_path), "--collect_only"])
+
+
+def test_a_larger_evaluation_replaces_the_demo_figures_where_present(tmp_path, capsys):
+    """`--evaluation_num_per_pair N` builds the table from each run's re-evaluation file (the demo's 160 samples leave a
+    sampling error as large as the differences between arms); a run without that file is named and left out."""
+    name = rl_comparison.evaluation_name(64, 50_000)
+    assert name == "evaluation_n64_seed50000.json"
+    for seed, accuracy in ((0, 0.70), (1, 0.66)):
+        folder = write_run(tmp_path, "grpo_dmd", seed, 0.60, 6.0)
+        rows = {
+            "teacher (50 steps, CFG 3)": {"pair_accuracy": 0.55, "fd": 3.0},
+            "DMDR student (4 steps)": {
+                "pair_accuracy": accuracy,
+                "fd": 5.0,
+                "precision": 0.9,
+                "recall": 0.3,
+                "num_samples": 1280,
+            },
+            "real pairs (reference)": {"pair_accuracy": 0.95, "fd": 1.0},
+        }
+        (folder / name).write_text(json.dumps({"num_per_pair": 64, "seed": 50_000, "rows": rows}))
+    write_run(tmp_path, "dmd_only", 0, 0.55, 6.0)  # never re-evaluated
+    summaries = rl_comparison.collect(tmp_path, evaluation=name)
+    assert set(summaries) == {"grpo_dmd"}
+    assert summaries["grpo_dmd"].stat("pair_accuracy")[0] == pytest.approx(0.68)
+    assert summaries["grpo_dmd"].stat("teacher_pair_accuracy")[0] == pytest.approx(0.55)
+    assert "dmd_only_seed0: no evaluation_n64_seed50000.json, left out of the table" in capsys.readouterr().err
+    assert "Evaluation: 1280 samples" in rl_comparison.ranked_table(summaries)
+    # Without it, the demo's own figures.
+    assert rl_comparison.collect(tmp_path)["grpo_dmd"].stat("pair_accuracy")[0] == pytest.approx(0.60)
+    # --collect_only never samples: it reads the files that exist.
+    rl_comparison.main(["--output_dir", str(tmp_path), "--collect_only", "--evaluation_num_per_pair", "64"])
+    assert "| 0.680 ± 0.028 | +13.0 |" in capsys.readouterr().out
+    # The archive keeps the evaluation beside the run's record.
+    archived = rl_comparison.archive(tmp_path / "grpo_dmd_seed0", tmp_path / "archive")
+    assert (archived / name).is_file()

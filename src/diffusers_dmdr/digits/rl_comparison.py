@@ -246,13 +246,81 @@ def archive(folder: Path, destination: Path) -> Path:
         (target / CURVE_FILE).write_text(json.dumps({"steps": curve[0], REWARD_KEY: curve[1]}) + "\n")
     if (folder / "run.json").is_file():
         shutil.copyfile(folder / "run.json", target / "run.json")
+    for evaluation in folder.glob("evaluation_n*_seed*.json"):
+        shutil.copyfile(evaluation, target / evaluation.name)
     return target
 
 
-def read_run(folder: Path) -> dict:
-    """One run's figures: the student's and the teacher's metrics, wall time, stage-2 training reward, cost."""
+def evaluation_name(num_per_pair: int, seed: int) -> str:
+    """The file a re-evaluation of a run writes in its folder (`--evaluation_num_per_pair`)."""
+    return f"evaluation_n{num_per_pair}_seed{seed}.json"
+
+
+def reevaluate(folders: list[Path], num_per_pair: int, seed: int) -> None:
+    """Evaluate the exported students of finished runs again, on `num_per_pair` samples of every held-out pair from
+    noise seeds `seed + i`, with the demo's metrics; the teacher is sampled once on the same noise. Each run gets
+    `evaluation_n<N>_seed<S>.json` (the demo's `metrics.json` rows) beside its `metrics.json`; runs that already hold
+    it, or whose student was not kept (archived records), are left alone.
+
+    The demo evaluates 160 samples (8 per pair): a pair accuracy near 0.55 then has a sampling standard error of
+    about 0.04, as large as the differences between arms; 64 per pair (1280 samples) brings it to about 0.014.
+    """
+    from . import (
+        HELD_OUT_PAIRS,
+        TEACHER_GUIDANCE_SCALE,
+        TEACHER_NUM_INFERENCE_STEPS,
+        build_testbed,
+        load_digit_splits,
+        load_eval_classifier,
+        sample_pairs,
+    )
+    from .build import evaluate_real_reference, load_real_pairs_from
+    from .report import evaluate_row
+
+    name = evaluation_name(num_per_pair, seed)
+    pending = [folder for folder in folders if not (folder / name).is_file() and (folder / "student").is_dir()]
+    if not pending:
+        return
+    testbed = build_testbed(None)
+    splits = load_digit_splits()
+    real_images = load_real_pairs_from(splits)
+    common = {"num_per_pair": num_per_pair, "seed": seed}
+    teacher_samples = sample_pairs(
+        testbed.teacher_dir,
+        HELD_OUT_PAIRS,
+        num_inference_steps=TEACHER_NUM_INFERENCE_STEPS,
+        guidance_scale=TEACHER_GUIDANCE_SCALE,
+        desc="teacher",
+        **common,
+    )
+    teacher_name = f"teacher ({TEACHER_NUM_INFERENCE_STEPS} steps, CFG {TEACHER_GUIDANCE_SCALE:g})"
+    shared_rows = {
+        teacher_name: evaluate_row(
+            teacher_samples, testbed, real_images, TEACHER_NUM_INFERENCE_STEPS, TEACHER_GUIDANCE_SCALE
+        ),
+        REAL_ROW: evaluate_real_reference(load_eval_classifier(testbed.eval_weights), splits, num_per_pair),
+    }
+    for folder in pending:
+        steps = yaml.safe_load(_record_file(folder, CONFIG_FILE).read_text())["num_student_steps"]
+        samples = sample_pairs(
+            folder / "student",
+            HELD_OUT_PAIRS,
+            num_inference_steps=steps,
+            guidance_scale=None,
+            trust_remote_code=True,
+            desc=folder.name,
+            **common,
+        )
+        rows = {**shared_rows, f"DMDR student ({steps} steps)": evaluate_row(samples, testbed, real_images, steps)}
+        record = {"num_per_pair": num_per_pair, "seed": seed, "rows": rows}
+        (folder / name).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+
+
+def read_run(folder: Path, evaluation: str | None = None) -> dict:
+    """One run's figures: the student's and the teacher's metrics (the demo's, or those of the re-evaluation file
+    `evaluation`), wall time, stage-2 training reward, cost."""
     metrics = json.loads((folder / "metrics.json").read_text())
-    rows = metrics["rows"]
+    rows = json.loads((folder / evaluation).read_text())["rows"] if evaluation else metrics["rows"]
     teacher = next(value for name, value in rows.items() if name.startswith(TEACHER_ROW_PREFIX))
     student = next(
         value for name, value in rows.items() if not name.startswith(TEACHER_ROW_PREFIX) and name != REAL_ROW
@@ -265,6 +333,7 @@ def read_run(folder: Path) -> dict:
         "recall": student.get("recall"),
         "teacher_pair_accuracy": teacher["pair_accuracy"],
         "teacher_fd": teacher["fd"],
+        "num_samples": student.get("num_samples"),
         "train_seconds": metrics["seconds"].get("training"),
         "total_seconds": metrics["seconds"].get("total"),
         "seed": recipe["seed"],
@@ -294,16 +363,26 @@ class ArmSummary:
         return mean_std([run[key] for run in self.runs.values() if run.get(key) is not None])
 
 
-def collect(output_dir: Path, arms: list[str] | None = None) -> dict[str, ArmSummary]:
-    """Every finished run under `output_dir` (folders `<arm>_seed<s>` holding `metrics.json`)."""
-    found: dict[str, ArmSummary] = {}
+def finished_runs(output_dir: Path, arms: list[str] | None = None) -> list[Path]:
+    """The folders `<arm>_seed<s>` under `output_dir` that hold `metrics.json`, for the known arms (or `arms`)."""
+    folders = []
     for folder in sorted(Path(output_dir).glob("*_seed*")):
         arm, _, seed = folder.name.rpartition("_seed")
-        if arm not in ARMS or not seed.isdigit() or not (folder / "metrics.json").is_file():
+        if arm in ARMS and seed.isdigit() and (folder / "metrics.json").is_file() and (arms is None or arm in arms):
+            folders.append(folder)
+    return folders
+
+
+def collect(output_dir: Path, arms: list[str] | None = None, evaluation: str | None = None) -> dict[str, ArmSummary]:
+    """Every finished run under `output_dir`; with `evaluation` (a re-evaluation file name) only the runs that hold
+    it, read from it (the others are named on stderr)."""
+    found: dict[str, ArmSummary] = {}
+    for folder in finished_runs(output_dir, arms):
+        if evaluation and not (folder / evaluation).is_file():
+            print(f"{folder.name}: no {evaluation}, left out of the table", file=sys.stderr)  # noqa: T201
             continue
-        if arms is not None and arm not in arms:
-            continue
-        found.setdefault(arm, ArmSummary(arm)).runs[int(seed)] = read_run(folder)
+        arm, _, seed = folder.name.rpartition("_seed")
+        found.setdefault(arm, ArmSummary(arm)).runs[int(seed)] = read_run(folder, evaluation)
     return found
 
 
@@ -345,12 +424,14 @@ def ranked_table(summaries: dict[str, ArmSummary]) -> str:
             f"{_pm(summary.stat('recall'), 2)} | {reward} | {fastest / 60:.1f} | {nfe} |"
         )
     lengths = sorted({run.get("max_train_steps") for s in summaries.values() for run in s.runs.values()} - {None})
+    counts = sorted({run.get("num_samples") for s in summaries.values() for run in s.runs.values()} - {None})
     weights = sorted({run.get("rl_weight") for s in summaries.values() for run in s.runs.values()} - {None})
     note = (
         f"\nRuns of {' / '.join(map(str, lengths))} generator steps (the first "
         f"{DIGITS_RECIPE['cold_start_steps']} the DMD cold start); GRPO / DPO weight lambda "
         f"{' / '.join(f'{weight:g}' for weight in weights) or '-'}. "
         f"Teacher (50 steps, CFG 3, same evaluation noise): held-out pair accuracy {teacher[0]:.3f}. "
+        f"Evaluation: {' / '.join(map(str, counts)) or '?'} samples of the 20 held-out pairs per sampler. "
         "Spreads are the sample standard deviation over seeds (0 for one seed). Training minutes are wall time on a "
         "shared machine (one torch thread per run).\n"
     )
@@ -429,6 +510,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="rerun arms whose folder already holds metrics.json")
     parser.add_argument("--collect_only", action="store_true", help="only read the finished runs and write the table")
     parser.add_argument(
+        "--evaluation_num_per_pair",
+        type=int,
+        default=None,
+        help="evaluate every finished run's student again on this many samples per held-out pair (the demo uses 8; "
+        "64 gives 1280 samples) and build the table from those evaluations",
+    )
+    parser.add_argument(
+        "--evaluation_seed", type=int, default=50_000, help="first noise seed of that evaluation (the demo uses 1000)"
+    )
+    parser.add_argument(
         "--archive", default=None, help="copy each finished run's metrics, config and reward curve here (docs/rl_runs)"
     )
     args = parser.parse_args(argv)
@@ -450,7 +541,14 @@ def main(argv: list[str] | None = None) -> None:
             ]
             for future in runs:
                 future.result()
-    summaries = collect(output_dir, args.arms)
+    evaluation = None
+    if args.evaluation_num_per_pair is not None:
+        if args.evaluation_num_per_pair < 1:
+            parser.error(f"--evaluation_num_per_pair must be at least 1, got {args.evaluation_num_per_pair}")
+        evaluation = evaluation_name(args.evaluation_num_per_pair, args.evaluation_seed)
+        if not args.collect_only:
+            reevaluate(finished_runs(output_dir, args.arms), args.evaluation_num_per_pair, args.evaluation_seed)
+    summaries = collect(output_dir, args.arms, evaluation)
     if args.archive:
         for summary in summaries.values():
             for seed in summary.runs:
