@@ -152,7 +152,7 @@ def test_bad_arguments_fail_in_one_line(tmp_path, capsys):
         rl_comparison.main(["--output_dir", str(tmp_path), "--collect_only"])
 
 
-def test_a_larger_evaluation_replaces_the_demo_figures_where_present(tmp_path, capsys):
+def test_a_larger_evaluation_replaces_the_demo_figures_where_present(tmp_path, capsys, monkeypatch):
     """`--evaluation_num_per_pair N` builds the table from each run's re-evaluation file (the demo's 160 samples leave a
     sampling error as large as the differences between arms); a run without that file is named and left out."""
     name = rl_comparison.evaluation_name(64, 50_000)
@@ -183,6 +183,16 @@ def test_a_larger_evaluation_replaces_the_demo_figures_where_present(tmp_path, c
     # --collect_only never samples: it reads the files that exist.
     rl_comparison.main(["--output_dir", str(tmp_path), "--collect_only", "--evaluation_num_per_pair", "64"])
     assert "| 0.680 ± 0.028 | +13.0 |" in capsys.readouterr().out
+
+    # --skip_training trains nothing (the arms' missing seeds stay missing); finished runs holding the file are reused.
+    def no_training(*args, **kwargs):
+        raise AssertionError("--skip_training must not train")
+
+    monkeypatch.setattr(rl_comparison, "run_arm", no_training)
+    rl_comparison.main(
+        ["--output_dir", str(tmp_path), "--skip_training", "--arms", "grpo_dmd", "--evaluation_num_per_pair", "64"]
+    )
+    assert "| 0.680 ± 0.028 |" in capsys.readouterr().out
     # The archive keeps the evaluation beside the run's record.
     archived = rl_comparison.archive(tmp_path / "grpo_dmd_seed0", tmp_path / "archive")
     assert (archived / name).is_file()

@@ -510,6 +510,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="rerun arms whose folder already holds metrics.json")
     parser.add_argument("--collect_only", action="store_true", help="only read the finished runs and write the table")
     parser.add_argument(
+        "--skip_training",
+        action="store_true",
+        help="train nothing: only evaluate the finished runs (with --evaluation_num_per_pair) and write the table",
+    )
+    parser.add_argument(
         "--evaluation_num_per_pair",
         type=int,
         default=None,
@@ -532,7 +537,7 @@ def main(argv: list[str] | None = None) -> None:
             f"got {args.max_train_steps}"
         )
     train_args = tuple(shlex.split(args.train_args))
-    if not args.collect_only:
+    if not (args.collect_only or args.skip_training):
         plan = [(arm, seed) for seed in args.seeds for arm in args.arms]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             runs = [
@@ -554,7 +559,10 @@ def main(argv: list[str] | None = None) -> None:
             for seed in summary.runs:
                 archive(run_folder(output_dir, summary.arm, seed), Path(args.archive))
     if not summaries:
-        raise SystemExit(f"python -m diffusers_dmdr.digits.rl_comparison: error: no finished run in {output_dir}.")
+        missing = f" holds {evaluation} (drop --collect_only to evaluate them)" if evaluation else ""
+        raise SystemExit(
+            f"python -m diffusers_dmdr.digits.rl_comparison: error: no finished run in {output_dir}{missing}."
+        )
     checks = issue_checks(summaries) + issue_checks(summaries, "dpo_dmd") + regulariser_checks(summaries)
     text = ranked_table(summaries) + "\n" + "\n".join(checks) + "\n"
     if args.docs:
