@@ -196,3 +196,19 @@ def test_a_larger_evaluation_replaces_the_demo_figures_where_present(tmp_path, c
     # The archive keeps the evaluation beside the run's record.
     archived = rl_comparison.archive(tmp_path / "grpo_dmd_seed0", tmp_path / "archive")
     assert (archived / name).is_file()
+
+
+def test_the_kl_arm_is_labelled_with_the_weight_its_runs_trained_with(tmp_path):
+    folder = write_run(tmp_path, "grpo_kl", 0, 0.45, 18.0)
+    config_file = folder / "student" / "dmdr_config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    config.update(rl_regularizer="kl", rl_kl_weight=0.4)  # e.g. given by --train_args "--rl_kl_weight 0.4"
+    config_file.write_text(yaml.safe_dump(config))
+    write_run(tmp_path, "grpo_dmd", 0, 0.60, 6.0)
+    summaries = rl_comparison.collect(tmp_path)
+    assert summaries["grpo_kl"].label == "GRPO + KL (Flow-GRPO's), weight 0.4"
+    assert summaries["grpo_dmd"].label == "DMD + GRPO"
+    assert "| GRPO + KL (Flow-GRPO's), weight 0.4 |" in rl_comparison.ranked_table(summaries)
+    assert rl_comparison.regulariser_checks(summaries)[0].startswith(
+        "DMD + GRPO against GRPO + KL (Flow-GRPO's), weight 0.4:"
+    )

@@ -59,13 +59,13 @@ ARMS = {
     "dmd_only": RLArm("DMD only (no RL)", ("--cold_start_steps", str(DIGITS_RECIPE["max_train_steps"]))),
     "refl": RLArm("DMD + ReFL (the recipe)"),
     "grpo_dmd": RLArm("DMD + GRPO", (*GRPO, "--rl_regularizer", "dmd")),
-    "grpo_kl": RLArm("GRPO + KL (Flow-GRPO's, weight 0.04)", (*GRPO, "--rl_regularizer", "kl")),
+    "grpo_kl": RLArm("GRPO + KL (Flow-GRPO's)", (*GRPO, "--rl_regularizer", "kl")),
     "grpo_none": RLArm("GRPO alone", (*GRPO, "--rl_regularizer", "none")),
     "dpo_dmd": RLArm("DMD + DPO", ("--rl", "dpo", "--rl_regularizer", "dmd")),
     "grpo_dmd_w10": RLArm("DMD + GRPO, lambda 10", (*GRPO, "--rl_regularizer", "dmd", "--rl_weight", "10"), True),
     "grpo_dmd_w30": RLArm("DMD + GRPO, lambda 30", (*GRPO, "--rl_regularizer", "dmd", "--rl_weight", "30"), True),
-    "grpo_kl_w0.4": RLArm("GRPO + KL, weight 0.4", (*GRPO, "--rl_regularizer", "kl", "--rl_kl_weight", "0.4"), True),
-    "grpo_kl_w4": RLArm("GRPO + KL, weight 4", (*GRPO, "--rl_regularizer", "kl", "--rl_kl_weight", "4"), True),
+    "grpo_kl_w0.4": RLArm("GRPO + KL", (*GRPO, "--rl_regularizer", "kl", "--rl_kl_weight", "0.4"), True),
+    "grpo_kl_w4": RLArm("GRPO + KL", (*GRPO, "--rl_regularizer", "kl", "--rl_kl_weight", "4"), True),
     "grpo_dmd_ie2": RLArm(
         "DMD + GRPO, 2 inner epochs", (*GRPO, "--rl_regularizer", "dmd", "--rl_inner_epochs", "2"), True
     ),
@@ -339,6 +339,7 @@ def read_run(folder: Path, evaluation: str | None = None) -> dict:
         "seed": recipe["seed"],
         "max_train_steps": recipe["max_train_steps"],
         "rl_weight": recipe.get("rl_weight") if recipe.get("rl", "refl") != "refl" else None,
+        "rl_kl_weight": recipe.get("rl_kl_weight") if recipe.get("rl_regularizer") == "kl" else None,
         "nfe_per_update": nfe_per_update(recipe),
         "reward_start": None,
         "reward_end": None,
@@ -358,6 +359,14 @@ class ArmSummary:
 
     arm: str
     runs: dict[int, dict] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The arm's label, with the KL weight its runs trained with (the label cannot know `--train_args`)."""
+        weights = sorted({run["rl_kl_weight"] for run in self.runs.values() if run.get("rl_kl_weight") is not None})
+        if not weights:
+            return ARMS[self.arm].label
+        return f"{ARMS[self.arm].label}, weight {' / '.join(f'{weight:g}' for weight in weights)}"
 
     def stat(self, key: str) -> tuple[float, float]:
         return mean_std([run[key] for run in self.runs.values() if run.get(key) is not None])
@@ -418,7 +427,7 @@ def ranked_table(summaries: dict[str, ArmSummary]) -> str:
             f"{cost['fake_train']} fake fwd+bwd, <= {cost['sampling']} sampling"
         )
         lines.append(
-            f"| {rank} | {ARMS[summary.arm].label} | {seeds} | {_pm(accuracy)} | "
+            f"| {rank} | {summary.label} | {seeds} | {_pm(accuracy)} | "
             f"{100 * (accuracy[0] - summary.stat('teacher_pair_accuracy')[0]):+.1f} | {per_seed} | {_pm(summary.stat('fd'), 2)} | "
             f"{summary.stat('fd')[0] / dmd_fd:.2f} | {_pm(summary.stat('precision'), 2)} | "
             f"{_pm(summary.stat('recall'), 2)} | {reward} | {fastest / 60:.1f} | {nfe} |"
@@ -449,7 +458,7 @@ def issue_checks(summaries: dict[str, ArmSummary], arm: str = "grpo_dmd") -> lis
     ratio = summaries[arm].stat("fd")[0] / summaries["dmd_only"].stat("fd")[0]
     verdict = "met" if gain >= ACCURACY_GAIN_TARGET and ratio <= FD_RATIO_LIMIT else "NOT met"
     lines = [
-        f"{ARMS[arm].label}, seeds {sorted(runs)}: {100 * gain:+.1f} points over the teacher (target "
+        f"{summaries[arm].label}, seeds {sorted(runs)}: {100 * gain:+.1f} points over the teacher (target "
         f"+{100 * ACCURACY_GAIN_TARGET:.0f}), FD {ratio:.2f}x the DMD-only student's (limit {FD_RATIO_LIMIT}): {verdict}."
     ]
     for seed in sorted(runs):
@@ -479,7 +488,7 @@ def regulariser_checks(summaries: dict[str, ArmSummary]) -> list[str]:
             "recall": dmd.stat("recall")[0] >= rival.stat("recall")[0],
         }
         verdict = ", ".join(f"{name} {'holds' if ok else 'FAILS'}" for name, ok in holds.items())
-        lines.append(f"DMD + GRPO against {ARMS[other].label}: {verdict}.")
+        lines.append(f"DMD + GRPO against {rival.label}: {verdict}.")
     return lines
 
 
