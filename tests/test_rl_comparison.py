@@ -178,6 +178,8 @@ def test_a_larger_evaluation_replaces_the_demo_figures_where_present(tmp_path, c
     assert summaries["grpo_dmd"].stat("teacher_pair_accuracy")[0] == pytest.approx(0.55)
     assert "dmd_only_seed0: no evaluation_n64_seed50000.json, left out of the table" in capsys.readouterr().err
     assert "Evaluation: 1280 samples" in rl_comparison.ranked_table(summaries)
+    # No DMD-only run in this table: its FD ratio column says so rather than "nan".
+    assert "| 5.00 ± 0.00 | - |" in rl_comparison.ranked_table(summaries)
     # Without it, the demo's own figures.
     assert rl_comparison.collect(tmp_path)["grpo_dmd"].stat("pair_accuracy")[0] == pytest.approx(0.60)
     # --collect_only never samples: it reads the files that exist.

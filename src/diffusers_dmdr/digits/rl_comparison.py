@@ -29,6 +29,7 @@ held-out accuracy falls is reward hacking), wall time and network evaluations pe
 
 import argparse
 import json
+import math
 import shlex
 import shutil
 import subprocess
@@ -400,6 +401,11 @@ def _pm(stat: tuple[float, float], digits: int = 3, scale: float = 1.0) -> str:
     return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
 
+def fd_ratio(fd: float, dmd_only_fd: float) -> str:
+    """FD over the DMD-only student's, or "-" when the table has no DMD-only run."""
+    return "-" if math.isnan(dmd_only_fd) else f"{fd / dmd_only_fd:.2f}"
+
+
 def ranked_table(summaries: dict[str, ArmSummary]) -> str:
     """The markdown table (Table 5b's analogue): arms ranked by mean held-out pair accuracy."""
     teacher = mean_std([run["teacher_pair_accuracy"] for s in summaries.values() for run in s.runs.values()])
@@ -429,7 +435,7 @@ def ranked_table(summaries: dict[str, ArmSummary]) -> str:
         lines.append(
             f"| {rank} | {summary.label} | {seeds} | {_pm(accuracy)} | "
             f"{100 * (accuracy[0] - summary.stat('teacher_pair_accuracy')[0]):+.1f} | {per_seed} | {_pm(summary.stat('fd'), 2)} | "
-            f"{summary.stat('fd')[0] / dmd_fd:.2f} | {_pm(summary.stat('precision'), 2)} | "
+            f"{fd_ratio(summary.stat('fd')[0], dmd_fd)} | {_pm(summary.stat('precision'), 2)} | "
             f"{_pm(summary.stat('recall'), 2)} | {reward} | {fastest / 60:.1f} | {nfe} |"
         )
     lengths = sorted({run.get("max_train_steps") for s in summaries.values() for run in s.runs.values()} - {None})
