@@ -180,6 +180,9 @@ def test_a_larger_evaluation_replaces_the_demo_figures_where_present(tmp_path, c
     assert "Evaluation: 1280 samples" in rl_comparison.ranked_table(summaries)
     # No DMD-only run in this table: its FD ratio column says so rather than "nan".
     assert "| 5.00 ± 0.00 | - |" in rl_comparison.ranked_table(summaries)
+    # Every DMD-regularised RL arm in the table gets the headline check, not only the recipe arms.
+    assert rl_comparison._dmd_rl("grpo_dmd_all") and not rl_comparison._dmd_rl("grpo_kl_all")
+    assert not rl_comparison._dmd_rl("dmd_only") and not rl_comparison._dmd_rl("refl")
     # Without it, the demo's own figures.
     assert rl_comparison.collect(tmp_path)["grpo_dmd"].stat("pair_accuracy")[0] == pytest.approx(0.60)
     # --collect_only never samples: it reads the files that exist.

@@ -477,6 +477,12 @@ def issue_checks(summaries: dict[str, ArmSummary], arm: str = "grpo_dmd") -> lis
     return lines
 
 
+def _dmd_rl(arm: str) -> bool:
+    """Whether `arm` is GRPO or DPO regularised by DMD."""
+    flags = ARMS[arm].demo_args
+    return "--rl" in flags and "--rl_regularizer" in flags and flags[flags.index("--rl_regularizer") + 1] == "dmd"
+
+
 def regulariser_checks(summaries: dict[str, ArmSummary]) -> list[str]:
     """The paper's central claim for GRPO, on the means over seeds: DMD + GRPO gains at least as much held-out accuracy
     as GRPO with the KL regulariser or with none, at an FD and a recall at least as good."""
@@ -578,7 +584,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             f"python -m diffusers_dmdr.digits.rl_comparison: error: no finished run in {output_dir}{missing}."
         )
-    checks = issue_checks(summaries) + issue_checks(summaries, "dpo_dmd") + regulariser_checks(summaries)
+    # The issue's headline for the two recipe arms, and for every other DMD-regularised GRPO / DPO arm in the table.
+    checked = ["grpo_dmd", "dpo_dmd"] + [
+        arm for arm in summaries if arm not in ("grpo_dmd", "dpo_dmd") and _dmd_rl(arm)
+    ]
+    checks = [line for arm in checked for line in issue_checks(summaries, arm)] + regulariser_checks(summaries)
     text = ranked_table(summaries) + "\n" + "\n".join(checks) + "\n"
     if args.docs:
         docs = Path(args.docs)
