@@ -93,16 +93,18 @@ reproduce-rl: install
 		--docs docs/rl_runs/table.md --archive docs/rl_runs --jobs 2
 
 # The 1000-step comparison of docs/rl.md (lambda 10 and KL weight 0.4 for the GRPO arms; ReFL and DPO as the recipe),
-# then every student evaluated again on 1280 samples (the teacher once, same noise): about 2.5 hours with two runs at
+# then every student evaluated again on 1280 samples (the teacher once, same noise): about 3 hours with two runs at
 # once. Finished runs in outputs/rl_1000 are reused; the tables and records go to docs/rl_runs_1000/.
 RL_1000 = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1 \
 	$(BIN)/python -m diffusers_dmdr.digits.rl_comparison --output_dir outputs/rl_1000 --max_train_steps 1000
+RL_1000_ARMS = dmd_only refl grpo_dmd grpo_kl grpo_none dpo_dmd grpo_dmd_all
 reproduce-rl-1000: install
 	$(RL_1000) --jobs 2 --arms dmd_only grpo_dmd grpo_kl grpo_none --train_args "--rl_weight 10 --rl_kl_weight 0.4"
 	$(RL_1000) --jobs 2 --arms refl dpo_dmd
-	$(RL_1000) --skip_training --arms dmd_only refl grpo_dmd grpo_kl grpo_none dpo_dmd --evaluation_num_per_pair 64 \
+	$(RL_1000) --jobs 2 --arms grpo_dmd_all --train_args "--rl_weight 10"
+	$(RL_1000) --skip_training --arms $(RL_1000_ARMS) --evaluation_num_per_pair 64 \
 		--archive docs/rl_runs_1000 --docs docs/rl_runs_1000/table_n64.md
-	$(RL_1000) --collect_only --arms dmd_only refl grpo_dmd grpo_kl grpo_none dpo_dmd --docs docs/rl_runs_1000/table.md
+	$(RL_1000) --collect_only --arms $(RL_1000_ARMS) --docs docs/rl_runs_1000/table.md
 
 # Training-memory benchmark (docs/benchmarks.md): the reduced CPU figures, or on a GPU
 # `$(BIN)/python benchmarks/train_memory.py --model sdxl --device cuda`; then the real-size fake-tensor estimate of a
