@@ -84,9 +84,10 @@ def test_longer_runs_and_shared_trainer_flags_reach_every_arm(tmp_path, capsys):
         ("grpo_none", 16, 0, 0, 16),
         ("dpo_dmd", 8, 24, 8, 16),
         ("grpo_dmd_ie2", 32, 96, 0, 16),
-        # Every transition: 3 more student passes per row (4 steps); the KL arm's reference runs on those states.
+        # Every transition: 3 more student passes per row (4 steps); the KL arm has no DMD term, so no drawn-step pass,
+        # and its reference runs on the transitions' states.
         ("grpo_dmd_all", 64, 48, 0, 16),
-        ("grpo_kl_all", 64, 0, 48, 16),
+        ("grpo_kl_all", 48, 0, 48, 16),
     ],
 )
 def test_cost_per_generator_update(arm, student_grad, guidance, reference, reward_images):

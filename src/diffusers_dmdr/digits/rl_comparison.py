@@ -184,8 +184,8 @@ def run_arm(
 def nfe_per_update(recipe: dict) -> dict[str, float]:
     """Network evaluations of one generator update of stage 2, from a run's resolved config.
 
-    `student_grad`: student forward+backward passes (with `--rl_transitions all`, the drawn-step pass of the DMD term
-    plus one per stochastic transition); `guidance`: real-score (with CFG: 2 each) and fake-score forwards
+    `student_grad`: student forward+backward passes (with `--rl_transitions all`, one per stochastic transition plus
+    the drawn-step pass of the DMD term); `guidance`: real-score (with CFG: 2 each) and fake-score forwards
     of the DMD term; `reference`: forwards of the frozen stage-1 student (KL, DPO); `fake_train`: fake-score
     forward+backward passes (TTUR); `sampling`: student forwards without gradient, at most (rollouts or DMDR's
     backward simulation, one per iteration, each up to `N` steps); `reward_images`: images decoded and scored.
@@ -200,11 +200,12 @@ def nfe_per_update(recipe: dict) -> dict[str, float]:
     cfg = 2 if recipe.get("real_guidance_scale", 1.0) != 1.0 else 1
     no_reward = recipe["cold_start_steps"] >= recipe["max_train_steps"]
     reference = trained if (rl == "dpo" or (rl == "grpo" and regularizer == "kl")) else 0
-    # `--rl_transitions all`: one more student pass over every stochastic transition (N - 1 per row); its KL arm
-    # runs the reference there instead of at the drawn step.
+    # `--rl_transitions all`: one student pass over every stochastic transition (N - 1 per row), plus the drawn-step
+    # pass only when the DMD term reads it; the KL arm runs the reference on those states instead.
     every_transition = rows * (steps - 1) if rl == "grpo" and recipe.get("rl_transitions") == "all" else 0
-    if every_transition and reference:
-        reference = every_transition
+    if every_transition:
+        trained = trained if dmd else 0
+        reference = every_transition if reference else 0
     return {
         "student_grad": epochs * (trained + every_transition),
         "guidance": epochs * trained * (cfg + 1) if dmd else 0,

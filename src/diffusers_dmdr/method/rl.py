@@ -354,11 +354,15 @@ class GRPOObjective(RolloutObjective):
         reference_x0 = None
         if self.regularizer == "kl" and config.rl_transitions == "drawn":
             reference_x0 = self.reference_x0(simulation.student_input, simulation.noise_level, batch.condition)
-        with routes.autocast():
-            x0_student = routes.student(simulation.student_input, simulation.noise_level, batch.condition)
+        # The prediction at each row's drawn step serves the drawn transition, the DMD term and the monitor; with
+        # `--rl_transitions all` and no DMD term nothing reads it, so that forward is skipped.
+        x0_student = None
+        if config.rl_transitions == "drawn" or self.regularizer == "dmd" or routes.eval_rewards:
+            with routes.autocast():
+                x0_student = routes.student(simulation.student_input, simulation.noise_level, batch.condition)
         logs = dict(rollout.reward_means)
         logs.update(self.group_logs(rollout.rewards))
-        loss = torch.zeros((), device=x0_student.device)
+        loss = torch.zeros((), device=rollout.states.device)
         if self.regularizer == "dmd":
             loss_dmd = self.dmd_loss(x0_student, batch, global_step)
             loss = loss + config.dmd_loss_weight * loss_dmd
