@@ -402,6 +402,11 @@ def _pm(stat: tuple[float, float], digits: int = 3, scale: float = 1.0) -> str:
     return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
 
+def _distinct(summaries: dict[str, "ArmSummary"], key: str) -> list:
+    """The distinct values of `key` over every run of the table, sorted, unknown ones left out."""
+    return sorted({run.get(key) for summary in summaries.values() for run in summary.runs.values()} - {None})
+
+
 def fd_ratio(fd: float, dmd_only_fd: float) -> str:
     """FD over the DMD-only student's, or "-" when the table has no DMD-only run."""
     return "-" if math.isnan(dmd_only_fd) else f"{fd / dmd_only_fd:.2f}"
@@ -439,9 +444,7 @@ def ranked_table(summaries: dict[str, ArmSummary]) -> str:
             f"{fd_ratio(summary.stat('fd')[0], dmd_fd)} | {_pm(summary.stat('precision'), 2)} | "
             f"{_pm(summary.stat('recall'), 2)} | {reward} | {fastest / 60:.1f} | {nfe} |"
         )
-    lengths = sorted({run.get("max_train_steps") for s in summaries.values() for run in s.runs.values()} - {None})
-    counts = sorted({run.get("num_samples") for s in summaries.values() for run in s.runs.values()} - {None})
-    weights = sorted({run.get("rl_weight") for s in summaries.values() for run in s.runs.values()} - {None})
+    lengths, counts, weights = (_distinct(summaries, key) for key in ("max_train_steps", "num_samples", "rl_weight"))
     note = (
         f"\nRuns of {' / '.join(map(str, lengths))} generator steps (the first "
         f"{DIGITS_RECIPE['cold_start_steps']} the DMD cold start); GRPO / DPO weight lambda "
